@@ -1,0 +1,1 @@
+//! Network-namespace harness (grows with issue #3).
