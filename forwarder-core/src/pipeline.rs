@@ -1,1 +1,383 @@
-//! (being written)
+//! The per-packet pipeline: where a packet goes.
+//!
+//! * [`Worker::outbound`] takes a VXLAN datagram from a client node (tunnel → uplink): validate the sender
+//!   and the VNI, answer ARP and ping for the gateway itself, check the inner source is a pod, find or create
+//!   the flow, SNAT, and hand back the frame for an uplink.
+//! * [`Worker::inbound`] takes an Ethernet frame from an uplink (uplink → tunnel): find the flow by the reply
+//!   tuple (or the tuple quoted in an ICMP error), DNAT, and hand back the VXLAN datagram for the node the
+//!   flow came from.
+//!
+//! Both return an [`Action`] that borrows the caller's buffer: the packet is rewritten in place and nothing
+//! is allocated. Every drop is counted in the worker's [`Stats`] by [`Reason`].
+//!
+//! One [`Gateway`] (configuration, routes and the shared lock-free flow table) serves any number of
+//! [`Worker`]s, one per thread. Callers should hold a [`Gateway::pin`] guard across a batch of packets; the
+//! pipeline pins again per packet, which is then nearly free.
+
+mod config;
+mod inbound;
+mod local;
+mod outbound;
+
+pub use config::{Config, ConfigError, UplinkConfig};
+
+use core::net::{IpAddr, Ipv4Addr};
+use core::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+use crate::conntrack::{self, Table};
+use crate::flow::{NodeAddr, UplinkId};
+use crate::nat::frag::FragTable;
+use crate::ports::{PortPools, PortRange, Rng};
+use crate::route::RouteTable;
+use crate::wire::ethernet::MacAddr;
+use crate::wire::vxlan;
+use crate::Reason;
+
+/// Offset of the inner Ethernet frame in a VXLAN datagram.
+pub const TUNNEL_ETH: usize = vxlan::HEADER_LEN;
+/// Offset of the inner IP header in a VXLAN datagram.
+pub const TUNNEL_L3: usize = vxlan::HEADER_LEN + crate::wire::ethernet::HEADER_LEN;
+/// Bytes [`Worker::inbound`] needs in front of an uplink frame to turn it into a VXLAN datagram in place.
+pub const INBOUND_HEADROOM: usize = vxlan::HEADER_LEN;
+
+/// The gateway's MAC address inside the tunnel: `a2:2a:` followed by its tunnel IPv4 address, as Calico's
+/// client nodes expect.
+pub fn tunnel_mac(ip: Ipv4Addr) -> MacAddr {
+    let o = ip.octets();
+    [0xa2, 0x2a, o[0], o[1], o[2], o[3]]
+}
+
+/// What to do with the packet.
+#[derive(Debug)]
+pub enum Action<'a> {
+    /// Send `frame` out of `uplink`. It is a complete Ethernet frame with the right EtherType; the caller
+    /// writes the uplink's MAC as source and `next_hop`'s (from its neighbour cache) as destination.
+    Forward {
+        /// The uplink.
+        uplink: UplinkId,
+        /// The neighbour to deliver to: the uplink's router, or the destination itself when on-link.
+        next_hop: IpAddr,
+        /// The frame, in the caller's buffer.
+        frame: &'a mut [u8],
+    },
+    /// Send `datagram` (VXLAN header + inner Ethernet frame, complete) as a UDP payload to the client node
+    /// at `node`, port 4790.
+    ToTunnel {
+        /// The node's underlay address.
+        node: Ipv4Addr,
+        /// The VXLAN datagram, in the caller's buffer.
+        datagram: &'a mut [u8],
+    },
+    /// ARP or neighbour discovery on an uplink: for the caller's neighbour handling, not the data path.
+    Neighbour,
+    /// Dropped; already counted in [`Stats::drops`].
+    Drop(Reason),
+}
+
+/// Packets and bytes.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Counter {
+    /// Packets.
+    pub packets: u64,
+    /// Bytes (IP packet length).
+    pub bytes: u64,
+}
+
+impl Counter {
+    fn add(&mut self, bytes: usize) {
+        self.packets += 1;
+        self.bytes += u64::try_from(bytes).unwrap_or(u64::MAX);
+    }
+}
+
+/// One worker's counters. Single writer (the worker); the caller publishes them as metrics.
+#[derive(Debug, Clone)]
+pub struct Stats {
+    /// Drops by [`Reason::index`].
+    pub drops: [u64; Reason::COUNT],
+    /// Translated packets sent out of each uplink, by [`UplinkId`].
+    pub uplink_tx: Vec<Counter>,
+    /// Packets received from each uplink.
+    pub uplink_rx: Vec<Counter>,
+    /// VXLAN datagrams received from nodes.
+    pub tunnel_rx: Counter,
+    /// VXLAN datagrams sent to nodes (translated replies, ICMP errors, ARP and echo answers).
+    pub tunnel_tx: Counter,
+    /// Flows this worker created.
+    pub flows_created: u64,
+    /// ICMP errors this worker originated (time exceeded, too big, administratively prohibited).
+    pub icmp_originated: u64,
+    /// ARP requests and pings for the gateway's tunnel address answered.
+    pub local_replies: u64,
+}
+
+impl Stats {
+    fn new(uplinks: usize) -> Self {
+        Stats {
+            drops: [0; Reason::COUNT],
+            uplink_tx: vec![Counter::default(); uplinks],
+            uplink_rx: vec![Counter::default(); uplinks],
+            tunnel_rx: Counter::default(),
+            tunnel_tx: Counter::default(),
+            flows_created: 0,
+            icmp_originated: 0,
+            local_replies: 0,
+        }
+    }
+
+    /// Drops for one reason.
+    pub fn dropped(&self, reason: Reason) -> u64 {
+        self.drops[reason.index()]
+    }
+
+    /// All drops.
+    pub fn total_drops(&self) -> u64 {
+        self.drops.iter().sum()
+    }
+}
+
+/// Shared by all workers: configuration, routes, and the flow table.
+#[derive(Debug)]
+pub struct Gateway {
+    config: Config,
+    mac: MacAddr,
+    routes: RouteTable<UplinkId>,
+    table: Arc<Table>,
+    draining: AtomicBool,
+}
+
+impl Gateway {
+    /// Builds a gateway and a new flow table with one port pool per egress address of every uplink.
+    pub fn new(
+        config: Config,
+        conntrack: conntrack::Config,
+        ports: PortRange,
+    ) -> Result<Gateway, ConfigError> {
+        let mut egress: Vec<IpAddr> = Vec::new();
+        for ip in config.uplinks.iter().flat_map(UplinkConfig::egress_ips) {
+            if egress.contains(&ip) {
+                return Err(ConfigError::DuplicateEgressAddress(ip));
+            }
+            egress.push(ip);
+        }
+        let table = Arc::new(Table::new(conntrack, PortPools::new(&egress, ports)));
+        Gateway::with_table(config, table)
+    }
+
+    /// Builds a gateway around an existing flow table (a reload keeps every flow). Egress addresses must be
+    /// among those the table's port pools were made for; flows of removed uplinks expire naturally.
+    pub fn with_table(config: Config, table: Arc<Table>) -> Result<Gateway, ConfigError> {
+        if config.uplinks.len() > usize::from(UplinkId::MAX) + 1 {
+            return Err(ConfigError::TooManyUplinks(config.uplinks.len()));
+        }
+        let mut routes = RouteTable::new();
+        for (prefix, uplink) in &config.routes {
+            let u = config
+                .uplinks
+                .get(usize::from(*uplink))
+                .ok_or(ConfigError::UnknownUplink {
+                    prefix: *prefix,
+                    uplink: *uplink,
+                })?;
+            let has_family = match prefix {
+                ipnet::IpNet::V4(_) => !u.egress_v4.is_empty(),
+                ipnet::IpNet::V6(_) => !u.egress_v6.is_empty(),
+            };
+            if !has_family {
+                return Err(ConfigError::NoEgressAddress {
+                    uplink: u.name.clone(),
+                    prefix: *prefix,
+                });
+            }
+            routes
+                .insert(*prefix, *uplink)
+                .map_err(|e| ConfigError::DuplicateRoute(e.0))?;
+        }
+        Ok(Gateway {
+            mac: tunnel_mac(config.tunnel_ip),
+            config,
+            routes,
+            table,
+            draining: AtomicBool::new(false),
+        })
+    }
+
+    /// The configuration.
+    pub fn config(&self) -> &Config {
+        &self.config
+    }
+
+    /// The shared flow table.
+    pub fn table(&self) -> &Arc<Table> {
+        &self.table
+    }
+
+    /// The gateway's tunnel MAC address.
+    pub fn mac(&self) -> MacAddr {
+        self.mac
+    }
+
+    /// Pins the current thread for the flow table's memory reclamation; hold it across a batch.
+    pub fn pin(&self) -> conntrack::Guard {
+        self.table.pin()
+    }
+
+    /// While draining, established flows keep flowing and new flows are refused (`Reason::Draining`).
+    pub fn set_draining(&self, draining: bool) {
+        self.draining.store(draining, Ordering::Relaxed);
+    }
+
+    /// True while draining.
+    pub fn is_draining(&self) -> bool {
+        self.draining.load(Ordering::Relaxed)
+    }
+}
+
+/// Where the later fragments of a translated outbound datagram go.
+#[derive(Debug, Clone, Copy)]
+struct OutFrag {
+    egress: IpAddr,
+    uplink: UplinkId,
+    next_hop: IpAddr,
+}
+
+/// Where the later fragments of a translated reply go.
+#[derive(Debug, Clone, Copy)]
+struct InFrag {
+    pod: IpAddr,
+    node: NodeAddr,
+}
+
+/// A worker's own state: random numbers for port choice, fragment memory, counters.
+#[derive(Debug)]
+struct WorkerState {
+    rng: Rng,
+    frag_out: FragTable<OutFrag>,
+    frag_in: FragTable<InFrag>,
+    stats: Stats,
+}
+
+/// One thread's handle on the pipeline. Not shared; create one per worker thread.
+#[derive(Debug)]
+pub struct Worker {
+    gateway: Arc<Gateway>,
+    state: WorkerState,
+}
+
+/// A decision before it borrows the buffer: where the packet is and where it goes.
+#[derive(Debug, Clone, Copy)]
+enum Verdict {
+    Forward {
+        uplink: UplinkId,
+        next_hop: IpAddr,
+        start: usize,
+        end: usize,
+    },
+    Tunnel {
+        node: Ipv4Addr,
+        start: usize,
+        end: usize,
+    },
+    Neighbour,
+}
+
+impl Worker {
+    /// A worker for `gateway`; `seed` seeds its random port choice (give each worker a different one, from
+    /// the OS's randomness).
+    pub fn new(gateway: Arc<Gateway>, seed: u64) -> Worker {
+        let c = &gateway.config;
+        let state = WorkerState {
+            rng: Rng::new(seed),
+            frag_out: FragTable::new(c.frag_capacity, c.frag_lifetime),
+            frag_in: FragTable::new(c.frag_capacity, c.frag_lifetime),
+            stats: Stats::new(c.uplinks.len()),
+        };
+        Worker { gateway, state }
+    }
+
+    /// Switches to a new gateway (after a reload); fragment memory and counters are kept.
+    pub fn set_gateway(&mut self, gateway: Arc<Gateway>) {
+        let n = gateway.config.uplinks.len();
+        self.state.stats.uplink_tx.resize(n, Counter::default());
+        self.state.stats.uplink_rx.resize(n, Counter::default());
+        self.gateway = gateway;
+    }
+
+    /// The gateway this worker serves.
+    pub fn gateway(&self) -> &Arc<Gateway> {
+        &self.gateway
+    }
+
+    /// This worker's counters.
+    pub fn stats(&self) -> &Stats {
+        &self.state.stats
+    }
+
+    /// A VXLAN datagram (VXLAN header + inner Ethernet frame) from the node at underlay address `from`,
+    /// in `buf[..len]`. `buf` beyond `len` is spare room the pipeline may use to build an ICMP error.
+    pub fn outbound<'a>(
+        &mut self,
+        from: Ipv4Addr,
+        buf: &'a mut [u8],
+        len: usize,
+        now: crate::Instant,
+    ) -> Action<'a> {
+        let gw = &*self.gateway;
+        let st = &mut self.state;
+        st.stats.tunnel_rx.add(len);
+        let v = outbound::process(gw, st, from, buf, len, now);
+        finish(st, buf, v)
+    }
+
+    /// An Ethernet frame received on `uplink`, in `buf[start..start + len]`, with `start >=`
+    /// [`INBOUND_HEADROOM`] so that the VXLAN header can be written in front of it.
+    pub fn inbound<'a>(
+        &mut self,
+        uplink: UplinkId,
+        buf: &'a mut [u8],
+        start: usize,
+        len: usize,
+        now: crate::Instant,
+    ) -> Action<'a> {
+        let gw = &*self.gateway;
+        let st = &mut self.state;
+        if let Some(c) = st.stats.uplink_rx.get_mut(usize::from(uplink)) {
+            c.add(len);
+        }
+        let v = inbound::process(gw, st, uplink, buf, start, len, now);
+        finish(st, buf, v)
+    }
+}
+
+fn finish(st: &mut WorkerState, buf: &mut [u8], v: Result<Verdict, Reason>) -> Action<'_> {
+    match v {
+        Ok(Verdict::Forward {
+            uplink,
+            next_hop,
+            start,
+            end,
+        }) => {
+            if let Some(c) = st.stats.uplink_tx.get_mut(usize::from(uplink)) {
+                c.add(end - start);
+            }
+            Action::Forward {
+                uplink,
+                next_hop,
+                frame: &mut buf[start..end],
+            }
+        }
+        Ok(Verdict::Tunnel { node, start, end }) => {
+            st.stats.tunnel_tx.add(end - start);
+            Action::ToTunnel {
+                node,
+                datagram: &mut buf[start..end],
+            }
+        }
+        Ok(Verdict::Neighbour) => Action::Neighbour,
+        Err(r) => {
+            st.stats.drops[r.index()] += 1;
+            Action::Drop(r)
+        }
+    }
+}

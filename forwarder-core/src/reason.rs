@@ -119,6 +119,8 @@ reasons! {
     Draining => "draining",
     /// TCP segment that cannot open a flow (not a SYN) and matches none.
     TcpNoSynForNewFlow => "tcp_no_syn_for_new_flow",
+    /// TCP RST (or other segment the flow's state refuses) outside the receive window: the flow is kept.
+    TcpOutOfWindow => "tcp_out_of_window",
     /// Non-first fragment whose datagram's first fragment was never seen (and none could be held).
     FragmentNoFlow => "fragment_no_flow",
     /// Fragment dropped because the bounded fragment memory is full.
@@ -153,5 +155,17 @@ mod tests {
                 .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_'));
         }
         assert_eq!(Reason::COUNT, Reason::ALL.len());
+    }
+
+    #[test]
+    fn every_reason_is_documented_for_operators() {
+        let doc = include_str!("../../docs/drop-reasons.md");
+        for r in Reason::ALL {
+            assert!(
+                doc.contains(&format!("| `{}` |", r.name())),
+                "docs/drop-reasons.md lacks {}",
+                r.name()
+            );
+        }
     }
 }

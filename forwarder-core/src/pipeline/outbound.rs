@@ -1,0 +1,294 @@
+//! Tunnel → uplink: a client node's VXLAN datagram becomes a translated frame for an uplink.
+
+use core::net::{IpAddr, Ipv4Addr};
+
+use super::{local, Gateway, OutFrag, Verdict, WorkerState, TUNNEL_ETH, TUNNEL_L3};
+use crate::conntrack::{NewFlow, Refresh};
+use crate::flow::{FlowKey, NodeAddr, Proto};
+use crate::nat::frag::FragKey;
+use crate::nat::icmp::{self, ErrorKind};
+use crate::nat::meta::{parse_l4, PacketMeta, L4};
+use crate::nat::rewrite::{self, Side};
+use crate::route::contains_any;
+use crate::wire::{ethernet, tcp, vxlan};
+use crate::{Instant, Reason};
+
+const BROADCAST: ethernet::MacAddr = [0xff; 6];
+
+/// True for addresses a gateway never forwards to or from: unspecified, loopback, multicast, broadcast,
+/// link-local.
+pub(super) fn is_martian(a: IpAddr) -> bool {
+    match a {
+        IpAddr::V4(v) => {
+            v.is_unspecified()
+                || v.is_loopback()
+                || v.is_multicast()
+                || v.is_broadcast()
+                || v.is_link_local()
+        }
+        IpAddr::V6(v) => {
+            v.is_unspecified()
+                || v.is_loopback()
+                || v.is_multicast()
+                || (v.segments()[0] & 0xffc0) == 0xfe80
+        }
+    }
+}
+
+pub(super) fn process(
+    gw: &Gateway,
+    st: &mut WorkerState,
+    from: Ipv4Addr,
+    buf: &mut [u8],
+    len: usize,
+    now: Instant,
+) -> Result<Verdict, Reason> {
+    let cfg = &gw.config;
+    if !contains_any(&cfg.allowed_nodes, IpAddr::V4(from)) {
+        return Err(Reason::VxlanSourceNotAllowed);
+    }
+    let dgram = buf.get(..len).ok_or(Reason::NoBufferRoom)?;
+    let vx = vxlan::Packet::new_checked(dgram)?;
+    if vx.vni() != cfg.vni {
+        return Err(Reason::VxlanWrongVni);
+    }
+    let eth = ethernet::Frame::new_checked(&dgram[TUNNEL_ETH..])?;
+    let (node_mac, dst_mac, ethertype) = (eth.src(), eth.dst(), eth.ethertype());
+    if dst_mac != gw.mac && dst_mac != BROADCAST {
+        return Err(Reason::NotForUs);
+    }
+    let v6 = match ethertype {
+        ethernet::ethertype::IPV4 => false,
+        ethernet::ethertype::IPV6 => true,
+        ethernet::ethertype::ARP => {
+            let end = local::answer_arp(gw, buf, len)?;
+            st.stats.local_replies += 1;
+            return Ok(Verdict::Tunnel {
+                node: from,
+                start: 0,
+                end,
+            });
+        }
+        _ => return Err(Reason::UnsupportedEtherType),
+    };
+    if dst_mac != gw.mac {
+        return Err(Reason::NotForUs);
+    }
+    let meta = PacketMeta::parse(&buf[..len], TUNNEL_L3, v6)?;
+    if !contains_any(&cfg.pod_cidrs, meta.src) {
+        return Err(Reason::InnerSourceNotAllowed);
+    }
+    if is_martian(meta.dst) {
+        return Err(Reason::MartianAddress);
+    }
+    let l4 = parse_l4(buf, &meta)?;
+    let reply_to_node = |end: usize| Verdict::Tunnel {
+        node: from,
+        start: 0,
+        end,
+    };
+
+    // Addressed to the gateway itself: nodes ping it.
+    if meta.dst == IpAddr::V4(cfg.tunnel_ip) || cfg.tunnel_ip6.is_some_and(|a| meta.dst == IpAddr::V6(a)) {
+        let end = local::answer_echo(gw, buf, &meta, &l4)?;
+        st.stats.local_replies += 1;
+        return Ok(reply_to_node(end));
+    }
+
+    let is_error = matches!(l4, L4::IcmpError { .. });
+    if meta.ttl <= 1 {
+        return originate_to_pod(gw, st, buf, &meta, is_error, ErrorKind::TimeExceeded, Reason::TtlExpired)
+            .map(reply_to_node);
+    }
+
+    // Later fragments follow the first.
+    if meta.is_later_fragment() {
+        let key = frag_key(&meta);
+        let Some(f) = st.frag_out.lookup(&key, now) else {
+            return Err(Reason::FragmentNoFlow);
+        };
+        let mtu = cfg.uplinks.get(usize::from(f.uplink)).map_or(0, |u| u.mtu);
+        if meta.ip_len() > usize::from(mtu) {
+            return Err(Reason::TooBig);
+        }
+        rewrite::rewrite_addr(buf, &meta, &l4, Side::Src, f.egress);
+        rewrite::decrement_ttl(buf, &meta);
+        return Ok(Verdict::Forward {
+            uplink: f.uplink,
+            next_hop: f.next_hop,
+            start: TUNNEL_ETH,
+            end: meta.end,
+        });
+    }
+
+    let (key, tcp_seg) = match l4 {
+        L4::Tcp {
+            src_port,
+            dst_port,
+            seg,
+        } => (flow_key(&meta, Proto::Tcp, src_port, dst_port), Some(seg)),
+        L4::Udp { src_port, dst_port } => (flow_key(&meta, Proto::Udp, src_port, dst_port), None),
+        L4::IcmpQuery { ident, request: true } => {
+            let p = if meta.v6 { Proto::Icmpv6 } else { Proto::Icmp };
+            (flow_key(&meta, p, ident, ident), None)
+        }
+        L4::IcmpQuery { request: false, .. } => return Err(Reason::NoFlow),
+        L4::IcmpError { .. } => return translate_error(gw, buf, &meta),
+        L4::IcmpOther { .. } => return Err(Reason::UnsupportedIcmpType),
+        L4::Fragment => return Err(Reason::FragmentNoFlow),
+    };
+
+    let guard = gw.table.pin();
+    let flow = match gw.table.lookup_outbound(&key, &guard) {
+        Some(f) => f,
+        None => {
+            if let Some(seg) = tcp_seg {
+                if seg.flags & (tcp::flags::SYN | tcp::flags::ACK | tcp::flags::RST) != tcp::flags::SYN {
+                    return Err(Reason::TcpNoSynForNewFlow);
+                }
+            }
+            if gw.is_draining() {
+                return Err(Reason::Draining);
+            }
+            let (_, &uplink) = gw.routes.lookup(meta.dst).ok_or(Reason::NoRoute)?;
+            let egress_ip = cfg
+                .uplinks
+                .get(usize::from(uplink))
+                .and_then(|u| u.egress_for(meta.src))
+                .ok_or(Reason::NoRoute)?;
+            let new = NewFlow {
+                orig: key,
+                egress_ip,
+                node: NodeAddr {
+                    ip: from,
+                    mac: node_mac,
+                },
+                uplink,
+            };
+            match gw.table.insert(new, now, &mut st.rng, &guard) {
+                Ok(f) => {
+                    st.stats.flows_created += 1;
+                    f
+                }
+                Err(e) => {
+                    // Refused: tell the pod at once (ICMP administratively prohibited) instead of letting it
+                    // retry into the same wall.
+                    return originate_to_pod(gw, st, buf, &meta, false, ErrorKind::AdminProhibited, e.reason())
+                        .map(reply_to_node);
+                }
+            }
+        }
+    };
+
+    if flow.on_outbound(tcp_seg, meta.ip_len(), now) == Refresh::Ignored {
+        return Err(Reason::TcpOutOfWindow);
+    }
+    let uplink_id = flow.uplink();
+    let Some(uplink) = cfg.uplinks.get(usize::from(uplink_id)) else {
+        return Err(Reason::NoRoute);
+    };
+    if meta.ip_len() > usize::from(uplink.mtu) {
+        // IPv4 without DF would need fragmenting here; the tunnel MTU (1450) is below any normal uplink MTU,
+        // so such packets do not arise from correctly configured nodes. Refuse them visibly.
+        let kind = ErrorKind::TooBig { mtu: uplink.mtu };
+        if meta.dont_frag {
+            return originate_to_pod(gw, st, buf, &meta, is_error, kind, Reason::TooBig).map(reply_to_node);
+        }
+        return Err(Reason::TooBig);
+    }
+    if tcp_seg.is_some_and(|s| s.flags & tcp::flags::SYN != 0) {
+        let mtu = cfg.tunnel_mtu.min(uplink.mtu);
+        rewrite::clamp_mss(buf, &meta, rewrite::mss_for_mtu(mtu, meta.v6))?;
+    }
+    let egress = flow.egress_ip();
+    rewrite::translate(buf, &meta, &l4, Side::Src, egress, flow.external_port());
+    rewrite::decrement_ttl(buf, &meta);
+    let next_hop = uplink.next_hop(meta.dst);
+    if meta.is_first_fragment() {
+        st.frag_out.insert(
+            frag_key(&meta),
+            OutFrag {
+                egress,
+                uplink: uplink_id,
+                next_hop,
+            },
+            now,
+        );
+    }
+    Ok(Verdict::Forward {
+        uplink: uplink_id,
+        next_hop,
+        start: TUNNEL_ETH,
+        end: meta.end,
+    })
+}
+
+pub(super) fn flow_key(meta: &PacketMeta, proto: Proto, src_port: u16, dst_port: u16) -> FlowKey {
+    FlowKey {
+        src: meta.src,
+        dst: meta.dst,
+        src_port,
+        dst_port,
+        proto,
+    }
+}
+
+/// The datagram identity, taken *before* translation (later fragments arrive untranslated).
+pub(super) fn frag_key(meta: &PacketMeta) -> FragKey {
+    FragKey {
+        src: meta.src,
+        dst: meta.dst,
+        proto: meta.proto,
+        ident: meta.frag.map_or(0, |f| f.ident),
+    }
+}
+
+/// An ICMP error from a pod about a packet it received through a flow (e.g. port unreachable): the quoted
+/// packet went outside → pod, so the flow is found by its reverse, and the pod's address in the quote and in
+/// the outer source become the egress address.
+fn translate_error(gw: &Gateway, buf: &mut [u8], meta: &PacketMeta) -> Result<Verdict, Reason> {
+    let emb = icmp::parse_embedded(buf, meta)?;
+    let guard = gw.table.pin();
+    let flow = gw
+        .table
+        .lookup_outbound(&emb.key.reversed(), &guard)
+        .ok_or(Reason::IcmpErrorNoFlow)?;
+    let uplink_id = flow.uplink();
+    let uplink = gw.config.uplinks.get(usize::from(uplink_id)).ok_or(Reason::NoRoute)?;
+    let egress = flow.egress_ip();
+    icmp::translate_error(buf, meta, &emb, Side::Dst, egress, flow.external_port(), Side::Src, egress);
+    rewrite::decrement_ttl(buf, meta);
+    Ok(Verdict::Forward {
+        uplink: uplink_id,
+        next_hop: uplink.next_hop(meta.dst),
+        start: TUNNEL_ETH,
+        end: meta.end,
+    })
+}
+
+/// Replaces the packet with an ICMP error to the pod (from the gateway's tunnel address), turned around in
+/// the tunnel frame. Counts `reason` in every case; when no error may or can be sent, the packet is dropped
+/// for `reason`.
+fn originate_to_pod(
+    gw: &Gateway,
+    st: &mut WorkerState,
+    buf: &mut [u8],
+    meta: &PacketMeta,
+    is_error: bool,
+    kind: ErrorKind,
+    reason: Reason,
+) -> Result<usize, Reason> {
+    let src = if meta.v6 {
+        gw.config.tunnel_ip6.map(IpAddr::V6)
+    } else {
+        Some(IpAddr::V4(gw.config.tunnel_ip))
+    };
+    let Some(src) = src.filter(|_| icmp::may_originate(meta, is_error)) else {
+        return Err(reason);
+    };
+    let end = icmp::originate(buf, meta, src, kind).ok_or(reason)?;
+    local::turn_around(gw, buf);
+    st.stats.drops[reason.index()] += 1;
+    st.stats.icmp_originated += 1;
+    Ok(end)
+}

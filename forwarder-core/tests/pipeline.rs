@@ -1,0 +1,402 @@
+//! The pipeline end to end, over bytes: what a client node sends through the tunnel, what leaves on the
+//! uplinks, what comes back.
+#![allow(clippy::unwrap_used, clippy::cast_possible_truncation)]
+
+mod common;
+
+use std::net::{IpAddr, Ipv4Addr};
+
+use common::*;
+use forwarder_core::conntrack;
+use forwarder_core::pipeline::{tunnel_mac, Action, Worker};
+use forwarder_core::ports::PortRange;
+use forwarder_core::{Instant, Reason};
+
+/// An action, owned, so tests can keep it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Out {
+    Fwd { uplink: u8, next_hop: IpAddr, frame: Vec<u8> },
+    Tun { node: Ipv4Addr, dgram: Vec<u8> },
+    Neighbour,
+    Drop(Reason),
+}
+
+impl Out {
+    fn fwd(self) -> (u8, IpAddr, Vec<u8>) {
+        match self {
+            Out::Fwd { uplink, next_hop, frame } => (uplink, next_hop, frame),
+            other => panic!("expected a forward, got {other:?}"),
+        }
+    }
+    fn tun(self) -> (Ipv4Addr, Vec<u8>) {
+        match self {
+            Out::Tun { node, dgram } => (node, dgram),
+            other => panic!("expected a tunnel datagram, got {other:?}"),
+        }
+    }
+}
+
+fn owned(a: Action<'_>) -> Out {
+    match a {
+        Action::Forward { uplink, next_hop, frame } => Out::Fwd { uplink, next_hop, frame: frame.to_vec() },
+        Action::ToTunnel { node, datagram } => Out::Tun { node, dgram: datagram.to_vec() },
+        Action::Neighbour => Out::Neighbour,
+        Action::Drop(r) => Out::Drop(r),
+    }
+}
+
+fn out_from(w: &mut Worker, from: Ipv4Addr, d: &[u8], now: Instant) -> Out {
+    let mut buf = vec![0u8; d.len() + 2048];
+    buf[..d.len()].copy_from_slice(d);
+    owned(w.outbound(from, &mut buf, d.len(), now))
+}
+
+fn out(w: &mut Worker, d: &[u8], now: Instant) -> Out {
+    out_from(w, NODE, d, now)
+}
+
+fn inb(w: &mut Worker, uplink: u8, f: &[u8], now: Instant) -> Out {
+    let mut buf = vec![0u8; HEADROOM + f.len() + 2048];
+    buf[HEADROOM..HEADROOM + f.len()].copy_from_slice(f);
+    owned(w.inbound(uplink, &mut buf, HEADROOM, f.len(), now))
+}
+
+const T0: Instant = Instant::from_secs(100);
+
+#[test]
+fn tcp_syn_is_translated_clamped_and_the_reply_returns_to_the_pod() {
+    let mut w = worker();
+    let (uplink, hop, frame) = out(&mut w, &pod_tcp(SERVER, 40000, 443, true, &[]), T0).fwd();
+    assert_eq!((uplink, hop), (0, any_ip(DMZ_ROUTER)));
+    assert_eq!(&frame[12..14], &[0x08, 0x00]);
+    let ip = &frame[14..];
+    assert_eq!(ip4_src(ip), DMZ_EGRESS);
+    assert_eq!(ip4_dst(ip), SERVER);
+    assert_eq!(ip[8], 63, "TTL decremented once");
+    let (ext_port, dport) = l4_ports(ip);
+    assert_eq!(dport, 443);
+    assert!(ext_port >= 1024, "external port {ext_port} in the configured range");
+    // MSS option: kind 2 at the start of the options, clamped to 1450 - 40.
+    assert_eq!(&ip[40..44], &[2, 4, (1410u16 >> 8) as u8, (1410u16 & 0xff) as u8]);
+    assert_checksums(ip);
+
+    // The server's SYN-ACK to the egress address comes back to the pod, in the tunnel, to the right node.
+    let reply = outside_tcp(SERVER, DMZ_EGRESS, 443, ext_port, "SAM", 9000, 1001);
+    let (node, d) = inb(&mut w, 0, &reply, T0).tun();
+    assert_eq!(node, NODE);
+    assert_eq!(&d[..8], &[0x08, 0, 0, 0, 0x00, 0x10, 0x01, 0], "VXLAN header, VNI 4097");
+    assert_eq!(&d[8..14], &NODE_MAC, "inner destination MAC: the node's vxlan device");
+    assert_eq!(&d[14..20], &tunnel_mac(GW), "inner source MAC: a2:2a + gateway IP");
+    let ip = &d[22..];
+    assert_eq!(ip4_src(ip), SERVER);
+    assert_eq!(ip4_dst(ip), POD);
+    assert_eq!(l4_ports(ip), (443, 40000));
+    assert_eq!(&ip[40..44], &[2, 4, (1410u16 >> 8) as u8, (1410u16 & 0xff) as u8], "SYN-ACK MSS clamped too");
+    assert_checksums(ip);
+    assert_eq!(w.stats().flows_created, 1);
+    assert_eq!(w.stats().total_drops(), 0);
+}
+
+#[test]
+fn mapping_is_endpoint_independent_and_routes_pick_the_uplink() {
+    let mut w = worker();
+    let (_, _, a) = out(&mut w, &pod_udp(SERVER, 5353, 53, b"q1"), T0).fwd();
+    let (_, _, b) = out(&mut w, &pod_udp(Ipv4Addr::new(192, 0, 2, 53), 5353, 53, b"q2"), T0).fwd();
+    assert_eq!(l4_ports(&a[14..]).0, l4_ports(&b[14..]).0, "same pod endpoint, same external port");
+    // Internal destinations leave by the internal uplink, on-link, with the internal egress IP.
+    let (uplink, hop, f) = out(&mut w, &pod_udp(INTERNAL_SERVER, 5353, 53, b"q3"), T0).fwd();
+    assert_eq!((uplink, hop), (1, any_ip(INTERNAL_SERVER)));
+    assert_eq!(ip4_src(&f[14..]), INT_EGRESS);
+    assert_checksums(&f[14..]);
+}
+
+#[test]
+fn udp_without_checksum_keeps_none() {
+    let mut w = worker();
+    let mut d = pod_udp(SERVER, 5000, 9000, b"no checksum here");
+    // Zero the inner UDP checksum (offset: 8 VXLAN + 14 Ethernet + 20 IPv4 + 6).
+    d[48] = 0;
+    d[49] = 0;
+    let (_, _, f) = out(&mut w, &d, T0).fwd();
+    assert_eq!(&f[14 + 26..14 + 28], &[0, 0], "UDP checksum 0 stays 0");
+}
+
+#[test]
+fn ping_is_translated_by_identifier_and_answered() {
+    let mut w = worker();
+    let (_, _, f) = out(&mut w, &pod_ping(SERVER, 77), T0).fwd();
+    let ip = &f[14..];
+    assert_eq!(ip4_src(ip), DMZ_EGRESS);
+    assert_checksums(ip);
+    let ext_id = u16::from_be_bytes([ip[24], ip[25]]);
+    let b = etherparse::PacketBuilder::ethernet2(ROUTER_MAC, UPLINK_MAC).ipv4(SERVER.octets(), DMZ_EGRESS.octets(), 60);
+    let reply = build(|o| b.icmpv4_echo_reply(ext_id, 1).write(o, b"abcdefgh"));
+    let (_, d) = inb(&mut w, 0, &reply, T0).tun();
+    let ip = &d[22..];
+    assert_eq!(ip4_dst(ip), POD);
+    assert_eq!(u16::from_be_bytes([ip[24], ip[25]]), 77, "identifier restored");
+    assert_checksums(ip);
+}
+
+#[test]
+fn ipv6_flows_are_translated_both_ways() {
+    let mut w = worker();
+    let (uplink, hop, f) = out(&mut w, &pod_udp6(SERVER6, 6000, 53, b"v6 query"), T0).fwd();
+    assert_eq!(uplink, 0);
+    assert_eq!(hop, IpAddr::V6(SERVER6), "no IPv6 router configured: on-link");
+    assert_eq!(&f[12..14], &[0x86, 0xdd]);
+    let ip = &f[14..];
+    assert_eq!(&ip[8..24], &DMZ_EGRESS6.octets());
+    assert_eq!(ip[7], 63);
+    assert_checksums(ip);
+    let ext = l4_ports(ip).0;
+    let b = etherparse::PacketBuilder::ethernet2(ROUTER_MAC, UPLINK_MAC).ipv6(SERVER6.octets(), DMZ_EGRESS6.octets(), 60);
+    let reply = build(|o| b.udp(53, ext).write(o, b"v6 answer"));
+    let (_, d) = inb(&mut w, 0, &reply, T0).tun();
+    let ip = &d[22..];
+    assert_eq!(&ip[24..40], &POD6.octets());
+    assert_eq!(l4_ports(ip), (53, 6000));
+    assert_checksums(ip);
+}
+
+#[test]
+fn hostile_tunnel_input_is_dropped_and_counted() {
+    let mut w = worker();
+    let good = pod_tcp(SERVER, 40000, 443, true, &[]);
+    assert_eq!(out_from(&mut w, Ipv4Addr::new(192, 168, 9, 9), &good, T0), Out::Drop(Reason::VxlanSourceNotAllowed));
+    let mut bad_vni = good.clone();
+    bad_vni[6] = 0x11;
+    assert_eq!(out(&mut w, &bad_vni, T0), Out::Drop(Reason::VxlanWrongVni));
+    let mut no_i_flag = good.clone();
+    no_i_flag[0] = 0;
+    assert_eq!(out(&mut w, &no_i_flag, T0), Out::Drop(Reason::VxlanBadFlags));
+    let mut other_mac = good.clone();
+    other_mac[8] = 0x02;
+    assert_eq!(out(&mut w, &other_mac, T0), Out::Drop(Reason::NotForUs));
+    let b = etherparse::PacketBuilder::ethernet2(NODE_MAC, tunnel_mac(GW)).ipv4([10, 99, 0, 1], SERVER.octets(), 64);
+    let spoofed = vxlan(VNI, &build(|o| b.udp(1, 2).write(o, b"x")));
+    assert_eq!(out(&mut w, &spoofed, T0), Out::Drop(Reason::InnerSourceNotAllowed));
+    let b = etherparse::PacketBuilder::ethernet2(NODE_MAC, tunnel_mac(GW)).ipv4(POD.octets(), [224, 0, 0, 5], 64);
+    let multicast = vxlan(VNI, &build(|o| b.udp(1, 2).write(o, b"x")));
+    assert_eq!(out(&mut w, &multicast, T0), Out::Drop(Reason::MartianAddress));
+    // A mid-stream ACK cannot open a flow.
+    assert_eq!(out(&mut w, &pod_tcp(SERVER, 40001, 443, false, b"data"), T0), Out::Drop(Reason::TcpNoSynForNewFlow));
+    let mut bad_csum = good.clone();
+    bad_csum[8 + 14 + 10] ^= 0xff;
+    assert_eq!(out(&mut w, &bad_csum, T0), Out::Drop(Reason::Ipv4BadChecksum));
+    for cut in [3, 10, 21, 30, good.len() - 1] {
+        assert!(matches!(out(&mut w, &good[..cut], T0), Out::Drop(_)), "truncated at {cut}");
+    }
+    assert_eq!(w.gateway().table().len(), 0, "no state from any of it");
+    let s = w.stats();
+    for r in [Reason::VxlanSourceNotAllowed, Reason::VxlanWrongVni, Reason::NotForUs, Reason::InnerSourceNotAllowed,
+              Reason::MartianAddress, Reason::TcpNoSynForNewFlow, Reason::Ipv4BadChecksum] {
+        assert_eq!(s.dropped(r), 1, "{r} counted once");
+    }
+}
+
+#[test]
+fn unsolicited_inbound_is_dropped_without_state() {
+    let mut w = worker();
+    let syn = outside_tcp(SERVER, DMZ_EGRESS, 443, 5555, "S", 1, 0);
+    assert_eq!(inb(&mut w, 0, &syn, T0), Out::Drop(Reason::NoFlow));
+    let ping = {
+        let b = etherparse::PacketBuilder::ethernet2(ROUTER_MAC, UPLINK_MAC).ipv4(SERVER.octets(), DMZ_EGRESS.octets(), 60);
+        build(|o| b.icmpv4_echo_request(1, 1).write(o, b"hi"))
+    };
+    assert_eq!(inb(&mut w, 0, &ping, T0), Out::Drop(Reason::NoFlow));
+    assert_eq!(w.gateway().table().len(), 0);
+    assert_eq!(w.stats().dropped(Reason::NoFlow), 2);
+    // ARP on the uplink belongs to the neighbour handling.
+    let arp = build(|o| {
+        etherparse::PacketBuilder::ethernet2(ROUTER_MAC, [0xff; 6])
+            .arp(etherparse::ArpPacket::new(
+                etherparse::ArpHardwareId::ETHERNET, etherparse::EtherType::IPV4, etherparse::ArpOperation::REQUEST,
+                &ROUTER_MAC, &DMZ_ROUTER.octets(), &[0; 6], &DMZ_EGRESS.octets()).unwrap())
+            .write(o)
+    });
+    assert_eq!(inb(&mut w, 0, &arp, T0), Out::Neighbour);
+}
+
+#[test]
+fn ttl_expiry_answers_time_exceeded_to_the_pod() {
+    let mut w = worker();
+    let b = etherparse::PacketBuilder::ethernet2(NODE_MAC, tunnel_mac(GW)).ipv4(POD.octets(), SERVER.octets(), 1);
+    let d = vxlan(VNI, &build(|o| b.udp(33434, 33435).write(o, b"traceroute")));
+    let (node, r) = out(&mut w, &d, T0).tun();
+    assert_eq!(node, NODE);
+    assert_eq!(&r[8..14], &NODE_MAC);
+    let ip = &r[22..];
+    assert_eq!(ip4_src(ip), GW);
+    assert_eq!(ip4_dst(ip), POD);
+    assert_eq!((ip[9], ip[20], ip[21]), (1, 11, 0), "ICMP time exceeded in transit");
+    assert_eq!(&ip[28..28 + 20], &d[22..42], "the original IPv4 header is quoted");
+    assert_checksums(ip);
+    assert_eq!(w.stats().dropped(Reason::TtlExpired), 1);
+    assert_eq!(w.stats().icmp_originated, 1);
+}
+
+#[test]
+fn too_big_for_the_tunnel_with_df_brings_frag_needed_to_the_sender() {
+    let mut w = worker();
+    let (_, _, f) = out(&mut w, &pod_udp(SERVER, 7000, 7001, b"open"), T0).fwd();
+    let ext = l4_ports(&f[14..]).0;
+    let b = etherparse::PacketBuilder::ethernet2(ROUTER_MAC, UPLINK_MAC).ipv4(SERVER.octets(), DMZ_EGRESS.octets(), 60);
+    let mut big = build(|o| b.udp(7001, ext).write(o, &[0x55; 1472]));
+    // Set DF and fix the header checksum.
+    big[14 + 6] |= 0x40;
+    big[14 + 10] = 0;
+    big[14 + 11] = 0;
+    let c = !ref_fold(ref_sum(&big[14..34], 0));
+    big[14 + 10..14 + 12].copy_from_slice(&c.to_be_bytes());
+    let (uplink, hop, e) = inb(&mut w, 0, &big, T0).fwd();
+    assert_eq!((uplink, hop), (0, any_ip(DMZ_ROUTER)));
+    let ip = &e[14..];
+    assert_eq!(ip4_dst(ip), SERVER);
+    assert_eq!(ip4_src(ip), DMZ_EGRESS);
+    assert_eq!((ip[20], ip[21]), (3, 4), "fragmentation needed");
+    assert_eq!(u16::from_be_bytes([ip[26], ip[27]]), 1450, "next-hop MTU is the tunnel's");
+    assert!(ip.len() <= 576);
+    assert_checksums(ip);
+}
+
+#[test]
+fn icmp_errors_about_a_flow_are_translated_back_and_do_not_refresh() {
+    let mut w = worker();
+    let (_, _, f) = out(&mut w, &pod_udp(SERVER, 7100, 53, b"query"), T0).fwd();
+    let sent = f[14..].to_vec();
+    let ext = l4_ports(&sent).0;
+    let g = w.gateway().clone();
+    let last_seen = {
+        let guard = g.pin();
+        let key = forwarder_core::flow::FlowKey {
+            src: any_ip(POD), dst: any_ip(SERVER), src_port: 7100, dst_port: 53,
+            proto: forwarder_core::flow::Proto::Udp,
+        };
+        g.table().lookup_outbound(&key, &guard).unwrap().last_seen()
+    };
+    // The server's router answers "port unreachable", quoting what we sent.
+    let mut icmp = vec![3u8, 3, 0, 0, 0, 0, 0, 0];
+    icmp.extend_from_slice(&sent[..28]);
+    let c = !ref_fold(ref_sum(&icmp, 0));
+    icmp[2..4].copy_from_slice(&c.to_be_bytes());
+    let b = etherparse::PacketBuilder::ethernet2(ROUTER_MAC, UPLINK_MAC).ipv4(SERVER.octets(), DMZ_EGRESS.octets(), 60);
+    let frame = build(|o| b.write(o, 1, &icmp));
+    let later = Instant::from_secs(150);
+    let (node, d) = inb(&mut w, 0, &frame, later).tun();
+    assert_eq!(node, NODE);
+    let ip = &d[22..];
+    assert_eq!(ip4_dst(ip), POD);
+    assert_eq!((ip[20], ip[21]), (3, 3));
+    let quoted = &ip[28..];
+    assert_eq!(ip4_src(quoted), POD, "quoted source restored to the pod");
+    assert_eq!(l4_ports(quoted), (7100, 53), "quoted port restored");
+    assert_eq!(ref_fold(ref_sum(&quoted[..20], 0)), 0xffff, "quoted IPv4 header checksum");
+    assert_checksums(ip);
+    let _ = ext;
+    let guard = g.pin();
+    let key = forwarder_core::flow::FlowKey {
+        src: any_ip(POD), dst: any_ip(SERVER), src_port: 7100, dst_port: 53,
+        proto: forwarder_core::flow::Proto::Udp,
+    };
+    assert_eq!(g.table().lookup_outbound(&key, &guard).unwrap().last_seen(), last_seen, "ICMP errors never refresh");
+}
+
+#[test]
+fn arp_and_ping_for_the_gateway_are_answered_in_the_tunnel() {
+    let mut w = worker();
+    let arp = build(|o| {
+        etherparse::PacketBuilder::ethernet2(NODE_MAC, [0xff; 6])
+            .arp(etherparse::ArpPacket::new(
+                etherparse::ArpHardwareId::ETHERNET, etherparse::EtherType::IPV4, etherparse::ArpOperation::REQUEST,
+                &NODE_MAC, &[10, 244, 1, 0], &[0; 6], &GW.octets()).unwrap())
+            .write(o)
+    });
+    let (node, r) = out(&mut w, &vxlan(VNI, &arp), T0).tun();
+    assert_eq!(node, NODE);
+    assert_eq!(&r[8..14], &NODE_MAC);
+    assert_eq!(&r[20..22], &[0x08, 0x06]);
+    let a = &r[22..];
+    assert_eq!(&a[6..8], &[0, 2], "ARP reply");
+    assert_eq!(&a[8..14], &tunnel_mac(GW), "answers a2:2a + gateway IP");
+    assert_eq!(&a[14..18], &GW.octets());
+    assert_eq!(&a[24..28], &[10, 244, 1, 0]);
+
+    let (node, r) = out(&mut w, &pod_ping(GW, 9), T0).tun();
+    assert_eq!(node, NODE);
+    let ip = &r[22..];
+    assert_eq!((ip4_src(ip), ip4_dst(ip), ip[20]), (GW, POD, 0));
+    assert_checksums(ip);
+    assert_eq!(w.gateway().table().len(), 0, "no flow for the gateway's own answers");
+}
+
+#[test]
+fn draining_refuses_new_flows_and_keeps_old_ones() {
+    let mut w = worker();
+    let (_, _, _) = out(&mut w, &pod_udp(SERVER, 8000, 53, b"a"), T0).fwd();
+    w.gateway().set_draining(true);
+    assert!(matches!(out(&mut w, &pod_udp(SERVER, 8000, 53, b"b"), T0), Out::Fwd { .. }));
+    assert_eq!(out(&mut w, &pod_udp(SERVER, 8001, 53, b"c"), T0), Out::Drop(Reason::Draining));
+}
+
+#[test]
+fn exhausted_port_pool_answers_admin_prohibited() {
+    let gw = gateway_with(conntrack::Config::default(), PortRange { min: 2000, max: 2001 });
+    let mut w = Worker::new(gw, 3);
+    for p in 0..2 {
+        assert!(matches!(out(&mut w, &pod_udp(SERVER, 9000 + p, 53, b"x"), T0), Out::Fwd { .. }));
+    }
+    let (node, r) = out(&mut w, &pod_udp(SERVER, 9002, 53, b"x"), T0).tun();
+    assert_eq!(node, NODE);
+    let ip = &r[22..];
+    assert_eq!((ip[20], ip[21]), (3, 13), "ICMP administratively prohibited");
+    assert_checksums(ip);
+    assert_eq!(w.stats().dropped(Reason::PortsExhausted), 1);
+}
+
+#[test]
+fn fragments_follow_the_first() {
+    let mut w = worker();
+    // A UDP datagram of 2000 payload bytes in two fragments, built by hand from one etherparse packet.
+    let whole = pod_udp(SERVER, 9500, 9501, &[0xab; 2000]);
+    let ip = &whole[22..];
+    let (hdr, body) = ip.split_at(20);
+    let frag = |off: usize, data: &[u8], more: bool| {
+        let mut h = hdr.to_vec();
+        let total = (20 + data.len()) as u16;
+        h[2..4].copy_from_slice(&total.to_be_bytes());
+        h[4..6].copy_from_slice(&0x1234u16.to_be_bytes());
+        let fo = (off / 8) as u16 | if more { 0x2000 } else { 0 };
+        h[6..8].copy_from_slice(&fo.to_be_bytes());
+        h[10] = 0;
+        h[11] = 0;
+        let c = !ref_fold(ref_sum(&h, 0));
+        h[10..12].copy_from_slice(&c.to_be_bytes());
+        let mut d = whole[..22].to_vec();
+        d.extend_from_slice(&h);
+        d.extend_from_slice(data);
+        d
+    };
+    let first = frag(0, &body[..1008], true);
+    let second = frag(1008, &body[1008..], false);
+    // A later fragment before its first has nowhere to go.
+    assert_eq!(out(&mut w, &second, T0), Out::Drop(Reason::FragmentNoFlow));
+    let (u1, _, f1) = out(&mut w, &first, T0).fwd();
+    let (u2, _, f2) = out(&mut w, &second, T0).fwd();
+    assert_eq!((u1, u2), (0, 0));
+    assert_eq!(ip4_src(&f1[14..]), DMZ_EGRESS);
+    assert_eq!(ip4_src(&f2[14..]), DMZ_EGRESS);
+    // Reassembled, the translated datagram's UDP checksum is right.
+    let mut reassembled = f1[14..34].to_vec();
+    reassembled.extend_from_slice(&f1[34..]);
+    reassembled.extend_from_slice(&f2[34..]);
+    let total = reassembled.len() as u16;
+    reassembled[2..4].copy_from_slice(&total.to_be_bytes());
+    reassembled[6] = 0;
+    reassembled[7] = 0;
+    reassembled[10] = 0;
+    reassembled[11] = 0;
+    let c = !ref_fold(ref_sum(&reassembled[..20], 0));
+    reassembled[10..12].copy_from_slice(&c.to_be_bytes());
+    assert_checksums(&reassembled);
+}

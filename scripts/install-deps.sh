@@ -1,0 +1,37 @@
+#!/usr/bin/env bash
+# Installs what building and testing the egress gateway needs on a fresh Debian-like machine (as root).
+# Idempotent: safe to run again. Set SKIP_APT=1 to skip the system packages (no root).
+set -euo pipefail
+
+log() { printf '==> %s\n' "$*" >&2; }
+
+if [[ "${SKIP_APT:-0}" != 1 ]]; then
+  if [[ $(id -u) -ne 0 ]]; then
+    log "not root: skipping apt-get (set SKIP_APT=1 to silence this); system packages must already be present"
+  else
+    log "apt-get: build tools and networking utilities"
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get update -qq
+    apt-get install -y -qq --no-install-recommends \
+      build-essential pkg-config ca-certificates iproute2 iptables nftables iperf3 procps >/dev/null
+  fi
+fi
+
+if ! command -v cargo >/dev/null 2>&1; then
+  log "cargo not found. Install a Rust toolchain (rustup, stable >= 1.80) and run this again."
+  exit 1
+fi
+
+if command -v rustup >/dev/null 2>&1; then
+  rustup component list --installed 2>/dev/null | grep -q '^rustfmt' || rustup component add rustfmt clippy
+fi
+
+# cargo-fuzz (for the fuzz smoke run) needs a nightly toolchain; both are optional for a plain build.
+if [[ "${WANT_FUZZ:-0}" == 1 ]]; then
+  if ! rustup toolchain list 2>/dev/null | grep -q nightly; then
+    log "no nightly toolchain: the fuzz smoke run will be skipped"
+  elif ! cargo fuzz --version >/dev/null 2>&1; then
+    log "installing cargo-fuzz from crates.io"
+    cargo install --locked cargo-fuzz >/dev/null 2>&1 || cargo install cargo-fuzz
+  fi
+fi
