@@ -24,8 +24,8 @@ use core::net::{Ipv4Addr, Ipv6Addr};
 
 /// Adds the 16-bit big-endian words of `data` to `initial` (ones-complement accumulation, RFC 1071).
 ///
-/// The result is *not* folded nor inverted; it is congruent, modulo `0xFFFF`, to the ones-complement sum, so
-/// it can be passed as `initial` to another call, or to [`fold`] / [`finish`]. An odd trailing byte is padded
+/// The result is *not* fully folded nor inverted (it is at most `0x1FFFE`); it is congruent, modulo `0xFFFF`,
+/// to the ones-complement sum, so it can be passed as `initial` to another call, or to [`fold`] / [`finish`]. An odd trailing byte is padded
 /// with a zero byte (so only the last piece of a chained sum may have an odd length).
 ///
 /// The loop reads 32 bytes per step as eight big-endian `u32` words into four `u64` accumulators, which
@@ -68,7 +68,8 @@ fn fold64(mut s: u64) -> u32 {
     }
     #[allow(clippy::cast_possible_truncation)] // the loop above leaves s <= u32::MAX
     let s = s as u32;
-    s
+    // One more 16-bit fold so that callers can add a few results without overflowing a u32.
+    (s & 0xFFFF) + (s >> 16)
 }
 
 /// Folds the carries of an unfolded sum into 16 bits (not inverted).
@@ -108,7 +109,7 @@ pub fn pseudo_header_v4(src: Ipv4Addr, dst: Ipv4Addr, proto: u8, len: u32) -> u3
 pub fn pseudo_header_v6(src: &Ipv6Addr, dst: &Ipv6Addr, next_header: u8, len: u32) -> u32 {
     let s = sum(&src.octets(), 0);
     let d = sum(&dst.octets(), 0);
-    // Each address sum is at most 8 * 0xFFFF, so nothing here overflows.
+    // Each address sum is at most 0x1FFFE, so nothing here overflows.
     s + d + u32::from(next_header) + (len >> 16) + (len & 0xFFFF)
 }
 
