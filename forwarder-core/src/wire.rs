@@ -32,13 +32,6 @@ pub mod tcp;
 pub mod udp;
 pub mod vxlan;
 
-/// Reads a big-endian `u16` at `at`; `None` when it does not fit (never panics).
-#[inline]
-pub(crate) fn be16(data: &[u8], at: usize) -> Option<u16> {
-    let b = data.get(at..at.checked_add(2)?)?;
-    Some(u16::from_be_bytes([b[0], b[1]]))
-}
-
 /// Length of a buffer as the `u32` the checksum pseudo-headers take (saturating; buffers are < 4 GiB).
 #[inline]
 pub(crate) fn len_u32(len: usize) -> u32 {
