@@ -350,7 +350,7 @@ impl Worker {
     }
 }
 
-fn finish(st: &mut WorkerState, buf: &mut [u8], v: Result<Verdict, Reason>) -> Action<'_> {
+fn finish<'a>(st: &mut WorkerState, buf: &'a mut [u8], v: Result<Verdict, Reason>) -> Action<'a> {
     match v {
         Ok(Verdict::Forward {
             uplink,

@@ -135,14 +135,14 @@ pub fn write_ipv4_header(buf: &mut [u8], src: Ipv4Addr, dst: Ipv4Addr, proto: u8
 /// Writes a 40-byte IPv6 header (hop limit 64) at the start of `buf`.
 pub fn write_ipv6_header(buf: &mut [u8], src: &Ipv6Addr, dst: &Ipv6Addr, next: u8, total: usize) {
     let mut ip = ipv6::Packet::new_unchecked(buf);
-    ip.set_version(6);
+    ip.set_version();
     ip.set_traffic_class(0);
     ip.set_flow_label(0);
     ip.set_payload_len(u16::try_from(total - ipv6::HEADER_LEN).unwrap_or(u16::MAX));
     ip.set_next_header(next);
     ip.set_hop_limit(64);
-    ip.set_src(*src);
-    ip.set_dst(*dst);
+    ip.set_src(src);
+    ip.set_dst(dst);
 }
 
 /// The packet quoted inside an ICMP error.

@@ -60,8 +60,8 @@ pub(super) fn answer_echo(
         }
         (IpAddr::V6(s), IpAddr::V6(d)) => {
             let mut ip = ipv6::Packet::new_unchecked(&mut buf[meta.l3..meta.end]);
-            ip.set_src(d);
-            ip.set_dst(s);
+            ip.set_src(&d);
+            ip.set_dst(&s);
             ip.set_hop_limit(64);
             icmpv6::Packet::new_unchecked(&mut buf[meta.l4..meta.end])
                 .set_msg_type(icmpv6::msg_type::ECHO_REPLY);
