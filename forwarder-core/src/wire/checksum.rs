@@ -182,6 +182,7 @@ pub mod reference {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)] // tests fail loudly by design
 mod tests {
     use super::*;
     use proptest::prelude::*;

@@ -17,7 +17,7 @@ use core::net::Ipv4Addr;
 use core::ops::Range;
 
 use super::ethernet::{self, MacAddr};
-use super::{checksum, ipv4, udp};
+use super::{ipv4, udp};
 use crate::reason::Reason;
 
 /// Length of the VXLAN header.
@@ -274,9 +274,10 @@ pub fn decapsulate_v4_with(
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)] // tests fail loudly by design
 mod tests {
     use super::*;
-    use crate::wire::{arp, icmpv4, tcp};
+    use crate::wire::{arp, checksum, icmpv4, tcp};
     use proptest::prelude::*;
 
     /// Parses a fixture: hex bytes, whitespace ignored, `#` lines are comments.
