@@ -197,7 +197,7 @@ proptest! {
         ext.resize(ext.len() + 24, 0);
         let mut b = vec![0u8; 40];
         let mut p = ipv6::Packet::new_unchecked(&mut b[..]);
-        p.set_version();
+        p.set_version(6);
         p.set_payload_len(u16::try_from(ext.len()).unwrap());
         p.set_next_header(first);
         p.set_hop_limit(1);
