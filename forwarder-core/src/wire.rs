@@ -32,6 +32,9 @@ pub mod tcp;
 pub mod udp;
 pub mod vxlan;
 
+#[cfg(test)]
+mod differential;
+
 /// Length of a buffer as the `u32` the checksum pseudo-headers take (saturating; buffers are < 4 GiB).
 #[inline]
 pub(crate) fn len_u32(len: usize) -> u32 {

@@ -189,6 +189,7 @@ pub fn emit_reply(request: &Packet<&[u8]>, our_mac: &MacAddr, out: &mut [u8]) ->
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)] // tests fail loudly by design
 mod tests {
     use super::*;
     use proptest::prelude::*;

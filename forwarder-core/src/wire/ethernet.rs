@@ -127,6 +127,7 @@ pub fn emit(dst: &MacAddr, src: &MacAddr, ethertype: u16, out: &mut [u8]) -> usi
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)] // tests fail loudly by design
 mod tests {
     use super::*;
     use proptest::prelude::*;

@@ -206,7 +206,7 @@ impl<T: AsRef<[u8]> + AsMut<[u8]>> Packet<T> {
 
     /// Sets version 4 and the header length (in bytes, a multiple of 4 between 20 and 60).
     pub fn set_version_and_header_len(&mut self, header_len: usize) {
-        debug_assert!(header_len % 4 == 0 && (MIN_HEADER_LEN..=60).contains(&header_len));
+        debug_assert!(header_len & 3 == 0 && (MIN_HEADER_LEN..=60).contains(&header_len));
         let ihl = u8::try_from(header_len / 4).unwrap_or(0x0F).min(0x0F);
         self.buffer.as_mut()[field::VER_IHL] = 0x40 | ihl;
     }
@@ -290,6 +290,7 @@ impl<T: AsRef<[u8]> + AsMut<[u8]>> Packet<T> {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)] // tests fail loudly by design
 mod tests {
     use super::*;
     use proptest::prelude::*;

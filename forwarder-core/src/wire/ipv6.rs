@@ -241,10 +241,10 @@ fn addr(b: &[u8]) -> Ipv6Addr {
 }
 
 impl<T: AsRef<[u8]> + AsMut<[u8]>> Packet<T> {
-    /// Sets version 6, keeping traffic class and flow label.
-    pub fn set_version(&mut self) {
+    /// Sets the version field (pass 6), keeping traffic class and flow label.
+    pub fn set_version(&mut self, version: u8) {
         let b = self.buffer.as_mut();
-        b[0] = 0x60 | (b[0] & 0x0F);
+        b[0] = (version << 4) | (b[0] & 0x0F);
     }
 
     /// Sets the traffic class.
@@ -295,6 +295,7 @@ impl<T: AsRef<[u8]> + AsMut<[u8]>> Packet<T> {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)] // tests fail loudly by design
 mod tests {
     use super::*;
     use proptest::prelude::*;
@@ -302,7 +303,7 @@ mod tests {
     fn header(next: u8, payload: &[u8]) -> Vec<u8> {
         let mut b = vec![0u8; 40];
         let mut p = Packet::new_unchecked(&mut b[..]);
-        p.set_version();
+        p.set_version(6);
         p.set_traffic_class(0xB8);
         p.set_flow_label(0xABCDE);
         p.set_payload_len(u16::try_from(payload.len()).unwrap());

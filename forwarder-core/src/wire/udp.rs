@@ -192,6 +192,7 @@ pub fn emit_header(src_port: u16, dst_port: u16, len: u16, out: &mut [u8]) {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)] // tests fail loudly by design
 mod tests {
     use super::*;
     use proptest::prelude::*;

@@ -6,8 +6,8 @@
 //! [`EncapV4::encapsulate_v4`] and [`decapsulate_v4`] handle the whole outer Ethernet/IPv4/UDP/VXLAN stack for
 //! raw (AF_PACKET / XDP) backends. They are tested byte for byte against frames captured from the kernel's own
 //! vxlan device (`forwarder-core/tests/fixtures/*.hex`, made by `capture.sh` there). What the kernel (6.18,
-//! device created as Calico does, without `udpcsum`/`noudpcsum`) sends over IPv4: DF clear, TTL 64, TOS 0
-//! (ECN of the inner packet is copied in when set — not reproduced here), IP ident from the kernel's
+//! device created as Calico does, without `udpcsum`/`noudpcsum`) sends over IPv4: DF clear, TTL 64, DSCP 0
+//! with the inner packet's ECN copied out (CE as ECT(0), RFC 6040 — reproduced here), IP ident from the kernel's
 //! per-destination generator, UDP source port from the inner flow hash ([`source_port_for`]) and — unlike what
 //! older documentation says — a **computed** outer UDP checksum. Receivers accept a zero checksum over IPv4, so
 //! [`EncapV4::encapsulate_v4`] writes 0 (cheap); [`EncapV4::encapsulate_v4_with_udp_checksum`] reproduces the
@@ -17,7 +17,7 @@ use core::net::Ipv4Addr;
 use core::ops::Range;
 
 use super::ethernet::{self, MacAddr};
-use super::{checksum, ipv4, udp};
+use super::{ipv4, udp};
 use crate::reason::Reason;
 
 /// Length of the VXLAN header.
@@ -164,7 +164,8 @@ pub struct EncapV4 {
 }
 
 impl EncapV4 {
-    /// Writes outer Ethernet, IPv4 (DF clear, TOS 0, correct header checksum), UDP (checksum 0) and VXLAN
+    /// Writes outer Ethernet, IPv4 (DF clear, DSCP 0, ECN from the inner IP packet like the kernel's
+    /// `ip_tunnel_ecn_encap`, correct header checksum), UDP (checksum 0) and VXLAN
     /// headers in front of the inner Ethernet frame that already sits at
     /// `buf[OUTER_V4_OVERHEAD..OUTER_V4_OVERHEAD + inner_len]`, and returns the total frame length.
     ///
@@ -199,6 +200,7 @@ impl EncapV4 {
         let udp_len = ip_len - 20; // ip_len >= 36
 
         let frame = &mut buf[..total];
+        let ecn = inner_ecn(&frame[OUTER_V4_OVERHEAD..]);
         ethernet::emit(
             &self.dst_mac,
             &self.src_mac,
@@ -209,7 +211,7 @@ impl EncapV4 {
         let (ip_hdr, rest) = frame[ethernet::HEADER_LEN..].split_at_mut(ipv4::MIN_HEADER_LEN);
         let mut ip = ipv4::Packet::new_unchecked(ip_hdr);
         ip.set_version_and_header_len(ipv4::MIN_HEADER_LEN);
-        ip.set_dscp_ecn(0);
+        ip.set_dscp_ecn(ecn);
         ip.set_total_len(ip_len);
         ip.set_ident(self.ident);
         ip.set_flags_and_frag_offset(false, false, 0);
@@ -225,6 +227,21 @@ impl EncapV4 {
             udp::Packet::new_unchecked(rest).fill_checksum_v4(self.src_ip, self.dst_ip);
         }
         Ok(total)
+    }
+}
+
+/// The ECN bits the kernel puts on the outer header for an inner Ethernet frame (`INET_ECN_encapsulate` with
+/// outer TOS 0): the inner ECT codepoint, CE becoming ECT(0); 0 for non-IP frames.
+fn inner_ecn(inner: &[u8]) -> u8 {
+    let ecn = match (inner.get(12..14), inner.get(14), inner.get(15)) {
+        (Some([0x08, 0x00]), Some(_), Some(tos)) => tos & 0b11,
+        (Some([0x86, 0xDD]), Some(_), Some(b1)) => (b1 >> 4) & 0b11,
+        _ => 0,
+    };
+    if ecn == 0b11 {
+        0b10
+    } else {
+        ecn
     }
 }
 
@@ -274,9 +291,10 @@ pub fn decapsulate_v4_with(
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)] // tests fail loudly by design
 mod tests {
     use super::*;
-    use crate::wire::{arp, icmpv4, tcp};
+    use crate::wire::{arp, checksum, icmpv4, tcp};
     use proptest::prelude::*;
 
     /// Parses a fixture: hex bytes, whitespace ignored, `#` lines are comments.
@@ -296,6 +314,7 @@ mod tests {
     const UDP: &str = include_str!("../../tests/fixtures/vxlan_udp.hex");
     const TCP: &str = include_str!("../../tests/fixtures/vxlan_tcp_syn.hex");
     const ARP: &str = include_str!("../../tests/fixtures/vxlan_arp_request.hex");
+    const ICMP_CE: &str = include_str!("../../tests/fixtures/vxlan_icmp_ecn_ce.hex");
 
     const NODE_MAC: MacAddr = [0x02, 0x00, 0xac, 0x12, 0x00, 0x02];
     const PEER_MAC: MacAddr = [0x02, 0x00, 0xac, 0x12, 0x00, 0x03];
@@ -308,7 +327,7 @@ mod tests {
 
     /// Decapsulates a kernel frame, checks the outer headers, re-encapsulates the inner frame with the same
     /// parameters and compares byte for byte; returns the inner frame.
-    fn check_kernel_frame(frame: &[u8]) -> Vec<u8> {
+    fn check_kernel_frame(frame: &[u8], outer_tos: u8) -> Vec<u8> {
         let (src, sport, vni, inner) = decapsulate_v4(frame).unwrap();
         assert_eq!((src, vni, inner.end), (NODE, DEFAULT_VNI, frame.len()));
         assert_eq!(inner.start, OUTER_V4_OVERHEAD);
@@ -323,7 +342,7 @@ mod tests {
         assert!(ip.verify_checksum());
         assert_eq!(
             (ip.dst(), ip.ttl(), ip.dscp_ecn(), ip.dont_frag()),
-            (PEER, 64, 0, false)
+            (PEER, 64, outer_tos, false)
         );
         let u = udp::Packet::new_checked(ip.payload()).unwrap();
         assert_eq!(u.dst_port(), DEFAULT_PORT);
@@ -386,7 +405,7 @@ mod tests {
 
     #[test]
     fn kernel_icmp_echo() {
-        let inner = check_kernel_frame(&fixture(ICMP));
+        let inner = check_kernel_frame(&fixture(ICMP), 0);
         let (l4, _, _) = inner_ipv4(&inner, ipv4::protocol::ICMP);
         let icmp = icmpv4::Packet::new_checked(&l4[..]).unwrap();
         assert_eq!(icmp.msg_type(), icmpv4::msg_type::ECHO_REQUEST);
@@ -396,8 +415,23 @@ mod tests {
     }
 
     #[test]
+    fn kernel_icmp_echo_with_ecn_ce() {
+        // Inner DSCP EF + CE (0xbb): the kernel copies only the ECN, and CE as ECT(0).
+        let inner = check_kernel_frame(&fixture(ICMP_CE), 0x02);
+        let eth = ethernet::Frame::new_checked(&inner[..]).unwrap();
+        let ip = ipv4::Packet::new_checked(eth.payload()).unwrap();
+        assert_eq!(
+            (ip.dscp_ecn(), ip.dst()),
+            (0xbb, Ipv4Addr::new(198, 51, 100, 11))
+        );
+        let icmp = icmpv4::Packet::new_checked(ip.payload()).unwrap();
+        assert!(icmp.verify_checksum());
+        assert_eq!(icmp.data().len(), 16);
+    }
+
+    #[test]
     fn kernel_udp() {
-        let inner = check_kernel_frame(&fixture(UDP));
+        let inner = check_kernel_frame(&fixture(UDP), 0);
         let (l4, s, d) = inner_ipv4(&inner, ipv4::protocol::UDP);
         let u = udp::Packet::new_checked(&l4[..]).unwrap();
         assert_eq!((u.src_port(), u.dst_port()), (40000, 5353));
@@ -407,7 +441,7 @@ mod tests {
 
     #[test]
     fn kernel_tcp_syn() {
-        let inner = check_kernel_frame(&fixture(TCP));
+        let inner = check_kernel_frame(&fixture(TCP), 0);
         let (mut l4, s, d) = inner_ipv4(&inner, ipv4::protocol::TCP);
         let mut t = tcp::Packet::new_checked(&mut l4[..]).unwrap();
         assert_eq!(
@@ -422,7 +456,7 @@ mod tests {
 
     #[test]
     fn kernel_arp_request() {
-        let inner = check_kernel_frame(&fixture(ARP));
+        let inner = check_kernel_frame(&fixture(ARP), 0);
         let eth = ethernet::Frame::new_checked(&inner[..]).unwrap();
         assert_eq!(
             (eth.src(), eth.dst(), eth.ethertype()),
@@ -559,6 +593,41 @@ mod tests {
     }
 
     #[test]
+    fn ecn_is_copied_from_the_inner_packet() {
+        let p = EncapV4 {
+            src_mac: NODE_MAC,
+            dst_mac: PEER_MAC,
+            src_ip: NODE,
+            dst_ip: PEER,
+            src_port: 40000,
+            dst_port: DEFAULT_PORT,
+            vni: DEFAULT_VNI,
+            ttl: 64,
+            ident: 0,
+        };
+        let inner = fixture(UDP)[OUTER_V4_OVERHEAD..].to_vec();
+        // (inner ethertype, byte 14, byte 15) -> outer DSCP/ECN byte.
+        for (et, b14, b15, outer) in [
+            ([0x08, 0x00], 0x45, 0xB8, 0), // DSCP EF, not ECT: nothing copied
+            ([0x08, 0x00], 0x45, 0x02, 2), // ECT(0)
+            ([0x08, 0x00], 0x45, 0x01, 1), // ECT(1)
+            ([0x08, 0x00], 0x45, 0x03, 2), // CE -> ECT(0)
+            ([0x86, 0xDD], 0x6B, 0x90, 1), // IPv6 traffic class 0xB9: ECT(1)
+            ([0x08, 0x06], 0x00, 0x03, 0), // ARP
+        ] {
+            let mut buf = vec![0u8; OUTER_V4_OVERHEAD + inner.len()];
+            buf[OUTER_V4_OVERHEAD..].copy_from_slice(&inner);
+            buf[OUTER_V4_OVERHEAD + 12..OUTER_V4_OVERHEAD + 14].copy_from_slice(&et);
+            buf[OUTER_V4_OVERHEAD + 14] = b14;
+            buf[OUTER_V4_OVERHEAD + 15] = b15;
+            p.encapsulate_v4(&mut buf, inner.len()).unwrap();
+            let ip = ipv4::Packet::new_checked(&buf[14..]).unwrap();
+            assert_eq!(ip.dscp_ecn(), outer, "{et:?} {b15:#x}");
+            assert!(ip.verify_checksum());
+        }
+    }
+
+    #[test]
     fn source_ports() {
         assert_eq!(source_port_for(0), 32768);
         assert_eq!(source_port_for(u32::MAX), 32768); // hash ^ hash << 16 == 0x0000_FFFF
@@ -586,9 +655,9 @@ mod tests {
 
         #[test]
         fn decapsulate_never_panics_on_mutated_kernel_frames(
-            which in 0usize..4, at in 0usize..200, val in any::<u8>(), cut in 0usize..200,
+            which in 0usize..5, at in 0usize..200, val in any::<u8>(), cut in 0usize..200,
         ) {
-            let mut f = fixture([ICMP, UDP, TCP, ARP][which]);
+            let mut f = fixture([ICMP, UDP, TCP, ARP, ICMP_CE][which]);
             let at = at % f.len();
             f[at] = val;
             f.truncate(cut.max(1).min(f.len()));
