@@ -1,1 +1,892 @@
-//! (being written)
+//! The connection-tracking table: one lock-free table shared by all workers.
+//!
+//! # Memory layout
+//!
+//! * An **arena** of fixed 112-byte [`Flow`] slots, preallocated (`max_entries` plus a small slack for
+//!   slots waiting out their epoch grace period). Every field is an atomic; see [`Flow`]'s module for the
+//!   layout. Addresses are stored as 16 bytes (IPv4 v4-mapped), so IPv4 and IPv6 flows share the arena.
+//! * Three **bucket arrays** of `AtomicU32` heads (`orig` and `reply`: one bucket per entry; `eim`: one per
+//!   four entries), each heading an intrusive singly linked list threaded through the slots
+//!   (`next_orig`, `next_reply`, `next_eim`). A link holds `slot + 1` (0 = end) and bit 31 is the Harris
+//!   *deletion mark* of the node that owns the link.
+//! * **Port pools** ([`PortPools`]): 2 bytes per port per used (egress IP, protocol).
+//! * A count-min sketch of per-source flow counts (two `AtomicU32` per source hash, `max_entries / 16`
+//!   counters).
+//!
+//! Steady state at 1 M live IPv4 flows: 112 (slot) + 8 (two bucket arrays) + 1 (EIM buckets) + ~4 (ports) +
+//! ~1.2 (slack, sketch) ≈ 126 bytes per flow (measured by `bench/src/bin/conntrack_memory.rs`).
+//!
+//! # Algorithm
+//!
+//! The indexes are Michael/Harris lock-free hash lists with push-at-head insertion:
+//!
+//! * **Lookup** hashes the key, walks the bucket list with acquire loads, skips nodes whose own link is marked
+//!   (deleted) and flows that are expired, and compares keys. No stores, no locks, no allocation: one miss
+//!   for the bucket, one per visited slot (one bucket per entry: ~1.5 slots per successful lookup).
+//! * **Insert** (same tuple raced by several threads: exactly one wins): (1) walk the orig list; a live match
+//!   is returned, an expired one is removed first. (2) Reserve a unit of capacity, the source quota, and a
+//!   slot (lock-free Treiber free list with a tag against ABA, then a bump pointer over never-used slots);
+//!   fill the slot while it is private. (3) Endpoint-independent mapping: walk the EIM list for a live
+//!   *anchor* of (pod address, pod port, protocol, egress IP) and join it (increment its reference count if
+//!   non-zero); otherwise allocate a random port and publish this slot as the new anchor by CAS on the EIM
+//!   bucket head (re-walking on failure, so two anchors for one endpoint can never be live). (4) Link into
+//!   the orig list: re-walk the bucket from the head just read; if the key is there, we lost: undo and
+//!   return the winner; otherwise CAS the head from the value read to our slot. **This CAS is the
+//!   linearization point of the insert**: all inserts into a bucket change its head, so a successful CAS
+//!   proves no same-key node was added since the walk. (5) Push onto the reply list, then mark the flow
+//!   live.
+//! * **Removal** (expiry by [`Table::expire`], or replacement of an expired duplicate by insert) is claimed by
+//!   a CAS of the slot's phase LIVE → DEAD — **the linearization point of the removal**; only the claimer
+//!   does the accounting. It then marks the slot's `next_orig` / `next_reply` (the Harris logical deletion),
+//!   releases the source quota and its reference on the mapping (the last reference marks the anchor, puts
+//!   the port into its reuse delay and unlinks the anchor), and unlinks the slot from each list: a walk from
+//!   the bucket head CASes each marked node's predecessor to the node's successor, restarting when the
+//!   predecessor turns out to be marked. Any remover helps unlink any marked node it passes, so no thread
+//!   waits for another.
+//! * **Reclamation**: a slot counts *holds* (its flow role plus each list it is linked into). Each successful
+//!   unlink CAS drops one; when none remain the slot index is handed to `crossbeam_epoch`'s `defer`, which
+//!   pushes it onto the free list only after every thread pinned at unlink time has unpinned. A reader can
+//!   therefore never see a slot reused under it (no ABA in the lists, no torn identity).
+//! * **Expiry** is an incremental sweep: a shared cursor hands out disjoint ranges of `budget` slots to
+//!   callers, so several workers can sweep concurrently without stopping the world.
+//! * An anchor whose own flow expired while other flows of the mapping live keeps its slot (but not its
+//!   capacity unit) until the mapping ends; the arena slack absorbs a few of these, after which inserts report
+//!   [`InsertError::Full`].
+//! * Refresh and expiry may race: a flow refreshed in the same instant the sweeper finds it expired can be
+//!   removed; the next packet creates it again.
+//!
+//! Lookups given no `now` ([`Table::lookup_outbound`], [`Table::lookup_inbound`]) judge expiry by the latest
+//! time passed to [`Table::insert`] or [`Table::expire`]; the `_at` variants take it explicitly.
+
+mod context;
+mod flow;
+mod key;
+
+use core::net::IpAddr;
+use core::time::Duration;
+use std::sync::atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering};
+use std::sync::Arc;
+
+use crossbeam_utils::CachePadded;
+
+pub use crossbeam_epoch::Guard;
+pub use flow::{Flow, FlowCounters, Refresh, TcpSegment, TcpState};
+
+use crate::flow::{FlowKey, NodeAddr, UplinkId};
+use crate::ports::{PoolId, PortPools, Rng};
+use crate::reason::Reason;
+use crate::time::Instant;
+use flow::{holds_of, phase_of, EimKey, HOLD, PHASE_DEAD, PHASE_INIT, PHASE_LIVE};
+use key::{Addr, Packed};
+
+const MARK: u32 = 1 << 31;
+const NIL: u32 = 0;
+
+/// Idle timeouts per protocol state.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Timeouts {
+    /// UDP (default 300 s; RFC 4787 asks for at least 120 s).
+    pub udp: Duration,
+    /// TCP established (default 7440 s = 2 h 4 min, RFC 5382).
+    pub tcp_established: Duration,
+    /// TCP partially open or closing, and after a valid RST (default 240 s).
+    pub tcp_transitory: Duration,
+    /// ICMP query (default 60 s).
+    pub icmp: Duration,
+}
+
+impl Default for Timeouts {
+    fn default() -> Self {
+        Timeouts {
+            udp: Duration::from_secs(300),
+            tcp_established: Duration::from_secs(7440),
+            tcp_transitory: Duration::from_secs(240),
+            icmp: Duration::from_secs(60),
+        }
+    }
+}
+
+/// Table configuration.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Config {
+    /// Most live flows (default 2²⁰). The arena is preallocated for this many.
+    pub max_entries: u32,
+    /// Most live flows per pod source IP (default 65536).
+    pub max_per_source: u32,
+    /// Idle timeouts.
+    pub timeouts: Timeouts,
+    /// How long a released external port stays unused (default 120 s).
+    pub port_reuse_delay: Duration,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            max_entries: 1 << 20,
+            max_per_source: 65536,
+            timeouts: Timeouts::default(),
+            port_reuse_delay: Duration::from_secs(120),
+        }
+    }
+}
+
+/// A new outbound flow to create.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct NewFlow {
+    /// The pod's original tuple.
+    pub orig: FlowKey,
+    /// Egress IP to translate to (must be configured in the pools and of the flow's family).
+    pub egress_ip: IpAddr,
+    /// Client node to send replies back to.
+    pub node: NodeAddr,
+    /// Uplink outbound packets leave on.
+    pub uplink: UplinkId,
+}
+
+/// Why a new flow was refused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum InsertError {
+    /// The table is full (no expired entry could be reclaimed).
+    Full,
+    /// The pod source IP holds its quota of flows.
+    SourceQuota,
+    /// No external port available for the egress IP and protocol.
+    PortsExhausted,
+    /// Egress IP / protocol not configured (or address families differ).
+    NoPool,
+}
+
+impl InsertError {
+    /// The drop reason to count.
+    pub fn reason(self) -> Reason {
+        match self {
+            InsertError::Full => Reason::ConntrackFull,
+            InsertError::SourceQuota => Reason::SourceQuotaExceeded,
+            InsertError::PortsExhausted | InsertError::NoPool => Reason::PortsExhausted,
+        }
+    }
+
+    const fn index(self) -> usize {
+        match self {
+            InsertError::Full => 0,
+            InsertError::SourceQuota => 1,
+            InsertError::PortsExhausted => 2,
+            InsertError::NoPool => 3,
+        }
+    }
+}
+
+/// Refused inserts since the table was created, per cause.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Refused {
+    /// [`InsertError::Full`].
+    pub full: u64,
+    /// [`InsertError::SourceQuota`].
+    pub source_quota: u64,
+    /// [`InsertError::PortsExhausted`].
+    pub ports_exhausted: u64,
+    /// [`InsertError::NoPool`].
+    pub no_pool: u64,
+}
+
+#[derive(Debug, Clone, Copy)]
+enum List {
+    Orig,
+    Reply,
+    Eim,
+}
+
+/// The shared connection-tracking table. `Send + Sync`; share it through an `Arc`.
+pub struct Table {
+    inner: Arc<Inner>,
+}
+
+impl core::fmt::Debug for Table {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        f.debug_struct("Table")
+            .field("len", &self.len())
+            .field("capacity", &self.capacity())
+            .field("refused", &self.refused())
+            .finish_non_exhaustive()
+    }
+}
+
+struct Inner {
+    slots: Box<[Flow]>,
+    orig: Box<[AtomicU32]>,
+    reply: Box<[AtomicU32]>,
+    eim: Box<[AtomicU32]>,
+    quota: Box<[AtomicU32]>,
+    free: CachePadded<AtomicU64>,
+    bump: CachePadded<AtomicU32>,
+    live: CachePadded<AtomicUsize>,
+    cursor: CachePadded<AtomicUsize>,
+    clock: CachePadded<AtomicU64>,
+    refused: [AtomicU64; 4],
+    max_entries: usize,
+    max_per_source: u32,
+    reuse_delay: Duration,
+    ctx: u32,
+    pools: PortPools,
+    pool_addrs: Box<[Addr]>,
+}
+
+fn ms(d: Duration) -> u64 {
+    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
+}
+
+fn atomics(n: usize) -> Box<[AtomicU32]> {
+    (0..n).map(|_| AtomicU32::new(0)).collect()
+}
+
+impl Table {
+    /// A table for `config.max_entries` flows, translating to the egress IPs of `pools`. Allocates the whole
+    /// arena now.
+    pub fn new(config: Config, pools: PortPools) -> Table {
+        let max = (config.max_entries as usize).clamp(1, (MARK as usize - 1) * 31 / 32);
+        let slack = 64 + max / 1024;
+        let slots: Box<[Flow]> = (0..max + slack).map(|_| Flow::empty()).collect();
+        let pool_ips: Box<[IpAddr]> = (0..pools.len())
+            .map(|i| pools.ip(PoolId::try_from(i).unwrap_or(PoolId::MAX)))
+            .collect();
+        let pool_addrs = pool_ips.iter().map(|&ip| key::addr_words(ip)).collect();
+        let t = config.timeouts;
+        let ctx = context::register(context::Context {
+            pool_ips,
+            udp_ms: ms(t.udp),
+            tcp_est_ms: ms(t.tcp_established),
+            tcp_trans_ms: ms(t.tcp_transitory),
+            icmp_ms: ms(t.icmp),
+        });
+        Table {
+            inner: Arc::new(Inner {
+                slots,
+                orig: atomics(max.max(16)),
+                reply: atomics(max.max(16)),
+                eim: atomics((max / 4).max(16)),
+                quota: atomics((max / 16).next_power_of_two().max(1024)),
+                free: CachePadded::new(AtomicU64::new(0)),
+                bump: CachePadded::new(AtomicU32::new(0)),
+                live: CachePadded::new(AtomicUsize::new(0)),
+                cursor: CachePadded::new(AtomicUsize::new(0)),
+                clock: CachePadded::new(AtomicU64::new(0)),
+                refused: Default::default(),
+                max_entries: max,
+                max_per_source: config.max_per_source,
+                reuse_delay: config.port_reuse_delay,
+                ctx,
+                pools,
+                pool_addrs,
+            }),
+        }
+    }
+
+    /// Pins the current thread for epoch-based reclamation ([`crossbeam_epoch::pin`]). Flows returned under a
+    /// guard stay valid (never reused for another flow) until the guard is dropped; keep guards short (one
+    /// batch of packets).
+    pub fn pin(&self) -> Guard {
+        crossbeam_epoch::pin()
+    }
+
+    /// Outbound packet's flow, by the pod's original tuple. Expiry is judged by the latest time the table was
+    /// given (see [`lookup_outbound_at`](Self::lookup_outbound_at)).
+    pub fn lookup_outbound<'g>(&'g self, key: &FlowKey, guard: &'g Guard) -> Option<&'g Flow> {
+        self.lookup_outbound_at(key, self.inner.now(), guard)
+    }
+
+    /// Inbound packet's flow, by the tuple as received from outside (src = remote, dst = egress IP,
+    /// dst_port = external port).
+    pub fn lookup_inbound<'g>(&'g self, key: &FlowKey, guard: &'g Guard) -> Option<&'g Flow> {
+        self.lookup_inbound_at(key, self.inner.now(), guard)
+    }
+
+    /// [`lookup_outbound`](Self::lookup_outbound) with an explicit `now` for the expiry check.
+    pub fn lookup_outbound_at<'g>(
+        &'g self,
+        key: &FlowKey,
+        now: Instant,
+        _guard: &'g Guard,
+    ) -> Option<&'g Flow> {
+        let k = Packed::from_key(key)?;
+        self.inner.find_orig(&k, k.hash(), now)
+    }
+
+    /// [`lookup_inbound`](Self::lookup_inbound) with an explicit `now` for the expiry check.
+    pub fn lookup_inbound_at<'g>(
+        &'g self,
+        key: &FlowKey,
+        now: Instant,
+        _guard: &'g Guard,
+    ) -> Option<&'g Flow> {
+        let k = Packed::from_key(key)?;
+        let inner = &*self.inner;
+        let mut cur = inner.bucket(List::Reply, k.hash()).load(Ordering::Acquire);
+        while cur != NIL {
+            let f = inner.slot(cur);
+            let next = f.next_reply.load(Ordering::Acquire);
+            if next & MARK == 0
+                && f.matches_reply(&k, &inner.pool_addrs)
+                && !f.expired_at(f.ctl.load(Ordering::Relaxed), now)
+            {
+                return Some(f);
+            }
+            cur = next & !MARK;
+        }
+        None
+    }
+
+    /// Creates the flow for a new outbound tuple (allocating or reusing the external port of the pod
+    /// endpoint); if another thread inserted the same tuple meanwhile, returns that flow. Refusals are counted
+    /// ([`refused`](Self::refused)).
+    pub fn insert<'g>(
+        &'g self,
+        new: NewFlow,
+        now: Instant,
+        rng: &mut Rng,
+        guard: &'g Guard,
+    ) -> Result<&'g Flow, InsertError> {
+        let r = self.inner.insert(&new, now, rng, guard);
+        if let Err(e) = r {
+            self.inner.refused[e.index()].fetch_add(1, Ordering::Relaxed);
+        }
+        r
+    }
+
+    /// Incremental sweep: visits at most `budget` slots from where the previous call stopped, removes expired
+    /// flows (releasing their ports into the reuse delay), returns how many were removed. Concurrent callers
+    /// sweep disjoint ranges.
+    pub fn expire(&self, now: Instant, budget: usize) -> usize {
+        self.inner.advance_clock(now);
+        let guard = crossbeam_epoch::pin();
+        let removed = self.inner.sweep(now, budget, &guard);
+        if removed > 0 {
+            guard.flush();
+        }
+        removed
+    }
+
+    /// Live flows (inserted and not removed; expired flows count until swept).
+    pub fn len(&self) -> usize {
+        self.inner.live.load(Ordering::Relaxed)
+    }
+
+    /// True when no flow is live.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Most live flows.
+    pub fn capacity(&self) -> usize {
+        self.inner.max_entries
+    }
+
+    /// Calls `f` for every live flow (for the flows listing and metrics; not a snapshot).
+    pub fn for_each(&self, _guard: &Guard, mut f: impl FnMut(&Flow)) {
+        let inner = &*self.inner;
+        let hwm = inner.hwm();
+        for slot in &inner.slots[..hwm] {
+            if phase_of(slot.ctl.load(Ordering::Acquire)) == PHASE_LIVE {
+                f(slot);
+            }
+        }
+    }
+
+    /// The port pools.
+    pub fn pools(&self) -> &PortPools {
+        &self.inner.pools
+    }
+
+    /// Refused inserts per cause.
+    pub fn refused(&self) -> Refused {
+        let r = |i: usize| self.inner.refused[i].load(Ordering::Relaxed);
+        Refused {
+            full: r(0),
+            source_quota: r(1),
+            ports_exhausted: r(2),
+            no_pool: r(3),
+        }
+    }
+
+    /// Bytes allocated by the table (arena, indexes, sketch; not the lazily allocated port lanes).
+    pub fn allocated_bytes(&self) -> usize {
+        let i = &*self.inner;
+        core::mem::size_of_val(&*i.slots)
+            + 4 * (i.orig.len() + i.reply.len() + i.eim.len() + i.quota.len())
+    }
+}
+
+impl Drop for Table {
+    fn drop(&mut self) {
+        // No `&Flow` can outlive the table (they borrow it), so the flows' context can go.
+        context::release(self.inner.ctx);
+    }
+}
+
+impl Inner {
+    fn now(&self) -> Instant {
+        Instant::from_millis(self.clock.load(Ordering::Relaxed))
+    }
+
+    fn advance_clock(&self, now: Instant) {
+        let t = now.as_millis();
+        if self.clock.load(Ordering::Relaxed) < t {
+            self.clock.fetch_max(t, Ordering::Relaxed);
+        }
+    }
+
+    #[inline]
+    fn slot(&self, link: u32) -> &Flow {
+        &self.slots[((link & !MARK) - 1) as usize]
+    }
+
+    fn hwm(&self) -> usize {
+        (self.bump.load(Ordering::Acquire) as usize).min(self.slots.len())
+    }
+
+    fn buckets(&self, l: List) -> &[AtomicU32] {
+        match l {
+            List::Orig => &self.orig,
+            List::Reply => &self.reply,
+            List::Eim => &self.eim,
+        }
+    }
+
+    #[inline]
+    fn bucket(&self, l: List, h: u64) -> &AtomicU32 {
+        let b = self.buckets(l);
+        &b[key::reduce(h, b.len())]
+    }
+
+    fn link(f: &Flow, l: List) -> &AtomicU32 {
+        match l {
+            List::Orig => &f.next_orig,
+            List::Reply => &f.next_reply,
+            List::Eim => &f.next_eim,
+        }
+    }
+
+    #[inline]
+    fn find_orig(&self, k: &Packed, h: u64, now: Instant) -> Option<&Flow> {
+        let mut cur = self.bucket(List::Orig, h).load(Ordering::Acquire);
+        while cur != NIL {
+            let f = self.slot(cur);
+            let next = f.next_orig.load(Ordering::Acquire);
+            if next & MARK == 0
+                && f.matches_orig(k)
+                && !f.expired_at(f.ctl.load(Ordering::Relaxed), now)
+            {
+                return Some(f);
+            }
+            cur = next & !MARK;
+        }
+        None
+    }
+
+    /// Walks the orig list from `head` for `k`: `Ok(Some(live))`, `Ok(None)` (absent), or `Err(())` when an
+    /// expired duplicate was found and removed (the caller re-reads the head and walks again).
+    fn scan_orig(
+        self: &Arc<Self>,
+        head: u32,
+        k: &Packed,
+        now: Instant,
+        guard: &Guard,
+    ) -> Result<Option<u32>, ()> {
+        let mut cur = head;
+        while cur != NIL {
+            let f = self.slot(cur);
+            let next = f.next_orig.load(Ordering::Acquire);
+            if next & MARK == 0 && f.matches_orig(k) {
+                let ctl = f.ctl.load(Ordering::Acquire);
+                if phase_of(ctl) == PHASE_INIT || !f.expired_at(ctl, now) {
+                    return Ok(Some(cur & !MARK));
+                }
+                self.kill((cur & !MARK) - 1, now, guard);
+                return Err(());
+            }
+            cur = next & !MARK;
+        }
+        Ok(None)
+    }
+
+    fn insert<'g>(
+        self: &'g Arc<Self>,
+        new: &NewFlow,
+        now: Instant,
+        rng: &mut Rng,
+        guard: &'g Guard,
+    ) -> Result<&'g Flow, InsertError> {
+        self.advance_clock(now);
+        let k = Packed::from_key(&new.orig).ok_or(InsertError::NoPool)?;
+        let h = k.hash();
+        let bucket = self.bucket(List::Orig, h);
+        // (1) already there?
+        loop {
+            match self.scan_orig(bucket.load(Ordering::Acquire), &k, now, guard) {
+                Ok(Some(link)) => return Ok(self.slot(link)),
+                Ok(None) => break,
+                Err(()) => continue,
+            }
+        }
+        let pool = if new.egress_ip.is_ipv4() == new.orig.src.is_ipv4() {
+            self.pools.pool_id(new.egress_ip, new.orig.proto)
+        } else {
+            None
+        }
+        .ok_or(InsertError::NoPool)?;
+        // (2) capacity, quota, slot
+        if !self.reserve_entry() {
+            self.sweep(now, 256, guard);
+            if !self.reserve_entry() {
+                return Err(InsertError::Full);
+            }
+        }
+        if !self.quota_acquire(&k.src) {
+            self.live.fetch_sub(1, Ordering::Relaxed);
+            return Err(InsertError::SourceQuota);
+        }
+        let Some(idx) = self.alloc_slot() else {
+            self.quota_release(&k.src);
+            self.live.fetch_sub(1, Ordering::Relaxed);
+            return Err(InsertError::Full);
+        };
+        let f = &self.slots[idx as usize];
+        f.init(&k, pool, new.node, new.uplink, self.ctx, now);
+        // (3) endpoint-independent mapping
+        if let Err(e) = self.attach_mapping(idx, f, now, rng) {
+            self.quota_release(&k.src);
+            self.live.fetch_sub(1, Ordering::Relaxed);
+            self.push_free(idx); // never published
+            return Err(e);
+        }
+        // (4) link into the orig list; the successful CAS is the linearization point
+        f.ctl.fetch_add(HOLD, Ordering::Relaxed);
+        loop {
+            let head = bucket.load(Ordering::Acquire);
+            match self.scan_orig(head, &k, now, guard) {
+                Err(()) => continue,
+                Ok(Some(winner)) => {
+                    // lost the race: give everything back, hand out the winner
+                    f.ctl.fetch_sub(HOLD, Ordering::Relaxed);
+                    flow::set_phase(&f.ctl, PHASE_INIT, PHASE_DEAD);
+                    self.finish_removal(idx, f, now, false, guard);
+                    return Ok(self.slot(winner));
+                }
+                Ok(None) => {}
+            }
+            f.next_orig.store(head, Ordering::Relaxed);
+            if bucket
+                .compare_exchange(head, idx + 1, Ordering::AcqRel, Ordering::Acquire)
+                .is_ok()
+            {
+                break;
+            }
+        }
+        // (5) reply list, then live
+        f.ctl.fetch_add(HOLD, Ordering::Relaxed);
+        let rk = f.reply_packed(self.pool_addrs[usize::from(pool)]);
+        let rb = self.bucket(List::Reply, rk.hash());
+        let mut head = rb.load(Ordering::Acquire);
+        loop {
+            f.next_reply.store(head, Ordering::Relaxed);
+            match rb.compare_exchange_weak(head, idx + 1, Ordering::AcqRel, Ordering::Acquire) {
+                Ok(_) => break,
+                Err(h) => head = h,
+            }
+        }
+        flow::set_phase(&f.ctl, PHASE_INIT, PHASE_LIVE);
+        Ok(f)
+    }
+
+    /// Joins the live mapping of the flow's pod endpoint or creates one (this slot becomes its anchor).
+    fn attach_mapping(
+        &self,
+        idx: u32,
+        f: &Flow,
+        now: Instant,
+        rng: &mut Rng,
+    ) -> Result<(), InsertError> {
+        let ek = f.eim_key();
+        let proto = f.proto();
+        let bucket = self.bucket(List::Eim, ek.hash());
+        let mut mine: Option<u16> = None;
+        loop {
+            let head = bucket.load(Ordering::Acquire);
+            if let Some(anchor) = self.find_anchor(head, &ek, true) {
+                if let Some(p) = mine {
+                    self.pools.release(ek.pool, proto, p, now);
+                }
+                f.set_ext_port(anchor.external_port());
+                return Ok(());
+            }
+            let port = match mine {
+                Some(p) => p,
+                None => self
+                    .pools
+                    .allocate(ek.pool, proto, now, self.reuse_delay, rng)
+                    .ok_or(InsertError::PortsExhausted)?,
+            };
+            mine = Some(port);
+            f.set_ext_port(port);
+            f.map_refs.store(1, Ordering::Relaxed);
+            f.next_eim.store(head, Ordering::Relaxed);
+            f.ctl.fetch_add(HOLD, Ordering::Relaxed);
+            if bucket
+                .compare_exchange(head, idx + 1, Ordering::AcqRel, Ordering::Acquire)
+                .is_ok()
+            {
+                return Ok(());
+            }
+            f.ctl.fetch_sub(HOLD, Ordering::Relaxed);
+            f.map_refs.store(0, Ordering::Relaxed);
+        }
+    }
+
+    /// The live anchor of `ek` reachable from `head`; with `join`, takes a reference on it (only while its
+    /// count is non-zero: a mapping never comes back to life).
+    fn find_anchor(&self, head: u32, ek: &EimKey, join: bool) -> Option<&Flow> {
+        let mut cur = head;
+        while cur != NIL {
+            let a = self.slot(cur);
+            let next = a.next_eim.load(Ordering::Acquire);
+            if next & MARK == 0 && a.matches_eim(ek) {
+                let ok = if join {
+                    a.map_refs
+                        .fetch_update(Ordering::AcqRel, Ordering::Acquire, |r| {
+                            (r != 0).then_some(r + 1)
+                        })
+                        .is_ok()
+                } else {
+                    a.map_refs.load(Ordering::Acquire) != 0
+                };
+                if ok {
+                    return Some(a);
+                }
+            }
+            cur = next & !MARK;
+        }
+        None
+    }
+
+    /// Drops one flow's reference on its mapping; the last one ends the mapping.
+    fn release_mapping(self: &Arc<Self>, f: &Flow, now: Instant, guard: &Guard) {
+        let ek = f.eim_key();
+        let h = ek.hash();
+        let bucket = self.bucket(List::Eim, h);
+        let Some(anchor) = self.find_anchor(bucket.load(Ordering::Acquire), &ek, false) else {
+            debug_assert!(false, "flow without a live mapping");
+            return;
+        };
+        if anchor.map_refs.fetch_sub(1, Ordering::AcqRel) == 1 {
+            anchor.next_eim.fetch_or(MARK, Ordering::AcqRel);
+            self.pools
+                .release(ek.pool, anchor.proto(), anchor.external_port(), now);
+            self.unlink(List::Eim, bucket, guard);
+        }
+    }
+
+    /// Removes slot `idx` if it is live and expired at `now`. True if this call removed it.
+    fn kill(self: &Arc<Self>, idx: u32, now: Instant, guard: &Guard) -> bool {
+        let f = &self.slots[idx as usize];
+        let claimed = f
+            .ctl
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |c| {
+                (phase_of(c) == PHASE_LIVE && f.expired_at(c, now))
+                    .then(|| flow::with_phase(c, PHASE_DEAD))
+            })
+            .is_ok();
+        if claimed {
+            self.finish_removal(idx, f, now, true, guard);
+        }
+        claimed
+    }
+
+    /// Accounting and unlinking after a claim (phase now DEAD).
+    fn finish_removal(
+        self: &Arc<Self>,
+        idx: u32,
+        f: &Flow,
+        now: Instant,
+        linked: bool,
+        guard: &Guard,
+    ) {
+        f.next_orig.fetch_or(MARK, Ordering::AcqRel);
+        f.next_reply.fetch_or(MARK, Ordering::AcqRel);
+        self.live.fetch_sub(1, Ordering::Relaxed);
+        let ok = f.orig_packed();
+        self.quota_release(&ok.src);
+        self.release_mapping(f, now, guard);
+        if linked {
+            self.unlink(List::Orig, self.bucket(List::Orig, ok.hash()), guard);
+            let rk = f.reply_packed(self.pool_addrs[usize::from(f.pool())]);
+            self.unlink(List::Reply, self.bucket(List::Reply, rk.hash()), guard);
+        }
+        self.drop_hold(idx, guard);
+    }
+
+    /// Walks list `l` from `bucket`, physically unlinking every marked node (Harris): CAS the predecessor's
+    /// link from the node to its successor; restart from the head when the predecessor is itself marked.
+    fn unlink(self: &Arc<Self>, l: List, bucket: &AtomicU32, guard: &Guard) {
+        'restart: loop {
+            let mut pred = bucket;
+            let mut cur = pred.load(Ordering::Acquire);
+            loop {
+                if cur & MARK != 0 {
+                    continue 'restart; // predecessor got deleted under us
+                }
+                if cur == NIL {
+                    return;
+                }
+                let node = self.slot(cur);
+                let next = Self::link(node, l).load(Ordering::Acquire);
+                if next & MARK != 0 {
+                    match pred.compare_exchange(
+                        cur,
+                        next & !MARK,
+                        Ordering::AcqRel,
+                        Ordering::Acquire,
+                    ) {
+                        Ok(_) => {
+                            self.drop_hold(cur - 1, guard);
+                            cur = next & !MARK;
+                        }
+                        Err(_) => continue 'restart,
+                    }
+                } else {
+                    pred = Self::link(node, l);
+                    cur = next;
+                }
+            }
+        }
+    }
+
+    /// Drops one hold of slot `idx`; the last one retires the slot through the epoch.
+    fn drop_hold(self: &Arc<Self>, idx: u32, guard: &Guard) {
+        let prev = self.slots[idx as usize]
+            .ctl
+            .fetch_sub(HOLD, Ordering::AcqRel);
+        debug_assert!(holds_of(prev) >= 1);
+        if holds_of(prev) == 1 {
+            let me = Arc::clone(self);
+            guard.defer(move || me.push_free(idx));
+        }
+    }
+
+    fn reserve_entry(&self) -> bool {
+        self.live
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| {
+                (n < self.max_entries).then_some(n + 1)
+            })
+            .is_ok()
+    }
+
+    fn quota_cells(&self, src: &Addr) -> (&AtomicU32, &AtomicU32) {
+        let h = Packed {
+            src: *src,
+            dst: [0, 0],
+            sport: 0,
+            dport: 0,
+            tag: 0xF0,
+        }
+        .hash();
+        let mask = self.quota.len() - 1;
+        #[allow(clippy::cast_possible_truncation)] // masked
+        let (a, mut b) = (h as usize & mask, (h >> 32) as usize & mask);
+        if a == b {
+            b ^= 1;
+        }
+        (&self.quota[a], &self.quota[b])
+    }
+
+    /// Count-min sketch: a source is over quota only if both of its counters are; sources sharing both
+    /// counters (probability ~(sources / counters)²) share a quota.
+    fn quota_acquire(&self, src: &Addr) -> bool {
+        let (a, b) = self.quota_cells(src);
+        let x = a.fetch_add(1, Ordering::Relaxed);
+        let y = b.fetch_add(1, Ordering::Relaxed);
+        if x.min(y) >= self.max_per_source {
+            a.fetch_sub(1, Ordering::Relaxed);
+            b.fetch_sub(1, Ordering::Relaxed);
+            return false;
+        }
+        true
+    }
+
+    fn quota_release(&self, src: &Addr) {
+        let (a, b) = self.quota_cells(src);
+        a.fetch_sub(1, Ordering::Relaxed);
+        b.fetch_sub(1, Ordering::Relaxed);
+    }
+
+    /// Pops a free slot (Treiber stack, head = tag << 32 | slot + 1), else takes a never-used one.
+    fn alloc_slot(&self) -> Option<u32> {
+        let mut head = self.free.load(Ordering::Acquire);
+        loop {
+            #[allow(clippy::cast_possible_truncation)] // low half is the link
+            let top = head as u32;
+            if top == NIL {
+                break;
+            }
+            // A stale `next` (the slot was popped and reused meanwhile) fails the CAS through the tag.
+            let next = self.slot(top).next_orig.load(Ordering::Relaxed);
+            let new = ((head >> 32).wrapping_add(1) << 32) | u64::from(next);
+            match self
+                .free
+                .compare_exchange_weak(head, new, Ordering::AcqRel, Ordering::Acquire)
+            {
+                Ok(_) => return Some(top - 1),
+                Err(h) => head = h,
+            }
+        }
+        let n = u32::try_from(self.slots.len()).unwrap_or(u32::MAX);
+        self.bump
+            .fetch_update(Ordering::AcqRel, Ordering::Relaxed, |b| {
+                (b < n).then_some(b + 1)
+            })
+            .ok()
+    }
+
+    fn push_free(&self, idx: u32) {
+        let f = &self.slots[idx as usize];
+        f.ctl.store(flow::PHASE_FREE, Ordering::Relaxed);
+        let mut head = self.free.load(Ordering::Acquire);
+        loop {
+            #[allow(clippy::cast_possible_truncation)] // low half is the link
+            f.next_orig.store(head as u32, Ordering::Relaxed);
+            let new = ((head >> 32).wrapping_add(1) << 32) | u64::from(idx + 1);
+            match self
+                .free
+                .compare_exchange_weak(head, new, Ordering::AcqRel, Ordering::Acquire)
+            {
+                Ok(_) => return,
+                Err(h) => head = h,
+            }
+        }
+    }
+
+    fn sweep(self: &Arc<Self>, now: Instant, budget: usize, guard: &Guard) -> usize {
+        let hwm = self.hwm();
+        if hwm == 0 || budget == 0 {
+            return 0;
+        }
+        let n = budget.min(hwm);
+        let start = self.cursor.fetch_add(n, Ordering::Relaxed) % hwm;
+        let mut removed = 0;
+        for j in 0..n {
+            let mut i = start + j;
+            if i >= hwm {
+                i -= hwm;
+            }
+            #[allow(clippy::cast_possible_truncation)] // slots.len() < 2³¹
+            let idx = i as u32;
+            let f = &self.slots[i];
+            let ctl = f.ctl.load(Ordering::Relaxed);
+            if phase_of(ctl) == PHASE_LIVE && f.expired_at(ctl, now) && self.kill(idx, now, guard) {
+                removed += 1;
+            }
+        }
+        removed
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,1 +1,410 @@
-//! (being written)
+//! External port pools: one pool per (egress IP, protocol), random allocation (RFC 6056) with a reuse delay.
+//!
+//! Each egress IP has up to three *lanes*: TCP, UDP and the ICMP query identifier of its family (ICMP for an
+//! IPv4 egress IP, ICMPv6 for an IPv6 one). A lane is an array of [`AtomicU16`] port states, one per port of
+//! the configured [`PortRange`], allocated on first use (so protocols nobody uses cost nothing):
+//!
+//! * `0` — free (never used, or free again),
+//! * `0xFFFF` — owned by one endpoint-independent mapping,
+//! * `1..=0xFFFE` — released at second `s` with `1 + s % 0xFFFE`; the port becomes available once more than
+//!   `reuse_delay` whole seconds have passed (a released port is never handed out again within the delay; the
+//!   16-bit clock wraps every 18.2 hours, so a port released exactly a multiple of that ago looks cooling for
+//!   one more delay, which is harmless).
+//!
+//! Allocation draws a random start in the range and probes linearly (RFC 6056 algorithm 1, "simple port
+//! randomization", with increment on collision); a compare-and-swap from an available state to *owned* is the
+//! linearization point, so two threads never get the same port. Release is a single store. Nothing here
+//! takes a lock except the one-time initialisation of a lane ([`OnceLock`]).
+//!
+//! The conntrack table decides *which* mapping owns a port (endpoint-independent mapping, RFC 4787); this
+//! module only guarantees that a port has at most one owner and honours the reuse delay.
+
+use core::net::IpAddr;
+use core::time::Duration;
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU16, AtomicU32, Ordering};
+use std::sync::OnceLock;
+
+use crate::flow::Proto;
+use crate::time::Instant;
+
+/// Inclusive range of external ports (or ICMP identifiers) handed out, by default `1024..=65535`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PortRange {
+    /// Lowest port handed out.
+    pub min: u16,
+    /// Highest port handed out (inclusive).
+    pub max: u16,
+}
+
+impl Default for PortRange {
+    fn default() -> Self {
+        PortRange {
+            min: 1024,
+            max: 65535,
+        }
+    }
+}
+
+impl PortRange {
+    /// Number of ports in the range (0 if `max < min`).
+    pub fn len(&self) -> u32 {
+        if self.max >= self.min {
+            u32::from(self.max - self.min) + 1
+        } else {
+            0
+        }
+    }
+
+    /// True when the range holds no port.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+/// Use of one pool, for metrics.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PoolUsage {
+    /// Egress IP.
+    pub ip: IpAddr,
+    /// Protocol.
+    pub proto: Proto,
+    /// Ports currently owned by a mapping (cooling ports are not counted).
+    pub in_use: u32,
+    /// Ports in the range.
+    pub capacity: u32,
+}
+
+/// Index of an egress IP in [`PortPools`].
+pub(crate) type PoolId = u16;
+
+const FREE: u16 = 0;
+const OWNED: u16 = 0xFFFF;
+const CLOCK_MOD: u64 = 0xFFFE;
+
+/// The port pools of every egress IP. `Send + Sync`; shared by all workers through the conntrack table.
+#[derive(Debug)]
+pub struct PortPools {
+    range: PortRange,
+    pools: Vec<Pool>,
+    by_ip: HashMap<IpAddr, PoolId>,
+}
+
+#[derive(Debug)]
+struct Pool {
+    ip: IpAddr,
+    lanes: [Lane; 3],
+}
+
+#[derive(Debug, Default)]
+struct Lane {
+    ports: OnceLock<Box<[AtomicU16]>>,
+    in_use: AtomicU32,
+}
+
+impl PortPools {
+    /// Pools for `egress_ips` (duplicates are ignored; at most 65535 IPs), each handing out ports from `range`.
+    pub fn new(egress_ips: &[IpAddr], range: PortRange) -> PortPools {
+        let mut pools = Vec::new();
+        let mut by_ip = HashMap::new();
+        for &ip in egress_ips {
+            if by_ip.contains_key(&ip) || pools.len() >= usize::from(u16::MAX) {
+                continue;
+            }
+            #[allow(clippy::cast_possible_truncation)] // bounded by the check above
+            by_ip.insert(ip, pools.len() as PoolId);
+            pools.push(Pool {
+                ip,
+                lanes: Default::default(),
+            });
+        }
+        PortPools {
+            range,
+            pools,
+            by_ip,
+        }
+    }
+
+    /// The configured range.
+    pub fn range(&self) -> PortRange {
+        self.range
+    }
+
+    /// Number of egress IPs.
+    pub fn len(&self) -> usize {
+        self.pools.len()
+    }
+
+    /// True when no egress IP is configured.
+    pub fn is_empty(&self) -> bool {
+        self.pools.is_empty()
+    }
+
+    /// Ports in use per (egress IP, protocol), for metrics (not for the hot path). Lists every protocol of the
+    /// IP's family, used or not.
+    pub fn usage(&self) -> Vec<PoolUsage> {
+        let mut out = Vec::with_capacity(self.pools.len() * 3);
+        for pool in &self.pools {
+            for (lane, proto) in pool.lanes.iter().zip(lane_protos(pool.ip)) {
+                out.push(PoolUsage {
+                    ip: pool.ip,
+                    proto,
+                    in_use: lane.in_use.load(Ordering::Relaxed),
+                    capacity: self.range.len(),
+                });
+            }
+        }
+        out
+    }
+
+    /// The pool of `ip` for `proto`, if `ip` is configured and `proto` belongs to its family.
+    pub(crate) fn pool_id(&self, ip: IpAddr, proto: Proto) -> Option<PoolId> {
+        let id = *self.by_ip.get(&ip)?;
+        lane_index(ip, proto).map(|_| id)
+    }
+
+    /// The egress IP of pool `id`.
+    pub(crate) fn ip(&self, id: PoolId) -> IpAddr {
+        self.pools[usize::from(id)].ip
+    }
+
+    fn lane(&self, id: PoolId, proto: Proto) -> Option<&Lane> {
+        let pool = self.pools.get(usize::from(id))?;
+        lane_index(pool.ip, proto).map(|i| &pool.lanes[i])
+    }
+
+    /// Takes a random available port of pool `id` for `proto`; `None` when none is available (all owned or
+    /// cooling). Probes at most the whole range.
+    pub(crate) fn allocate(
+        &self,
+        id: PoolId,
+        proto: Proto,
+        now: Instant,
+        reuse_delay: Duration,
+        rng: &mut Rng,
+    ) -> Option<u16> {
+        let lane = self.lane(id, proto)?;
+        let n = self.range.len();
+        if n == 0 || lane.in_use.load(Ordering::Relaxed) >= n {
+            return None;
+        }
+        let ports = lane.ports.get_or_init(|| {
+            (0..n)
+                .map(|_| AtomicU16::new(FREE))
+                .collect::<Vec<_>>()
+                .into_boxed_slice()
+        });
+        let now_s = now.as_secs();
+        let delay_s = reuse_delay.as_secs() + u64::from(reuse_delay.subsec_nanos() > 0);
+        let start = rng.below(n);
+        let mut off = start;
+        for _ in 0..n {
+            let cell = &ports[off as usize];
+            let v = cell.load(Ordering::Relaxed);
+            if available(v, now_s, delay_s)
+                && cell
+                    .compare_exchange(v, OWNED, Ordering::AcqRel, Ordering::Relaxed)
+                    .is_ok()
+            {
+                lane.in_use.fetch_add(1, Ordering::Relaxed);
+                #[allow(clippy::cast_possible_truncation)] // off < n ≤ 65536 and min + off ≤ max
+                return Some(self.range.min.wrapping_add(off as u16));
+            }
+            off += 1;
+            if off == n {
+                off = 0;
+            }
+        }
+        None
+    }
+
+    /// Gives back a port taken with [`allocate`](Self::allocate): it becomes available again after the reuse
+    /// delay, counted from `now`.
+    pub(crate) fn release(&self, id: PoolId, proto: Proto, port: u16, now: Instant) {
+        let Some(lane) = self.lane(id, proto) else {
+            return;
+        };
+        let Some(ports) = lane.ports.get() else {
+            return;
+        };
+        let Some(cell) = ports.get(usize::from(port.wrapping_sub(self.range.min))) else {
+            return;
+        };
+        #[allow(clippy::cast_possible_truncation)] // < CLOCK_MOD + 1 ≤ 0xFFFE
+        let stamp = 1 + (now.as_secs() % CLOCK_MOD) as u16;
+        if cell.swap(stamp, Ordering::AcqRel) == OWNED {
+            lane.in_use.fetch_sub(1, Ordering::Relaxed);
+        } else {
+            debug_assert!(false, "released a port that was not owned");
+        }
+    }
+
+    /// True when `port` of pool `id` for `proto` is owned by a mapping (for tests).
+    #[cfg(test)]
+    pub(crate) fn is_owned(&self, id: PoolId, proto: Proto, port: u16) -> bool {
+        self.lane(id, proto)
+            .and_then(|l| l.ports.get())
+            .and_then(|p| p.get(usize::from(port.wrapping_sub(self.range.min))))
+            .is_some_and(|c| c.load(Ordering::Relaxed) == OWNED)
+    }
+}
+
+fn lane_protos(ip: IpAddr) -> [Proto; 3] {
+    if ip.is_ipv4() {
+        [Proto::Tcp, Proto::Udp, Proto::Icmp]
+    } else {
+        [Proto::Tcp, Proto::Udp, Proto::Icmpv6]
+    }
+}
+
+fn lane_index(ip: IpAddr, proto: Proto) -> Option<usize> {
+    match (proto, ip.is_ipv4()) {
+        (Proto::Tcp, _) => Some(0),
+        (Proto::Udp, _) => Some(1),
+        (Proto::Icmp, true) | (Proto::Icmpv6, false) => Some(2),
+        _ => None,
+    }
+}
+
+fn available(v: u16, now_s: u64, delay_s: u64) -> bool {
+    match v {
+        FREE => true,
+        OWNED => false,
+        stamp => {
+            let released = u64::from(stamp - 1);
+            let age = (now_s % CLOCK_MOD + CLOCK_MOD - released) % CLOCK_MOD;
+            age > delay_s
+        }
+    }
+}
+
+/// A small, fast, non-cryptographic PRNG (wyrand), one per worker, seeded by the caller (the core reads no
+/// OS randomness). Good enough for RFC 6056 port randomisation when seeded from a real entropy source.
+#[derive(Debug, Clone)]
+pub struct Rng {
+    state: u64,
+}
+
+impl Rng {
+    /// A generator seeded with `seed`.
+    pub fn new(seed: u64) -> Rng {
+        Rng { state: seed }
+    }
+
+    /// The next 64 random bits.
+    pub fn next_u64(&mut self) -> u64 {
+        self.state = self.state.wrapping_add(0xa076_1d64_78bd_642f);
+        let t = u128::from(self.state) * u128::from(self.state ^ 0xe703_7ed1_a0b4_28db);
+        #[allow(clippy::cast_possible_truncation)] // folding the 128-bit product
+        let r = (t >> 64) as u64 ^ t as u64;
+        r
+    }
+
+    /// The next 32 random bits.
+    pub fn next_u32(&mut self) -> u32 {
+        #[allow(clippy::cast_possible_truncation)] // high half
+        let r = (self.next_u64() >> 32) as u32;
+        r
+    }
+
+    /// A uniform-enough value in `0..n` (multiply-shift; `n` > 0).
+    pub fn below(&mut self, n: u32) -> u32 {
+        #[allow(clippy::cast_possible_truncation)] // < n
+        let r = ((u64::from(self.next_u32()) * u64::from(n)) >> 32) as u32;
+        r
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use core::net::Ipv4Addr;
+
+    const V4: IpAddr = IpAddr::V4(Ipv4Addr::new(198, 51, 100, 1));
+    const DELAY: Duration = Duration::from_secs(120);
+
+    #[test]
+    fn default_range() {
+        let r = PortRange::default();
+        assert_eq!((r.min, r.max, r.len()), (1024, 65535, 64512));
+        assert!(PortRange { min: 5, max: 4 }.is_empty());
+    }
+
+    #[test]
+    fn allocates_distinct_ports_until_exhausted() {
+        let pools = PortPools::new(&[V4], PortRange { min: 100, max: 109 });
+        let id = pools.pool_id(V4, Proto::Udp).expect("pool");
+        let mut rng = Rng::new(1);
+        let mut got = std::collections::HashSet::new();
+        for _ in 0..10 {
+            let p = pools
+                .allocate(id, Proto::Udp, Instant::ZERO, DELAY, &mut rng)
+                .expect("port");
+            assert!((100..=109).contains(&p));
+            assert!(got.insert(p));
+        }
+        assert_eq!(
+            pools.allocate(id, Proto::Udp, Instant::ZERO, DELAY, &mut rng),
+            None
+        );
+        // other protocols are independent
+        assert!(pools
+            .allocate(id, Proto::Tcp, Instant::ZERO, DELAY, &mut rng)
+            .is_some());
+        let u = pools.usage();
+        assert_eq!(u.len(), 3);
+        assert_eq!(u[1].proto, Proto::Udp);
+        assert_eq!((u[1].in_use, u[1].capacity), (10, 10));
+    }
+
+    #[test]
+    fn released_port_waits_for_the_reuse_delay() {
+        let pools = PortPools::new(&[V4], PortRange { min: 7, max: 7 });
+        let id = pools.pool_id(V4, Proto::Tcp).expect("pool");
+        let mut rng = Rng::new(2);
+        let t0 = Instant::from_millis(10_900);
+        assert_eq!(pools.allocate(id, Proto::Tcp, t0, DELAY, &mut rng), Some(7));
+        pools.release(id, Proto::Tcp, 7, t0);
+        assert!(!pools.is_owned(id, Proto::Tcp, 7));
+        for ms in [10_900, 60_000, 130_000, 130_899] {
+            assert_eq!(
+                pools.allocate(id, Proto::Tcp, Instant::from_millis(ms), DELAY, &mut rng),
+                None,
+                "{ms}"
+            );
+        }
+        assert_eq!(
+            pools.allocate(id, Proto::Tcp, Instant::from_secs(132), DELAY, &mut rng),
+            Some(7)
+        );
+    }
+
+    #[test]
+    fn family_decides_icmp_lane() {
+        let v6: IpAddr = "2001:db8::1".parse().expect("v6");
+        let pools = PortPools::new(&[V4, v6, V4], PortRange::default());
+        assert_eq!(pools.len(), 2);
+        assert!(pools.pool_id(V4, Proto::Icmp).is_some());
+        assert!(pools.pool_id(V4, Proto::Icmpv6).is_none());
+        assert!(pools.pool_id(v6, Proto::Icmpv6).is_some());
+        assert!(pools.pool_id(v6, Proto::Icmp).is_none());
+        assert!(pools
+            .pool_id("192.0.2.9".parse().expect("ip"), Proto::Tcp)
+            .is_none());
+    }
+
+    #[test]
+    fn rng_is_deterministic_and_spread() {
+        let mut a = Rng::new(42);
+        let mut b = Rng::new(42);
+        assert_eq!(a.next_u64(), b.next_u64());
+        let mut buckets = [0u32; 8];
+        for _ in 0..8000 {
+            buckets[a.below(8) as usize] += 1;
+        }
+        assert!(
+            buckets.iter().all(|&c| (800..1200).contains(&c)),
+            "{buckets:?}"
+        );
+    }
+}

@@ -1,0 +1,865 @@
+//! Tests of the conntrack table: behaviours, a model-based property test and a multi-threaded stress test.
+
+use super::*;
+use crate::flow::Proto;
+use crate::ports::PortRange;
+use core::net::{Ipv4Addr, Ipv6Addr};
+use std::collections::{HashMap, HashSet};
+
+const EGRESS: IpAddr = IpAddr::V4(Ipv4Addr::new(198, 51, 100, 1));
+const EGRESS6: IpAddr = IpAddr::V6(Ipv6Addr::new(0x2001, 0xdb8, 0, 0, 0, 0, 0, 1));
+const NODE: NodeAddr = NodeAddr {
+    ip: Ipv4Addr::new(10, 0, 0, 7),
+    mac: [0x02, 0x11, 0x22, 0x33, 0x44, 0x55],
+};
+
+fn pod(i: u8) -> IpAddr {
+    IpAddr::V4(Ipv4Addr::new(10, 244, 0, i))
+}
+fn remote(i: u8) -> IpAddr {
+    IpAddr::V4(Ipv4Addr::new(203, 0, 113, i))
+}
+
+fn key(src: IpAddr, sport: u16, dst: IpAddr, dport: u16, proto: Proto) -> FlowKey {
+    FlowKey {
+        src,
+        dst,
+        src_port: sport,
+        dst_port: dport,
+        proto,
+    }
+}
+
+fn new_flow(orig: FlowKey) -> NewFlow {
+    let egress_ip = if orig.src.is_ipv4() { EGRESS } else { EGRESS6 };
+    NewFlow {
+        orig,
+        egress_ip,
+        node: NODE,
+        uplink: 1,
+    }
+}
+
+fn table(max_entries: u32, range: PortRange) -> Table {
+    Table::new(
+        Config {
+            max_entries,
+            ..Config::default()
+        },
+        PortPools::new(&[EGRESS, EGRESS6], range),
+    )
+}
+
+fn t(secs: u64) -> Instant {
+    Instant::from_secs(secs)
+}
+
+fn seg(flags: u8, seq: u32, ack: u32, window: u16) -> Option<TcpSegment> {
+    Some(TcpSegment {
+        flags,
+        seq,
+        ack,
+        window,
+        payload_len: 0,
+    })
+}
+
+/// Checks the table's invariants at `now`: every visible flow is found by both keys, keys are unique, a
+/// port belongs to one pod endpoint, `len` matches.
+fn check_invariants(table: &Table, now: Instant) {
+    let g = table.pin();
+    let mut live = 0;
+    let mut origs = HashSet::new();
+    let mut ports: HashMap<(IpAddr, Proto, u16), (IpAddr, u16)> = HashMap::new();
+    table.for_each(&g, |f| {
+        live += 1;
+        if f.is_expired(now) {
+            return;
+        }
+        let o = f.orig();
+        assert!(origs.insert(o), "duplicate flow {o:?}");
+        let by_out = table
+            .lookup_outbound_at(&o, now, &g)
+            .expect("found by orig");
+        assert!(core::ptr::eq(by_out, f));
+        let by_in = table
+            .lookup_inbound_at(&f.reply_key(), now, &g)
+            .expect("found by reply");
+        assert!(core::ptr::eq(by_in, f), "{:?}", f.reply_key());
+        let ep = (o.src, o.src_port);
+        let owner = ports
+            .entry((f.egress_ip(), o.proto, f.external_port()))
+            .or_insert(ep);
+        assert_eq!(*owner, ep, "port shared by two pod endpoints");
+        let pool = table.pools().pool_id(f.egress_ip(), o.proto).expect("pool");
+        assert!(table.pools().is_owned(pool, o.proto, f.external_port()));
+    });
+    assert_eq!(live, table.len());
+}
+
+#[test]
+fn udp_flow_by_both_keys_and_expiry_after_300s() {
+    let tb = table(64, PortRange::default());
+    let mut rng = Rng::new(1);
+    let g = tb.pin();
+    let k = key(pod(1), 5353, remote(1), 53, Proto::Udp);
+    let f = tb.insert(new_flow(k), t(10), &mut rng, &g).expect("insert");
+    assert_eq!(f.orig(), k);
+    assert_eq!(f.egress_ip(), EGRESS);
+    assert_eq!(f.node(), NODE);
+    assert_eq!(f.uplink(), 1);
+    assert_eq!(f.created(), f.last_seen());
+    assert!((1024..=65535).contains(&f.external_port()));
+    let rk = f.reply_key();
+    assert_eq!(
+        rk,
+        key(remote(1), 53, EGRESS, f.external_port(), Proto::Udp)
+    );
+    assert!(core::ptr::eq(tb.lookup_outbound(&k, &g).expect("out"), f));
+    assert!(core::ptr::eq(tb.lookup_inbound(&rk, &g).expect("in"), f));
+    assert!(tb
+        .lookup_inbound(
+            &key(remote(2), 53, EGRESS, f.external_port(), Proto::Udp),
+            &g
+        )
+        .is_none());
+    assert!(!f.is_expired(t(309)));
+    assert!(f.is_expired(t(311)));
+    assert!(tb.lookup_outbound_at(&k, t(311), &g).is_none());
+    // insert again on the same tuple returns the existing flow
+    let again = tb.insert(new_flow(k), t(11), &mut rng, &g).expect("again");
+    assert!(core::ptr::eq(again, f));
+    assert_eq!(tb.len(), 1);
+    check_invariants(&tb, t(12));
+    assert_eq!(tb.expire(t(200), 1000), 0);
+    assert_eq!(tb.expire(t(311), 1000), 1);
+    assert!(tb.is_empty());
+    assert!(tb.lookup_outbound(&k, &g).is_none());
+    assert!(tb.lookup_inbound(&rk, &g).is_none());
+}
+
+#[test]
+fn outbound_refreshes() {
+    let tb = table(64, PortRange::default());
+    let mut rng = Rng::new(1);
+    let g = tb.pin();
+    let k = key(pod(1), 1000, remote(1), 53, Proto::Udp);
+    let f = tb.insert(new_flow(k), t(0), &mut rng, &g).expect("insert");
+    assert_eq!(f.on_outbound(None, 100, t(250)), Refresh::Ok);
+    assert!(!f.is_expired(t(549)));
+    assert!(f.is_expired(t(551)));
+    assert_eq!(f.last_seen().as_secs(), 249); // 64 ms ticks
+    assert_eq!(
+        f.counters(),
+        FlowCounters {
+            packets_out: 1,
+            bytes_out: 100,
+            ..FlowCounters::default()
+        }
+    );
+    f.on_inbound(None, 40, t(260));
+    assert_eq!(f.counters().bytes_in, 40);
+    assert!(!f.is_expired(t(559)), "UDP inbound refreshes");
+}
+
+#[test]
+fn timeouts_per_protocol() {
+    let tb = table(64, PortRange::default());
+    let mut rng = Rng::new(1);
+    let g = tb.pin();
+    let icmp = tb
+        .insert(
+            new_flow(key(pod(1), 77, remote(1), 77, Proto::Icmp)),
+            t(0),
+            &mut rng,
+            &g,
+        )
+        .expect("icmp");
+    assert!(!icmp.is_expired(t(59)) && icmp.is_expired(t(61)));
+    let tcp = tb
+        .insert(
+            new_flow(key(pod(1), 4000, remote(1), 443, Proto::Tcp)),
+            t(0),
+            &mut rng,
+            &g,
+        )
+        .expect("tcp");
+    assert_eq!(tcp.tcp_state(), TcpState::SynSent);
+    assert!(
+        !tcp.is_expired(t(239)) && tcp.is_expired(t(241)),
+        "half-open: transitory"
+    );
+    tcp.on_outbound(seg(TcpSegment::SYN, 100, 0, 1000), 60, t(0));
+    tcp.on_inbound(
+        seg(TcpSegment::SYN | TcpSegment::ACK, 900, 101, 1000),
+        60,
+        t(0),
+    );
+    assert_eq!(tcp.tcp_state(), TcpState::SynReceived);
+    tcp.on_outbound(seg(TcpSegment::ACK, 101, 901, 1000), 60, t(0));
+    assert_eq!(tcp.tcp_state(), TcpState::Established);
+    assert!(!tcp.is_expired(t(7439)) && tcp.is_expired(t(7441)));
+    // inbound data refreshes an established flow
+    tcp.on_inbound(seg(TcpSegment::ACK, 901, 101, 1000), 100, t(1000));
+    assert!(!tcp.is_expired(t(8439)));
+    // FIN: back to the transitory timeout
+    tcp.on_outbound(
+        seg(TcpSegment::FIN | TcpSegment::ACK, 101, 901, 1000),
+        60,
+        t(2000),
+    );
+    assert_eq!(tcp.tcp_state(), TcpState::Closing);
+    assert!(!tcp.is_expired(t(2239)) && tcp.is_expired(t(2241)));
+    // custom timeouts
+    let custom = Table::new(
+        Config {
+            max_entries: 8,
+            timeouts: Timeouts {
+                udp: Duration::from_secs(30),
+                ..Timeouts::default()
+            },
+            ..Config::default()
+        },
+        PortPools::new(&[EGRESS], PortRange::default()),
+    );
+    let g2 = custom.pin();
+    let u = custom
+        .insert(
+            new_flow(key(pod(1), 1, remote(1), 2, Proto::Udp)),
+            t(0),
+            &mut rng,
+            &g2,
+        )
+        .expect("udp");
+    assert!(!u.is_expired(t(29)) && u.is_expired(t(31)));
+}
+
+#[test]
+fn inbound_does_not_refresh_half_open_tcp() {
+    let tb = table(64, PortRange::default());
+    let mut rng = Rng::new(1);
+    let g = tb.pin();
+    let f = tb
+        .insert(
+            new_flow(key(pod(1), 4000, remote(1), 443, Proto::Tcp)),
+            t(0),
+            &mut rng,
+            &g,
+        )
+        .expect("tcp");
+    f.on_outbound(seg(TcpSegment::SYN, 100, 0, 1000), 60, t(0));
+    f.on_inbound(seg(TcpSegment::ACK, 5, 5, 5), 60, t(200));
+    assert!(f.is_expired(t(241)));
+}
+
+fn established(tb: &Table, rng: &mut Rng, g: &Guard) -> FlowKey {
+    let k = key(pod(1), 4000, remote(1), 443, Proto::Tcp);
+    let f = tb.insert(new_flow(k), t(0), rng, g).expect("tcp");
+    f.on_outbound(seg(TcpSegment::SYN, 100, 0, 1000), 60, t(0));
+    f.on_inbound(
+        seg(TcpSegment::SYN | TcpSegment::ACK, 900, 101, 1000),
+        60,
+        t(0),
+    );
+    f.on_outbound(seg(TcpSegment::ACK, 101, 901, 1000), 60, t(0));
+    assert_eq!(f.tcp_state(), TcpState::Established);
+    k
+}
+
+#[test]
+fn out_of_window_rst_is_ignored() {
+    let tb = table(64, PortRange::default());
+    let mut rng = Rng::new(1);
+    let g = tb.pin();
+    let k = established(&tb, &mut rng, &g);
+    let f = tb.lookup_outbound(&k, &g).expect("flow");
+    let before = f.counters();
+    for seq in [900, 901 + 1000 * 128, 0x8000_0000] {
+        assert_eq!(
+            f.on_inbound(seg(TcpSegment::RST, seq, 0, 0), 40, t(10)),
+            Refresh::Ignored
+        );
+    }
+    assert_eq!(f.tcp_state(), TcpState::Established);
+    assert_eq!(f.counters(), before);
+    assert!(!f.is_expired(t(7439)));
+    assert_eq!(tb.expire(t(1000), 100), 0);
+    assert!(tb.lookup_outbound(&k, &g).is_some());
+}
+
+#[test]
+fn valid_rst_leaves_entry_for_transitory_timeout() {
+    let tb = table(64, PortRange::default());
+    let mut rng = Rng::new(1);
+    let g = tb.pin();
+    let k = established(&tb, &mut rng, &g);
+    let f = tb.lookup_outbound(&k, &g).expect("flow");
+    assert_eq!(
+        f.on_inbound(seg(TcpSegment::RST, 950, 0, 0), 40, t(100)),
+        Refresh::Ok
+    );
+    assert_eq!(f.tcp_state(), TcpState::Closed);
+    assert!(!f.is_expired(t(339)));
+    assert!(f.is_expired(t(341)));
+    assert_eq!(tb.expire(t(339), 100), 0);
+    assert_eq!(tb.expire(t(341), 100), 1);
+}
+
+#[test]
+fn endpoint_independent_mapping() {
+    let tb = table(64, PortRange::default());
+    let mut rng = Rng::new(9);
+    let g = tb.pin();
+    let a = tb
+        .insert(
+            new_flow(key(pod(1), 5000, remote(1), 80, Proto::Tcp)),
+            t(0),
+            &mut rng,
+            &g,
+        )
+        .expect("a");
+    let b = tb
+        .insert(
+            new_flow(key(pod(1), 5000, remote(2), 443, Proto::Tcp)),
+            t(0),
+            &mut rng,
+            &g,
+        )
+        .expect("b");
+    assert_eq!(a.external_port(), b.external_port());
+    // another protocol, another pod port, another pod: independent ports
+    let c = tb
+        .insert(
+            new_flow(key(pod(1), 5001, remote(1), 80, Proto::Tcp)),
+            t(0),
+            &mut rng,
+            &g,
+        )
+        .expect("c");
+    let d = tb
+        .insert(
+            new_flow(key(pod(2), 5000, remote(1), 80, Proto::Tcp)),
+            t(0),
+            &mut rng,
+            &g,
+        )
+        .expect("d");
+    assert_ne!(c.external_port(), a.external_port());
+    assert_ne!(d.external_port(), a.external_port());
+    assert_ne!(d.external_port(), c.external_port());
+    let (pa, pb) = (a.external_port(), b.external_port());
+    // the mapping survives while any of its flows lives: a expires first (transitory), b is kept alive
+    b.on_outbound(None, 1, t(200));
+    assert_eq!(tb.expire(t(241), 100), 3);
+    assert!(tb.lookup_outbound(&a.orig(), &g).is_none());
+    let e = tb
+        .insert(
+            new_flow(key(pod(1), 5000, remote(3), 22, Proto::Tcp)),
+            t(300),
+            &mut rng,
+            &g,
+        )
+        .expect("e");
+    assert_eq!(e.external_port(), pb);
+    assert_eq!(pa, pb);
+    check_invariants(&tb, t(300));
+    assert_eq!(tb.pools().usage()[0].in_use, 1);
+}
+
+#[test]
+fn released_port_not_reused_for_120s() {
+    // one port only: the second pod endpoint must wait for the reuse delay
+    let tb = table(
+        64,
+        PortRange {
+            min: 4000,
+            max: 4000,
+        },
+    );
+    let mut rng = Rng::new(3);
+    let g = tb.pin();
+    let a = tb
+        .insert(
+            new_flow(key(pod(1), 1, remote(1), 53, Proto::Udp)),
+            t(0),
+            &mut rng,
+            &g,
+        )
+        .expect("a");
+    assert_eq!(a.external_port(), 4000);
+    let other = new_flow(key(pod(2), 1, remote(1), 53, Proto::Udp));
+    assert_eq!(
+        tb.insert(other, t(1), &mut rng, &g).err(),
+        Some(InsertError::PortsExhausted)
+    );
+    assert_eq!(tb.expire(t(301), 100), 1);
+    assert_eq!(tb.pools().usage()[1].in_use, 0, "expiry releases the port");
+    for s in [301, 360, 421] {
+        assert_eq!(
+            tb.insert(other, t(s), &mut rng, &g).err(),
+            Some(InsertError::PortsExhausted),
+            "{s}"
+        );
+    }
+    let b = tb.insert(other, t(422), &mut rng, &g).expect("after delay");
+    assert_eq!(b.external_port(), 4000);
+    assert_eq!(tb.refused().ports_exhausted, 4);
+    assert_eq!(InsertError::PortsExhausted.reason(), Reason::PortsExhausted);
+}
+
+#[test]
+fn pool_exhaustion_and_no_pool() {
+    let tb = table(64, PortRange { min: 100, max: 103 });
+    let mut rng = Rng::new(4);
+    let g = tb.pin();
+    let mut seen = HashSet::new();
+    for i in 0..4 {
+        let f = tb
+            .insert(
+                new_flow(key(pod(1), i, remote(1), 80, Proto::Tcp)),
+                t(0),
+                &mut rng,
+                &g,
+            )
+            .expect("port");
+        assert!(seen.insert(f.external_port()));
+    }
+    let fifth = new_flow(key(pod(1), 9, remote(1), 80, Proto::Tcp));
+    assert_eq!(
+        tb.insert(fifth, t(0), &mut rng, &g).err(),
+        Some(InsertError::PortsExhausted)
+    );
+    // the existing endpoint still gets new destinations on its port
+    assert!(tb
+        .insert(
+            new_flow(key(pod(1), 0, remote(2), 80, Proto::Tcp)),
+            t(0),
+            &mut rng,
+            &g
+        )
+        .is_ok());
+    // UDP has its own pool
+    assert!(tb
+        .insert(
+            new_flow(key(pod(1), 9, remote(1), 80, Proto::Udp)),
+            t(0),
+            &mut rng,
+            &g
+        )
+        .is_ok());
+    let mut unknown = new_flow(key(pod(1), 9, remote(1), 80, Proto::Tcp));
+    unknown.egress_ip = "192.0.2.77".parse().expect("ip");
+    assert_eq!(
+        tb.insert(unknown, t(0), &mut rng, &g).err(),
+        Some(InsertError::NoPool)
+    );
+    unknown.egress_ip = EGRESS6; // family mismatch
+    assert_eq!(
+        tb.insert(unknown, t(0), &mut rng, &g).err(),
+        Some(InsertError::NoPool)
+    );
+    assert_eq!(tb.len(), 6);
+    check_invariants(&tb, t(0));
+}
+
+#[test]
+fn full_table_refuses_and_keeps_established() {
+    let tb = table(4, PortRange::default());
+    let mut rng = Rng::new(5);
+    let g = tb.pin();
+    let k = established(&tb, &mut rng, &g);
+    for i in 0..3 {
+        tb.insert(
+            new_flow(key(pod(2), i, remote(1), 53, Proto::Udp)),
+            t(0),
+            &mut rng,
+            &g,
+        )
+        .expect("fill");
+    }
+    assert_eq!(tb.len(), tb.capacity());
+    let half_open = new_flow(key(pod(3), 1, remote(1), 443, Proto::Tcp));
+    assert_eq!(
+        tb.insert(half_open, t(10), &mut rng, &g).err(),
+        Some(InsertError::Full)
+    );
+    assert_eq!(tb.refused().full, 1);
+    assert_eq!(InsertError::Full.reason(), Reason::ConntrackFull);
+    // once the UDP flows have expired, the insert reclaims them itself; the established flow stays
+    let f = tb
+        .insert(half_open, t(400), &mut rng, &g)
+        .expect("reclaimed");
+    assert_eq!(f.tcp_state(), TcpState::SynSent);
+    assert!(tb.lookup_outbound_at(&k, t(400), &g).is_some());
+    assert_eq!(tb.len(), 2);
+    check_invariants(&tb, t(400));
+}
+
+#[test]
+fn per_source_quota() {
+    let tb = Table::new(
+        Config {
+            max_entries: 64,
+            max_per_source: 3,
+            ..Config::default()
+        },
+        PortPools::new(&[EGRESS], PortRange::default()),
+    );
+    let mut rng = Rng::new(6);
+    let g = tb.pin();
+    for i in 0..3 {
+        tb.insert(
+            new_flow(key(pod(1), i, remote(1), 53, Proto::Udp)),
+            t(0),
+            &mut rng,
+            &g,
+        )
+        .expect("within quota");
+    }
+    let over = new_flow(key(pod(1), 9, remote(1), 53, Proto::Udp));
+    assert_eq!(
+        tb.insert(over, t(0), &mut rng, &g).err(),
+        Some(InsertError::SourceQuota)
+    );
+    assert_eq!(
+        InsertError::SourceQuota.reason(),
+        Reason::SourceQuotaExceeded
+    );
+    // other pods are not affected
+    tb.insert(
+        new_flow(key(pod(2), 9, remote(1), 53, Proto::Udp)),
+        t(0),
+        &mut rng,
+        &g,
+    )
+    .expect("other pod");
+    // expiry gives the quota back
+    assert_eq!(tb.expire(t(301), 100), 4);
+    tb.insert(over, t(301), &mut rng, &g).expect("quota back");
+    assert_eq!(tb.refused().source_quota, 1);
+}
+
+#[test]
+fn ipv6_and_ipv4_share_the_table() {
+    let tb = table(64, PortRange::default());
+    let mut rng = Rng::new(7);
+    let g = tb.pin();
+    let p6: IpAddr = "fd00:10:244::5".parse().expect("ip");
+    let r6: IpAddr = "2001:db8:1::53".parse().expect("ip");
+    let k6 = key(p6, 40000, r6, 53, Proto::Udp);
+    let f6 = tb.insert(new_flow(k6), t(0), &mut rng, &g).expect("v6");
+    assert_eq!(f6.orig(), k6);
+    assert_eq!(f6.egress_ip(), EGRESS6);
+    let rk = f6.reply_key();
+    assert_eq!(rk.src, r6);
+    assert_eq!(rk.dst, EGRESS6);
+    assert!(core::ptr::eq(
+        tb.lookup_inbound(&rk, &g).expect("v6 in"),
+        f6
+    ));
+    let ping6 = key(p6, 7, r6, 7, Proto::Icmpv6);
+    let e = tb
+        .insert(new_flow(ping6), t(0), &mut rng, &g)
+        .expect("icmpv6");
+    let erk = e.reply_key();
+    assert_eq!(erk.src_port, e.external_port());
+    assert!(tb.lookup_inbound(&erk, &g).is_some());
+    // the v4-mapped form of a v4 address is a different flow
+    let k4 = key(pod(5), 40000, remote(53), 53, Proto::Udp);
+    let mapped = key(
+        "::ffff:10.244.0.5".parse().expect("ip"),
+        40000,
+        "::ffff:203.0.113.53".parse().expect("ip"),
+        53,
+        Proto::Udp,
+    );
+    tb.insert(new_flow(k4), t(0), &mut rng, &g).expect("v4");
+    assert!(tb.lookup_outbound(&mapped, &g).is_none());
+    check_invariants(&tb, t(1));
+}
+
+#[test]
+fn icmp_echo_identifier_is_the_port() {
+    let tb = table(64, PortRange::default());
+    let mut rng = Rng::new(8);
+    let g = tb.pin();
+    let k = key(pod(1), 0x1234, remote(1), 0x1234, Proto::Icmp);
+    let f = tb.insert(new_flow(k), t(0), &mut rng, &g).expect("ping");
+    let id = f.external_port();
+    let reply = key(remote(1), id, EGRESS, id, Proto::Icmp);
+    assert_eq!(f.reply_key(), reply);
+    assert!(core::ptr::eq(
+        tb.lookup_inbound(&reply, &g).expect("reply"),
+        f
+    ));
+    // same pod identifier to another host: same external identifier
+    let f2 = tb
+        .insert(
+            new_flow(key(pod(1), 0x1234, remote(2), 0x1234, Proto::Icmp)),
+            t(0),
+            &mut rng,
+            &g,
+        )
+        .expect("ping 2");
+    assert_eq!(f2.external_port(), id);
+}
+
+#[test]
+fn expiry_is_incremental() {
+    let tb = table(256, PortRange::default());
+    let mut rng = Rng::new(10);
+    let g = tb.pin();
+    for i in 0..100 {
+        tb.insert(
+            new_flow(key(pod(1), i, remote(1), 53, Proto::Udp)),
+            t(0),
+            &mut rng,
+            &g,
+        )
+        .expect("insert");
+    }
+    drop(g);
+    let mut removed = 0;
+    let mut calls = 0;
+    while removed < 100 {
+        let r = tb.expire(t(1000), 7);
+        assert!(r <= 7);
+        removed += r;
+        calls += 1;
+        assert!(calls < 100, "sweep does not progress");
+    }
+    assert!(tb.is_empty());
+    assert!(tb.pools().usage().iter().all(|u| u.in_use == 0));
+    // slots come back: the table can be filled again
+    let g = tb.pin();
+    for i in 0..200 {
+        tb.insert(
+            new_flow(key(pod(2), i, remote(1), 53, Proto::Udp)),
+            t(2000),
+            &mut rng,
+            &g,
+        )
+        .expect("refill");
+    }
+    check_invariants(&tb, t(2000));
+}
+
+#[test]
+fn concurrent_insert_of_one_tuple_has_one_winner() {
+    for round in 0..50u8 {
+        let tb = table(64, PortRange::default());
+        let k = key(pod(1), 1000 + u16::from(round), remote(1), 53, Proto::Udp);
+        let barrier = std::sync::Barrier::new(4);
+        let ptrs: Vec<usize> = std::thread::scope(|s| {
+            let hs: Vec<_> = (0..4u64)
+                .map(|i| {
+                    let (tb, barrier) = (&tb, &barrier);
+                    s.spawn(move || {
+                        let mut rng = Rng::new(i);
+                        let g = tb.pin();
+                        barrier.wait();
+                        let f = tb.insert(new_flow(k), t(0), &mut rng, &g).expect("insert");
+                        f as *const Flow as usize
+                    })
+                })
+                .collect();
+            hs.into_iter().map(|h| h.join().expect("thread")).collect()
+        });
+        assert!(ptrs.windows(2).all(|w| w[0] == w[1]), "{ptrs:?}");
+        assert_eq!(tb.len(), 1);
+        assert_eq!(tb.pools().usage()[1].in_use, 1);
+        check_invariants(&tb, t(0));
+    }
+}
+
+#[test]
+fn stress_concurrent_insert_lookup_expire() {
+    use std::sync::atomic::AtomicBool;
+    let tb = table(
+        2048,
+        PortRange {
+            min: 1024,
+            max: 1535,
+        },
+    );
+    let clock = AtomicU64::new(0);
+    let stop = AtomicBool::new(false);
+    std::thread::scope(|s| {
+        for w in 0..3u64 {
+            let (tb, clock, stop) = (&tb, &clock, &stop);
+            s.spawn(move || {
+                let mut rng = Rng::new(w * 7 + 1);
+                while !stop.load(Ordering::Relaxed) {
+                    let g = tb.pin();
+                    for _ in 0..64 {
+                        let now = Instant::from_millis(clock.load(Ordering::Relaxed));
+                        let r = rng.next_u32();
+                        #[allow(clippy::cast_possible_truncation)]
+                        let k = key(
+                            pod((r % 8) as u8),
+                            (r >> 8) as u16 % 64,
+                            remote((r >> 16) as u8 % 4),
+                            53,
+                            if r >> 30 == 0 { Proto::Tcp } else { Proto::Udp },
+                        );
+                        match tb.lookup_outbound_at(&k, now, &g) {
+                            Some(f) => {
+                                f.on_outbound(None, 64, now);
+                                let rk = f.reply_key();
+                                if let Some(back) = tb.lookup_inbound_at(&rk, now, &g) {
+                                    // same tuple, unless the flow was replaced meanwhile
+                                    let _ = back.orig();
+                                }
+                            }
+                            None => match tb.insert(new_flow(k), now, &mut rng, &g) {
+                                Ok(f) => assert_eq!(f.orig(), k),
+                                Err(InsertError::PortsExhausted | InsertError::Full) => {}
+                                Err(e) => panic!("{e:?}"),
+                            },
+                        }
+                    }
+                    drop(g);
+                    tb.expire(Instant::from_millis(clock.load(Ordering::Relaxed)), 64);
+                }
+            });
+        }
+        // the clock: 2 simulated seconds per real millisecond, for ~1.5 s
+        let start = std::time::Instant::now();
+        while start.elapsed() < std::time::Duration::from_millis(1500) {
+            clock.fetch_add(2000, Ordering::Relaxed);
+            std::thread::sleep(std::time::Duration::from_millis(1));
+        }
+        stop.store(true, Ordering::Relaxed);
+    });
+    let now = Instant::from_millis(clock.load(Ordering::Relaxed));
+    check_invariants(&tb, now);
+    // everything expires eventually and every port comes back
+    let later = now + Duration::from_secs(10_000);
+    while tb.expire(later, 4096) > 0 {}
+    tb.expire(later, 4096);
+    assert!(tb.is_empty(), "{}", tb.len());
+    assert!(tb.pools().usage().iter().all(|u| u.in_use == 0));
+}
+
+mod model {
+    //! Random operation sequences against a `HashMap` model.
+    use super::*;
+    use crate::ports::Rng;
+    use proptest::prelude::*;
+
+    #[derive(Debug, Clone)]
+    enum Op {
+        Insert {
+            pod: u8,
+            pport: u16,
+            remote: u8,
+            tcp: bool,
+        },
+        Packet {
+            pod: u8,
+            pport: u16,
+            remote: u8,
+            tcp: bool,
+        },
+        Advance(u64),
+        Expire(usize),
+    }
+
+    fn op() -> impl Strategy<Value = Op> {
+        let k = (0u8..3, 0u16..3, 0u8..3, any::<bool>());
+        prop_oneof![
+            4 => k.clone().prop_map(|(pod, pport, remote, tcp)| Op::Insert { pod, pport, remote, tcp }),
+            2 => k.prop_map(|(pod, pport, remote, tcp)| Op::Packet { pod, pport, remote, tcp }),
+            2 => (0u64..200).prop_map(Op::Advance),
+            1 => (1usize..40).prop_map(Op::Expire),
+        ]
+    }
+
+    fn k(pod_: u8, pport: u16, remote_: u8, tcp: bool) -> FlowKey {
+        key(
+            pod(pod_),
+            1000 + pport,
+            remote(remote_),
+            80,
+            if tcp { Proto::Tcp } else { Proto::Udp },
+        )
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(200))]
+        #[test]
+        fn table_matches_model(ops in proptest::collection::vec(op(), 1..80)) {
+            // small table and pools so that Full and PortsExhausted happen
+            let tb = table(12, PortRange { min: 2000, max: 2005 });
+            let mut rng = Rng::new(11);
+            let mut now = 0u64; // seconds
+            // key -> (last seen, external port)
+            let mut model: HashMap<FlowKey, (u64, u16)> = HashMap::new();
+            let timeout = |k: &FlowKey| if k.proto == Proto::Tcp { 240 } else { 300 };
+            for op in ops {
+                model.retain(|k, (last, _)| now - *last <= timeout(k));
+                let g = tb.pin();
+                match op {
+                    Op::Insert { pod, pport, remote, tcp } => {
+                        let key = k(pod, pport, remote, tcp);
+                        match tb.insert(new_flow(key), t(now), &mut rng, &g) {
+                            Ok(f) => {
+                                prop_assert_eq!(f.orig(), key);
+                                if let Some((_, port)) = model.get(&key) {
+                                    prop_assert_eq!(*port, f.external_port());
+                                } else {
+                                    model.insert(key, (now, f.external_port()));
+                                }
+                            }
+                            Err(e) => {
+                                prop_assert!(!model.contains_key(&key));
+                                prop_assert!(matches!(e, InsertError::Full | InsertError::PortsExhausted), "{:?}", e);
+                                if e == InsertError::Full {
+                                    prop_assert!(tb.len() >= tb.capacity() || model.len() >= 12);
+                                }
+                            }
+                        }
+                    }
+                    Op::Packet { pod, pport, remote, tcp } => {
+                        let key = k(pod, pport, remote, tcp);
+                        let found = tb.lookup_outbound_at(&key, t(now), &g);
+                        prop_assert_eq!(found.is_some(), model.contains_key(&key));
+                        if let Some(f) = found {
+                            f.on_outbound(None, 10, t(now));
+                            model.get_mut(&key).expect("model").0 = now;
+                        }
+                    }
+                    Op::Advance(s) => now += s,
+                    Op::Expire(budget) => {
+                        tb.expire(t(now), budget);
+                    }
+                }
+                drop(g);
+                model.retain(|k, (last, _)| now - *last <= timeout(k));
+                // every model flow is visible by both keys with its port; nothing else is visible
+                let g = tb.pin();
+                let mut visible = 0;
+                let mut owners: HashMap<(Proto, u16), (IpAddr, u16)> = HashMap::new();
+                tb.for_each(&g, |f| {
+                    if !f.is_expired(t(now)) {
+                        visible += 1;
+                        let o = f.orig();
+                        let owner = owners.entry((o.proto, f.external_port())).or_insert((o.src, o.src_port));
+                        assert_eq!(*owner, (o.src, o.src_port), "port shared by two endpoints");
+                    }
+                });
+                prop_assert_eq!(visible, model.len());
+                let mut eim: HashMap<(IpAddr, u16, Proto), u16> = HashMap::new();
+                for (key, (_, port)) in &model {
+                    let f = tb.lookup_outbound_at(key, t(now), &g).expect("by orig");
+                    prop_assert_eq!(f.external_port(), *port);
+                    let back = tb.lookup_inbound_at(&f.reply_key(), t(now), &g).expect("by reply");
+                    prop_assert!(core::ptr::eq(back, f));
+                    let e = eim.entry((key.src, key.src_port, key.proto)).or_insert(*port);
+                    prop_assert_eq!(*e, *port, "EIM: one port per endpoint");
+                }
+            }
+            check_invariants(&tb, t(now));
+        }
+    }
+}
