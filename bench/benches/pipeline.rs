@@ -39,14 +39,22 @@ fn gateway(max_entries: u32, egress: Vec<Ipv4Addr>) -> Arc<Gateway> {
         routes: vec![(net("0.0.0.0/0"), 0)],
         ..Config::default()
     };
-    let ct = conntrack::Config { max_entries, max_per_source: max_entries, ..Default::default() };
+    let ct = conntrack::Config {
+        max_entries,
+        max_per_source: max_entries,
+        ..Default::default()
+    };
     Arc::new(Gateway::new(config, ct, PortRange::default()).unwrap())
 }
 
 /// A VXLAN datagram carrying an inner Ethernet frame of exactly `frame_len` bytes (UDP).
 fn datagram(pod: Ipv4Addr, sport: u16, frame_len: usize) -> Vec<u8> {
     let payload = vec![0x5a; frame_len - 14 - 20 - 8];
-    let b = PacketBuilder::ethernet2([0x66, 0, 0, 0, 0, 2], tunnel_mac(GW)).ipv4(pod.octets(), SERVER.octets(), 64);
+    let b = PacketBuilder::ethernet2([0x66, 0, 0, 0, 0, 2], tunnel_mac(GW)).ipv4(
+        pod.octets(),
+        SERVER.octets(),
+        64,
+    );
     let mut d = vec![0x08, 0, 0, 0, 0x00, 0x10, 0x01, 0];
     b.udp(sport, 53).write(&mut d, &payload).unwrap();
     d
@@ -65,7 +73,11 @@ fn established(c: &mut Criterion) {
             other => panic!("{other:?}"),
         };
         let payload = vec![0x5a; frame_len - 14 - 20 - 8];
-        let b = PacketBuilder::ethernet2([2, 0, 0, 0, 0, 0xfe], [2, 0, 0, 0, 0, 1]).ipv4(SERVER.octets(), EGRESS.octets(), 60);
+        let b = PacketBuilder::ethernet2([2, 0, 0, 0, 0, 0xfe], [2, 0, 0, 0, 0, 1]).ipv4(
+            SERVER.octets(),
+            EGRESS.octets(),
+            60,
+        );
         let mut in_pkt = Vec::new();
         b.udp(53, ext).write(&mut in_pkt, &payload).unwrap();
 
@@ -105,7 +117,9 @@ fn new_flows(c: &mut Criterion) {
             datagram(pod, 10_000 + u16::try_from(i / 256).unwrap(), 64)
         })
         .collect();
-    let egress: Vec<Ipv4Addr> = (0..16u8).map(|i| Ipv4Addr::new(203, 0, 113, 10 + i)).collect();
+    let egress: Vec<Ipv4Addr> = (0..16u8)
+        .map(|i| Ipv4Addr::new(203, 0, 113, 10 + i))
+        .collect();
     g.bench_function("outbound_miss_alloc_insert", |b| {
         b.iter_custom(|iters| {
             let mut total = Duration::ZERO;

@@ -206,7 +206,10 @@ mod tests {
             t.insert(net("10.1.2.3/8"), 2),
             Err(DuplicatePrefix(net("10.0.0.0/8")))
         );
-        assert_eq!(t.lookup("10.9.9.9".parse().unwrap()).map(|(_, v)| *v), Some(1));
+        assert_eq!(
+            t.lookup("10.9.9.9".parse().unwrap()).map(|(_, v)| *v),
+            Some(1)
+        );
     }
 
     #[test]
@@ -214,9 +217,15 @@ mod tests {
         let mut t = RouteTable::new();
         t.insert(net("192.0.2.1/32"), 1).unwrap();
         t.insert(net("2001:db8::1/128"), 2).unwrap();
-        assert_eq!(t.lookup("192.0.2.1".parse().unwrap()).map(|(_, v)| *v), Some(1));
+        assert_eq!(
+            t.lookup("192.0.2.1".parse().unwrap()).map(|(_, v)| *v),
+            Some(1)
+        );
         assert!(t.lookup("192.0.2.2".parse().unwrap()).is_none());
-        assert_eq!(t.lookup("2001:db8::1".parse().unwrap()).map(|(_, v)| *v), Some(2));
+        assert_eq!(
+            t.lookup("2001:db8::1".parse().unwrap()).map(|(_, v)| *v),
+            Some(2)
+        );
     }
 
     proptest! {

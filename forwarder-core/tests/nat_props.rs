@@ -19,11 +19,23 @@ enum Kind {
     Icmp,
 }
 
-fn packet(v6: bool, kind: &Kind, src: [u8; 16], dst: [u8; 16], sp: u16, dp: u16, payload: &[u8]) -> Vec<u8> {
+fn packet(
+    v6: bool,
+    kind: &Kind,
+    src: [u8; 16],
+    dst: [u8; 16],
+    sp: u16,
+    dp: u16,
+    payload: &[u8],
+) -> Vec<u8> {
     let b = if v6 {
         PacketBuilder::ipv6(src, dst, 64)
     } else {
-        PacketBuilder::ipv4(src[..4].try_into().unwrap(), dst[..4].try_into().unwrap(), 64)
+        PacketBuilder::ipv4(
+            src[..4].try_into().unwrap(),
+            dst[..4].try_into().unwrap(),
+            64,
+        )
     };
     match (kind, v6) {
         (Kind::Tcp, _) => build(|o| b.tcp(sp, dp, 7, 1000).ack(3).write(o, payload)),

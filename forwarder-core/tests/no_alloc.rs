@@ -68,11 +68,20 @@ fn established_flows_and_drops_allocate_nothing() {
         for i in 0..10_000u64 {
             let now = Instant::from_millis(2_000 + i);
             buf[..out_pkt.len()].copy_from_slice(&out_pkt);
-            assert!(matches!(w.outbound(NODE, &mut buf, out_pkt.len(), now), Action::Forward { .. }));
+            assert!(matches!(
+                w.outbound(NODE, &mut buf, out_pkt.len(), now),
+                Action::Forward { .. }
+            ));
             buf[64..64 + in_pkt.len()].copy_from_slice(&in_pkt);
-            assert!(matches!(w.inbound(0, &mut buf, 64, in_pkt.len(), now), Action::ToTunnel { .. }));
+            assert!(matches!(
+                w.inbound(0, &mut buf, 64, in_pkt.len(), now),
+                Action::ToTunnel { .. }
+            ));
             buf[..bad.len()].copy_from_slice(&bad);
-            assert!(matches!(w.outbound(NODE, &mut buf, bad.len(), now), Action::Drop(_)));
+            assert!(matches!(
+                w.outbound(NODE, &mut buf, bad.len(), now),
+                Action::Drop(_)
+            ));
         }
     });
     assert_eq!(n, 0, "{n} heap allocations on the established-flow path");

@@ -15,8 +15,15 @@ use forwarder_core::{Instant, Reason};
 /// An action, owned, so tests can keep it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 enum Out {
-    Fwd { uplink: u8, next_hop: IpAddr, frame: Vec<u8> },
-    Tun { node: Ipv4Addr, dgram: Vec<u8> },
+    Fwd {
+        uplink: u8,
+        next_hop: IpAddr,
+        frame: Vec<u8>,
+    },
+    Tun {
+        node: Ipv4Addr,
+        dgram: Vec<u8>,
+    },
     Neighbour,
     Drop(Reason),
 }
@@ -24,7 +31,11 @@ enum Out {
 impl Out {
     fn fwd(self) -> (u8, IpAddr, Vec<u8>) {
         match self {
-            Out::Fwd { uplink, next_hop, frame } => (uplink, next_hop, frame),
+            Out::Fwd {
+                uplink,
+                next_hop,
+                frame,
+            } => (uplink, next_hop, frame),
             other => panic!("expected a forward, got {other:?}"),
         }
     }
@@ -38,8 +49,19 @@ impl Out {
 
 fn owned(a: Action<'_>) -> Out {
     match a {
-        Action::Forward { uplink, next_hop, frame } => Out::Fwd { uplink, next_hop, frame: frame.to_vec() },
-        Action::ToTunnel { node, datagram } => Out::Tun { node, dgram: datagram.to_vec() },
+        Action::Forward {
+            uplink,
+            next_hop,
+            frame,
+        } => Out::Fwd {
+            uplink,
+            next_hop,
+            frame: frame.to_vec(),
+        },
+        Action::ToTunnel { node, datagram } => Out::Tun {
+            node,
+            dgram: datagram.to_vec(),
+        },
         Action::Neighbour => Out::Neighbour,
         Action::Drop(r) => Out::Drop(r),
     }
@@ -75,23 +97,45 @@ fn tcp_syn_is_translated_clamped_and_the_reply_returns_to_the_pod() {
     assert_eq!(ip[8], 63, "TTL decremented once");
     let (ext_port, dport) = l4_ports(ip);
     assert_eq!(dport, 443);
-    assert!(ext_port >= 1024, "external port {ext_port} in the configured range");
+    assert!(
+        ext_port >= 1024,
+        "external port {ext_port} in the configured range"
+    );
     // MSS option: kind 2 at the start of the options, clamped to 1450 - 40.
-    assert_eq!(&ip[40..44], &[2, 4, (1410u16 >> 8) as u8, (1410u16 & 0xff) as u8]);
+    assert_eq!(
+        &ip[40..44],
+        &[2, 4, (1410u16 >> 8) as u8, (1410u16 & 0xff) as u8]
+    );
     assert_checksums(ip);
 
     // The server's SYN-ACK to the egress address comes back to the pod, in the tunnel, to the right node.
     let reply = outside_tcp(SERVER, DMZ_EGRESS, 443, ext_port, "SAM", 9000, 1001);
     let (node, d) = inb(&mut w, 0, &reply, T0).tun();
     assert_eq!(node, NODE);
-    assert_eq!(&d[..8], &[0x08, 0, 0, 0, 0x00, 0x10, 0x01, 0], "VXLAN header, VNI 4097");
-    assert_eq!(&d[8..14], &NODE_MAC, "inner destination MAC: the node's vxlan device");
-    assert_eq!(&d[14..20], &tunnel_mac(GW), "inner source MAC: a2:2a + gateway IP");
+    assert_eq!(
+        &d[..8],
+        &[0x08, 0, 0, 0, 0x00, 0x10, 0x01, 0],
+        "VXLAN header, VNI 4097"
+    );
+    assert_eq!(
+        &d[8..14],
+        &NODE_MAC,
+        "inner destination MAC: the node's vxlan device"
+    );
+    assert_eq!(
+        &d[14..20],
+        &tunnel_mac(GW),
+        "inner source MAC: a2:2a + gateway IP"
+    );
     let ip = &d[22..];
     assert_eq!(ip4_src(ip), SERVER);
     assert_eq!(ip4_dst(ip), POD);
     assert_eq!(l4_ports(ip), (443, 40000));
-    assert_eq!(&ip[40..44], &[2, 4, (1410u16 >> 8) as u8, (1410u16 & 0xff) as u8], "SYN-ACK MSS clamped too");
+    assert_eq!(
+        &ip[40..44],
+        &[2, 4, (1410u16 >> 8) as u8, (1410u16 & 0xff) as u8],
+        "SYN-ACK MSS clamped too"
+    );
     assert_checksums(ip);
     assert_eq!(w.stats().flows_created, 1);
     assert_eq!(w.stats().total_drops(), 0);
@@ -101,8 +145,17 @@ fn tcp_syn_is_translated_clamped_and_the_reply_returns_to_the_pod() {
 fn mapping_is_endpoint_independent_and_routes_pick_the_uplink() {
     let mut w = worker();
     let (_, _, a) = out(&mut w, &pod_udp(SERVER, 5353, 53, b"q1"), T0).fwd();
-    let (_, _, b) = out(&mut w, &pod_udp(Ipv4Addr::new(192, 0, 2, 53), 5353, 53, b"q2"), T0).fwd();
-    assert_eq!(l4_ports(&a[14..]).0, l4_ports(&b[14..]).0, "same pod endpoint, same external port");
+    let (_, _, b) = out(
+        &mut w,
+        &pod_udp(Ipv4Addr::new(192, 0, 2, 53), 5353, 53, b"q2"),
+        T0,
+    )
+    .fwd();
+    assert_eq!(
+        l4_ports(&a[14..]).0,
+        l4_ports(&b[14..]).0,
+        "same pod endpoint, same external port"
+    );
     // Internal destinations leave by the internal uplink, on-link, with the internal egress IP.
     let (uplink, hop, f) = out(&mut w, &pod_udp(INTERNAL_SERVER, 5353, 53, b"q3"), T0).fwd();
     assert_eq!((uplink, hop), (1, any_ip(INTERNAL_SERVER)));
@@ -129,12 +182,20 @@ fn ping_is_translated_by_identifier_and_answered() {
     assert_eq!(ip4_src(ip), DMZ_EGRESS);
     assert_checksums(ip);
     let ext_id = u16::from_be_bytes([ip[24], ip[25]]);
-    let b = etherparse::PacketBuilder::ethernet2(ROUTER_MAC, UPLINK_MAC).ipv4(SERVER.octets(), DMZ_EGRESS.octets(), 60);
+    let b = etherparse::PacketBuilder::ethernet2(ROUTER_MAC, UPLINK_MAC).ipv4(
+        SERVER.octets(),
+        DMZ_EGRESS.octets(),
+        60,
+    );
     let reply = build(|o| b.icmpv4_echo_reply(ext_id, 1).write(o, b"abcdefgh"));
     let (_, d) = inb(&mut w, 0, &reply, T0).tun();
     let ip = &d[22..];
     assert_eq!(ip4_dst(ip), POD);
-    assert_eq!(u16::from_be_bytes([ip[24], ip[25]]), 77, "identifier restored");
+    assert_eq!(
+        u16::from_be_bytes([ip[24], ip[25]]),
+        77,
+        "identifier restored"
+    );
     assert_checksums(ip);
 }
 
@@ -143,14 +204,22 @@ fn ipv6_flows_are_translated_both_ways() {
     let mut w = worker();
     let (uplink, hop, f) = out(&mut w, &pod_udp6(SERVER6, 6000, 53, b"v6 query"), T0).fwd();
     assert_eq!(uplink, 0);
-    assert_eq!(hop, IpAddr::V6(SERVER6), "no IPv6 router configured: on-link");
+    assert_eq!(
+        hop,
+        IpAddr::V6(SERVER6),
+        "no IPv6 router configured: on-link"
+    );
     assert_eq!(&f[12..14], &[0x86, 0xdd]);
     let ip = &f[14..];
     assert_eq!(&ip[8..24], &DMZ_EGRESS6.octets());
     assert_eq!(ip[7], 63);
     assert_checksums(ip);
     let ext = l4_ports(ip).0;
-    let b = etherparse::PacketBuilder::ethernet2(ROUTER_MAC, UPLINK_MAC).ipv6(SERVER6.octets(), DMZ_EGRESS6.octets(), 60);
+    let b = etherparse::PacketBuilder::ethernet2(ROUTER_MAC, UPLINK_MAC).ipv6(
+        SERVER6.octets(),
+        DMZ_EGRESS6.octets(),
+        60,
+    );
     let reply = build(|o| b.udp(53, ext).write(o, b"v6 answer"));
     let (_, d) = inb(&mut w, 0, &reply, T0).tun();
     let ip = &d[22..];
@@ -163,34 +232,70 @@ fn ipv6_flows_are_translated_both_ways() {
 fn hostile_tunnel_input_is_dropped_and_counted() {
     let mut w = worker();
     let good = pod_tcp(SERVER, 40000, 443, true, &[]);
-    assert_eq!(out_from(&mut w, Ipv4Addr::new(192, 168, 9, 9), &good, T0), Out::Drop(Reason::VxlanSourceNotAllowed));
+    assert_eq!(
+        out_from(&mut w, Ipv4Addr::new(192, 168, 9, 9), &good, T0),
+        Out::Drop(Reason::VxlanSourceNotAllowed)
+    );
     let mut bad_vni = good.clone();
     bad_vni[6] = 0x11;
     assert_eq!(out(&mut w, &bad_vni, T0), Out::Drop(Reason::VxlanWrongVni));
     let mut no_i_flag = good.clone();
     no_i_flag[0] = 0;
-    assert_eq!(out(&mut w, &no_i_flag, T0), Out::Drop(Reason::VxlanBadFlags));
+    assert_eq!(
+        out(&mut w, &no_i_flag, T0),
+        Out::Drop(Reason::VxlanBadFlags)
+    );
     let mut other_mac = good.clone();
     other_mac[8] = 0x02;
     assert_eq!(out(&mut w, &other_mac, T0), Out::Drop(Reason::NotForUs));
-    let b = etherparse::PacketBuilder::ethernet2(NODE_MAC, tunnel_mac(GW)).ipv4([10, 99, 0, 1], SERVER.octets(), 64);
+    let b = etherparse::PacketBuilder::ethernet2(NODE_MAC, tunnel_mac(GW)).ipv4(
+        [10, 99, 0, 1],
+        SERVER.octets(),
+        64,
+    );
     let spoofed = vxlan(VNI, &build(|o| b.udp(1, 2).write(o, b"x")));
-    assert_eq!(out(&mut w, &spoofed, T0), Out::Drop(Reason::InnerSourceNotAllowed));
-    let b = etherparse::PacketBuilder::ethernet2(NODE_MAC, tunnel_mac(GW)).ipv4(POD.octets(), [224, 0, 0, 5], 64);
+    assert_eq!(
+        out(&mut w, &spoofed, T0),
+        Out::Drop(Reason::InnerSourceNotAllowed)
+    );
+    let b = etherparse::PacketBuilder::ethernet2(NODE_MAC, tunnel_mac(GW)).ipv4(
+        POD.octets(),
+        [224, 0, 0, 5],
+        64,
+    );
     let multicast = vxlan(VNI, &build(|o| b.udp(1, 2).write(o, b"x")));
-    assert_eq!(out(&mut w, &multicast, T0), Out::Drop(Reason::MartianAddress));
+    assert_eq!(
+        out(&mut w, &multicast, T0),
+        Out::Drop(Reason::MartianAddress)
+    );
     // A mid-stream ACK cannot open a flow.
-    assert_eq!(out(&mut w, &pod_tcp(SERVER, 40001, 443, false, b"data"), T0), Out::Drop(Reason::TcpNoSynForNewFlow));
+    assert_eq!(
+        out(&mut w, &pod_tcp(SERVER, 40001, 443, false, b"data"), T0),
+        Out::Drop(Reason::TcpNoSynForNewFlow)
+    );
     let mut bad_csum = good.clone();
     bad_csum[8 + 14 + 10] ^= 0xff;
-    assert_eq!(out(&mut w, &bad_csum, T0), Out::Drop(Reason::Ipv4BadChecksum));
+    assert_eq!(
+        out(&mut w, &bad_csum, T0),
+        Out::Drop(Reason::Ipv4BadChecksum)
+    );
     for cut in [3, 10, 21, 30, good.len() - 1] {
-        assert!(matches!(out(&mut w, &good[..cut], T0), Out::Drop(_)), "truncated at {cut}");
+        assert!(
+            matches!(out(&mut w, &good[..cut], T0), Out::Drop(_)),
+            "truncated at {cut}"
+        );
     }
     assert_eq!(w.gateway().table().len(), 0, "no state from any of it");
     let s = w.stats();
-    for r in [Reason::VxlanSourceNotAllowed, Reason::VxlanWrongVni, Reason::NotForUs, Reason::InnerSourceNotAllowed,
-              Reason::MartianAddress, Reason::TcpNoSynForNewFlow, Reason::Ipv4BadChecksum] {
+    for r in [
+        Reason::VxlanSourceNotAllowed,
+        Reason::VxlanWrongVni,
+        Reason::NotForUs,
+        Reason::InnerSourceNotAllowed,
+        Reason::MartianAddress,
+        Reason::TcpNoSynForNewFlow,
+        Reason::Ipv4BadChecksum,
+    ] {
         assert_eq!(s.dropped(r), 1, "{r} counted once");
     }
 }
@@ -201,7 +306,11 @@ fn unsolicited_inbound_is_dropped_without_state() {
     let syn = outside_tcp(SERVER, DMZ_EGRESS, 443, 5555, "S", 1, 0);
     assert_eq!(inb(&mut w, 0, &syn, T0), Out::Drop(Reason::NoFlow));
     let ping = {
-        let b = etherparse::PacketBuilder::ethernet2(ROUTER_MAC, UPLINK_MAC).ipv4(SERVER.octets(), DMZ_EGRESS.octets(), 60);
+        let b = etherparse::PacketBuilder::ethernet2(ROUTER_MAC, UPLINK_MAC).ipv4(
+            SERVER.octets(),
+            DMZ_EGRESS.octets(),
+            60,
+        );
         build(|o| b.icmpv4_echo_request(1, 1).write(o, b"hi"))
     };
     assert_eq!(inb(&mut w, 0, &ping, T0), Out::Drop(Reason::NoFlow));
@@ -210,9 +319,18 @@ fn unsolicited_inbound_is_dropped_without_state() {
     // ARP on the uplink belongs to the neighbour handling.
     let arp = build(|o| {
         etherparse::PacketBuilder::ethernet2(ROUTER_MAC, [0xff; 6])
-            .arp(etherparse::ArpPacket::new(
-                etherparse::ArpHardwareId::ETHERNET, etherparse::EtherType::IPV4, etherparse::ArpOperation::REQUEST,
-                &ROUTER_MAC, &DMZ_ROUTER.octets(), &[0; 6], &DMZ_EGRESS.octets()).unwrap())
+            .arp(
+                etherparse::ArpPacket::new(
+                    etherparse::ArpHardwareId::ETHERNET,
+                    etherparse::EtherType::IPV4,
+                    etherparse::ArpOperation::REQUEST,
+                    &ROUTER_MAC,
+                    &DMZ_ROUTER.octets(),
+                    &[0; 6],
+                    &DMZ_EGRESS.octets(),
+                )
+                .unwrap(),
+            )
             .write(o)
     });
     assert_eq!(inb(&mut w, 0, &arp, T0), Out::Neighbour);
@@ -221,7 +339,11 @@ fn unsolicited_inbound_is_dropped_without_state() {
 #[test]
 fn ttl_expiry_answers_time_exceeded_to_the_pod() {
     let mut w = worker();
-    let b = etherparse::PacketBuilder::ethernet2(NODE_MAC, tunnel_mac(GW)).ipv4(POD.octets(), SERVER.octets(), 1);
+    let b = etherparse::PacketBuilder::ethernet2(NODE_MAC, tunnel_mac(GW)).ipv4(
+        POD.octets(),
+        SERVER.octets(),
+        1,
+    );
     let d = vxlan(VNI, &build(|o| b.udp(33434, 33435).write(o, b"traceroute")));
     let (node, r) = out(&mut w, &d, T0).tun();
     assert_eq!(node, NODE);
@@ -229,8 +351,16 @@ fn ttl_expiry_answers_time_exceeded_to_the_pod() {
     let ip = &r[22..];
     assert_eq!(ip4_src(ip), GW);
     assert_eq!(ip4_dst(ip), POD);
-    assert_eq!((ip[9], ip[20], ip[21]), (1, 11, 0), "ICMP time exceeded in transit");
-    assert_eq!(&ip[28..28 + 20], &d[22..42], "the original IPv4 header is quoted");
+    assert_eq!(
+        (ip[9], ip[20], ip[21]),
+        (1, 11, 0),
+        "ICMP time exceeded in transit"
+    );
+    assert_eq!(
+        &ip[28..28 + 20],
+        &d[22..42],
+        "the original IPv4 header is quoted"
+    );
     assert_checksums(ip);
     assert_eq!(w.stats().dropped(Reason::TtlExpired), 1);
     assert_eq!(w.stats().icmp_originated, 1);
@@ -241,7 +371,11 @@ fn too_big_for_the_tunnel_with_df_brings_frag_needed_to_the_sender() {
     let mut w = worker();
     let (_, _, f) = out(&mut w, &pod_udp(SERVER, 7000, 7001, b"open"), T0).fwd();
     let ext = l4_ports(&f[14..]).0;
-    let b = etherparse::PacketBuilder::ethernet2(ROUTER_MAC, UPLINK_MAC).ipv4(SERVER.octets(), DMZ_EGRESS.octets(), 60);
+    let b = etherparse::PacketBuilder::ethernet2(ROUTER_MAC, UPLINK_MAC).ipv4(
+        SERVER.octets(),
+        DMZ_EGRESS.octets(),
+        60,
+    );
     let mut big = build(|o| b.udp(7001, ext).write(o, &[0x55; 1472]));
     // Set DF and fix the header checksum.
     big[14 + 6] |= 0x40;
@@ -255,7 +389,11 @@ fn too_big_for_the_tunnel_with_df_brings_frag_needed_to_the_sender() {
     assert_eq!(ip4_dst(ip), SERVER);
     assert_eq!(ip4_src(ip), DMZ_EGRESS);
     assert_eq!((ip[20], ip[21]), (3, 4), "fragmentation needed");
-    assert_eq!(u16::from_be_bytes([ip[26], ip[27]]), 1450, "next-hop MTU is the tunnel's");
+    assert_eq!(
+        u16::from_be_bytes([ip[26], ip[27]]),
+        1450,
+        "next-hop MTU is the tunnel's"
+    );
     assert!(ip.len() <= 576);
     assert_checksums(ip);
 }
@@ -270,7 +408,10 @@ fn icmp_errors_about_a_flow_are_translated_back_and_do_not_refresh() {
     let last_seen = {
         let guard = g.pin();
         let key = forwarder_core::flow::FlowKey {
-            src: any_ip(POD), dst: any_ip(SERVER), src_port: 7100, dst_port: 53,
+            src: any_ip(POD),
+            dst: any_ip(SERVER),
+            src_port: 7100,
+            dst_port: 53,
             proto: forwarder_core::flow::Proto::Udp,
         };
         g.table().lookup_outbound(&key, &guard).unwrap().last_seen()
@@ -280,8 +421,12 @@ fn icmp_errors_about_a_flow_are_translated_back_and_do_not_refresh() {
     icmp.extend_from_slice(&sent[..28]);
     let c = !ref_fold(ref_sum(&icmp, 0));
     icmp[2..4].copy_from_slice(&c.to_be_bytes());
-    let b = etherparse::PacketBuilder::ethernet2(ROUTER_MAC, UPLINK_MAC).ipv4(SERVER.octets(), DMZ_EGRESS.octets(), 60);
-    let frame = build(|o| b.write(o, 1, &icmp));
+    let b = etherparse::PacketBuilder::ethernet2(ROUTER_MAC, UPLINK_MAC).ipv4(
+        SERVER.octets(),
+        DMZ_EGRESS.octets(),
+        60,
+    );
+    let frame = build(|o| b.write(o, etherparse::IpNumber::ICMP, &icmp));
     let later = Instant::from_secs(150);
     let (node, d) = inb(&mut w, 0, &frame, later).tun();
     assert_eq!(node, NODE);
@@ -291,15 +436,26 @@ fn icmp_errors_about_a_flow_are_translated_back_and_do_not_refresh() {
     let quoted = &ip[28..];
     assert_eq!(ip4_src(quoted), POD, "quoted source restored to the pod");
     assert_eq!(l4_ports(quoted), (7100, 53), "quoted port restored");
-    assert_eq!(ref_fold(ref_sum(&quoted[..20], 0)), 0xffff, "quoted IPv4 header checksum");
+    assert_eq!(
+        ref_fold(ref_sum(&quoted[..20], 0)),
+        0xffff,
+        "quoted IPv4 header checksum"
+    );
     assert_checksums(ip);
     let _ = ext;
     let guard = g.pin();
     let key = forwarder_core::flow::FlowKey {
-        src: any_ip(POD), dst: any_ip(SERVER), src_port: 7100, dst_port: 53,
+        src: any_ip(POD),
+        dst: any_ip(SERVER),
+        src_port: 7100,
+        dst_port: 53,
         proto: forwarder_core::flow::Proto::Udp,
     };
-    assert_eq!(g.table().lookup_outbound(&key, &guard).unwrap().last_seen(), last_seen, "ICMP errors never refresh");
+    assert_eq!(
+        g.table().lookup_outbound(&key, &guard).unwrap().last_seen(),
+        last_seen,
+        "ICMP errors never refresh"
+    );
 }
 
 #[test]
@@ -307,9 +463,18 @@ fn arp_and_ping_for_the_gateway_are_answered_in_the_tunnel() {
     let mut w = worker();
     let arp = build(|o| {
         etherparse::PacketBuilder::ethernet2(NODE_MAC, [0xff; 6])
-            .arp(etherparse::ArpPacket::new(
-                etherparse::ArpHardwareId::ETHERNET, etherparse::EtherType::IPV4, etherparse::ArpOperation::REQUEST,
-                &NODE_MAC, &[10, 244, 1, 0], &[0; 6], &GW.octets()).unwrap())
+            .arp(
+                etherparse::ArpPacket::new(
+                    etherparse::ArpHardwareId::ETHERNET,
+                    etherparse::EtherType::IPV4,
+                    etherparse::ArpOperation::REQUEST,
+                    &NODE_MAC,
+                    &[10, 244, 1, 0],
+                    &[0; 6],
+                    &GW.octets(),
+                )
+                .unwrap(),
+            )
             .write(o)
     });
     let (node, r) = out(&mut w, &vxlan(VNI, &arp), T0).tun();
@@ -327,7 +492,11 @@ fn arp_and_ping_for_the_gateway_are_answered_in_the_tunnel() {
     let ip = &r[22..];
     assert_eq!((ip4_src(ip), ip4_dst(ip), ip[20]), (GW, POD, 0));
     assert_checksums(ip);
-    assert_eq!(w.gateway().table().len(), 0, "no flow for the gateway's own answers");
+    assert_eq!(
+        w.gateway().table().len(),
+        0,
+        "no flow for the gateway's own answers"
+    );
 }
 
 #[test]
@@ -335,21 +504,40 @@ fn draining_refuses_new_flows_and_keeps_old_ones() {
     let mut w = worker();
     let (_, _, _) = out(&mut w, &pod_udp(SERVER, 8000, 53, b"a"), T0).fwd();
     w.gateway().set_draining(true);
-    assert!(matches!(out(&mut w, &pod_udp(SERVER, 8000, 53, b"b"), T0), Out::Fwd { .. }));
-    assert_eq!(out(&mut w, &pod_udp(SERVER, 8001, 53, b"c"), T0), Out::Drop(Reason::Draining));
+    assert!(matches!(
+        out(&mut w, &pod_udp(SERVER, 8000, 53, b"b"), T0),
+        Out::Fwd { .. }
+    ));
+    assert_eq!(
+        out(&mut w, &pod_udp(SERVER, 8001, 53, b"c"), T0),
+        Out::Drop(Reason::Draining)
+    );
 }
 
 #[test]
 fn exhausted_port_pool_answers_admin_prohibited() {
-    let gw = gateway_with(conntrack::Config::default(), PortRange { min: 2000, max: 2001 });
+    let gw = gateway_with(
+        conntrack::Config::default(),
+        PortRange {
+            min: 2000,
+            max: 2001,
+        },
+    );
     let mut w = Worker::new(gw, 3);
     for p in 0..2 {
-        assert!(matches!(out(&mut w, &pod_udp(SERVER, 9000 + p, 53, b"x"), T0), Out::Fwd { .. }));
+        assert!(matches!(
+            out(&mut w, &pod_udp(SERVER, 9000 + p, 53, b"x"), T0),
+            Out::Fwd { .. }
+        ));
     }
     let (node, r) = out(&mut w, &pod_udp(SERVER, 9002, 53, b"x"), T0).tun();
     assert_eq!(node, NODE);
     let ip = &r[22..];
-    assert_eq!((ip[20], ip[21]), (3, 13), "ICMP administratively prohibited");
+    assert_eq!(
+        (ip[20], ip[21]),
+        (3, 13),
+        "ICMP administratively prohibited"
+    );
     assert_checksums(ip);
     assert_eq!(w.stats().dropped(Reason::PortsExhausted), 1);
 }

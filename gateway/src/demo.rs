@@ -9,7 +9,9 @@ use std::sync::Arc;
 
 use etherparse::{NetSlice, PacketBuilder, SlicedPacket, TransportSlice};
 use forwarder_core::conntrack;
-use forwarder_core::pipeline::{tunnel_mac, Action, Config, Gateway, UplinkConfig, Worker, INBOUND_HEADROOM};
+use forwarder_core::pipeline::{
+    tunnel_mac, Action, Config, Gateway, UplinkConfig, Worker, INBOUND_HEADROOM,
+};
 use forwarder_core::ports::PortRange;
 use forwarder_core::{Instant, Reason};
 
@@ -80,8 +82,18 @@ fn vxlan(vni: u32, inner: &[u8]) -> Vec<u8> {
     d
 }
 
-fn pod_frame(node: &Node, pod: &Pod, dst: Ipv4Addr, probe: Probe, sport: u16) -> Result<Vec<u8>, String> {
-    let b = PacketBuilder::ethernet2(node.mac, tunnel_mac(GATEWAY)).ipv4(pod.ip.octets(), dst.octets(), 64);
+fn pod_frame(
+    node: &Node,
+    pod: &Pod,
+    dst: Ipv4Addr,
+    probe: Probe,
+    sport: u16,
+) -> Result<Vec<u8>, String> {
+    let b = PacketBuilder::ethernet2(node.mac, tunnel_mac(GATEWAY)).ipv4(
+        pod.ip.octets(),
+        dst.octets(),
+        64,
+    );
     let mut out = Vec::new();
     let res = match probe {
         Probe::Tcp(port) => b
@@ -133,10 +145,18 @@ fn server_reply(server: &Server, to: IpAddr, to_port: u16) -> Result<Vec<u8>, St
     let IpAddr::V4(to) = to else {
         return Err("IPv6 egress in an IPv4 demo".into());
     };
-    let b = PacketBuilder::ethernet2([2, 0, 0, 0, 0, 0xfe], [2, 0, 0, 0, 0, 0x01]).ipv4(server.ip.octets(), to.octets(), 60);
+    let b = PacketBuilder::ethernet2([2, 0, 0, 0, 0, 0xfe], [2, 0, 0, 0, 0, 0x01]).ipv4(
+        server.ip.octets(),
+        to.octets(),
+        60,
+    );
     let mut out = Vec::new();
     let res = match server.probe {
-        Probe::Tcp(port) => b.tcp(port, to_port, 9_000, 65_160).syn().ack(1_001).write(&mut out, &[]),
+        Probe::Tcp(port) => b
+            .tcp(port, to_port, 9_000, 65_160)
+            .syn()
+            .ack(1_001)
+            .write(&mut out, &[]),
         Probe::Udp(port) => b.udp(port, to_port).write(&mut out, b"hello from outside"),
         Probe::Ping => b.icmpv4_echo_reply(to_port, 1).write(&mut out, b"ping"),
     };
@@ -169,25 +189,71 @@ fn hex(b: &[u8]) -> String {
 
 pub(crate) fn run(verbose: bool) -> Result<(), String> {
     let nodes = [
-        Node { name: "node-a", ip: Ipv4Addr::new(172, 18, 0, 2), mac: [0x66, 0x0a, 0, 0, 0, 0x02] },
-        Node { name: "node-b", ip: Ipv4Addr::new(172, 18, 0, 4), mac: [0x66, 0x0b, 0, 0, 0, 0x04] },
+        Node {
+            name: "node-a",
+            ip: Ipv4Addr::new(172, 18, 0, 2),
+            mac: [0x66, 0x0a, 0, 0, 0, 0x02],
+        },
+        Node {
+            name: "node-b",
+            ip: Ipv4Addr::new(172, 18, 0, 4),
+            mac: [0x66, 0x0b, 0, 0, 0, 0x04],
+        },
     ];
     let pods = [
-        Pod { name: "shop/frontend", ip: Ipv4Addr::new(10, 244, 1, 5), node: 0 },
-        Pod { name: "shop/billing", ip: Ipv4Addr::new(10, 244, 2, 7), node: 1 },
-        Pod { name: "ops/monitor", ip: Ipv4Addr::new(10, 244, 1, 9), node: 0 },
+        Pod {
+            name: "shop/frontend",
+            ip: Ipv4Addr::new(10, 244, 1, 5),
+            node: 0,
+        },
+        Pod {
+            name: "shop/billing",
+            ip: Ipv4Addr::new(10, 244, 2, 7),
+            node: 1,
+        },
+        Pod {
+            name: "ops/monitor",
+            ip: Ipv4Addr::new(10, 244, 1, 9),
+            node: 0,
+        },
     ];
     let servers = [
-        Server { name: "saas-api (DMZ)", ip: Ipv4Addr::new(198, 51, 100, 20), probe: Probe::Tcp(443) },
-        Server { name: "partner-dns (DMZ)", ip: Ipv4Addr::new(192, 0, 2, 53), probe: Probe::Udp(53) },
-        Server { name: "legacy-db (internal)", ip: Ipv4Addr::new(10, 50, 1, 20), probe: Probe::Tcp(5432) },
-        Server { name: "mainframe (internal)", ip: Ipv4Addr::new(10, 50, 2, 30), probe: Probe::Ping },
+        Server {
+            name: "saas-api (DMZ)",
+            ip: Ipv4Addr::new(198, 51, 100, 20),
+            probe: Probe::Tcp(443),
+        },
+        Server {
+            name: "partner-dns (DMZ)",
+            ip: Ipv4Addr::new(192, 0, 2, 53),
+            probe: Probe::Udp(53),
+        },
+        Server {
+            name: "legacy-db (internal)",
+            ip: Ipv4Addr::new(10, 50, 1, 20),
+            probe: Probe::Tcp(5432),
+        },
+        Server {
+            name: "mainframe (internal)",
+            ip: Ipv4Addr::new(10, 50, 2, 30),
+            probe: Probe::Ping,
+        },
     ];
     let gw = Arc::new(
-        Gateway::new(config()?, conntrack::Config::default(), PortRange::default()).map_err(|e| e.to_string())?,
+        Gateway::new(
+            config()?,
+            conntrack::Config::default(),
+            PortRange::default(),
+        )
+        .map_err(|e| e.to_string())?,
     );
     let mut worker = Worker::new(gw.clone(), 0x5eed);
-    let uplink_names: Vec<&str> = gw.config().uplinks.iter().map(|u| u.name.as_str()).collect();
+    let uplink_names: Vec<&str> = gw
+        .config()
+        .uplinks
+        .iter()
+        .map(|u| u.name.as_str())
+        .collect();
     let mut now = Instant::from_secs(1);
     let mut failures = Vec::new();
     let mut buf = vec![0u8; 2048];
@@ -216,7 +282,10 @@ pub(crate) fn run(verbose: bool) -> Result<(), String> {
                     (uplink, as_seen_by_server(frame)?)
                 }
                 other => {
-                    failures.push(format!("{} → {}: expected a forward, got {other:?}", pod.name, server.name));
+                    failures.push(format!(
+                        "{} → {}: expected a forward, got {other:?}",
+                        pod.name, server.name
+                    ));
                     continue;
                 }
             };
@@ -244,7 +313,10 @@ pub(crate) fn run(verbose: bool) -> Result<(), String> {
                 server.name,
                 pod.name,
                 format!("{}:{sport}", pod.ip),
-                uplink_names.get(usize::from(uplink)).copied().unwrap_or("?"),
+                uplink_names
+                    .get(usize::from(uplink))
+                    .copied()
+                    .unwrap_or("?"),
                 format!("{}:{}", seen.src, seen.src_port),
                 seen.mss.map_or("-".to_string(), |m| m.to_string()),
             );
@@ -259,7 +331,11 @@ pub(crate) fn run(verbose: bool) -> Result<(), String> {
             Action::Drop(r) => Some(r),
             _ => None,
         };
-        let mark = if got == Some(want) { "dropped" } else { "NOT DROPPED AS EXPECTED" };
+        let mark = if got == Some(want) {
+            "dropped"
+        } else {
+            "NOT DROPPED AS EXPECTED"
+        };
         if got != Some(want) {
             failures.push(format!("{label}: expected drop {want}, got {got:?}"));
         }
@@ -267,31 +343,61 @@ pub(crate) fn run(verbose: bool) -> Result<(), String> {
     };
     let good = pod_frame(node, pod, servers[0].ip, Probe::Tcp(443), 41_000)?;
     buf[..good.len()].copy_from_slice(&good);
-    hostile("VXLAN from 192.168.99.9 (not a node CIDR)", Reason::VxlanSourceNotAllowed,
-        worker.outbound(Ipv4Addr::new(192, 168, 99, 9), &mut buf, good.len(), now));
+    hostile(
+        "VXLAN from 192.168.99.9 (not a node CIDR)",
+        Reason::VxlanSourceNotAllowed,
+        worker.outbound(Ipv4Addr::new(192, 168, 99, 9), &mut buf, good.len(), now),
+    );
     let mut wrong_vni = good.clone();
     wrong_vni[6] ^= 1;
     buf[..wrong_vni.len()].copy_from_slice(&wrong_vni);
-    hostile("VXLAN with VNI 4096", Reason::VxlanWrongVni, worker.outbound(node.ip, &mut buf, wrong_vni.len(), now));
-    let spoof = Pod { name: "spoofed", ip: Ipv4Addr::new(10, 99, 0, 1), node: 0 };
+    hostile(
+        "VXLAN with VNI 4096",
+        Reason::VxlanWrongVni,
+        worker.outbound(node.ip, &mut buf, wrong_vni.len(), now),
+    );
+    let spoof = Pod {
+        name: "spoofed",
+        ip: Ipv4Addr::new(10, 99, 0, 1),
+        node: 0,
+    };
     let s = pod_frame(node, &spoof, servers[0].ip, Probe::Tcp(443), 41_001)?;
     buf[..s.len()].copy_from_slice(&s);
-    hostile("inner source 10.99.0.1 outside the pod CIDRs (open relay)", Reason::InnerSourceNotAllowed,
-        worker.outbound(node.ip, &mut buf, s.len(), now));
-    let unsolicited = server_reply(&servers[0], IpAddr::V4(Ipv4Addr::new(203, 0, 113, 10)), 5555)?;
+    hostile(
+        "inner source 10.99.0.1 outside the pod CIDRs (open relay)",
+        Reason::InnerSourceNotAllowed,
+        worker.outbound(node.ip, &mut buf, s.len(), now),
+    );
+    let unsolicited = server_reply(
+        &servers[0],
+        IpAddr::V4(Ipv4Addr::new(203, 0, 113, 10)),
+        5555,
+    )?;
     buf[8..8 + unsolicited.len()].copy_from_slice(&unsolicited);
     let flows_before = gw.table().len();
-    hostile("unsolicited SYN-ACK from outside to 203.0.113.10:5555", Reason::NoFlow,
-        worker.inbound(0, &mut buf, 8, unsolicited.len(), now));
+    hostile(
+        "unsolicited SYN-ACK from outside to 203.0.113.10:5555",
+        Reason::NoFlow,
+        worker.inbound(0, &mut buf, 8, unsolicited.len(), now),
+    );
     if gw.table().len() != flows_before {
         failures.push("unsolicited inbound created state".into());
     }
     let truncated = &good[..good.len() - 30];
     buf[..truncated.len()].copy_from_slice(truncated);
-    hostile("truncated inner IPv4 packet", Reason::Ipv4BadTotalLen, worker.outbound(node.ip, &mut buf, truncated.len(), now));
+    hostile(
+        "truncated inner IPv4 packet",
+        Reason::Ipv4BadTotalLen,
+        worker.outbound(node.ip, &mut buf, truncated.len(), now),
+    );
 
     let st = worker.stats();
-    println!("\nflows in the table: {}   created: {}   ICMP originated: {}", gw.table().len(), st.flows_created, st.icmp_originated);
+    println!(
+        "\nflows in the table: {}   created: {}   ICMP originated: {}",
+        gw.table().len(),
+        st.flows_created,
+        st.icmp_originated
+    );
     println!("drops by reason:");
     for r in Reason::ALL {
         let n = st.dropped(*r);
@@ -303,6 +409,10 @@ pub(crate) fn run(verbose: bool) -> Result<(), String> {
         println!("\nall checks passed");
         Ok(())
     } else {
-        Err(format!("{} check(s) failed:\n  {}", failures.len(), failures.join("\n  ")))
+        Err(format!(
+            "{} check(s) failed:\n  {}",
+            failures.len(),
+            failures.join("\n  ")
+        ))
     }
 }

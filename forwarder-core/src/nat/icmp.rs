@@ -61,7 +61,10 @@ pub fn originate(buf: &mut [u8], meta: &PacketMeta, src: IpAddr, kind: ErrorKind
     let room = buf.len().checked_sub(meta.l3)?;
     match (src, meta.src) {
         (IpAddr::V4(src), IpAddr::V4(dst)) => {
-            let quote = meta.ip_len().min(576 - V4_HEADERS).min(room.checked_sub(V4_HEADERS)?);
+            let quote = meta
+                .ip_len()
+                .min(576 - V4_HEADERS)
+                .min(room.checked_sub(V4_HEADERS)?);
             if quote < ipv4::MIN_HEADER_LEN + 8 {
                 return None;
             }
@@ -92,7 +95,10 @@ pub fn originate(buf: &mut [u8], meta: &PacketMeta, src: IpAddr, kind: ErrorKind
             Some(meta.l3 + total)
         }
         (IpAddr::V6(src), IpAddr::V6(dst)) => {
-            let quote = meta.ip_len().min(1280 - V6_HEADERS).min(room.checked_sub(V6_HEADERS)?);
+            let quote = meta
+                .ip_len()
+                .min(1280 - V6_HEADERS)
+                .min(room.checked_sub(V6_HEADERS)?);
             if quote < ipv6::HEADER_LEN + 8 {
                 return None;
             }
@@ -100,9 +106,11 @@ pub fn originate(buf: &mut [u8], meta: &PacketMeta, src: IpAddr, kind: ErrorKind
             let total = V6_HEADERS + quote;
             let (t, code, rest) = match kind {
                 ErrorKind::TimeExceeded => (icmpv6::msg_type::TIME_EXCEEDED, 0, [0; 4]),
-                ErrorKind::TooBig { mtu } => {
-                    (icmpv6::msg_type::PACKET_TOO_BIG, 0, u32::from(mtu).to_be_bytes())
-                }
+                ErrorKind::TooBig { mtu } => (
+                    icmpv6::msg_type::PACKET_TOO_BIG,
+                    0,
+                    u32::from(mtu).to_be_bytes(),
+                ),
                 ErrorKind::AdminProhibited => (icmpv6::msg_type::DEST_UNREACHABLE, 1, [0; 4]),
             };
             write_ipv6_header(&mut buf[meta.l3..meta.l3 + total], &src, &dst, 58, total);
@@ -135,7 +143,7 @@ pub fn write_ipv4_header(buf: &mut [u8], src: Ipv4Addr, dst: Ipv4Addr, proto: u8
 /// Writes a 40-byte IPv6 header (hop limit 64) at the start of `buf`.
 pub fn write_ipv6_header(buf: &mut [u8], src: &Ipv6Addr, dst: &Ipv6Addr, next: u8, total: usize) {
     let mut ip = ipv6::Packet::new_unchecked(buf);
-    ip.set_version();
+    ip.set_version(6);
     ip.set_traffic_class(0);
     ip.set_flow_label(0);
     ip.set_payload_len(u16::try_from(total - ipv6::HEADER_LEN).unwrap_or(u16::MAX));
@@ -170,7 +178,12 @@ pub fn parse_embedded(buf: &[u8], meta: &PacketMeta) -> Result<Embedded, Reason>
             return Err(Reason::IcmpErrorMalformed);
         }
         let p = ipv6::Packet::new_unchecked(quoted);
-        (ipv6::HEADER_LEN, p.next_header(), IpAddr::V6(p.src()), IpAddr::V6(p.dst()))
+        (
+            ipv6::HEADER_LEN,
+            p.next_header(),
+            IpAddr::V6(p.src()),
+            IpAddr::V6(p.dst()),
+        )
     } else {
         if quoted.len() < ipv4::MIN_HEADER_LEN || quoted[0] >> 4 != 4 {
             return Err(Reason::IcmpErrorMalformed);
@@ -183,7 +196,9 @@ pub fn parse_embedded(buf: &[u8], meta: &PacketMeta) -> Result<Embedded, Reason>
         }
         (hl, p.protocol(), IpAddr::V4(p.src()), IpAddr::V4(p.dst()))
     };
-    let l4 = quoted.get(l4_rel..l4_rel + 8).ok_or(Reason::IcmpErrorMalformed)?;
+    let l4 = quoted
+        .get(l4_rel..l4_rel + 8)
+        .ok_or(Reason::IcmpErrorMalformed)?;
     let word = |i: usize| u16::from_be_bytes([l4[i], l4[i + 1]]);
     let (proto, src_port, dst_port, icmp_query) = match (proto, meta.v6) {
         (6, _) => (Proto::Tcp, word(0), word(2), false),
@@ -237,7 +252,11 @@ pub fn translate_error(
             o[..4].copy_from_slice(&buf[at..at + 4]);
             buf[at..at + 4].copy_from_slice(&a.octets());
             let hc = read_u16(buf, emb.l3 + 10);
-            write_u16(buf, emb.l3 + 10, checksum::update_bytes(hc, &o[..4], &a.octets()));
+            write_u16(
+                buf,
+                emb.l3 + 10,
+                checksum::update_bytes(hc, &o[..4], &a.octets()),
+            );
             let mut n = [0u8; 16];
             n[..4].copy_from_slice(&a.octets());
             (o, n, 4)
@@ -252,8 +271,18 @@ pub fn translate_error(
         _ => return,
     };
     let (port_at, check_at, pseudo, udp) = match emb.key.proto {
-        Proto::Tcp => (emb.l4 + if side == Side::Src { 0 } else { 2 }, emb.l4 + 16, true, false),
-        Proto::Udp => (emb.l4 + if side == Side::Src { 0 } else { 2 }, emb.l4 + 6, true, true),
+        Proto::Tcp => (
+            emb.l4 + if side == Side::Src { 0 } else { 2 },
+            emb.l4 + 16,
+            true,
+            false,
+        ),
+        Proto::Udp => (
+            emb.l4 + if side == Side::Src { 0 } else { 2 },
+            emb.l4 + 6,
+            true,
+            true,
+        ),
         Proto::Icmp => (emb.l4 + 4, emb.l4 + 2, false, false),
         Proto::Icmpv6 => (emb.l4 + 4, emb.l4 + 2, true, false),
     };
@@ -283,7 +312,11 @@ pub fn translate_error(
             o.copy_from_slice(&buf[at..at + 4]);
             buf[at..at + 4].copy_from_slice(&a.octets());
             let hc = read_u16(buf, meta.l3 + 10);
-            write_u16(buf, meta.l3 + 10, checksum::update_bytes(hc, &o, &a.octets()));
+            write_u16(
+                buf,
+                meta.l3 + 10,
+                checksum::update_bytes(hc, &o, &a.octets()),
+            );
         }
         IpAddr::V6(a) if meta.v6 => {
             let at = meta.l3 + if outer_side == Side::Src { 8 } else { 24 };

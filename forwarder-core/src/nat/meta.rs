@@ -122,7 +122,7 @@ impl PacketMeta {
 }
 
 /// What the upper-layer header says, as far as translation cares.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy)]
 pub enum L4 {
     /// TCP segment.
     Tcp {

@@ -138,16 +138,24 @@ impl core::fmt::Display for ConfigError {
     fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
         match self {
             ConfigError::UnknownUplink { prefix, uplink } => {
-                write!(f, "route {prefix} names uplink #{uplink}, which does not exist")
+                write!(
+                    f,
+                    "route {prefix} names uplink #{uplink}, which does not exist"
+                )
             }
             ConfigError::DuplicateRoute(p) => write!(f, "route {p} is listed more than once"),
-            ConfigError::TooManyUplinks(n) => write!(f, "{n} uplinks configured; at most 256 are supported"),
+            ConfigError::TooManyUplinks(n) => {
+                write!(f, "{n} uplinks configured; at most 256 are supported")
+            }
             ConfigError::NoEgressAddress { uplink, prefix } => write!(
                 f,
                 "uplink {uplink} carries route {prefix} but has no egress address of that family"
             ),
             ConfigError::DuplicateEgressAddress(a) => {
-                write!(f, "egress address {a} is configured on more than one uplink")
+                write!(
+                    f,
+                    "egress address {a} is configured on more than one uplink"
+                )
             }
         }
     }

@@ -39,7 +39,9 @@ pub(super) fn process(
     let meta = PacketMeta::parse(&buf[..end_of_frame], l3, v6)?;
     let l4 = parse_l4(buf, &meta)?;
     if let L4::IcmpOther { msg_type } = l4 {
-        if meta.v6 && (icmpv6::msg_type::ROUTER_SOLICIT..=icmpv6::msg_type::REDIRECT).contains(&msg_type) {
+        if meta.v6
+            && (icmpv6::msg_type::ROUTER_SOLICIT..=icmpv6::msg_type::REDIRECT).contains(&msg_type)
+        {
             return Ok(Verdict::Neighbour);
         }
         return Err(Reason::UnsupportedIcmpType);
@@ -72,8 +74,13 @@ pub(super) fn process(
                 dst_port,
                 seg,
             } => (flow_key(&meta, Proto::Tcp, src_port, dst_port), Some(seg)),
-            L4::Udp { src_port, dst_port } => (flow_key(&meta, Proto::Udp, src_port, dst_port), None),
-            L4::IcmpQuery { ident, request: false } => {
+            L4::Udp { src_port, dst_port } => {
+                (flow_key(&meta, Proto::Udp, src_port, dst_port), None)
+            }
+            L4::IcmpQuery {
+                ident,
+                request: false,
+            } => {
                 let p = if meta.v6 { Proto::Icmpv6 } else { Proto::Icmp };
                 (flow_key(&meta, p, ident, ident), None)
             }
@@ -82,7 +89,7 @@ pub(super) fn process(
                 let emb = icmp::parse_embedded(buf, &meta)?;
                 let flow = gw
                     .table
-                    .lookup_inbound(&emb.key.reversed(), &guard)
+                    .lookup_inbound_at(&emb.key.reversed(), now, &guard)
                     .ok_or(Reason::IcmpErrorNoFlow)?;
                 if meta.ttl <= 1 {
                     return Err(Reason::TtlExpired);
@@ -93,7 +100,16 @@ pub(super) fn process(
                 if let L4::IcmpError { msg_type, code } = l4 {
                     mtu_fix = too_big_mtu(&meta, msg_type, code);
                 }
-                icmp::translate_error(buf, &meta, &emb, Side::Src, orig.src, orig.src_port, Side::Dst, orig.src);
+                icmp::translate_error(
+                    buf,
+                    &meta,
+                    &emb,
+                    Side::Src,
+                    orig.src,
+                    orig.src_port,
+                    Side::Dst,
+                    orig.src,
+                );
                 if let Some(m) = mtu_fix {
                     // The pod's path also crosses the tunnel: never advertise more than it carries.
                     clamp_reported_mtu(buf, &meta, m, cfg.tunnel_mtu);
@@ -105,7 +121,10 @@ pub(super) fn process(
             L4::IcmpQuery { request: true, .. } => return Err(Reason::NoFlow),
             L4::IcmpOther { .. } | L4::Fragment => return Err(Reason::UnsupportedIcmpType),
         };
-        let flow = gw.table.lookup_inbound(&key, &guard).ok_or(Reason::NoFlow)?;
+        let flow = gw
+            .table
+            .lookup_inbound_at(&key, now, &guard)
+            .ok_or(Reason::NoFlow)?;
         if meta.ttl <= 1 {
             if icmp::may_originate(&meta, is_error) {
                 let end = icmp::originate(buf, &meta, meta.dst, ErrorKind::TimeExceeded)
@@ -125,7 +144,9 @@ pub(super) fn process(
 
     if meta.ip_len() > usize::from(cfg.tunnel_mtu) {
         if meta.dont_frag && icmp::may_originate(&meta, is_error) {
-            let kind = ErrorKind::TooBig { mtu: cfg.tunnel_mtu };
+            let kind = ErrorKind::TooBig {
+                mtu: cfg.tunnel_mtu,
+            };
             let end = icmp::originate(buf, &meta, meta.dst, kind).ok_or(Reason::TooBig)?;
             st.stats.drops[Reason::TooBig.index()] += 1;
             st.stats.icmp_originated += 1;
@@ -142,7 +163,8 @@ pub(super) fn process(
     } else {
         rewrite::translate(buf, &meta, &l4, Side::Dst, pod, pod_port);
         if meta.is_first_fragment() {
-            st.frag_in.insert(frag_key(&meta), InFrag { pod, node }, now);
+            st.frag_in
+                .insert(frag_key(&meta), InFrag { pod, node }, now);
         }
     }
     rewrite::decrement_ttl(buf, &meta);

@@ -89,7 +89,9 @@ pub(super) fn process(
     };
 
     // Addressed to the gateway itself: nodes ping it.
-    if meta.dst == IpAddr::V4(cfg.tunnel_ip) || cfg.tunnel_ip6.is_some_and(|a| meta.dst == IpAddr::V6(a)) {
+    if meta.dst == IpAddr::V4(cfg.tunnel_ip)
+        || cfg.tunnel_ip6.is_some_and(|a| meta.dst == IpAddr::V6(a))
+    {
         let end = local::answer_echo(gw, buf, &meta, &l4)?;
         st.stats.local_replies += 1;
         return Ok(reply_to_node(end));
@@ -97,8 +99,16 @@ pub(super) fn process(
 
     let is_error = matches!(l4, L4::IcmpError { .. });
     if meta.ttl <= 1 {
-        return originate_to_pod(gw, st, buf, &meta, is_error, ErrorKind::TimeExceeded, Reason::TtlExpired)
-            .map(reply_to_node);
+        return originate_to_pod(
+            gw,
+            st,
+            buf,
+            &meta,
+            is_error,
+            ErrorKind::TimeExceeded,
+            Reason::TtlExpired,
+        )
+        .map(reply_to_node);
     }
 
     // Later fragments follow the first.
@@ -128,22 +138,27 @@ pub(super) fn process(
             seg,
         } => (flow_key(&meta, Proto::Tcp, src_port, dst_port), Some(seg)),
         L4::Udp { src_port, dst_port } => (flow_key(&meta, Proto::Udp, src_port, dst_port), None),
-        L4::IcmpQuery { ident, request: true } => {
+        L4::IcmpQuery {
+            ident,
+            request: true,
+        } => {
             let p = if meta.v6 { Proto::Icmpv6 } else { Proto::Icmp };
             (flow_key(&meta, p, ident, ident), None)
         }
         L4::IcmpQuery { request: false, .. } => return Err(Reason::NoFlow),
-        L4::IcmpError { .. } => return translate_error(gw, buf, &meta),
+        L4::IcmpError { .. } => return translate_error(gw, buf, &meta, now),
         L4::IcmpOther { .. } => return Err(Reason::UnsupportedIcmpType),
         L4::Fragment => return Err(Reason::FragmentNoFlow),
     };
 
     let guard = gw.table.pin();
-    let flow = match gw.table.lookup_outbound(&key, &guard) {
+    let flow = match gw.table.lookup_outbound_at(&key, now, &guard) {
         Some(f) => f,
         None => {
             if let Some(seg) = tcp_seg {
-                if seg.flags & (tcp::flags::SYN | tcp::flags::ACK | tcp::flags::RST) != tcp::flags::SYN {
+                if seg.flags & (tcp::flags::SYN | tcp::flags::ACK | tcp::flags::RST)
+                    != tcp::flags::SYN
+                {
                     return Err(Reason::TcpNoSynForNewFlow);
                 }
             }
@@ -173,8 +188,16 @@ pub(super) fn process(
                 Err(e) => {
                     // Refused: tell the pod at once (ICMP administratively prohibited) instead of letting it
                     // retry into the same wall.
-                    return originate_to_pod(gw, st, buf, &meta, false, ErrorKind::AdminProhibited, e.reason())
-                        .map(reply_to_node);
+                    return originate_to_pod(
+                        gw,
+                        st,
+                        buf,
+                        &meta,
+                        false,
+                        ErrorKind::AdminProhibited,
+                        e.reason(),
+                    )
+                    .map(reply_to_node);
                 }
             }
         }
@@ -192,7 +215,8 @@ pub(super) fn process(
         // so such packets do not arise from correctly configured nodes. Refuse them visibly.
         let kind = ErrorKind::TooBig { mtu: uplink.mtu };
         if meta.dont_frag {
-            return originate_to_pod(gw, st, buf, &meta, is_error, kind, Reason::TooBig).map(reply_to_node);
+            return originate_to_pod(gw, st, buf, &meta, is_error, kind, Reason::TooBig)
+                .map(reply_to_node);
         }
         return Err(Reason::TooBig);
     }
@@ -246,17 +270,35 @@ pub(super) fn frag_key(meta: &PacketMeta) -> FragKey {
 /// An ICMP error from a pod about a packet it received through a flow (e.g. port unreachable): the quoted
 /// packet went outside → pod, so the flow is found by its reverse, and the pod's address in the quote and in
 /// the outer source become the egress address.
-fn translate_error(gw: &Gateway, buf: &mut [u8], meta: &PacketMeta) -> Result<Verdict, Reason> {
+fn translate_error(
+    gw: &Gateway,
+    buf: &mut [u8],
+    meta: &PacketMeta,
+    now: Instant,
+) -> Result<Verdict, Reason> {
     let emb = icmp::parse_embedded(buf, meta)?;
     let guard = gw.table.pin();
     let flow = gw
         .table
-        .lookup_outbound(&emb.key.reversed(), &guard)
+        .lookup_outbound_at(&emb.key.reversed(), now, &guard)
         .ok_or(Reason::IcmpErrorNoFlow)?;
     let uplink_id = flow.uplink();
-    let uplink = gw.config.uplinks.get(usize::from(uplink_id)).ok_or(Reason::NoRoute)?;
+    let uplink = gw
+        .config
+        .uplinks
+        .get(usize::from(uplink_id))
+        .ok_or(Reason::NoRoute)?;
     let egress = flow.egress_ip();
-    icmp::translate_error(buf, meta, &emb, Side::Dst, egress, flow.external_port(), Side::Src, egress);
+    icmp::translate_error(
+        buf,
+        meta,
+        &emb,
+        Side::Dst,
+        egress,
+        flow.external_port(),
+        Side::Src,
+        egress,
+    );
     rewrite::decrement_ttl(buf, meta);
     Ok(Verdict::Forward {
         uplink: uplink_id,

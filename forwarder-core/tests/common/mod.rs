@@ -55,7 +55,11 @@ pub fn config() -> Config {
                 next_hop_v6: None,
             },
         ],
-        routes: vec![(net("0.0.0.0/0"), 0), (net("::/0"), 0), (net("10.50.0.0/16"), 1)],
+        routes: vec![
+            (net("0.0.0.0/0"), 0),
+            (net("::/0"), 0),
+            (net("10.50.0.0/16"), 1),
+        ],
         ..Config::default()
     }
 }
@@ -65,7 +69,10 @@ pub fn gateway_with(ct: conntrack::Config, ports: PortRange) -> Arc<Gateway> {
 }
 
 pub fn worker() -> Worker {
-    Worker::new(gateway_with(conntrack::Config::default(), PortRange::default()), 7)
+    Worker::new(
+        gateway_with(conntrack::Config::default(), PortRange::default()),
+        7,
+    )
 }
 
 /// VXLAN header + inner frame.
@@ -80,7 +87,9 @@ pub fn from_pod() -> etherparse::PacketBuilderStep<etherparse::IpHeaders> {
     PacketBuilder::ethernet2(NODE_MAC, tunnel_mac(GW)).ipv4(POD.octets(), SERVER.octets(), 64)
 }
 
-pub fn build(step: impl FnOnce(&mut Vec<u8>) -> Result<(), etherparse::err::packet::BuildWriteError>) -> Vec<u8> {
+pub fn build(
+    step: impl FnOnce(&mut Vec<u8>) -> Result<(), etherparse::err::packet::BuildWriteError>,
+) -> Vec<u8> {
     let mut out = Vec::new();
     step(&mut out).unwrap();
     out
@@ -108,22 +117,40 @@ pub fn pod_udp(dst: Ipv4Addr, sport: u16, dport: u16, payload: &[u8]) -> Vec<u8>
 }
 
 pub fn pod_udp6(dst: Ipv6Addr, sport: u16, dport: u16, payload: &[u8]) -> Vec<u8> {
-    let b = PacketBuilder::ethernet2(NODE_MAC, tunnel_mac(GW)).ipv6(POD6.octets(), dst.octets(), 64);
+    let b =
+        PacketBuilder::ethernet2(NODE_MAC, tunnel_mac(GW)).ipv6(POD6.octets(), dst.octets(), 64);
     vxlan(VNI, &build(|o| b.udp(sport, dport).write(o, payload)))
 }
 
 pub fn pod_ping(dst: Ipv4Addr, ident: u16) -> Vec<u8> {
     let b = PacketBuilder::ethernet2(NODE_MAC, tunnel_mac(GW)).ipv4(POD.octets(), dst.octets(), 64);
-    vxlan(VNI, &build(|o| b.icmpv4_echo_request(ident, 1).write(o, b"abcdefgh")))
+    vxlan(
+        VNI,
+        &build(|o| b.icmpv4_echo_request(ident, 1).write(o, b"abcdefgh")),
+    )
 }
 
 /// A frame from outside arriving on an uplink.
-pub fn outside_udp(src: Ipv4Addr, dst: Ipv4Addr, sport: u16, dport: u16, payload: &[u8]) -> Vec<u8> {
+pub fn outside_udp(
+    src: Ipv4Addr,
+    dst: Ipv4Addr,
+    sport: u16,
+    dport: u16,
+    payload: &[u8],
+) -> Vec<u8> {
     let b = PacketBuilder::ethernet2(ROUTER_MAC, UPLINK_MAC).ipv4(src.octets(), dst.octets(), 60);
     build(|o| b.udp(sport, dport).write(o, payload))
 }
 
-pub fn outside_tcp(src: Ipv4Addr, dst: Ipv4Addr, sport: u16, dport: u16, flags: &str, seq: u32, ack: u32) -> Vec<u8> {
+pub fn outside_tcp(
+    src: Ipv4Addr,
+    dst: Ipv4Addr,
+    sport: u16,
+    dport: u16,
+    flags: &str,
+    seq: u32,
+    ack: u32,
+) -> Vec<u8> {
     let b = PacketBuilder::ethernet2(ROUTER_MAC, UPLINK_MAC).ipv4(src.octets(), dst.octets(), 60);
     let mut t = b.tcp(sport, dport, seq, 65160);
     if flags.contains('S') {
@@ -170,13 +197,21 @@ pub fn assert_checksums(ip: &[u8]) {
         (40, ip[6], ps)
     } else {
         let hl = usize::from(ip[0] & 0xf) * 4;
-        assert_eq!(ref_fold(ref_sum(&ip[..hl], 0)), 0xffff, "IPv4 header checksum");
+        assert_eq!(
+            ref_fold(ref_sum(&ip[..hl], 0)),
+            0xffff,
+            "IPv4 header checksum"
+        );
         let total = u16::from_be_bytes([ip[2], ip[3]]) as usize;
         let mut ps = ref_sum(&ip[12..20], 0);
         ps += (total - hl) as u32 + u32::from(ip[9]);
         (hl, ip[9], ps)
     };
-    let end = if v6 { 40 + u16::from_be_bytes([ip[4], ip[5]]) as usize } else { u16::from_be_bytes([ip[2], ip[3]]) as usize };
+    let end = if v6 {
+        40 + u16::from_be_bytes([ip[4], ip[5]]) as usize
+    } else {
+        u16::from_be_bytes([ip[2], ip[3]]) as usize
+    };
     let seg = &ip[l4_off..end];
     match proto {
         6 => assert_eq!(ref_fold(ref_sum(seg, pseudo)), 0xffff, "TCP checksum"),
@@ -201,8 +236,15 @@ pub fn ip4_dst(ip: &[u8]) -> Ipv4Addr {
 }
 
 pub fn l4_ports(ip: &[u8]) -> (u16, u16) {
-    let hl = if ip[0] >> 4 == 6 { 40 } else { usize::from(ip[0] & 0xf) * 4 };
-    (u16::from_be_bytes([ip[hl], ip[hl + 1]]), u16::from_be_bytes([ip[hl + 2], ip[hl + 3]]))
+    let hl = if ip[0] >> 4 == 6 {
+        40
+    } else {
+        usize::from(ip[0] & 0xf) * 4
+    };
+    (
+        u16::from_be_bytes([ip[hl], ip[hl + 1]]),
+        u16::from_be_bytes([ip[hl + 2], ip[hl + 3]]),
+    )
 }
 
 pub fn any_ip(a: Ipv4Addr) -> IpAddr {
