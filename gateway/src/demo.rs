@@ -326,7 +326,7 @@ pub(crate) fn run(verbose: bool) -> Result<(), String> {
     println!("\nhostile and malformed input (each must be dropped and counted):");
     let node = &nodes[0];
     let pod = &pods[0];
-    let mut hostile = |label: &str, want: Reason, act: Action<'_>| {
+    let hostile = |failures: &mut Vec<String>, label: &str, want: Reason, act: Action<'_>| {
         let got = match act {
             Action::Drop(r) => Some(r),
             _ => None,
@@ -344,6 +344,7 @@ pub(crate) fn run(verbose: bool) -> Result<(), String> {
     let good = pod_frame(node, pod, servers[0].ip, Probe::Tcp(443), 41_000)?;
     buf[..good.len()].copy_from_slice(&good);
     hostile(
+        &mut failures,
         "VXLAN from 192.168.99.9 (not a node CIDR)",
         Reason::VxlanSourceNotAllowed,
         worker.outbound(Ipv4Addr::new(192, 168, 99, 9), &mut buf, good.len(), now),
@@ -352,6 +353,7 @@ pub(crate) fn run(verbose: bool) -> Result<(), String> {
     wrong_vni[6] ^= 1;
     buf[..wrong_vni.len()].copy_from_slice(&wrong_vni);
     hostile(
+        &mut failures,
         "VXLAN with VNI 4096",
         Reason::VxlanWrongVni,
         worker.outbound(node.ip, &mut buf, wrong_vni.len(), now),
@@ -364,6 +366,7 @@ pub(crate) fn run(verbose: bool) -> Result<(), String> {
     let s = pod_frame(node, &spoof, servers[0].ip, Probe::Tcp(443), 41_001)?;
     buf[..s.len()].copy_from_slice(&s);
     hostile(
+        &mut failures,
         "inner source 10.99.0.1 outside the pod CIDRs (open relay)",
         Reason::InnerSourceNotAllowed,
         worker.outbound(node.ip, &mut buf, s.len(), now),
@@ -376,6 +379,7 @@ pub(crate) fn run(verbose: bool) -> Result<(), String> {
     buf[8..8 + unsolicited.len()].copy_from_slice(&unsolicited);
     let flows_before = gw.table().len();
     hostile(
+        &mut failures,
         "unsolicited SYN-ACK from outside to 203.0.113.10:5555",
         Reason::NoFlow,
         worker.inbound(0, &mut buf, 8, unsolicited.len(), now),
@@ -383,9 +387,10 @@ pub(crate) fn run(verbose: bool) -> Result<(), String> {
     if gw.table().len() != flows_before {
         failures.push("unsolicited inbound created state".into());
     }
-    let truncated = &good[..good.len() - 30];
+    let truncated = &good[..good.len() - 10];
     buf[..truncated.len()].copy_from_slice(truncated);
     hostile(
+        &mut failures,
         "truncated inner IPv4 packet",
         Reason::Ipv4BadTotalLen,
         worker.outbound(node.ip, &mut buf, truncated.len(), now),
