@@ -232,8 +232,8 @@ fn write_u16(buf: &mut [u8], at: usize, v: u16) {
 
 /// Translates an ICMP error that refers to a translated flow (RFC 5508 §4.2): the quoted packet's `side`
 /// address and port become `addr` / `port` (its IPv4 header checksum and, where quoted, its L4 checksum are
-/// updated), the outer packet's `outer_side` address becomes `outer_addr`, and the ICMP checksum is
-/// recomputed over the whole message.
+/// updated); the outer packet's address on the *other* side becomes `addr` too (the error travels the
+/// opposite way to the packet it quotes); the ICMP checksum is recomputed over the whole message.
 pub fn translate_error(
     buf: &mut [u8],
     meta: &PacketMeta,
@@ -241,9 +241,12 @@ pub fn translate_error(
     side: Side,
     addr: IpAddr,
     port: u16,
-    outer_side: Side,
-    outer_addr: IpAddr,
 ) {
+    let outer_side = match side {
+        Side::Src => Side::Dst,
+        Side::Dst => Side::Src,
+    };
+    let outer_addr = addr;
     // Quoted packet: address, then port / identifier, with the checksums that cover them.
     let (old_addr, new_addr, addr_len) = match (addr, emb.key.src) {
         (IpAddr::V4(a), IpAddr::V4(_)) => {

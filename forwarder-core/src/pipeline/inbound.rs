@@ -9,10 +9,9 @@ use crate::flow::{NodeAddr, Proto, UplinkId};
 use crate::nat::icmp::{self, ErrorKind};
 use crate::nat::meta::{parse_l4, PacketMeta, L4};
 use crate::nat::rewrite::{self, Side};
-use crate::wire::{ethernet, icmpv6, tcp, vxlan};
+use crate::wire::{ethernet, icmpv4, icmpv6, tcp, vxlan};
 use crate::{Instant, Reason};
 
-#[allow(clippy::too_many_arguments)]
 pub(super) fn process(
     gw: &Gateway,
     st: &mut WorkerState,
@@ -96,23 +95,11 @@ pub(super) fn process(
                 }
                 let orig = flow.orig();
                 let node = flow.node();
-                let mut mtu_fix = None;
-                if let L4::IcmpError { msg_type, code } = l4 {
-                    mtu_fix = too_big_mtu(&meta, msg_type, code);
-                }
-                icmp::translate_error(
-                    buf,
-                    &meta,
-                    &emb,
-                    Side::Src,
-                    orig.src,
-                    orig.src_port,
-                    Side::Dst,
-                    orig.src,
-                );
-                if let Some(m) = mtu_fix {
+                let too_big = matches!(l4, L4::IcmpError { msg_type, code } if is_too_big(&meta, msg_type, code));
+                icmp::translate_error(buf, &meta, &emb, Side::Src, orig.src, orig.src_port);
+                if too_big {
                     // The pod's path also crosses the tunnel: never advertise more than it carries.
-                    clamp_reported_mtu(buf, &meta, m, cfg.tunnel_mtu);
+                    clamp_reported_mtu(buf, &meta, cfg.tunnel_mtu);
                 }
                 rewrite::decrement_ttl(buf, &meta);
                 return encapsulate(gw, buf, start, &meta, node);
@@ -171,26 +158,24 @@ pub(super) fn process(
     encapsulate(gw, buf, start, &meta, node)
 }
 
-/// For "fragmentation needed" / "packet too big", the MTU the error reports.
-fn too_big_mtu(meta: &PacketMeta, msg_type: u8, code: u8) -> Option<u32> {
+/// True for "fragmentation needed" (ICMPv4 3/4) and "packet too big" (ICMPv6 2).
+fn is_too_big(meta: &PacketMeta, msg_type: u8, code: u8) -> bool {
     if meta.v6 {
-        (msg_type == icmpv6::msg_type::PACKET_TOO_BIG).then_some(0)
+        msg_type == icmpv6::msg_type::PACKET_TOO_BIG
     } else {
-        (msg_type == crate::wire::icmpv4::msg_type::DEST_UNREACHABLE
-            && code == crate::wire::icmpv4::code::FRAG_NEEDED)
-            .then_some(0)
+        msg_type == icmpv4::msg_type::DEST_UNREACHABLE && code == icmpv4::code::FRAG_NEEDED
     }
 }
 
 /// Lowers the MTU reported in a too-big error to what the tunnel carries, and fixes the ICMP checksum.
-fn clamp_reported_mtu(buf: &mut [u8], meta: &PacketMeta, _: u32, tunnel_mtu: u16) {
+fn clamp_reported_mtu(buf: &mut [u8], meta: &PacketMeta, tunnel_mtu: u16) {
     if meta.v6 {
         let mut p = icmpv6::Packet::new_unchecked(&mut buf[meta.l4..meta.end]);
         if p.mtu() > u32::from(tunnel_mtu) {
             p.set_mtu(u32::from(tunnel_mtu));
         }
     } else {
-        let mut p = crate::wire::icmpv4::Packet::new_unchecked(&mut buf[meta.l4..meta.end]);
+        let mut p = icmpv4::Packet::new_unchecked(&mut buf[meta.l4..meta.end]);
         let m = p.next_hop_mtu();
         if m == 0 || m > tunnel_mtu {
             p.set_next_hop_mtu(tunnel_mtu);

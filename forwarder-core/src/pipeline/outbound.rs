@@ -289,16 +289,7 @@ fn translate_error(
         .get(usize::from(uplink_id))
         .ok_or(Reason::NoRoute)?;
     let egress = flow.egress_ip();
-    icmp::translate_error(
-        buf,
-        meta,
-        &emb,
-        Side::Dst,
-        egress,
-        flow.external_port(),
-        Side::Src,
-        egress,
-    );
+    icmp::translate_error(buf, meta, &emb, Side::Dst, egress, flow.external_port());
     rewrite::decrement_ttl(buf, meta);
     Ok(Verdict::Forward {
         uplink: uplink_id,
