@@ -29,7 +29,7 @@ use crate::conntrack::{self, Table};
 use crate::flow::{NodeAddr, UplinkId};
 use crate::nat::frag::FragTable;
 use crate::ports::{PortPools, PortRange, Rng};
-use crate::route::RouteTable;
+use crate::route::{PrefixSet, RouteTable};
 use crate::wire::ethernet::MacAddr;
 use crate::wire::vxlan;
 use crate::Reason;
@@ -142,6 +142,8 @@ impl Stats {
 pub struct Gateway {
     config: Config,
     mac: MacAddr,
+    allowed_nodes: PrefixSet,
+    pod_cidrs: PrefixSet,
     routes: RouteTable<UplinkId>,
     table: Arc<Table>,
     draining: AtomicBool,
@@ -196,6 +198,8 @@ impl Gateway {
         }
         Ok(Gateway {
             mac: tunnel_mac(config.tunnel_ip),
+            allowed_nodes: PrefixSet::new(&config.allowed_nodes),
+            pod_cidrs: PrefixSet::new(&config.pod_cidrs),
             config,
             routes,
             table,

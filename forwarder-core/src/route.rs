@@ -155,9 +155,51 @@ impl<V> RouteTable<V> {
     }
 }
 
-/// True when `addr` is inside any of `nets`. For short lists (pod and node CIDRs).
-pub fn contains_any(nets: &[IpNet], addr: IpAddr) -> bool {
-    nets.iter().any(|n| n.contains(&addr))
+/// A set of prefixes, precompiled to (network, mask) pairs, for the membership tests of every packet
+/// (is the node allowed, is the inner source a pod). Linear: meant for the handful of CIDRs a cluster has.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct PrefixSet {
+    v4: Vec<(u32, u32)>,
+    v6: Vec<(u128, u128)>,
+}
+
+impl PrefixSet {
+    /// The set of `nets`.
+    pub fn new(nets: &[IpNet]) -> Self {
+        let mut set = PrefixSet::default();
+        for n in nets {
+            match n {
+                IpNet::V4(n) => {
+                    let m = u32::from(n.netmask());
+                    set.v4.push((u32::from(n.addr()) & m, m));
+                }
+                IpNet::V6(n) => {
+                    let m = u128::from(n.netmask());
+                    set.v6.push((u128::from(n.addr()) & m, m));
+                }
+            }
+        }
+        set
+    }
+
+    /// True when `addr` is inside one of the prefixes.
+    #[inline]
+    pub fn contains(&self, addr: IpAddr) -> bool {
+        match addr {
+            IpAddr::V4(a) => self.contains_v4(a),
+            IpAddr::V6(a) => {
+                let a = u128::from(a);
+                self.v6.iter().any(|&(net, mask)| a & mask == net)
+            }
+        }
+    }
+
+    /// IPv4 membership.
+    #[inline]
+    pub fn contains_v4(&self, addr: Ipv4Addr) -> bool {
+        let a = u32::from(addr);
+        self.v4.iter().any(|&(net, mask)| a & mask == net)
+    }
 }
 
 #[cfg(test)]
@@ -226,6 +268,34 @@ mod tests {
             t.lookup("2001:db8::1".parse().unwrap()).map(|(_, v)| *v),
             Some(2)
         );
+    }
+
+    #[test]
+    fn prefix_set_matches_ipnet() {
+        let nets = [
+            net("10.244.0.0/16"),
+            net("172.18.0.0/16"),
+            net("fd00:244::/32"),
+            net("0.0.0.0/0"),
+        ];
+        let set = PrefixSet::new(&nets[..3]);
+        for a in [
+            "10.244.9.9",
+            "10.245.0.1",
+            "172.18.255.255",
+            "fd00:244::1",
+            "fd00:245::1",
+            "8.8.8.8",
+        ] {
+            let a: IpAddr = a.parse().unwrap();
+            assert_eq!(
+                set.contains(a),
+                nets[..3].iter().any(|n| n.contains(&a)),
+                "{a}"
+            );
+        }
+        assert!(PrefixSet::new(&nets[3..]).contains("8.8.8.8".parse().unwrap()));
+        assert!(!PrefixSet::new(&[]).contains("8.8.8.8".parse().unwrap()));
     }
 
     proptest! {

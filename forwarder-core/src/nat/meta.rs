@@ -48,6 +48,7 @@ pub struct PacketMeta {
 impl PacketMeta {
     /// Parses the IPv4 or IPv6 packet that starts at `buf[l3]` and may be followed by padding. The IPv4
     /// header checksum is verified.
+    #[inline(always)]
     pub fn parse(buf: &[u8], l3: usize, v6: bool) -> Result<PacketMeta, Reason> {
         let bytes = buf.get(l3..).ok_or(Reason::NoBufferRoom)?;
         if v6 {
@@ -165,6 +166,7 @@ pub enum L4 {
 
 /// Parses the upper-layer header at `meta.l4`. Checksums are not verified: a translated packet keeps a wrong
 /// checksum wrong (incremental update), and the end host rejects it.
+#[inline(always)]
 pub fn parse_l4(buf: &[u8], meta: &PacketMeta) -> Result<L4, Reason> {
     if meta.is_later_fragment() {
         return Ok(L4::Fragment);

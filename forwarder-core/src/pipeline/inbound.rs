@@ -146,15 +146,14 @@ pub(super) fn process(
         rewrite::clamp_mss(buf, &meta, rewrite::mss_for_mtu(mtu, meta.v6))?;
     }
     if meta.is_later_fragment() {
-        rewrite::rewrite_addr(buf, &meta, &l4, Side::Dst, pod);
+        rewrite::readdress_and_forward(buf, &meta, &l4, Side::Dst, pod);
     } else {
-        rewrite::translate(buf, &meta, &l4, Side::Dst, pod, pod_port);
+        rewrite::translate_and_forward(buf, &meta, &l4, Side::Dst, pod, pod_port);
         if meta.is_first_fragment() {
             st.frag_in
                 .insert(frag_key(&meta), InFrag { pod, node }, now);
         }
     }
-    rewrite::decrement_ttl(buf, &meta);
     encapsulate(gw, buf, start, &meta, node)
 }
 

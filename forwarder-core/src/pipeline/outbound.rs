@@ -9,7 +9,6 @@ use crate::nat::frag::FragKey;
 use crate::nat::icmp::{self, ErrorKind};
 use crate::nat::meta::{parse_l4, PacketMeta, L4};
 use crate::nat::rewrite::{self, Side};
-use crate::route::contains_any;
 use crate::wire::{ethernet, tcp, vxlan};
 use crate::{Instant, Reason};
 
@@ -44,7 +43,7 @@ pub(super) fn process(
     now: Instant,
 ) -> Result<Verdict, Reason> {
     let cfg = &gw.config;
-    if !contains_any(&cfg.allowed_nodes, IpAddr::V4(from)) {
+    if !gw.allowed_nodes.contains_v4(from) {
         return Err(Reason::VxlanSourceNotAllowed);
     }
     let dgram = buf.get(..len).ok_or(Reason::NoBufferRoom)?;
@@ -75,7 +74,7 @@ pub(super) fn process(
         return Err(Reason::NotForUs);
     }
     let meta = PacketMeta::parse(&buf[..len], TUNNEL_L3, v6)?;
-    if !contains_any(&cfg.pod_cidrs, meta.src) {
+    if !gw.pod_cidrs.contains(meta.src) {
         return Err(Reason::InnerSourceNotAllowed);
     }
     if is_martian(meta.dst) {
@@ -121,8 +120,7 @@ pub(super) fn process(
         if meta.ip_len() > usize::from(mtu) {
             return Err(Reason::TooBig);
         }
-        rewrite::rewrite_addr(buf, &meta, &l4, Side::Src, f.egress);
-        rewrite::decrement_ttl(buf, &meta);
+        rewrite::readdress_and_forward(buf, &meta, &l4, Side::Src, f.egress);
         return Ok(Verdict::Forward {
             uplink: f.uplink,
             next_hop: f.next_hop,
@@ -225,8 +223,7 @@ pub(super) fn process(
         rewrite::clamp_mss(buf, &meta, rewrite::mss_for_mtu(mtu, meta.v6))?;
     }
     let egress = flow.egress_ip();
-    rewrite::translate(buf, &meta, &l4, Side::Src, egress, flow.external_port());
-    rewrite::decrement_ttl(buf, &meta);
+    rewrite::translate_and_forward(buf, &meta, &l4, Side::Src, egress, flow.external_port());
     let next_hop = uplink.next_hop(meta.dst);
     if meta.is_first_fragment() {
         st.frag_out.insert(

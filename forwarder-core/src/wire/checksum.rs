@@ -149,6 +149,66 @@ pub fn update_bytes(check: u16, old: &[u8], new: &[u8]) -> u16 {
 
 /// [`update_bytes`] for a UDP checksum: a checksum of `0` (none was sent, IPv4 only) is returned unchanged,
 /// and a result of `0` is transmitted as `0xFFFF` (RFC 768).
+/// Several field changes accumulated once (RFC 1624 eqn. 3, HC' = ~(~HC + Σ(~m + m'))) and applied to a
+/// checksum in one step: the rewrite of an address, a port and the TTL costs one fold per checksum.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Delta(u64);
+
+impl Delta {
+    /// No change yet.
+    #[inline]
+    pub const fn new() -> Self {
+        Delta(0)
+    }
+
+    /// Records that the 16-bit-aligned field `old` becomes `new` (equal, even lengths: 2, 4 or 16 bytes).
+    #[inline]
+    pub fn change(&mut self, old: &[u8], new: &[u8]) {
+        debug_assert_eq!(old.len(), new.len(), "Delta::change: lengths differ");
+        for (o, n) in old.chunks_exact(2).zip(new.chunks_exact(2)) {
+            self.0 += u64::from(!u16::from_be_bytes([o[0], o[1]]))
+                + u64::from(u16::from_be_bytes([n[0], n[1]]));
+        }
+    }
+
+    /// Records that a 16-bit word changes from `old` to `new`.
+    #[inline]
+    pub fn change_u16(&mut self, old: u16, new: u16) {
+        self.0 += u64::from(!old) + u64::from(new);
+    }
+
+    /// True when nothing was recorded.
+    #[inline]
+    pub fn is_empty(&self) -> bool {
+        self.0 == 0
+    }
+
+    /// The checksum `check` after the recorded changes.
+    #[inline]
+    pub fn apply(self, check: u16) -> u16 {
+        let mut acc = u64::from(!check) + self.0;
+        while acc >> 16 != 0 {
+            acc = (acc & 0xffff) + (acc >> 16);
+        }
+        #[allow(clippy::cast_possible_truncation)] // folded to 16 bits above
+        let folded = acc as u16;
+        !folded
+    }
+
+    /// Like [`apply`](Self::apply) for a UDP checksum: 0 ("no checksum") stays 0, and a result of 0 is sent
+    /// as 0xFFFF.
+    #[inline]
+    pub fn apply_udp(self, check: u16) -> u16 {
+        if check == 0 {
+            return 0;
+        }
+        match self.apply(check) {
+            0 => 0xFFFF,
+            c => c,
+        }
+    }
+}
+
 #[inline]
 pub fn udp_update(check: u16, old: &[u8], new: &[u8]) -> u16 {
     if check == 0 {

@@ -1,6 +1,11 @@
 //! Shared by the integration tests: a gateway like the seed's, and packets built with etherparse (an
 //! implementation independent of ours) the way a Calico node's vxlan device and an outside server send them.
-#![allow(dead_code, unreachable_pub, clippy::unwrap_used, clippy::cast_possible_truncation)]
+#![allow(
+    dead_code,
+    unreachable_pub,
+    clippy::unwrap_used,
+    clippy::cast_possible_truncation
+)]
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::sync::Arc;
