@@ -6,7 +6,7 @@
 //!   slots waiting out their epoch grace period). Every field is an atomic; see [`Flow`]'s module for the
 //!   layout. Addresses are stored as 16 bytes (IPv4 v4-mapped), so IPv4 and IPv6 flows share the arena.
 //! * Three **bucket arrays** of `AtomicU32` heads (`orig` and `reply`: one bucket per entry; `eim`: one per
-//!   four entries), each heading an intrusive singly linked list threaded through the slots
+//!   two entries), each heading an intrusive singly linked list threaded through the slots
 //!   (`next_orig`, `next_reply`, `next_eim`). A link holds `slot + 1` (0 = end) and bit 31 is the Harris
 //!   *deletion mark* of the node that owns the link.
 //! * **Port pools** ([`PortPools`]): 2 bytes per port per used (egress IP, protocol).
@@ -226,7 +226,7 @@ struct Inner {
     max_entries: usize,
     max_per_source: u32,
     reuse_delay: Duration,
-    ctx: u32,
+    ctx: u8,
     pools: PortPools,
     pool_addrs: Box<[Addr]>,
 }
@@ -263,7 +263,7 @@ impl Table {
                 slots,
                 orig: atomics(max.max(16)),
                 reply: atomics(max.max(16)),
-                eim: atomics((max / 4).max(16)),
+                eim: atomics((max / 2).max(16)),
                 quota: atomics((max / 16).next_power_of_two().max(1024)),
                 free: CachePadded::new(AtomicU64::new(0)),
                 bump: CachePadded::new(AtomicU32::new(0)),
@@ -300,6 +300,32 @@ impl Table {
         self.lookup_inbound_at(key, self.inner.now(), guard)
     }
 
+    /// Looks up a batch of outbound tuples (`out[i]` for `keys[i]`; `out` at least as long as `keys`),
+    /// overlapping the cache misses of up to 16 lookups: hashes and prefetches all buckets, then loads the
+    /// heads and prefetches the first slots, then compares. Several times the throughput of one-by-one
+    /// lookups on a table much larger than the cache.
+    pub fn lookup_outbound_batch<'g>(
+        &'g self,
+        keys: &[FlowKey],
+        now: Instant,
+        out: &mut [Option<&'g Flow>],
+        _guard: &'g Guard,
+    ) {
+        self.inner.batch(List::Orig, keys, now, out);
+    }
+
+    /// Batch form of [`lookup_inbound_at`](Self::lookup_inbound_at), like
+    /// [`lookup_outbound_batch`](Self::lookup_outbound_batch).
+    pub fn lookup_inbound_batch<'g>(
+        &'g self,
+        keys: &[FlowKey],
+        now: Instant,
+        out: &mut [Option<&'g Flow>],
+        _guard: &'g Guard,
+    ) {
+        self.inner.batch(List::Reply, keys, now, out);
+    }
+
     /// [`lookup_outbound`](Self::lookup_outbound) with an explicit `now` for the expiry check.
     pub fn lookup_outbound_at<'g>(
         &'g self,
@@ -320,19 +346,11 @@ impl Table {
     ) -> Option<&'g Flow> {
         let k = Packed::from_key(key)?;
         let inner = &*self.inner;
-        let mut cur = inner.bucket(List::Reply, k.hash()).load(Ordering::Acquire);
-        while cur != NIL {
-            let f = inner.slot(cur);
-            let next = f.next_reply.load(Ordering::Acquire);
-            if next & MARK == 0
-                && f.matches_reply(&k, &inner.pool_addrs)
-                && !f.expired_at(f.ctl.load(Ordering::Relaxed), now)
-            {
-                return Some(f);
-            }
-            cur = next & !MARK;
-        }
-        None
+        inner.walk_reply(
+            inner.bucket(List::Reply, k.hash()).load(Ordering::Acquire),
+            &k,
+            now,
+        )
     }
 
     /// Creates the flow for a new outbound tuple (allocating or reusing the external port of the pod
@@ -465,21 +483,79 @@ impl Inner {
         }
     }
 
+    fn batch<'g>(&'g self, l: List, keys: &[FlowKey], now: Instant, out: &mut [Option<&'g Flow>]) {
+        const N: usize = 16;
+        for (keys, out) in keys.chunks(N).zip(out.chunks_mut(N)) {
+            let mut packed = [None; N];
+            let mut heads = [NIL; N];
+            let buckets = self.buckets(l);
+            let mut where_ = [0usize; N];
+            for (i, k) in keys.iter().enumerate() {
+                packed[i] = Packed::from_key(k);
+                if let Some(p) = &packed[i] {
+                    where_[i] = key::reduce(p.hash(), buckets.len());
+                    prefetch((&buckets[where_[i]] as *const AtomicU32).cast());
+                }
+            }
+            for i in 0..keys.len() {
+                if packed[i].is_some() {
+                    heads[i] = buckets[where_[i]].load(Ordering::Acquire);
+                    if heads[i] != NIL {
+                        let f = self.slot(heads[i]);
+                        let p = (f as *const Flow).cast::<u8>();
+                        prefetch(p);
+                        prefetch(p.wrapping_add(63)); // the 64 lookup bytes may straddle two lines
+                    }
+                }
+            }
+            for (i, o) in out.iter_mut().enumerate().take(keys.len()) {
+                *o = match (&packed[i], l) {
+                    (Some(k), List::Orig) => self.walk_orig(heads[i], k, now),
+                    (Some(k), _) => self.walk_reply(heads[i], k, now),
+                    (None, _) => None,
+                };
+            }
+        }
+    }
+
     #[inline]
-    fn find_orig(&self, k: &Packed, h: u64, now: Instant) -> Option<&Flow> {
-        let mut cur = self.bucket(List::Orig, h).load(Ordering::Acquire);
+    fn walk_orig(&self, head: u32, k: &Packed, now: Instant) -> Option<&Flow> {
+        let mut cur = head;
         while cur != NIL {
             let f = self.slot(cur);
             let next = f.next_orig.load(Ordering::Acquire);
-            if next & MARK == 0
-                && f.matches_orig(k)
-                && !f.expired_at(f.ctl.load(Ordering::Relaxed), now)
-            {
+            if next & MARK == 0 && f.matches_orig(k) && Self::visible(f, now) {
                 return Some(f);
             }
             cur = next & !MARK;
         }
         None
+    }
+
+    #[inline]
+    fn walk_reply(&self, head: u32, k: &Packed, now: Instant) -> Option<&Flow> {
+        let mut cur = head;
+        while cur != NIL {
+            let f = self.slot(cur);
+            let next = f.next_reply.load(Ordering::Acquire);
+            if next & MARK == 0 && f.matches_reply(k, &self.pool_addrs) && Self::visible(f, now) {
+                return Some(f);
+            }
+            cur = next & !MARK;
+        }
+        None
+    }
+
+    /// Not removed and not expired.
+    #[inline]
+    fn visible(f: &Flow, now: Instant) -> bool {
+        let ctl = f.ctl.load(Ordering::Relaxed);
+        phase_of(ctl) != PHASE_DEAD && !f.expired_at(ctl, now)
+    }
+
+    #[inline]
+    fn find_orig(&self, k: &Packed, h: u64, now: Instant) -> Option<&Flow> {
+        self.walk_orig(self.bucket(List::Orig, h).load(Ordering::Acquire), k, now)
     }
 
     /// Walks the orig list from `head` for `k`: `Ok(Some(live))`, `Ok(None)` (absent), or `Err(())` when an
@@ -497,11 +573,15 @@ impl Inner {
             let next = f.next_orig.load(Ordering::Acquire);
             if next & MARK == 0 && f.matches_orig(k) {
                 let ctl = f.ctl.load(Ordering::Acquire);
-                if phase_of(ctl) == PHASE_INIT || !f.expired_at(ctl, now) {
-                    return Ok(Some(cur & !MARK));
+                match phase_of(ctl) {
+                    PHASE_INIT => return Ok(Some(cur)),
+                    PHASE_LIVE if !f.expired_at(ctl, now) => return Ok(Some(cur)),
+                    PHASE_LIVE => {
+                        self.kill(cur - 1, now, guard);
+                        return Err(());
+                    }
+                    _ => {} // removed (claimed), not yet marked: absent
                 }
-                self.kill((cur & !MARK) - 1, now, guard);
-                return Err(());
             }
             cur = next & !MARK;
         }
@@ -886,6 +966,19 @@ impl Inner {
         }
         removed
     }
+}
+
+/// Hints the CPU to fetch the cache line holding `p` (no effect on other architectures).
+#[inline(always)]
+fn prefetch(p: *const u8) {
+    #[cfg(target_arch = "x86_64")]
+    // SAFETY: a prefetch is only a hint: it never dereferences `p` architecturally and never faults, whatever
+    // the address.
+    unsafe {
+        core::arch::x86_64::_mm_prefetch::<{ core::arch::x86_64::_MM_HINT_T0 }>(p.cast::<i8>());
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = p;
 }
 
 #[cfg(test)]

@@ -78,6 +78,9 @@ pub struct PoolUsage {
 /// Index of an egress IP in [`PortPools`].
 pub(crate) type PoolId = u16;
 
+/// Most egress IPs (pool ids are stored in 13 bits in a flow slot).
+pub const MAX_POOLS: usize = 8191;
+
 const FREE: u16 = 0;
 const OWNED: u16 = 0xFFFF;
 const CLOCK_MOD: u64 = 0xFFFE;
@@ -103,12 +106,13 @@ struct Lane {
 }
 
 impl PortPools {
-    /// Pools for `egress_ips` (duplicates are ignored; at most 65535 IPs), each handing out ports from `range`.
+    /// Pools for `egress_ips` (duplicates are ignored; at most 8191 IPs, more are ignored), each handing out
+    /// ports from `range`.
     pub fn new(egress_ips: &[IpAddr], range: PortRange) -> PortPools {
         let mut pools = Vec::new();
         let mut by_ip = HashMap::new();
         for &ip in egress_ips {
-            if by_ip.contains_key(&ip) || pools.len() >= usize::from(u16::MAX) {
+            if by_ip.contains_key(&ip) || pools.len() >= MAX_POOLS {
                 continue;
             }
             #[allow(clippy::cast_possible_truncation)] // bounded by the check above

@@ -863,3 +863,51 @@ mod model {
         }
     }
 }
+
+#[test]
+fn batch_lookups_match_single_lookups() {
+    let tb = table(256, PortRange::default());
+    let mut rng = Rng::new(12);
+    let g = tb.pin();
+    let mut outs = Vec::new();
+    let mut ins = Vec::new();
+    for i in 0..40u16 {
+        let k = key(pod(1), 2000 + i, remote(1), 80, Proto::Tcp);
+        let f = tb.insert(new_flow(k), t(0), &mut rng, &g).expect("insert");
+        outs.push(k);
+        ins.push(f.reply_key());
+        // a miss after each hit, and a v6 miss
+        outs.push(key(pod(9), 2000 + i, remote(1), 80, Proto::Tcp));
+        ins.push(key(remote(9), 1, EGRESS, 1, Proto::Udp));
+    }
+    outs.push(key(
+        pod(1),
+        1,
+        "2001:db8::1".parse().expect("ip"),
+        1,
+        Proto::Tcp,
+    ));
+    ins.push(key(remote(1), 1, EGRESS6, 1, Proto::Tcp));
+    let mut res = vec![None; outs.len()];
+    tb.lookup_outbound_batch(&outs, t(1), &mut res, &g);
+    for (k, r) in outs.iter().zip(&res) {
+        let single = tb.lookup_outbound_at(k, t(1), &g);
+        assert_eq!(
+            r.map(|f| f as *const Flow),
+            single.map(|f| f as *const Flow)
+        );
+    }
+    assert_eq!(res.iter().filter(|r| r.is_some()).count(), 40);
+    tb.lookup_inbound_batch(&ins, t(1), &mut res, &g);
+    for (k, r) in ins.iter().zip(&res) {
+        let single = tb.lookup_inbound_at(k, t(1), &g);
+        assert_eq!(
+            r.map(|f| f as *const Flow),
+            single.map(|f| f as *const Flow)
+        );
+    }
+    assert_eq!(res.iter().filter(|r| r.is_some()).count(), 40);
+    // expired flows are absent from batches too
+    tb.lookup_outbound_batch(&outs, t(300), &mut res, &g);
+    assert!(res.iter().all(Option::is_none));
+}
