@@ -103,7 +103,7 @@ fn lookups(c: &mut Criterion) {
             pos = (pos + BATCH) % FLOWS;
         });
     });
-    g.bench_function("outbound_batch16", |b| {
+    g.bench_function("outbound_batch32", |b| {
         b.iter(|| {
             let guard = table.pin();
             let mut res = [None; BATCH];
@@ -112,7 +112,7 @@ fn lookups(c: &mut Criterion) {
             pos = (pos + BATCH) % FLOWS;
         });
     });
-    g.bench_function("inbound_batch16", |b| {
+    g.bench_function("inbound_batch32", |b| {
         b.iter(|| {
             let guard = table.pin();
             let mut res = [None; BATCH];
@@ -156,7 +156,7 @@ fn lookups(c: &mut Criterion) {
             start.elapsed()
         });
     });
-    g.bench_function("outbound_batch16_2_threads", |b| {
+    g.bench_function("outbound_batch32_2_threads", |b| {
         b.iter_custom(|iters| {
             let start = WallClock::now();
             std::thread::scope(|s| {

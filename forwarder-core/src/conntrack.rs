@@ -301,7 +301,7 @@ impl Table {
     }
 
     /// Looks up a batch of outbound tuples (`out[i]` for `keys[i]`; `out` at least as long as `keys`),
-    /// overlapping the cache misses of up to 16 lookups: hashes and prefetches all buckets, then loads the
+    /// overlapping the cache misses of up to 32 lookups: hashes and prefetches all buckets, then loads the
     /// heads and prefetches the first slots, then compares. Several times the throughput of one-by-one
     /// lookups on a table much larger than the cache.
     pub fn lookup_outbound_batch<'g>(
@@ -484,7 +484,7 @@ impl Inner {
     }
 
     fn batch<'g>(&'g self, l: List, keys: &[FlowKey], now: Instant, out: &mut [Option<&'g Flow>]) {
-        const N: usize = 16;
+        const N: usize = 32;
         for (keys, out) in keys.chunks(N).zip(out.chunks_mut(N)) {
             let mut packed = [None; N];
             let mut heads = [NIL; N];
