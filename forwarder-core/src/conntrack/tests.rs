@@ -954,7 +954,7 @@ fn stress_tiny_key_space_with_fast_expiry() {
                         assert_eq!(f.orig(), k);
                         f.on_outbound(None, 1, now);
                     }
-                    if r % 8 == 0 {
+                    if r.is_multiple_of(8) {
                         drop(g);
                         tb.expire(now, 16);
                     }
