@@ -599,6 +599,20 @@ impl Inner {
         let k = Packed::from_key(&new.orig).ok_or(InsertError::NoPool)?;
         let h = k.hash();
         let bucket = self.bucket(List::Orig, h);
+        let pool = if new.egress_ip.is_ipv4() == new.orig.src.is_ipv4() {
+            self.pools.pool_id(new.egress_ip, new.orig.proto)
+        } else {
+            None
+        }
+        .ok_or(InsertError::NoPool)?;
+        // start fetching the mapping's bucket while the orig list is walked
+        let ek = EimKey {
+            src: k.src,
+            sport: k.sport,
+            tag: k.tag,
+            pool,
+        };
+        prefetch((self.bucket(List::Eim, ek.hash()) as *const AtomicU32).cast());
         // (1) already there?
         loop {
             match self.scan_orig(bucket.load(Ordering::Acquire), &k, now, guard) {
@@ -607,12 +621,6 @@ impl Inner {
                 Err(()) => continue,
             }
         }
-        let pool = if new.egress_ip.is_ipv4() == new.orig.src.is_ipv4() {
-            self.pools.pool_id(new.egress_ip, new.orig.proto)
-        } else {
-            None
-        }
-        .ok_or(InsertError::NoPool)?;
         // (2) capacity, quota, slot
         if !self.reserve_entry() {
             self.sweep(now, 256, guard);
@@ -638,6 +646,9 @@ impl Inner {
             self.push_free(idx); // never published
             return Err(e);
         }
+        let rk = f.reply_packed(self.pool_addrs[usize::from(pool)]);
+        let rb = self.bucket(List::Reply, rk.hash());
+        prefetch((rb as *const AtomicU32).cast());
         // (4) link into the orig list; the successful CAS is the linearization point
         f.ctl.fetch_add(HOLD, Ordering::Relaxed);
         loop {
@@ -663,8 +674,6 @@ impl Inner {
         }
         // (5) reply list, then live
         f.ctl.fetch_add(HOLD, Ordering::Relaxed);
-        let rk = f.reply_packed(self.pool_addrs[usize::from(pool)]);
-        let rb = self.bucket(List::Reply, rk.hash());
         let mut head = rb.load(Ordering::Acquire);
         loop {
             f.next_reply.store(head, Ordering::Relaxed);
@@ -688,6 +697,7 @@ impl Inner {
         let ek = f.eim_key();
         let proto = f.proto();
         let bucket = self.bucket(List::Eim, ek.hash());
+        let start = self.pools.draw_start(ek.pool, proto, rng);
         let mut mine: Option<u16> = None;
         loop {
             let head = bucket.load(Ordering::Acquire);
@@ -702,7 +712,7 @@ impl Inner {
                 Some(p) => p,
                 None => self
                     .pools
-                    .allocate(ek.pool, proto, now, self.reuse_delay, rng)
+                    .allocate(ek.pool, proto, now, self.reuse_delay, start)
                     .ok_or(InsertError::PortsExhausted)?,
             };
             mine = Some(port);
