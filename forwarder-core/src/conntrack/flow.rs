@@ -8,9 +8,9 @@
 //! approximate).
 //!
 //! Layout (`repr(C)`, offsets in bytes): `0` index links · `8` pod address · `24` remote address · `40` ports,
-//! pool and protocol · `48` TCP/lifecycle word with the context id · `56` last seen, created — everything a
-//! lookup reads is in these first 64 bytes — then `64` node MAC and uplink · `72` byte counters · `88` node
-//! IPv4 · `92` EIM link · `96` mapping reference count · `100` packet counters.
+//! pool and protocol · `48` TCP/lifecycle word with the context id · `56` last seen · `60` EIM link —
+//! everything a lookup or a list walk reads is in these first 64 bytes — then `64` node MAC and uplink ·
+//! `72` byte counters · `88` node IPv4 · `92` created · `96` mapping reference count · `100` packet counters.
 
 use core::net::{IpAddr, Ipv4Addr};
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering::Relaxed};
@@ -169,20 +169,20 @@ pub struct Flow {
     /// See the control word above; bits 56..64 hold the table's context id.
     pub(crate) ctl: AtomicU64,
     last_seen: AtomicU32,
-    created: AtomicU32,
+    pub(crate) next_eim: AtomicU32,
     /// node MAC (48 bits) | uplink << 48
     misc: AtomicU64,
     bytes_out: AtomicU64,
     bytes_in: AtomicU64,
     node_ip: AtomicU32,
-    pub(crate) next_eim: AtomicU32,
+    created: AtomicU32,
     pub(crate) map_refs: AtomicU32,
     pk_out: AtomicU32,
     pk_in: AtomicU32,
 }
 
 const _: () = assert!(core::mem::size_of::<Flow>() == 112);
-const _: () = assert!(core::mem::offset_of!(Flow, created) == 60); // lookup fields in 64 bytes
+const _: () = assert!(core::mem::offset_of!(Flow, next_eim) == 60); // list walks stay in 64 bytes
 
 fn load2(a: &[AtomicU64; 2]) -> Addr {
     [a[0].load(Relaxed), a[1].load(Relaxed)]
