@@ -508,12 +508,42 @@ impl Inner {
                     }
                 }
             }
-            for (i, o) in out.iter_mut().enumerate().take(keys.len()) {
-                *o = match (&packed[i], l) {
-                    (Some(k), List::Orig) => self.walk_orig(heads[i], k, now),
-                    (Some(k), _) => self.walk_reply(heads[i], k, now),
-                    (None, _) => None,
-                };
+            // Walk all chains one node per round, prefetching every chain's next node before the next
+            // round, so that the misses of second and later nodes overlap too.
+            let mut cur = heads;
+            for o in out.iter_mut().take(keys.len()) {
+                *o = None;
+            }
+            loop {
+                let mut more = false;
+                for i in 0..keys.len() {
+                    let (Some(k), true) = (&packed[i], cur[i] != NIL) else {
+                        continue;
+                    };
+                    let f = self.slot(cur[i]);
+                    let next = Self::link(f, l).load(Ordering::Acquire);
+                    let hit = next & MARK == 0
+                        && match l {
+                            List::Orig => f.matches_orig(k),
+                            _ => f.matches_reply(k, &self.pool_addrs),
+                        }
+                        && Self::visible(f, now);
+                    if hit {
+                        out[i] = Some(f);
+                        cur[i] = NIL;
+                    } else {
+                        cur[i] = next & !MARK;
+                        if cur[i] != NIL {
+                            let p = (self.slot(cur[i]) as *const Flow).cast::<u8>();
+                            prefetch(p);
+                            prefetch(p.wrapping_add(63));
+                            more = true;
+                        }
+                    }
+                }
+                if !more {
+                    break;
+                }
             }
         }
     }
