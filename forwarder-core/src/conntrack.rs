@@ -13,8 +13,11 @@
 //! * A count-min sketch of per-source flow counts (two `AtomicU32` per source hash, `max_entries / 16`
 //!   counters).
 //!
-//! Steady state at 1 M live IPv4 flows: 112 (slot) + 8 (two bucket arrays) + 1 (EIM buckets) + ~4 (ports) +
-//! ~1.2 (slack, sketch) ≈ 126 bytes per flow (measured by `bench/src/bin/conntrack_memory.rs`).
+//! * A small process-wide registry (see `context.rs`) gives each slot its table's timeouts and egress IPs
+//!   through a one-byte id instead of a pointer.
+//!
+//! Steady state at 1 M or 10 M live IPv4 flows: 112 (slot) + 8 (orig and reply buckets) + 2 (EIM buckets) +
+//! ~4 (ports) + ~0.5 (slack, sketch) ≈ 126.5 bytes per flow (measured by `bench/src/bin/conntrack_memory.rs`).
 //!
 //! # Algorithm
 //!
@@ -22,7 +25,9 @@
 //!
 //! * **Lookup** hashes the key, walks the bucket list with acquire loads, skips nodes whose own link is marked
 //!   (deleted) and flows that are expired, and compares keys. No stores, no locks, no allocation: one miss
-//!   for the bucket, one per visited slot (one bucket per entry: ~1.5 slots per successful lookup).
+//!   for the bucket, one per visited slot (one bucket per entry: ~1.5 slots per successful lookup; the fields
+//!   a walk reads sit in the slot's first 64 bytes). The batch forms ([`Table::lookup_outbound_batch`])
+//!   prefetch the buckets and then each round of chain nodes of 32 keys at once, overlapping their misses.
 //! * **Insert** (same tuple raced by several threads: exactly one wins): (1) walk the orig list; a live match
 //!   is returned, an expired one is removed first. (2) Reserve a unit of capacity, the source quota, and a
 //!   slot (lock-free Treiber free list with a tag against ABA, then a bump pointer over never-used slots);
