@@ -6,15 +6,18 @@
 //!   slots waiting out their epoch grace period). Every field is an atomic; see [`Flow`]'s module for the
 //!   layout. Addresses are stored as 16 bytes (IPv4 v4-mapped), so IPv4 and IPv6 flows share the arena.
 //! * Three **bucket arrays** of `AtomicU32` heads (`orig` and `reply`: one bucket per entry; `eim`: one per
-//!   four entries), each heading an intrusive singly linked list threaded through the slots
+//!   two entries), each heading an intrusive singly linked list threaded through the slots
 //!   (`next_orig`, `next_reply`, `next_eim`). A link holds `slot + 1` (0 = end) and bit 31 is the Harris
 //!   *deletion mark* of the node that owns the link.
 //! * **Port pools** ([`PortPools`]): 2 bytes per port per used (egress IP, protocol).
 //! * A count-min sketch of per-source flow counts (two `AtomicU32` per source hash, `max_entries / 16`
 //!   counters).
 //!
-//! Steady state at 1 M live IPv4 flows: 112 (slot) + 8 (two bucket arrays) + 1 (EIM buckets) + ~4 (ports) +
-//! ~1.2 (slack, sketch) ≈ 126 bytes per flow (measured by `bench/src/bin/conntrack_memory.rs`).
+//! * A small process-wide registry (see `context.rs`) gives each slot its table's timeouts and egress IPs
+//!   through a one-byte id instead of a pointer.
+//!
+//! Steady state at 1 M or 10 M live IPv4 flows: 112 (slot) + 8 (orig and reply buckets) + 2 (EIM buckets) +
+//! ~4 (ports) + ~0.5 (slack, sketch) ≈ 126.5 bytes per flow (measured by `bench/src/bin/conntrack_memory.rs`).
 //!
 //! # Algorithm
 //!
@@ -22,7 +25,9 @@
 //!
 //! * **Lookup** hashes the key, walks the bucket list with acquire loads, skips nodes whose own link is marked
 //!   (deleted) and flows that are expired, and compares keys. No stores, no locks, no allocation: one miss
-//!   for the bucket, one per visited slot (one bucket per entry: ~1.5 slots per successful lookup).
+//!   for the bucket, one per visited slot (one bucket per entry: ~1.5 slots per successful lookup; the fields
+//!   a walk reads sit in the slot's first 64 bytes). The batch forms ([`Table::lookup_outbound_batch`])
+//!   prefetch the buckets and then each round of chain nodes of 32 keys at once, overlapping their misses.
 //! * **Insert** (same tuple raced by several threads: exactly one wins): (1) walk the orig list; a live match
 //!   is returned, an expired one is removed first. (2) Reserve a unit of capacity, the source quota, and a
 //!   slot (lock-free Treiber free list with a tag against ABA, then a bump pointer over never-used slots);
@@ -226,7 +231,7 @@ struct Inner {
     max_entries: usize,
     max_per_source: u32,
     reuse_delay: Duration,
-    ctx: u32,
+    ctx: u8,
     pools: PortPools,
     pool_addrs: Box<[Addr]>,
 }
@@ -263,7 +268,7 @@ impl Table {
                 slots,
                 orig: atomics(max.max(16)),
                 reply: atomics(max.max(16)),
-                eim: atomics((max / 4).max(16)),
+                eim: atomics((max / 2).max(16)),
                 quota: atomics((max / 16).next_power_of_two().max(1024)),
                 free: CachePadded::new(AtomicU64::new(0)),
                 bump: CachePadded::new(AtomicU32::new(0)),
@@ -300,6 +305,32 @@ impl Table {
         self.lookup_inbound_at(key, self.inner.now(), guard)
     }
 
+    /// Looks up a batch of outbound tuples (`out[i]` for `keys[i]`; `out` at least as long as `keys`),
+    /// overlapping the cache misses of up to 32 lookups: hashes and prefetches all buckets, then loads the
+    /// heads and prefetches the first slots, then compares. Several times the throughput of one-by-one
+    /// lookups on a table much larger than the cache.
+    pub fn lookup_outbound_batch<'g>(
+        &'g self,
+        keys: &[FlowKey],
+        now: Instant,
+        out: &mut [Option<&'g Flow>],
+        _guard: &'g Guard,
+    ) {
+        self.inner.batch(List::Orig, keys, now, out);
+    }
+
+    /// Batch form of [`lookup_inbound_at`](Self::lookup_inbound_at), like
+    /// [`lookup_outbound_batch`](Self::lookup_outbound_batch).
+    pub fn lookup_inbound_batch<'g>(
+        &'g self,
+        keys: &[FlowKey],
+        now: Instant,
+        out: &mut [Option<&'g Flow>],
+        _guard: &'g Guard,
+    ) {
+        self.inner.batch(List::Reply, keys, now, out);
+    }
+
     /// [`lookup_outbound`](Self::lookup_outbound) with an explicit `now` for the expiry check.
     pub fn lookup_outbound_at<'g>(
         &'g self,
@@ -320,19 +351,11 @@ impl Table {
     ) -> Option<&'g Flow> {
         let k = Packed::from_key(key)?;
         let inner = &*self.inner;
-        let mut cur = inner.bucket(List::Reply, k.hash()).load(Ordering::Acquire);
-        while cur != NIL {
-            let f = inner.slot(cur);
-            let next = f.next_reply.load(Ordering::Acquire);
-            if next & MARK == 0
-                && f.matches_reply(&k, &inner.pool_addrs)
-                && !f.expired_at(f.ctl.load(Ordering::Relaxed), now)
-            {
-                return Some(f);
-            }
-            cur = next & !MARK;
-        }
-        None
+        inner.walk_reply(
+            inner.bucket(List::Reply, k.hash()).load(Ordering::Acquire),
+            &k,
+            now,
+        )
     }
 
     /// Creates the flow for a new outbound tuple (allocating or reusing the external port of the pod
@@ -465,21 +488,109 @@ impl Inner {
         }
     }
 
+    fn batch<'g>(&'g self, l: List, keys: &[FlowKey], now: Instant, out: &mut [Option<&'g Flow>]) {
+        const N: usize = 32;
+        for (keys, out) in keys.chunks(N).zip(out.chunks_mut(N)) {
+            let mut packed = [None; N];
+            let mut heads = [NIL; N];
+            let buckets = self.buckets(l);
+            let mut where_ = [0usize; N];
+            for (i, k) in keys.iter().enumerate() {
+                packed[i] = Packed::from_key(k);
+                if let Some(p) = &packed[i] {
+                    where_[i] = key::reduce(p.hash(), buckets.len());
+                    prefetch((&buckets[where_[i]] as *const AtomicU32).cast());
+                }
+            }
+            for i in 0..keys.len() {
+                if packed[i].is_some() {
+                    heads[i] = buckets[where_[i]].load(Ordering::Acquire);
+                    if heads[i] != NIL {
+                        let f = self.slot(heads[i]);
+                        let p = (f as *const Flow).cast::<u8>();
+                        prefetch(p);
+                        prefetch(p.wrapping_add(63)); // the 64 lookup bytes may straddle two lines
+                    }
+                }
+            }
+            // Walk all chains one node per round, prefetching every chain's next node before the next
+            // round, so that the misses of second and later nodes overlap too.
+            let mut cur = heads;
+            for o in out.iter_mut().take(keys.len()) {
+                *o = None;
+            }
+            loop {
+                let mut more = false;
+                for i in 0..keys.len() {
+                    let (Some(k), true) = (&packed[i], cur[i] != NIL) else {
+                        continue;
+                    };
+                    let f = self.slot(cur[i]);
+                    let next = Self::link(f, l).load(Ordering::Acquire);
+                    let hit = next & MARK == 0
+                        && match l {
+                            List::Orig => f.matches_orig(k),
+                            _ => f.matches_reply(k, &self.pool_addrs),
+                        }
+                        && Self::visible(f, now);
+                    if hit {
+                        out[i] = Some(f);
+                        cur[i] = NIL;
+                    } else {
+                        cur[i] = next & !MARK;
+                        if cur[i] != NIL {
+                            let p = (self.slot(cur[i]) as *const Flow).cast::<u8>();
+                            prefetch(p);
+                            prefetch(p.wrapping_add(63));
+                            more = true;
+                        }
+                    }
+                }
+                if !more {
+                    break;
+                }
+            }
+        }
+    }
+
     #[inline]
-    fn find_orig(&self, k: &Packed, h: u64, now: Instant) -> Option<&Flow> {
-        let mut cur = self.bucket(List::Orig, h).load(Ordering::Acquire);
+    fn walk_orig(&self, head: u32, k: &Packed, now: Instant) -> Option<&Flow> {
+        let mut cur = head;
         while cur != NIL {
             let f = self.slot(cur);
             let next = f.next_orig.load(Ordering::Acquire);
-            if next & MARK == 0
-                && f.matches_orig(k)
-                && !f.expired_at(f.ctl.load(Ordering::Relaxed), now)
-            {
+            if next & MARK == 0 && f.matches_orig(k) && Self::visible(f, now) {
                 return Some(f);
             }
             cur = next & !MARK;
         }
         None
+    }
+
+    #[inline]
+    fn walk_reply(&self, head: u32, k: &Packed, now: Instant) -> Option<&Flow> {
+        let mut cur = head;
+        while cur != NIL {
+            let f = self.slot(cur);
+            let next = f.next_reply.load(Ordering::Acquire);
+            if next & MARK == 0 && f.matches_reply(k, &self.pool_addrs) && Self::visible(f, now) {
+                return Some(f);
+            }
+            cur = next & !MARK;
+        }
+        None
+    }
+
+    /// Not removed and not expired.
+    #[inline]
+    fn visible(f: &Flow, now: Instant) -> bool {
+        let ctl = f.ctl.load(Ordering::Relaxed);
+        phase_of(ctl) != PHASE_DEAD && !f.expired_at(ctl, now)
+    }
+
+    #[inline]
+    fn find_orig(&self, k: &Packed, h: u64, now: Instant) -> Option<&Flow> {
+        self.walk_orig(self.bucket(List::Orig, h).load(Ordering::Acquire), k, now)
     }
 
     /// Walks the orig list from `head` for `k`: `Ok(Some(live))`, `Ok(None)` (absent), or `Err(())` when an
@@ -497,11 +608,15 @@ impl Inner {
             let next = f.next_orig.load(Ordering::Acquire);
             if next & MARK == 0 && f.matches_orig(k) {
                 let ctl = f.ctl.load(Ordering::Acquire);
-                if phase_of(ctl) == PHASE_INIT || !f.expired_at(ctl, now) {
-                    return Ok(Some(cur & !MARK));
+                match phase_of(ctl) {
+                    PHASE_INIT => return Ok(Some(cur)),
+                    PHASE_LIVE if !f.expired_at(ctl, now) => return Ok(Some(cur)),
+                    PHASE_LIVE => {
+                        self.kill(cur - 1, now, guard);
+                        return Err(());
+                    }
+                    _ => {} // removed (claimed), not yet marked: absent
                 }
-                self.kill((cur & !MARK) - 1, now, guard);
-                return Err(());
             }
             cur = next & !MARK;
         }
@@ -519,6 +634,20 @@ impl Inner {
         let k = Packed::from_key(&new.orig).ok_or(InsertError::NoPool)?;
         let h = k.hash();
         let bucket = self.bucket(List::Orig, h);
+        let pool = if new.egress_ip.is_ipv4() == new.orig.src.is_ipv4() {
+            self.pools.pool_id(new.egress_ip, new.orig.proto)
+        } else {
+            None
+        }
+        .ok_or(InsertError::NoPool)?;
+        // start fetching the mapping's bucket while the orig list is walked
+        let ek = EimKey {
+            src: k.src,
+            sport: k.sport,
+            tag: k.tag,
+            pool,
+        };
+        prefetch((self.bucket(List::Eim, ek.hash()) as *const AtomicU32).cast());
         // (1) already there?
         loop {
             match self.scan_orig(bucket.load(Ordering::Acquire), &k, now, guard) {
@@ -527,12 +656,6 @@ impl Inner {
                 Err(()) => continue,
             }
         }
-        let pool = if new.egress_ip.is_ipv4() == new.orig.src.is_ipv4() {
-            self.pools.pool_id(new.egress_ip, new.orig.proto)
-        } else {
-            None
-        }
-        .ok_or(InsertError::NoPool)?;
         // (2) capacity, quota, slot
         if !self.reserve_entry() {
             self.sweep(now, 256, guard);
@@ -558,6 +681,9 @@ impl Inner {
             self.push_free(idx); // never published
             return Err(e);
         }
+        let rk = f.reply_packed(self.pool_addrs[usize::from(pool)]);
+        let rb = self.bucket(List::Reply, rk.hash());
+        prefetch((rb as *const AtomicU32).cast());
         // (4) link into the orig list; the successful CAS is the linearization point
         f.ctl.fetch_add(HOLD, Ordering::Relaxed);
         loop {
@@ -583,8 +709,6 @@ impl Inner {
         }
         // (5) reply list, then live
         f.ctl.fetch_add(HOLD, Ordering::Relaxed);
-        let rk = f.reply_packed(self.pool_addrs[usize::from(pool)]);
-        let rb = self.bucket(List::Reply, rk.hash());
         let mut head = rb.load(Ordering::Acquire);
         loop {
             f.next_reply.store(head, Ordering::Relaxed);
@@ -608,6 +732,7 @@ impl Inner {
         let ek = f.eim_key();
         let proto = f.proto();
         let bucket = self.bucket(List::Eim, ek.hash());
+        let start = self.pools.draw_start(ek.pool, proto, rng);
         let mut mine: Option<u16> = None;
         loop {
             let head = bucket.load(Ordering::Acquire);
@@ -622,7 +747,7 @@ impl Inner {
                 Some(p) => p,
                 None => self
                     .pools
-                    .allocate(ek.pool, proto, now, self.reuse_delay, rng)
+                    .allocate(ek.pool, proto, now, self.reuse_delay, start)
                     .ok_or(InsertError::PortsExhausted)?,
             };
             mine = Some(port);
@@ -886,6 +1011,19 @@ impl Inner {
         }
         removed
     }
+}
+
+/// Hints the CPU to fetch the cache line holding `p` (no effect on other architectures).
+#[inline(always)]
+fn prefetch(p: *const u8) {
+    #[cfg(target_arch = "x86_64")]
+    // SAFETY: a prefetch is only a hint: it never dereferences `p` architecturally and never faults, whatever
+    // the address.
+    unsafe {
+        core::arch::x86_64::_mm_prefetch::<{ core::arch::x86_64::_MM_HINT_T0 }>(p.cast::<i8>());
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = p;
 }
 
 #[cfg(test)]

@@ -78,6 +78,9 @@ pub struct PoolUsage {
 /// Index of an egress IP in [`PortPools`].
 pub(crate) type PoolId = u16;
 
+/// Most egress IPs (pool ids are stored in 13 bits in a flow slot).
+pub const MAX_POOLS: usize = 8191;
+
 const FREE: u16 = 0;
 const OWNED: u16 = 0xFFFF;
 const CLOCK_MOD: u64 = 0xFFFE;
@@ -103,12 +106,13 @@ struct Lane {
 }
 
 impl PortPools {
-    /// Pools for `egress_ips` (duplicates are ignored; at most 65535 IPs), each handing out ports from `range`.
+    /// Pools for `egress_ips` (duplicates are ignored; at most 8191 IPs, more are ignored), each handing out
+    /// ports from `range`.
     pub fn new(egress_ips: &[IpAddr], range: PortRange) -> PortPools {
         let mut pools = Vec::new();
         let mut by_ip = HashMap::new();
         for &ip in egress_ips {
-            if by_ip.contains_key(&ip) || pools.len() >= usize::from(u16::MAX) {
+            if by_ip.contains_key(&ip) || pools.len() >= MAX_POOLS {
                 continue;
             }
             #[allow(clippy::cast_possible_truncation)] // bounded by the check above
@@ -173,15 +177,31 @@ impl PortPools {
         lane_index(pool.ip, proto).map(|i| &pool.lanes[i])
     }
 
-    /// Takes a random available port of pool `id` for `proto`; `None` when none is available (all owned or
-    /// cooling). Probes at most the whole range.
+    /// Draws the random offset where [`allocate`](Self::allocate) will start probing, and starts fetching
+    /// that port's state so that the miss overlaps other work.
+    pub(crate) fn draw_start(&self, id: PoolId, proto: Proto, rng: &mut Rng) -> u32 {
+        let n = self.range.len().max(1);
+        let start = rng.below(n);
+        if let Some(cell) = self
+            .lane(id, proto)
+            .and_then(|l| l.ports.get())
+            .and_then(|p| p.get(start as usize))
+        {
+            prefetch((cell as *const AtomicU16).cast());
+        }
+        start
+    }
+
+    /// Takes an available port of pool `id` for `proto`, probing from offset `start` (random, from
+    /// [`draw_start`](Self::draw_start)); `None` when none is available (all owned or cooling). Probes at most
+    /// the whole range.
     pub(crate) fn allocate(
         &self,
         id: PoolId,
         proto: Proto,
         now: Instant,
         reuse_delay: Duration,
-        rng: &mut Rng,
+        start: u32,
     ) -> Option<u16> {
         let lane = self.lane(id, proto)?;
         let n = self.range.len();
@@ -196,8 +216,7 @@ impl PortPools {
         });
         let now_s = now.as_secs();
         let delay_s = reuse_delay.as_secs() + u64::from(reuse_delay.subsec_nanos() > 0);
-        let start = rng.below(n);
-        let mut off = start;
+        let mut off = start % n;
         for _ in 0..n {
             let cell = &ports[off as usize];
             let v = cell.load(Ordering::Relaxed);
@@ -247,6 +266,18 @@ impl PortPools {
             .and_then(|p| p.get(usize::from(port.wrapping_sub(self.range.min))))
             .is_some_and(|c| c.load(Ordering::Relaxed) == OWNED)
     }
+}
+
+/// Hints the CPU to fetch the cache line holding `p` (no effect on other architectures).
+#[inline(always)]
+fn prefetch(p: *const u8) {
+    #[cfg(target_arch = "x86_64")]
+    // SAFETY: a prefetch is only a hint: it never dereferences `p` architecturally and never faults.
+    unsafe {
+        core::arch::x86_64::_mm_prefetch::<{ core::arch::x86_64::_MM_HINT_T0 }>(p.cast::<i8>());
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = p;
 }
 
 fn lane_protos(ip: IpAddr) -> [Proto; 3] {
@@ -338,18 +369,18 @@ mod tests {
         let mut got = std::collections::HashSet::new();
         for _ in 0..10 {
             let p = pools
-                .allocate(id, Proto::Udp, Instant::ZERO, DELAY, &mut rng)
+                .allocate(id, Proto::Udp, Instant::ZERO, DELAY, rng.next_u32())
                 .expect("port");
             assert!((100..=109).contains(&p));
             assert!(got.insert(p));
         }
         assert_eq!(
-            pools.allocate(id, Proto::Udp, Instant::ZERO, DELAY, &mut rng),
+            pools.allocate(id, Proto::Udp, Instant::ZERO, DELAY, rng.next_u32()),
             None
         );
         // other protocols are independent
         assert!(pools
-            .allocate(id, Proto::Tcp, Instant::ZERO, DELAY, &mut rng)
+            .allocate(id, Proto::Tcp, Instant::ZERO, DELAY, rng.next_u32())
             .is_some());
         let u = pools.usage();
         assert_eq!(u.len(), 3);
@@ -363,18 +394,33 @@ mod tests {
         let id = pools.pool_id(V4, Proto::Tcp).expect("pool");
         let mut rng = Rng::new(2);
         let t0 = Instant::from_millis(10_900);
-        assert_eq!(pools.allocate(id, Proto::Tcp, t0, DELAY, &mut rng), Some(7));
+        assert_eq!(
+            pools.allocate(id, Proto::Tcp, t0, DELAY, rng.next_u32()),
+            Some(7)
+        );
         pools.release(id, Proto::Tcp, 7, t0);
         assert!(!pools.is_owned(id, Proto::Tcp, 7));
         for ms in [10_900, 60_000, 130_000, 130_899] {
             assert_eq!(
-                pools.allocate(id, Proto::Tcp, Instant::from_millis(ms), DELAY, &mut rng),
+                pools.allocate(
+                    id,
+                    Proto::Tcp,
+                    Instant::from_millis(ms),
+                    DELAY,
+                    rng.next_u32()
+                ),
                 None,
                 "{ms}"
             );
         }
         assert_eq!(
-            pools.allocate(id, Proto::Tcp, Instant::from_secs(132), DELAY, &mut rng),
+            pools.allocate(
+                id,
+                Proto::Tcp,
+                Instant::from_secs(132),
+                DELAY,
+                rng.next_u32()
+            ),
             Some(7)
         );
     }

@@ -15,7 +15,7 @@ use std::sync::atomic::{AtomicPtr, Ordering};
 use std::sync::Mutex;
 
 /// Most tables alive at once in one process.
-pub(crate) const MAX_TABLES: usize = 1024;
+pub(crate) const MAX_TABLES: usize = 256;
 
 /// What flows need to know about their table.
 #[derive(Debug)]
@@ -34,7 +34,7 @@ static SLOTS: [AtomicPtr<Context>; MAX_TABLES] =
 static REGISTER: Mutex<()> = Mutex::new(());
 
 /// Registers `ctx`; panics when [`MAX_TABLES`] tables are alive (a configuration this gateway never has).
-pub(crate) fn register(ctx: Context) -> u32 {
+pub(crate) fn register(ctx: Context) -> u8 {
     let raw = Box::into_raw(Box::new(ctx));
     let _g = REGISTER
         .lock()
@@ -43,7 +43,7 @@ pub(crate) fn register(ctx: Context) -> u32 {
         if slot.load(Ordering::Relaxed).is_null() {
             slot.store(raw, Ordering::Release);
             #[allow(clippy::cast_possible_truncation)] // i < MAX_TABLES
-            return i as u32;
+            return i as u8;
         }
     }
     // SAFETY: `raw` came from `Box::into_raw` just above and was never shared.
@@ -52,11 +52,11 @@ pub(crate) fn register(ctx: Context) -> u32 {
 }
 
 /// Releases the context of a table being dropped.
-pub(crate) fn release(id: u32) {
+pub(crate) fn release(id: u8) {
     let _g = REGISTER
         .lock()
         .unwrap_or_else(std::sync::PoisonError::into_inner);
-    let raw = SLOTS[id as usize].swap(core::ptr::null_mut(), Ordering::AcqRel);
+    let raw = SLOTS[usize::from(id)].swap(core::ptr::null_mut(), Ordering::AcqRel);
     if !raw.is_null() {
         // SAFETY: `raw` was created by `register` with `Box::into_raw`; the table owning it is being dropped,
         // so no `&Flow` (each borrows the table) and no `&Context` handed out by `get` can still be in use.
@@ -66,8 +66,8 @@ pub(crate) fn release(id: u32) {
 
 /// The context with id `id`; valid while the table that registered it is alive.
 #[inline]
-pub(crate) fn get(id: u32) -> &'static Context {
-    let raw = SLOTS[id as usize].load(Ordering::Acquire);
+pub(crate) fn get(id: u8) -> &'static Context {
+    let raw = SLOTS[usize::from(id)].load(Ordering::Acquire);
     assert!(!raw.is_null(), "flow of a dropped conntrack table");
     // SAFETY: non-null pointers in SLOTS come from `Box::into_raw` in `register` and are freed only by
     // `release` when their table drops. Callers reach this through a `&Flow`, which borrows the table, so
@@ -91,6 +91,6 @@ mod tests {
         });
         assert_eq!(get(id).tcp_trans_ms, 3);
         release(id);
-        assert!(SLOTS[id as usize].load(Ordering::Relaxed).is_null());
+        assert!(SLOTS[usize::from(id)].load(Ordering::Relaxed).is_null());
     }
 }

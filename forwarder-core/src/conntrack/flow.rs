@@ -7,10 +7,10 @@
 //! relaxed operations; counters use load + store, so they may lose increments under races (documented as
 //! approximate).
 //!
-//! Layout (offsets in bytes): `0` index links · `8` pod address · `24` remote address · `40` ports and pool ·
-//! `48` node MAC, uplink, protocol · `56` last seen, created · `64` TCP/lifecycle word · `72` context id,
-//! node IPv4 · `80` EIM link and mapping reference count · `88` packet counters · `96` byte counters.
-//! Lookups touch the first 72 bytes.
+//! Layout (`repr(C)`, offsets in bytes): `0` index links · `8` pod address · `24` remote address · `40` ports,
+//! pool and protocol · `48` TCP/lifecycle word with the context id · `56` last seen · `60` EIM link —
+//! everything a lookup or a list walk reads is in these first 64 bytes — then `64` node MAC and uplink ·
+//! `72` byte counters · `88` node IPv4 · `92` created · `96` mapping reference count · `100` packet counters.
 
 use core::net::{IpAddr, Ipv4Addr};
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering::Relaxed};
@@ -126,6 +126,7 @@ pub struct FlowCounters {
 // bits 48..51 TcpState
 // bits 51..53 lifecycle phase
 // bits 53..56 holds: reasons the slot may not be recycled yet (flow role + index links)
+// bits 56..64 context id of the table (immutable)
 /// Phase of a slot on the free list (also the all-zero control word).
 pub(crate) const PHASE_FREE: u64 = 0;
 pub(crate) const PHASE_INIT: u64 = 1;
@@ -135,6 +136,10 @@ const STATE_SHIFT: u32 = 48;
 const PHASE_SHIFT: u32 = 51;
 const HOLDS_SHIFT: u32 = 53;
 pub(crate) const HOLD: u64 = 1 << HOLDS_SHIFT;
+const CTX_SHIFT: u32 = 56;
+const TAG_SHIFT: u32 = 61;
+/// Pool ids are stored in 13 bits (at most 8191 egress IPs).
+pub(crate) const POOL_MASK: u16 = 0x1FFF;
 
 pub(crate) const fn phase_of(ctl: u64) -> u64 {
     (ctl >> PHASE_SHIFT) & 3
@@ -153,29 +158,31 @@ const ASSUMED_WSCALE: u32 = 7;
 /// A tracked, translated flow. Obtained from [`Table`](super::Table) lookups and inserts; valid for the
 /// lifetime of the epoch guard used to get it.
 #[derive(Debug)]
+#[repr(C)]
 pub struct Flow {
     pub(crate) next_orig: AtomicU32,
     pub(crate) next_reply: AtomicU32,
     src: [AtomicU64; 2],
     dst: [AtomicU64; 2],
-    /// src port | dst port << 16 | external port << 32 | pool << 48
+    /// src port | dst port << 16 | external port << 32 | pool << 48 (13 bits) | tag << 61 (3 bits)
     ports: AtomicU64,
-    /// node MAC (48 bits) | uplink << 48 | tag << 56
-    misc: AtomicU64,
-    last_seen: AtomicU32,
-    created: AtomicU32,
+    /// See the control word above; bits 56..64 hold the table's context id.
     pub(crate) ctl: AtomicU64,
-    ctx: AtomicU32,
-    node_ip: AtomicU32,
+    last_seen: AtomicU32,
     pub(crate) next_eim: AtomicU32,
+    /// node MAC (48 bits) | uplink << 48
+    misc: AtomicU64,
+    bytes_out: AtomicU64,
+    bytes_in: AtomicU64,
+    node_ip: AtomicU32,
+    created: AtomicU32,
     pub(crate) map_refs: AtomicU32,
     pk_out: AtomicU32,
     pk_in: AtomicU32,
-    bytes_out: AtomicU64,
-    bytes_in: AtomicU64,
 }
 
 const _: () = assert!(core::mem::size_of::<Flow>() == 112);
+const _: () = assert!(core::mem::offset_of!(Flow, next_eim) == 60); // list walks stay in 64 bytes
 
 fn load2(a: &[AtomicU64; 2]) -> Addr {
     [a[0].load(Relaxed), a[1].load(Relaxed)]
@@ -215,7 +222,6 @@ impl Flow {
             last_seen: AtomicU32::new(0),
             created: AtomicU32::new(0),
             ctl: AtomicU64::new(0),
-            ctx: AtomicU32::new(0),
             node_ip: AtomicU32::new(0),
             next_eim: AtomicU32::new(0),
             map_refs: AtomicU32::new(0),
@@ -233,7 +239,7 @@ impl Flow {
         pool: PoolId,
         node: NodeAddr,
         uplink: UplinkId,
-        ctx: u32,
+        ctx: u8,
         now: Instant,
     ) {
         self.src[0].store(k.src[0], Relaxed);
@@ -241,25 +247,27 @@ impl Flow {
         self.dst[0].store(k.dst[0], Relaxed);
         self.dst[1].store(k.dst[1], Relaxed);
         self.ports.store(
-            u64::from(k.sport) | u64::from(k.dport) << 16 | u64::from(pool) << 48,
+            u64::from(k.sport)
+                | u64::from(k.dport) << 16
+                | u64::from(pool & POOL_MASK) << 48
+                | u64::from(k.tag) << TAG_SHIFT,
             Relaxed,
         );
         let mac = node
             .mac
             .iter()
             .fold(0u64, |acc, &b| (acc << 8) | u64::from(b));
-        self.misc.store(
-            mac | u64::from(uplink) << 48 | u64::from(k.tag) << 56,
-            Relaxed,
-        );
+        self.misc.store(mac | u64::from(uplink) << 48, Relaxed);
         let t = tick(now);
         self.last_seen.store(t, Relaxed);
         self.created.store(t, Relaxed);
         self.ctl.store(
-            TcpState::SynSent.bits() << STATE_SHIFT | PHASE_INIT << PHASE_SHIFT | HOLD,
+            TcpState::SynSent.bits() << STATE_SHIFT
+                | PHASE_INIT << PHASE_SHIFT
+                | HOLD
+                | u64::from(ctx) << CTX_SHIFT,
             Relaxed,
         );
-        self.ctx.store(ctx, Relaxed);
         self.node_ip.store(u32::from(node.ip), Relaxed);
         self.next_eim.store(0, Relaxed);
         self.map_refs.store(0, Relaxed);
@@ -278,7 +286,7 @@ impl Flow {
     #[inline]
     fn tag(&self) -> u8 {
         #[allow(clippy::cast_possible_truncation)] // top byte
-        let t = (self.misc.load(Relaxed) >> 56) as u8;
+        let t = (self.ports.load(Relaxed) >> TAG_SHIFT) as u8;
         t
     }
 
@@ -290,7 +298,7 @@ impl Flow {
     }
 
     pub(crate) fn pool(&self) -> PoolId {
-        self.port_field(48)
+        self.port_field(48) & POOL_MASK
     }
 
     fn is_v6(&self) -> bool {
@@ -307,18 +315,20 @@ impl Flow {
     }
 
     pub(crate) fn ctx(&self) -> &context::Context {
-        context::get(self.ctx.load(Relaxed))
+        #[allow(clippy::cast_possible_truncation)] // top byte
+        let id = (self.ctl.load(Relaxed) >> CTX_SHIFT) as u8;
+        context::get(id)
     }
 
     #[inline]
     pub(crate) fn matches_orig(&self, k: &Packed) -> bool {
         let ports = self.ports.load(Relaxed);
         #[allow(clippy::cast_possible_truncation)] // low 32 bits: both ports
-        let pp = ports as u32;
+        let (pp, tag) = (ports as u32, (ports >> TAG_SHIFT) as u8);
         pp == (u32::from(k.sport) | u32::from(k.dport) << 16)
+            && tag == k.tag
             && load2(&self.src) == k.src
             && load2(&self.dst) == k.dst
-            && self.tag() == k.tag
     }
 
     /// The reply key in index form; `pool_addr` is the egress address of this flow's pool.
@@ -341,12 +351,12 @@ impl Flow {
     pub(crate) fn matches_reply(&self, k: &Packed, pool_addrs: &[Addr]) -> bool {
         let ports = self.ports.load(Relaxed);
         #[allow(clippy::cast_possible_truncation)] // 16-bit fields
-        let (dport, ext, pool) = (
+        let (dport, ext, pool, tag) = (
             (ports >> 16) as u16,
             (ports >> 32) as u16,
-            (ports >> 48) as u16,
+            (ports >> 48) as u16 & POOL_MASK,
+            (ports >> TAG_SHIFT) as u8,
         );
-        let tag = self.tag();
         let rsport = if tag & 2 != 0 { ext } else { dport }; // ICMP protocols have index 2 and 3
         ext == k.dport
             && rsport == k.sport

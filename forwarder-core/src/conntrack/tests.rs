@@ -863,3 +863,120 @@ mod model {
         }
     }
 }
+
+#[test]
+fn batch_lookups_match_single_lookups() {
+    let tb = table(256, PortRange::default());
+    let mut rng = Rng::new(12);
+    let g = tb.pin();
+    let mut outs = Vec::new();
+    let mut ins = Vec::new();
+    for i in 0..40u16 {
+        let k = key(pod(1), 2000 + i, remote(1), 80, Proto::Tcp);
+        let f = tb.insert(new_flow(k), t(0), &mut rng, &g).expect("insert");
+        outs.push(k);
+        ins.push(f.reply_key());
+        // a miss after each hit, and a v6 miss
+        outs.push(key(pod(9), 2000 + i, remote(1), 80, Proto::Tcp));
+        ins.push(key(remote(9), 1, EGRESS, 1, Proto::Udp));
+    }
+    outs.push(key(
+        pod(1),
+        1,
+        "2001:db8::1".parse().expect("ip"),
+        1,
+        Proto::Tcp,
+    ));
+    ins.push(key(remote(1), 1, EGRESS6, 1, Proto::Tcp));
+    let mut res = vec![None; outs.len()];
+    tb.lookup_outbound_batch(&outs, t(1), &mut res, &g);
+    for (k, r) in outs.iter().zip(&res) {
+        let single = tb.lookup_outbound_at(k, t(1), &g);
+        assert_eq!(
+            r.map(|f| f as *const Flow),
+            single.map(|f| f as *const Flow)
+        );
+    }
+    assert_eq!(res.iter().filter(|r| r.is_some()).count(), 40);
+    tb.lookup_inbound_batch(&ins, t(1), &mut res, &g);
+    for (k, r) in ins.iter().zip(&res) {
+        let single = tb.lookup_inbound_at(k, t(1), &g);
+        assert_eq!(
+            r.map(|f| f as *const Flow),
+            single.map(|f| f as *const Flow)
+        );
+    }
+    assert_eq!(res.iter().filter(|r| r.is_some()).count(), 40);
+    // expired flows are absent from batches too
+    tb.lookup_outbound_batch(&outs, t(300), &mut res, &g);
+    assert!(res.iter().all(Option::is_none));
+}
+
+#[test]
+fn stress_tiny_key_space_with_fast_expiry() {
+    // 16 tuples of 4 pod endpoints, 1 s UDP timeout and a clock running 100x: inserts, replacements of
+    // expired duplicates, sweeps and mapping hand-overs race all the time.
+    use std::sync::atomic::AtomicBool;
+    let tb = Table::new(
+        Config {
+            max_entries: 64,
+            timeouts: Timeouts {
+                udp: Duration::from_secs(1),
+                ..Timeouts::default()
+            },
+            port_reuse_delay: Duration::from_secs(1),
+            ..Config::default()
+        },
+        PortPools::new(&[EGRESS], PortRange { min: 100, max: 107 }),
+    );
+    let clock = AtomicU64::new(0);
+    let stop = AtomicBool::new(false);
+    let ops = AtomicU64::new(0);
+    std::thread::scope(|s| {
+        for w in 0..4u64 {
+            let (tb, clock, stop, ops) = (&tb, &clock, &stop, &ops);
+            s.spawn(move || {
+                let mut rng = Rng::new(w + 100);
+                let mut n = 0;
+                while !stop.load(Ordering::Relaxed) {
+                    let g = tb.pin();
+                    let now = Instant::from_millis(clock.load(Ordering::Relaxed));
+                    let r = rng.next_u32();
+                    #[allow(clippy::cast_possible_truncation)]
+                    let k = key(
+                        pod((r % 2) as u8),
+                        (r >> 4) as u16 % 2,
+                        remote((r >> 8) as u8 % 4),
+                        53,
+                        Proto::Udp,
+                    );
+                    if let Ok(f) = tb.insert(new_flow(k), now, &mut rng, &g) {
+                        assert_eq!(f.orig(), k);
+                        f.on_outbound(None, 1, now);
+                    }
+                    if r.is_multiple_of(8) {
+                        drop(g);
+                        tb.expire(now, 16);
+                    }
+                    n += 1;
+                }
+                ops.fetch_add(n, Ordering::Relaxed);
+            });
+        }
+        let start = std::time::Instant::now();
+        while start.elapsed() < std::time::Duration::from_millis(1000) {
+            clock.fetch_add(100, Ordering::Relaxed);
+            std::thread::sleep(std::time::Duration::from_millis(1));
+        }
+        stop.store(true, Ordering::Relaxed);
+    });
+    assert!(ops.load(Ordering::Relaxed) > 10_000);
+    let now = Instant::from_millis(clock.load(Ordering::Relaxed));
+    check_invariants(&tb, now);
+    let later = now + Duration::from_secs(100);
+    for _ in 0..10 {
+        tb.expire(later, 1000);
+    }
+    assert!(tb.is_empty(), "{}", tb.len());
+    assert!(tb.pools().usage().iter().all(|u| u.in_use == 0));
+}
