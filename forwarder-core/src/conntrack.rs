@@ -234,6 +234,7 @@ struct Inner {
     ctx: u8,
     pools: PortPools,
     pool_addrs: Box<[Addr]>,
+    hash_key: key::HashKey,
 }
 
 fn ms(d: Duration) -> u64 {
@@ -246,8 +247,22 @@ fn atomics(n: usize) -> Box<[AtomicU32]> {
 
 impl Table {
     /// A table for `config.max_entries` flows, translating to the egress IPs of `pools`. Allocates the whole
-    /// arena now.
+    /// arena now. The index hash is keyed from the arena's address and a process counter (the core reads no
+    /// OS randomness); production code should prefer [`with_hash_seed`](Self::with_hash_seed) with a random
+    /// seed, so that pods cannot aim many flows at one bucket.
     pub fn new(config: Config, pools: PortPools) -> Table {
+        static TABLES: AtomicU64 = AtomicU64::new(0);
+        let n = TABLES.fetch_add(1, Ordering::Relaxed);
+        let mut t = Self::with_hash_seed(config, pools, n);
+        let addr = t.inner.slots.as_ptr() as usize as u64;
+        if let Some(inner) = Arc::get_mut(&mut t.inner) {
+            inner.hash_key = key::HashKey::new(addr.rotate_left(17) ^ n);
+        }
+        t
+    }
+
+    /// [`new`](Self::new) with the index hash keyed by `seed` (pass 64 random bits).
+    pub fn with_hash_seed(config: Config, pools: PortPools, seed: u64) -> Table {
         let max = (config.max_entries as usize).clamp(1, (MARK as usize - 1) * 31 / 32);
         let slack = 64 + max / 1024;
         let slots: Box<[Flow]> = (0..max + slack).map(|_| Flow::empty()).collect();
@@ -282,6 +297,7 @@ impl Table {
                 ctx,
                 pools,
                 pool_addrs,
+                hash_key: key::HashKey::new(seed),
             }),
         }
     }
@@ -339,7 +355,7 @@ impl Table {
         _guard: &'g Guard,
     ) -> Option<&'g Flow> {
         let k = Packed::from_key(key)?;
-        self.inner.find_orig(&k, k.hash(), now)
+        self.inner.find_orig(&k, k.hash(&self.inner.hash_key), now)
     }
 
     /// [`lookup_inbound`](Self::lookup_inbound) with an explicit `now` for the expiry check.
@@ -352,7 +368,9 @@ impl Table {
         let k = Packed::from_key(key)?;
         let inner = &*self.inner;
         inner.walk_reply(
-            inner.bucket(List::Reply, k.hash()).load(Ordering::Acquire),
+            inner
+                .bucket(List::Reply, k.hash(&inner.hash_key))
+                .load(Ordering::Acquire),
             &k,
             now,
         )
@@ -498,7 +516,7 @@ impl Inner {
             for (i, k) in keys.iter().enumerate() {
                 packed[i] = Packed::from_key(k);
                 if let Some(p) = &packed[i] {
-                    where_[i] = key::reduce(p.hash(), buckets.len());
+                    where_[i] = key::reduce(p.hash(&self.hash_key), buckets.len());
                     prefetch((&buckets[where_[i]] as *const AtomicU32).cast());
                 }
             }
@@ -632,7 +650,7 @@ impl Inner {
     ) -> Result<&'g Flow, InsertError> {
         self.advance_clock(now);
         let k = Packed::from_key(&new.orig).ok_or(InsertError::NoPool)?;
-        let h = k.hash();
+        let h = k.hash(&self.hash_key);
         let bucket = self.bucket(List::Orig, h);
         let pool = if new.egress_ip.is_ipv4() == new.orig.src.is_ipv4() {
             self.pools.pool_id(new.egress_ip, new.orig.proto)
@@ -647,7 +665,7 @@ impl Inner {
             tag: k.tag,
             pool,
         };
-        prefetch((self.bucket(List::Eim, ek.hash()) as *const AtomicU32).cast());
+        prefetch((self.bucket(List::Eim, ek.hash(&self.hash_key)) as *const AtomicU32).cast());
         // (1) already there?
         loop {
             match self.scan_orig(bucket.load(Ordering::Acquire), &k, now, guard) {
@@ -682,7 +700,7 @@ impl Inner {
             return Err(e);
         }
         let rk = f.reply_packed(self.pool_addrs[usize::from(pool)]);
-        let rb = self.bucket(List::Reply, rk.hash());
+        let rb = self.bucket(List::Reply, rk.hash(&self.hash_key));
         prefetch((rb as *const AtomicU32).cast());
         // (4) link into the orig list; the successful CAS is the linearization point
         f.ctl.fetch_add(HOLD, Ordering::Relaxed);
@@ -731,7 +749,7 @@ impl Inner {
     ) -> Result<(), InsertError> {
         let ek = f.eim_key();
         let proto = f.proto();
-        let bucket = self.bucket(List::Eim, ek.hash());
+        let bucket = self.bucket(List::Eim, ek.hash(&self.hash_key));
         let start = self.pools.draw_start(ek.pool, proto, rng);
         let mut mine: Option<u16> = None;
         loop {
@@ -795,7 +813,7 @@ impl Inner {
     /// Drops one flow's reference on its mapping; the last one ends the mapping.
     fn release_mapping(self: &Arc<Self>, f: &Flow, now: Instant, guard: &Guard) {
         let ek = f.eim_key();
-        let h = ek.hash();
+        let h = ek.hash(&self.hash_key);
         let bucket = self.bucket(List::Eim, h);
         let Some(anchor) = self.find_anchor(bucket.load(Ordering::Acquire), &ek, false) else {
             debug_assert!(false, "flow without a live mapping");
@@ -841,9 +859,17 @@ impl Inner {
         self.quota_release(&ok.src);
         self.release_mapping(f, now, guard);
         if linked {
-            self.unlink(List::Orig, self.bucket(List::Orig, ok.hash()), guard);
+            self.unlink(
+                List::Orig,
+                self.bucket(List::Orig, ok.hash(&self.hash_key)),
+                guard,
+            );
             let rk = f.reply_packed(self.pool_addrs[usize::from(f.pool())]);
-            self.unlink(List::Reply, self.bucket(List::Reply, rk.hash()), guard);
+            self.unlink(
+                List::Reply,
+                self.bucket(List::Reply, rk.hash(&self.hash_key)),
+                guard,
+            );
         }
         self.drop_hold(idx, guard);
     }
@@ -912,7 +938,7 @@ impl Inner {
             dport: 0,
             tag: 0xF0,
         }
-        .hash();
+        .hash(&self.hash_key);
         let mask = self.quota.len() - 1;
         #[allow(clippy::cast_possible_truncation)] // masked
         let (a, mut b) = (h as usize & mask, (h >> 32) as usize & mask);

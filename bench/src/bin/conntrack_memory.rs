@@ -22,16 +22,19 @@ struct Counting;
 
 static ALLOCATED: AtomicUsize = AtomicUsize::new(0);
 static PEAK: AtomicUsize = AtomicUsize::new(0);
+static ALLOCS: AtomicUsize = AtomicUsize::new(0);
 
 // SAFETY: forwards to the system allocator unchanged; only counts bytes.
 unsafe impl GlobalAlloc for Counting {
     unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
+        ALLOCS.fetch_add(1, Ordering::Relaxed);
         let now = ALLOCATED.fetch_add(layout.size(), Ordering::Relaxed) + layout.size();
         PEAK.fetch_max(now, Ordering::Relaxed);
         // SAFETY: same contract as our caller's.
         unsafe { System.alloc(layout) }
     }
     unsafe fn alloc_zeroed(&self, layout: Layout) -> *mut u8 {
+        ALLOCS.fetch_add(1, Ordering::Relaxed);
         let now = ALLOCATED.fetch_add(layout.size(), Ordering::Relaxed) + layout.size();
         PEAK.fetch_max(now, Ordering::Relaxed);
         // SAFETY: same contract as our caller's.
@@ -43,6 +46,7 @@ unsafe impl GlobalAlloc for Counting {
         unsafe { System.dealloc(ptr, layout) }
     }
     unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
+        ALLOCS.fetch_add(1, Ordering::Relaxed);
         ALLOCATED.fetch_add(new_size, Ordering::Relaxed);
         ALLOCATED.fetch_sub(layout.size(), Ordering::Relaxed);
         PEAK.fetch_max(ALLOCATED.load(Ordering::Relaxed), Ordering::Relaxed);
@@ -142,6 +146,26 @@ fn measure(n: u32) {
         per(table.allocated_bytes()),
         rss as f64 / 1e6,
         per(rss)
+    );
+    // the lookup + refresh path must not allocate
+    let allocs_before = ALLOCS.load(Ordering::Relaxed);
+    let mut hits = 0u32;
+    {
+        let g = table.pin();
+        let now = Instant::from_secs(1);
+        for i in (0..n).step_by(7).take(1_000_000) {
+            let k = flow(i, &ips).orig;
+            if let Some(f) = table.lookup_outbound_at(&k, now, &g) {
+                f.on_outbound(None, 64, now);
+                if table.lookup_inbound_at(&f.reply_key(), now, &g).is_some() {
+                    hits += 1;
+                }
+            }
+        }
+    }
+    println!(
+        "  lookups+refresh: {hits} hits, {} heap allocations",
+        ALLOCS.load(Ordering::Relaxed) - allocs_before
     );
     drop(table);
 }

@@ -198,7 +198,7 @@ pub(crate) struct EimKey {
 }
 
 impl EimKey {
-    pub(crate) fn hash(&self) -> u64 {
+    pub(crate) fn hash(&self, k: &key::HashKey) -> u64 {
         Packed {
             src: self.src,
             dst: [u64::from(self.pool), 0],
@@ -206,7 +206,7 @@ impl EimKey {
             dport: 0,
             tag: self.tag,
         }
-        .hash()
+        .hash(k)
     }
 }
 

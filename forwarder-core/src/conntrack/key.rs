@@ -70,12 +70,33 @@ impl Packed {
         })
     }
 
-    pub(crate) fn hash(&self) -> u64 {
+    /// Keyed hash (wyhash-style multiply-fold); `k` from [`HashKey::new`].
+    pub(crate) fn hash(&self, k: &HashKey) -> u64 {
+        let k = &k.0;
         let p = u64::from(self.sport) | u64::from(self.dport) << 16 | u64::from(self.tag) << 32;
-        let h = mum(self.src[0] ^ K[0], self.src[1] ^ K[1])
-            ^ mum(self.dst[0] ^ K[2], self.dst[1] ^ K[3])
-            ^ mum(p ^ K[4], K[5]);
-        mum(h ^ K[6], K[7])
+        let h = mum(self.src[0] ^ k[0], self.src[1] ^ k[1])
+            ^ mum(self.dst[0] ^ k[2], self.dst[1] ^ k[3])
+            ^ mum(p ^ k[4], k[5]);
+        mum(h ^ k[6], k[7])
+    }
+}
+
+/// Per-table hash key, so that tuples colliding in one table do not collide in another (a pod cannot
+/// precompute a bucket-flooding set of tuples without knowing the seed).
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct HashKey([u64; 8]);
+
+impl HashKey {
+    pub(crate) fn new(seed: u64) -> HashKey {
+        let mut x = seed;
+        HashKey(K.map(|c| {
+            // splitmix64 steps, mixed with the fixed constants
+            x = x.wrapping_add(0x9e37_79b9_7f4a_7c15);
+            let mut z = x;
+            z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+            z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+            (z ^ (z >> 31)) ^ c
+        }))
     }
 }
 
@@ -135,8 +156,10 @@ mod tests {
             Packed::from_key(&k6).expect("v6"),
         );
         assert_ne!(a, b);
-        assert_ne!(a.hash(), b.hash());
-        assert!(reduce(a.hash(), 10) < 10);
+        let hk = HashKey::new(1);
+        assert_ne!(a.hash(&hk), b.hash(&hk));
+        assert_ne!(a.hash(&hk), a.hash(&HashKey::new(2)));
+        assert!(reduce(a.hash(&hk), 10) < 10);
         let mixed = FlowKey {
             dst: "2001:db8::1".parse().expect("ip"),
             ..k4

@@ -980,3 +980,11 @@ fn stress_tiny_key_space_with_fast_expiry() {
     assert!(tb.is_empty(), "{}", tb.len());
     assert!(tb.pools().usage().iter().all(|u| u.in_use == 0));
 }
+
+#[test]
+fn shared_types_are_send_and_sync() {
+    fn check<T: Send + Sync>() {}
+    check::<Table>();
+    check::<PortPools>();
+    check::<Flow>();
+}
