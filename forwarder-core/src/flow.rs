@@ -64,6 +64,15 @@ pub struct FlowKey {
 }
 
 impl FlowKey {
+    /// A placeholder key (unspecified addresses, ports 0, UDP); matches no flow.
+    pub const EMPTY: FlowKey = FlowKey {
+        src: IpAddr::V4(core::net::Ipv4Addr::UNSPECIFIED),
+        dst: IpAddr::V4(core::net::Ipv4Addr::UNSPECIFIED),
+        src_port: 0,
+        dst_port: 0,
+        proto: Proto::Udp,
+    };
+
     /// The same tuple seen from the other end.
     pub const fn reversed(&self) -> FlowKey {
         FlowKey {

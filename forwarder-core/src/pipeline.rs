@@ -25,8 +25,8 @@ use core::net::{IpAddr, Ipv4Addr};
 use core::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
-use crate::conntrack::{self, Table};
-use crate::flow::{NodeAddr, UplinkId};
+use crate::conntrack::{self, Flow, Table};
+use crate::flow::{FlowKey, NodeAddr, UplinkId};
 use crate::nat::frag::FragTable;
 use crate::ports::{PortPools, PortRange, Rng};
 use crate::route::{PrefixSet, RouteTable};
@@ -163,7 +163,11 @@ impl Gateway {
             }
             egress.push(ip);
         }
-        let table = Arc::new(Table::new(conntrack, PortPools::new(&egress, ports)));
+        let pools = PortPools::new(&egress, ports);
+        let table = Arc::new(match config.hash_seed {
+            Some(seed) => Table::with_hash_seed(conntrack, pools, seed),
+            None => Table::new(conntrack, pools),
+        });
         Gateway::with_table(config, table)
     }
 
@@ -269,6 +273,13 @@ pub struct Worker {
     state: WorkerState,
 }
 
+/// What `prepare` found: a decision already, or a packet that needs its flow looked up.
+#[derive(Debug, Clone, Copy)]
+enum Step<P> {
+    Done(Verdict),
+    Lookup(P),
+}
+
 /// A decision before it borrows the buffer: where the packet is and where it goes.
 #[derive(Debug, Clone, Copy)]
 enum Verdict {
@@ -352,6 +363,160 @@ impl Worker {
         let v = inbound::process(gw, st, uplink, buf, start, len, now);
         finish(st, buf, v)
     }
+}
+
+/// Most packets one batch call looks up together (more are processed in chunks of this size).
+pub const BATCH: usize = 32;
+
+/// A VXLAN datagram for [`Worker::outbound_batch`]: as for [`Worker::outbound`], the datagram is
+/// `buf[..len]` and `buf` beyond it is spare room.
+#[derive(Debug)]
+pub struct TunnelPacket<'a> {
+    /// The sending node's underlay address.
+    pub from: Ipv4Addr,
+    /// The buffer.
+    pub buf: &'a mut [u8],
+    /// Length of the datagram.
+    pub len: usize,
+}
+
+/// An uplink frame for [`Worker::inbound_batch`]: as for [`Worker::inbound`], the frame is
+/// `buf[start..start + len]`.
+#[derive(Debug)]
+pub struct UplinkPacket<'a> {
+    /// The buffer.
+    pub buf: &'a mut [u8],
+    /// Where the frame starts (at least [`INBOUND_HEADROOM`]).
+    pub start: usize,
+    /// Length of the frame.
+    pub len: usize,
+}
+
+impl Worker {
+    /// [`outbound`](Self::outbound) for a batch: the flow lookups of up to [`BATCH`] datagrams overlap
+    /// their cache misses. `emit(i, action)` is called for every datagram, in order. The result is the
+    /// same as calling `outbound` for each in turn.
+    pub fn outbound_batch(
+        &mut self,
+        batch: &mut [TunnelPacket<'_>],
+        now: crate::Instant,
+        mut emit: impl FnMut(usize, Action<'_>),
+    ) {
+        let gw = &*self.gateway;
+        let st = &mut self.state;
+        for (c, chunk) in batch.chunks_mut(BATCH).enumerate() {
+            let mut steps = [Err(Reason::NoBufferRoom); BATCH];
+            let mut keys = [None; BATCH];
+            for (i, p) in chunk.iter_mut().enumerate() {
+                st.stats.tunnel_rx.add(p.len);
+                steps[i] = outbound::prepare(gw, st, p.from, p.buf, p.len, now);
+                if let Ok(Step::Lookup(pending)) = &steps[i] {
+                    keys[i] = Some(pending.key);
+                }
+            }
+            let guard = gw.table.pin();
+            let found = lookup_batch(&keys[..chunk.len()], |k, out| {
+                gw.table.lookup_outbound_batch(k, now, out, &guard);
+            });
+            for (i, p) in chunk.iter_mut().enumerate() {
+                let v = match steps[i] {
+                    Ok(Step::Done(v)) => Ok(v),
+                    Ok(Step::Lookup(pending)) => {
+                        let f = match found[i] {
+                            // A miss whose key missed earlier in this batch: that packet may have created
+                            // the flow since (a SYN and its data in one batch).
+                            None if missed_earlier(&keys, &found, i) => {
+                                gw.table.lookup_outbound_at(&pending.key, now, &guard)
+                            }
+                            f => f,
+                        };
+                        outbound::complete(gw, st, p.buf, &pending, f, &guard, now)
+                    }
+                    // A later fragment may follow a first fragment earlier in this batch.
+                    Err(Reason::FragmentNoFlow) => {
+                        outbound::process(gw, st, p.from, p.buf, p.len, now)
+                    }
+                    Err(r) => Err(r),
+                };
+                emit(c * BATCH + i, finish(st, p.buf, v));
+            }
+        }
+    }
+
+    /// [`inbound`](Self::inbound) for a batch, like [`outbound_batch`](Self::outbound_batch).
+    pub fn inbound_batch(
+        &mut self,
+        uplink: UplinkId,
+        batch: &mut [UplinkPacket<'_>],
+        now: crate::Instant,
+        mut emit: impl FnMut(usize, Action<'_>),
+    ) {
+        let gw = &*self.gateway;
+        let st = &mut self.state;
+        for (c, chunk) in batch.chunks_mut(BATCH).enumerate() {
+            let mut steps = [Err(Reason::NoBufferRoom); BATCH];
+            let mut keys = [None; BATCH];
+            for (i, p) in chunk.iter_mut().enumerate() {
+                if let Some(ctr) = st.stats.uplink_rx.get_mut(usize::from(uplink)) {
+                    ctr.add(p.len);
+                }
+                steps[i] = inbound::prepare(gw, st, uplink, p.buf, p.start, p.len, now);
+                if let Ok(Step::Lookup(pending)) = &steps[i] {
+                    keys[i] = Some(pending.key);
+                }
+            }
+            let guard = gw.table.pin();
+            let found = lookup_batch(&keys[..chunk.len()], |k, out| {
+                gw.table.lookup_inbound_batch(k, now, out, &guard);
+            });
+            for (i, p) in chunk.iter_mut().enumerate() {
+                let v = match steps[i] {
+                    Ok(Step::Done(v)) => Ok(v),
+                    Ok(Step::Lookup(pending)) => {
+                        inbound::complete(gw, st, uplink, p.buf, &pending, found[i], now)
+                    }
+                    Err(Reason::FragmentNoFlow) => {
+                        inbound::process(gw, st, uplink, p.buf, p.start, p.len, now)
+                    }
+                    Err(r) => Err(r),
+                };
+                emit(c * BATCH + i, finish(st, p.buf, v));
+            }
+        }
+    }
+}
+
+/// Looks up the present keys of a chunk together; `found[i]` answers `keys[i]`.
+fn lookup_batch<'g>(
+    keys: &[Option<FlowKey>],
+    lookup: impl FnOnce(&[FlowKey], &mut [Option<&'g Flow>]),
+) -> [Option<&'g Flow>; BATCH] {
+    let mut dense = [FlowKey::EMPTY; BATCH];
+    let mut at = [0usize; BATCH];
+    let mut n = 0;
+    for (i, k) in keys.iter().enumerate() {
+        if let Some(k) = k {
+            dense[n] = *k;
+            at[n] = i;
+            n += 1;
+        }
+    }
+    let mut dense_found = [None; BATCH];
+    lookup(&dense[..n], &mut dense_found[..n]);
+    let mut found = [None; BATCH];
+    for j in 0..n {
+        found[at[j]] = dense_found[j];
+    }
+    found
+}
+
+/// True when an earlier packet of the chunk had the same key and found no flow.
+fn missed_earlier(
+    keys: &[Option<FlowKey>; BATCH],
+    found: &[Option<&Flow>; BATCH],
+    i: usize,
+) -> bool {
+    (0..i).any(|j| keys[j] == keys[i] && found[j].is_none())
 }
 
 fn finish<'a>(st: &mut WorkerState, buf: &'a mut [u8], v: Result<Verdict, Reason>) -> Action<'a> {

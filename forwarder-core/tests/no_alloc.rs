@@ -8,7 +8,7 @@ use std::alloc::{GlobalAlloc, Layout, System};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 
 use common::*;
-use forwarder_core::pipeline::Action;
+use forwarder_core::pipeline::{Action, TunnelPacket};
 use forwarder_core::Instant;
 
 struct Counting;
@@ -85,4 +85,25 @@ fn established_flows_and_drops_allocate_nothing() {
         }
     });
     assert_eq!(n, 0, "{n} heap allocations on the established-flow path");
+
+    // The batch calls too.
+    let mut bufs: Vec<Vec<u8>> = (0..40).map(|_| vec![0u8; 2048]).collect();
+    let (_, n) = counted(|| {
+        for round in 0..200u64 {
+            let now = Instant::from_millis(30_000 + round);
+            for b in bufs.iter_mut() {
+                b[..out_pkt.len()].copy_from_slice(&out_pkt);
+            }
+            let mut it = bufs.iter_mut();
+            let mut arr: [TunnelPacket<'_>; 32] = core::array::from_fn(|_| TunnelPacket {
+                from: NODE,
+                buf: it.next().unwrap().as_mut_slice(),
+                len: out_pkt.len(),
+            });
+            w.outbound_batch(&mut arr, now, |_, a| {
+                assert!(matches!(a, Action::Forward { .. }))
+            });
+        }
+    });
+    assert_eq!(n, 0, "{n} heap allocations in outbound_batch");
 }

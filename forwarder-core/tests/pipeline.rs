@@ -588,3 +588,119 @@ fn fragments_follow_the_first() {
     reassembled[10..12].copy_from_slice(&c.to_be_bytes());
     assert_checksums(&reassembled);
 }
+
+/// Two UDP fragments (first, later) of one 2000-byte datagram from the pod, in VXLAN datagrams.
+fn fragment_pair() -> (Vec<u8>, Vec<u8>) {
+    let whole = pod_udp(SERVER, 9600, 9601, &[0xcd; 2000]);
+    let (hdr, body) = whole[22..].split_at(20);
+    let frag = |off: usize, data: &[u8], more: bool| {
+        let mut h = hdr.to_vec();
+        h[2..4].copy_from_slice(&((20 + data.len()) as u16).to_be_bytes());
+        h[4..6].copy_from_slice(&0x4321u16.to_be_bytes());
+        h[6..8].copy_from_slice(&((off / 8) as u16 | if more { 0x2000 } else { 0 }).to_be_bytes());
+        h[10] = 0;
+        h[11] = 0;
+        let c = !ref_fold(ref_sum(&h, 0));
+        h[10..12].copy_from_slice(&c.to_be_bytes());
+        let mut d = whole[..22].to_vec();
+        d.extend_from_slice(&h);
+        d.extend_from_slice(data);
+        d
+    };
+    (
+        frag(0, &body[..1008], true),
+        frag(1008, &body[1008..], false),
+    )
+}
+
+#[test]
+fn batches_give_the_same_results_as_one_by_one() {
+    use forwarder_core::pipeline::{TunnelPacket, UplinkPacket};
+    let (first, later) = fragment_pair();
+    let inputs: Vec<Vec<u8>> = vec![
+        pod_tcp(SERVER, 41000, 443, true, &[]),
+        pod_tcp(SERVER, 41000, 443, true, &[]), // the same SYN again: finds the flow just made
+        pod_udp(SERVER, 41001, 53, b"a"),
+        pod_tcp(SERVER, 41002, 443, true, &[]),
+        pod_tcp(SERVER, 41002, 443, false, b"data right behind its SYN"),
+        first,
+        later, // follows the first fragment in the same batch
+        pod_ping(SERVER, 5),
+        pod_udp(INTERNAL_SERVER, 41003, 5432, b"b"),
+        pod_tcp(SERVER, 41004, 443, false, b"no SYN"), // dropped
+    ];
+    let inputs: Vec<Vec<u8>> = inputs.iter().cycle().take(45).cloned().collect(); // more than one chunk
+
+    let mut one = worker();
+    let expected: Vec<Out> = inputs.iter().map(|d| out(&mut one, d, T0)).collect();
+
+    let mut batched = worker();
+    let mut bufs: Vec<Vec<u8>> = inputs
+        .iter()
+        .map(|d| {
+            let mut b = d.clone();
+            b.resize(d.len() + 2048, 0);
+            b
+        })
+        .collect();
+    let mut batch: Vec<TunnelPacket<'_>> = bufs
+        .iter_mut()
+        .zip(&inputs)
+        .map(|(b, d)| TunnelPacket {
+            from: NODE,
+            buf: b.as_mut_slice(),
+            len: d.len(),
+        })
+        .collect();
+    let mut got = Vec::new();
+    batched.outbound_batch(&mut batch, T0, |i, a| {
+        assert_eq!(i, got.len(), "emitted in order");
+        got.push(owned(a));
+    });
+    assert_eq!(got, expected);
+    assert_eq!(batched.stats().flows_created, one.stats().flows_created);
+    assert_eq!(batched.stats().drops, one.stats().drops);
+
+    // Replies, batched, against one by one.
+    let replies: Vec<Vec<u8>> = expected
+        .iter()
+        .filter_map(|o| match o {
+            Out::Fwd { frame, .. }
+                if frame[14 + 9] == 17 && frame[14 + 6] & 0x3f == 0 && frame[14 + 7] == 0 =>
+            {
+                let ip = &frame[14..];
+                let (sport, dport) = l4_ports(ip);
+                Some(outside_udp(
+                    ip4_dst(ip),
+                    ip4_src(ip),
+                    dport,
+                    sport,
+                    b"reply",
+                ))
+            }
+            _ => None,
+        })
+        .collect();
+    assert!(!replies.is_empty());
+    let want: Vec<Out> = replies.iter().map(|r| inb(&mut one, 0, r, T0)).collect();
+    let mut rbufs: Vec<Vec<u8>> = replies
+        .iter()
+        .map(|r| {
+            let mut b = vec![0u8; HEADROOM];
+            b.extend_from_slice(r);
+            b
+        })
+        .collect();
+    let mut rbatch: Vec<UplinkPacket<'_>> = rbufs
+        .iter_mut()
+        .zip(&replies)
+        .map(|(b, r)| UplinkPacket {
+            buf: b.as_mut_slice(),
+            start: HEADROOM,
+            len: r.len(),
+        })
+        .collect();
+    let mut rgot = Vec::new();
+    batched.inbound_batch(0, &mut rbatch, T0, |_, a| rgot.push(owned(a)));
+    assert_eq!(rgot, want);
+}

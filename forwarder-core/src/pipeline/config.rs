@@ -90,6 +90,9 @@ pub struct Config {
     pub frag_capacity: usize,
     /// How long the later fragments of a datagram may follow its first.
     pub frag_lifetime: Duration,
+    /// Key of the flow table's hash. Set it from the OS's randomness (the core reads none) so that pods
+    /// cannot aim many flows at one bucket; `None` lets the table derive a weak key from its address.
+    pub hash_seed: Option<u64>,
 }
 
 impl Default for Config {
@@ -105,6 +108,7 @@ impl Default for Config {
             routes: Vec::new(),
             frag_capacity: 4096,
             frag_lifetime: Duration::from_secs(30),
+            hash_seed: None,
         }
     }
 }

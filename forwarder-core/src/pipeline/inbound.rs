@@ -3,15 +3,27 @@
 use core::net::IpAddr;
 
 use super::outbound::{flow_key, frag_key, is_martian};
-use super::{Gateway, InFrag, Verdict, WorkerState};
-use crate::conntrack::Refresh;
-use crate::flow::{NodeAddr, Proto, UplinkId};
+use super::{Gateway, InFrag, Step, Verdict, WorkerState};
+use crate::conntrack::{Flow, Refresh, TcpSegment};
+use crate::flow::{FlowKey, NodeAddr, Proto, UplinkId};
 use crate::nat::icmp::{self, ErrorKind};
 use crate::nat::meta::{parse_l4, PacketMeta, L4};
 use crate::nat::rewrite::{self, Side};
 use crate::wire::{ethernet, icmpv4, icmpv6, tcp, vxlan};
 use crate::{Instant, Reason};
 
+/// A frame that passed every check and needs its flow looked up by the reply tuple.
+#[derive(Debug, Clone, Copy)]
+pub(super) struct Pending {
+    meta: PacketMeta,
+    l4: L4,
+    /// The tuple as received (src = remote, dst = egress address).
+    pub(super) key: FlowKey,
+    tcp_seg: Option<TcpSegment>,
+    start: usize,
+}
+
+/// One frame, start to end, with a single flow lookup.
 pub(super) fn process(
     gw: &Gateway,
     st: &mut WorkerState,
@@ -21,7 +33,27 @@ pub(super) fn process(
     len: usize,
     now: Instant,
 ) -> Result<Verdict, Reason> {
-    let cfg = &gw.config;
+    match prepare(gw, st, uplink, buf, start, len, now)? {
+        Step::Done(v) => Ok(v),
+        Step::Lookup(p) => {
+            let guard = gw.table.pin();
+            let found = gw.table.lookup_inbound_at(&p.key, now, &guard);
+            complete(gw, st, uplink, buf, &p, found, now)
+        }
+    }
+}
+
+/// Everything before the flow lookup: neighbour traffic, sanity, ICMP errors (found by the packet they
+/// quote), later fragments, and the reply tuple.
+pub(super) fn prepare(
+    gw: &Gateway,
+    st: &mut WorkerState,
+    uplink: UplinkId,
+    buf: &mut [u8],
+    start: usize,
+    len: usize,
+    now: Instant,
+) -> Result<Step<Pending>, Reason> {
     if start < vxlan::HEADER_LEN {
         return Err(Reason::NoBufferRoom);
     }
@@ -31,7 +63,7 @@ pub(super) fn process(
     let v6 = match eth.ethertype() {
         ethernet::ethertype::IPV4 => false,
         ethernet::ethertype::IPV6 => true,
-        ethernet::ethertype::ARP => return Ok(Verdict::Neighbour),
+        ethernet::ethertype::ARP => return Ok(Step::Done(Verdict::Neighbour)),
         _ => return Err(Reason::UnsupportedEtherType),
     };
     let l3 = start + ethernet::HEADER_LEN;
@@ -41,120 +73,219 @@ pub(super) fn process(
         if meta.v6
             && (icmpv6::msg_type::ROUTER_SOLICIT..=icmpv6::msg_type::REDIRECT).contains(&msg_type)
         {
-            return Ok(Verdict::Neighbour);
+            return Ok(Step::Done(Verdict::Neighbour));
         }
         return Err(Reason::UnsupportedIcmpType);
     }
     if is_martian(meta.src) {
         return Err(Reason::MartianAddress);
     }
-    let is_error = matches!(l4, L4::IcmpError { .. });
-    let reply_out = |end: usize, next_hop: IpAddr| Verdict::Forward {
-        uplink,
-        next_hop,
-        start,
-        end,
-    };
-    let sender_hop = |u: Option<&super::UplinkConfig>| u.map_or(meta.src, |u| u.next_hop(meta.src));
-    let this_uplink = cfg.uplinks.get(usize::from(uplink));
 
     // Later fragments follow the first.
-    let (pod, pod_port, node, tcp_seg) = if meta.is_later_fragment() {
+    if meta.is_later_fragment() {
         let f = st
             .frag_in
             .lookup(&frag_key(&meta), now)
             .ok_or(Reason::FragmentNoFlow)?;
-        (f.pod, 0, f.node, None)
-    } else {
-        let guard = gw.table.pin();
-        let (key, tcp_seg) = match l4 {
-            L4::Tcp {
-                src_port,
-                dst_port,
-                seg,
-            } => (flow_key(&meta, Proto::Tcp, src_port, dst_port), Some(seg)),
-            L4::Udp { src_port, dst_port } => {
-                (flow_key(&meta, Proto::Udp, src_port, dst_port), None)
-            }
-            L4::IcmpQuery {
-                ident,
-                request: false,
-            } => {
-                let p = if meta.v6 { Proto::Icmpv6 } else { Proto::Icmp };
-                (flow_key(&meta, p, ident, ident), None)
-            }
-            L4::IcmpError { .. } => {
-                // The quoted packet is one we sent: egress → remote. Its reverse is the flow's reply tuple.
-                let emb = icmp::parse_embedded(buf, &meta)?;
-                let flow = gw
-                    .table
-                    .lookup_inbound_at(&emb.key.reversed(), now, &guard)
-                    .ok_or(Reason::IcmpErrorNoFlow)?;
-                if meta.ttl <= 1 {
-                    return Err(Reason::TtlExpired);
-                }
-                let orig = flow.orig();
-                let node = flow.node();
-                let too_big = matches!(l4, L4::IcmpError { msg_type, code } if is_too_big(&meta, msg_type, code));
-                icmp::translate_error(buf, &meta, &emb, Side::Src, orig.src, orig.src_port);
-                if too_big {
-                    // The pod's path also crosses the tunnel: never advertise more than it carries.
-                    clamp_reported_mtu(buf, &meta, cfg.tunnel_mtu);
-                }
-                rewrite::decrement_ttl(buf, &meta);
-                return encapsulate(gw, buf, start, &meta, node);
-            }
-            // Unsolicited: echo requests and anything else aimed at an egress address.
-            L4::IcmpQuery { request: true, .. } => return Err(Reason::NoFlow),
-            L4::IcmpOther { .. } | L4::Fragment => return Err(Reason::UnsupportedIcmpType),
+        let to = Delivery {
+            pod: f.pod,
+            pod_port: 0,
+            node: f.node,
+            tcp_seg: None,
         };
-        let flow = gw
-            .table
-            .lookup_inbound_at(&key, now, &guard)
-            .ok_or(Reason::NoFlow)?;
-        if meta.ttl <= 1 {
-            if icmp::may_originate(&meta, is_error) {
-                let end = icmp::originate(buf, &meta, meta.dst, ErrorKind::TimeExceeded)
-                    .ok_or(Reason::TtlExpired)?;
-                st.stats.drops[Reason::TtlExpired.index()] += 1;
-                st.stats.icmp_originated += 1;
-                return Ok(reply_out(end, sender_hop(this_uplink)));
-            }
-            return Err(Reason::TtlExpired);
+        return deliver(gw, st, uplink, buf, start, &meta, &l4, to, now).map(Step::Done);
+    }
+    let (key, tcp_seg) = match l4 {
+        L4::Tcp {
+            src_port,
+            dst_port,
+            seg,
+        } => (flow_key(&meta, Proto::Tcp, src_port, dst_port), Some(seg)),
+        L4::Udp { src_port, dst_port } => (flow_key(&meta, Proto::Udp, src_port, dst_port), None),
+        L4::IcmpQuery {
+            ident,
+            request: false,
+        } => {
+            let p = if meta.v6 { Proto::Icmpv6 } else { Proto::Icmp };
+            (flow_key(&meta, p, ident, ident), None)
         }
-        if flow.on_inbound(tcp_seg, meta.ip_len(), now) == Refresh::Ignored {
-            return Err(Reason::TcpOutOfWindow);
+        L4::IcmpError { msg_type, code } => {
+            return translate_error(gw, buf, start, &meta, msg_type, code, now).map(Step::Done)
         }
-        let orig = flow.orig();
-        (orig.src, orig.src_port, flow.node(), tcp_seg)
+        // Unsolicited: echo requests and anything else aimed at an egress address.
+        L4::IcmpQuery { request: true, .. } => return Err(Reason::NoFlow),
+        L4::IcmpOther { .. } | L4::Fragment => return Err(Reason::UnsupportedIcmpType),
     };
+    Ok(Step::Lookup(Pending {
+        meta,
+        l4,
+        key,
+        tcp_seg,
+        start,
+    }))
+}
 
+/// Everything after the flow lookup (`found`): TTL, TCP state, then delivery to the pod.
+pub(super) fn complete(
+    gw: &Gateway,
+    st: &mut WorkerState,
+    uplink: UplinkId,
+    buf: &mut [u8],
+    p: &Pending,
+    found: Option<&Flow>,
+    now: Instant,
+) -> Result<Verdict, Reason> {
+    let Pending {
+        meta,
+        l4,
+        tcp_seg,
+        start,
+        ..
+    } = *p;
+    let flow = found.ok_or(Reason::NoFlow)?;
+    if meta.ttl <= 1 {
+        return answer_sender(
+            gw,
+            st,
+            uplink,
+            buf,
+            start,
+            &meta,
+            ErrorKind::TimeExceeded,
+            Reason::TtlExpired,
+        );
+    }
+    if flow.on_inbound(tcp_seg, meta.ip_len(), now) == Refresh::Ignored {
+        return Err(Reason::TcpOutOfWindow);
+    }
+    let orig = flow.orig();
+    let to = Delivery {
+        pod: orig.src,
+        pod_port: orig.src_port,
+        node: flow.node(),
+        tcp_seg,
+    };
+    deliver(gw, st, uplink, buf, start, &meta, &l4, to, now)
+}
+
+/// Where a reply goes: the pod's address and port (0 for later fragments), its node.
+#[derive(Debug, Clone, Copy)]
+struct Delivery {
+    pod: IpAddr,
+    pod_port: u16,
+    node: NodeAddr,
+    tcp_seg: Option<TcpSegment>,
+}
+
+/// The tunnel MTU check, MSS clamp, DNAT and encapsulation shared by replies and their later fragments.
+#[allow(clippy::too_many_arguments)]
+fn deliver(
+    gw: &Gateway,
+    st: &mut WorkerState,
+    uplink: UplinkId,
+    buf: &mut [u8],
+    start: usize,
+    meta: &PacketMeta,
+    l4: &L4,
+    to: Delivery,
+    now: Instant,
+) -> Result<Verdict, Reason> {
+    let cfg = &gw.config;
     if meta.ip_len() > usize::from(cfg.tunnel_mtu) {
-        if meta.dont_frag && icmp::may_originate(&meta, is_error) {
+        if meta.dont_frag {
             let kind = ErrorKind::TooBig {
                 mtu: cfg.tunnel_mtu,
             };
-            let end = icmp::originate(buf, &meta, meta.dst, kind).ok_or(Reason::TooBig)?;
-            st.stats.drops[Reason::TooBig.index()] += 1;
-            st.stats.icmp_originated += 1;
-            return Ok(reply_out(end, sender_hop(this_uplink)));
+            return answer_sender(gw, st, uplink, buf, start, meta, kind, Reason::TooBig);
         }
+        // IPv4 without DF would need fragmenting into the tunnel; not done (yet): refused visibly.
         return Err(Reason::TooBig);
     }
-    if tcp_seg.is_some_and(|s| s.flags & tcp::flags::SYN != 0) {
-        let mtu = this_uplink.map_or(cfg.tunnel_mtu, |u| u.mtu.min(cfg.tunnel_mtu));
-        rewrite::clamp_mss(buf, &meta, rewrite::mss_for_mtu(mtu, meta.v6))?;
+    if to.tcp_seg.is_some_and(|s| s.flags & tcp::flags::SYN != 0) {
+        let this = cfg.uplinks.get(usize::from(uplink));
+        let mtu = this.map_or(cfg.tunnel_mtu, |u| u.mtu.min(cfg.tunnel_mtu));
+        rewrite::clamp_mss(buf, meta, rewrite::mss_for_mtu(mtu, meta.v6))?;
     }
     if meta.is_later_fragment() {
-        rewrite::readdress_and_forward(buf, &meta, &l4, Side::Dst, pod);
+        rewrite::readdress_and_forward(buf, meta, l4, Side::Dst, to.pod);
     } else {
-        rewrite::translate_and_forward(buf, &meta, &l4, Side::Dst, pod, pod_port);
+        rewrite::translate_and_forward(buf, meta, l4, Side::Dst, to.pod, to.pod_port);
         if meta.is_first_fragment() {
-            st.frag_in
-                .insert(frag_key(&meta), InFrag { pod, node }, now);
+            st.frag_in.insert(
+                frag_key(meta),
+                InFrag {
+                    pod: to.pod,
+                    node: to.node,
+                },
+                now,
+            );
         }
     }
-    encapsulate(gw, buf, start, &meta, node)
+    encapsulate(gw, buf, start, meta, to.node)
+}
+
+/// Replaces the packet with an ICMP error back to its sender on the uplink it came from, from the address
+/// it was sent to. Counts `reason` either way.
+#[allow(clippy::too_many_arguments)]
+fn answer_sender(
+    gw: &Gateway,
+    st: &mut WorkerState,
+    uplink: UplinkId,
+    buf: &mut [u8],
+    start: usize,
+    meta: &PacketMeta,
+    kind: ErrorKind,
+    reason: Reason,
+) -> Result<Verdict, Reason> {
+    // ICMP errors never get here (they are translated or dropped first), so only the other rules apply.
+    if !icmp::may_originate(meta, false) {
+        return Err(reason);
+    }
+    let end = icmp::originate(buf, meta, meta.dst, kind).ok_or(reason)?;
+    st.stats.drops[reason.index()] += 1;
+    st.stats.icmp_originated += 1;
+    let next_hop = gw
+        .config
+        .uplinks
+        .get(usize::from(uplink))
+        .map_or(meta.src, |u| u.next_hop(meta.src));
+    Ok(Verdict::Forward {
+        uplink,
+        next_hop,
+        start,
+        end,
+    })
+}
+
+/// An ICMP error from outside about a packet we sent: the quoted packet went egress → remote, so its reverse
+/// is the flow's reply tuple. The quote and the outer destination are turned back to the pod; the error never
+/// refreshes the flow.
+fn translate_error(
+    gw: &Gateway,
+    buf: &mut [u8],
+    start: usize,
+    meta: &PacketMeta,
+    msg_type: u8,
+    code: u8,
+    now: Instant,
+) -> Result<Verdict, Reason> {
+    let emb = icmp::parse_embedded(buf, meta)?;
+    let guard = gw.table.pin();
+    let flow = gw
+        .table
+        .lookup_inbound_at(&emb.key.reversed(), now, &guard)
+        .ok_or(Reason::IcmpErrorNoFlow)?;
+    if meta.ttl <= 1 {
+        return Err(Reason::TtlExpired);
+    }
+    let orig = flow.orig();
+    icmp::translate_error(buf, meta, &emb, Side::Src, orig.src, orig.src_port);
+    if is_too_big(meta, msg_type, code) {
+        // The pod's path also crosses the tunnel: never advertise more than it carries.
+        clamp_reported_mtu(buf, meta, gw.config.tunnel_mtu);
+    }
+    rewrite::decrement_ttl(buf, meta);
+    encapsulate(gw, buf, start, meta, flow.node())
 }
 
 /// True for "fragmentation needed" (ICMPv4 3/4) and "packet too big" (ICMPv6 2).

@@ -2,8 +2,8 @@
 
 use core::net::{IpAddr, Ipv4Addr};
 
-use super::{local, Gateway, OutFrag, Verdict, WorkerState, TUNNEL_ETH, TUNNEL_L3};
-use crate::conntrack::{NewFlow, Refresh};
+use super::{local, Gateway, OutFrag, Step, Verdict, WorkerState, TUNNEL_ETH, TUNNEL_L3};
+use crate::conntrack::{Flow, Guard, NewFlow, Refresh, TcpSegment};
 use crate::flow::{FlowKey, NodeAddr, Proto};
 use crate::nat::frag::FragKey;
 use crate::nat::icmp::{self, ErrorKind};
@@ -34,6 +34,19 @@ pub(super) fn is_martian(a: IpAddr) -> bool {
     }
 }
 
+/// A datagram that passed every check and needs its flow looked up.
+#[derive(Debug, Clone, Copy)]
+pub(super) struct Pending {
+    meta: PacketMeta,
+    l4: L4,
+    /// The pod's original tuple.
+    pub(super) key: FlowKey,
+    tcp_seg: Option<TcpSegment>,
+    node: NodeAddr,
+    is_error: bool,
+}
+
+/// One datagram, start to end, with a single flow lookup.
 pub(super) fn process(
     gw: &Gateway,
     st: &mut WorkerState,
@@ -42,6 +55,26 @@ pub(super) fn process(
     len: usize,
     now: Instant,
 ) -> Result<Verdict, Reason> {
+    match prepare(gw, st, from, buf, len, now)? {
+        Step::Done(v) => Ok(v),
+        Step::Lookup(p) => {
+            let guard = gw.table.pin();
+            let found = gw.table.lookup_outbound_at(&p.key, now, &guard);
+            complete(gw, st, buf, &p, found, &guard, now)
+        }
+    }
+}
+
+/// Everything before the flow lookup: the tunnel and sender checks, the gateway's own answers, TTL, later
+/// fragments, and the flow key.
+pub(super) fn prepare(
+    gw: &Gateway,
+    st: &mut WorkerState,
+    from: Ipv4Addr,
+    buf: &mut [u8],
+    len: usize,
+    now: Instant,
+) -> Result<Step<Pending>, Reason> {
     let cfg = &gw.config;
     if !gw.allowed_nodes.contains_v4(from) {
         return Err(Reason::VxlanSourceNotAllowed);
@@ -62,11 +95,11 @@ pub(super) fn process(
         ethernet::ethertype::ARP => {
             let end = local::answer_arp(gw, buf, len)?;
             st.stats.local_replies += 1;
-            return Ok(Verdict::Tunnel {
+            return Ok(Step::Done(Verdict::Tunnel {
                 node: from,
                 start: 0,
                 end,
-            });
+            }));
         }
         _ => return Err(Reason::UnsupportedEtherType),
     };
@@ -93,7 +126,7 @@ pub(super) fn process(
     {
         let end = local::answer_echo(gw, buf, &meta, &l4)?;
         st.stats.local_replies += 1;
-        return Ok(reply_to_node(end));
+        return Ok(Step::Done(reply_to_node(end)));
     }
 
     let is_error = matches!(l4, L4::IcmpError { .. });
@@ -107,7 +140,7 @@ pub(super) fn process(
             ErrorKind::TimeExceeded,
             Reason::TtlExpired,
         )
-        .map(reply_to_node);
+        .map(|end| Step::Done(reply_to_node(end)));
     }
 
     // Later fragments follow the first.
@@ -121,12 +154,12 @@ pub(super) fn process(
             return Err(Reason::TooBig);
         }
         rewrite::readdress_and_forward(buf, &meta, &l4, Side::Src, f.egress);
-        return Ok(Verdict::Forward {
+        return Ok(Step::Done(Verdict::Forward {
             uplink: f.uplink,
             next_hop: f.next_hop,
             start: TUNNEL_ETH,
             end: meta.end,
-        });
+        }));
     }
 
     let (key, tcp_seg) = match l4 {
@@ -144,13 +177,49 @@ pub(super) fn process(
             (flow_key(&meta, p, ident, ident), None)
         }
         L4::IcmpQuery { request: false, .. } => return Err(Reason::NoFlow),
-        L4::IcmpError { .. } => return translate_error(gw, buf, &meta, now),
+        L4::IcmpError { .. } => return translate_error(gw, buf, &meta, now).map(Step::Done),
         L4::IcmpOther { .. } => return Err(Reason::UnsupportedIcmpType),
         L4::Fragment => return Err(Reason::FragmentNoFlow),
     };
 
-    let guard = gw.table.pin();
-    let flow = match gw.table.lookup_outbound_at(&key, now, &guard) {
+    Ok(Step::Lookup(Pending {
+        meta,
+        l4,
+        key,
+        tcp_seg,
+        node: NodeAddr {
+            ip: from,
+            mac: node_mac,
+        },
+        is_error,
+    }))
+}
+
+/// Everything after the flow lookup (`found`): creation of a new flow, state, MTU, MSS, the rewrite.
+pub(super) fn complete(
+    gw: &Gateway,
+    st: &mut WorkerState,
+    buf: &mut [u8],
+    p: &Pending,
+    found: Option<&Flow>,
+    guard: &Guard,
+    now: Instant,
+) -> Result<Verdict, Reason> {
+    let cfg = &gw.config;
+    let Pending {
+        meta,
+        l4,
+        key,
+        tcp_seg,
+        node,
+        is_error,
+    } = *p;
+    let reply_to_node = |end: usize| Verdict::Tunnel {
+        node: node.ip,
+        start: 0,
+        end,
+    };
+    let flow = match found {
         Some(f) => f,
         None => {
             if let Some(seg) = tcp_seg {
@@ -172,13 +241,10 @@ pub(super) fn process(
             let new = NewFlow {
                 orig: key,
                 egress_ip,
-                node: NodeAddr {
-                    ip: from,
-                    mac: node_mac,
-                },
+                node,
                 uplink,
             };
-            match gw.table.insert(new, now, &mut st.rng, &guard) {
+            match gw.table.insert(new, now, &mut st.rng, guard) {
                 Ok(f) => {
                     st.stats.flows_created += 1;
                     f

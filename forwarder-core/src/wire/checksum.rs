@@ -147,8 +147,6 @@ pub fn update_bytes(check: u16, old: &[u8], new: &[u8]) -> u16 {
     finish(acc)
 }
 
-/// [`update_bytes`] for a UDP checksum: a checksum of `0` (none was sent, IPv4 only) is returned unchanged,
-/// and a result of `0` is transmitted as `0xFFFF` (RFC 768).
 /// Several field changes accumulated once (RFC 1624 eqn. 3, HC' = ~(~HC + Σ(~m + m'))) and applied to a
 /// checksum in one step: the rewrite of an address, a port and the TTL costs one fold per checksum.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -209,6 +207,8 @@ impl Delta {
     }
 }
 
+/// [`update_bytes`] for a UDP checksum: a checksum of `0` (none was sent, IPv4 only) is returned unchanged,
+/// and a result of `0` is transmitted as `0xFFFF` (RFC 768).
 #[inline]
 pub fn udp_update(check: u16, old: &[u8], new: &[u8]) -> u16 {
     if check == 0 {
@@ -249,6 +249,29 @@ pub mod reference {
 #[cfg(test)]
 #[allow(clippy::unwrap_used)] // tests fail loudly by design
 mod tests {
+    #[test]
+    fn delta_equals_sequential_updates_and_full_recompute() {
+        use proptest::prelude::*;
+        proptest!(|(mut data in proptest::collection::vec(any::<u8>(), 24..64usize),
+                    new_addr in any::<[u8; 4]>(), new_port in any::<u16>())| {
+            data[2] = 0;
+            data[3] = 0;
+            let c = finish(sum(&data, 0));
+            data[2..4].copy_from_slice(&c.to_be_bytes());
+            let mut d = Delta::new();
+            d.change(&data[12..16], &new_addr);
+            let old_port = u16::from_be_bytes([data[20], data[21]]);
+            d.change_u16(old_port, new_port);
+            let seq = update_u16(update_bytes(c, &data[12..16], &new_addr), old_port, new_port);
+            data[12..16].copy_from_slice(&new_addr);
+            data[20..22].copy_from_slice(&new_port.to_be_bytes());
+            let got = d.apply(c);
+            prop_assert!(got == seq || (got ^ seq) == 0xFFFF && (got == 0 || got == 0xFFFF));
+            data[2..4].copy_from_slice(&got.to_be_bytes());
+            prop_assert_eq!(fold(sum(&data, 0)), 0xFFFF);
+        });
+    }
+
     use super::*;
     use proptest::prelude::*;
 
