@@ -10,8 +10,11 @@ use std::time::{Duration, Instant as StdInstant};
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 use etherparse::PacketBuilder;
 use forwarder_core::conntrack;
-use forwarder_core::pipeline::{tunnel_mac, Action, Config, Gateway, UplinkConfig, Worker};
+use forwarder_core::pipeline::{
+    tunnel_mac, Action, Config, Gateway, TunnelPacket, UplinkConfig, Worker,
+};
 use forwarder_core::ports::PortRange;
+use forwarder_core::wire::checksum::Delta;
 use forwarder_core::Instant;
 
 const GW: Ipv4Addr = Ipv4Addr::new(172, 18, 0, 3);
@@ -147,5 +150,95 @@ fn new_flows(c: &mut Criterion) {
     g.finish();
 }
 
-criterion_group!(benches, established, new_flows);
+/// 1 M live flows (as many pod endpoints), packets drawn across all of them: the table no longer fits the
+/// cache, as on a busy gateway. One by one, and in batches of 32.
+fn many_flows(c: &mut Criterion) {
+    const FLOWS: u32 = 1 << 20;
+    let egress: Vec<Ipv4Addr> = (0..64u8)
+        .map(|i| Ipv4Addr::new(203, 0, 113, 64 + i))
+        .collect();
+    let gw = gateway(FLOWS + FLOWS / 8, egress);
+    let mut w = Worker::new(gw.clone(), 5);
+    // Packets are made from one hot template (as they would sit in a receive ring), with the pod address
+    // and port of flow `i` patched in and the checksums updated incrementally.
+    let template = datagram(Ipv4Addr::new(10, 8, 0, 0), 2_000, 64);
+    let make = |i: u32, out: &mut [u8]| -> usize {
+        let n = template.len();
+        out[..n].copy_from_slice(&template);
+        let pod = (u32::from(Ipv4Addr::new(10, 8, 0, 0)) + (i % 1024)).to_be_bytes();
+        let port = (2_000 + u16::try_from(i / 1024).unwrap()).to_be_bytes();
+        let mut ip = Delta::new();
+        ip.change(&out[34..38], &pod);
+        let mut l4 = ip;
+        l4.change(&out[42..44], &port);
+        let c = u16::from_be_bytes([out[32], out[33]]);
+        out[32..34].copy_from_slice(&ip.apply(c).to_be_bytes());
+        let c = u16::from_be_bytes([out[48], out[49]]);
+        out[48..50].copy_from_slice(&l4.apply_udp(c).to_be_bytes());
+        out[34..38].copy_from_slice(&pod);
+        out[42..44].copy_from_slice(&port);
+        n
+    };
+    let mut buf = vec![0u8; 2048];
+    for i in 0..FLOWS {
+        let n = make(i, &mut buf);
+        assert!(matches!(
+            w.outbound(NODE, &mut buf, n, Instant::from_secs(1)),
+            Action::Forward { .. }
+        ));
+    }
+    assert_eq!(gw.table().len(), FLOWS as usize);
+    // A fixed pseudo-random visiting order over all flows.
+    let order: Vec<u32> = {
+        let mut x = 0x9e37_79b9_7f4a_7c15u64;
+        (0..1 << 16)
+            .map(|_| {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                u32::try_from(x % u64::from(FLOWS)).unwrap()
+            })
+            .collect()
+    };
+    let mut g = c.benchmark_group("pipeline_1M_flows");
+    g.throughput(Throughput::Elements(1));
+    let guard = gw.pin();
+    let mut next = 0usize;
+    g.bench_function("outbound/64", |b| {
+        b.iter(|| {
+            let n = make(order[next % order.len()], &mut buf);
+            next += 1;
+            let a = w.outbound(NODE, &mut buf, n, Instant::from_secs(2));
+            black_box(&a);
+        })
+    });
+    let mut bufs: Vec<Vec<u8>> = (0..32).map(|_| vec![0u8; 2048]).collect();
+    g.throughput(Throughput::Elements(32));
+    g.bench_function("outbound_batch32/64", |b| {
+        b.iter(|| {
+            let mut lens = [0usize; 32];
+            for (i, buf) in bufs.iter_mut().enumerate() {
+                lens[i] = make(order[next % order.len()], buf);
+                next += 1;
+            }
+            let mut it = bufs.iter_mut().zip(lens);
+            let mut batch: [TunnelPacket<'_>; 32] = core::array::from_fn(|_| {
+                let (buf, len) = it.next().unwrap();
+                TunnelPacket {
+                    from: NODE,
+                    buf: buf.as_mut_slice(),
+                    len,
+                }
+            });
+            w.outbound_batch(&mut batch, Instant::from_secs(2), |_, a| {
+                black_box(&a);
+            });
+        })
+    });
+    drop(guard);
+    assert_eq!(w.stats().total_drops(), 0);
+    g.finish();
+}
+
+criterion_group!(benches, established, new_flows, many_flows);
 criterion_main!(benches);

@@ -554,6 +554,11 @@ impl Inner {
                     if hit {
                         out[i] = Some(f);
                         cur[i] = NIL;
+                        // The caller goes on to the slot's tail (counters, node, uplink): start that miss now
+                        // so it overlaps with the rest of the batch.
+                        let p = (f as *const Flow).cast::<u8>();
+                        prefetch(p.wrapping_add(64));
+                        prefetch(p.wrapping_add(core::mem::size_of::<Flow>() - 1));
                     } else {
                         cur[i] = next & !MARK;
                         if cur[i] != NIL {
