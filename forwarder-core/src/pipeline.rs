@@ -32,7 +32,7 @@ use crate::ports::{PortPools, PortRange, Rng};
 use crate::route::{PrefixSet, RouteTable};
 use crate::wire::ethernet::MacAddr;
 use crate::wire::vxlan;
-use crate::Reason;
+use crate::{Instant, Reason};
 
 /// Offset of the inner Ethernet frame in a VXLAN datagram.
 pub const TUNNEL_ETH: usize = vxlan::HEADER_LEN;
@@ -110,6 +110,8 @@ pub struct Stats {
     pub icmp_originated: u64,
     /// ARP requests and pings for the gateway's tunnel address answered.
     pub local_replies: u64,
+    /// ICMP errors not sent because of the rate limit (the packet is counted under its drop reason).
+    pub icmp_suppressed: u64,
 }
 
 impl Stats {
@@ -123,6 +125,7 @@ impl Stats {
             flows_created: 0,
             icmp_originated: 0,
             local_replies: 0,
+            icmp_suppressed: 0,
         }
     }
 
@@ -250,20 +253,74 @@ struct OutFrag {
     next_hop: IpAddr,
 }
 
-/// Where the later fragments of a translated reply go.
+/// Where the later fragments of a translated reply go, and the uplink they must arrive on.
 #[derive(Debug, Clone, Copy)]
 struct InFrag {
     pod: IpAddr,
     node: NodeAddr,
+    uplink: UplinkId,
 }
 
-/// A worker's own state: random numbers for port choice, fragment memory, counters.
+/// A token bucket for the ICMP errors a worker originates, in thousandths of a token.
+#[derive(Debug, Clone, Copy)]
+struct IcmpBucket {
+    milli_tokens: u64,
+    last: Instant,
+    rate_per_sec: u64,
+    burst_milli: u64,
+}
+
+impl IcmpBucket {
+    fn new(rate_per_sec: u32, burst: u32) -> Self {
+        let burst_milli = u64::from(burst.max(1)) * 1000;
+        IcmpBucket {
+            milli_tokens: burst_milli,
+            last: Instant::ZERO,
+            rate_per_sec: u64::from(rate_per_sec),
+            burst_milli,
+        }
+    }
+
+    /// Takes a token if one is there at `now`.
+    fn take(&mut self, now: Instant) -> bool {
+        let elapsed_ms = now.as_millis().saturating_sub(self.last.as_millis());
+        self.last = self.last.max(now);
+        self.milli_tokens = self
+            .milli_tokens
+            .saturating_add(elapsed_ms.saturating_mul(self.rate_per_sec))
+            .min(self.burst_milli);
+        if self.milli_tokens >= 1000 {
+            self.milli_tokens -= 1000;
+            true
+        } else {
+            false
+        }
+    }
+}
+
+/// A worker's own state: random numbers for port choice, fragment memory, the ICMP rate limit, counters.
 #[derive(Debug)]
 struct WorkerState {
     rng: Rng,
     frag_out: FragTable<OutFrag>,
     frag_in: FragTable<InFrag>,
+    icmp: IcmpBucket,
     stats: Stats,
+}
+
+impl WorkerState {
+    /// Accounts for an ICMP error about to be originated instead of a packet dropped for `reason`: false
+    /// (and the suppression counted) when the rate limit says no. The drop itself is counted by the caller.
+    fn allow_icmp(&mut self, now: Instant, reason: Reason) -> bool {
+        if self.icmp.take(now) {
+            self.stats.drops[reason.index()] += 1;
+            self.stats.icmp_originated += 1;
+            true
+        } else {
+            self.stats.icmp_suppressed += 1;
+            false
+        }
+    }
 }
 
 /// One thread's handle on the pipeline. Not shared; create one per worker thread.
@@ -306,6 +363,7 @@ impl Worker {
             rng: Rng::new(seed),
             frag_out: FragTable::new(c.frag_capacity, c.frag_lifetime),
             frag_in: FragTable::new(c.frag_capacity, c.frag_lifetime),
+            icmp: IcmpBucket::new(c.icmp_rate_per_sec, c.icmp_burst),
             stats: Stats::new(c.uplinks.len()),
         };
         Worker { gateway, state }

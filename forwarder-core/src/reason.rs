@@ -101,6 +101,14 @@ reasons! {
     UnsupportedIcmpType => "unsupported_icmp_type",
     /// No uplink route for the destination.
     NoRoute => "no_route",
+    /// Reply for a flow that arrived on another uplink than the flow left by (spoofing from another VLAN).
+    WrongUplink => "wrong_uplink",
+    /// Packet of an existing flow sent by another node than the one that opened it (spoofed pod source).
+    FlowNodeMismatch => "flow_node_mismatch",
+    /// ICMP error whose quoted packet was not sent to the error's sender (an error about someone else's flow).
+    IcmpErrorNotFromPeer => "icmp_error_not_from_peer",
+    /// TCP fragment with offset 8 bytes, which can overwrite the TCP header (RFC 1858 tiny fragment attack).
+    TinyFragment => "tiny_fragment",
 
     // ---- state: flows, ports and fragments -----------------------------------------------------------
     /// Inbound packet that matches no translated flow (unsolicited); no state is created.
@@ -123,8 +131,6 @@ reasons! {
     TcpOutOfWindow => "tcp_out_of_window",
     /// Non-first fragment whose datagram's first fragment was never seen (and none could be held).
     FragmentNoFlow => "fragment_no_flow",
-    /// Fragment dropped because the bounded fragment memory is full.
-    FragmentBufferFull => "fragment_buffer_full",
     /// Packet with TTL / hop limit of 0 or 1 and no ICMP answer possible (e.g. it was itself an ICMP error).
     TtlExpired => "ttl_expired",
     /// Packet larger than the next link's MTU with DF set, answered with ICMP where allowed.

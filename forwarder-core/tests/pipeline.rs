@@ -704,3 +704,207 @@ fn batches_give_the_same_results_as_one_by_one() {
     batched.inbound_batch(0, &mut rbatch, T0, |_, a| rgot.push(owned(a)));
     assert_eq!(rgot, want);
 }
+
+// ---- regressions from the protocol review ---------------------------------------------------------
+
+/// Opens a UDP flow pod:sport → SERVER:53 and returns the external port.
+fn open_udp(w: &mut Worker, sport: u16) -> u16 {
+    let (_, _, f) = out(w, &pod_udp(SERVER, sport, 53, b"q"), T0).fwd();
+    l4_ports(&f[14..]).0
+}
+
+fn port_unreachable_about(sent_ip: &[u8], corrupt: bool) -> Vec<u8> {
+    let mut icmp = vec![3u8, 3, 0, 0, 0, 0, 0, 0];
+    icmp.extend_from_slice(&sent_ip[..28]);
+    let c = !ref_fold(ref_sum(&icmp, 0));
+    icmp[2..4].copy_from_slice(&c.to_be_bytes());
+    if corrupt {
+        let n = icmp.len();
+        icmp[n - 1] ^= 0x40;
+    }
+    let b = etherparse::PacketBuilder::ethernet2(ROUTER_MAC, UPLINK_MAC).ipv4(
+        SERVER.octets(),
+        DMZ_EGRESS.octets(),
+        60,
+    );
+    build(|o| b.write(o, etherparse::IpNumber::ICMP, &icmp))
+}
+
+#[test]
+fn icmp_errors_with_a_bad_checksum_are_dropped_not_laundered() {
+    let mut w = worker();
+    let (_, _, f) = out(&mut w, &pod_udp(SERVER, 7300, 53, b"q"), T0).fwd();
+    assert_eq!(
+        inb(&mut w, 0, &port_unreachable_about(&f[14..], true), T0),
+        Out::Drop(Reason::IcmpBadChecksum)
+    );
+    assert!(matches!(
+        inb(&mut w, 0, &port_unreachable_about(&f[14..], false), T0),
+        Out::Tun { .. }
+    ));
+}
+
+#[test]
+fn replies_must_arrive_on_the_uplink_the_flow_left_by() {
+    let mut w = worker();
+    let (_, _, f) = out(&mut w, &pod_udp(SERVER, 7400, 53, b"q"), T0).fwd();
+    let ext = l4_ports(&f[14..]).0;
+    let reply = outside_udp(SERVER, DMZ_EGRESS, 53, ext, b"a");
+    assert_eq!(
+        inb(&mut w, 1, &reply, T0),
+        Out::Drop(Reason::WrongUplink),
+        "spoofed from the internal VLAN"
+    );
+    assert_eq!(
+        inb(&mut w, 1, &port_unreachable_about(&f[14..], false), T0),
+        Out::Drop(Reason::WrongUplink)
+    );
+    assert!(matches!(inb(&mut w, 0, &reply, T0), Out::Tun { .. }));
+}
+
+#[test]
+fn another_node_cannot_use_or_forge_errors_for_a_pods_flow() {
+    let mut w = worker();
+    let _ = open_udp(&mut w, 7500);
+    let other_node = Ipv4Addr::new(172, 18, 0, 77);
+    assert_eq!(
+        out_from(&mut w, other_node, &pod_udp(SERVER, 7500, 53, b"spoof"), T0),
+        Out::Drop(Reason::FlowNodeMismatch)
+    );
+    // A pod that did not receive the quoted packet cannot send an error about it.
+    let quoted = outside_udp(SERVER, POD, 53, 7500, b"a");
+    let mut icmp = vec![3u8, 3, 0, 0, 0, 0, 0, 0];
+    icmp.extend_from_slice(&quoted[14..14 + 28]);
+    let c = !ref_fold(ref_sum(&icmp, 0));
+    icmp[2..4].copy_from_slice(&c.to_be_bytes());
+    let b = etherparse::PacketBuilder::ethernet2(NODE_MAC, tunnel_mac(GW)).ipv4(
+        [10, 244, 9, 9],
+        SERVER.octets(),
+        64,
+    );
+    let forged = vxlan(
+        VNI,
+        &build(|o| b.write(o, etherparse::IpNumber::ICMP, &icmp)),
+    );
+    assert_eq!(
+        out(&mut w, &forged, T0),
+        Out::Drop(Reason::IcmpErrorNotFromPeer)
+    );
+}
+
+#[test]
+fn icmp_errors_the_gateway_originates_are_rate_limited() {
+    let mut w = worker();
+    let b = etherparse::PacketBuilder::ethernet2(NODE_MAC, tunnel_mac(GW)).ipv4(
+        POD.octets(),
+        SERVER.octets(),
+        1,
+    );
+    let d = vxlan(VNI, &build(|o| b.udp(33434, 33435).write(o, b"traceroute")));
+    let answered = (0..200)
+        .filter(|_| matches!(out(&mut w, &d, T0), Out::Tun { .. }))
+        .count();
+    assert_eq!(answered, 50, "the burst, no more, in one instant");
+    assert_eq!(w.stats().icmp_suppressed, 150);
+    assert_eq!(
+        w.stats().dropped(Reason::TtlExpired),
+        200,
+        "every packet still counted as dropped"
+    );
+    // 100 ms later, 100 more tokens at 1000/s (capped by the burst of 50).
+    let later = Instant::from_millis(T0.as_millis() + 100);
+    let answered = (0..200)
+        .filter(|_| matches!(out(&mut w, &d, later), Out::Tun { .. }))
+        .count();
+    assert_eq!(answered, 50);
+}
+
+#[test]
+fn a_refused_syn_creates_no_flow() {
+    let mut w = worker();
+    // A DF SYN larger than the uplink's MTU (1500): answered with too-big, and no flow is left behind.
+    let mut big = pod_tcp(SERVER, 7600, 443, true, &[0u8; 1480]);
+    big[22 + 6] |= 0x40;
+    big[22 + 10] = 0;
+    big[22 + 11] = 0;
+    let c = !ref_fold(ref_sum(&big[22..42], 0));
+    big[22 + 10..22 + 12].copy_from_slice(&c.to_be_bytes());
+    let (_, r) = out(&mut w, &big, T0).tun();
+    assert_eq!((r[22 + 20], r[22 + 21]), (3, 4));
+    assert_eq!(w.gateway().table().len(), 0);
+}
+
+#[test]
+fn later_fragments_respect_ttl_and_tiny_tcp_fragments_are_refused() {
+    let mut w = worker();
+    let (first, later) = fragment_pair();
+    assert!(matches!(out(&mut w, &first, T0), Out::Fwd { .. }));
+    let mut later_ttl1 = later.clone();
+    later_ttl1[22 + 8] = 1;
+    later_ttl1[22 + 10] = 0;
+    later_ttl1[22 + 11] = 0;
+    let c = !ref_fold(ref_sum(&later_ttl1[22..42], 0));
+    later_ttl1[22 + 10..22 + 12].copy_from_slice(&c.to_be_bytes());
+    assert!(matches!(
+        out(&mut w, &later_ttl1, T0),
+        Out::Drop(Reason::TtlExpired)
+    ));
+    // TCP fragment at offset 8 (FO = 1).
+    let mut tiny = pod_tcp(SERVER, 7700, 443, false, &[1; 16]);
+    tiny[22 + 6] = 0;
+    tiny[22 + 7] = 1;
+    tiny[22 + 10] = 0;
+    tiny[22 + 11] = 0;
+    let c = !ref_fold(ref_sum(&tiny[22..42], 0));
+    tiny[22 + 10..22 + 12].copy_from_slice(&c.to_be_bytes());
+    assert_eq!(out(&mut w, &tiny, T0), Out::Drop(Reason::TinyFragment));
+}
+
+#[test]
+fn tunnel_answers_carry_a_clean_vxlan_header() {
+    let mut w = worker();
+    let mut d = pod_ping(GW, 3);
+    d[0] = 0x88; // I flag plus an unknown flag
+    d[3] = 0x12; // reserved bits
+    d[7] = 0x34;
+    let (_, r) = out(&mut w, &d, T0).tun();
+    assert_eq!(&r[..8], &[0x08, 0, 0, 0, 0x00, 0x10, 0x01, 0]);
+}
+
+#[test]
+fn inbound_later_fragments_are_never_forwarded_with_ttl_0() {
+    let mut w = worker();
+    let ext = open_udp(&mut w, 7800);
+    let whole = outside_udp(SERVER, DMZ_EGRESS, 53, ext, &[0x77; 1200]);
+    let (hdr, body) = whole[14..].split_at(20);
+    let frag = |off: usize, data: &[u8], more: bool, ttl: u8| {
+        let mut h = hdr.to_vec();
+        h[2..4].copy_from_slice(&((20 + data.len()) as u16).to_be_bytes());
+        h[4..6].copy_from_slice(&0x5151u16.to_be_bytes());
+        h[6..8].copy_from_slice(&((off / 8) as u16 | if more { 0x2000 } else { 0 }).to_be_bytes());
+        h[8] = ttl;
+        h[10] = 0;
+        h[11] = 0;
+        let c = !ref_fold(ref_sum(&h, 0));
+        h[10..12].copy_from_slice(&c.to_be_bytes());
+        let mut f = whole[..14].to_vec();
+        f.extend_from_slice(&h);
+        f.extend_from_slice(data);
+        f
+    };
+    assert!(matches!(
+        inb(&mut w, 0, &frag(0, &body[..600], true, 60), T0),
+        Out::Tun { .. }
+    ));
+    assert_eq!(
+        inb(&mut w, 0, &frag(600, &body[600..], false, 1), T0),
+        Out::Drop(Reason::TtlExpired)
+    );
+    assert_eq!(
+        inb(&mut w, 1, &frag(600, &body[600..], false, 60), T0),
+        Out::Drop(Reason::WrongUplink)
+    );
+    let (_, d) = inb(&mut w, 0, &frag(600, &body[600..], false, 60), T0).tun();
+    assert_eq!(ip4_dst(&d[22..]), POD);
+    assert_eq!(d[22 + 8], 59);
+}

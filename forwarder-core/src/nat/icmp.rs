@@ -330,6 +330,22 @@ pub fn translate_error(
     fill_icmp_checksum(buf, meta);
 }
 
+/// Verifies the ICMP / ICMPv6 checksum of the message at `meta.l4..meta.end` (a fragmented message cannot
+/// be verified and fails). Errors are verified before they are translated (RFC 5508 REQ-3), since the
+/// translation recomputes the checksum and would otherwise launder a corrupted message.
+pub fn verify_checksum(buf: &[u8], meta: &PacketMeta) -> bool {
+    if meta.frag.is_some() {
+        return false;
+    }
+    let msg = &buf[meta.l4..meta.end];
+    if meta.v6 {
+        let ip = ipv6::Packet::new_unchecked(&buf[meta.l3..meta.end]);
+        icmpv6::Packet::new_unchecked(msg).verify_checksum(&ip.src(), &ip.dst())
+    } else {
+        icmpv4::Packet::new_unchecked(msg).verify_checksum()
+    }
+}
+
 /// Recomputes the ICMP / ICMPv6 checksum of the message at `meta.l4..meta.end` from scratch.
 pub fn fill_icmp_checksum(buf: &mut [u8], meta: &PacketMeta) {
     if meta.v6 {

@@ -164,6 +164,25 @@ pub enum L4 {
     Fragment,
 }
 
+impl L4 {
+    /// True for every ICMP error message, including those the gateway does not translate (IPv4 source
+    /// quench and redirect, ICMPv6 types below 128): never answer an error with an error (RFC 1812
+    /// §4.3.2.7, RFC 4443 §2.4(e)).
+    pub fn is_icmp_error(&self, v6: bool) -> bool {
+        match *self {
+            L4::IcmpError { .. } => true,
+            L4::IcmpOther { msg_type } => {
+                if v6 {
+                    msg_type < 128
+                } else {
+                    matches!(msg_type, 4 | 5)
+                }
+            }
+            _ => false,
+        }
+    }
+}
+
 /// Parses the upper-layer header at `meta.l4`. Checksums are not verified: a translated packet keeps a wrong
 /// checksum wrong (incremental update), and the end host rejects it.
 #[inline(always)]

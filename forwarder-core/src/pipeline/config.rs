@@ -90,6 +90,11 @@ pub struct Config {
     pub frag_capacity: usize,
     /// How long the later fragments of a datagram may follow its first.
     pub frag_lifetime: Duration,
+    /// ICMP errors each worker may originate per second (RFC 4443 §2.4(f), RFC 1812 §4.3.2.8); beyond it
+    /// the packet is dropped without an answer and counted in `Stats::icmp_suppressed`.
+    pub icmp_rate_per_sec: u32,
+    /// Burst of ICMP errors allowed above the rate.
+    pub icmp_burst: u32,
     /// Key of the flow table's hash. Set it from the OS's randomness (the core reads none) so that pods
     /// cannot aim many flows at one bucket; `None` lets the table derive a weak key from its address.
     pub hash_seed: Option<u64>,
@@ -109,6 +114,8 @@ impl Default for Config {
             frag_capacity: 4096,
             frag_lifetime: Duration::from_secs(30),
             hash_seed: None,
+            icmp_rate_per_sec: 1000,
+            icmp_burst: 50,
         }
     }
 }

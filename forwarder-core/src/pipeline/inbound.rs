@@ -2,7 +2,7 @@
 
 use core::net::IpAddr;
 
-use super::outbound::{flow_key, frag_key, is_martian};
+use super::outbound::{flow_key, frag_key, is_martian, is_tiny_tcp_fragment};
 use super::{Gateway, InFrag, Step, Verdict, WorkerState};
 use crate::conntrack::{Flow, Refresh, TcpSegment};
 use crate::flow::{FlowKey, NodeAddr, Proto, UplinkId};
@@ -83,17 +83,27 @@ pub(super) fn prepare(
 
     // Later fragments follow the first.
     if meta.is_later_fragment() {
+        if meta.ttl <= 1 {
+            // No ICMP about later fragments (RFC 1812 §4.3.2.7); just never forward with TTL 0.
+            return Err(Reason::TtlExpired);
+        }
+        if is_tiny_tcp_fragment(&meta) {
+            return Err(Reason::TinyFragment);
+        }
         let f = st
             .frag_in
             .lookup(&frag_key(&meta), now)
             .ok_or(Reason::FragmentNoFlow)?;
+        if f.uplink != uplink {
+            return Err(Reason::WrongUplink);
+        }
         let to = Delivery {
             pod: f.pod,
             pod_port: 0,
             node: f.node,
-            tcp_seg: None,
         };
-        return deliver(gw, st, uplink, buf, start, &meta, &l4, to, now).map(Step::Done);
+        let at = Arrival { uplink, start };
+        return deliver(gw, st, at, buf, &meta, &l4, to, now).map(Step::Done);
     }
     let (key, tcp_seg) = match l4 {
         L4::Tcp {
@@ -110,7 +120,8 @@ pub(super) fn prepare(
             (flow_key(&meta, p, ident, ident), None)
         }
         L4::IcmpError { msg_type, code } => {
-            return translate_error(gw, buf, start, &meta, msg_type, code, now).map(Step::Done)
+            let at = Arrival { uplink, start };
+            return translate_error(gw, buf, at, &meta, msg_type, code, now).map(Step::Done);
         }
         // Unsolicited: echo requests and anything else aimed at an egress address.
         L4::IcmpQuery { request: true, .. } => return Err(Reason::NoFlow),
@@ -143,17 +154,24 @@ pub(super) fn complete(
         ..
     } = *p;
     let flow = found.ok_or(Reason::NoFlow)?;
+    // Replies come back the way the flow left; the same tuple on another VLAN is spoofed.
+    if flow.uplink() != uplink {
+        return Err(Reason::WrongUplink);
+    }
+    let at = Arrival { uplink, start };
     if meta.ttl <= 1 {
-        return answer_sender(
-            gw,
-            st,
-            uplink,
-            buf,
-            start,
-            &meta,
-            ErrorKind::TimeExceeded,
-            Reason::TtlExpired,
-        );
+        let kind = ErrorKind::TimeExceeded;
+        return answer_sender(gw, st, at, buf, &meta, kind, Reason::TtlExpired, now);
+    }
+    // Everything that can refuse the packet is checked before the flow's state changes.
+    if let Some(refused) = check_tunnel_mtu(gw, st, at, buf, &meta, now) {
+        return refused;
+    }
+    if tcp_seg.is_some_and(|s| s.flags & tcp::flags::SYN != 0) {
+        let cfg = &gw.config;
+        let this = cfg.uplinks.get(usize::from(uplink));
+        let mtu = this.map_or(cfg.tunnel_mtu, |u| u.mtu.min(cfg.tunnel_mtu));
+        rewrite::clamp_mss(buf, &meta, rewrite::mss_for_mtu(mtu, meta.v6))?;
     }
     if flow.on_inbound(tcp_seg, meta.ip_len(), now) == Refresh::Ignored {
         return Err(Reason::TcpOutOfWindow);
@@ -163,9 +181,8 @@ pub(super) fn complete(
         pod: orig.src,
         pod_port: orig.src_port,
         node: flow.node(),
-        tcp_seg,
     };
-    deliver(gw, st, uplink, buf, start, &meta, &l4, to, now)
+    deliver(gw, st, at, buf, &meta, &l4, to, now)
 }
 
 /// Where a reply goes: the pod's address and port (0 for later fragments), its node.
@@ -174,85 +191,106 @@ struct Delivery {
     pod: IpAddr,
     pod_port: u16,
     node: NodeAddr,
-    tcp_seg: Option<TcpSegment>,
 }
 
-/// The tunnel MTU check, MSS clamp, DNAT and encapsulation shared by replies and their later fragments.
+/// Where a frame came in: its uplink and its offset in the buffer.
+#[derive(Debug, Clone, Copy)]
+struct Arrival {
+    uplink: UplinkId,
+    start: usize,
+}
+
+/// A reply too big for the tunnel: with DF, "too big" goes back to the sender; without, it is refused
+/// (fragmenting into the tunnel is not done yet). `None` when it fits.
+fn check_tunnel_mtu(
+    gw: &Gateway,
+    st: &mut WorkerState,
+    at: Arrival,
+    buf: &mut [u8],
+    meta: &PacketMeta,
+    now: Instant,
+) -> Option<Result<Verdict, Reason>> {
+    let mtu = gw.config.tunnel_mtu;
+    if meta.ip_len() <= usize::from(mtu) {
+        return None;
+    }
+    if !meta.dont_frag {
+        return Some(Err(Reason::TooBig));
+    }
+    let kind = ErrorKind::TooBig { mtu };
+    Some(answer_sender(
+        gw,
+        st,
+        at,
+        buf,
+        meta,
+        kind,
+        Reason::TooBig,
+        now,
+    ))
+}
+
+/// The tunnel MTU check, DNAT and encapsulation shared by replies and their later fragments.
 #[allow(clippy::too_many_arguments)]
 fn deliver(
     gw: &Gateway,
     st: &mut WorkerState,
-    uplink: UplinkId,
+    at: Arrival,
     buf: &mut [u8],
-    start: usize,
     meta: &PacketMeta,
     l4: &L4,
     to: Delivery,
     now: Instant,
 ) -> Result<Verdict, Reason> {
-    let cfg = &gw.config;
-    if meta.ip_len() > usize::from(cfg.tunnel_mtu) {
-        if meta.dont_frag {
-            let kind = ErrorKind::TooBig {
-                mtu: cfg.tunnel_mtu,
-            };
-            return answer_sender(gw, st, uplink, buf, start, meta, kind, Reason::TooBig);
-        }
-        // IPv4 without DF would need fragmenting into the tunnel; not done (yet): refused visibly.
-        return Err(Reason::TooBig);
-    }
-    if to.tcp_seg.is_some_and(|s| s.flags & tcp::flags::SYN != 0) {
-        let this = cfg.uplinks.get(usize::from(uplink));
-        let mtu = this.map_or(cfg.tunnel_mtu, |u| u.mtu.min(cfg.tunnel_mtu));
-        rewrite::clamp_mss(buf, meta, rewrite::mss_for_mtu(mtu, meta.v6))?;
+    if let Some(refused) = check_tunnel_mtu(gw, st, at, buf, meta, now) {
+        return refused;
     }
     if meta.is_later_fragment() {
         rewrite::readdress_and_forward(buf, meta, l4, Side::Dst, to.pod);
     } else {
         rewrite::translate_and_forward(buf, meta, l4, Side::Dst, to.pod, to.pod_port);
         if meta.is_first_fragment() {
-            st.frag_in.insert(
-                frag_key(meta),
-                InFrag {
-                    pod: to.pod,
-                    node: to.node,
-                },
-                now,
-            );
+            let f = InFrag {
+                pod: to.pod,
+                node: to.node,
+                uplink: at.uplink,
+            };
+            st.frag_in.insert(frag_key(meta), f, now);
         }
     }
-    encapsulate(gw, buf, start, meta, to.node)
+    encapsulate(gw, buf, at.start, meta, to.node)
 }
 
 /// Replaces the packet with an ICMP error back to its sender on the uplink it came from, from the address
-/// it was sent to. Counts `reason` either way.
+/// it was sent to, within the ICMP rate limit. The packet counts as dropped for `reason` either way.
 #[allow(clippy::too_many_arguments)]
 fn answer_sender(
     gw: &Gateway,
     st: &mut WorkerState,
-    uplink: UplinkId,
+    at: Arrival,
     buf: &mut [u8],
-    start: usize,
     meta: &PacketMeta,
     kind: ErrorKind,
     reason: Reason,
+    now: Instant,
 ) -> Result<Verdict, Reason> {
     // ICMP errors never get here (they are translated or dropped first), so only the other rules apply.
     if !icmp::may_originate(meta, false) {
         return Err(reason);
     }
     let end = icmp::originate(buf, meta, meta.dst, kind).ok_or(reason)?;
-    st.stats.drops[reason.index()] += 1;
-    st.stats.icmp_originated += 1;
+    if !st.allow_icmp(now, reason) {
+        return Err(reason);
+    }
     let next_hop = gw
         .config
         .uplinks
-        .get(usize::from(uplink))
+        .get(usize::from(at.uplink))
         .map_or(meta.src, |u| u.next_hop(meta.src));
     Ok(Verdict::Forward {
-        uplink,
+        uplink: at.uplink,
         next_hop,
-        start,
+        start: at.start,
         end,
     })
 }
@@ -263,18 +301,24 @@ fn answer_sender(
 fn translate_error(
     gw: &Gateway,
     buf: &mut [u8],
-    start: usize,
+    at: Arrival,
     meta: &PacketMeta,
     msg_type: u8,
     code: u8,
     now: Instant,
 ) -> Result<Verdict, Reason> {
+    if !icmp::verify_checksum(buf, meta) {
+        return Err(Reason::IcmpBadChecksum);
+    }
     let emb = icmp::parse_embedded(buf, meta)?;
     let guard = gw.table.pin();
     let flow = gw
         .table
         .lookup_inbound_at(&emb.key.reversed(), now, &guard)
         .ok_or(Reason::IcmpErrorNoFlow)?;
+    if flow.uplink() != at.uplink {
+        return Err(Reason::WrongUplink);
+    }
     if meta.ttl <= 1 {
         return Err(Reason::TtlExpired);
     }
@@ -285,7 +329,7 @@ fn translate_error(
         clamp_reported_mtu(buf, meta, gw.config.tunnel_mtu);
     }
     rewrite::decrement_ttl(buf, meta);
-    encapsulate(gw, buf, start, meta, flow.node())
+    encapsulate(gw, buf, at.start, meta, flow.node())
 }
 
 /// True for "fragmentation needed" (ICMPv4 3/4) and "packet too big" (ICMPv6 2).
@@ -306,8 +350,9 @@ fn clamp_reported_mtu(buf: &mut [u8], meta: &PacketMeta, tunnel_mtu: u16) {
         }
     } else {
         let mut p = icmpv4::Packet::new_unchecked(&mut buf[meta.l4..meta.end]);
+        // 0 comes from routers older than RFC 1191: left alone, the pod falls back to its plateau search.
         let m = p.next_hop_mtu();
-        if m == 0 || m > tunnel_mtu {
+        if m > tunnel_mtu {
             p.set_next_hop_mtu(tunnel_mtu);
         }
     }

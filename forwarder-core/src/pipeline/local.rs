@@ -6,12 +6,14 @@ use core::net::IpAddr;
 use super::{Gateway, TUNNEL_ETH, TUNNEL_L3};
 use crate::nat::icmp;
 use crate::nat::meta::{PacketMeta, L4};
-use crate::wire::{arp, ethernet, icmpv4, icmpv6, ipv4, ipv6};
+use crate::wire::{arp, ethernet, icmpv4, icmpv6, ipv4, ipv6, vxlan};
 use crate::Reason;
 
 /// Swaps the inner Ethernet addresses so the frame goes back to the node that sent it, from the gateway's
-/// tunnel MAC. The VXLAN header (flags, VNI) is reused as it is.
+/// tunnel MAC, under a freshly written VXLAN header.
 pub(super) fn turn_around(gw: &Gateway, buf: &mut [u8]) {
+    // A clean VXLAN header: flags I only, reserved bits zero (Linux drops unknown flags), our VNI.
+    vxlan::emit_header(&mut buf[..vxlan::HEADER_LEN], gw.config.vni);
     let mut eth = ethernet::Frame::new_unchecked(&mut buf[TUNNEL_ETH..TUNNEL_L3]);
     let node = eth.src();
     eth.set_dst(&node);
@@ -47,6 +49,9 @@ pub(super) fn answer_echo(
 ) -> Result<usize, Reason> {
     if !matches!(l4, L4::IcmpQuery { request: true, .. }) || meta.frag.is_some() {
         return Err(Reason::NotForUs);
+    }
+    if !icmp::verify_checksum(buf, meta) {
+        return Err(Reason::IcmpBadChecksum);
     }
     match (meta.src, meta.dst) {
         (IpAddr::V4(s), IpAddr::V4(d)) => {

@@ -129,22 +129,18 @@ pub(super) fn prepare(
         return Ok(Step::Done(reply_to_node(end)));
     }
 
-    let is_error = matches!(l4, L4::IcmpError { .. });
+    let is_error = l4.is_icmp_error(meta.v6);
     if meta.ttl <= 1 {
-        return originate_to_pod(
-            gw,
-            st,
-            buf,
-            &meta,
-            is_error,
-            ErrorKind::TimeExceeded,
-            Reason::TtlExpired,
-        )
-        .map(|end| Step::Done(reply_to_node(end)));
+        let kind = ErrorKind::TimeExceeded;
+        return originate_to_pod(gw, st, buf, &meta, is_error, kind, Reason::TtlExpired, now)
+            .map(|end| Step::Done(reply_to_node(end)));
     }
 
     // Later fragments follow the first.
     if meta.is_later_fragment() {
+        if is_tiny_tcp_fragment(&meta) {
+            return Err(Reason::TinyFragment);
+        }
         let key = frag_key(&meta);
         let Some(f) = st.frag_out.lookup(&key, now) else {
             return Err(Reason::FragmentNoFlow);
@@ -177,7 +173,7 @@ pub(super) fn prepare(
             (flow_key(&meta, p, ident, ident), None)
         }
         L4::IcmpQuery { request: false, .. } => return Err(Reason::NoFlow),
-        L4::IcmpError { .. } => return translate_error(gw, buf, &meta, now).map(Step::Done),
+        L4::IcmpError { .. } => return translate_error(gw, buf, &meta, from, now).map(Step::Done),
         L4::IcmpOther { .. } => return Err(Reason::UnsupportedIcmpType),
         L4::Fragment => return Err(Reason::FragmentNoFlow),
     };
@@ -212,7 +208,7 @@ pub(super) fn complete(
         key,
         tcp_seg,
         node,
-        is_error,
+        ..
     } = *p;
     let reply_to_node = |end: usize| Verdict::Tunnel {
         node: node.ip,
@@ -220,7 +216,20 @@ pub(super) fn complete(
         end,
     };
     let flow = match found {
-        Some(f) => f,
+        Some(f) => {
+            // A flow belongs to the node that opened it: another node sending the same pod source is spoofing.
+            if f.node().ip != node.ip {
+                return Err(Reason::FlowNodeMismatch);
+            }
+            let uplink = cfg
+                .uplinks
+                .get(usize::from(f.uplink()))
+                .ok_or(Reason::NoRoute)?;
+            if let Some(refused) = check_fits(gw, st, buf, p, uplink, now) {
+                return refused.map(reply_to_node);
+            }
+            f
+        }
         None => {
             if let Some(seg) = tcp_seg {
                 if seg.flags & (tcp::flags::SYN | tcp::flags::ACK | tcp::flags::RST)
@@ -233,11 +242,15 @@ pub(super) fn complete(
                 return Err(Reason::Draining);
             }
             let (_, &uplink) = gw.routes.lookup(meta.dst).ok_or(Reason::NoRoute)?;
-            let egress_ip = cfg
+            let up = cfg
                 .uplinks
                 .get(usize::from(uplink))
-                .and_then(|u| u.egress_for(meta.src))
                 .ok_or(Reason::NoRoute)?;
+            let egress_ip = up.egress_for(meta.src).ok_or(Reason::NoRoute)?;
+            // Everything that can refuse the packet is checked before the flow exists.
+            if let Some(refused) = check_fits(gw, st, buf, p, up, now) {
+                return refused.map(reply_to_node);
+            }
             let new = NewFlow {
                 orig: key,
                 egress_ip,
@@ -252,16 +265,9 @@ pub(super) fn complete(
                 Err(e) => {
                     // Refused: tell the pod at once (ICMP administratively prohibited) instead of letting it
                     // retry into the same wall.
-                    return originate_to_pod(
-                        gw,
-                        st,
-                        buf,
-                        &meta,
-                        false,
-                        ErrorKind::AdminProhibited,
-                        e.reason(),
-                    )
-                    .map(reply_to_node);
+                    let kind = ErrorKind::AdminProhibited;
+                    return originate_to_pod(gw, st, buf, &meta, false, kind, e.reason(), now)
+                        .map(reply_to_node);
                 }
             }
         }
@@ -274,20 +280,6 @@ pub(super) fn complete(
     let Some(uplink) = cfg.uplinks.get(usize::from(uplink_id)) else {
         return Err(Reason::NoRoute);
     };
-    if meta.ip_len() > usize::from(uplink.mtu) {
-        // IPv4 without DF would need fragmenting here; the tunnel MTU (1450) is below any normal uplink MTU,
-        // so such packets do not arise from correctly configured nodes. Refuse them visibly.
-        let kind = ErrorKind::TooBig { mtu: uplink.mtu };
-        if meta.dont_frag {
-            return originate_to_pod(gw, st, buf, &meta, is_error, kind, Reason::TooBig)
-                .map(reply_to_node);
-        }
-        return Err(Reason::TooBig);
-    }
-    if tcp_seg.is_some_and(|s| s.flags & tcp::flags::SYN != 0) {
-        let mtu = cfg.tunnel_mtu.min(uplink.mtu);
-        rewrite::clamp_mss(buf, &meta, rewrite::mss_for_mtu(mtu, meta.v6))?;
-    }
     let egress = flow.egress_ip();
     rewrite::translate_and_forward(buf, &meta, &l4, Side::Src, egress, flow.external_port());
     let next_hop = uplink.next_hop(meta.dst);
@@ -310,6 +302,50 @@ pub(super) fn complete(
     })
 }
 
+/// The checks that can refuse a packet once its uplink is known, done before any flow state changes: the
+/// uplink's MTU (DF: too-big answered to the pod; else refused) and the SYN's MSS option, clamped here to
+/// what the tunnel and the uplink carry. `None` when the packet may go on; `Some(result)` is the refusal.
+fn check_fits(
+    gw: &Gateway,
+    st: &mut WorkerState,
+    buf: &mut [u8],
+    p: &Pending,
+    uplink: &super::UplinkConfig,
+    now: Instant,
+) -> Option<Result<usize, Reason>> {
+    let meta = &p.meta;
+    if meta.ip_len() > usize::from(uplink.mtu) {
+        // IPv4 without DF would need fragmenting here; the tunnel MTU (1450) is below any normal uplink
+        // MTU, so such packets do not arise from correctly configured nodes. Refused visibly.
+        if !meta.dont_frag {
+            return Some(Err(Reason::TooBig));
+        }
+        let kind = ErrorKind::TooBig { mtu: uplink.mtu };
+        return Some(originate_to_pod(
+            gw,
+            st,
+            buf,
+            meta,
+            p.is_error,
+            kind,
+            Reason::TooBig,
+            now,
+        ));
+    }
+    if p.tcp_seg.is_some_and(|s| s.flags & tcp::flags::SYN != 0) {
+        let mtu = gw.config.tunnel_mtu.min(uplink.mtu);
+        if let Err(r) = rewrite::clamp_mss(buf, meta, rewrite::mss_for_mtu(mtu, meta.v6)) {
+            return Some(Err(r));
+        }
+    }
+    None
+}
+
+/// A TCP fragment at offset 8 could overwrite the TCP header's flags and ports (RFC 1858 §4).
+pub(super) fn is_tiny_tcp_fragment(meta: &PacketMeta) -> bool {
+    meta.proto == 6 && meta.frag.is_some_and(|f| f.offset == 8)
+}
+
 pub(super) fn flow_key(meta: &PacketMeta, proto: Proto, src_port: u16, dst_port: u16) -> FlowKey {
     FlowKey {
         src: meta.src,
@@ -320,12 +356,14 @@ pub(super) fn flow_key(meta: &PacketMeta, proto: Proto, src_port: u16, dst_port:
     }
 }
 
-/// The datagram identity, taken *before* translation (later fragments arrive untranslated).
+/// The datagram identity, taken *before* translation (later fragments arrive untranslated). IPv6 identifies
+/// a datagram by addresses and identification alone (RFC 8200 §4.5): the next header seen after the
+/// fragment header may differ between the first and later fragments.
 pub(super) fn frag_key(meta: &PacketMeta) -> FragKey {
     FragKey {
         src: meta.src,
         dst: meta.dst,
-        proto: meta.proto,
+        proto: if meta.v6 { 0 } else { meta.proto },
         ident: meta.frag.map_or(0, |f| f.ident),
     }
 }
@@ -337,14 +375,25 @@ fn translate_error(
     gw: &Gateway,
     buf: &mut [u8],
     meta: &PacketMeta,
+    from: Ipv4Addr,
     now: Instant,
 ) -> Result<Verdict, Reason> {
+    if !icmp::verify_checksum(buf, meta) {
+        return Err(Reason::IcmpBadChecksum);
+    }
     let emb = icmp::parse_embedded(buf, meta)?;
+    // The error must come from the pod the quoted packet was delivered to, through that pod's node.
+    if emb.key.dst != meta.src {
+        return Err(Reason::IcmpErrorNotFromPeer);
+    }
     let guard = gw.table.pin();
     let flow = gw
         .table
         .lookup_outbound_at(&emb.key.reversed(), now, &guard)
         .ok_or(Reason::IcmpErrorNoFlow)?;
+    if flow.node().ip != from {
+        return Err(Reason::FlowNodeMismatch);
+    }
     let uplink_id = flow.uplink();
     let uplink = gw
         .config
@@ -365,6 +414,7 @@ fn translate_error(
 /// Replaces the packet with an ICMP error to the pod (from the gateway's tunnel address), turned around in
 /// the tunnel frame. Counts `reason` in every case; when no error may or can be sent, the packet is dropped
 /// for `reason`.
+#[allow(clippy::too_many_arguments)]
 fn originate_to_pod(
     gw: &Gateway,
     st: &mut WorkerState,
@@ -373,6 +423,7 @@ fn originate_to_pod(
     is_error: bool,
     kind: ErrorKind,
     reason: Reason,
+    now: Instant,
 ) -> Result<usize, Reason> {
     let src = if meta.v6 {
         gw.config.tunnel_ip6.map(IpAddr::V6)
@@ -382,9 +433,11 @@ fn originate_to_pod(
     let Some(src) = src.filter(|_| icmp::may_originate(meta, is_error)) else {
         return Err(reason);
     };
+    // Build first (it can fail for lack of room), then ask the rate limit, which counts what it allows.
     let end = icmp::originate(buf, meta, src, kind).ok_or(reason)?;
+    if !st.allow_icmp(now, reason) {
+        return Err(reason);
+    }
     local::turn_around(gw, buf);
-    st.stats.drops[reason.index()] += 1;
-    st.stats.icmp_originated += 1;
     Ok(end)
 }

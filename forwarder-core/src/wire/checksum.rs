@@ -226,7 +226,8 @@ pub mod reference {
     /// Unfolded ones-complement sum of the 16-bit big-endian words of `data` (odd trailing byte padded with
     /// zero), added to `initial`, folded after every word.
     pub fn sum(data: &[u8], initial: u32) -> u32 {
-        let mut s = initial;
+        // Fold `initial` first: adding a word to a value near u32::MAX would wrap and lose a carry.
+        let mut s = (initial & 0xFFFF) + (initial >> 16);
         let mut i = 0;
         while i + 1 < data.len() {
             s = s.wrapping_add(u32::from(data[i]) << 8 | u32::from(data[i + 1]));
