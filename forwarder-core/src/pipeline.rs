@@ -12,7 +12,13 @@
 //!
 //! One [`Gateway`] (configuration, routes and the shared lock-free flow table) serves any number of
 //! [`Worker`]s, one per thread. Callers should hold a [`Gateway::pin`] guard across a batch of packets; the
-//! pipeline pins again per packet, which is then nearly free.
+//! pipeline pins again per packet, which is then nearly free. The batch calls ([`Worker::outbound_batch`],
+//! [`Worker::inbound_batch`]) overlap the flow lookups' cache misses and give the same results.
+//!
+//! Housekeeping is the caller's: expired flows are removed (and their ports start their reuse delay) by
+//! [`Gateway::expire`], which the I/O layer calls regularly from any thread — e.g. every 10 ms with a budget
+//! of a few thousand slots, so the whole table is swept every few seconds. Lookups never return an expired
+//! flow in the meantime.
 
 mod config;
 mod inbound;
@@ -232,6 +238,12 @@ impl Gateway {
     /// Pins the current thread for the flow table's memory reclamation; hold it across a batch.
     pub fn pin(&self) -> conntrack::Guard {
         self.table.pin()
+    }
+
+    /// Sweeps up to `budget` flow-table slots from where the previous sweep stopped, removing expired flows;
+    /// returns how many were removed. Cheap enough to call every few milliseconds.
+    pub fn expire(&self, now: Instant, budget: usize) -> usize {
+        self.table.expire(now, budget)
     }
 
     /// While draining, established flows keep flowing and new flows are refused (`Reason::Draining`).

@@ -908,3 +908,42 @@ fn inbound_later_fragments_are_never_forwarded_with_ttl_0() {
     assert_eq!(ip4_dst(&d[22..]), POD);
     assert_eq!(d[22 + 8], 59);
 }
+
+#[test]
+fn expiry_sweeps_flows_and_frees_their_ports_for_reuse_later() {
+    let gw = gateway_with(
+        conntrack::Config::default(),
+        PortRange {
+            min: 3000,
+            max: 3000,
+        },
+    );
+    let mut w = Worker::new(gw.clone(), 11);
+    assert!(matches!(
+        out(&mut w, &pod_udp(SERVER, 9100, 53, b"x"), T0),
+        Out::Fwd { .. }
+    ));
+    // The only port is taken.
+    assert!(matches!(
+        out(&mut w, &pod_udp(SERVER, 9101, 53, b"x"), T0),
+        Out::Tun { .. }
+    ));
+    // UDP idles out after 300 s; the sweep removes it; the port waits out its 120 s reuse delay.
+    let t1 = Instant::from_secs(T0.as_secs() + 301);
+    let mut removed = 0;
+    for _ in 0..64 {
+        removed += gw.expire(t1, 1 << 16);
+    }
+    assert_eq!(removed, 1);
+    assert_eq!(gw.table().len(), 0);
+    assert!(
+        matches!(
+            out(&mut w, &pod_udp(SERVER, 9101, 53, b"x"), t1),
+            Out::Tun { .. }
+        ),
+        "still cooling"
+    );
+    let t2 = Instant::from_secs(T0.as_secs() + 301 + 121);
+    let (_, _, f) = out(&mut w, &pod_udp(SERVER, 9101, 53, b"x"), t2).fwd();
+    assert_eq!(l4_ports(&f[14..]).0, 3000);
+}
