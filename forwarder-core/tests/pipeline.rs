@@ -379,10 +379,7 @@ fn too_big_for_the_tunnel_with_df_brings_frag_needed_to_the_sender() {
     let mut big = build(|o| b.udp(7001, ext).write(o, &[0x55; 1472]));
     // Set DF and fix the header checksum.
     big[14 + 6] |= 0x40;
-    big[14 + 10] = 0;
-    big[14 + 11] = 0;
-    let c = !ref_fold(ref_sum(&big[14..34], 0));
-    big[14 + 10..14 + 12].copy_from_slice(&c.to_be_bytes());
+    fix_ipv4_checksum(&mut big[14..]);
     let (uplink, hop, e) = inb(&mut w, 0, &big, T0).fwd();
     assert_eq!((uplink, hop), (0, any_ip(DMZ_ROUTER)));
     let ip = &e[14..];
@@ -545,28 +542,13 @@ fn exhausted_port_pool_answers_admin_prohibited() {
 #[test]
 fn fragments_follow_the_first() {
     let mut w = worker();
-    // A UDP datagram of 2000 payload bytes in two fragments, built by hand from one etherparse packet.
-    let whole = pod_udp(SERVER, 9500, 9501, &[0xab; 2000]);
-    let ip = &whole[22..];
-    let (hdr, body) = ip.split_at(20);
-    let frag = |off: usize, data: &[u8], more: bool| {
-        let mut h = hdr.to_vec();
-        let total = (20 + data.len()) as u16;
-        h[2..4].copy_from_slice(&total.to_be_bytes());
-        h[4..6].copy_from_slice(&0x1234u16.to_be_bytes());
-        let fo = (off / 8) as u16 | if more { 0x2000 } else { 0 };
-        h[6..8].copy_from_slice(&fo.to_be_bytes());
-        h[10] = 0;
-        h[11] = 0;
-        let c = !ref_fold(ref_sum(&h, 0));
-        h[10..12].copy_from_slice(&c.to_be_bytes());
-        let mut d = whole[..22].to_vec();
-        d.extend_from_slice(&h);
-        d.extend_from_slice(data);
-        d
-    };
-    let first = frag(0, &body[..1008], true);
-    let second = frag(1008, &body[1008..], false);
+    // A UDP datagram of 2000 payload bytes in two fragments.
+    let (first, second) = ipv4_fragments(
+        &pod_udp(SERVER, 9500, 9501, &[0xab; 2000]),
+        22,
+        1008,
+        0x1234,
+    );
     // A later fragment before its first has nowhere to go.
     assert_eq!(out(&mut w, &second, T0), Out::Drop(Reason::FragmentNoFlow));
     let (u1, _, f1) = out(&mut w, &first, T0).fwd();
@@ -591,25 +573,11 @@ fn fragments_follow_the_first() {
 
 /// Two UDP fragments (first, later) of one 2000-byte datagram from the pod, in VXLAN datagrams.
 fn fragment_pair() -> (Vec<u8>, Vec<u8>) {
-    let whole = pod_udp(SERVER, 9600, 9601, &[0xcd; 2000]);
-    let (hdr, body) = whole[22..].split_at(20);
-    let frag = |off: usize, data: &[u8], more: bool| {
-        let mut h = hdr.to_vec();
-        h[2..4].copy_from_slice(&((20 + data.len()) as u16).to_be_bytes());
-        h[4..6].copy_from_slice(&0x4321u16.to_be_bytes());
-        h[6..8].copy_from_slice(&((off / 8) as u16 | if more { 0x2000 } else { 0 }).to_be_bytes());
-        h[10] = 0;
-        h[11] = 0;
-        let c = !ref_fold(ref_sum(&h, 0));
-        h[10..12].copy_from_slice(&c.to_be_bytes());
-        let mut d = whole[..22].to_vec();
-        d.extend_from_slice(&h);
-        d.extend_from_slice(data);
-        d
-    };
-    (
-        frag(0, &body[..1008], true),
-        frag(1008, &body[1008..], false),
+    ipv4_fragments(
+        &pod_udp(SERVER, 9600, 9601, &[0xcd; 2000]),
+        22,
+        1008,
+        0x4321,
     )
 }
 
@@ -825,10 +793,7 @@ fn a_refused_syn_creates_no_flow() {
     // A DF SYN larger than the uplink's MTU (1500): answered with too-big, and no flow is left behind.
     let mut big = pod_tcp(SERVER, 7600, 443, true, &[0u8; 1480]);
     big[22 + 6] |= 0x40;
-    big[22 + 10] = 0;
-    big[22 + 11] = 0;
-    let c = !ref_fold(ref_sum(&big[22..42], 0));
-    big[22 + 10..22 + 12].copy_from_slice(&c.to_be_bytes());
+    fix_ipv4_checksum(&mut big[22..]);
     let (_, r) = out(&mut w, &big, T0).tun();
     assert_eq!((r[22 + 20], r[22 + 21]), (3, 4));
     assert_eq!(w.gateway().table().len(), 0);
@@ -841,10 +806,7 @@ fn later_fragments_respect_ttl_and_tiny_tcp_fragments_are_refused() {
     assert!(matches!(out(&mut w, &first, T0), Out::Fwd { .. }));
     let mut later_ttl1 = later.clone();
     later_ttl1[22 + 8] = 1;
-    later_ttl1[22 + 10] = 0;
-    later_ttl1[22 + 11] = 0;
-    let c = !ref_fold(ref_sum(&later_ttl1[22..42], 0));
-    later_ttl1[22 + 10..22 + 12].copy_from_slice(&c.to_be_bytes());
+    fix_ipv4_checksum(&mut later_ttl1[22..]);
     assert!(matches!(
         out(&mut w, &later_ttl1, T0),
         Out::Drop(Reason::TtlExpired)
@@ -853,10 +815,7 @@ fn later_fragments_respect_ttl_and_tiny_tcp_fragments_are_refused() {
     let mut tiny = pod_tcp(SERVER, 7700, 443, false, &[1; 16]);
     tiny[22 + 6] = 0;
     tiny[22 + 7] = 1;
-    tiny[22 + 10] = 0;
-    tiny[22 + 11] = 0;
-    let c = !ref_fold(ref_sum(&tiny[22..42], 0));
-    tiny[22 + 10..22 + 12].copy_from_slice(&c.to_be_bytes());
+    fix_ipv4_checksum(&mut tiny[22..]);
     assert_eq!(out(&mut w, &tiny, T0), Out::Drop(Reason::TinyFragment));
 }
 
@@ -876,35 +835,17 @@ fn inbound_later_fragments_are_never_forwarded_with_ttl_0() {
     let mut w = worker();
     let ext = open_udp(&mut w, 7800);
     let whole = outside_udp(SERVER, DMZ_EGRESS, 53, ext, &[0x77; 1200]);
-    let (hdr, body) = whole[14..].split_at(20);
-    let frag = |off: usize, data: &[u8], more: bool, ttl: u8| {
-        let mut h = hdr.to_vec();
-        h[2..4].copy_from_slice(&((20 + data.len()) as u16).to_be_bytes());
-        h[4..6].copy_from_slice(&0x5151u16.to_be_bytes());
-        h[6..8].copy_from_slice(&((off / 8) as u16 | if more { 0x2000 } else { 0 }).to_be_bytes());
-        h[8] = ttl;
-        h[10] = 0;
-        h[11] = 0;
-        let c = !ref_fold(ref_sum(&h, 0));
-        h[10..12].copy_from_slice(&c.to_be_bytes());
-        let mut f = whole[..14].to_vec();
-        f.extend_from_slice(&h);
-        f.extend_from_slice(data);
-        f
-    };
-    assert!(matches!(
-        inb(&mut w, 0, &frag(0, &body[..600], true, 60), T0),
-        Out::Tun { .. }
-    ));
+    let (first, later) = ipv4_fragments(&whole, 14, 600, 0x5151);
+    let mut later_ttl1 = later.clone();
+    later_ttl1[14 + 8] = 1;
+    fix_ipv4_checksum(&mut later_ttl1[14..]);
+    assert!(matches!(inb(&mut w, 0, &first, T0), Out::Tun { .. }));
     assert_eq!(
-        inb(&mut w, 0, &frag(600, &body[600..], false, 1), T0),
+        inb(&mut w, 0, &later_ttl1, T0),
         Out::Drop(Reason::TtlExpired)
     );
-    assert_eq!(
-        inb(&mut w, 1, &frag(600, &body[600..], false, 60), T0),
-        Out::Drop(Reason::WrongUplink)
-    );
-    let (_, d) = inb(&mut w, 0, &frag(600, &body[600..], false, 60), T0).tun();
+    assert_eq!(inb(&mut w, 1, &later, T0), Out::Drop(Reason::WrongUplink));
+    let (_, d) = inb(&mut w, 0, &later, T0).tun();
     assert_eq!(ip4_dst(&d[22..]), POD);
     assert_eq!(d[22 + 8], 59);
 }

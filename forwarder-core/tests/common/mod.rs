@@ -255,3 +255,30 @@ pub fn l4_ports(ip: &[u8]) -> (u16, u16) {
 pub fn any_ip(a: Ipv4Addr) -> IpAddr {
     IpAddr::V4(a)
 }
+
+/// Recomputes the IPv4 header checksum of the header at the start of `ip` (after a test edited it).
+pub fn fix_ipv4_checksum(ip: &mut [u8]) {
+    let hl = usize::from(ip[0] & 0xf) * 4;
+    ip[10] = 0;
+    ip[11] = 0;
+    let c = !ref_fold(ref_sum(&ip[..hl], 0));
+    ip[10..12].copy_from_slice(&c.to_be_bytes());
+}
+
+/// Splits the IPv4 packet at `frame[l3..]` (no options) into two fragments at `cut` bytes of payload
+/// (a multiple of 8), with identification `ident`; each keeps `frame[..l3]` in front.
+pub fn ipv4_fragments(frame: &[u8], l3: usize, cut: usize, ident: u16) -> (Vec<u8>, Vec<u8>) {
+    let (hdr, body) = frame[l3..].split_at(20);
+    let frag = |off: usize, data: &[u8], more: bool| {
+        let mut h = hdr.to_vec();
+        h[2..4].copy_from_slice(&((20 + data.len()) as u16).to_be_bytes());
+        h[4..6].copy_from_slice(&ident.to_be_bytes());
+        h[6..8].copy_from_slice(&((off / 8) as u16 | if more { 0x2000 } else { 0 }).to_be_bytes());
+        fix_ipv4_checksum(&mut h);
+        let mut f = frame[..l3].to_vec();
+        f.extend_from_slice(&h);
+        f.extend_from_slice(data);
+        f
+    };
+    (frag(0, &body[..cut], true), frag(cut, &body[cut..], false))
+}
