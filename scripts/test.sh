@@ -37,13 +37,17 @@ if [[ $FUZZ_SECONDS -gt 0 ]]; then
     step "fuzz smoke run: ${FUZZ_SECONDS}s per target"
     (cd forwarder-core && for t in $(cargo +nightly fuzz list); do
       echo "--- fuzz target $t"
-      cargo +nightly fuzz run "$t" "fuzz/seeds/$t" -- -max_total_time="$FUZZ_SECONDS" -print_final_stats=1 2>&1 \
-        | grep -E '^(stat::number_of_executed_units|stat::peak_rss|INFO: seed corpus|==[0-9]+==|SUMMARY|Done)' || true
-      # cargo fuzz exits non-zero on a crash; pipefail is off inside the pipeline above, so check artifacts.
-      if compgen -G "fuzz/artifacts/$t/crash-*" >/dev/null; then
-        echo "fuzz target $t crashed: see forwarder-core/fuzz/artifacts/$t" >&2
+      # New inputs go to fuzz/corpus/ (ignored by git); fuzz/seeds/ is read only.
+      mkdir -p "fuzz/corpus/$t"
+      log=$(mktemp)
+      if ! cargo +nightly fuzz run "$t" "fuzz/corpus/$t" "fuzz/seeds/$t" -- \
+          -max_total_time="$FUZZ_SECONDS" -print_final_stats=1 >"$log" 2>&1; then
+        tail -n 60 "$log"
+        echo "fuzz target $t failed (crash or build error): see above and forwarder-core/fuzz/artifacts/$t" >&2
         exit 1
       fi
+      grep -E '^(INFO: seed corpus|Done [0-9]+ runs|stat::number_of_executed_units)' "$log" || true
+      rm -f "$log"
     done)
   else
     echo "SKIPPED: fuzz smoke run (no nightly toolchain or cargo-fuzz could not be installed)"
