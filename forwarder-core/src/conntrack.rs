@@ -54,9 +54,11 @@
 //!   therefore never see a slot reused under it (no ABA in the lists, no torn identity).
 //! * **Expiry** is an incremental sweep: a shared cursor hands out disjoint ranges of `budget` slots to
 //!   callers, so several workers can sweep concurrently without stopping the world.
-//! * An anchor whose own flow expired while other flows of the mapping live keeps its slot (but not its
-//!   capacity unit) until the mapping ends; the arena slack absorbs a few of these, after which inserts report
-//!   [`InsertError::Full`].
+//! * **Capacity** counts entries, not only live flows: an expired flow that still anchors a live mapping
+//!   keeps its entry (its slot and its unit of capacity, counted by [`Table::len`]) until the mapping ends;
+//!   the flow whose removal ends the mapping gives the anchor's unit back. So [`InsertError::Full`] means that
+//!   `max_entries` entries really are in use, and the arena slack only has to cover slots waiting out their
+//!   epoch grace period.
 //! * Refresh and expiry may race: a flow refreshed in the same instant the sweeper finds it expired can be
 //!   removed; the next packet creates it again.
 //!
@@ -406,7 +408,9 @@ impl Table {
         removed
     }
 
-    /// Live flows (inserted and not removed; expired flows count until swept).
+    /// Entries in use: live flows (inserted and not removed; expired flows count until swept), plus removed
+    /// flows that still anchor the live endpoint-independent mapping of their pod endpoint (they keep their
+    /// entry until the mapping ends). At most [`capacity`](Self::capacity).
     pub fn len(&self) -> usize {
         self.inner.live.load(Ordering::Relaxed)
     }
@@ -815,21 +819,42 @@ impl Inner {
         None
     }
 
-    /// Drops one flow's reference on its mapping; the last one ends the mapping.
-    fn release_mapping(self: &Arc<Self>, f: &Flow, now: Instant, guard: &Guard) {
+    /// Drops one flow's reference on its mapping; the last one ends the mapping. `used`: whether the flow was
+    /// ever published (a flow that lost its insert race was not, so a mapping it created and alone held goes
+    /// back to the pool without the reuse delay). True when `f` is the anchor of a mapping that lives on: the
+    /// slot then keeps its capacity unit until the mapping ends, and the flow whose release ends the mapping
+    /// gives that unit back.
+    fn release_mapping(
+        self: &Arc<Self>,
+        f: &Flow,
+        now: Instant,
+        used: bool,
+        guard: &Guard,
+    ) -> bool {
         let ek = f.eim_key();
         let h = ek.hash(&self.hash_key);
         let bucket = self.bucket(List::Eim, h);
         let Some(anchor) = self.find_anchor(bucket.load(Ordering::Acquire), &ek, false) else {
             debug_assert!(false, "flow without a live mapping");
-            return;
+            return false;
         };
-        if anchor.map_refs.fetch_sub(1, Ordering::AcqRel) == 1 {
-            anchor.next_eim.fetch_or(MARK, Ordering::AcqRel);
-            self.pools
-                .release(ek.pool, anchor.proto(), anchor.external_port(), now);
-            self.unlink(List::Eim, bucket, guard);
+        let mine = core::ptr::eq(anchor, f);
+        if anchor.map_refs.fetch_sub(1, Ordering::AcqRel) != 1 {
+            return mine;
         }
+        anchor.next_eim.fetch_or(MARK, Ordering::AcqRel);
+        let port = anchor.external_port();
+        if mine && !used {
+            self.pools.release_unused(ek.pool, anchor.proto(), port);
+        } else {
+            self.pools.release(ek.pool, anchor.proto(), port, now);
+        }
+        if !mine {
+            // the anchor's own flow was removed earlier (it held a reference until then) and kept its unit
+            self.live.fetch_sub(1, Ordering::Relaxed);
+        }
+        self.unlink(List::Eim, bucket, guard);
+        false
     }
 
     /// Removes slot `idx` if it is live and expired at `now`. True if this call removed it.
@@ -859,10 +884,11 @@ impl Inner {
     ) {
         f.next_orig.fetch_or(MARK, Ordering::AcqRel);
         f.next_reply.fetch_or(MARK, Ordering::AcqRel);
-        self.live.fetch_sub(1, Ordering::Relaxed);
         let ok = f.orig_packed();
         self.quota_release(&ok.src);
-        self.release_mapping(f, now, guard);
+        if !self.release_mapping(f, now, linked, guard) {
+            self.live.fetch_sub(1, Ordering::Relaxed);
+        }
         if linked {
             self.unlink(
                 List::Orig,
