@@ -51,7 +51,10 @@
 //! * **Reclamation**: a slot counts *holds* (its flow role plus each list it is linked into). Each successful
 //!   unlink CAS drops one; when none remain the slot index is handed to `crossbeam_epoch`'s `defer`, which
 //!   pushes it onto the free list only after every thread pinned at unlink time has unpinned. A reader can
-//!   therefore never see a slot reused under it (no ABA in the lists, no torn identity).
+//!   therefore never see a slot reused under it (no ABA in the lists, no torn identity). `defer` collects
+//!   into a thread-local bag that crossbeam hands over only when it holds 64 functions, so every path that
+//!   retires slots flushes it afterwards ([`Table::expire`], and an insert that replaced an expired duplicate,
+//!   swept inline or lost its race).
 //! * **Expiry** is an incremental sweep: a shared cursor hands out disjoint ranges of `budget` slots to
 //!   callers, so several workers can sweep concurrently without stopping the world.
 //! * **Capacity** counts entries, not only live flows: an expired flow that still anchors a live mapping
@@ -657,6 +660,25 @@ impl Inner {
         rng: &mut Rng,
         guard: &'g Guard,
     ) -> Result<&'g Flow, InsertError> {
+        let mut retired = false;
+        let r = self.insert_flow(new, now, rng, guard, &mut retired);
+        if retired {
+            // Slots retired on this path (an expired duplicate replaced, the inline sweep, a lost race) were
+            // deferred into this thread's local bag, which crossbeam only hands over when it holds 64 of them:
+            // hand them over now so that they come back to the free list (rare path).
+            guard.flush();
+        }
+        r
+    }
+
+    fn insert_flow<'g>(
+        self: &'g Arc<Self>,
+        new: &NewFlow,
+        now: Instant,
+        rng: &mut Rng,
+        guard: &'g Guard,
+        retired: &mut bool,
+    ) -> Result<&'g Flow, InsertError> {
         self.advance_clock(now);
         let k = Packed::from_key(&new.orig).ok_or(InsertError::NoPool)?;
         let h = k.hash(&self.hash_key);
@@ -680,12 +702,12 @@ impl Inner {
             match self.scan_orig(bucket.load(Ordering::Acquire), &k, now, guard) {
                 Ok(Some(link)) => return Ok(self.slot(link)),
                 Ok(None) => break,
-                Err(()) => continue,
+                Err(()) => *retired = true,
             }
         }
         // (2) capacity, quota, slot
         if !self.reserve_entry() {
-            self.sweep(now, 256, guard);
+            *retired |= self.sweep(now, 256, guard) > 0;
             if !self.reserve_entry() {
                 return Err(InsertError::Full);
             }
@@ -716,11 +738,15 @@ impl Inner {
         loop {
             let head = bucket.load(Ordering::Acquire);
             match self.scan_orig(head, &k, now, guard) {
-                Err(()) => continue,
+                Err(()) => {
+                    *retired = true;
+                    continue;
+                }
                 Ok(Some(winner)) => {
                     // lost the race: give everything back, hand out the winner
                     f.ctl.fetch_sub(HOLD, Ordering::Relaxed);
                     flow::set_phase(&f.ctl, PHASE_INIT, PHASE_DEAD);
+                    *retired = true;
                     self.finish_removal(idx, f, now, false, guard);
                     return Ok(self.slot(winner));
                 }

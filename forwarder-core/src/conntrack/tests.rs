@@ -718,6 +718,46 @@ fn expiry_is_incremental() {
     check_invariants(&tb, t(2000));
 }
 
+/// Slots retired on the insert path (here: expired duplicates replaced) must come back to the free list while
+/// the inserting worker lives. Before, they sat in the worker's thread-local epoch bag (crossbeam hands a bag
+/// over only when it holds 64 deferred functions, on `flush`, or at thread exit).
+#[test]
+fn insert_path_retirements_are_not_stranded_in_the_local_bag() {
+    let tb = table(64, PortRange::default());
+    std::thread::scope(|s| {
+        s.spawn(|| {
+            let mut rng = Rng::new(9);
+            let k = |i: u16| key(pod(1), 1000 + i, remote(1), 53, Proto::Udp);
+            for i in 0..32 {
+                let g = tb.pin();
+                tb.insert(new_flow(k(i)), t(0), &mut rng, &g)
+                    .expect("round 0");
+            }
+            for i in 0..32 {
+                let g = tb.pin();
+                tb.insert(new_flow(k(i)), t(400), &mut rng, &g)
+                    .expect("replaces the expired duplicate");
+            }
+            assert_eq!(tb.len(), 32);
+            let retired = tb.inner.hwm() - 32; // every used slot not holding a live flow
+                                               // pin (never flush) on this worker until the epoch has moved on and the garbage is collected;
+                                               // other tests of the process pin the same global collector, so allow time
+            let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+            while free_len(&tb) < retired && std::time::Instant::now() < deadline {
+                for _ in 0..1000 {
+                    drop(tb.pin());
+                }
+                std::thread::yield_now();
+            }
+            assert_eq!(
+                free_len(&tb),
+                retired,
+                "retired slots still in the worker's bag"
+            );
+        });
+    });
+}
+
 #[test]
 fn concurrent_insert_of_one_tuple_has_one_winner() {
     for round in 0..50u8 {
