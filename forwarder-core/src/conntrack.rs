@@ -29,12 +29,14 @@
 //!   a walk reads sit in the slot's first 64 bytes). The batch forms ([`Table::lookup_outbound_batch`])
 //!   prefetch the buckets and then each round of chain nodes of 32 keys at once, overlapping their misses.
 //! * **Insert** (same tuple raced by several threads: exactly one wins): (1) walk the orig list; a live match
-//!   is returned, an expired one is removed first. (2) Reserve a unit of capacity, the source quota, and a
-//!   slot (lock-free Treiber free list with a tag against ABA, then a bump pointer over never-used slots);
-//!   fill the slot while it is private. (3) Endpoint-independent mapping: walk the EIM list for a live
-//!   *anchor* of (pod address, pod port, protocol, egress IP) and join it (increment its reference count if
-//!   non-zero); otherwise allocate a random port and publish this slot as the new anchor by CAS on the EIM
-//!   bucket head (re-walking on failure, so two anchors for one endpoint can never be live). (4) Link into
+//!   is returned, an expired one is removed first. (2) If the pod endpoint has no live mapping yet, take a
+//!   random port first (so that an exhausted pool refuses before anything else is reserved); then reserve a
+//!   unit of capacity, the source quota, and a slot (lock-free Treiber free list with a tag against ABA, then
+//!   a bump pointer over never-used slots); fill the slot while it is private. (3) Endpoint-independent
+//!   mapping: walk the EIM list for a live *anchor* of (pod address, pod port, protocol, egress IP) and join
+//!   it (increment its reference count if non-zero; a port taken in (2) goes back unused); otherwise publish
+//!   this slot as the new anchor, with the port of (2) or a new one, by CAS on the EIM bucket head
+//!   (re-walking on failure, so two anchors for one endpoint can never be live). (4) Link into
 //!   the orig list: re-walk the bucket from the head just read; if the key is there, we lost: undo and
 //!   return the winner; otherwise CAS the head from the value read to our slot. **This CAS is the
 //!   linearization point of the insert**: all inserts into a bucket change its head, so a successful CAS
@@ -82,7 +84,7 @@ use crossbeam_utils::CachePadded;
 pub use crossbeam_epoch::Guard;
 pub use flow::{Flow, FlowCounters, Refresh, TcpSegment, TcpState};
 
-use crate::flow::{FlowKey, NodeAddr, UplinkId};
+use crate::flow::{FlowKey, NodeAddr, Proto, UplinkId};
 use crate::ports::{PoolId, PortPools, Rng};
 use crate::reason::Reason;
 use crate::time::Instant;
@@ -696,7 +698,8 @@ impl Inner {
             tag: k.tag,
             pool,
         };
-        prefetch((self.bucket(List::Eim, ek.hash(&self.hash_key)) as *const AtomicU32).cast());
+        let eb = self.bucket(List::Eim, ek.hash(&self.hash_key));
+        prefetch((eb as *const AtomicU32).cast());
         // (1) already there?
         loop {
             match self.scan_orig(bucket.load(Ordering::Acquire), &k, now, guard) {
@@ -705,26 +708,44 @@ impl Inner {
                 Err(()) => *retired = true,
             }
         }
-        // (2) capacity, quota, slot
+        // (2) a port first when the endpoint has no mapping yet, so that an exhausted pool refuses before
+        // anything else is reserved; then capacity, quota, slot
+        let proto = new.orig.proto;
+        let port = if self
+            .find_anchor(eb.load(Ordering::Acquire), &ek, false)
+            .is_none()
+        {
+            Some(self.take_port(pool, proto, now, rng)?)
+        } else {
+            None
+        };
+        let give_back = |port: Option<u16>| {
+            if let Some(p) = port {
+                self.pools.release_unused(pool, proto, p);
+            }
+        };
         if !self.reserve_entry() {
             *retired |= self.sweep(now, 256, guard) > 0;
             if !self.reserve_entry() {
+                give_back(port);
                 return Err(InsertError::Full);
             }
         }
         if !self.quota_acquire(&k.src) {
             self.live.fetch_sub(1, Ordering::Relaxed);
+            give_back(port);
             return Err(InsertError::SourceQuota);
         }
         let Some(idx) = self.alloc_slot() else {
             self.quota_release(&k.src);
             self.live.fetch_sub(1, Ordering::Relaxed);
+            give_back(port);
             return Err(InsertError::Full);
         };
         let f = &self.slots[idx as usize];
         f.init(&k, pool, new.node, new.uplink, self.ctx, now);
         // (3) endpoint-independent mapping
-        if let Err(e) = self.attach_mapping(idx, f, now, rng) {
+        if let Err(e) = self.attach_mapping(idx, f, port, now, rng) {
             self.quota_release(&k.src);
             self.live.fetch_sub(1, Ordering::Relaxed);
             self.push_free(idx); // never published
@@ -774,34 +795,48 @@ impl Inner {
         Ok(f)
     }
 
-    /// Joins the live mapping of the flow's pod endpoint or creates one (this slot becomes its anchor).
+    /// A port of `pool` for a new mapping.
+    fn take_port(
+        &self,
+        pool: PoolId,
+        proto: Proto,
+        now: Instant,
+        rng: &mut Rng,
+    ) -> Result<u16, InsertError> {
+        let start = self.pools.draw_start(pool, proto, rng);
+        self.pools
+            .allocate(pool, proto, now, self.reuse_delay, start)
+            .ok_or(InsertError::PortsExhausted)
+    }
+
+    /// Joins the live mapping of the flow's pod endpoint or creates one (this slot becomes its anchor), with
+    /// `port` if the caller already took one (given back unused if a mapping turns up). On error no port is
+    /// held.
     fn attach_mapping(
         &self,
         idx: u32,
         f: &Flow,
+        port: Option<u16>,
         now: Instant,
         rng: &mut Rng,
     ) -> Result<(), InsertError> {
         let ek = f.eim_key();
         let proto = f.proto();
         let bucket = self.bucket(List::Eim, ek.hash(&self.hash_key));
-        let start = self.pools.draw_start(ek.pool, proto, rng);
-        let mut mine: Option<u16> = None;
+        let mut mine = port;
         loop {
             let head = bucket.load(Ordering::Acquire);
             if let Some(anchor) = self.find_anchor(head, &ek, true) {
                 if let Some(p) = mine {
-                    self.pools.release(ek.pool, proto, p, now);
+                    // never published: no packet was translated to it
+                    self.pools.release_unused(ek.pool, proto, p);
                 }
                 f.set_ext_port(anchor.external_port());
                 return Ok(());
             }
             let port = match mine {
                 Some(p) => p,
-                None => self
-                    .pools
-                    .allocate(ek.pool, proto, now, self.reuse_delay, start)
-                    .ok_or(InsertError::PortsExhausted)?,
+                None => self.take_port(ek.pool, proto, now, rng)?,
             };
             mine = Some(port);
             f.set_ext_port(port);

@@ -481,6 +481,47 @@ fn released_port_not_reused_for_120s() {
     assert_eq!(InsertError::PortsExhausted.reason(), Reason::PortsExhausted);
 }
 
+/// An exhausted pool refuses before capacity, quota or a slot is taken (the refusal touches no slot).
+#[test]
+fn exhausted_pool_refuses_before_reserving_a_slot() {
+    let tb = table(64, PortRange { min: 9, max: 9 });
+    let mut rng = Rng::new(3);
+    let g = tb.pin();
+    tb.insert(
+        new_flow(key(pod(1), 1, remote(1), 53, Proto::Udp)),
+        t(0),
+        &mut rng,
+        &g,
+    )
+    .expect("takes the only port");
+    assert_eq!(tb.inner.hwm(), 1);
+    for i in 2..20 {
+        assert_eq!(
+            tb.insert(
+                new_flow(key(pod(i), 1, remote(1), 53, Proto::Udp)),
+                t(0),
+                &mut rng,
+                &g
+            )
+            .err(),
+            Some(InsertError::PortsExhausted)
+        );
+    }
+    assert_eq!(tb.inner.hwm(), 1, "a refused insert took a slot");
+    assert_eq!(free_len(&tb), 0);
+    assert_eq!(tb.len(), 1);
+    // the endpoint that holds the port still gets new destinations
+    tb.insert(
+        new_flow(key(pod(1), 1, remote(2), 53, Proto::Udp)),
+        t(0),
+        &mut rng,
+        &g,
+    )
+    .expect("joins");
+    assert_eq!(tb.pools().usage()[1].in_use, 1);
+    check_invariants(&tb, t(0));
+}
+
 #[test]
 fn pool_exhaustion_and_no_pool() {
     let tb = table(64, PortRange { min: 100, max: 103 });
