@@ -41,7 +41,8 @@
 //!   return the winner; otherwise CAS the head from the value read to our slot. **This CAS is the
 //!   linearization point of the insert**: all inserts into a bucket change its head, so a successful CAS
 //!   proves no same-key node was added since the walk. (5) Push onto the reply list, then mark the flow
-//!   live.
+//!   live (INIT → LIVE, a release operation, so that sweeps and [`Table::for_each`], which reach slots by
+//!   scanning the arena with acquire loads, see the identity fields initialized).
 //! * **Removal** (expiry by [`Table::expire`], or replacement of an expired duplicate by insert) is claimed by
 //!   a CAS of the slot's phase LIVE → DEAD — **the linearization point of the removal**; only the claimer
 //!   does the accounting. It then marks the slot's `next_orig` / `next_reply` (the Harris logical deletion),
@@ -435,6 +436,7 @@ impl Table {
         let inner = &*self.inner;
         let hwm = inner.hwm();
         for slot in &inner.slots[..hwm] {
+            // acquire: pairs with the release of `flow::publish`, so the identity fields are initialized
             if phase_of(slot.ctl.load(Ordering::Acquire)) == PHASE_LIVE {
                 f(slot);
             }
@@ -791,7 +793,7 @@ impl Inner {
                 Err(h) => head = h,
             }
         }
-        flow::set_phase(&f.ctl, PHASE_INIT, PHASE_LIVE);
+        flow::publish(&f.ctl);
         Ok(f)
     }
 
@@ -1122,7 +1124,7 @@ impl Inner {
             #[allow(clippy::cast_possible_truncation)] // slots.len() < 2³¹
             let idx = i as u32;
             let f = &self.slots[i];
-            let ctl = f.ctl.load(Ordering::Relaxed);
+            let ctl = f.ctl.load(Ordering::Acquire); // pairs with `flow::publish`
             if phase_of(ctl) == PHASE_LIVE && f.expired_at(ctl, now) && self.kill(idx, now, guard) {
                 removed += 1;
             }

@@ -2,8 +2,9 @@
 //!
 //! Every field is an atomic so that a slot can be shared by reference between workers without `unsafe`;
 //! relaxed loads and stores compile to plain moves. Identity fields are written while the slot is private
-//! (freshly popped from the free list) and published by the release CAS that links it into an index; they
-//! never change while the slot is reachable. Mutable state (TCP, timestamps, counters) is updated with
+//! (freshly popped from the free list) and published by the release CAS that links it into an index (for
+//! list walks) and by the release INIT → LIVE transition (for arena scans); they never change while the slot
+//! is reachable. Mutable state (TCP, timestamps, counters) is updated with
 //! relaxed operations; counters use load + store, so they may lose increments under races (documented as
 //! approximate).
 //!
@@ -13,7 +14,10 @@
 //! `72` byte counters · `88` node IPv4 · `92` created · `96` mapping reference count · `100` packet counters.
 
 use core::net::{IpAddr, Ipv4Addr};
-use std::sync::atomic::{AtomicU32, AtomicU64, Ordering::Relaxed};
+use std::sync::atomic::{
+    AtomicU32, AtomicU64,
+    Ordering::{Relaxed, Release},
+};
 
 use super::context;
 use super::key::{self, Addr, Packed, V6_BIT};
@@ -626,6 +630,16 @@ pub(crate) fn tcp_inbound(c: u64, seg: &TcpSegment) -> Option<(u64, bool)> {
         s = TcpState::Closing;
     }
     Some((with_tcp(c, s, r, w), refresh))
+}
+
+/// INIT → LIVE, a release operation: a thread that finds the slot LIVE by scanning the arena (sweep,
+/// `for_each`) with an acquire load also sees its identity fields, written while the slot was private.
+/// (Concurrent relaxed read-modify-writes of the TCP bits continue the release sequence.)
+pub(crate) fn publish(ctl: &AtomicU64) -> bool {
+    ctl.fetch_update(Release, Relaxed, |c| {
+        (phase_of(c) == PHASE_INIT).then(|| with_phase(c, PHASE_LIVE))
+    })
+    .is_ok()
 }
 
 pub(crate) fn set_phase(ctl: &AtomicU64, from: u64, to: u64) -> bool {
