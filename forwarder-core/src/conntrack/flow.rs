@@ -540,7 +540,8 @@ impl Flow {
     /// Inbound (outside → pod) packet: refreshes established flows (TCP: only in `Established`; UDP and
     /// ICMP always), follows the TCP state, counts it. An RST outside the pod's receive window returns
     /// [`Refresh::Ignored`] and changes nothing; a valid RST moves the flow to `Closed`, which expires after the
-    /// transitory timeout counted from now.
+    /// transitory timeout counted from now. A FIN outside that window is forwarded ([`Refresh::Ok`]) but
+    /// neither changes the state nor refreshes the flow.
     pub fn on_inbound(&self, tcp: Option<TcpSegment>, bytes: usize, now: Instant) -> Refresh {
         let refresh = match (tcp, self.proto()) {
             (Some(seg), Proto::Tcp) => {
@@ -576,7 +577,9 @@ fn with_tcp(c: u64, s: TcpState, r: u32, w: u16) -> u64 {
     (c & !((1u64 << 51) - 1)) | s.bits() << STATE_SHIFT | u64::from(w) << 32 | u64::from(r)
 }
 
-/// Control word after an outbound segment. The pod is trusted: its RST always closes.
+/// Control word after an outbound segment. The pod is trusted: its RST always closes and its FIN always moves
+/// to `Closing` (the control word keeps no sequence state of the pod's direction to check them against; the
+/// pod is inside the trust boundary, outside forgers are not).
 pub(crate) fn tcp_outbound(c: u64, seg: &TcpSegment) -> u64 {
     let (state, mut r, mut w) = tcp_fields(c);
     let next = if seg.has(TcpSegment::RST) {
@@ -602,18 +605,24 @@ pub(crate) fn tcp_outbound(c: u64, seg: &TcpSegment) -> u64 {
     with_tcp(c, next, r, w)
 }
 
+/// True when sequence number `seq` lies in the pod's receive window: `r` (next expected) plus the pod's
+/// advertised window `w` at the assumed scale.
+fn in_window(seq: u32, r: u32, w: u16) -> bool {
+    let span = (u32::from(w).max(1) << ASSUMED_WSCALE).max(1);
+    seq.wrapping_sub(r) < span
+}
+
 /// Control word after an inbound segment and whether it refreshes the flow; `None` for an RST that is not
 /// acceptable (RFC 793 / 5961: in SynSent it must acknowledge the SYN, otherwise its sequence number must lie
-/// in the pod's receive window).
+/// in the pod's receive window). A FIN changes the state only inside the same window (its first byte or the
+/// FIN itself, at `seq + payload_len`); outside it the segment is forwarded but changes and refreshes
+/// nothing, so a blind forgery cannot demote an established flow to the transitory timeout.
 pub(crate) fn tcp_inbound(c: u64, seg: &TcpSegment) -> Option<(u64, bool)> {
     let (state, mut r, w) = tcp_fields(c);
     if seg.has(TcpSegment::RST) {
         let ok = match state {
             TcpState::SynSent => seg.has(TcpSegment::ACK) && seg.ack == r,
-            _ => {
-                let span = (u32::from(w).max(1) << ASSUMED_WSCALE).max(1);
-                seg.seq.wrapping_sub(r) < span
-            }
+            _ => in_window(seg.seq, r, w),
         };
         return ok.then(|| (with_tcp(c, TcpState::Closed, r, w), true));
     }
@@ -627,6 +636,9 @@ pub(crate) fn tcp_inbound(c: u64, seg: &TcpSegment) -> Option<(u64, bool)> {
     } else if seg.has(TcpSegment::FIN)
         && matches!(state, TcpState::Established | TcpState::SynReceived)
     {
+        if !in_window(seg.seq, r, w) && !in_window(seg.seq.wrapping_add(seg.payload_len), r, w) {
+            return Some((c, false));
+        }
         s = TcpState::Closing;
     }
     Some((with_tcp(c, s, r, w), refresh))
@@ -694,6 +706,32 @@ mod tests {
         assert_eq!(state(c3), TcpState::Closing);
         let (c4, _) = tcp_inbound(established(), &seg(FIN | ACK, 5001, 1001, 10)).expect("fin");
         assert_eq!(state(c4), TcpState::Closing);
+    }
+
+    #[test]
+    fn fin_outside_the_window_changes_nothing() {
+        let c = established();
+        // before the window, beyond it, far away (a blind forgery): forwarded, no state change, no refresh
+        for seq in [5000, 5001 + 1000 * 128, 0x8000_0000] {
+            let (c2, refresh) = tcp_inbound(c, &seg(FIN | ACK, seq, 1001, 10)).expect("forwarded");
+            assert_eq!(state(c2), TcpState::Established, "{seq}");
+            assert_eq!(c2, c, "{seq}");
+            assert!(!refresh, "{seq}");
+        }
+        // inside: first byte, last byte of the window; a retransmission whose FIN lands on the expected byte
+        for (seq, len) in [(5001, 0), (5001 + 1000 * 128 - 1, 0), (4901, 100)] {
+            let mut s = seg(FIN | ACK, seq, 1001, 10);
+            s.payload_len = len;
+            let (c2, _) = tcp_inbound(c, &s).expect("fin");
+            assert_eq!(state(c2), TcpState::Closing, "{seq}");
+        }
+        // in SynReceived the window starts at the remote's ISN + 1
+        let syn = tcp_outbound(0, &seg(SYN, 1000, 0, 1000));
+        let (sr, _) = tcp_inbound(syn, &seg(SYN | ACK, 5000, 1001, 2000)).expect("syn-ack");
+        let (x, _) = tcp_inbound(sr, &seg(FIN, 0x9000_0000, 0, 0)).expect("forwarded");
+        assert_eq!(state(x), TcpState::SynReceived);
+        let (x, _) = tcp_inbound(sr, &seg(FIN, 5001, 0, 0)).expect("fin");
+        assert_eq!(state(x), TcpState::Closing);
     }
 
     #[test]

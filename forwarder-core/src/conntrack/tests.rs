@@ -361,6 +361,36 @@ fn out_of_window_rst_is_ignored() {
     assert!(tb.lookup_outbound(&k, &g).is_some());
 }
 
+/// A forged FIN far outside the window is forwarded but must not demote an established flow to the
+/// transitory timeout (before: Closing, expired after 240 s).
+#[test]
+fn out_of_window_fin_does_not_demote_an_established_flow() {
+    let tb = table(64, PortRange::default());
+    let mut rng = Rng::new(1);
+    let g = tb.pin();
+    let k = established(&tb, &mut rng, &g);
+    let f = tb.lookup_outbound(&k, &g).expect("flow");
+    assert_eq!(
+        f.on_inbound(seg(TcpSegment::FIN, 0x8000_0000, 0, 100), 40, t(10)),
+        Refresh::Ok
+    );
+    assert_eq!(f.tcp_state(), TcpState::Established);
+    assert_eq!(f.last_seen(), t(0), "an out-of-window FIN does not refresh");
+    assert!(!f.is_expired(t(7439)));
+    assert_eq!(tb.expire(t(1000), 100), 0);
+    assert!(tb.lookup_outbound_at(&k, t(1000), &g).is_some());
+    // the real FIN (at the expected sequence number) does close
+    assert_eq!(
+        f.on_inbound(
+            seg(TcpSegment::FIN | TcpSegment::ACK, 901, 101, 100),
+            40,
+            t(1000)
+        ),
+        Refresh::Ok
+    );
+    assert_eq!(f.tcp_state(), TcpState::Closing);
+}
+
 #[test]
 fn valid_rst_leaves_entry_for_transitory_timeout() {
     let tb = table(64, PortRange::default());
