@@ -25,9 +25,12 @@
 //!
 //! * **Lookup** hashes the key, walks the bucket list with acquire loads, skips nodes whose own link is marked
 //!   (deleted) and flows that are expired, and compares keys. No stores, no locks, no allocation: one miss
-//!   for the bucket, one per visited slot (one bucket per entry: ~1.5 slots per successful lookup; the fields
-//!   a walk reads sit in the slot's first 64 bytes). The batch forms ([`Table::lookup_outbound_batch`])
-//!   prefetch the buckets and then each round of chain nodes of 32 keys at once, overlapping their misses.
+//!   for the bucket, then one or two per visited slot (one bucket per entry: ~1.5 slots per successful
+//!   lookup). The fields a walk reads sit in the slot's first 64 bytes, but slots are 112 bytes in an arena
+//!   aligned to 8 only, so those 64 bytes span two cache lines unless the slot starts on a line boundary (at
+//!   best one slot in four, when the arena itself does). The batch forms ([`Table::lookup_outbound_batch`])
+//!   prefetch the buckets and then each round of chain nodes of 32 keys at once (both lines of each slot),
+//!   overlapping their misses.
 //! * **Insert** (same tuple raced by several threads: exactly one wins): (1) walk the orig list; a live match
 //!   is returned, an expired one is removed first. (2) If the pod endpoint has no live mapping yet, take a
 //!   random port first (so that an exhausted pool refuses before anything else is reserved); then reserve a

@@ -10,8 +10,10 @@
 //!
 //! Layout (`repr(C)`, offsets in bytes): `0` index links · `8` pod address · `24` remote address · `40` ports,
 //! pool and protocol · `48` TCP/lifecycle word with the context id · `56` last seen · `60` EIM link —
-//! everything a lookup or a list walk reads is in these first 64 bytes — then `64` node MAC and uplink ·
-//! `72` byte counters · `88` node IPv4 · `92` created · `96` mapping reference count · `100` packet counters.
+//! everything a lookup or a list walk reads is in these first 64 bytes (which span two cache lines unless
+//! the slot starts on a line boundary: slots are 112 bytes and the arena is only 8-aligned) — then `64` node
+//! MAC and uplink · `72` byte counters · `88` node IPv4 · `92` created · `96` mapping reference count · `100`
+//! packet counters.
 
 use core::net::{IpAddr, Ipv4Addr};
 use std::sync::atomic::{
