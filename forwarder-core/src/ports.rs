@@ -247,7 +247,7 @@ impl PortPools {
             if run > 0 {
                 seed = mix(seed);
                 #[allow(clippy::cast_possible_truncation)] // < n
-                let o = ((seed >> 32) * u64::from(n) >> 32) as u32;
+                let o = (((seed >> 32) * u64::from(n)) >> 32) as u32;
                 off = o;
             }
             for _ in 0..run_len {
@@ -519,9 +519,10 @@ mod tests {
     /// A range no larger than the cap is probed whole: exact answer from any start.
     #[test]
     fn probe_of_a_small_range_is_exact() {
+        let n = u16::try_from(MAX_PROBES).expect("small");
         let range = PortRange {
             min: 1000,
-            max: 1000 + MAX_PROBES as u16 - 1,
+            max: 1000 + n - 1,
         };
         let pools = PortPools::new(&[V4], range);
         let id = pools.pool_id(V4, Proto::Tcp).expect("pool");
