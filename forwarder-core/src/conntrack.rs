@@ -125,7 +125,8 @@ impl Default for Timeouts {
 /// Table configuration.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Config {
-    /// Most live flows (default 2²⁰). The arena is preallocated for this many.
+    /// Most entries (default 2²⁰): live flows, plus removed flows that still anchor a live mapping (see
+    /// [`Table::len`]). The arena is preallocated for this many.
     pub max_entries: u32,
     /// Most live flows per pod source IP (default 65536).
     pub max_per_source: u32,

@@ -1169,6 +1169,100 @@ fn stress_tiny_key_space_with_fast_expiry() {
     assert!(tb.pools().usage().iter().all(|u| u.in_use == 0));
 }
 
+/// After racing inserts (UDP and ICMP, shared endpoints, lost races, replaced duplicates, inline sweeps) and
+/// a final expiry, every entry, slot, quota unit, port and bucket is back.
+#[test]
+fn stress_nothing_leaks() {
+    use std::sync::atomic::AtomicBool;
+    for round in 0..2u64 {
+        let tb = Table::with_hash_seed(
+            Config {
+                max_entries: 64,
+                timeouts: Timeouts {
+                    udp: Duration::from_secs(1),
+                    icmp: Duration::from_secs(1),
+                    ..Timeouts::default()
+                },
+                port_reuse_delay: Duration::from_secs(1),
+                ..Config::default()
+            },
+            PortPools::new(&[EGRESS], PortRange { min: 100, max: 107 }),
+            round,
+        );
+        let clock = AtomicU64::new(0);
+        let stop = AtomicBool::new(false);
+        std::thread::scope(|s| {
+            for w in 0..4u64 {
+                let (tb, clock, stop) = (&tb, &clock, &stop);
+                s.spawn(move || {
+                    let mut rng = Rng::new(w + 100 + round * 10);
+                    while !stop.load(Ordering::Relaxed) {
+                        let g = tb.pin();
+                        let now = Instant::from_millis(clock.load(Ordering::Relaxed));
+                        let r = rng.next_u32();
+                        #[allow(clippy::cast_possible_truncation)]
+                        let k = key(
+                            pod((r % 3) as u8),
+                            ((r >> 4) % 2) as u16,
+                            remote(((r >> 8) % 3) as u8),
+                            53,
+                            if r >> 31 == 0 {
+                                Proto::Udp
+                            } else {
+                                Proto::Icmp
+                            },
+                        );
+                        if let Ok(f) = tb.insert(new_flow(k), now, &mut rng, &g) {
+                            f.on_outbound(None, 1, now);
+                            let _ = tb.lookup_inbound_at(&f.reply_key(), now, &g);
+                        }
+                        if r.is_multiple_of(8) {
+                            drop(g);
+                            tb.expire(now, 16);
+                        }
+                    }
+                });
+            }
+            let start = std::time::Instant::now();
+            while start.elapsed() < std::time::Duration::from_millis(800) {
+                clock.fetch_add(50, Ordering::Relaxed);
+                std::thread::sleep(std::time::Duration::from_millis(1));
+            }
+            stop.store(true, Ordering::Relaxed);
+        });
+        let now = Instant::from_millis(clock.load(Ordering::Relaxed));
+        check_invariants(&tb, now);
+        let later = now + Duration::from_secs(100);
+        for _ in 0..10 {
+            tb.expire(later, 1000);
+        }
+        assert_eq!(tb.len(), 0);
+        assert_eq!(lingering_anchors(&tb), 0);
+        assert!(tb.pools().usage().iter().all(|u| u.in_use == 0));
+        let inner = &*tb.inner;
+        let quota: u64 = inner
+            .quota
+            .iter()
+            .map(|q| u64::from(q.load(Ordering::Relaxed)))
+            .sum();
+        assert_eq!(quota, 0);
+        let heads = |b: &[AtomicU32]| b.iter().filter(|h| h.load(Ordering::Acquire) != 0).count();
+        assert_eq!(
+            heads(&inner.orig) + heads(&inner.reply) + heads(&inner.eim),
+            0
+        );
+        // the workers have exited (their bags were handed over): every used slot comes back
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+        while free_len(&tb) < inner.hwm() && std::time::Instant::now() < deadline {
+            for _ in 0..100 {
+                tb.pin().flush();
+            }
+            std::thread::yield_now();
+        }
+        assert_eq!(free_len(&tb), inner.hwm(), "slots not returned");
+    }
+}
+
 #[test]
 fn shared_types_are_send_and_sync() {
     fn check<T: Send + Sync>() {}
