@@ -25,21 +25,27 @@
 //!
 //! * **Lookup** hashes the key, walks the bucket list with acquire loads, skips nodes whose own link is marked
 //!   (deleted) and flows that are expired, and compares keys. No stores, no locks, no allocation: one miss
-//!   for the bucket, one per visited slot (one bucket per entry: ~1.5 slots per successful lookup; the fields
-//!   a walk reads sit in the slot's first 64 bytes). The batch forms ([`Table::lookup_outbound_batch`])
-//!   prefetch the buckets and then each round of chain nodes of 32 keys at once, overlapping their misses.
+//!   for the bucket, then one or two per visited slot (one bucket per entry: ~1.5 slots per successful
+//!   lookup). The fields a walk reads sit in the slot's first 64 bytes, but slots are 112 bytes in an arena
+//!   aligned to 8 only, so those 64 bytes span two cache lines unless the slot starts on a line boundary (at
+//!   best one slot in four, when the arena itself does). The batch forms ([`Table::lookup_outbound_batch`])
+//!   prefetch the buckets and then each round of chain nodes of 32 keys at once (both lines of each slot),
+//!   overlapping their misses.
 //! * **Insert** (same tuple raced by several threads: exactly one wins): (1) walk the orig list; a live match
-//!   is returned, an expired one is removed first. (2) Reserve a unit of capacity, the source quota, and a
-//!   slot (lock-free Treiber free list with a tag against ABA, then a bump pointer over never-used slots);
-//!   fill the slot while it is private. (3) Endpoint-independent mapping: walk the EIM list for a live
-//!   *anchor* of (pod address, pod port, protocol, egress IP) and join it (increment its reference count if
-//!   non-zero); otherwise allocate a random port and publish this slot as the new anchor by CAS on the EIM
-//!   bucket head (re-walking on failure, so two anchors for one endpoint can never be live). (4) Link into
+//!   is returned, an expired one is removed first. (2) If the pod endpoint has no live mapping yet, take a
+//!   random port first (so that an exhausted pool refuses before anything else is reserved); then reserve a
+//!   unit of capacity, the source quota, and a slot (lock-free Treiber free list with a tag against ABA, then
+//!   a bump pointer over never-used slots); fill the slot while it is private. (3) Endpoint-independent
+//!   mapping: walk the EIM list for a live *anchor* of (pod address, pod port, protocol, egress IP) and join
+//!   it (increment its reference count if non-zero; a port taken in (2) goes back unused); otherwise publish
+//!   this slot as the new anchor, with the port of (2) or a new one, by CAS on the EIM bucket head
+//!   (re-walking on failure, so two anchors for one endpoint can never be live). (4) Link into
 //!   the orig list: re-walk the bucket from the head just read; if the key is there, we lost: undo and
 //!   return the winner; otherwise CAS the head from the value read to our slot. **This CAS is the
 //!   linearization point of the insert**: all inserts into a bucket change its head, so a successful CAS
 //!   proves no same-key node was added since the walk. (5) Push onto the reply list, then mark the flow
-//!   live.
+//!   live (INIT → LIVE, a release operation, so that sweeps and [`Table::for_each`], which reach slots by
+//!   scanning the arena with acquire loads, see the identity fields initialized).
 //! * **Removal** (expiry by [`Table::expire`], or replacement of an expired duplicate by insert) is claimed by
 //!   a CAS of the slot's phase LIVE → DEAD — **the linearization point of the removal**; only the claimer
 //!   does the accounting. It then marks the slot's `next_orig` / `next_reply` (the Harris logical deletion),
@@ -51,12 +57,17 @@
 //! * **Reclamation**: a slot counts *holds* (its flow role plus each list it is linked into). Each successful
 //!   unlink CAS drops one; when none remain the slot index is handed to `crossbeam_epoch`'s `defer`, which
 //!   pushes it onto the free list only after every thread pinned at unlink time has unpinned. A reader can
-//!   therefore never see a slot reused under it (no ABA in the lists, no torn identity).
+//!   therefore never see a slot reused under it (no ABA in the lists, no torn identity). `defer` collects
+//!   into a thread-local bag that crossbeam hands over only when it holds 64 functions, so every path that
+//!   retires slots flushes it afterwards ([`Table::expire`], and an insert that replaced an expired duplicate,
+//!   swept inline or lost its race).
 //! * **Expiry** is an incremental sweep: a shared cursor hands out disjoint ranges of `budget` slots to
 //!   callers, so several workers can sweep concurrently without stopping the world.
-//! * An anchor whose own flow expired while other flows of the mapping live keeps its slot (but not its
-//!   capacity unit) until the mapping ends; the arena slack absorbs a few of these, after which inserts report
-//!   [`InsertError::Full`].
+//! * **Capacity** counts entries, not only live flows: an expired flow that still anchors a live mapping
+//!   keeps its entry (its slot and its unit of capacity, counted by [`Table::len`]) until the mapping ends;
+//!   the flow whose removal ends the mapping gives the anchor's unit back. So [`InsertError::Full`] means that
+//!   `max_entries` entries really are in use, and the arena slack only has to cover slots waiting out their
+//!   epoch grace period.
 //! * Refresh and expiry may race: a flow refreshed in the same instant the sweeper finds it expired can be
 //!   removed; the next packet creates it again.
 //!
@@ -77,7 +88,7 @@ use crossbeam_utils::CachePadded;
 pub use crossbeam_epoch::Guard;
 pub use flow::{Flow, FlowCounters, Refresh, TcpSegment, TcpState};
 
-use crate::flow::{FlowKey, NodeAddr, UplinkId};
+use crate::flow::{FlowKey, NodeAddr, Proto, UplinkId};
 use crate::ports::{PoolId, PortPools, Rng};
 use crate::reason::Reason;
 use crate::time::Instant;
@@ -114,7 +125,8 @@ impl Default for Timeouts {
 /// Table configuration.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Config {
-    /// Most live flows (default 2²⁰). The arena is preallocated for this many.
+    /// Most entries (default 2²⁰): live flows, plus removed flows that still anchor a live mapping (see
+    /// [`Table::len`]). The arena is preallocated for this many.
     pub max_entries: u32,
     /// Most live flows per pod source IP (default 65536).
     pub max_per_source: u32,
@@ -406,7 +418,9 @@ impl Table {
         removed
     }
 
-    /// Live flows (inserted and not removed; expired flows count until swept).
+    /// Entries in use: live flows (inserted and not removed; expired flows count until swept), plus removed
+    /// flows that still anchor the live endpoint-independent mapping of their pod endpoint (they keep their
+    /// entry until the mapping ends). At most [`capacity`](Self::capacity).
     pub fn len(&self) -> usize {
         self.inner.live.load(Ordering::Relaxed)
     }
@@ -426,6 +440,7 @@ impl Table {
         let inner = &*self.inner;
         let hwm = inner.hwm();
         for slot in &inner.slots[..hwm] {
+            // acquire: pairs with the release of `flow::publish`, so the identity fields are initialized
             if phase_of(slot.ctl.load(Ordering::Acquire)) == PHASE_LIVE {
                 f(slot);
             }
@@ -653,6 +668,25 @@ impl Inner {
         rng: &mut Rng,
         guard: &'g Guard,
     ) -> Result<&'g Flow, InsertError> {
+        let mut retired = false;
+        let r = self.insert_flow(new, now, rng, guard, &mut retired);
+        if retired {
+            // Slots retired on this path (an expired duplicate replaced, the inline sweep, a lost race) were
+            // deferred into this thread's local bag, which crossbeam only hands over when it holds 64 of them:
+            // hand them over now so that they come back to the free list (rare path).
+            guard.flush();
+        }
+        r
+    }
+
+    fn insert_flow<'g>(
+        self: &'g Arc<Self>,
+        new: &NewFlow,
+        now: Instant,
+        rng: &mut Rng,
+        guard: &'g Guard,
+        retired: &mut bool,
+    ) -> Result<&'g Flow, InsertError> {
         self.advance_clock(now);
         let k = Packed::from_key(&new.orig).ok_or(InsertError::NoPool)?;
         let h = k.hash(&self.hash_key);
@@ -670,35 +704,54 @@ impl Inner {
             tag: k.tag,
             pool,
         };
-        prefetch((self.bucket(List::Eim, ek.hash(&self.hash_key)) as *const AtomicU32).cast());
+        let eb = self.bucket(List::Eim, ek.hash(&self.hash_key));
+        prefetch((eb as *const AtomicU32).cast());
         // (1) already there?
         loop {
             match self.scan_orig(bucket.load(Ordering::Acquire), &k, now, guard) {
                 Ok(Some(link)) => return Ok(self.slot(link)),
                 Ok(None) => break,
-                Err(()) => continue,
+                Err(()) => *retired = true,
             }
         }
-        // (2) capacity, quota, slot
+        // (2) a port first when the endpoint has no mapping yet, so that an exhausted pool refuses before
+        // anything else is reserved; then capacity, quota, slot
+        let proto = new.orig.proto;
+        let port = if self
+            .find_anchor(eb.load(Ordering::Acquire), &ek, false)
+            .is_none()
+        {
+            Some(self.take_port(pool, proto, now, rng)?)
+        } else {
+            None
+        };
+        let give_back = |port: Option<u16>| {
+            if let Some(p) = port {
+                self.pools.release_unused(pool, proto, p);
+            }
+        };
         if !self.reserve_entry() {
-            self.sweep(now, 256, guard);
+            *retired |= self.sweep(now, 256, guard) > 0;
             if !self.reserve_entry() {
+                give_back(port);
                 return Err(InsertError::Full);
             }
         }
         if !self.quota_acquire(&k.src) {
             self.live.fetch_sub(1, Ordering::Relaxed);
+            give_back(port);
             return Err(InsertError::SourceQuota);
         }
         let Some(idx) = self.alloc_slot() else {
             self.quota_release(&k.src);
             self.live.fetch_sub(1, Ordering::Relaxed);
+            give_back(port);
             return Err(InsertError::Full);
         };
         let f = &self.slots[idx as usize];
         f.init(&k, pool, new.node, new.uplink, self.ctx, now);
         // (3) endpoint-independent mapping
-        if let Err(e) = self.attach_mapping(idx, f, now, rng) {
+        if let Err(e) = self.attach_mapping(idx, f, port, now, rng) {
             self.quota_release(&k.src);
             self.live.fetch_sub(1, Ordering::Relaxed);
             self.push_free(idx); // never published
@@ -712,11 +765,15 @@ impl Inner {
         loop {
             let head = bucket.load(Ordering::Acquire);
             match self.scan_orig(head, &k, now, guard) {
-                Err(()) => continue,
+                Err(()) => {
+                    *retired = true;
+                    continue;
+                }
                 Ok(Some(winner)) => {
                     // lost the race: give everything back, hand out the winner
                     f.ctl.fetch_sub(HOLD, Ordering::Relaxed);
                     flow::set_phase(&f.ctl, PHASE_INIT, PHASE_DEAD);
+                    *retired = true;
                     self.finish_removal(idx, f, now, false, guard);
                     return Ok(self.slot(winner));
                 }
@@ -740,38 +797,52 @@ impl Inner {
                 Err(h) => head = h,
             }
         }
-        flow::set_phase(&f.ctl, PHASE_INIT, PHASE_LIVE);
+        flow::publish(&f.ctl);
         Ok(f)
     }
 
-    /// Joins the live mapping of the flow's pod endpoint or creates one (this slot becomes its anchor).
+    /// A port of `pool` for a new mapping.
+    fn take_port(
+        &self,
+        pool: PoolId,
+        proto: Proto,
+        now: Instant,
+        rng: &mut Rng,
+    ) -> Result<u16, InsertError> {
+        let start = self.pools.draw_start(pool, proto, rng);
+        self.pools
+            .allocate(pool, proto, now, self.reuse_delay, start)
+            .ok_or(InsertError::PortsExhausted)
+    }
+
+    /// Joins the live mapping of the flow's pod endpoint or creates one (this slot becomes its anchor), with
+    /// `port` if the caller already took one (given back unused if a mapping turns up). On error no port is
+    /// held.
     fn attach_mapping(
         &self,
         idx: u32,
         f: &Flow,
+        port: Option<u16>,
         now: Instant,
         rng: &mut Rng,
     ) -> Result<(), InsertError> {
         let ek = f.eim_key();
         let proto = f.proto();
         let bucket = self.bucket(List::Eim, ek.hash(&self.hash_key));
-        let start = self.pools.draw_start(ek.pool, proto, rng);
-        let mut mine: Option<u16> = None;
+        let mut mine = port;
         loop {
             let head = bucket.load(Ordering::Acquire);
             if let Some(anchor) = self.find_anchor(head, &ek, true) {
                 if let Some(p) = mine {
-                    self.pools.release(ek.pool, proto, p, now);
+                    // never published: no packet was translated to it
+                    self.pools.release_unused(ek.pool, proto, p);
                 }
                 f.set_ext_port(anchor.external_port());
                 return Ok(());
             }
             let port = match mine {
                 Some(p) => p,
-                None => self
-                    .pools
-                    .allocate(ek.pool, proto, now, self.reuse_delay, start)
-                    .ok_or(InsertError::PortsExhausted)?,
+                None => self.take_port(ek.pool, proto, now, rng)?,
             };
             mine = Some(port);
             f.set_ext_port(port);
@@ -815,21 +886,42 @@ impl Inner {
         None
     }
 
-    /// Drops one flow's reference on its mapping; the last one ends the mapping.
-    fn release_mapping(self: &Arc<Self>, f: &Flow, now: Instant, guard: &Guard) {
+    /// Drops one flow's reference on its mapping; the last one ends the mapping. `used`: whether the flow was
+    /// ever published (a flow that lost its insert race was not, so a mapping it created and alone held goes
+    /// back to the pool without the reuse delay). True when `f` is the anchor of a mapping that lives on: the
+    /// slot then keeps its capacity unit until the mapping ends, and the flow whose release ends the mapping
+    /// gives that unit back.
+    fn release_mapping(
+        self: &Arc<Self>,
+        f: &Flow,
+        now: Instant,
+        used: bool,
+        guard: &Guard,
+    ) -> bool {
         let ek = f.eim_key();
         let h = ek.hash(&self.hash_key);
         let bucket = self.bucket(List::Eim, h);
         let Some(anchor) = self.find_anchor(bucket.load(Ordering::Acquire), &ek, false) else {
             debug_assert!(false, "flow without a live mapping");
-            return;
+            return false;
         };
-        if anchor.map_refs.fetch_sub(1, Ordering::AcqRel) == 1 {
-            anchor.next_eim.fetch_or(MARK, Ordering::AcqRel);
-            self.pools
-                .release(ek.pool, anchor.proto(), anchor.external_port(), now);
-            self.unlink(List::Eim, bucket, guard);
+        let mine = core::ptr::eq(anchor, f);
+        if anchor.map_refs.fetch_sub(1, Ordering::AcqRel) != 1 {
+            return mine;
         }
+        anchor.next_eim.fetch_or(MARK, Ordering::AcqRel);
+        let port = anchor.external_port();
+        if mine && !used {
+            self.pools.release_unused(ek.pool, anchor.proto(), port);
+        } else {
+            self.pools.release(ek.pool, anchor.proto(), port, now);
+        }
+        if !mine {
+            // the anchor's own flow was removed earlier (it held a reference until then) and kept its unit
+            self.live.fetch_sub(1, Ordering::Relaxed);
+        }
+        self.unlink(List::Eim, bucket, guard);
+        false
     }
 
     /// Removes slot `idx` if it is live and expired at `now`. True if this call removed it.
@@ -859,10 +951,11 @@ impl Inner {
     ) {
         f.next_orig.fetch_or(MARK, Ordering::AcqRel);
         f.next_reply.fetch_or(MARK, Ordering::AcqRel);
-        self.live.fetch_sub(1, Ordering::Relaxed);
         let ok = f.orig_packed();
         self.quota_release(&ok.src);
-        self.release_mapping(f, now, guard);
+        if !self.release_mapping(f, now, linked, guard) {
+            self.live.fetch_sub(1, Ordering::Relaxed);
+        }
         if linked {
             self.unlink(
                 List::Orig,
@@ -1035,7 +1128,7 @@ impl Inner {
             #[allow(clippy::cast_possible_truncation)] // slots.len() < 2³¹
             let idx = i as u32;
             let f = &self.slots[i];
-            let ctl = f.ctl.load(Ordering::Relaxed);
+            let ctl = f.ctl.load(Ordering::Acquire); // pairs with `flow::publish`
             if phase_of(ctl) == PHASE_LIVE && f.expired_at(ctl, now) && self.kill(idx, now, guard) {
                 removed += 1;
             }

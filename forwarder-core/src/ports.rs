@@ -13,7 +13,11 @@
 //!
 //! Allocation draws a random start in the range and probes linearly (RFC 6056 algorithm 1, "simple port
 //! randomization", with increment on collision); a compare-and-swap from an available state to *owned* is the
-//! linearization point, so two threads never get the same port. Release is a single store. Nothing here
+//! linearization point, so two threads never get the same port. The probe is capped at [`MAX_PROBES`] states
+//! (ranges up to that size are probed whole, so the answer is exact; larger ones in short runs from
+//! pseudo-random offsets), so that a refused allocation on a pool whose ports are all cooling costs
+//! microseconds, not a scan of 64 Ki states. Release is a compare-and-swap from *owned* to the release stamp
+//! (or straight to *free* for a port no packet used). Nothing here
 //! takes a lock except the one-time initialisation of a lane ([`OnceLock`]).
 //!
 //! The conntrack table decides *which* mapping owns a port (endpoint-independent mapping, RFC 4787); this
@@ -84,6 +88,20 @@ pub const MAX_POOLS: usize = 8191;
 const FREE: u16 = 0;
 const OWNED: u16 = 0xFFFF;
 const CLOCK_MOD: u64 = 0xFFFE;
+
+/// Most port states [`PortPools::allocate`] examines for one allocation.
+pub(crate) const MAX_PROBES: u32 = 512;
+/// Consecutive ports probed from each offset of a range larger than [`MAX_PROBES`] (32 states: one or two
+/// cache lines).
+const PROBE_RUN: u32 = 32;
+
+/// splitmix64 finaliser: the next probe offset of a capped allocation.
+fn mix(x: u64) -> u64 {
+    let mut z = x.wrapping_add(0x9e37_79b9_7f4a_7c15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    z ^ (z >> 31)
+}
 
 /// The port pools of every egress IP. `Send + Sync`; shared by all workers through the conntrack table.
 #[derive(Debug)]
@@ -193,8 +211,10 @@ impl PortPools {
     }
 
     /// Takes an available port of pool `id` for `proto`, probing from offset `start` (random, from
-    /// [`draw_start`](Self::draw_start)); `None` when none is available (all owned or cooling). Probes at most
-    /// the whole range.
+    /// [`draw_start`](Self::draw_start)); `None` when none is available (all owned or cooling), or when
+    /// [`MAX_PROBES`] probes found none. A range of at most `MAX_PROBES` ports is probed whole (exact answer);
+    /// a larger one in runs of [`PROBE_RUN`] consecutive ports, each run from a new offset derived from
+    /// `start`, so that a refused allocation costs a bounded amount of work even when every port is cooling.
     pub(crate) fn allocate(
         &self,
         id: PoolId,
@@ -216,42 +236,71 @@ impl PortPools {
         });
         let now_s = now.as_secs();
         let delay_s = reuse_delay.as_secs() + u64::from(reuse_delay.subsec_nanos() > 0);
+        let (runs, run_len) = if n <= MAX_PROBES {
+            (1, n)
+        } else {
+            (MAX_PROBES / PROBE_RUN, PROBE_RUN)
+        };
+        let mut seed = u64::from(start);
         let mut off = start % n;
-        for _ in 0..n {
-            let cell = &ports[off as usize];
-            let v = cell.load(Ordering::Relaxed);
-            if available(v, now_s, delay_s)
-                && cell
-                    .compare_exchange(v, OWNED, Ordering::AcqRel, Ordering::Relaxed)
-                    .is_ok()
-            {
-                lane.in_use.fetch_add(1, Ordering::Relaxed);
-                #[allow(clippy::cast_possible_truncation)] // off < n ≤ 65536 and min + off ≤ max
-                return Some(self.range.min.wrapping_add(off as u16));
+        for run in 0..runs {
+            if run > 0 {
+                seed = mix(seed);
+                #[allow(clippy::cast_possible_truncation)] // < n
+                let o = (((seed >> 32) * u64::from(n)) >> 32) as u32;
+                off = o;
             }
-            off += 1;
-            if off == n {
-                off = 0;
+            for _ in 0..run_len {
+                let cell = &ports[off as usize];
+                let v = cell.load(Ordering::Relaxed);
+                if available(v, now_s, delay_s)
+                    && cell
+                        .compare_exchange(v, OWNED, Ordering::AcqRel, Ordering::Relaxed)
+                        .is_ok()
+                {
+                    lane.in_use.fetch_add(1, Ordering::Relaxed);
+                    #[allow(clippy::cast_possible_truncation)]
+                    // off < n ≤ 65536 and min + off ≤ max
+                    return Some(self.range.min.wrapping_add(off as u16));
+                }
+                off += 1;
+                if off == n {
+                    off = 0;
+                }
             }
         }
         None
     }
 
     /// Gives back a port taken with [`allocate`](Self::allocate): it becomes available again after the reuse
-    /// delay, counted from `now`.
+    /// delay, counted from `now`. A port that is not owned is left alone.
     pub(crate) fn release(&self, id: PoolId, proto: Proto, port: u16, now: Instant) {
+        #[allow(clippy::cast_possible_truncation)] // < CLOCK_MOD + 1 ≤ 0xFFFE
+        let stamp = 1 + (now.as_secs() % CLOCK_MOD) as u16;
+        self.give_back(id, proto, port, stamp);
+    }
+
+    /// Gives back a port taken with [`allocate`](Self::allocate) that no packet was ever translated to (a
+    /// mapping that lost its creation race or was never published): it is free again at once.
+    pub(crate) fn release_unused(&self, id: PoolId, proto: Proto, port: u16) {
+        self.give_back(id, proto, port, FREE);
+    }
+
+    fn give_back(&self, id: PoolId, proto: Proto, port: u16, to: u16) {
         let Some(lane) = self.lane(id, proto) else {
             return;
         };
-        let Some(ports) = lane.ports.get() else {
+        let Some(cell) = lane
+            .ports
+            .get()
+            .and_then(|p| p.get(usize::from(port.wrapping_sub(self.range.min))))
+        else {
             return;
         };
-        let Some(cell) = ports.get(usize::from(port.wrapping_sub(self.range.min))) else {
-            return;
-        };
-        #[allow(clippy::cast_possible_truncation)] // < CLOCK_MOD + 1 ≤ 0xFFFE
-        let stamp = 1 + (now.as_secs() % CLOCK_MOD) as u16;
-        if cell.swap(stamp, Ordering::AcqRel) == OWNED {
+        if cell
+            .compare_exchange(OWNED, to, Ordering::AcqRel, Ordering::Relaxed)
+            .is_ok()
+        {
             lane.in_use.fetch_sub(1, Ordering::Relaxed);
         } else {
             debug_assert!(false, "released a port that was not owned");
@@ -421,6 +470,118 @@ mod tests {
                 DELAY,
                 rng.next_u32()
             ),
+            Some(7)
+        );
+    }
+
+    /// All owned but one free port just behind the start: an uncapped probe walks the whole range to it, the
+    /// capped one gives up after `MAX_PROBES` states (this start's runs miss the port).
+    #[test]
+    fn probe_of_a_large_range_is_capped() {
+        let pools = PortPools::new(&[V4], PortRange::default());
+        let id = pools.pool_id(V4, Proto::Udp).expect("pool");
+        let p = pools
+            .allocate(id, Proto::Udp, Instant::ZERO, DELAY, 0)
+            .expect("port");
+        pools.release_unused(id, Proto::Udp, p);
+        // every port released at t = 1 s (cooling) but offset 99
+        let ports = pools
+            .lane(id, Proto::Udp)
+            .expect("lane")
+            .ports
+            .get()
+            .expect("ports");
+        for (i, c) in ports.iter().enumerate() {
+            c.store(if i == 99 { FREE } else { 2 }, Ordering::Relaxed);
+        }
+        let t1 = Instant::from_secs(2);
+        assert_eq!(pools.allocate(id, Proto::Udp, t1, DELAY, 100), None);
+        // every port cooling: refused quickly (a full scan took ~80 µs; allow a slow shared machine)
+        ports[99].store(2, Ordering::Relaxed);
+        let reps = 1000u32;
+        let begin = std::time::Instant::now();
+        for s in 0..reps {
+            assert_eq!(pools.allocate(id, Proto::Udp, t1, DELAY, s * 61), None);
+        }
+        let per = begin.elapsed() / reps;
+        assert!(
+            per < std::time::Duration::from_micros(40),
+            "{per:?} per refusal"
+        );
+        // a start whose first run covers the free port finds it
+        ports[99].store(FREE, Ordering::Relaxed);
+        assert_eq!(
+            pools.allocate(id, Proto::Udp, t1, DELAY, 90),
+            Some(1024 + 99)
+        );
+    }
+
+    /// A range no larger than the cap is probed whole: exact answer from any start.
+    #[test]
+    fn probe_of_a_small_range_is_exact() {
+        let n = u16::try_from(MAX_PROBES).expect("small");
+        let range = PortRange {
+            min: 1000,
+            max: 1000 + n - 1,
+        };
+        let pools = PortPools::new(&[V4], range);
+        let id = pools.pool_id(V4, Proto::Tcp).expect("pool");
+        for _ in 0..MAX_PROBES {
+            assert!(pools
+                .allocate(id, Proto::Tcp, Instant::ZERO, DELAY, 7)
+                .is_some());
+        }
+        for p in range.min..=range.max {
+            pools.release(id, Proto::Tcp, p, Instant::ZERO);
+        }
+        pools.release_unused(id, Proto::Tcp, 1000); // no-op: not owned
+        pools
+            .lane(id, Proto::Tcp)
+            .expect("lane")
+            .ports
+            .get()
+            .expect("ports")[3]
+            .store(FREE, Ordering::Relaxed);
+        let mut rng = Rng::new(5);
+        let t1 = Instant::from_secs(1);
+        assert_eq!(
+            pools.allocate(id, Proto::Tcp, t1, DELAY, rng.next_u32()),
+            Some(1003)
+        );
+        assert_eq!(pools.allocate(id, Proto::Tcp, t1, DELAY, 4), None);
+    }
+
+    /// Releasing a port that is not owned (a double release) must not restart its reuse delay.
+    #[test]
+    #[cfg_attr(debug_assertions, should_panic(expected = "not owned"))]
+    fn release_of_a_port_not_owned_changes_nothing() {
+        let pools = PortPools::new(&[V4], PortRange { min: 7, max: 7 });
+        let id = pools.pool_id(V4, Proto::Udp).expect("pool");
+        let p = pools
+            .allocate(id, Proto::Udp, Instant::ZERO, DELAY, 0)
+            .expect("port");
+        pools.release(id, Proto::Udp, p, Instant::from_secs(0));
+        pools.release(id, Proto::Udp, p, Instant::from_secs(100)); // stray second release
+        assert_eq!(pools.usage()[1].in_use, 0);
+        assert_eq!(
+            pools.allocate(id, Proto::Udp, Instant::from_secs(122), DELAY, 0),
+            Some(7),
+            "delay counted from the real release"
+        );
+    }
+
+    /// A port no packet used goes straight back to free, without the reuse delay.
+    #[test]
+    fn unused_port_is_free_at_once() {
+        let pools = PortPools::new(&[V4], PortRange { min: 7, max: 7 });
+        let id = pools.pool_id(V4, Proto::Tcp).expect("pool");
+        let p = pools
+            .allocate(id, Proto::Tcp, Instant::ZERO, DELAY, 0)
+            .expect("port");
+        pools.release_unused(id, Proto::Tcp, p);
+        assert_eq!(pools.usage()[0].in_use, 0);
+        assert_eq!(
+            pools.allocate(id, Proto::Tcp, Instant::from_secs(1), DELAY, 0),
             Some(7)
         );
     }

@@ -1,11 +1,11 @@
-//! Per-table context that every flow slot reaches through a 32-bit id instead of a pointer.
+//! Per-table context that every flow slot reaches through an 8-bit id instead of a pointer.
 //!
 //! A flow needs its table's timeouts (for [`Flow::is_expired`](super::Flow::is_expired)) and its egress IP
 //! (for [`Flow::egress_ip`](super::Flow::egress_ip)); storing an 8-byte table pointer plus a 16-byte egress
 //! address in each of millions of slots would break the 128-byte-per-flow budget. Instead each live
-//! [`Table`](super::Table) registers a small immutable [`Context`] in a process-wide array and its slots keep
-//! the 4-byte index. Registration and release take a mutex (table creation and drop only); reads are one
-//! atomic load.
+//! [`Table`](super::Table) registers a small immutable [`Context`] in a process-wide array of [`MAX_TABLES`]
+//! entries and its slots keep the one-byte index (the top byte of the control word). Registration and
+//! release take a mutex (table creation and drop only); reads are one atomic load.
 //!
 //! Lifetime: a context is registered by `Table::new` and released by `Table::drop`. Every `&Flow` borrows its
 //! `Table`, so while a flow is reachable its table is alive and so is its context.

@@ -2,18 +2,24 @@
 //!
 //! Every field is an atomic so that a slot can be shared by reference between workers without `unsafe`;
 //! relaxed loads and stores compile to plain moves. Identity fields are written while the slot is private
-//! (freshly popped from the free list) and published by the release CAS that links it into an index; they
-//! never change while the slot is reachable. Mutable state (TCP, timestamps, counters) is updated with
+//! (freshly popped from the free list) and published by the release CAS that links it into an index (for
+//! list walks) and by the release INIT → LIVE transition (for arena scans); they never change while the slot
+//! is reachable. Mutable state (TCP, timestamps, counters) is updated with
 //! relaxed operations; counters use load + store, so they may lose increments under races (documented as
 //! approximate).
 //!
 //! Layout (`repr(C)`, offsets in bytes): `0` index links · `8` pod address · `24` remote address · `40` ports,
 //! pool and protocol · `48` TCP/lifecycle word with the context id · `56` last seen · `60` EIM link —
-//! everything a lookup or a list walk reads is in these first 64 bytes — then `64` node MAC and uplink ·
-//! `72` byte counters · `88` node IPv4 · `92` created · `96` mapping reference count · `100` packet counters.
+//! everything a lookup or a list walk reads is in these first 64 bytes (which span two cache lines unless
+//! the slot starts on a line boundary: slots are 112 bytes and the arena is only 8-aligned) — then `64` node
+//! MAC and uplink · `72` byte counters · `88` node IPv4 · `92` created · `96` mapping reference count · `100`
+//! packet counters.
 
 use core::net::{IpAddr, Ipv4Addr};
-use std::sync::atomic::{AtomicU32, AtomicU64, Ordering::Relaxed};
+use std::sync::atomic::{
+    AtomicU32, AtomicU64,
+    Ordering::{Relaxed, Release},
+};
 
 use super::context;
 use super::key::{self, Addr, Packed, V6_BIT};
@@ -536,7 +542,8 @@ impl Flow {
     /// Inbound (outside → pod) packet: refreshes established flows (TCP: only in `Established`; UDP and
     /// ICMP always), follows the TCP state, counts it. An RST outside the pod's receive window returns
     /// [`Refresh::Ignored`] and changes nothing; a valid RST moves the flow to `Closed`, which expires after the
-    /// transitory timeout counted from now.
+    /// transitory timeout counted from now. A FIN outside that window is forwarded ([`Refresh::Ok`]) but
+    /// neither changes the state nor refreshes the flow.
     pub fn on_inbound(&self, tcp: Option<TcpSegment>, bytes: usize, now: Instant) -> Refresh {
         let refresh = match (tcp, self.proto()) {
             (Some(seg), Proto::Tcp) => {
@@ -572,7 +579,9 @@ fn with_tcp(c: u64, s: TcpState, r: u32, w: u16) -> u64 {
     (c & !((1u64 << 51) - 1)) | s.bits() << STATE_SHIFT | u64::from(w) << 32 | u64::from(r)
 }
 
-/// Control word after an outbound segment. The pod is trusted: its RST always closes.
+/// Control word after an outbound segment. The pod is trusted: its RST always closes and its FIN always moves
+/// to `Closing` (the control word keeps no sequence state of the pod's direction to check them against; the
+/// pod is inside the trust boundary, outside forgers are not).
 pub(crate) fn tcp_outbound(c: u64, seg: &TcpSegment) -> u64 {
     let (state, mut r, mut w) = tcp_fields(c);
     let next = if seg.has(TcpSegment::RST) {
@@ -598,18 +607,24 @@ pub(crate) fn tcp_outbound(c: u64, seg: &TcpSegment) -> u64 {
     with_tcp(c, next, r, w)
 }
 
+/// True when sequence number `seq` lies in the pod's receive window: `r` (next expected) plus the pod's
+/// advertised window `w` at the assumed scale.
+fn in_window(seq: u32, r: u32, w: u16) -> bool {
+    let span = (u32::from(w).max(1) << ASSUMED_WSCALE).max(1);
+    seq.wrapping_sub(r) < span
+}
+
 /// Control word after an inbound segment and whether it refreshes the flow; `None` for an RST that is not
 /// acceptable (RFC 793 / 5961: in SynSent it must acknowledge the SYN, otherwise its sequence number must lie
-/// in the pod's receive window).
+/// in the pod's receive window). A FIN changes the state only inside the same window (its first byte or the
+/// FIN itself, at `seq + payload_len`); outside it the segment is forwarded but changes and refreshes
+/// nothing, so a blind forgery cannot demote an established flow to the transitory timeout.
 pub(crate) fn tcp_inbound(c: u64, seg: &TcpSegment) -> Option<(u64, bool)> {
     let (state, mut r, w) = tcp_fields(c);
     if seg.has(TcpSegment::RST) {
         let ok = match state {
             TcpState::SynSent => seg.has(TcpSegment::ACK) && seg.ack == r,
-            _ => {
-                let span = (u32::from(w).max(1) << ASSUMED_WSCALE).max(1);
-                seg.seq.wrapping_sub(r) < span
-            }
+            _ => in_window(seg.seq, r, w),
         };
         return ok.then(|| (with_tcp(c, TcpState::Closed, r, w), true));
     }
@@ -623,9 +638,22 @@ pub(crate) fn tcp_inbound(c: u64, seg: &TcpSegment) -> Option<(u64, bool)> {
     } else if seg.has(TcpSegment::FIN)
         && matches!(state, TcpState::Established | TcpState::SynReceived)
     {
+        if !in_window(seg.seq, r, w) && !in_window(seg.seq.wrapping_add(seg.payload_len), r, w) {
+            return Some((c, false));
+        }
         s = TcpState::Closing;
     }
     Some((with_tcp(c, s, r, w), refresh))
+}
+
+/// INIT → LIVE, a release operation: a thread that finds the slot LIVE by scanning the arena (sweep,
+/// `for_each`) with an acquire load also sees its identity fields, written while the slot was private.
+/// (Concurrent relaxed read-modify-writes of the TCP bits continue the release sequence.)
+pub(crate) fn publish(ctl: &AtomicU64) -> bool {
+    ctl.fetch_update(Release, Relaxed, |c| {
+        (phase_of(c) == PHASE_INIT).then(|| with_phase(c, PHASE_LIVE))
+    })
+    .is_ok()
 }
 
 pub(crate) fn set_phase(ctl: &AtomicU64, from: u64, to: u64) -> bool {
@@ -680,6 +708,32 @@ mod tests {
         assert_eq!(state(c3), TcpState::Closing);
         let (c4, _) = tcp_inbound(established(), &seg(FIN | ACK, 5001, 1001, 10)).expect("fin");
         assert_eq!(state(c4), TcpState::Closing);
+    }
+
+    #[test]
+    fn fin_outside_the_window_changes_nothing() {
+        let c = established();
+        // before the window, beyond it, far away (a blind forgery): forwarded, no state change, no refresh
+        for seq in [5000, 5001 + 1000 * 128, 0x8000_0000] {
+            let (c2, refresh) = tcp_inbound(c, &seg(FIN | ACK, seq, 1001, 10)).expect("forwarded");
+            assert_eq!(state(c2), TcpState::Established, "{seq}");
+            assert_eq!(c2, c, "{seq}");
+            assert!(!refresh, "{seq}");
+        }
+        // inside: first byte, last byte of the window; a retransmission whose FIN lands on the expected byte
+        for (seq, len) in [(5001, 0), (5001 + 1000 * 128 - 1, 0), (4901, 100)] {
+            let mut s = seg(FIN | ACK, seq, 1001, 10);
+            s.payload_len = len;
+            let (c2, _) = tcp_inbound(c, &s).expect("fin");
+            assert_eq!(state(c2), TcpState::Closing, "{seq}");
+        }
+        // in SynReceived the window starts at the remote's ISN + 1
+        let syn = tcp_outbound(0, &seg(SYN, 1000, 0, 1000));
+        let (sr, _) = tcp_inbound(syn, &seg(SYN | ACK, 5000, 1001, 2000)).expect("syn-ack");
+        let (x, _) = tcp_inbound(sr, &seg(FIN, 0x9000_0000, 0, 0)).expect("forwarded");
+        assert_eq!(state(x), TcpState::SynReceived);
+        let (x, _) = tcp_inbound(sr, &seg(FIN, 5001, 0, 0)).expect("fin");
+        assert_eq!(state(x), TcpState::Closing);
     }
 
     #[test]
