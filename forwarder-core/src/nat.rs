@@ -6,11 +6,13 @@
 //! * [`icmp`] — ICMP errors: the ones the gateway originates (time exceeded, fragmentation needed / packet
 //!   too big, administratively prohibited) and the translation of errors that refer to a translated flow
 //!   (RFC 5508), for IPv4 and IPv6;
-//! * [`frag`] — bounded per-worker memory that lets the later fragments of a datagram follow its first.
+//! * [`frag`] — bounded per-worker memory that lets the later fragments of a datagram follow its first;
+//! * [`fragment`] — IPv4 fragmentation, in place, of a packet too big for the next link (DF clear).
 //!
 //! Nothing here decides *whether* to translate; that is the pipeline's job.
 
 pub mod frag;
+pub mod fragment;
 pub mod icmp;
 pub mod meta;
 pub mod rewrite;

@@ -74,6 +74,10 @@ pub enum Action<'a> {
         node: Ipv4Addr,
         /// The VXLAN datagram, in the caller's buffer.
         datagram: &'a mut [u8],
+        /// `None` for one datagram. `Some(n)`: a reply too big for the tunnel was fragmented (IPv4, DF
+        /// clear), and `datagram` holds several VXLAN datagrams back to back, each `n` bytes but the last:
+        /// send each as its own UDP datagram, or all at once with UDP segmentation offload of size `n`.
+        segment: Option<usize>,
     },
     /// ARP or neighbour discovery on an uplink: for the caller's neighbour handling, not the data path.
     Neighbour,
@@ -363,6 +367,13 @@ enum Verdict {
         start: usize,
         end: usize,
     },
+    /// Several VXLAN datagrams back to back, each `segment` bytes but the last.
+    TunnelSegments {
+        node: Ipv4Addr,
+        start: usize,
+        end: usize,
+        segment: usize,
+    },
     Neighbour,
 }
 
@@ -611,6 +622,20 @@ fn finish<'a>(st: &mut WorkerState, buf: &'a mut [u8], v: Result<Verdict, Reason
             Action::ToTunnel {
                 node,
                 datagram: &mut buf[start..end],
+                segment: None,
+            }
+        }
+        Ok(Verdict::TunnelSegments {
+            node,
+            start,
+            end,
+            segment,
+        }) => {
+            st.stats.tunnel_tx.add(end - start);
+            Action::ToTunnel {
+                node,
+                datagram: &mut buf[start..end],
+                segment: Some(segment),
             }
         }
         Ok(Verdict::Neighbour) => Action::Neighbour,

@@ -133,7 +133,8 @@ reasons! {
     FragmentNoFlow => "fragment_no_flow",
     /// Packet with TTL / hop limit of 0 or 1 and no ICMP answer possible (e.g. it was itself an ICMP error).
     TtlExpired => "ttl_expired",
-    /// Packet larger than the next link's MTU with DF set, answered with ICMP where allowed.
+    /// Packet larger than the next link's MTU: with DF set (answered with ICMP where allowed), or without DF
+    /// where the gateway does not fragment (IP options; towards an uplink).
     TooBig => "too_big",
     /// Buffer has no headroom / tailroom for the header the action needs.
     NoBufferRoom => "no_buffer_room",

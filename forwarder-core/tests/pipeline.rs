@@ -23,6 +23,7 @@ enum Out {
     Tun {
         node: Ipv4Addr,
         dgram: Vec<u8>,
+        segment: Option<usize>,
     },
     Neighbour,
     Drop(Reason),
@@ -41,7 +42,11 @@ impl Out {
     }
     fn tun(self) -> (Ipv4Addr, Vec<u8>) {
         match self {
-            Out::Tun { node, dgram } => (node, dgram),
+            Out::Tun {
+                node,
+                dgram,
+                segment: None,
+            } => (node, dgram),
             other => panic!("expected a tunnel datagram, got {other:?}"),
         }
     }
@@ -58,9 +63,14 @@ fn owned(a: Action<'_>) -> Out {
             next_hop,
             frame: frame.to_vec(),
         },
-        Action::ToTunnel { node, datagram } => Out::Tun {
+        Action::ToTunnel {
+            node,
+            datagram,
+            segment,
+        } => Out::Tun {
             node,
             dgram: datagram.to_vec(),
+            segment,
         },
         Action::Neighbour => Out::Neighbour,
         Action::Drop(r) => Out::Drop(r),
@@ -887,4 +897,107 @@ fn expiry_sweeps_flows_and_frees_their_ports_for_reuse_later() {
     let t2 = Instant::from_secs(T0.as_secs() + 301 + 121);
     let (_, _, f) = out(&mut w, &pod_udp(SERVER, 9101, 53, b"x"), t2).fwd();
     assert_eq!(l4_ports(&f[14..]).0, 3000);
+}
+
+/// Reassembles the IPv4 fragments carried by back-to-back VXLAN datagrams of `segment` bytes; checks every
+/// piece on the way (VXLAN header, inner MACs, IPv4 checksum, size within `mtu`).
+fn reassemble(dgrams: &[u8], segment: usize, mtu: usize) -> (Vec<u8>, usize) {
+    let mut pieces: Vec<(usize, bool, Vec<u8>)> = Vec::new();
+    let mut hdr = Vec::new();
+    for unit in dgrams.chunks(segment) {
+        assert_eq!(&unit[..8], &[0x08, 0, 0, 0, 0x00, 0x10, 0x01, 0]);
+        assert_eq!(&unit[8..14], &NODE_MAC);
+        let ip = &unit[22..];
+        assert!(
+            ip.len() <= mtu,
+            "fragment of {} bytes exceeds the tunnel MTU",
+            ip.len()
+        );
+        assert_eq!(
+            ref_fold(ref_sum(&ip[..20], 0)),
+            0xffff,
+            "fragment header checksum"
+        );
+        let fo = u16::from_be_bytes([ip[6], ip[7]]);
+        assert_eq!(fo & 0x4000, 0, "no DF on fragments");
+        pieces.push((
+            usize::from(fo & 0x1fff) * 8,
+            fo & 0x2000 != 0,
+            ip[20..].to_vec(),
+        ));
+        if hdr.is_empty() {
+            hdr = ip[..20].to_vec();
+        }
+    }
+    let n = pieces.len();
+    let mut data = Vec::new();
+    for (i, (off, more, piece)) in pieces.into_iter().enumerate() {
+        assert_eq!(off, data.len(), "fragments contiguous and in order");
+        assert_eq!(more, i + 1 < n, "MF on all but the last");
+        data.extend_from_slice(&piece);
+    }
+    let mut ip = hdr;
+    ip.extend_from_slice(&data);
+    let total = ip.len() as u16;
+    ip[2..4].copy_from_slice(&total.to_be_bytes());
+    ip[6] = 0;
+    ip[7] = 0;
+    fix_ipv4_checksum(&mut ip);
+    (ip, n)
+}
+
+#[test]
+fn replies_too_big_for_the_tunnel_without_df_are_fragmented_into_it() {
+    let mut w = worker();
+    let ext = open_udp(&mut w, 7900);
+    let payload: Vec<u8> = (0..1472u32).map(|i| (i % 251) as u8).collect();
+    let mut reply = outside_udp(SERVER, DMZ_EGRESS, 53, ext, &payload);
+    assert_eq!(reply.len(), 14 + 1500);
+    reply[14 + 6] &= !0x40; // etherparse sets DF; this sender lets routers fragment
+    fix_ipv4_checksum(&mut reply[14..]);
+    let Out::Tun {
+        node,
+        dgram,
+        segment: Some(segment),
+    } = inb(&mut w, 0, &reply, T0)
+    else {
+        panic!("expected fragments in the tunnel");
+    };
+    assert_eq!(node, NODE);
+    assert_eq!(
+        segment,
+        8 + 14 + 20 + 1424,
+        "1450-byte tunnel MTU: 1424 bytes of data per fragment"
+    );
+    let (ip, n) = reassemble(&dgram, segment, 1450);
+    assert_eq!(n, 2);
+    assert_eq!(ip4_dst(&ip), POD);
+    assert_eq!(l4_ports(&ip), (53, 7900));
+    assert_eq!(&ip[28..], &payload[..]);
+    assert_checksums(&ip);
+
+    // A reply that is itself a first fragment keeps MF on every piece.
+    let big = outside_udp(SERVER, DMZ_EGRESS, 53, ext, &[0x42; 3000]);
+    let (first, _) = ipv4_fragments(&big, 14, 1480, 0x2222);
+    let Out::Tun {
+        dgram,
+        segment: Some(segment),
+        ..
+    } = inb(&mut w, 0, &first, T0)
+    else {
+        panic!("expected fragments");
+    };
+    for unit in dgram.chunks(segment) {
+        assert_ne!(
+            unit[22 + 6] & 0x20,
+            0,
+            "MF kept: more of the original datagram follows"
+        );
+    }
+    // With DF the sender is told instead.
+    let mut df = reply.clone();
+    df[14 + 6] |= 0x40;
+    fix_ipv4_checksum(&mut df[14..]);
+    let (_, _, icmp) = inb(&mut w, 0, &df, T0).fwd();
+    assert_eq!((icmp[14 + 20], icmp[14 + 21]), (3, 4));
 }

@@ -294,7 +294,9 @@ pub(crate) fn run(verbose: bool) -> Result<(), String> {
             let start = INBOUND_HEADROOM;
             buf[start..start + r.len()].copy_from_slice(&r);
             let back = match worker.inbound(uplink, &mut buf, start, r.len(), now) {
-                Action::ToTunnel { node: to, datagram } => {
+                Action::ToTunnel {
+                    node: to, datagram, ..
+                } => {
                     let (ip, port) = delivered(datagram)?;
                     let ok = to == node.ip && ip == IpAddr::V4(pod.ip) && port == sport;
                     if !ok {

@@ -6,6 +6,7 @@ use super::outbound::{flow_key, frag_key, is_martian, is_tiny_tcp_fragment};
 use super::{Gateway, InFrag, Step, Verdict, WorkerState};
 use crate::conntrack::{Flow, Refresh, TcpSegment};
 use crate::flow::{FlowKey, NodeAddr, Proto, UplinkId};
+use crate::nat::fragment;
 use crate::nat::icmp::{self, ErrorKind};
 use crate::nat::meta::{parse_l4, PacketMeta, L4};
 use crate::nat::rewrite::{self, Side};
@@ -200,8 +201,8 @@ struct Arrival {
     start: usize,
 }
 
-/// A reply too big for the tunnel: with DF, "too big" goes back to the sender; without, it is refused
-/// (fragmenting into the tunnel is not done yet). `None` when it fits.
+/// A reply too big for the tunnel with DF set: "too big" goes back to the sender. `None` when it fits, or
+/// when it may be fragmented (IPv4, DF clear).
 fn check_tunnel_mtu(
     gw: &Gateway,
     st: &mut WorkerState,
@@ -215,7 +216,8 @@ fn check_tunnel_mtu(
         return None;
     }
     if !meta.dont_frag {
-        return Some(Err(Reason::TooBig));
+        // IPv4 without DF: fragmented into the tunnel after translation (see `deliver`).
+        return None;
     }
     let kind = ErrorKind::TooBig { mtu };
     Some(answer_sender(
@@ -258,7 +260,20 @@ fn deliver(
             st.frag_in.insert(frag_key(meta), f, now);
         }
     }
-    encapsulate(gw, buf, at.start, meta, to.node)
+    let v = encapsulate(gw, buf, at.start, meta, to.node)?;
+    if meta.ip_len() <= usize::from(gw.config.tunnel_mtu) {
+        return Ok(v);
+    }
+    // Too big and DF clear (checked above): fragment into the tunnel, as a router does.
+    let start = at.start - vxlan::HEADER_LEN;
+    let (end, segment) =
+        fragment::split_ipv4(buf, start, meta, gw.config.tunnel_mtu).ok_or(Reason::TooBig)?;
+    Ok(Verdict::TunnelSegments {
+        node: to.node.ip,
+        start,
+        end,
+        segment,
+    })
 }
 
 /// Replaces the packet with an ICMP error back to its sender on the uplink it came from, from the address
