@@ -71,8 +71,6 @@ reasons! {
     TcpTruncated => "tcp_truncated",
     /// TCP data offset below 5 or past the segment end.
     TcpBadHeaderLen => "tcp_bad_header_len",
-    /// TCP checksum does not verify.
-    TcpBadChecksum => "tcp_bad_checksum",
     /// TCP options are malformed.
     TcpBadOptions => "tcp_bad_options",
     /// ICMP / ICMPv6 message shorter than its header.
