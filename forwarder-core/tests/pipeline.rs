@@ -1001,3 +1001,43 @@ fn replies_too_big_for_the_tunnel_without_df_are_fragmented_into_it() {
     let (_, _, icmp) = inb(&mut w, 0, &df, T0).fwd();
     assert_eq!((icmp[14 + 20], icmp[14 + 21]), (3, 4));
 }
+
+#[test]
+fn icmpv6_errors_quoting_extension_headers_are_translated() {
+    let mut w = worker();
+    let (_, _, f) = out(&mut w, &pod_udp6(SERVER6, 6100, 53, b"v6 query"), T0).fwd();
+    let ext = l4_ports(&f[14..]).0;
+    // The quote: IPv6 header (egress → server, next header 60), 8 bytes of destination options (next 17,
+    // PadN), then the UDP header as we sent it.
+    let mut quote = vec![0x60, 0, 0, 0, 0, 16, 60, 63];
+    quote.extend_from_slice(&DMZ_EGRESS6.octets());
+    quote.extend_from_slice(&SERVER6.octets());
+    quote.extend_from_slice(&[17, 0, 1, 4, 0, 0, 0, 0]);
+    quote.extend_from_slice(&ext.to_be_bytes());
+    quote.extend_from_slice(&[0, 53, 0, 16, 0, 0]);
+    let mut icmp = vec![2u8, 0, 0, 0, 0, 0, 0x05, 0x00]; // packet too big, MTU 1280
+    icmp.extend_from_slice(&quote);
+    let router: [u8; 16] = SERVER6.octets();
+    let mut ps = ref_sum(&router, 0) + ref_sum(&DMZ_EGRESS6.octets(), 0);
+    ps += icmp.len() as u32 + 58;
+    let c = !ref_fold(ref_sum(&icmp, ps));
+    icmp[2..4].copy_from_slice(&c.to_be_bytes());
+    let b = etherparse::PacketBuilder::ethernet2(ROUTER_MAC, UPLINK_MAC).ipv6(
+        router,
+        DMZ_EGRESS6.octets(),
+        60,
+    );
+    let frame = build(|o| b.write(o, etherparse::IpNumber::IPV6_ICMP, &icmp));
+    let (node, d) = inb(&mut w, 0, &frame, T0).tun();
+    assert_eq!(node, NODE);
+    let ip = &d[22..];
+    assert_eq!(&ip[24..40], &POD6.octets(), "outer destination: the pod");
+    let q = &ip[48..];
+    assert_eq!(&q[8..24], &POD6.octets(), "quoted source restored");
+    assert_eq!(
+        u16::from_be_bytes([q[48], q[49]]),
+        6100,
+        "quoted port restored past the options header"
+    );
+    assert_checksums(ip);
+}

@@ -178,12 +178,8 @@ pub fn parse_embedded(buf: &[u8], meta: &PacketMeta) -> Result<Embedded, Reason>
             return Err(Reason::IcmpErrorMalformed);
         }
         let p = ipv6::Packet::new_unchecked(quoted);
-        (
-            ipv6::HEADER_LEN,
-            p.next_header(),
-            IpAddr::V6(p.src()),
-            IpAddr::V6(p.dst()),
-        )
+        let (off, next) = quoted_upper_layer_v6(quoted, p.next_header())?;
+        (off, next, IpAddr::V6(p.src()), IpAddr::V6(p.dst()))
     } else {
         if quoted.len() < ipv4::MIN_HEADER_LEN || quoted[0] >> 4 != 4 {
             return Err(Reason::IcmpErrorMalformed);
@@ -220,6 +216,35 @@ pub fn parse_embedded(buf: &[u8], meta: &PacketMeta) -> Result<Embedded, Reason>
         },
         icmp_query,
     })
+}
+
+/// Walks the extension headers of a quoted IPv6 packet (hop-by-hop, routing, destination options, AH, and a
+/// fragment header of a *first* fragment) within the quote itself — the quoted payload length describes the
+/// original packet, not the quote. Returns the upper layer's offset and protocol.
+fn quoted_upper_layer_v6(quoted: &[u8], first: u8) -> Result<(usize, u8), Reason> {
+    let mut off = ipv6::HEADER_LEN;
+    let mut next = first;
+    for _ in 0..8 {
+        let len = match next {
+            0 | 43 | 60 | 51 | 44 => {
+                let hdr = quoted.get(off..off + 8).ok_or(Reason::IcmpErrorMalformed)?;
+                let len = match next {
+                    51 => (usize::from(hdr[1]) + 2) * 4,
+                    // Only a first fragment quotes an upper-layer header.
+                    44 if u16::from_be_bytes([hdr[2], hdr[3]]) & 0xfff8 != 0 => {
+                        return Err(Reason::IcmpErrorMalformed)
+                    }
+                    44 => 8,
+                    _ => (usize::from(hdr[1]) + 1) * 8,
+                };
+                next = hdr[0];
+                len
+            }
+            _ => return Ok((off, next)),
+        };
+        off += len;
+    }
+    Err(Reason::IcmpErrorMalformed)
 }
 
 fn read_u16(buf: &[u8], at: usize) -> u16 {
