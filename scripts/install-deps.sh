@@ -18,7 +18,7 @@ if [[ "${SKIP_APT:-0}" != 1 ]]; then
 fi
 
 if ! command -v cargo >/dev/null 2>&1; then
-  log "cargo not found. Install a Rust toolchain (rustup, stable >= 1.82) and run this again."
+  log "cargo not found. Install a Rust toolchain (rustup, stable >= 1.87) and run this again."
   exit 1
 fi
 
