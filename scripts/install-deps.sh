@@ -22,6 +22,13 @@ if ! command -v cargo >/dev/null 2>&1; then
   exit 1
 fi
 
+# The workspace's rust-version (Cargo.toml); older toolchains fail with confusing errors, so say it plainly.
+have=$(rustc --version | awk '{print $2}')
+if [[ "$(printf '%s\n%s\n' 1.87.0 "${have%%-*}" | sort -V | head -n1)" != 1.87.0 ]]; then
+  log "rustc $have is older than 1.87, the workspace's rust-version: update the toolchain (rustup update stable)"
+  exit 1
+fi
+
 if command -v rustup >/dev/null 2>&1; then
   rustup component list --installed 2>/dev/null | grep -q '^rustfmt' || rustup component add rustfmt clippy
 fi
