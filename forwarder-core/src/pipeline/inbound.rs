@@ -46,6 +46,7 @@ pub(super) fn process(
 
 /// Everything before the flow lookup: neighbour traffic, sanity, ICMP errors (found by the packet they
 /// quote), later fragments, and the reply tuple.
+#[inline(always)]
 pub(super) fn prepare(
     gw: &Gateway,
     st: &mut WorkerState,
@@ -138,6 +139,7 @@ pub(super) fn prepare(
 }
 
 /// Everything after the flow lookup (`found`): TTL, TCP state, then delivery to the pod.
+#[inline(always)]
 pub(super) fn complete(
     gw: &Gateway,
     st: &mut WorkerState,
@@ -203,6 +205,7 @@ struct Arrival {
 
 /// A reply too big for the tunnel with DF set: "too big" goes back to the sender. `None` when it fits, or
 /// when it may be fragmented (IPv4, DF clear).
+#[inline(always)]
 fn check_tunnel_mtu(
     gw: &Gateway,
     st: &mut WorkerState,
@@ -234,6 +237,7 @@ fn check_tunnel_mtu(
 
 /// The tunnel MTU check, DNAT and encapsulation shared by replies and their later fragments.
 #[allow(clippy::too_many_arguments)]
+#[inline(always)]
 fn deliver(
     gw: &Gateway,
     st: &mut WorkerState,

@@ -67,6 +67,7 @@ pub(super) fn process(
 
 /// Everything before the flow lookup: the tunnel and sender checks, the gateway's own answers, TTL, later
 /// fragments, and the flow key.
+#[inline(always)]
 pub(super) fn prepare(
     gw: &Gateway,
     st: &mut WorkerState,
@@ -192,6 +193,7 @@ pub(super) fn prepare(
 }
 
 /// Everything after the flow lookup (`found`): creation of a new flow, state, MTU, MSS, the rewrite.
+#[inline(always)]
 pub(super) fn complete(
     gw: &Gateway,
     st: &mut WorkerState,
@@ -305,6 +307,7 @@ pub(super) fn complete(
 /// The checks that can refuse a packet once its uplink is known, done before any flow state changes: the
 /// uplink's MTU (DF: too-big answered to the pod; else refused) and the SYN's MSS option, clamped here to
 /// what the tunnel and the uplink carry. `None` when the packet may go on; `Some(result)` is the refusal.
+#[inline(always)]
 fn check_fits(
     gw: &Gateway,
     st: &mut WorkerState,
