@@ -118,7 +118,7 @@ fn new_flows(c: &mut Criterion) {
     g.throughput(Throughput::Elements(1));
     g.sample_size(10);
     // Pre-built packets: 512 pods x 1024 source ports; the first PREFILL prefill, the rest are timed.
-    let packets: Vec<Vec<u8>> = (0..2 * PREFILL as u32)
+    let packets: Vec<Vec<u8>> = (0..u32::try_from(2 * PREFILL).unwrap())
         .map(|i| {
             let pod = Ipv4Addr::from(u32::from(Ipv4Addr::new(10, 1, 0, 0)) + (i % 512));
             datagram(pod, 10_000 + u16::try_from(i / 512).unwrap(), 64)
