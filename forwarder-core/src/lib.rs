@@ -2,7 +2,7 @@
 //! routing and the per-packet pipeline.
 //!
 //! This crate performs no I/O, starts no threads and never reads a clock: time comes in as an
-//! [`Instant`](time::Instant) argument, and packets live in buffers owned by the caller. That keeps every
+//! [`Instant`] argument, and packets live in buffers owned by the caller. That keeps every
 //! behaviour testable without privileges and makes the per-packet path allocation-free.
 //!
 //! Layers, bottom to top (a module only imports from layers beneath it):

@@ -13,7 +13,7 @@
 //!
 //! Allocation draws a random start in the range and probes linearly (RFC 6056 algorithm 1, "simple port
 //! randomization", with increment on collision); a compare-and-swap from an available state to *owned* is the
-//! linearization point, so two threads never get the same port. The probe is capped at [`MAX_PROBES`] states
+//! linearization point, so two threads never get the same port. The probe is capped at `MAX_PROBES` (512) states
 //! (ranges up to that size are probed whole, so the answer is exact; larger ones in short runs from
 //! pseudo-random offsets), so that a refused allocation on a pool whose ports are all cooling costs
 //! microseconds, not a scan of 64 Ki states. Release is a compare-and-swap from *owned* to the release stamp

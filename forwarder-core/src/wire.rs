@@ -24,6 +24,7 @@
 pub mod arp;
 pub mod checksum;
 pub mod ethernet;
+mod icmp_common;
 pub mod icmpv4;
 pub mod icmpv6;
 pub mod ipv4;

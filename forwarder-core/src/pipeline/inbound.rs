@@ -105,6 +105,9 @@ pub(super) fn prepare(
             node: f.node,
         };
         let at = Arrival { uplink, start };
+        if let Some(refused) = check_tunnel_mtu(gw, st, at, buf, &meta, now) {
+            return refused.map(Step::Done);
+        }
         return deliver(gw, st, at, buf, &meta, &l4, to, now).map(Step::Done);
     }
     let (key, tcp_seg) = match l4 {
@@ -235,7 +238,8 @@ fn check_tunnel_mtu(
     ))
 }
 
-/// The tunnel MTU check, DNAT and encapsulation shared by replies and their later fragments.
+/// DNAT and encapsulation shared by replies and their later fragments; the caller has already passed
+/// [`check_tunnel_mtu`], so a packet still too big here may be fragmented.
 #[allow(clippy::too_many_arguments)]
 #[inline(always)]
 fn deliver(
@@ -248,9 +252,6 @@ fn deliver(
     to: Delivery,
     now: Instant,
 ) -> Result<Verdict, Reason> {
-    if let Some(refused) = check_tunnel_mtu(gw, st, at, buf, meta, now) {
-        return refused;
-    }
     if meta.is_later_fragment() {
         rewrite::readdress_and_forward(buf, meta, l4, Side::Dst, to.pod);
     } else {
