@@ -1,13 +1,26 @@
 //! `egress-gateway`: the egress gateway pod's userspace forwarder.
 //!
-//! This binary stays thin: the packet work lives in `forwarder-core`. Subcommands grow with the issues:
-//! `demo` runs the seed scenario through the real pipeline in-process.
+//! This binary stays thin: the packet work lives in `forwarder-core`. Where a packet goes:
+//! `run.rs` starts everything and runs the control loop (reload, drain, housekeeping); `worker.rs` is one
+//! data-path thread (receive a batch, hand it to the pipeline, send what comes out); `io/` holds the sockets
+//! (tunnel UDP, uplink AF_PACKET) and the offload repairs; `neighbour.rs` answers and resolves ARP/NDP on
+//! the uplinks; `telemetry.rs` and `http.rs` serve metrics and health; `config.rs` reads the YAML file.
+//! `demo` runs the seed scenario through the real pipeline in-process; `check` validates configuration files.
 
+use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
+mod check;
+mod config;
 mod demo;
+mod http;
+mod io;
+mod neighbour;
+mod run;
+mod telemetry;
+mod worker;
 
 /// Userspace egress gateway for Kubernetes: terminates the VXLAN tunnel from client nodes, SNATs pod traffic
 /// to fixed egress IPs and forwards it onto the DMZ or internal uplinks; replies go back through the tunnel.
@@ -20,6 +33,22 @@ struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Command {
+    /// Run the gateway: VXLAN from the nodes on `tunnel.listen`, translated traffic out of the uplink
+    /// interfaces, replies back through the tunnel. Health on `health.listen` (/readiness, /livez), metrics
+    /// on `metrics.listen` (/metrics). SIGHUP or a changed file reloads the configuration (established flows
+    /// are kept); SIGTERM drains for `drain_seconds`, then exits 0. Needs CAP_NET_RAW and CAP_NET_ADMIN.
+    Run {
+        /// The configuration file (YAML; see docs/configuration.md).
+        #[arg(long, short, value_name = "FILE")]
+        config: PathBuf,
+    },
+    /// Check configuration files without starting anything: prints `FILE: ok (N uplinks, M routes)` for each
+    /// valid gateway configuration, or every problem as `file:line: problem` on stderr and exits 1.
+    Check {
+        /// Files to check (see docs/configuration.md).
+        #[arg(required = true, value_name = "FILE")]
+        files: Vec<PathBuf>,
+    },
     /// Run the seed scenario through the forwarding pipeline in-process: client nodes' VXLAN frames (as the
     /// kernel's vxlan device builds them) are translated onto the DMZ and internal uplinks, the outside
     /// servers answer, hostile traffic is fed in, and the result is printed (what each server saw, where
@@ -34,6 +63,19 @@ enum Command {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
+        Command::Run { config } => match run::run(&config) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(run::RunError::Config(errors)) => {
+                eprintln!("{errors}");
+                eprintln!("egress-gateway: not started: the configuration has errors");
+                ExitCode::from(2)
+            }
+            Err(e) => {
+                eprintln!("egress-gateway: {e}");
+                ExitCode::FAILURE
+            }
+        },
+        Command::Check { files } => check::run(&files),
         Command::Demo { verbose } => match demo::run(verbose) {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {

@@ -1,0 +1,136 @@
+//! A minimal HTTP/1.1 server for the health and metrics endpoints: `GET` only, one short response per
+//! connection, on its own thread. Kubelet probes and Prometheus scrapes need no more, and the data path
+//! needs no async runtime.
+
+use std::io::{BufRead, BufReader, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::sync::Arc;
+use std::time::Duration;
+
+/// A response.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct Response {
+    pub(crate) status: u16,
+    pub(crate) content_type: &'static str,
+    pub(crate) body: String,
+}
+
+impl Response {
+    pub(crate) fn text(status: u16, body: impl Into<String>) -> Response {
+        Response {
+            status,
+            content_type: "text/plain; charset=utf-8",
+            body: body.into(),
+        }
+    }
+}
+
+/// Answers a request path.
+pub(crate) type Handler = Arc<dyn Fn(&str) -> Response + Send + Sync>;
+
+/// Binds `addr` (so that a taken port fails at start-up, with the address in the message) and serves
+/// `handler` on a thread.
+pub(crate) fn serve(
+    name: &'static str,
+    addr: SocketAddr,
+    handler: Handler,
+) -> std::io::Result<SocketAddr> {
+    let listener = TcpListener::bind(addr).map_err(|e| {
+        std::io::Error::new(e.kind(), format!("cannot listen on {addr} for {name}: {e}"))
+    })?;
+    let local = listener.local_addr()?;
+    std::thread::Builder::new()
+        .name(format!("http-{name}"))
+        .spawn(move || {
+            for conn in listener.incoming() {
+                match conn {
+                    Ok(stream) => {
+                        if let Err(e) = answer(stream, &handler) {
+                            tracing::debug!(endpoint = name, error = %e, "http request failed");
+                        }
+                    }
+                    Err(e) => {
+                        tracing::warn!(endpoint = name, error = %e, "http accept failed");
+                        std::thread::sleep(Duration::from_millis(50));
+                    }
+                }
+            }
+        })?;
+    Ok(local)
+}
+
+fn answer(stream: TcpStream, handler: &Handler) -> std::io::Result<()> {
+    stream.set_read_timeout(Some(Duration::from_secs(2)))?;
+    stream.set_write_timeout(Some(Duration::from_secs(2)))?;
+    let mut reader = BufReader::new(stream.try_clone()?);
+    let mut line = String::new();
+    reader.by_ref().take(8192).read_line(&mut line)?;
+    // Skip the headers.
+    let mut header = String::new();
+    for _ in 0..100 {
+        header.clear();
+        if reader.by_ref().take(8192).read_line(&mut header)? == 0 || header.trim().is_empty() {
+            break;
+        }
+    }
+    let mut parts = line.split_whitespace();
+    let method = parts.next().unwrap_or("");
+    let target = parts.next().unwrap_or("/");
+    let path = target.split('?').next().unwrap_or("/");
+    let resp = if method == "GET" || method == "HEAD" {
+        handler(path)
+    } else {
+        Response::text(405, "only GET\n")
+    };
+    let reason = match resp.status {
+        200 => "OK",
+        404 => "Not Found",
+        405 => "Method Not Allowed",
+        503 => "Service Unavailable",
+        _ => "",
+    };
+    let mut w = stream;
+    write!(
+        w,
+        "HTTP/1.1 {} {}\r\nContent-Type: {}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+        resp.status,
+        reason,
+        resp.content_type,
+        resp.body.len()
+    )?;
+    if method != "HEAD" {
+        w.write_all(resp.body.as_bytes())?;
+    }
+    w.flush()
+}
+
+use std::io::Read;
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    fn get(addr: SocketAddr, path: &str) -> String {
+        let mut s = TcpStream::connect(addr).unwrap();
+        write!(s, "GET {path} HTTP/1.1\r\nHost: x\r\n\r\n").unwrap();
+        let mut out = String::new();
+        s.read_to_string(&mut out).unwrap();
+        out
+    }
+
+    #[test]
+    fn serves_status_and_body() {
+        let h: Handler = Arc::new(|p| match p {
+            "/readiness" => Response::text(503, "draining\n"),
+            "/livez" => Response::text(200, "ok\n"),
+            _ => Response::text(404, "no\n"),
+        });
+        let addr = serve("test", "127.0.0.1:0".parse().unwrap(), h).unwrap();
+        let r = get(addr, "/readiness");
+        assert!(r.starts_with("HTTP/1.1 503 Service Unavailable\r\n"), "{r}");
+        assert!(r.ends_with("draining\n"));
+        assert!(get(addr, "/livez?verbose=1").starts_with("HTTP/1.1 200 OK"));
+        assert!(get(addr, "/nope").starts_with("HTTP/1.1 404"));
+    }
+}

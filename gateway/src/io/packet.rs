@@ -1,0 +1,235 @@
+//! AF_PACKET sockets on an uplink: the gateway sends and receives whole Ethernet frames itself, so the egress
+//! addresses never need to exist in the kernel (which would otherwise answer ARP for them or reset flows it
+//! does not own).
+//!
+//! * Receive: `SOCK_RAW`, `ETH_P_ALL`, bound to the interface, with `PACKET_VNET_HDR` (each frame comes with a
+//!   virtio-net header saying whether its checksum is still to be completed and whether it is a GSO
+//!   super-packet — both happen on veth and with GRO), `PACKET_IGNORE_OUTGOING` (our own transmissions are not
+//!   looped back), and `PACKET_FANOUT_HASH` so that each worker receives whole flows.
+//! * Send: a second socket with `PACKET_QDISC_BYPASS` (the frames go straight to the driver) that receives
+//!   nothing. Frames are addressed to the interface with a `sockaddr_ll` per message.
+//!
+//! pnet's datalink channel does one system call per frame and has no virtio-net header support; these
+//! sockets use `recvmmsg`/`sendmmsg` (see `mmsg.rs`).
+
+use std::io;
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
+
+use forwarder_core::wire::ethernet::MacAddr;
+
+const ETH_P_ALL: u16 = 0x0003;
+const PACKET_IGNORE_OUTGOING: libc::c_int = 23;
+
+/// Size of the virtio-net header (`struct virtio_net_hdr`) in front of every received frame.
+pub(crate) const VNET_HDR_LEN: usize = 10;
+
+/// An uplink interface's index and MAC address.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Interface {
+    pub(crate) index: i32,
+    pub(crate) mac: MacAddr,
+    pub(crate) mtu: u32,
+}
+
+impl Interface {
+    /// Looks `name` up in this network namespace.
+    pub(crate) fn by_name(name: &str) -> io::Result<Interface> {
+        let cname = std::ffi::CString::new(name)
+            .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "interface name has a NUL"))?;
+        // SAFETY: cname is a valid C string.
+        let index = unsafe { libc::if_nametoindex(cname.as_ptr()) };
+        if index == 0 {
+            return Err(io::Error::new(
+                io::ErrorKind::NotFound,
+                format!("no interface named {name} in this network namespace"),
+            ));
+        }
+        let read = |file: &str| std::fs::read_to_string(format!("/sys/class/net/{name}/{file}"));
+        let mac = parse_mac(read("address")?.trim()).ok_or_else(|| {
+            io::Error::new(
+                io::ErrorKind::InvalidData,
+                format!("interface {name} has no Ethernet address"),
+            )
+        })?;
+        let mtu = read("mtu")?.trim().parse().unwrap_or(1500);
+        Ok(Interface {
+            index: i32::try_from(index).unwrap_or(i32::MAX),
+            mac,
+            mtu,
+        })
+    }
+}
+
+fn parse_mac(s: &str) -> Option<MacAddr> {
+    let mut mac = [0u8; 6];
+    let mut parts = s.split(':');
+    for b in &mut mac {
+        *b = u8::from_str_radix(parts.next()?, 16).ok()?;
+    }
+    parts.next().is_none().then_some(mac)
+}
+
+fn packet_socket(protocol: u16) -> io::Result<OwnedFd> {
+    // SAFETY: plain socket(2) call; the result is checked.
+    let fd = unsafe {
+        libc::socket(
+            libc::AF_PACKET,
+            libc::SOCK_RAW | libc::SOCK_CLOEXEC,
+            libc::c_int::from(protocol.to_be()),
+        )
+    };
+    if fd < 0 {
+        let e = io::Error::last_os_error();
+        return Err(io::Error::new(
+            e.kind(),
+            format!("AF_PACKET socket: {e} (the gateway needs CAP_NET_RAW)"),
+        ));
+    }
+    // SAFETY: fd is a fresh descriptor we own.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+fn set_int(
+    fd: BorrowedFd<'_>,
+    level: libc::c_int,
+    opt: libc::c_int,
+    value: libc::c_int,
+) -> io::Result<()> {
+    // SAFETY: value is a live c_int and its size is passed.
+    let r = unsafe {
+        libc::setsockopt(
+            fd.as_raw_fd(),
+            level,
+            opt,
+            (&raw const value).cast(),
+            libc::socklen_t::try_from(std::mem::size_of::<libc::c_int>()).unwrap_or(4),
+        )
+    };
+    if r < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(())
+    }
+}
+
+/// The link-layer address of the interface for `protocol` (host order).
+pub(crate) fn link_addr(ifindex: i32, protocol: u16) -> libc::sockaddr_ll {
+    // SAFETY: sockaddr_ll is plain old data.
+    let mut a: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
+    a.sll_family = u16::try_from(libc::AF_PACKET).unwrap_or(17);
+    a.sll_protocol = protocol.to_be();
+    a.sll_ifindex = ifindex;
+    a.sll_halen = 6;
+    a
+}
+
+fn bind(fd: BorrowedFd<'_>, addr: &libc::sockaddr_ll) -> io::Result<()> {
+    // SAFETY: addr is a live sockaddr_ll and its size is passed.
+    let r = unsafe {
+        libc::bind(
+            fd.as_raw_fd(),
+            std::ptr::from_ref(addr).cast(),
+            libc::socklen_t::try_from(std::mem::size_of::<libc::sockaddr_ll>()).unwrap_or(20),
+        )
+    };
+    if r < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(())
+    }
+}
+
+/// The receiving socket of one worker on one uplink.
+#[derive(Debug)]
+pub(crate) struct RxSocket {
+    fd: OwnedFd,
+}
+
+impl RxSocket {
+    /// Opens and binds; `fanout_group` joins the workers' sockets on this interface into one hash fanout.
+    pub(crate) fn open(ifindex: i32, fanout_group: u16, rcvbuf: usize) -> io::Result<RxSocket> {
+        let fd = packet_socket(ETH_P_ALL)?;
+        set_int(fd.as_fd(), libc::SOL_PACKET, libc::PACKET_VNET_HDR, 1)?;
+        set_int(fd.as_fd(), libc::SOL_PACKET, PACKET_IGNORE_OUTGOING, 1)?;
+        let buf = libc::c_int::try_from(rcvbuf).unwrap_or(libc::c_int::MAX);
+        if set_int(fd.as_fd(), libc::SOL_SOCKET, libc::SO_RCVBUFFORCE, buf).is_err() {
+            set_int(fd.as_fd(), libc::SOL_SOCKET, libc::SO_RCVBUF, buf)?;
+        }
+        bind(fd.as_fd(), &link_addr(ifindex, ETH_P_ALL))?;
+        let mode =
+            libc::c_int::try_from(libc::PACKET_FANOUT_HASH | libc::PACKET_FANOUT_FLAG_DEFRAG)
+                .unwrap_or(0);
+        let fanout = libc::c_int::from(fanout_group) | (mode << 16);
+        set_int(fd.as_fd(), libc::SOL_PACKET, libc::PACKET_FANOUT, fanout)?;
+        Ok(RxSocket { fd })
+    }
+}
+
+impl AsFd for RxSocket {
+    fn as_fd(&self) -> BorrowedFd<'_> {
+        self.fd.as_fd()
+    }
+}
+
+/// The sending socket of one worker on one uplink.
+#[derive(Debug)]
+pub(crate) struct TxSocket {
+    fd: OwnedFd,
+}
+
+impl TxSocket {
+    /// Opens a socket that sends on `ifindex`, bypassing the qdisc, and receives nothing.
+    pub(crate) fn open(ifindex: i32, sndbuf: usize) -> io::Result<TxSocket> {
+        let fd = packet_socket(0)?;
+        // Best effort: not every kernel or device supports the bypass; the qdisc path works too.
+        let _ = set_int(fd.as_fd(), libc::SOL_PACKET, libc::PACKET_QDISC_BYPASS, 1);
+        let buf = libc::c_int::try_from(sndbuf).unwrap_or(libc::c_int::MAX);
+        if set_int(fd.as_fd(), libc::SOL_SOCKET, libc::SO_SNDBUFFORCE, buf).is_err() {
+            set_int(fd.as_fd(), libc::SOL_SOCKET, libc::SO_SNDBUF, buf)?;
+        }
+        bind(fd.as_fd(), &link_addr(ifindex, 0))?;
+        Ok(TxSocket { fd })
+    }
+
+    /// Sends one frame at once (neighbour traffic, not the data path).
+    pub(crate) fn send_one(&self, to: &libc::sockaddr_ll, frame: &[u8]) -> io::Result<()> {
+        // SAFETY: frame and `to` are live for the call; lengths are passed.
+        let r = unsafe {
+            libc::sendto(
+                self.fd.as_raw_fd(),
+                frame.as_ptr().cast(),
+                frame.len(),
+                0,
+                std::ptr::from_ref(to).cast(),
+                libc::socklen_t::try_from(std::mem::size_of::<libc::sockaddr_ll>()).unwrap_or(20),
+            )
+        };
+        if r < 0 {
+            Err(io::Error::last_os_error())
+        } else {
+            Ok(())
+        }
+    }
+}
+
+impl AsFd for TxSocket {
+    fn as_fd(&self) -> BorrowedFd<'_> {
+        self.fd.as_fd()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_sysfs_mac() {
+        assert_eq!(
+            parse_mac("a2:2a:ac:12:00:03"),
+            Some([0xa2, 0x2a, 0xac, 0x12, 0, 3])
+        );
+        assert_eq!(parse_mac("a2:2a:ac:12:00"), None);
+        assert_eq!(parse_mac("a2:2a:ac:12:00:03:04"), None);
+        assert_eq!(parse_mac(""), None);
+    }
+}

@@ -1,0 +1,139 @@
+//! The tunnel socket: UDP on the gateway's pod address, port 4790 by default. Every worker opens its own
+//! socket on the same address with `SO_REUSEPORT`; the kernel spreads the nodes' datagrams over them by
+//! their 4-tuple (a node's vxlan device picks the outer source port from a hash of the inner flow, so one
+//! flow stays on one worker).
+
+use std::io;
+use std::net::{Ipv4Addr, SocketAddrV4};
+use std::os::fd::{AsFd, BorrowedFd};
+
+use socket2::{Domain, Protocol, SockAddr, Socket, Type};
+
+/// One worker's tunnel socket.
+#[derive(Debug)]
+pub(crate) struct TunnelSocket {
+    socket: Socket,
+}
+
+impl TunnelSocket {
+    /// Binds `listen` with `SO_REUSEPORT` and large buffers.
+    pub(crate) fn open(listen: SocketAddrV4, buffer: usize) -> io::Result<TunnelSocket> {
+        let socket = Socket::new(Domain::IPV4, Type::DGRAM.cloexec(), Some(Protocol::UDP))?;
+        socket.set_reuse_port(true)?;
+        set_buffers(&socket, buffer);
+        socket.bind(&SockAddr::from(listen)).map_err(|e| {
+            io::Error::new(
+                e.kind(),
+                format!(
+                    "cannot bind the tunnel socket to {listen}: {e} (is that address configured on an \
+                     interface of this network namespace, and is no other program using the port?)"
+                ),
+            )
+        })?;
+        Ok(TunnelSocket { socket })
+    }
+}
+
+/// Asks for `bytes` of socket buffer, beyond `net.core.{r,w}mem_max` when we may (CAP_NET_ADMIN).
+fn set_buffers(socket: &Socket, bytes: usize) {
+    use std::os::fd::AsRawFd;
+    let v = libc::c_int::try_from(bytes).unwrap_or(libc::c_int::MAX);
+    for (force, plain) in [
+        (libc::SO_RCVBUFFORCE, libc::SO_RCVBUF),
+        (libc::SO_SNDBUFFORCE, libc::SO_SNDBUF),
+    ] {
+        for opt in [force, plain] {
+            // SAFETY: v is a live c_int and its size is passed.
+            let r = unsafe {
+                libc::setsockopt(
+                    socket.as_raw_fd(),
+                    libc::SOL_SOCKET,
+                    opt,
+                    (&raw const v).cast(),
+                    libc::socklen_t::try_from(std::mem::size_of::<libc::c_int>()).unwrap_or(4),
+                )
+            };
+            if r == 0 {
+                break;
+            }
+        }
+    }
+}
+
+impl AsFd for TunnelSocket {
+    fn as_fd(&self) -> BorrowedFd<'_> {
+        self.socket.as_fd()
+    }
+}
+
+/// A zeroed IPv4 socket address for receive batches.
+pub(crate) fn empty_sockaddr_in() -> libc::sockaddr_in {
+    // SAFETY: sockaddr_in is plain old data.
+    unsafe { std::mem::zeroed() }
+}
+
+/// The IPv4 socket address `ip:port`.
+pub(crate) fn sockaddr_in(ip: Ipv4Addr, port: u16) -> libc::sockaddr_in {
+    let mut a = empty_sockaddr_in();
+    a.sin_family = libc::sa_family_t::try_from(libc::AF_INET).unwrap_or(2);
+    a.sin_port = port.to_be();
+    a.sin_addr = libc::in_addr {
+        s_addr: u32::from(ip).to_be(),
+    };
+    a
+}
+
+/// The address and port of a received `sockaddr_in`.
+pub(crate) fn from_sockaddr_in(a: &libc::sockaddr_in) -> (Ipv4Addr, u16) {
+    (
+        Ipv4Addr::from(u32::from_be(a.sin_addr.s_addr)),
+        u16::from_be(a.sin_port),
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sockaddr_round_trip() {
+        let a = sockaddr_in(Ipv4Addr::new(172, 18, 0, 11), 4790);
+        assert_eq!(from_sockaddr_in(&a), (Ipv4Addr::new(172, 18, 0, 11), 4790));
+    }
+
+    #[test]
+    fn two_workers_share_a_port_and_exchange_a_batch() {
+        use super::super::mmsg::{RecvBatch, SendBatch, SlotLayout};
+        let a = TunnelSocket::open(SocketAddrV4::new(Ipv4Addr::LOCALHOST, 0), 1 << 20).unwrap();
+        let local = a.socket.local_addr().unwrap().as_socket_ipv4().unwrap();
+        let b = TunnelSocket::open(local, 1 << 20).unwrap();
+        drop(b);
+        let mut tx = SendBatch::new(4, empty_sockaddr_in());
+        let msgs: [&[u8]; 3] = [b"one", b"two", b"three"];
+        for m in msgs {
+            tx.push(sockaddr_in(*local.ip(), local.port()), m);
+        }
+        let f = tx.flush(a.as_fd());
+        assert_eq!((f.sent, f.failed), (3, 0));
+        let layout = SlotLayout {
+            slot: 64,
+            headroom: 8,
+            max_len: 32,
+            prefix: 0,
+        };
+        let mut rx = RecvBatch::new(8, layout, empty_sockaddr_in());
+        let mut got = 0;
+        for _ in 0..100 {
+            got += rx.recv(a.as_fd(), 8).unwrap();
+            if got == 3 {
+                break;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
+        assert_eq!(got, 3);
+        let r = rx.received(2);
+        let slab = rx.slab_mut();
+        assert_eq!(&slab[2 * 64 + 8..2 * 64 + 8 + r.len], b"three");
+        assert_eq!(from_sockaddr_in(rx.name(0)).0, Ipv4Addr::LOCALHOST);
+    }
+}

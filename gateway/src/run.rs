@@ -1,0 +1,418 @@
+//! `egress-gateway run`: start-up, the control loop, reload and drain.
+//!
+//! Start-up: read the configuration, look the uplink interfaces up, build the pipeline's `Gateway` (and with
+//! it the flow table and port pools), open the HTTP endpoints, start the workers (each opens its own
+//! sockets), ask for the next hops' MACs, and turn readiness on.
+//!
+//! The control loop (this thread), every 10 ms: sweep expired flows; every 200 ms: neighbour housekeeping;
+//! every second: look for a changed configuration file. SIGHUP or a changed file reloads: an invalid file,
+//! or one that changes what needs a restart, is refused with the reason and the running configuration
+//! stays; otherwise a new `Gateway` over the same flow table replaces the old one in every worker, so
+//! established flows go on. SIGTERM (or SIGINT) turns readiness off at once, refuses new flows, keeps
+//! forwarding established ones for `drain_seconds`, then stops the workers and exits 0; a second signal
+//! exits at once.
+
+use std::net::IpAddr;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{mpsc, Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime};
+
+use forwarder_core::pipeline::Gateway;
+
+use crate::config::{self, GatewayConfig, LogFormat};
+use crate::http::{self, Response};
+use crate::io::packet::{Interface, TxSocket};
+use crate::neighbour;
+use crate::telemetry::{self, Telemetry};
+use crate::worker::{Shared, UplinkIo, Worker};
+
+/// Flow-table slots swept per 10 ms tick: the whole default table (2^20) every ~2.5 s.
+const EXPIRE_BUDGET: usize = 4096;
+const TICK: Duration = Duration::from_millis(10);
+const NEIGHBOUR_EVERY: Duration = Duration::from_millis(200);
+const WATCH_EVERY: Duration = Duration::from_secs(1);
+
+/// Why the gateway could not start.
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum RunError {
+    #[error("{0}")]
+    Config(config::ConfigErrors),
+    #[error("{0}")]
+    Setup(String),
+}
+
+fn setup(e: impl std::fmt::Display) -> RunError {
+    RunError::Setup(e.to_string())
+}
+
+/// Runs the gateway until SIGTERM/SIGINT and the drain are over.
+pub(crate) fn run(path: &Path) -> Result<(), RunError> {
+    let cfg = GatewayConfig::load(path).map_err(RunError::Config)?;
+    telemetry::init_logs(cfg.log_format == LogFormat::Json);
+
+    let mut uplinks = Vec::with_capacity(cfg.uplinks.len());
+    for u in &cfg.uplinks {
+        let link = Interface::by_name(&u.interface)
+            .map_err(|e| setup(format!("{}: uplink {}: {e}", path.display(), u.name)))?;
+        if u32::from(u.mtu) > link.mtu {
+            tracing::warn!(uplink = %u.name, interface = %u.interface, configured = u.mtu, actual = link.mtu,
+                "uplink mtu is larger than the interface's; frames that large will be refused by the kernel");
+        }
+        uplinks.push(UplinkIo {
+            name: u.name.clone(),
+            interface: u.interface.clone(),
+            link,
+            egress: u.egress_ips.clone(),
+            mtu: u.mtu,
+        });
+    }
+    let seed = random_u64();
+    let gateway = Gateway::new(cfg.pipeline(Some(seed)), cfg.conntrack, cfg.ports)
+        .map_err(|e| setup(format!("{}: {e}", path.display())))?;
+    let workers = if cfg.workers == 0 {
+        std::thread::available_parallelism().map_or(1, std::num::NonZero::get)
+    } else {
+        cfg.workers
+    };
+    let shared = Arc::new(Shared {
+        gateway: Mutex::new(Arc::new(gateway)),
+        gateway_generation: AtomicU64::new(0),
+        neighbours: neighbour::Neighbours::default(),
+        uplinks,
+        tunnel_listen: cfg.tunnel.listen,
+        tunnel_mtu: cfg.tunnel.mtu,
+        reports: (0..workers).map(|_| Mutex::new(None)).collect(),
+        stop: AtomicBool::new(false),
+        epoch: Instant::now(),
+    });
+    let telemetry = Arc::new(Telemetry::new());
+    let heartbeat = Arc::new(AtomicU64::new(0));
+    start_http(&cfg, &shared, &telemetry, &heartbeat)?;
+
+    // Signals only set flags; the control loop acts on them.
+    let hup = Arc::new(AtomicBool::new(false));
+    let term = Arc::new(AtomicBool::new(false));
+    for (sig, flag) in [
+        (signal_hook::consts::SIGHUP, &hup),
+        (signal_hook::consts::SIGTERM, &term),
+        (signal_hook::consts::SIGINT, &term),
+    ] {
+        signal_hook::flag::register(sig, Arc::clone(flag)).map_err(setup)?;
+    }
+
+    let threads = start_workers(&shared, workers)?;
+    let control_tx: Vec<TxSocket> = shared
+        .uplinks
+        .iter()
+        .map(|u| TxSocket::open(u.link.index, 1 << 20))
+        .collect::<Result<_, _>>()
+        .map_err(setup)?;
+    let mut control = Control {
+        path: path.to_path_buf(),
+        cfg,
+        seed,
+        shared: Arc::clone(&shared),
+        telemetry: Arc::clone(&telemetry),
+        control_tx,
+        watched: file_stamp(path),
+        scratch: [0; neighbour::MAX_FRAME],
+    };
+    control.resolve_next_hops();
+    telemetry.ready.store(true, Ordering::Relaxed);
+    tracing::info!(
+        config = %path.display(),
+        tunnel = %control.cfg.tunnel.listen,
+        workers,
+        uplinks = ?control.shared.uplinks.iter().map(|u| format!("{}={}", u.name, u.interface)).collect::<Vec<_>>(),
+        "forwarding"
+    );
+
+    let mut drain_until: Option<Instant> = None;
+    let mut last_neighbours = Instant::now();
+    let mut last_watch = Instant::now();
+    loop {
+        std::thread::sleep(TICK);
+        heartbeat.store(millis_since(shared.epoch), Ordering::Relaxed);
+        let now = shared.now();
+        shared.gateway().expire(now, EXPIRE_BUDGET);
+        if last_neighbours.elapsed() >= NEIGHBOUR_EVERY {
+            last_neighbours = Instant::now();
+            control.neighbours();
+        }
+        if hup.swap(false, Ordering::Relaxed) {
+            control.reload("SIGHUP");
+        }
+        if last_watch.elapsed() >= WATCH_EVERY {
+            last_watch = Instant::now();
+            let stamp = file_stamp(&control.path);
+            if stamp != control.watched {
+                control.watched = stamp;
+                control.reload("the file changed");
+            }
+        }
+        if term.swap(false, Ordering::Relaxed) {
+            if drain_until.is_some() {
+                tracing::warn!("second signal: stopping without waiting for the drain to end");
+                break;
+            }
+            let drain = control.cfg.drain;
+            telemetry.ready.store(false, Ordering::Relaxed);
+            telemetry.draining.store(true, Ordering::Relaxed);
+            shared.gateway().set_draining(true);
+            drain_until = Some(Instant::now() + drain);
+            tracing::info!(
+                seconds = drain.as_secs(),
+                "draining: readiness off, new flows refused, established flows forwarded"
+            );
+        }
+        if drain_until.is_some_and(|t| Instant::now() >= t) {
+            tracing::info!("drain period over");
+            break;
+        }
+        if threads.iter().any(std::thread::JoinHandle::is_finished) {
+            shared.stop.store(true, Ordering::Relaxed);
+            let mut msg = String::from("a worker stopped");
+            for t in threads {
+                if let Ok(Err(e)) = t.join() {
+                    msg = format!("a worker stopped: {e}");
+                }
+            }
+            return Err(RunError::Setup(msg));
+        }
+    }
+    shared.stop.store(true, Ordering::Relaxed);
+    for t in threads {
+        let _ = t.join();
+    }
+    let flows = shared.gateway().table().len();
+    tracing::info!(flows_left = flows, "stopped");
+    Ok(())
+}
+
+/// Starts `n` workers; each opens its sockets first and reports, so that a failure stops the start-up
+/// with its reason.
+fn start_workers(
+    shared: &Arc<Shared>,
+    n: usize,
+) -> Result<Vec<std::thread::JoinHandle<std::io::Result<()>>>, RunError> {
+    let (tx, rx) = mpsc::channel();
+    let mut threads = Vec::with_capacity(n);
+    for id in 0..n {
+        let shared = Arc::clone(shared);
+        let tx = tx.clone();
+        let seed = random_u64();
+        let t = std::thread::Builder::new()
+            .name(format!("worker-{id}"))
+            .spawn(move || match Worker::open(id, shared, seed) {
+                Ok(w) => {
+                    let _ = tx.send(Ok(()));
+                    w.run()
+                }
+                Err(e) => {
+                    let msg = format!("worker {id}: {e}");
+                    let _ = tx.send(Err(msg.clone()));
+                    Err(std::io::Error::other(msg))
+                }
+            })
+            .map_err(setup)?;
+        threads.push(t);
+    }
+    drop(tx);
+    for _ in 0..n {
+        match rx.recv() {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => {
+                shared.stop.store(true, Ordering::Relaxed);
+                return Err(RunError::Setup(e));
+            }
+            Err(_) => return Err(RunError::Setup("a worker failed to start".into())),
+        }
+    }
+    Ok(threads)
+}
+
+fn start_http(
+    cfg: &GatewayConfig,
+    shared: &Arc<Shared>,
+    telemetry: &Arc<Telemetry>,
+    heartbeat: &Arc<AtomicU64>,
+) -> Result<(), RunError> {
+    let health = {
+        let telemetry = Arc::clone(telemetry);
+        let shared = Arc::clone(shared);
+        let heartbeat = Arc::clone(heartbeat);
+        move |path: &str| -> Option<Response> {
+            match path {
+                "/readiness" | "/readyz" => Some(if telemetry.draining.load(Ordering::Relaxed) {
+                    Response::text(503, "draining\n")
+                } else if telemetry.ready.load(Ordering::Relaxed) {
+                    Response::text(200, "ready\n")
+                } else {
+                    Response::text(503, "starting\n")
+                }),
+                "/livez" | "/healthz" => {
+                    let stale = millis_since(shared.epoch)
+                        .saturating_sub(heartbeat.load(Ordering::Relaxed));
+                    Some(if stale < 5000 {
+                        Response::text(200, "ok\n")
+                    } else {
+                        Response::text(503, format!("control loop stalled for {stale} ms\n"))
+                    })
+                }
+                _ => None,
+            }
+        }
+    };
+    let metrics = {
+        let telemetry = Arc::clone(telemetry);
+        let shared = Arc::clone(shared);
+        move |path: &str| -> Option<Response> {
+            (path == "/metrics").then(|| Response {
+                status: 200,
+                content_type: "text/plain; version=0.0.4; charset=utf-8",
+                body: telemetry.render(&shared),
+            })
+        }
+    };
+    let not_found = || Response::text(404, "not found: try /readiness, /livez or /metrics\n");
+    if cfg.health_listen == cfg.metrics_listen {
+        let h: http::Handler =
+            Arc::new(move |p| health(p).or_else(|| metrics(p)).unwrap_or_else(not_found));
+        http::serve("health+metrics", cfg.health_listen, h).map_err(setup)?;
+    } else {
+        let h: http::Handler = Arc::new(move |p| health(p).unwrap_or_else(not_found));
+        http::serve("health", cfg.health_listen, h).map_err(setup)?;
+        let m: http::Handler = Arc::new(move |p| metrics(p).unwrap_or_else(not_found));
+        http::serve("metrics", cfg.metrics_listen, m).map_err(setup)?;
+    }
+    Ok(())
+}
+
+struct Control {
+    path: PathBuf,
+    cfg: GatewayConfig,
+    seed: u64,
+    shared: Arc<Shared>,
+    telemetry: Arc<Telemetry>,
+    control_tx: Vec<TxSocket>,
+    watched: Option<(SystemTime, u64)>,
+    scratch: [u8; neighbour::MAX_FRAME],
+}
+
+impl Control {
+    /// Asks for the MACs of the configured routers now, so that the first packets need not wait.
+    fn resolve_next_hops(&mut self) {
+        let now = Instant::now();
+        let hops: Vec<(usize, IpAddr)> = self
+            .cfg
+            .uplinks
+            .iter()
+            .enumerate()
+            .flat_map(|(u, spec)| {
+                [
+                    spec.next_hop.map(IpAddr::V4),
+                    spec.next_hop_v6.map(IpAddr::V6),
+                ]
+                .into_iter()
+                .flatten()
+                .map(move |hop| (u, hop))
+            })
+            .collect();
+        for (u, hop) in hops {
+            let id = u8::try_from(u).unwrap_or(u8::MAX);
+            if self.shared.neighbours.get(id, hop).is_none()
+                && self.shared.neighbours.want(id, hop, now)
+            {
+                self.send_request(u, hop, None);
+            }
+        }
+    }
+
+    fn send_request(&mut self, u: usize, ip: IpAddr, known: Option<[u8; 6]>) {
+        let (Some(up), Some(tx)) = (self.shared.uplinks.get(u), self.control_tx.get(u)) else {
+            return;
+        };
+        let Some(src) = up.source_for(ip) else { return };
+        if let Some(n) = neighbour::request(ip, src, up.link.mac, known, &mut self.scratch) {
+            let to = crate::io::packet::link_addr(up.link.index, 0);
+            if let Err(e) = tx.send_one(&to, &self.scratch[..n]) {
+                tracing::warn!(uplink = %up.name, %ip, error = %e, "cannot send a neighbour request");
+            }
+        }
+    }
+
+    fn neighbours(&mut self) {
+        for p in self.shared.neighbours.maintain(Instant::now()) {
+            self.send_request(usize::from(p.uplink), p.ip, p.known);
+        }
+        self.resolve_next_hops();
+    }
+
+    fn reload(&mut self, why: &str) {
+        let refuse = |t: &Telemetry, msg: String| {
+            t.reloads_refused.fetch_add(1, Ordering::Relaxed);
+            tracing::error!(
+                "configuration reload ({why}) refused; the running configuration stays: {msg}"
+            );
+        };
+        let new = match GatewayConfig::load(&self.path) {
+            Ok(c) => c,
+            Err(errors) => return refuse(&self.telemetry, format!("\n{errors}")),
+        };
+        if new == self.cfg {
+            tracing::info!("configuration reload ({why}): nothing changed");
+            return;
+        }
+        let restart = config::restart_needed(&self.cfg, &new);
+        if !restart.is_empty() {
+            return refuse(
+                &self.telemetry,
+                format!(
+                    "changing {} needs a restart of the gateway",
+                    restart.join(", ")
+                ),
+            );
+        }
+        let table = Arc::clone(self.shared.gateway().table());
+        let gw = match Gateway::with_table(new.pipeline(Some(self.seed)), table) {
+            Ok(g) => g,
+            Err(e) => return refuse(&self.telemetry, e.to_string()),
+        };
+        gw.set_draining(self.telemetry.draining.load(Ordering::Relaxed));
+        self.shared.set_gateway(Arc::new(gw));
+        self.cfg = new;
+        self.telemetry
+            .reloads_applied
+            .fetch_add(1, Ordering::Relaxed);
+        tracing::info!(
+            routes = self.cfg.route_count(),
+            "configuration reloaded ({why}); established flows kept"
+        );
+        self.resolve_next_hops();
+    }
+}
+
+/// What identifies a version of the file: its modification time and size (ConfigMap updates replace a
+/// symlink; `metadata` follows it).
+fn file_stamp(path: &Path) -> Option<(SystemTime, u64)> {
+    let m = std::fs::metadata(path).ok()?;
+    Some((m.modified().ok()?, m.len()))
+}
+
+fn millis_since(t: Instant) -> u64 {
+    u64::try_from(t.elapsed().as_millis()).unwrap_or(u64::MAX)
+}
+
+fn random_u64() -> u64 {
+    let mut b = [0u8; 8];
+    // Without the OS's randomness, fall back to the clock: worse port randomness, not a failure.
+    if getrandom::fill(&mut b).is_err() {
+        let t = SystemTime::now()
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos());
+        #[allow(clippy::cast_possible_truncation)] // any 64 bits of the clock do
+        return t as u64 ^ u64::from(std::process::id());
+    }
+    u64::from_ne_bytes(b)
+}

@@ -1,0 +1,301 @@
+//! Metrics (Prometheus, through the `metrics` facade) and logs.
+//!
+//! Workers keep plain counters and copy them to `Shared::reports` every 100 ms; a scrape turns the latest
+//! copies into metric values ([`Telemetry::render`]), so the data path never touches the recorder. The
+//! metric names and labels are listed in `docs/metrics.md`; a test keeps the two in sync.
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, PoisonError};
+
+use forwarder_core::Reason;
+use metrics::{counter, describe_counter, describe_gauge, gauge, Unit};
+use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle, PrometheusRecorder};
+
+use crate::io::IoDrop;
+use crate::worker::Shared;
+
+/// Every metric: name, kind (`counter`/`gauge`), help. `docs/metrics.md` describes each.
+pub(crate) const METRICS: &[(&str, &str, &str)] = &[
+    (
+        "egress_gateway_packets_total",
+        "counter",
+        "Packets by direction (tunnel_rx, tunnel_tx, uplink_rx, uplink_tx), uplink and worker.",
+    ),
+    (
+        "egress_gateway_bytes_total",
+        "counter",
+        "IP bytes by direction, uplink and worker.",
+    ),
+    (
+        "egress_gateway_drops_total",
+        "counter",
+        "Packets dropped, by reason (see docs/drop-reasons.md) and worker.",
+    ),
+    (
+        "egress_gateway_flows_created_total",
+        "counter",
+        "Flows (NAT mappings) created, by worker.",
+    ),
+    (
+        "egress_gateway_icmp_errors_originated_total",
+        "counter",
+        "ICMP errors the gateway sent (time exceeded, fragmentation needed, prohibited).",
+    ),
+    (
+        "egress_gateway_icmp_errors_suppressed_total",
+        "counter",
+        "ICMP errors not sent because of the rate limit.",
+    ),
+    (
+        "egress_gateway_local_replies_total",
+        "counter",
+        "ARP and ping answers for the gateway's tunnel address.",
+    ),
+    (
+        "egress_gateway_gso_segmented_total",
+        "counter",
+        "GSO super-packets received on uplinks and segmented in software.",
+    ),
+    (
+        "egress_gateway_checksums_completed_total",
+        "counter",
+        "Partial (offloaded) checksums completed in software.",
+    ),
+    (
+        "egress_gateway_batches_total",
+        "counter",
+        "recvmmsg batches processed, by worker.",
+    ),
+    (
+        "egress_gateway_wakeups_total",
+        "counter",
+        "Worker poll wake-ups, by worker.",
+    ),
+    (
+        "egress_gateway_conntrack_entries",
+        "gauge",
+        "Flow-table entries in use.",
+    ),
+    (
+        "egress_gateway_conntrack_capacity",
+        "gauge",
+        "Flow-table capacity (conntrack.max_entries).",
+    ),
+    (
+        "egress_gateway_conntrack_refused_total",
+        "counter",
+        "New flows refused, by reason (full, source_quota, ports_exhausted, no_pool).",
+    ),
+    (
+        "egress_gateway_ports_in_use",
+        "gauge",
+        "External ports in use, by egress IP and protocol.",
+    ),
+    (
+        "egress_gateway_ports_capacity",
+        "gauge",
+        "External ports available per egress IP and protocol.",
+    ),
+    (
+        "egress_gateway_neighbours",
+        "gauge",
+        "Uplink neighbour cache entries, by state (resolved, incomplete).",
+    ),
+    (
+        "egress_gateway_neighbour_failures_total",
+        "counter",
+        "Neighbour resolutions that got no answer.",
+    ),
+    (
+        "egress_gateway_ready",
+        "gauge",
+        "1 when /readiness answers 200.",
+    ),
+    (
+        "egress_gateway_draining",
+        "gauge",
+        "1 while draining after SIGTERM.",
+    ),
+    (
+        "egress_gateway_config_reloads_total",
+        "counter",
+        "Configuration reloads, by result (applied, refused).",
+    ),
+    ("egress_gateway_workers", "gauge", "Worker threads."),
+];
+
+/// The process's metrics state.
+pub(crate) struct Telemetry {
+    recorder: PrometheusRecorder,
+    handle: PrometheusHandle,
+    pub(crate) ready: AtomicBool,
+    pub(crate) draining: AtomicBool,
+    pub(crate) reloads_applied: AtomicU64,
+    pub(crate) reloads_refused: AtomicU64,
+}
+
+impl std::fmt::Debug for Telemetry {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Telemetry").finish_non_exhaustive()
+    }
+}
+
+impl Telemetry {
+    /// A recorder of our own (not the global one, so that tests can make several).
+    pub(crate) fn new() -> Telemetry {
+        let recorder = PrometheusBuilder::new().build_recorder();
+        let handle = recorder.handle();
+        let t = Telemetry {
+            recorder,
+            handle,
+            ready: AtomicBool::new(false),
+            draining: AtomicBool::new(false),
+            reloads_applied: AtomicU64::new(0),
+            reloads_refused: AtomicU64::new(0),
+        };
+        metrics::with_local_recorder(&t.recorder, || {
+            for (name, kind, help) in METRICS {
+                if *kind == "counter" {
+                    describe_counter!(*name, Unit::Count, *help);
+                } else {
+                    describe_gauge!(*name, *help);
+                }
+            }
+        });
+        t
+    }
+
+    /// Updates every metric from the workers' latest reports and renders the Prometheus text.
+    pub(crate) fn render(&self, shared: &Arc<Shared>) -> String {
+        metrics::with_local_recorder(&self.recorder, || self.update(shared));
+        self.handle.render()
+    }
+
+    fn update(&self, shared: &Arc<Shared>) {
+        let gw = shared.gateway();
+        for (w, slot) in shared.reports.iter().enumerate() {
+            let Some(r) = slot.lock().unwrap_or_else(PoisonError::into_inner).clone() else {
+                continue;
+            };
+            let worker = w.to_string();
+            let s = &r.pipeline;
+            for (dir, c) in [("tunnel_rx", s.tunnel_rx), ("tunnel_tx", s.tunnel_tx)] {
+                let labels = [
+                    ("direction", dir.to_string()),
+                    ("uplink", String::new()),
+                    ("worker", worker.clone()),
+                ];
+                counter!("egress_gateway_packets_total", &labels).absolute(c.packets);
+                counter!("egress_gateway_bytes_total", &labels).absolute(c.bytes);
+            }
+            for (u, up) in shared.uplinks.iter().enumerate() {
+                for (dir, list) in [("uplink_rx", &s.uplink_rx), ("uplink_tx", &s.uplink_tx)] {
+                    let c = list.get(u).copied().unwrap_or_default();
+                    let labels = [
+                        ("direction", dir.to_string()),
+                        ("uplink", up.name.clone()),
+                        ("worker", worker.clone()),
+                    ];
+                    counter!("egress_gateway_packets_total", &labels).absolute(c.packets);
+                    counter!("egress_gateway_bytes_total", &labels).absolute(c.bytes);
+                }
+            }
+            for reason in Reason::ALL {
+                let labels = [
+                    ("reason", reason.name().to_string()),
+                    ("worker", worker.clone()),
+                ];
+                counter!("egress_gateway_drops_total", &labels).absolute(s.dropped(*reason));
+            }
+            for reason in IoDrop::ALL {
+                let labels = [
+                    ("reason", reason.name().to_string()),
+                    ("worker", worker.clone()),
+                ];
+                counter!("egress_gateway_drops_total", &labels)
+                    .absolute(r.io_drops[reason.index()]);
+            }
+            let wl = [("worker", worker.clone())];
+            counter!("egress_gateway_flows_created_total", &wl).absolute(s.flows_created);
+            counter!("egress_gateway_icmp_errors_originated_total", &wl)
+                .absolute(s.icmp_originated);
+            counter!("egress_gateway_icmp_errors_suppressed_total", &wl)
+                .absolute(s.icmp_suppressed);
+            counter!("egress_gateway_local_replies_total", &wl).absolute(s.local_replies);
+            counter!("egress_gateway_gso_segmented_total", &wl).absolute(r.gso_segmented);
+            counter!("egress_gateway_checksums_completed_total", &wl)
+                .absolute(r.checksums_completed);
+            counter!("egress_gateway_batches_total", &wl).absolute(r.batches);
+            counter!("egress_gateway_wakeups_total", &wl).absolute(r.wakeups);
+        }
+        let table = gw.table();
+        gauge!("egress_gateway_conntrack_entries").set(f64_of(table.len()));
+        gauge!("egress_gateway_conntrack_capacity").set(f64_of(table.capacity()));
+        let refused = table.refused();
+        for (reason, v) in [
+            ("full", refused.full),
+            ("source_quota", refused.source_quota),
+            ("ports_exhausted", refused.ports_exhausted),
+            ("no_pool", refused.no_pool),
+        ] {
+            counter!("egress_gateway_conntrack_refused_total", "reason" => reason).absolute(v);
+        }
+        for p in table.pools().usage() {
+            let labels = [
+                ("egress_ip", p.ip.to_string()),
+                ("proto", format!("{:?}", p.proto).to_lowercase()),
+            ];
+            gauge!("egress_gateway_ports_in_use", &labels).set(f64::from(p.in_use));
+            gauge!("egress_gateway_ports_capacity", &labels).set(f64::from(p.capacity));
+        }
+        let n = shared.neighbours.counts();
+        gauge!("egress_gateway_neighbours", "state" => "resolved").set(n.resolved as f64);
+        gauge!("egress_gateway_neighbours", "state" => "incomplete").set(n.incomplete as f64);
+        counter!("egress_gateway_neighbour_failures_total").absolute(n.failed);
+        gauge!("egress_gateway_ready").set(f64::from(u8::from(self.ready.load(Ordering::Relaxed))));
+        gauge!("egress_gateway_draining")
+            .set(f64::from(u8::from(self.draining.load(Ordering::Relaxed))));
+        counter!("egress_gateway_config_reloads_total", "result" => "applied")
+            .absolute(self.reloads_applied.load(Ordering::Relaxed));
+        counter!("egress_gateway_config_reloads_total", "result" => "refused")
+            .absolute(self.reloads_refused.load(Ordering::Relaxed));
+        gauge!("egress_gateway_workers").set(f64_of(shared.reports.len()));
+    }
+}
+
+#[allow(clippy::cast_precision_loss)] // gauges of counts far below 2^52
+fn f64_of(n: usize) -> f64 {
+    n as f64
+}
+
+/// Starts logging to stderr: `text` (human) or `json` (one object per line), level from `RUST_LOG`
+/// (default `info`).
+pub(crate) fn init_logs(json: bool) {
+    use tracing_subscriber::EnvFilter;
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    let b = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_target(false);
+    let _ = if json {
+        b.json().flatten_event(true).try_init()
+    } else {
+        b.try_init()
+    };
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_metric_is_documented() {
+        let doc = include_str!("../../docs/metrics.md");
+        for (name, _, _) in METRICS {
+            assert!(
+                doc.contains(&format!("`{name}`")),
+                "docs/metrics.md does not describe `{name}`"
+            );
+        }
+    }
+}

@@ -1,0 +1,1010 @@
+//! One worker thread: its own tunnel socket and packet sockets, run to completion in batches.
+//!
+//! A round: wait (mio) until a socket is readable or 10 ms pass; then for each readable socket receive one
+//! batch with `recvmmsg`, hand it to the pipeline's batch call, and send what it produced with one
+//! `sendmmsg` per destination socket. Sockets that returned a full batch are served again before waiting.
+//!
+//! Tunnel → uplink: a VXLAN datagram from a node → `Worker::outbound_batch` → `Forward` frames get the
+//! next hop's MAC from the worker's private neighbour copy and go out of the uplink's packet socket.
+//! Uplink → tunnel: a frame from the DMZ or internal VLAN (checksum completed or GSO segmented first, see
+//! `io::offload`) → `Worker::inbound_batch` → `ToTunnel` datagrams go back to the node. ARP/NDP frames go
+//! to `neighbour`.
+
+use std::net::{IpAddr, Ipv4Addr, SocketAddrV4};
+use std::os::fd::{AsFd, AsRawFd};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::{Duration, Instant};
+
+use forwarder_core::flow::UplinkId;
+use forwarder_core::pipeline::{
+    Action, Gateway, Stats, TunnelPacket, UplinkPacket, Worker as Pipeline, INBOUND_HEADROOM,
+};
+use forwarder_core::wire::ethernet::{self, MacAddr};
+use mio::unix::SourceFd;
+use mio::{Events, Interest, Poll, Token};
+
+use crate::io::mmsg::{RecvBatch, SendBatch, SlotLayout};
+use crate::io::offload::{self, OffloadError, VnetHdr};
+use crate::io::packet::{self, Interface, RxSocket, TxSocket, VNET_HDR_LEN};
+use crate::io::tunnel::{self, TunnelSocket};
+use crate::io::IoDrop;
+use crate::neighbour::{self, LocalNeighbours, Neighbours};
+
+/// Datagrams or frames per system call.
+pub(crate) const BATCH: usize = 64;
+/// Batches served per socket before the others get a turn.
+const ROUNDS_PER_WAKE: usize = 4;
+/// Room behind a packet for the ICMP error the pipeline may build in its place.
+const ICMP_ROOM: usize = 1536;
+/// Largest frame a packet socket hands over (a GSO super-packet).
+const MAX_UPLINK_FRAME: usize = 65536 + 14 + 4;
+/// Segments of one GSO super-packet a worker can hold.
+const MAX_SEGMENTS: usize = 128;
+/// Frames a worker keeps while their next hop is being resolved.
+const MAX_WAITING: usize = 256;
+/// How often a worker publishes its counters.
+const PUBLISH_EVERY: Duration = Duration::from_millis(100);
+
+/// One uplink as the I/O layer sees it.
+#[derive(Debug, Clone)]
+pub(crate) struct UplinkIo {
+    pub(crate) name: String,
+    pub(crate) interface: String,
+    pub(crate) link: Interface,
+    /// Egress addresses, for answering ARP/NDP and as the source of our requests.
+    pub(crate) egress: Vec<IpAddr>,
+    /// The MTU the pipeline uses for this uplink.
+    pub(crate) mtu: u16,
+}
+
+impl UplinkIo {
+    /// Our address of `ip`'s family, the source of requests for `ip`.
+    pub(crate) fn source_for(&self, ip: IpAddr) -> Option<IpAddr> {
+        self.egress
+            .iter()
+            .copied()
+            .find(|a| a.is_ipv4() == ip.is_ipv4())
+    }
+}
+
+/// What a worker publishes for metrics.
+#[derive(Debug, Clone)]
+pub(crate) struct Report {
+    pub(crate) pipeline: Stats,
+    pub(crate) io_drops: [u64; IoDrop::COUNT],
+    /// GSO super-packets received on the uplinks and segmented here.
+    pub(crate) gso_segmented: u64,
+    /// Partial checksums completed here.
+    pub(crate) checksums_completed: u64,
+    /// Wake-ups and batches, for judging batching efficiency.
+    pub(crate) wakeups: u64,
+    pub(crate) batches: u64,
+}
+
+/// State shared by the workers and the control thread.
+#[derive(Debug)]
+pub(crate) struct Shared {
+    /// The current gateway (replaced on reload) and a generation the workers watch.
+    pub(crate) gateway: Mutex<Arc<Gateway>>,
+    pub(crate) gateway_generation: AtomicU64,
+    pub(crate) neighbours: Neighbours,
+    pub(crate) uplinks: Vec<UplinkIo>,
+    pub(crate) tunnel_listen: SocketAddrV4,
+    pub(crate) tunnel_mtu: u16,
+    pub(crate) reports: Vec<Mutex<Option<Report>>>,
+    pub(crate) stop: AtomicBool,
+    pub(crate) epoch: Instant,
+}
+
+impl Shared {
+    /// The pipeline's clock: milliseconds since start.
+    pub(crate) fn now(&self) -> forwarder_core::Instant {
+        forwarder_core::Instant::from_millis(
+            u64::try_from(self.epoch.elapsed().as_millis()).unwrap_or(u64::MAX),
+        )
+    }
+
+    /// The current gateway.
+    pub(crate) fn gateway(&self) -> Arc<Gateway> {
+        Arc::clone(&self.gateway.lock().unwrap_or_else(PoisonError::into_inner))
+    }
+
+    /// Publishes a new gateway to the workers.
+    pub(crate) fn set_gateway(&self, gw: Arc<Gateway>) {
+        *self.gateway.lock().unwrap_or_else(PoisonError::into_inner) = gw;
+        self.gateway_generation.fetch_add(1, Ordering::Release);
+    }
+}
+
+/// One uplink's sockets and buffers in a worker.
+struct Port {
+    rx: RxSocket,
+    tx: TxSocket,
+    rx_batch: RecvBatch<libc::sockaddr_ll>,
+    tx_batch: SendBatch<libc::sockaddr_ll>,
+    /// `sockaddr_ll` for sending on this interface.
+    to: libc::sockaddr_ll,
+    mac: MacAddr,
+    ready: bool,
+}
+
+/// A frame waiting for its next hop's MAC.
+struct Waiting {
+    uplink: UplinkId,
+    next_hop: IpAddr,
+    frame: Vec<u8>,
+    since: Instant,
+}
+
+/// A worker thread's state.
+pub(crate) struct Worker {
+    id: usize,
+    shared: Arc<Shared>,
+    pipeline: Pipeline,
+    gateway_generation: u64,
+    tunnel: TunnelSocket,
+    tun_rx: RecvBatch<libc::sockaddr_in>,
+    tun_tx: SendBatch<libc::sockaddr_in>,
+    tun_ready: bool,
+    ports: Vec<Port>,
+    segments: Vec<u8>,
+    segment_slot: usize,
+    /// The smallest MTU of the tunnel and the uplinks: the size tunnel super-packets are cut to.
+    min_mtu: u16,
+    segment_lens: Vec<usize>,
+    neighbours: LocalNeighbours,
+    waiting: Vec<Waiting>,
+    io_drops: [u64; IoDrop::COUNT],
+    gso_segmented: u64,
+    checksums_completed: u64,
+    wakeups: u64,
+    batches: u64,
+    scratch: [u8; neighbour::MAX_FRAME],
+}
+
+impl std::fmt::Debug for Worker {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Worker").field("id", &self.id).finish()
+    }
+}
+
+fn round_up(n: usize, to: usize) -> usize {
+    n.div_ceil(to) * to
+}
+
+impl Worker {
+    /// Opens the worker's sockets: a tunnel socket on the shared address and, per uplink, a receiving
+    /// socket in the uplink's fanout group and a sending socket.
+    pub(crate) fn open(id: usize, shared: Arc<Shared>, seed: u64) -> std::io::Result<Worker> {
+        let gateway = shared.gateway();
+        let tunnel = TunnelSocket::open(shared.tunnel_listen, 8 << 20)?;
+        // A node's kernel hands TCP bursts to its vxlan device as 64 KiB GSO super-packets, and the UDP
+        // socket receives them whole: room for the largest, segmented here (see `segment_tunnel`).
+        let max_dgram = 8 + MAX_UPLINK_FRAME;
+        let tun_layout = SlotLayout {
+            slot: round_up(max_dgram + ICMP_ROOM, 64),
+            headroom: 0,
+            max_len: max_dgram,
+            prefix: 0,
+        };
+        let mut ports = Vec::with_capacity(shared.uplinks.len());
+        for (i, u) in shared.uplinks.iter().enumerate() {
+            // One fanout group per interface, unique to this process.
+            let group = u16::try_from((std::process::id() as usize + i) & 0xFFFF).unwrap_or(0);
+            let rx = RxSocket::open(u.link.index, group, 8 << 20).map_err(|e| {
+                std::io::Error::new(
+                    e.kind(),
+                    format!("uplink {} ({}): {e}", u.name, u.interface),
+                )
+            })?;
+            let tx = TxSocket::open(u.link.index, 8 << 20)?;
+            let layout = SlotLayout {
+                slot: round_up(INBOUND_HEADROOM + MAX_UPLINK_FRAME + ICMP_ROOM, 64),
+                headroom: INBOUND_HEADROOM,
+                max_len: MAX_UPLINK_FRAME,
+                prefix: VNET_HDR_LEN,
+            };
+            ports.push(Port {
+                rx,
+                tx,
+                rx_batch: RecvBatch::new(BATCH, layout, packet::link_addr(0, 0)),
+                tx_batch: SendBatch::new(BATCH * 2, packet::link_addr(0, 0)),
+                to: packet::link_addr(u.link.index, 0),
+                mac: u.link.mac,
+                ready: true,
+            });
+        }
+        let mtus = shared.uplinks.iter().map(|u| u.mtu);
+        let max_mtu = mtus
+            .clone()
+            .chain([shared.tunnel_mtu])
+            .max()
+            .unwrap_or(1500);
+        let min_mtu = mtus.chain([shared.tunnel_mtu]).min().unwrap_or(1500);
+        let segment_slot = round_up(8 + 14 + usize::from(max_mtu).max(1280) + ICMP_ROOM, 64);
+        let mut neighbours = LocalNeighbours::default();
+        neighbours.sync(&shared.neighbours);
+        Ok(Worker {
+            id,
+            pipeline: Pipeline::new(gateway, seed),
+            gateway_generation: shared.gateway_generation.load(Ordering::Acquire),
+            tunnel,
+            tun_rx: RecvBatch::new(BATCH, tun_layout, tunnel::empty_sockaddr_in()),
+            tun_tx: SendBatch::new(BATCH * 4, tunnel::empty_sockaddr_in()),
+            tun_ready: true,
+            ports,
+            segments: vec![0; segment_slot * MAX_SEGMENTS],
+            segment_slot,
+            min_mtu,
+            segment_lens: Vec::with_capacity(MAX_SEGMENTS),
+            neighbours,
+            waiting: Vec::new(),
+            io_drops: [0; IoDrop::COUNT],
+            gso_segmented: 0,
+            checksums_completed: 0,
+            wakeups: 0,
+            batches: 0,
+            scratch: [0; neighbour::MAX_FRAME],
+            shared,
+        })
+    }
+
+    /// Runs until `Shared::stop` is set.
+    pub(crate) fn run(mut self) -> std::io::Result<()> {
+        let mut poll = Poll::new()?;
+        let tun_fd = self.tunnel.as_fd().as_raw_fd();
+        poll.registry()
+            .register(&mut SourceFd(&tun_fd), Token(0), Interest::READABLE)?;
+        for (i, p) in self.ports.iter().enumerate() {
+            let fd = p.rx.as_fd().as_raw_fd();
+            poll.registry()
+                .register(&mut SourceFd(&fd), Token(i + 1), Interest::READABLE)?;
+        }
+        let mut events = Events::with_capacity(16);
+        let mut last_publish = Instant::now();
+        while !self.shared.stop.load(Ordering::Relaxed) {
+            let busy = self.tun_ready || self.ports.iter().any(|p| p.ready);
+            let timeout = if busy {
+                Duration::ZERO
+            } else {
+                Duration::from_millis(10)
+            };
+            if let Err(e) = poll.poll(&mut events, Some(timeout)) {
+                if e.kind() != std::io::ErrorKind::Interrupted {
+                    return Err(e);
+                }
+            }
+            for ev in &events {
+                match ev.token() {
+                    Token(0) => self.tun_ready = true,
+                    Token(i) => {
+                        if let Some(p) = self.ports.get_mut(i - 1) {
+                            p.ready = true;
+                        }
+                    }
+                }
+            }
+            self.wakeups += 1;
+            self.sync();
+            let now = self.shared.now();
+            for _ in 0..ROUNDS_PER_WAKE {
+                if self.tun_ready {
+                    self.tun_ready = self.serve_tunnel(now);
+                }
+                for u in 0..self.ports.len() {
+                    if self.ports[u].ready {
+                        let more = self.serve_uplink(u, now);
+                        self.ports[u].ready = more;
+                    }
+                }
+                if !self.tun_ready && !self.ports.iter().any(|p| p.ready) {
+                    break;
+                }
+            }
+            if !self.waiting.is_empty() {
+                self.retry_waiting();
+            }
+            if last_publish.elapsed() >= PUBLISH_EVERY {
+                self.publish();
+                last_publish = Instant::now();
+            }
+        }
+        self.publish();
+        Ok(())
+    }
+
+    /// Picks up a reloaded gateway and newly resolved neighbours.
+    fn sync(&mut self) {
+        let g = self.shared.gateway_generation.load(Ordering::Acquire);
+        if g != self.gateway_generation {
+            self.gateway_generation = g;
+            self.pipeline.set_gateway(self.shared.gateway());
+        }
+        self.neighbours.sync(&self.shared.neighbours);
+    }
+
+    fn publish(&mut self) {
+        let report = Report {
+            pipeline: self.pipeline.stats().clone(),
+            io_drops: self.io_drops,
+            gso_segmented: self.gso_segmented,
+            checksums_completed: self.checksums_completed,
+            wakeups: self.wakeups,
+            batches: self.batches,
+        };
+        if let Some(slot) = self.shared.reports.get(self.id) {
+            *slot.lock().unwrap_or_else(PoisonError::into_inner) = Some(report);
+        }
+    }
+
+    /// One batch from the tunnel socket; true when the socket may have more.
+    fn serve_tunnel(&mut self, now: forwarder_core::Instant) -> bool {
+        let got = match self.tun_rx.recv(self.tunnel.as_fd(), BATCH) {
+            Ok(n) => n,
+            Err(e) => {
+                tracing::warn!(worker = self.id, error = %e, "tunnel receive failed");
+                return false;
+            }
+        };
+        if got == 0 {
+            return false;
+        }
+        self.batches += 1;
+        let layout = self.tun_rx.layout();
+        let mut from = [Ipv4Addr::UNSPECIFIED; BATCH];
+        let mut keep = [false; BATCH];
+        let mut gso = [None; BATCH];
+        for i in 0..got {
+            from[i] = tunnel::from_sockaddr_in(self.tun_rx.name(i)).0;
+            let r = self.tun_rx.received(i);
+            keep[i] = !r.truncated;
+            if r.truncated {
+                self.io_drops[IoDrop::Truncated.index()] += 1;
+                continue;
+            }
+            // The inner packet: VXLAN (8) + Ethernet (14), IPv4 or IPv6.
+            let start = i * layout.slot;
+            let dgram = &mut self.tun_rx.slab_mut()[start..start + r.len];
+            if dgram.len() <= 22 || !matches!([dgram[20], dgram[21]], [0x08, 0x00] | [0x86, 0xDD]) {
+                continue;
+            }
+            if dgram.len() - 22 > usize::from(self.shared.tunnel_mtu) {
+                if let Some(h) = offload::tunnel_gso(&dgram[8..], self.min_mtu) {
+                    keep[i] = false;
+                    gso[i] = Some(h);
+                    continue;
+                }
+            }
+            if offload::complete_partial_inner(&mut dgram[22..]) {
+                self.checksums_completed += 1;
+            }
+        }
+        let Worker {
+            pipeline,
+            tun_rx,
+            tun_tx,
+            ports,
+            neighbours,
+            waiting,
+            io_drops,
+            shared,
+            tunnel,
+            scratch,
+            ..
+        } = self;
+        let lens: [usize; BATCH] =
+            std::array::from_fn(|i| if i < got { tun_rx.received(i).len } else { 0 });
+        let mut slots = tun_rx.slab_mut().chunks_mut(layout.slot).enumerate();
+        let mut n = 0;
+        let mut batch: [TunnelPacket<'_>; BATCH] = std::array::from_fn(|_| {
+            for (i, buf) in slots.by_ref() {
+                if i < got && keep[i] {
+                    n += 1;
+                    return TunnelPacket {
+                        from: from[i],
+                        buf,
+                        len: lens[i],
+                    };
+                }
+            }
+            TunnelPacket {
+                from: Ipv4Addr::UNSPECIFIED,
+                buf: &mut [],
+                len: 0,
+            }
+        });
+        let port = shared.tunnel_listen.port();
+        let mut out = Out {
+            tun_tx,
+            tunnel,
+            ports,
+            neighbours,
+            waiting,
+            io_drops,
+            shared,
+            port,
+            scratch,
+        };
+        pipeline.outbound_batch(&mut batch[..n], now, |_, action| out.act(action));
+        out.flush();
+        for (i, h) in gso.iter().enumerate().take(got) {
+            if let Some(h) = h {
+                self.segment_tunnel(i, from[i], h, now);
+            }
+        }
+        got == BATCH
+    }
+
+    /// Cuts the TCP super-packet in tunnel slot `i` into segments that fit the tunnel and the uplinks, each
+    /// behind a copy of its VXLAN header, and serves them as one batch.
+    fn segment_tunnel(
+        &mut self,
+        i: usize,
+        from: Ipv4Addr,
+        h: &VnetHdr,
+        now: forwarder_core::Instant,
+    ) {
+        let layout = self.tun_rx.layout();
+        let len = self.tun_rx.received(i).len;
+        let start = i * layout.slot;
+        let slot = self.segment_slot;
+        {
+            let dgram = &self.tun_rx.slab_mut()[start..start + len];
+            let (vxlan, frame) = dgram.split_at(8);
+            let mut chunks = self.segments.chunks_mut(slot);
+            let r = offload::segment(
+                frame,
+                h,
+                |_| {
+                    chunks.next().map(|c| {
+                        c[..8].copy_from_slice(vxlan);
+                        &mut c[8..]
+                    })
+                },
+                &mut self.segment_lens,
+            );
+            if let Err(e) = r {
+                self.io_drops[offload_drop(e).index()] += 1;
+                return;
+            }
+        }
+        self.gso_segmented += 1;
+        let Worker {
+            pipeline,
+            tun_tx,
+            ports,
+            neighbours,
+            waiting,
+            io_drops,
+            shared,
+            tunnel,
+            scratch,
+            segments,
+            segment_lens,
+            ..
+        } = self;
+        let mut out = Out {
+            tun_tx,
+            tunnel,
+            ports,
+            neighbours,
+            waiting,
+            io_drops,
+            shared,
+            port: shared.tunnel_listen.port(),
+            scratch,
+        };
+        for (chunk_lens, chunk_bufs) in segment_lens
+            .chunks(BATCH)
+            .zip(segments.chunks_mut(slot * BATCH))
+        {
+            let mut bufs = chunk_bufs.chunks_mut(slot);
+            let mut batch: [TunnelPacket<'_>; BATCH] =
+                std::array::from_fn(|k| match chunk_lens.get(k) {
+                    Some(&len) => TunnelPacket {
+                        from,
+                        buf: bufs.next().unwrap_or(&mut []),
+                        len: 8 + len,
+                    },
+                    None => TunnelPacket {
+                        from,
+                        buf: &mut [],
+                        len: 0,
+                    },
+                });
+            pipeline.outbound_batch(&mut batch[..chunk_lens.len()], now, |_, action| {
+                out.act(action)
+            });
+            out.flush();
+        }
+    }
+
+    /// One batch from uplink `u`'s packet socket; true when it may have more.
+    fn serve_uplink(&mut self, u: usize, now: forwarder_core::Instant) -> bool {
+        let got = {
+            let p = &mut self.ports[u];
+            match p.rx_batch.recv(p.rx.as_fd(), BATCH) {
+                Ok(n) => n,
+                Err(e) => {
+                    tracing::warn!(worker = self.id, uplink = u, error = %e, "uplink receive failed");
+                    return false;
+                }
+            }
+        };
+        if got == 0 {
+            return false;
+        }
+        self.batches += 1;
+        let uplink = UplinkId::try_from(u).unwrap_or(UplinkId::MAX);
+        let layout = self.ports[u].rx_batch.layout();
+        let mut keep = [false; BATCH];
+        let mut lens = [0usize; BATCH];
+        let mut gso = [None; BATCH];
+        for i in 0..got {
+            let p = &mut self.ports[u];
+            let r = p.rx_batch.received(i);
+            lens[i] = r.len;
+            if r.truncated {
+                self.io_drops[IoDrop::Truncated.index()] += 1;
+                continue;
+            }
+            if p.rx_batch.name(i).sll_pkttype == libc::PACKET_OTHERHOST {
+                self.io_drops[IoDrop::OtherHost.index()] += 1;
+                continue;
+            }
+            let Some(h) = VnetHdr::parse(p.rx_batch.prefix(i)) else {
+                keep[i] = true;
+                continue;
+            };
+            if h.is_gso() {
+                gso[i] = Some(h);
+                continue;
+            }
+            let start = i * layout.slot + layout.headroom;
+            let frame = &mut p.rx_batch.slab_mut()[start..start + r.len];
+            match offload::complete_checksum(frame, &h) {
+                Ok(()) => {
+                    if h.flags & 1 != 0 {
+                        self.checksums_completed += 1;
+                    }
+                    keep[i] = true;
+                }
+                Err(e) => self.io_drops[offload_drop(e).index()] += 1,
+            }
+        }
+        {
+            let Worker {
+                pipeline,
+                tun_tx,
+                ports,
+                neighbours,
+                waiting,
+                io_drops,
+                shared,
+                tunnel,
+                scratch,
+                ..
+            } = self;
+            let (before, rest) = ports.split_at_mut(u);
+            let (this, after) = rest.split_at_mut(1);
+            let port = &mut this[0];
+            let mut slots = port.rx_batch.slab_mut().chunks_mut(layout.slot).enumerate();
+            let mut n = 0;
+            let mut batch: [UplinkPacket<'_>; BATCH] = std::array::from_fn(|_| {
+                for (i, buf) in slots.by_ref() {
+                    if i < got && keep[i] {
+                        n += 1;
+                        return UplinkPacket {
+                            buf,
+                            start: layout.headroom,
+                            len: lens[i],
+                        };
+                    }
+                }
+                UplinkPacket {
+                    buf: &mut [],
+                    start: 0,
+                    len: 0,
+                }
+            });
+            let mut out = UplinkOut {
+                out: Out {
+                    tun_tx,
+                    tunnel,
+                    ports: &mut [],
+                    neighbours,
+                    waiting,
+                    io_drops,
+                    shared,
+                    port: shared.tunnel_listen.port(),
+                    scratch,
+                },
+                before,
+                after,
+                this_tx: &port.tx,
+                this_batch: &mut port.tx_batch,
+                this_to: port.to,
+                this_mac: port.mac,
+                uplink,
+                neighbour_frames: [false; BATCH],
+            };
+            pipeline.inbound_batch(uplink, &mut batch[..n], now, |i, action| out.act(i, action));
+            out.flush();
+            out.neighbours(&batch[..n]);
+        }
+        for (i, h) in gso.iter().enumerate().take(got) {
+            if let Some(h) = h {
+                self.segment_and_serve(u, i, h, now);
+            }
+        }
+        got == BATCH
+    }
+
+    /// Cuts the GSO super-packet in slot `i` of uplink `u` into segments and serves them as one batch.
+    fn segment_and_serve(&mut self, u: usize, i: usize, h: &VnetHdr, now: forwarder_core::Instant) {
+        let uplink = UplinkId::try_from(u).unwrap_or(UplinkId::MAX);
+        let layout = self.ports[u].rx_batch.layout();
+        let len = self.ports[u].rx_batch.received(i).len;
+        let start = i * layout.slot + layout.headroom;
+        let slot = self.segment_slot;
+        {
+            let frame = &self.ports[u].rx_batch.slab_mut()[start..start + len];
+            let mut chunks = self.segments.chunks_mut(slot);
+            let r = offload::segment(
+                frame,
+                h,
+                |_| chunks.next().map(|c| &mut c[INBOUND_HEADROOM..]),
+                &mut self.segment_lens,
+            );
+            if let Err(e) = r {
+                self.io_drops[offload_drop(e).index()] += 1;
+                return;
+            }
+        }
+        self.gso_segmented += 1;
+        let Worker {
+            pipeline,
+            tun_tx,
+            ports,
+            neighbours,
+            waiting,
+            io_drops,
+            shared,
+            tunnel,
+            scratch,
+            segments,
+            segment_lens,
+            ..
+        } = self;
+        let (before, rest) = ports.split_at_mut(u);
+        let (this, after) = rest.split_at_mut(1);
+        let port = &mut this[0];
+        let mut out = UplinkOut {
+            out: Out {
+                tun_tx,
+                tunnel,
+                ports: &mut [],
+                neighbours,
+                waiting,
+                io_drops,
+                shared,
+                port: shared.tunnel_listen.port(),
+                scratch,
+            },
+            before,
+            after,
+            this_tx: &port.tx,
+            this_batch: &mut port.tx_batch,
+            this_to: port.to,
+            this_mac: port.mac,
+            uplink,
+            neighbour_frames: [false; BATCH],
+        };
+        for (chunk_lens, chunk_bufs) in segment_lens
+            .chunks(BATCH)
+            .zip(segments.chunks_mut(slot * BATCH))
+        {
+            let mut bufs = chunk_bufs.chunks_mut(slot);
+            let mut batch: [UplinkPacket<'_>; BATCH] =
+                std::array::from_fn(|k| match chunk_lens.get(k) {
+                    Some(&len) => UplinkPacket {
+                        buf: bufs.next().unwrap_or(&mut []),
+                        start: INBOUND_HEADROOM,
+                        len,
+                    },
+                    None => UplinkPacket {
+                        buf: &mut [],
+                        start: 0,
+                        len: 0,
+                    },
+                });
+            pipeline.inbound_batch(uplink, &mut batch[..chunk_lens.len()], now, |i, action| {
+                out.act(i, action);
+            });
+            out.flush();
+        }
+    }
+
+    /// Sends frames whose next hop has been resolved meanwhile; drops those that waited too long.
+    fn retry_waiting(&mut self) {
+        let now = Instant::now();
+        let mut kept = Vec::new();
+        for w in std::mem::take(&mut self.waiting) {
+            let u = usize::from(w.uplink);
+            let Some(port) = self.ports.get(u) else {
+                continue;
+            };
+            if let Some(mac) = self.neighbours.get(w.uplink, w.next_hop) {
+                let mut frame = w.frame;
+                write_macs(&mut frame, mac, port.mac);
+                if port.tx.send_one(&port.to, &frame).is_err() {
+                    self.io_drops[IoDrop::UplinkSendFailed.index()] += 1;
+                }
+            } else if self.shared.neighbours.pending(w.uplink, w.next_hop)
+                || now.saturating_duration_since(w.since) < neighbour::RETRANS
+            {
+                kept.push(w);
+            } else {
+                self.io_drops[IoDrop::NeighbourUnresolved.index()] += 1;
+            }
+        }
+        self.waiting = kept;
+    }
+}
+
+fn offload_drop(e: OffloadError) -> IoDrop {
+    match e {
+        OffloadError::BadChecksumOffsets => IoDrop::BadChecksumOffsets,
+        OffloadError::UnsupportedGso => IoDrop::UnsupportedGso,
+        OffloadError::MalformedGso => IoDrop::MalformedGso,
+        OffloadError::TooManySegments => IoDrop::TooManySegments,
+    }
+}
+
+fn write_macs(frame: &mut [u8], dst: MacAddr, src: MacAddr) {
+    if frame.len() >= ethernet::HEADER_LEN {
+        let mut f = ethernet::Frame::new_unchecked(&mut frame[..ethernet::HEADER_LEN]);
+        f.set_dst(&dst);
+        f.set_src(&src);
+    }
+}
+
+/// Where the actions of one batch go.
+struct Out<'w> {
+    tun_tx: &'w mut SendBatch<libc::sockaddr_in>,
+    tunnel: &'w TunnelSocket,
+    ports: &'w mut [Port],
+    neighbours: &'w mut LocalNeighbours,
+    waiting: &'w mut Vec<Waiting>,
+    io_drops: &'w mut [u64; IoDrop::COUNT],
+    shared: &'w Shared,
+    port: u16,
+    scratch: &'w mut [u8; neighbour::MAX_FRAME],
+}
+
+impl Out<'_> {
+    fn act(&mut self, action: Action<'_>) {
+        match action {
+            Action::Forward {
+                uplink,
+                next_hop,
+                frame,
+            } => {
+                let u = usize::from(uplink);
+                let Some(port) = self.ports.get_mut(u) else {
+                    return;
+                };
+                forward(
+                    uplink,
+                    next_hop,
+                    frame,
+                    &port.tx,
+                    &mut port.tx_batch,
+                    port.to,
+                    port.mac,
+                    self.neighbours,
+                    self.waiting,
+                    self.io_drops,
+                    self.shared,
+                    self.scratch,
+                );
+            }
+            Action::ToTunnel {
+                node,
+                datagram,
+                segment,
+            } => self.send_to_tunnel(node, datagram, segment),
+            Action::Neighbour | Action::Drop(_) => {}
+        }
+    }
+
+    fn send_to_tunnel(&mut self, node: Ipv4Addr, datagram: &[u8], segment: Option<usize>) {
+        let to = tunnel::sockaddr_in(node, self.port);
+        let seg = segment.unwrap_or(datagram.len()).max(1);
+        for d in datagram.chunks(seg) {
+            if self.tun_tx.is_full() {
+                self.flush_tunnel();
+            }
+            self.tun_tx.push(to, d);
+        }
+    }
+
+    fn flush_tunnel(&mut self) {
+        if self.tun_tx.len() > 0 {
+            let f = self.tun_tx.flush(self.tunnel.as_fd());
+            self.io_drops[IoDrop::TunnelSendFailed.index()] += u64::try_from(f.failed).unwrap_or(0);
+        }
+    }
+
+    fn flush(&mut self) {
+        self.flush_tunnel();
+        for p in self.ports.iter_mut() {
+            flush_port(&p.tx, &mut p.tx_batch, self.io_drops);
+        }
+    }
+}
+
+fn flush_port(
+    tx: &TxSocket,
+    batch: &mut SendBatch<libc::sockaddr_ll>,
+    io_drops: &mut [u64; IoDrop::COUNT],
+) {
+    if batch.len() > 0 {
+        let f = batch.flush(tx.as_fd());
+        io_drops[IoDrop::UplinkSendFailed.index()] += u64::try_from(f.failed).unwrap_or(0);
+    }
+}
+
+/// Sends (queues) a translated frame on an uplink, or parks it while its next hop is resolved.
+#[allow(clippy::too_many_arguments)] // the pieces of a worker one forward touches
+fn forward(
+    uplink: UplinkId,
+    next_hop: IpAddr,
+    frame: &mut [u8],
+    tx: &TxSocket,
+    batch: &mut SendBatch<libc::sockaddr_ll>,
+    to: libc::sockaddr_ll,
+    our_mac: MacAddr,
+    neighbours: &mut LocalNeighbours,
+    waiting: &mut Vec<Waiting>,
+    io_drops: &mut [u64; IoDrop::COUNT],
+    shared: &Shared,
+    scratch: &mut [u8; neighbour::MAX_FRAME],
+) {
+    if let Some(mac) = neighbours.get(uplink, next_hop) {
+        write_macs(frame, mac, our_mac);
+        if batch.is_full() {
+            flush_port(tx, batch, io_drops);
+        }
+        batch.push(to, frame);
+        return;
+    }
+    // Slow path: park the frame and ask.
+    if waiting.len() >= MAX_WAITING {
+        waiting.remove(0);
+        io_drops[IoDrop::NeighbourQueueFull.index()] += 1;
+    }
+    let now = Instant::now();
+    waiting.push(Waiting {
+        uplink,
+        next_hop,
+        frame: frame.to_vec(),
+        since: now,
+    });
+    if shared.neighbours.want(uplink, next_hop, now) {
+        let Some(u) = shared.uplinks.get(usize::from(uplink)) else {
+            return;
+        };
+        if let Some(src) = u.source_for(next_hop) {
+            if let Some(n) = neighbour::request(next_hop, src, our_mac, None, scratch) {
+                let _ = tx.send_one(&to, &scratch[..n]);
+            }
+        }
+    }
+}
+
+/// Where the actions of an uplink's batch go: as [`Out`], with the receiving uplink's own port split off
+/// (its receive buffers are borrowed by the batch), and neighbour frames handled.
+struct UplinkOut<'w> {
+    out: Out<'w>,
+    before: &'w mut [Port],
+    after: &'w mut [Port],
+    this_tx: &'w TxSocket,
+    this_batch: &'w mut SendBatch<libc::sockaddr_ll>,
+    this_to: libc::sockaddr_ll,
+    this_mac: MacAddr,
+    uplink: UplinkId,
+    neighbour_frames: [bool; BATCH],
+}
+
+impl UplinkOut<'_> {
+    fn act(&mut self, i: usize, action: Action<'_>) {
+        match action {
+            Action::Forward {
+                uplink,
+                next_hop,
+                frame,
+            } => {
+                let u = usize::from(uplink);
+                let here = usize::from(self.uplink);
+                let (tx, batch, to, mac) = if u == here {
+                    (
+                        self.this_tx,
+                        &mut *self.this_batch,
+                        self.this_to,
+                        self.this_mac,
+                    )
+                } else {
+                    let p = if u < here {
+                        self.before.get_mut(u)
+                    } else {
+                        self.after.get_mut(u - here - 1)
+                    };
+                    let Some(p) = p else { return };
+                    (&p.tx, &mut p.tx_batch, p.to, p.mac)
+                };
+                forward(
+                    uplink,
+                    next_hop,
+                    frame,
+                    tx,
+                    batch,
+                    to,
+                    mac,
+                    self.out.neighbours,
+                    self.out.waiting,
+                    self.out.io_drops,
+                    self.out.shared,
+                    self.out.scratch,
+                );
+            }
+            Action::ToTunnel {
+                node,
+                datagram,
+                segment,
+            } => self.out.send_to_tunnel(node, datagram, segment),
+            Action::Neighbour => {
+                if let Some(f) = self.neighbour_frames.get_mut(i) {
+                    *f = true;
+                }
+            }
+            Action::Drop(_) => {}
+        }
+    }
+
+    /// Answers and learns from the ARP/NDP frames of the batch, once the pipeline has released it.
+    fn neighbours(&mut self, batch: &[UplinkPacket<'_>]) {
+        let Some(u) = self.out.shared.uplinks.get(usize::from(self.uplink)) else {
+            return;
+        };
+        let now = Instant::now();
+        for (p, _) in batch.iter().zip(self.neighbour_frames).filter(|(_, f)| *f) {
+            let Some(frame) = p.buf.get(p.start..p.start + p.len) else {
+                continue;
+            };
+            let heard = neighbour::handle(frame, self.this_mac, &u.egress, self.out.scratch);
+            if let Some((ip, mac)) = heard.learnt {
+                self.out.shared.neighbours.learn(self.uplink, ip, mac, now);
+            }
+            if let Some(n) = heard.reply_len {
+                if self
+                    .this_tx
+                    .send_one(&self.this_to, &self.out.scratch[..n])
+                    .is_err()
+                {
+                    self.out.io_drops[IoDrop::UplinkSendFailed.index()] += 1;
+                }
+            }
+        }
+        self.neighbour_frames = [false; BATCH];
+    }
+
+    fn flush(&mut self) {
+        self.out.flush();
+        flush_port(self.this_tx, self.this_batch, self.out.io_drops);
+        for p in self.before.iter_mut().chain(self.after.iter_mut()) {
+            flush_port(&p.tx, &mut p.tx_batch, self.out.io_drops);
+        }
+    }
+}
