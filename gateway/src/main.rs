@@ -1,12 +1,15 @@
 //! `egress-gateway`: the egress gateway pod's userspace forwarder.
 //!
 //! This binary stays thin: the packet work lives in `forwarder-core`. Subcommands grow with the issues:
-//! `demo` runs the seed scenario through the real pipeline in-process.
+//! `demo` runs the seed scenario through the real pipeline in-process; `check` validates configuration files.
 
+use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
+mod check;
+mod config;
 mod demo;
 
 /// Userspace egress gateway for Kubernetes: terminates the VXLAN tunnel from client nodes, SNATs pod traffic
@@ -29,6 +32,13 @@ enum Command {
         #[arg(long)]
         verbose: bool,
     },
+    /// Check configuration files without starting anything: prints `FILE: ok (N uplinks, M routes)` for each
+    /// valid gateway configuration, or every problem as `file:line: problem` on stderr and exits 1.
+    Check {
+        /// Files to check (see docs/configuration.md).
+        #[arg(required = true, value_name = "FILE")]
+        files: Vec<PathBuf>,
+    },
 }
 
 fn main() -> ExitCode {
@@ -41,5 +51,6 @@ fn main() -> ExitCode {
                 ExitCode::FAILURE
             }
         },
+        Command::Check { files } => check::run(&files),
     }
 }
