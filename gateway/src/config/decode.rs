@@ -47,6 +47,9 @@ const UPLINK_KEYS: &[&str] = &[
     "mtu",
     "routes",
 ];
+const PORTS_KEYS: &[&str] = &["min", "max"];
+const LISTEN_KEYS: &[&str] = &["listen"];
+const LOG_KEYS: &[&str] = &["format"];
 const CONNTRACK_KEYS: &[&str] = &[
     "max_entries",
     "max_per_source",
@@ -578,7 +581,7 @@ fn human(d: Duration) -> String {
 }
 
 fn ports(r: &mut Reader<'_>, v: &Value<'_>) -> Option<PortRange> {
-    let p = r.mapping(v, &["min", "max"])?;
+    let p = r.mapping(v, PORTS_KEYS)?;
     let defaults = PortRange::default();
     let min_value = p.get("min");
     let min = min_value.as_ref().map_or(Some(defaults.min), |v| {
@@ -614,7 +617,7 @@ fn listen(
     let Some(v) = section else {
         return Some((default, None));
     };
-    let m = r.mapping(&v, &["listen"])?;
+    let m = r.mapping(&v, LISTEN_KEYS)?;
     match m.get("listen") {
         None => Some((default, None)),
         Some(v) => r.parse(&v, value::socket_addr).map(|a| (a, Some(v.line()))),
@@ -627,7 +630,7 @@ fn clash(a: SocketAddr, b: SocketAddr) -> bool {
 }
 
 fn log(r: &mut Reader<'_>, v: &Value<'_>) -> Option<LogFormat> {
-    let l = r.mapping(v, &["format"])?;
+    let l = r.mapping(v, LOG_KEYS)?;
     let Some(v) = l.get("format") else {
         return Some(LogFormat::Text);
     };
@@ -648,4 +651,41 @@ pub(super) fn kind(root: &Node) -> Option<(String, usize)> {
         _ => "?".into(),
     };
     Some((kind, key.span().start().map_or(1, |m| m.line())))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// docs/configuration.md documents every key the parser knows (and so stays in step with it).
+    #[test]
+    fn every_key_is_documented() {
+        let docs = include_str!("../../../docs/configuration.md");
+        let sections: [(&str, &[&str]); 8] = [
+            ("", ROOT_KEYS),
+            ("tunnel.", TUNNEL_KEYS),
+            ("uplinks[].", UPLINK_KEYS),
+            ("conntrack.", CONNTRACK_KEYS),
+            ("ports.", PORTS_KEYS),
+            ("health.", LISTEN_KEYS),
+            ("metrics.", LISTEN_KEYS),
+            ("log.", LOG_KEYS),
+        ];
+        for (prefix, keys) in sections {
+            for key in keys {
+                // A section is documented by a heading, or by the rows of its keys.
+                let heading =
+                    |line: &str| line.starts_with("## ") && line.contains(&format!("`{key}`"));
+                let documented = if prefix.is_empty() {
+                    docs.contains(&format!("| `{key}")) || docs.lines().any(heading)
+                } else {
+                    docs.contains(&format!("| `{prefix}{key}` |"))
+                };
+                assert!(
+                    documented,
+                    "docs/configuration.md does not document `{prefix}{key}`"
+                );
+            }
+        }
+    }
 }
