@@ -109,7 +109,7 @@ pub(super) struct Value<'n> {
     line: usize,
 }
 
-/// A mapping whose keys were all known, with its path and the line that introduced it.
+/// A mapping (its unknown keys already reported), with its path and the line that introduced it.
 #[derive(Debug, Clone)]
 pub(super) struct Map<'n> {
     node: &'n MarkedMappingNode,
@@ -166,7 +166,8 @@ impl<'f> Reader<'f> {
                 .map(|k| (value::edit_distance(name, k), k))
                 .min()
             {
-                Some((d, k)) if d <= 2 => format!("did you mean `{k}`?"),
+                // Close enough to be a typo: one edit per three characters.
+                Some((d, k)) if d <= (name.len() / 3).max(1) => format!("did you mean `{k}`?"),
                 _ => format!("known keys are {}", known.join(", ")),
             };
             self.error(line, format!("unknown key `{name}` {at}; {hint}"));
