@@ -240,6 +240,7 @@ pub(crate) fn restart_needed(old: &GatewayConfig, new: &GatewayConfig) -> Vec<St
             ea.sort_unstable();
             eb.sort_unstable();
             check(&format!("uplinks[{i}].egress_ips"), ea != eb);
+            check(&format!("uplinks[{i}].mtu"), a.mtu != b.mtu);
         }
     } else {
         check("uplinks (an uplink was added or removed)", true);
@@ -251,6 +252,21 @@ pub(crate) fn restart_needed(old: &GatewayConfig, new: &GatewayConfig) -> Vec<St
         "conntrack.max_entries",
         old.conntrack.max_entries != new.conntrack.max_entries,
     );
+    // The flow table fixes its quota, timeouts and port reuse delay when it is built.
+    check(
+        "conntrack.max_per_source",
+        old.conntrack.max_per_source != new.conntrack.max_per_source,
+    );
+    check(
+        "conntrack timeouts",
+        old.conntrack.timeouts != new.conntrack.timeouts,
+    );
+    check(
+        "conntrack.port_reuse_delay",
+        old.conntrack.port_reuse_delay != new.conntrack.port_reuse_delay,
+    );
+    // Workers size their segment buffers and the segment size of tunnel super-packets from the MTUs.
+    check("tunnel.mtu", old.tunnel.mtu != new.tunnel.mtu);
     check("ports", old.ports != new.ports);
     check("log.format", old.log_format != new.log_format);
     keys
@@ -1033,10 +1049,7 @@ uplinks:
                 "allowed_sources: [172.19.0.0/16]",
             ),
             ("pod_cidrs: [10.244.0.0/16]", "pod_cidrs: [10.245.0.0/16]"),
-            ("udp_timeout: 300s", "udp_timeout: 600s"),
             ("next_hop: 203.0.113.1", "next_hop: 203.0.113.2"),
-            ("mtu: 1450", "mtu: 1400"),
-            ("    mtu: 1500", "    mtu: 9000"),
             ("vni: 4097", "vni: 4098"),
             ("drain_seconds: 30", "drain_seconds: 60"),
         ];
@@ -1078,6 +1091,13 @@ uplinks:
                 "conntrack.max_entries",
             ),
             ("min: 1024", "min: 2048", "ports"),
+            (
+                "udp_timeout: 300s",
+                "udp_timeout: 600s",
+                "conntrack timeouts",
+            ),
+            ("mtu: 1450", "mtu: 1400", "tunnel.mtu"),
+            ("    mtu: 1500", "    mtu: 9000", "uplinks[0].mtu"),
             ("format: text", "format: json", "log.format"),
         ];
         for (from, to, key) in restart {
