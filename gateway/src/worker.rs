@@ -26,7 +26,7 @@ use mio::{Events, Interest, Poll, Token};
 
 use crate::io::mmsg::{RecvBatch, SendBatch, SlotLayout};
 use crate::io::offload::{self, OffloadError, VnetHdr};
-use crate::io::packet::{self, Interface, RxSocket, TxSocket, VNET_HDR_LEN};
+use crate::io::packet::{self, GsoTxSocket, Interface, RxSocket, TxSocket, VNET_HDR_LEN};
 use crate::io::tunnel::{self, TunnelSocket};
 use crate::io::IoDrop;
 use crate::neighbour::{self, LocalNeighbours, Neighbours};
@@ -121,6 +121,8 @@ impl Shared {
 struct Port {
     rx: RxSocket,
     tx: TxSocket,
+    /// For super-packets, with a virtio-net header.
+    gso_tx: GsoTxSocket,
     rx_batch: RecvBatch<libc::sockaddr_ll>,
     tx_batch: SendBatch<libc::sockaddr_ll>,
     /// `sockaddr_ll` for sending on this interface.
@@ -152,6 +154,8 @@ pub(crate) struct Worker {
     segment_slot: usize,
     /// The smallest MTU of the tunnel and the uplinks: the size tunnel super-packets are cut to.
     min_mtu: u16,
+    /// Where translated segments are joined back into a super-packet.
+    coalesce_buf: Vec<u8>,
     segment_lens: Vec<usize>,
     neighbours: LocalNeighbours,
     waiting: Vec<Waiting>,
@@ -199,6 +203,7 @@ impl Worker {
                 )
             })?;
             let tx = TxSocket::open(u.link.index, 8 << 20)?;
+            let gso_tx = GsoTxSocket::open(u.link.index, 8 << 20)?;
             let layout = SlotLayout {
                 slot: round_up(INBOUND_HEADROOM + MAX_UPLINK_FRAME + ICMP_ROOM, 64),
                 headroom: INBOUND_HEADROOM,
@@ -208,6 +213,7 @@ impl Worker {
             ports.push(Port {
                 rx,
                 tx,
+                gso_tx,
                 rx_batch: RecvBatch::new(BATCH, layout, packet::link_addr(0, 0)),
                 tx_batch: SendBatch::new(BATCH * 2, packet::link_addr(0, 0)),
                 to: packet::link_addr(u.link.index, 0),
@@ -237,6 +243,7 @@ impl Worker {
             segments: vec![0; segment_slot * MAX_SEGMENTS],
             segment_slot,
             min_mtu,
+            coalesce_buf: vec![0; MAX_UPLINK_FRAME],
             segment_lens: Vec::with_capacity(MAX_SEGMENTS),
             neighbours,
             waiting: Vec::new(),
@@ -482,6 +489,7 @@ impl Worker {
             scratch,
             segments,
             segment_lens,
+            coalesce_buf,
             ..
         } = self;
         let mut out = Out {
@@ -495,6 +503,10 @@ impl Worker {
             port: shared.tunnel_listen.port(),
             scratch,
         };
+        // Translated segments bound for one uplink and next hop are collected and sent back as one
+        // super-packet (see `send_coalesced`); anything else goes its usual way.
+        let base = segments.as_ptr() as usize;
+        let mut held = Held::default();
         for (chunk_lens, chunk_bufs) in segment_lens
             .chunks(BATCH)
             .zip(segments.chunks_mut(slot * BATCH))
@@ -513,11 +525,33 @@ impl Worker {
                         len: 0,
                     },
                 });
-            pipeline.outbound_batch(&mut batch[..chunk_lens.len()], now, |_, action| {
-                out.act(action)
-            });
-            out.flush();
+            pipeline.outbound_batch(
+                &mut batch[..chunk_lens.len()],
+                now,
+                |_, action| match action {
+                    Action::Forward {
+                        uplink,
+                        next_hop,
+                        frame,
+                    } => held.hold(Target::Uplink(uplink, next_hop), base, frame),
+                    other => out.act(other),
+                },
+            );
         }
+        let frames = held.frames(segments);
+        if let Target::Uplink(uplink, next_hop) = held.target {
+            let sent = send_coalesced(&mut out, uplink, next_hop, &frames, coalesce_buf);
+            if !sent {
+                for f in frames {
+                    out.act(Action::Forward {
+                        uplink,
+                        next_hop,
+                        frame: f,
+                    });
+                }
+            }
+        }
+        out.flush();
     }
 
     /// One batch from uplink `u`'s packet socket; true when it may have more.
@@ -701,6 +735,8 @@ impl Worker {
             uplink,
             neighbour_frames: [false; BATCH],
         };
+        let base = segments.as_ptr() as usize;
+        let mut held = Held::default();
         for (chunk_lens, chunk_bufs) in segment_lens
             .chunks(BATCH)
             .zip(segments.chunks_mut(slot * BATCH))
@@ -720,10 +756,21 @@ impl Worker {
                     },
                 });
             pipeline.inbound_batch(uplink, &mut batch[..chunk_lens.len()], now, |i, action| {
-                out.act(i, action);
+                match action {
+                    Action::ToTunnel {
+                        node,
+                        datagram,
+                        segment: None,
+                    } => held.hold(Target::Node(node), base, datagram),
+                    other => out.act(i, other),
+                }
             });
-            out.flush();
         }
+        let frames = held.frames(segments);
+        if let Target::Node(node) = held.target {
+            send_tunnel_segments(&mut out.out, node, &frames);
+        }
+        out.flush();
     }
 
     /// Sends frames whose next hop has been resolved meanwhile; drops those that waited too long.
@@ -1005,6 +1052,115 @@ impl UplinkOut<'_> {
         flush_port(self.this_tx, self.this_batch, self.out.io_drops);
         for p in self.before.iter_mut().chain(self.after.iter_mut()) {
             flush_port(&p.tx, &mut p.tx_batch, self.out.io_drops);
+        }
+    }
+}
+
+/// Where the held results of one super-packet go.
+#[derive(Debug, Clone, Copy, PartialEq, Default)]
+enum Target {
+    #[default]
+    None,
+    Uplink(UplinkId, IpAddr),
+    Node(Ipv4Addr),
+    /// Results with different destinations: sent one by one.
+    Mixed,
+}
+
+/// The translated segments of one super-packet, held (as offsets into the segment buffer) so that they can
+/// leave together.
+#[derive(Debug, Default)]
+struct Held {
+    target: Target,
+    at: Vec<(usize, usize)>,
+}
+
+impl Held {
+    fn hold(&mut self, target: Target, base: usize, bytes: &mut [u8]) {
+        self.target = match self.target {
+            Target::None => target,
+            t if t == target => t,
+            _ => Target::Mixed,
+        };
+        self.at.push((bytes.as_ptr() as usize - base, bytes.len()));
+    }
+
+    /// The held frames, cut out of `buf` (the segment buffer they point into), in order.
+    fn frames<'b>(&self, buf: &'b mut [u8]) -> Vec<&'b mut [u8]> {
+        let mut out = Vec::with_capacity(self.at.len());
+        let mut rest = buf;
+        let mut consumed = 0;
+        for &(off, len) in &self.at {
+            let (_, tail) = std::mem::take(&mut rest).split_at_mut(off - consumed);
+            let (frame, tail) = tail.split_at_mut(len);
+            out.push(frame);
+            rest = tail;
+            consumed = off + len;
+        }
+        out
+    }
+}
+
+/// Joins `frames` (translated TCP segments of one flow, for `uplink` via `next_hop`) into one super-packet
+/// and sends it with a virtio-net header. False when that is not possible (the caller sends them one by one).
+fn send_coalesced(
+    out: &mut Out<'_>,
+    uplink: UplinkId,
+    next_hop: IpAddr,
+    frames: &[&mut [u8]],
+    buf: &mut [u8],
+) -> bool {
+    if frames.len() < 2 {
+        return false;
+    }
+    let Some(port) = out.ports.get_mut(usize::from(uplink)) else {
+        return false;
+    };
+    let Some(mac) = out.neighbours.get(uplink, next_hop) else {
+        return false;
+    };
+    let views: Vec<&[u8]> = frames.iter().map(|f| &**f).collect();
+    let Some((len, vnet)) = offload::coalesce(&views, buf) else {
+        return false;
+    };
+    write_macs(&mut buf[..len], mac, port.mac);
+    let hdr_len = u16::try_from(usize::from(vnet.csum_start) + 20).unwrap_or(0);
+    // Queued single frames of this uplink go first, to keep the order.
+    flush_port(&port.tx, &mut port.tx_batch, out.io_drops);
+    if port
+        .gso_tx
+        .send(&port.to, &vnet.to_bytes(hdr_len), &buf[..len])
+        .is_err()
+    {
+        out.io_drops[IoDrop::UplinkSendFailed.index()] += u64::try_from(frames.len()).unwrap_or(0);
+    }
+    true
+}
+
+/// Sends translated datagrams for one node with UDP GSO where they have one size (all but the last), in
+/// sends of at most 64 datagrams and 65,000 bytes; otherwise one by one.
+fn send_tunnel_segments(out: &mut Out<'_>, node: Ipv4Addr, frames: &[&mut [u8]]) {
+    let Some(first) = frames.first() else { return };
+    let size = first.len();
+    let uniform = frames
+        .iter()
+        .enumerate()
+        .all(|(k, f)| f.len() == size || (k + 1 == frames.len() && f.len() < size));
+    if frames.len() < 2 || !uniform || size == 0 {
+        for f in frames {
+            out.send_to_tunnel(node, f, None);
+        }
+        return;
+    }
+    out.flush_tunnel();
+    let to = tunnel::sockaddr_in(node, out.port);
+    let per_send = (65_000 / size).clamp(1, 64);
+    let segment = u16::try_from(size).unwrap_or(u16::MAX);
+    for group in frames.chunks(per_send) {
+        let parts: Vec<&[u8]> = group.iter().map(|f| &**f).collect();
+        if out.tunnel.send_segments(&to, &parts, segment).is_err() {
+            out.io_drops[IoDrop::TunnelSendFailed.index()] +=
+                u64::try_from(parts.len()).unwrap_or(0);
         }
     }
 }

@@ -270,6 +270,117 @@ pub(crate) fn tunnel_gso(frame: &[u8], mtu: u16) -> Option<VnetHdr> {
     })
 }
 
+/// Joins translated TCP segments of one flow back into a super-packet for a packet socket with
+/// `PACKET_VNET_HDR`, so that the kernel carries 64 KiB at a time to the next hop (and segments only where a
+/// real link needs it) — the other half of what GRO/GSO give the kernel's own path.
+///
+/// `frames` are complete Ethernet frames in order: same addresses, ports and header length, consecutive
+/// sequence numbers, every payload but the last of the same size. The result in `out` carries the first
+/// frame's headers with the total length, the union of the TCP flags, and the partial (pseudo-header)
+/// checksum the offload completes; the returned header says so. `None` when the frames do not fit that
+/// shape (the caller then sends them one by one).
+pub(crate) fn coalesce(frames: &[&[u8]], out: &mut [u8]) -> Option<(usize, VnetHdr)> {
+    let first = *frames.first()?;
+    let l3 = l3_info(first)?;
+    if l3.proto != PROTO_TCP || frames.len() < 2 {
+        return None;
+    }
+    let tcp_len = usize::from(first.get(l3.l4 + 12)? >> 4) * 4;
+    let hdr = l3.l4 + tcp_len;
+    let mss = first.len().checked_sub(hdr).filter(|m| *m > 0)?;
+    let seq0 = u32::from_be_bytes(first.get(l3.l4 + 4..l3.l4 + 8)?.try_into().ok()?);
+    // Addresses and ports must match exactly; lengths, IDs, checksums, sequence numbers and flags may differ.
+    let (addr_from, addr_to) = if l3.v6 {
+        (ETH + 8, ETH + 40)
+    } else {
+        (ETH + 12, ETH + 20)
+    };
+    let mut total = hdr;
+    let mut flags = 0u8;
+    for (k, f) in frames.iter().enumerate() {
+        let payload = f.len().checked_sub(hdr)?;
+        let last = k + 1 == frames.len();
+        if f.len() < hdr
+            || (!last && payload != mss)
+            || (last && (payload == 0 || payload > mss))
+            || f[..ETH] != first[..ETH]
+            || f[addr_from..addr_to] != first[addr_from..addr_to]
+            || f[l3.l4..l3.l4 + 4] != first[l3.l4..l3.l4 + 4]
+            || usize::from(f[l3.l4 + 12] >> 4) * 4 != tcp_len
+            || (!l3.v6 && (f[ETH] & 0x0F) != (first[ETH] & 0x0F))
+        {
+            return None;
+        }
+        #[allow(clippy::cast_possible_truncation)] // sequence numbers wrap by design
+        let want = seq0.wrapping_add((k * mss) as u32);
+        if u32::from_be_bytes(f[l3.l4 + 4..l3.l4 + 8].try_into().ok()?) != want {
+            return None;
+        }
+        flags |= f[l3.l4 + 13];
+        total += payload;
+    }
+    let out = out.get_mut(..total)?;
+    out[..hdr].copy_from_slice(&first[..hdr]);
+    let mut at = hdr;
+    for f in frames {
+        let p = &f[hdr..];
+        out[at..at + p.len()].copy_from_slice(p);
+        at += p.len();
+    }
+    if l3.v6 {
+        let pl = u16::try_from(total - ETH - 40).ok()?;
+        out[ETH + 4..ETH + 6].copy_from_slice(&pl.to_be_bytes());
+    } else {
+        let tl = u16::try_from(total - ETH).ok()?;
+        out[ETH + 2..ETH + 4].copy_from_slice(&tl.to_be_bytes());
+        out[ETH + 10..ETH + 12].copy_from_slice(&[0, 0]);
+        let c = checksum::finish(checksum::sum(&out[ETH..l3.l4], 0));
+        out[ETH + 10..ETH + 12].copy_from_slice(&c.to_be_bytes());
+    }
+    out[l3.l4 + 13] = flags;
+    let l4_total = u32::try_from(total - l3.l4).ok()?;
+    let pseudo = if l3.v6 {
+        checksum::pseudo_header_v6(
+            &v6_at(out, ETH + 8),
+            &v6_at(out, ETH + 24),
+            PROTO_TCP,
+            l4_total,
+        )
+    } else {
+        checksum::pseudo_header_v4(
+            v4_at(out, ETH + 12),
+            v4_at(out, ETH + 16),
+            PROTO_TCP,
+            l4_total,
+        )
+    };
+    out[l3.l4 + 16..l3.l4 + 18].copy_from_slice(&checksum::fold(pseudo).to_be_bytes());
+    Some((
+        total,
+        VnetHdr {
+            flags: F_NEEDS_CSUM,
+            gso_type: if l3.v6 { GSO_TCPV6 } else { GSO_TCPV4 },
+            gso_size: u16::try_from(mss).ok()?,
+            csum_start: u16::try_from(l3.l4).ok()?,
+            csum_offset: 16,
+        },
+    ))
+}
+
+impl VnetHdr {
+    /// The 10 bytes of `struct virtio_net_hdr` (host byte order), with `hdr_len` = `header_len`.
+    pub(crate) fn to_bytes(self, header_len: u16) -> [u8; 10] {
+        let mut b = [0u8; 10];
+        b[0] = self.flags;
+        b[1] = self.gso_type;
+        b[2..4].copy_from_slice(&header_len.to_ne_bytes());
+        b[4..6].copy_from_slice(&self.gso_size.to_ne_bytes());
+        b[6..8].copy_from_slice(&self.csum_start.to_ne_bytes());
+        b[8..10].copy_from_slice(&self.csum_offset.to_ne_bytes());
+        b
+    }
+}
+
 /// Computes the pseudo-header sum of an IP packet for a protocol and L4 length.
 type PseudoSum = fn(&[u8], u8, u32) -> u32;
 
@@ -511,6 +622,49 @@ mod tests {
             let mut t = good6[..cut].to_vec();
             let _ = complete_partial_inner(&mut t);
         }
+    }
+
+    #[test]
+    fn coalesce_undoes_segment() {
+        let payload: Vec<u8> = (0..5000u32).map(|i| (i % 253) as u8).collect();
+        let frame = tcp_frame(&payload, true);
+        let h = VnetHdr {
+            gso_type: GSO_TCPV4,
+            gso_size: 1400,
+            ..VnetHdr::default()
+        };
+        let mut bufs = vec![vec![0u8; 2000]; 4];
+        let mut lens = Vec::new();
+        let mut it = bufs.iter_mut();
+        segment(&frame, &h, |_| it.next().map(|b| &mut b[..]), &mut lens).unwrap();
+        let frames: Vec<&[u8]> = bufs.iter().zip(&lens).map(|(b, l)| &b[..*l]).collect();
+        let mut out = vec![0u8; 8000];
+        let (len, vh) = coalesce(&frames, &mut out).unwrap();
+        assert_eq!(len, frame.len());
+        assert_eq!(vh.gso_size, 1400);
+        assert_eq!(
+            (vh.csum_start, vh.csum_offset, vh.flags),
+            (34, 16, F_NEEDS_CSUM)
+        );
+        // Everything but the checksum (partial now) and the IP ID is the original.
+        let mut a = out[..len].to_vec();
+        let mut b = frame.clone();
+        for v in [&mut a, &mut b] {
+            v[50..52].copy_from_slice(&[0, 0]);
+        }
+        assert_eq!(a, b);
+        // Completing the partial checksum gives the original one.
+        complete_checksum(&mut out[..len], &vh).unwrap();
+        assert_eq!(&out[..len], &frame[..]);
+        // Out of order, a short middle segment, or another flow: refused.
+        assert!(coalesce(&[frames[1], frames[0]], &mut out).is_none());
+        assert!(coalesce(&[frames[2], frames[0]], &mut out).is_none());
+        let other = tcp_frame(&payload[..1400], false);
+        let mut o2 = other.clone();
+        o2[37] ^= 1; // another source port
+        assert!(coalesce(&[frames[0], &o2], &mut out).is_none());
+        assert!(coalesce(&frames[..1], &mut out).is_none());
+        assert!(coalesce(&frames, &mut out[..100]).is_none());
     }
 
     #[test]
