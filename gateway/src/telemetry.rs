@@ -285,8 +285,84 @@ pub(crate) fn init_logs(json: bool) {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
+    use crate::io::packet::Interface;
+    use crate::worker::{Report, UplinkIo};
+    use forwarder_core::pipeline::{Config, Gateway, UplinkConfig};
+    use std::sync::atomic::AtomicU64;
+    use std::sync::Mutex;
+
+    /// Every metric in the list is exported (none is defined and never set).
+    #[test]
+    fn every_metric_is_exported() {
+        let cfg = Config {
+            tunnel_ip: "172.18.0.3".parse().unwrap(),
+            allowed_nodes: vec!["172.18.0.0/16".parse().unwrap()],
+            pod_cidrs: vec!["10.244.0.0/16".parse().unwrap()],
+            uplinks: vec![UplinkConfig {
+                name: "dmz".into(),
+                mtu: 1500,
+                egress_v4: vec!["203.0.113.10".parse().unwrap()],
+                egress_v6: vec![],
+                next_hop_v4: None,
+                next_hop_v6: None,
+            }],
+            routes: vec![("0.0.0.0/0".parse().unwrap(), 0)],
+            ..Config::default()
+        };
+        let ct = forwarder_core::conntrack::Config {
+            max_entries: 1024,
+            ..Default::default()
+        };
+        let gw =
+            Arc::new(Gateway::new(cfg, ct, forwarder_core::ports::PortRange::default()).unwrap());
+        let pipeline = forwarder_core::pipeline::Worker::new(Arc::clone(&gw), 1)
+            .stats()
+            .clone();
+        let shared = Arc::new(Shared {
+            gateway: Mutex::new(gw),
+            gateway_generation: AtomicU64::new(0),
+            neighbours: crate::neighbour::Neighbours::default(),
+            uplinks: vec![UplinkIo {
+                name: "dmz".into(),
+                interface: "gwdmz".into(),
+                link: Interface {
+                    index: 1,
+                    mac: [2, 0, 0, 0, 0, 1],
+                    mtu: 1500,
+                },
+                egress: vec!["203.0.113.10".parse().unwrap()],
+                mtu: 1500,
+            }],
+            tunnel_listen: "172.18.0.3:4790".parse().unwrap(),
+            tunnel_mtu: 1450,
+            reports: vec![Mutex::new(Some(Report {
+                pipeline,
+                io_drops: [0; IoDrop::COUNT],
+                gso_segmented: 0,
+                checksums_completed: 0,
+                wakeups: 0,
+                batches: 0,
+            }))],
+            stop: std::sync::atomic::AtomicBool::new(false),
+            epoch: std::time::Instant::now(),
+        });
+        let t = Telemetry::new();
+        let text = t.render(&shared);
+        for (name, _, _) in METRICS {
+            assert!(
+                text.lines()
+                    .any(|l| l.starts_with(name) && !l.starts_with('#')),
+                "{name} is never exported"
+            );
+        }
+        assert!(text.contains("egress_gateway_drops_total{reason=\"no_flow\",worker=\"0\"} 0"));
+        assert!(text.contains(
+            "egress_gateway_drops_total{reason=\"neighbour_unresolved\",worker=\"0\"} 0"
+        ));
+    }
 
     #[test]
     fn every_metric_is_documented() {
