@@ -148,7 +148,8 @@ pub(crate) struct RxSocket {
 impl RxSocket {
     /// Opens and binds; `fanout_group` joins the workers' sockets on this interface into one hash fanout.
     pub(crate) fn open(ifindex: i32, fanout_group: u16, rcvbuf: usize) -> io::Result<RxSocket> {
-        let fd = packet_socket(ETH_P_ALL)?;
+        // Protocol 0 at creation, ETH_P_ALL at bind: nothing from other interfaces slips in before the bind.
+        let fd = packet_socket(0)?;
         set_int(fd.as_fd(), libc::SOL_PACKET, libc::PACKET_VNET_HDR, 1)?;
         set_int(fd.as_fd(), libc::SOL_PACKET, PACKET_IGNORE_OUTGOING, 1)?;
         let buf = libc::c_int::try_from(rcvbuf).unwrap_or(libc::c_int::MAX);
@@ -156,6 +157,27 @@ impl RxSocket {
             set_int(fd.as_fd(), libc::SOL_SOCKET, libc::SO_RCVBUF, buf)?;
         }
         bind(fd.as_fd(), &link_addr(ifindex, ETH_P_ALL))?;
+        // IPv6 neighbour solicitations go to solicited-node multicast groups; take all multicast so that a
+        // NIC's filter does not hide them (veth does not filter).
+        let mr = libc::packet_mreq {
+            mr_ifindex: ifindex,
+            mr_type: u16::try_from(libc::PACKET_MR_ALLMULTI).unwrap_or(2),
+            mr_alen: 0,
+            mr_address: [0; 8],
+        };
+        // SAFETY: mr is a live packet_mreq and its size is passed.
+        let r = unsafe {
+            libc::setsockopt(
+                fd.as_raw_fd(),
+                libc::SOL_PACKET,
+                libc::PACKET_ADD_MEMBERSHIP,
+                (&raw const mr).cast(),
+                libc::socklen_t::try_from(std::mem::size_of::<libc::packet_mreq>()).unwrap_or(16),
+            )
+        };
+        if r < 0 {
+            return Err(io::Error::last_os_error());
+        }
         let mode =
             libc::c_int::try_from(libc::PACKET_FANOUT_HASH | libc::PACKET_FANOUT_FLAG_DEFRAG)
                 .unwrap_or(0);
