@@ -1,0 +1,662 @@
+//! The standard namespace topology: client nodes with Calico-style pods and the node's kernel `vxlan`
+//! device programmed as Felix does it, gateway pods on an underlay bridge, a DMZ router with outside
+//! servers and an internal network. See `docs/harness.md` for the picture.
+//!
+//! Addresses (n = node number from 1, m = pod number on its node from 1, k = gateway number from 1):
+//!
+//! | what | address |
+//! |---|---|
+//! | underlay bridge (namespace `-ul`), its "router" | 172.18.0.1/16 |
+//! | node n `eth0` | 172.18.0.(10+n)/16 |
+//! | gateway k `eth0` (its pod IP, the tunnel's next hop) | 172.18.0.(2+k)/16 |
+//! | pod (n, m) `eth0` | 10.244.n.m/32 |
+//! | gateway k egress IPs: DMZ / internal | 203.0.113.(9+k) / 10.50.0.(9+k) |
+//! | DMZ router (`-dmz`) | 203.0.113.1/24, 198.51.100.1/24, 192.0.2.1/24 |
+//! | outside servers red / blue | 198.51.100.10/24 / 192.0.2.10/24 |
+//! | internal server (`-int`) | 10.50.0.20/16 |
+
+use std::net::Ipv4Addr;
+use std::path::Path;
+
+use ipnet::Ipv4Net;
+
+use crate::error::{Context, Error, Result};
+use crate::gateway::{Gateway, GatewayMode};
+use crate::netns::{self, Netns};
+use crate::process::TempDir;
+
+/// The tunnel's VXLAN network identifier (Calico's egress gateway VNI).
+pub const VNI: u32 = 4097;
+/// The tunnel's UDP port.
+pub const VXLAN_PORT: u16 = 4790;
+/// MTU of the vxlan devices (1500 underlay − 50 bytes of VXLAN over IPv4).
+pub const TUNNEL_MTU: u32 = 1450;
+/// Name of the node's vxlan device, as Felix names it.
+pub const NODE_VXLAN_DEV: &str = "egress.calico";
+/// The underlay network.
+pub const UNDERLAY: Ipv4Net = net(172, 18, 0, 0, 16);
+/// Where pods live.
+pub const POD_CIDR: Ipv4Net = net(10, 244, 0, 0, 16);
+/// The internal network behind the gateways' `gwint` uplinks.
+pub const INTERNAL_NET: Ipv4Net = net(10, 50, 0, 0, 16);
+/// The DMZ segment between the gateways' `gwdmz` uplinks and the DMZ router.
+pub const DMZ_NET: Ipv4Net = net(203, 0, 113, 0, 24);
+/// The DMZ router's address on the DMZ segment.
+pub const DMZ_ROUTER: Ipv4Addr = Ipv4Addr::new(203, 0, 113, 1);
+/// The "red" outside server (behind the DMZ router).
+pub const RED_SERVER: Ipv4Addr = Ipv4Addr::new(198, 51, 100, 10);
+/// The "blue" outside server (behind the DMZ router).
+pub const BLUE_SERVER: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 10);
+/// The server on the internal network (on-link from the gateways).
+pub const INTERNAL_SERVER: Ipv4Addr = Ipv4Addr::new(10, 50, 0, 20);
+/// The red server's network.
+pub const RED_NET: Ipv4Net = net(198, 51, 100, 0, 24);
+/// The blue server's network.
+pub const BLUE_NET: Ipv4Net = net(192, 0, 2, 0, 24);
+/// First route table used for pods on a node (pod m uses `POD_TABLE_BASE + m`).
+pub const POD_TABLE_BASE: u32 = 200;
+/// Priority of the per-pod `ip rule` (Felix's default).
+pub const POD_RULE_PRIORITY: u32 = 100;
+
+const fn net(a: u8, b: u8, c: u8, d: u8, len: u8) -> Ipv4Net {
+    match Ipv4Net::new(Ipv4Addr::new(a, b, c, d), len) {
+        Ok(n) => n,
+        Err(_) => panic!("bad prefix length"),
+    }
+}
+
+/// One route of a pod's egress table: traffic to `dst` goes to these gateways (numbers from 1); none
+/// means `throw` (normal routing); several form an ECMP multipath route.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PodRoute {
+    /// Destination prefix.
+    pub dst: Ipv4Net,
+    /// Gateway numbers (1-based); empty = throw.
+    pub gateways: Vec<usize>,
+}
+
+impl PodRoute {
+    /// `dst` through the given gateways.
+    pub fn via(dst: Ipv4Net, gateways: &[usize]) -> Self {
+        Self {
+            dst,
+            gateways: gateways.to_vec(),
+        }
+    }
+
+    /// `dst` routed normally (a `throw` route).
+    pub fn throw(dst: Ipv4Net) -> Self {
+        Self {
+            dst,
+            gateways: Vec::new(),
+        }
+    }
+}
+
+/// A client pod: `None` routes means the pod does not use egress gateways (no ip rule).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PodSpec {
+    /// The pod's egress table, or `None` for a pod that is not opted in.
+    pub routes: Option<Vec<PodRoute>>,
+}
+
+impl PodSpec {
+    /// A pod whose whole egress (0.0.0.0/0) goes through these gateways.
+    pub fn via(gateways: &[usize]) -> Self {
+        Self {
+            routes: Some(vec![PodRoute::via(Ipv4Net::default(), gateways)]),
+        }
+    }
+
+    /// A pod with this egress table.
+    pub fn routes(routes: Vec<PodRoute>) -> Self {
+        Self {
+            routes: Some(routes),
+        }
+    }
+
+    /// A pod that does not use egress gateways.
+    pub fn plain() -> Self {
+        Self { routes: None }
+    }
+}
+
+/// A client node and its pods.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NodeSpec {
+    /// Pods on this node (pod m is `pods[m-1]`).
+    pub pods: Vec<PodSpec>,
+}
+
+/// What to build.
+#[derive(Debug, Clone)]
+pub struct TopologySpec {
+    /// Client nodes (node n is `nodes[n-1]`).
+    pub nodes: Vec<NodeSpec>,
+    /// Gateway pods and their mode (gateway k is `gateways[k-1]`).
+    pub gateways: Vec<GatewayMode>,
+    /// MTU of the pods' `eth0` (Calico sets the VXLAN MTU, 1450, on pods of a VXLAN cluster).
+    pub pod_mtu: u32,
+    /// `workers:` in the userspace gateway's configuration (0 = one per core).
+    pub workers: usize,
+}
+
+impl TopologySpec {
+    /// The seed scenario: node 1 with two pods, node 2 with one pod, all of them sending everything
+    /// through one gateway in `mode`.
+    pub fn standard(mode: GatewayMode) -> Self {
+        Self {
+            nodes: vec![
+                NodeSpec {
+                    pods: vec![PodSpec::via(&[1]), PodSpec::via(&[1])],
+                },
+                NodeSpec {
+                    pods: vec![PodSpec::via(&[1])],
+                },
+            ],
+            gateways: vec![mode],
+            pod_mtu: TUNNEL_MTU,
+            workers: 0,
+        }
+    }
+}
+
+/// A client node namespace.
+#[derive(Debug)]
+pub struct Node {
+    /// Its namespace.
+    pub ns: Netns,
+    /// Node number (from 1).
+    pub number: usize,
+    /// Underlay address of `eth0`.
+    pub ip: Ipv4Addr,
+    /// MAC of its `egress.calico` vxlan device (chosen by the kernel, as on a Calico node).
+    pub vxlan_mac: String,
+}
+
+/// A client pod namespace.
+#[derive(Debug)]
+pub struct Pod {
+    /// Its namespace.
+    pub ns: Netns,
+    /// Its node's number.
+    pub node: usize,
+    /// Pod number on its node (from 1).
+    pub number: usize,
+    /// Its address (`eth0`, /32).
+    pub ip: Ipv4Addr,
+    /// The node-side veth (`cali…`).
+    pub cali: String,
+    /// Its egress table on the node, when opted in.
+    pub table: Option<u32>,
+}
+
+/// A namespace with one address (outside and internal servers, the DMZ router).
+#[derive(Debug)]
+pub struct Host {
+    /// Its namespace.
+    pub ns: Netns,
+    /// Its address.
+    pub ip: Ipv4Addr,
+}
+
+/// The built topology; dropping it stops the gateways' processes and deletes every namespace.
+#[derive(Debug)]
+pub struct Topology {
+    // Field order is drop order: processes (in gateways) first, the log directory last.
+    gateways: Vec<Gateway>,
+    pods: Vec<Pod>,
+    nodes: Vec<Node>,
+    red: Host,
+    blue: Host,
+    internal: Host,
+    dmz: Host,
+    underlay: Netns,
+    prefix: String,
+    spec: TopologySpec,
+    dir: TempDir,
+}
+
+impl Topology {
+    /// Builds the seed scenario ([`TopologySpec::standard`]) with one gateway in `mode`.
+    pub fn standard(mode: GatewayMode) -> Result<Self> {
+        Self::build(TopologySpec::standard(mode))
+    }
+
+    /// Builds `spec` under a fresh unique prefix. Everything made so far is removed if a step fails.
+    pub fn build(spec: TopologySpec) -> Result<Self> {
+        if spec.nodes.is_empty() || spec.nodes.len() > 200 {
+            crate::bail!("1 to 200 nodes, not {}", spec.nodes.len());
+        }
+        if spec.gateways.is_empty() || spec.gateways.len() > 7 {
+            crate::bail!("1 to 7 gateways, not {}", spec.gateways.len());
+        }
+        let prefix = netns::unique_prefix();
+        let dir = TempDir::new(&prefix)?;
+        let ns = |role: &str| Netns::new(&format!("{prefix}-{role}"));
+
+        // Underlay: a bridge with the "underlay router" address (the nodes' default route).
+        let underlay = ns("ul")?;
+        underlay.ip("link add br0 type bridge")?;
+        underlay.ip("addr add 172.18.0.1/16 dev br0")?;
+        underlay.ip("link set br0 up")?;
+
+        let dmz = build_dmz(Host {
+            ns: ns("dmz")?,
+            ip: DMZ_ROUTER,
+        })?;
+        let red = outside_server(ns("red")?, &dmz, "red", RED_SERVER, RED_NET)?;
+        let blue = outside_server(ns("blue")?, &dmz, "blue", BLUE_SERVER, BLUE_NET)?;
+        let internal = Host {
+            ns: ns("int")?,
+            ip: INTERNAL_SERVER,
+        };
+        internal.ns.ip("link add br0 type bridge")?;
+        internal
+            .ns
+            .ip(&format!("addr add {INTERNAL_SERVER}/16 dev br0"))?;
+        internal.ns.ip("link set br0 up")?;
+
+        let mut nodes = Vec::new();
+        let mut pods = Vec::new();
+        for (i, node_spec) in spec.nodes.iter().enumerate() {
+            let n = i + 1;
+            let node = build_node(ns(&format!("node{n}"))?, n, &underlay, &spec)?;
+            for (j, pod_spec) in node_spec.pods.iter().enumerate() {
+                let m = j + 1;
+                let pod = build_pod(ns(&format!("n{n}p{m}"))?, &node, m, pod_spec, &spec)?;
+                pods.push(pod);
+            }
+            nodes.push(node);
+        }
+
+        let mut topo = Self {
+            gateways: Vec::new(),
+            pods,
+            nodes,
+            red,
+            blue,
+            internal,
+            dmz,
+            underlay,
+            prefix,
+            spec,
+            dir,
+        };
+        for k in 1..=topo.spec.gateways.len() {
+            let mode = topo.spec.gateways[k - 1].clone();
+            let gw = topo.build_gateway(k, mode)?;
+            topo.gateways.push(gw);
+        }
+        Ok(topo)
+    }
+
+    /// The unique prefix of every namespace of this topology (`eg<pid>-<n>`).
+    pub fn prefix(&self) -> &str {
+        &self.prefix
+    }
+
+    /// Names of all namespaces of this topology.
+    pub fn namespaces(&self) -> Vec<String> {
+        let mut v = vec![
+            self.underlay.name().to_owned(),
+            self.dmz.ns.name().to_owned(),
+            self.red.ns.name().to_owned(),
+            self.blue.ns.name().to_owned(),
+            self.internal.ns.name().to_owned(),
+        ];
+        v.extend(self.nodes.iter().map(|n| n.ns.name().to_owned()));
+        v.extend(self.pods.iter().map(|p| p.ns.name().to_owned()));
+        v.extend(self.gateways.iter().map(|g| g.ns.name().to_owned()));
+        v
+    }
+
+    /// Directory for logs and configuration files (removed with the topology unless a test failed or
+    /// `EGRESS_KEEP_LOGS=1`).
+    pub fn dir(&self) -> &Path {
+        self.dir.path()
+    }
+
+    /// Node `n` (from 1).
+    pub fn node(&self, n: usize) -> &Node {
+        &self.nodes[n - 1]
+    }
+
+    /// All nodes.
+    pub fn nodes(&self) -> &[Node] {
+        &self.nodes
+    }
+
+    /// Pod `m` on node `n` (both from 1).
+    pub fn pod(&self, n: usize, m: usize) -> &Pod {
+        self.pods
+            .iter()
+            .find(|p| p.node == n && p.number == m)
+            .unwrap_or_else(|| panic!("no pod {m} on node {n}"))
+    }
+
+    /// All pods.
+    pub fn pods(&self) -> &[Pod] {
+        &self.pods
+    }
+
+    /// Gateway `k` (from 1).
+    pub fn gateway(&self, k: usize) -> &Gateway {
+        &self.gateways[k - 1]
+    }
+
+    /// Gateway `k`, mutably (to stop or signal its process).
+    pub fn gateway_mut(&mut self, k: usize) -> &mut Gateway {
+        &mut self.gateways[k - 1]
+    }
+
+    /// All gateways.
+    pub fn gateways(&self) -> &[Gateway] {
+        &self.gateways
+    }
+
+    /// The red outside server (198.51.100.10, behind the DMZ router).
+    pub fn red(&self) -> &Host {
+        &self.red
+    }
+
+    /// The blue outside server (192.0.2.10, behind the DMZ router).
+    pub fn blue(&self) -> &Host {
+        &self.blue
+    }
+
+    /// The internal server (10.50.0.20, on-link on the internal network).
+    pub fn internal(&self) -> &Host {
+        &self.internal
+    }
+
+    /// The DMZ router.
+    pub fn dmz_router(&self) -> &Host {
+        &self.dmz
+    }
+
+    /// The underlay namespace (bridge `br0`).
+    pub fn underlay(&self) -> &Netns {
+        &self.underlay
+    }
+
+    /// The spec this topology was built from (with the gateways' current modes).
+    pub fn spec(&self) -> &TopologySpec {
+        &self.spec
+    }
+
+    /// Switches gateway `k` to `mode`: its namespace is rebuilt identically (same names, addresses and
+    /// MACs, so the nodes' neighbour and FDB entries stay valid) and configured for the new mode; the
+    /// rest of the topology is untouched. For userspace mode, wait with [`Gateway::wait_ready`].
+    pub fn set_gateway_mode(&mut self, k: usize, mode: GatewayMode) -> Result<()> {
+        if k == 0 || k > self.gateways.len() {
+            crate::bail!("no gateway {k}");
+        }
+        // Drop the old one first: its process, its namespace and with it its veths.
+        let old = self.gateways.remove(k - 1);
+        drop(old);
+        self.spec.gateways[k - 1] = mode.clone();
+        let gw = self.build_gateway(k, mode)?;
+        self.gateways.insert(k - 1, gw);
+        Ok(())
+    }
+
+    /// Replaces the egress table of pod (n, m) on its node (the pod becomes opted in if it was not).
+    pub fn set_pod_routes(&mut self, n: usize, m: usize, routes: &[PodRoute]) -> Result<()> {
+        let gateway_ips: Vec<Ipv4Addr> = (1..=self.spec.gateways.len()).map(gateway_ip).collect();
+        let node = &self.nodes[n - 1];
+        let pod = self
+            .pods
+            .iter_mut()
+            .find(|p| p.node == n && p.number == m)
+            .ok_or_else(|| Error::msg(format!("no pod {m} on node {n}")))?;
+        let table = POD_TABLE_BASE + u32::try_from(m).unwrap_or(0);
+        if pod.table.is_none() {
+            node.ns.ip(&format!(
+                "rule add from {} lookup {table} priority {POD_RULE_PRIORITY}",
+                pod.ip
+            ))?;
+            pod.table = Some(table);
+        }
+        program_table(&node.ns, table, routes, &gateway_ips)
+    }
+
+    fn build_gateway(&self, k: usize, mode: GatewayMode) -> Result<Gateway> {
+        let ns = Netns::new(&format!("{}-gw{k}", self.prefix))?;
+        let ip = gateway_ip(k);
+        // eth0 on the underlay bridge.
+        ns.ip(&format!(
+            "link add eth0 address {} type veth peer name gw{k} netns {}",
+            gateway_eth_mac(k),
+            self.underlay.name()
+        ))?;
+        self.underlay.ip(&format!("link set gw{k} master br0 up"))?;
+        ns.ip(&format!("addr add {ip}/16 dev eth0"))?;
+        ns.ip("link set eth0 up")?;
+        // Uplinks: gwdmz to the DMZ router's bridge, gwint to the internal network's bridge.
+        ns.ip(&format!(
+            "link add gwdmz address 02:cb:00:71:00:{k:02x} type veth peer name gw{k} netns {}",
+            self.dmz.ns.name()
+        ))?;
+        self.dmz.ns.ip(&format!("link set gw{k} master dmz up"))?;
+        ns.ip(&format!(
+            "link add gwint address 02:0a:32:00:00:{k:02x} type veth peer name gw{k} netns {}",
+            self.internal.ns.name()
+        ))?;
+        self.internal
+            .ns
+            .ip(&format!("link set gw{k} master br0 up"))?;
+        ns.ip("link set gwdmz up")?;
+        ns.ip("link set gwint up")?;
+        ns.sysctl("net.ipv4.conf.all.rp_filter", "0")?;
+        ns.sysctl("net.ipv4.conf.default.rp_filter", "0")?;
+        let mut gw = Gateway::new(ns, k, ip, mode);
+        gw.configure(self)
+            .with_context(|| format!("configure gateway {k}"))?;
+        Ok(gw)
+    }
+
+    pub(crate) fn workers(&self) -> usize {
+        self.spec.workers
+    }
+}
+
+/// Underlay address of gateway `k` (its pod IP): 172.18.0.(2+k).
+pub fn gateway_ip(k: usize) -> Ipv4Addr {
+    Ipv4Addr::new(172, 18, 0, octet(2 + k))
+}
+
+/// Underlay address of node `n`: 172.18.0.(10+n).
+pub fn node_ip(n: usize) -> Ipv4Addr {
+    Ipv4Addr::new(172, 18, 0, octet(10 + n))
+}
+
+/// Address of pod `m` on node `n`: 10.244.n.m.
+pub fn pod_ip(n: usize, m: usize) -> Ipv4Addr {
+    Ipv4Addr::new(10, 244, octet(n), octet(m))
+}
+
+/// Gateway `k`'s DMZ egress IP: 203.0.113.(9+k).
+pub fn dmz_egress_ip(k: usize) -> Ipv4Addr {
+    Ipv4Addr::new(203, 0, 113, octet(9 + k))
+}
+
+/// Gateway `k`'s internal egress IP: 10.50.0.(9+k).
+pub fn internal_egress_ip(k: usize) -> Ipv4Addr {
+    Ipv4Addr::new(10, 50, 0, octet(9 + k))
+}
+
+/// The inner (tunnel) MAC of a gateway: `a2:2a:` + the four bytes of its IPv4 address.
+pub fn tunnel_mac(ip: Ipv4Addr) -> String {
+    let o = ip.octets();
+    format!("a2:2a:{:02x}:{:02x}:{:02x}:{:02x}", o[0], o[1], o[2], o[3])
+}
+
+/// MAC of gateway `k`'s `eth0` (fixed so that a rebuilt gateway keeps it).
+pub fn gateway_eth_mac(k: usize) -> String {
+    format!("02:ac:12:00:00:{:02x}", 2 + k)
+}
+
+fn octet(v: usize) -> u8 {
+    u8::try_from(v).unwrap_or_else(|_| panic!("address octet {v} out of range"))
+}
+
+fn build_dmz(router: Host) -> Result<Host> {
+    let ns = &router.ns;
+    ns.ip("link add dmz type bridge")?;
+    ns.ip(&format!("addr add {DMZ_ROUTER}/24 dev dmz"))?;
+    ns.ip("link set dmz up")?;
+    ns.sysctl("net.ipv4.ip_forward", "1")?;
+    Ok(router)
+}
+
+fn outside_server(
+    ns: Netns,
+    router: &Host,
+    link: &str,
+    ip: Ipv4Addr,
+    net: Ipv4Net,
+) -> Result<Host> {
+    let gw = Ipv4Addr::from(u32::from(net.network()) + 1);
+    router.ns.ip(&format!(
+        "link add {link} type veth peer name eth0 netns {}",
+        ns.name()
+    ))?;
+    router
+        .ns
+        .ip(&format!("addr add {gw}/{} dev {link}", net.prefix_len()))?;
+    router.ns.ip(&format!("link set {link} up"))?;
+    ns.ip(&format!("addr add {ip}/{} dev eth0", net.prefix_len()))?;
+    ns.ip("link set eth0 up")?;
+    ns.ip(&format!("route add default via {gw}"))?;
+    Ok(Host { ns, ip })
+}
+
+fn build_node(ns: Netns, n: usize, underlay: &Netns, spec: &TopologySpec) -> Result<Node> {
+    let ip = node_ip(n);
+    ns.sysctl("net.ipv4.ip_forward", "1")?;
+    ns.sysctl("net.ipv4.conf.all.rp_filter", "0")?;
+    ns.sysctl("net.ipv4.conf.default.rp_filter", "0")?;
+    ns.sysctl("net.ipv4.fib_multipath_hash_policy", "1")?;
+    ns.ip(&format!(
+        "link add eth0 address 02:18:00:00:00:{:02x} type veth peer name node{n} netns {}",
+        10 + n,
+        underlay.name()
+    ))?;
+    underlay.ip(&format!("link set node{n} master br0 up"))?;
+    ns.ip(&format!("addr add {ip}/16 dev eth0"))?;
+    ns.ip("link set eth0 up")?;
+    ns.ip("route add default via 172.18.0.1 dev eth0")?;
+
+    // The egress vxlan device, as Felix creates it (no learning; the FDB and neighbours are static).
+    ns.ip(&format!(
+        "link add {NODE_VXLAN_DEV} type vxlan id {VNI} dstport {VXLAN_PORT} local {ip} dev eth0 nolearning"
+    ))?;
+    ns.ip(&format!("link set {NODE_VXLAN_DEV} mtu {TUNNEL_MTU} up"))?;
+    ns.sysctl("net.ipv4.conf.egress/calico.rp_filter", "0")?;
+    for k in 1..=spec.gateways.len() {
+        let gw = gateway_ip(k);
+        let mac = tunnel_mac(gw);
+        ns.ip(&format!(
+            "neigh add {gw} lladdr {mac} dev {NODE_VXLAN_DEV} nud permanent"
+        ))?;
+        crate::cmd::run(
+            "bridge",
+            &[
+                "-n",
+                ns.name(),
+                "fdb",
+                "append",
+                &mac,
+                "dev",
+                NODE_VXLAN_DEV,
+                "dst",
+                &gw.to_string(),
+            ],
+        )?;
+    }
+    let vxlan_mac = ns.mac(NODE_VXLAN_DEV)?;
+    Ok(Node {
+        ns,
+        number: n,
+        ip,
+        vxlan_mac,
+    })
+}
+
+fn build_pod(ns: Netns, node: &Node, m: usize, pod: &PodSpec, spec: &TopologySpec) -> Result<Pod> {
+    let ip = pod_ip(node.number, m);
+    let cali = format!("cali{:02x}{:02x}", node.number, m);
+    ns.ip(&format!(
+        "link add eth0 mtu {} type veth peer name {cali} mtu {} netns {}",
+        spec.pod_mtu,
+        spec.pod_mtu,
+        node.ns.name()
+    ))?;
+    ns.ip(&format!("addr add {ip}/32 dev eth0"))?;
+    ns.ip("link set eth0 up")?;
+    ns.ip("route add 169.254.1.1 dev eth0 scope link")?;
+    ns.ip("route add default via 169.254.1.1 dev eth0")?;
+    // Node side, as Calico does it: proxy ARP answers for 169.254.1.1, a /32 route to the pod.
+    node.ns
+        .sysctl(&format!("net.ipv4.conf.{cali}.proxy_arp"), "1")?;
+    node.ns
+        .sysctl(&format!("net.ipv4.neigh.{cali}.proxy_delay"), "0")?;
+    node.ns
+        .sysctl(&format!("net.ipv4.conf.{cali}.rp_filter"), "0")?;
+    node.ns.ip(&format!("link set {cali} up"))?;
+    node.ns
+        .ip(&format!("route add {ip}/32 dev {cali} scope link"))?;
+    let mut table = None;
+    if let Some(routes) = &pod.routes {
+        let t = POD_TABLE_BASE + u32::try_from(m).unwrap_or(0);
+        node.ns.ip(&format!(
+            "rule add from {ip} lookup {t} priority {POD_RULE_PRIORITY}"
+        ))?;
+        let gateway_ips: Vec<Ipv4Addr> = (1..=spec.gateways.len()).map(gateway_ip).collect();
+        program_table(&node.ns, t, routes, &gateway_ips)?;
+        table = Some(t);
+    }
+    Ok(Pod {
+        ns,
+        node: node.number,
+        number: m,
+        ip,
+        cali,
+        table,
+    })
+}
+
+/// Writes a pod's egress table: flush, then one route per entry (throw, single next hop, or multipath).
+fn program_table(ns: &Netns, table: u32, routes: &[PodRoute], gateways: &[Ipv4Addr]) -> Result<()> {
+    let _ = ns.ip(&format!("route flush table {table}"));
+    for r in routes {
+        let cmd = match r.gateways.as_slice() {
+            [] => format!("route replace table {table} throw {}", r.dst),
+            [k] => format!(
+                "route replace table {table} {} via {} dev {NODE_VXLAN_DEV} onlink",
+                r.dst,
+                lookup_gateway(gateways, *k)?
+            ),
+            ks => {
+                let mut s = format!("route replace table {table} {}", r.dst);
+                for k in ks {
+                    s.push_str(&format!(
+                        " nexthop via {} dev {NODE_VXLAN_DEV} onlink",
+                        lookup_gateway(gateways, *k)?
+                    ));
+                }
+                s
+            }
+        };
+        ns.ip(&cmd)?;
+    }
+    Ok(())
+}
+
+fn lookup_gateway(gateways: &[Ipv4Addr], k: usize) -> Result<Ipv4Addr> {
+    k.checked_sub(1)
+        .and_then(|i| gateways.get(i))
+        .copied()
+        .ok_or_else(|| Error::msg(format!("pod route names gateway {k}, which does not exist")))
+}
