@@ -126,6 +126,13 @@ impl Gateway {
         self.process.as_mut()
     }
 
+    /// Stops the userspace gateway's process, if any (SIGTERM, SIGKILL after 500 ms).
+    pub fn stop_process(&mut self) {
+        if let Some(mut p) = self.process.take() {
+            p.stop(Duration::from_millis(500));
+        }
+    }
+
     /// The configuration file written for userspace mode.
     pub fn config_path(&self) -> Option<&Path> {
         self.config.as_deref()

@@ -1,15 +1,18 @@
 //! Named network namespaces that remove themselves, and running Rust code or processes inside them.
 //!
-//! Names are `eg<pid>-<n>-<role>`: the pid keeps two processes apart, the counter `n` keeps two tests of one
-//! process apart. A namespace is deleted when its [`Netns`] is dropped (also while a panic unwinds);
-//! namespaces left by a process that no longer runs (killed with SIGKILL) are swept the next time a harness
-//! starts ([`sweep_stale`]). Only names of that exact shape are ever deleted.
+//! Names are `eg<tok><pid>-<n>-<role>`: `<tok>` (three letters from this process's pid namespace) and the
+//! pid keep two processes apart — also processes in different containers sharing one kernel and one
+//! `/var/run/netns` — and the counter `n` keeps two topologies of one process apart. A namespace is
+//! deleted when its [`Netns`] is dropped (also while a panic unwinds); namespaces left by a process of
+//! this pid namespace that no longer runs (killed with SIGKILL) are swept the next time a harness starts
+//! ([`sweep_stale`]). Only names of that exact shape with this pid namespace's token are ever deleted.
 
 use std::fs::File;
 use std::os::fd::AsRawFd;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::mpsc;
+use std::sync::OnceLock;
 use std::thread::JoinHandle;
 use std::time::Duration;
 
@@ -19,10 +22,34 @@ use crate::process::Process;
 
 static COUNTER: AtomicU32 = AtomicU32::new(0);
 
-/// A fresh prefix `eg<pid>-<n>` for one topology: unique in this process and among live processes.
+/// A fresh prefix `eg<tok><pid>-<n>` for one topology: unique in this process and among live processes.
 pub fn unique_prefix() -> String {
     let n = COUNTER.fetch_add(1, Ordering::Relaxed);
-    format!("eg{}-{n}", std::process::id())
+    format!("eg{}{}-{n}", pidns_token(), std::process::id())
+}
+
+/// Three letters derived from this process's pid namespace (`/proc/self/ns/pid`), so that equal pids in
+/// two containers give different names.
+pub fn pidns_token() -> &'static str {
+    static TOKEN: OnceLock<String> = OnceLock::new();
+    TOKEN.get_or_init(|| {
+        let link = std::fs::read_link("/proc/self/ns/pid")
+            .map(|p| p.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        let inode: u64 = link
+            .chars()
+            .filter(char::is_ascii_digit)
+            .collect::<String>()
+            .parse()
+            .unwrap_or(0);
+        let mut v = inode % (26 * 26 * 26);
+        let mut t = String::new();
+        for _ in 0..3 {
+            t.push(char::from(b'a' + u8::try_from(v % 26).unwrap_or(0)));
+            v /= 26;
+        }
+        t
+    })
 }
 
 /// Where `ip netns` keeps its namespace handles.
@@ -226,27 +253,38 @@ pub fn list() -> Result<Vec<String>> {
         .collect())
 }
 
-/// The pid in a harness namespace name `eg<pid>-<n>-<role>`, or `None` for any other name.
-pub fn harness_pid(name: &str) -> Option<u32> {
+/// The (token, pid) in a harness namespace name `eg<tok><pid>-<n>-<role>`, or `None` for any other name.
+pub fn harness_owner(name: &str) -> Option<(&str, u32)> {
     let rest = name.strip_prefix("eg")?;
-    let (pid, rest) = rest.split_once('-')?;
+    let (owner, rest) = rest.split_once('-')?;
     let (n, role) = rest.split_once('-')?;
     if role.is_empty() || n.is_empty() || !n.bytes().all(|b| b.is_ascii_digit()) {
         return None;
     }
-    pid.parse().ok()
+    if owner.len() < 4 || !owner.is_char_boundary(3) {
+        return None;
+    }
+    let (token, pid) = owner.split_at(3);
+    if !token.bytes().all(|b| b.is_ascii_lowercase()) || !pid.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    Some((token, pid.parse().ok()?))
 }
 
-/// Deletes harness namespaces whose process is gone (left by a killed test run), and ones carrying this
-/// process's pid that exist before this process made any (a recycled pid). Called once per process by
-/// [`require_netns`](crate::require_netns). Never touches names of another shape or of live processes.
+/// Deletes harness namespaces of this pid namespace whose process is gone (left by a killed run), and
+/// ones carrying this process's pid that exist before this process made any (a recycled pid). Called once
+/// per process by [`require_netns`](crate::require_netns). Never touches names of another shape, of
+/// another pid namespace (whose processes this one cannot see), or of live processes.
 pub fn sweep_stale() {
     let Ok(names) = list() else { return };
     let me = std::process::id();
     for name in names {
-        let Some(pid) = harness_pid(&name) else {
+        let Some((token, pid)) = harness_owner(&name) else {
             continue;
         };
+        if token != pidns_token() {
+            continue;
+        }
         let alive = pid != me && std::path::Path::new(&format!("/proc/{pid}")).exists();
         if !alive {
             eprintln!("harness: removing stale namespace {name} (its process {pid} is gone)");
@@ -261,19 +299,22 @@ mod tests {
 
     #[test]
     fn harness_names() {
-        assert_eq!(harness_pid("eg123-4-node1"), Some(123));
-        assert_eq!(harness_pid("eg123-4-ul"), Some(123));
-        assert_eq!(harness_pid("eg123-x-ul"), None);
-        assert_eq!(harness_pid("eg123-4-"), None);
-        assert_eq!(harness_pid("egress"), None);
-        assert_eq!(harness_pid("other-1-2"), None);
+        assert_eq!(harness_owner("egabc123-4-node1"), Some(("abc", 123)));
+        assert_eq!(harness_owner("egabc123-4-ul"), Some(("abc", 123)));
+        assert_eq!(harness_owner("egabc123-x-ul"), None);
+        assert_eq!(harness_owner("egabc123-4-"), None);
+        assert_eq!(harness_owner("eg123-4-ul"), None);
+        assert_eq!(harness_owner("egress"), None);
+        assert_eq!(harness_owner("other-1-2"), None);
     }
 
     #[test]
-    fn prefixes_are_unique() {
+    fn prefixes_are_unique_and_parse() {
         let a = unique_prefix();
         let b = unique_prefix();
         assert_ne!(a, b);
-        assert!(a.starts_with(&format!("eg{}-", std::process::id())));
+        let name = format!("{a}-node1");
+        let (tok, pid) = harness_owner(&name).unwrap();
+        assert_eq!((tok, pid), (pidns_token(), std::process::id()));
     }
 }

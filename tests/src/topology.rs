@@ -237,6 +237,7 @@ impl Topology {
 
         // Underlay: a bridge with the "underlay router" address (the nodes' default route).
         let underlay = ns("ul")?;
+        bridge_without_netfilter(&underlay);
         underlay.ip("link add br0 type bridge")?;
         underlay.ip("addr add 172.18.0.1/16 dev br0")?;
         underlay.ip("link set br0 up")?;
@@ -251,6 +252,7 @@ impl Topology {
             ns: ns("int")?,
             ip: INTERNAL_SERVER,
         };
+        bridge_without_netfilter(&internal.ns);
         internal.ns.ip("link add br0 type bridge")?;
         internal
             .ns
@@ -340,14 +342,20 @@ impl Topology {
         &self.pods
     }
 
-    /// Gateway `k` (from 1).
+    /// Gateway `k` (from 1). Panics if there is none (also after a failed [`set_gateway_mode`](Self::set_gateway_mode)).
     pub fn gateway(&self, k: usize) -> &Gateway {
-        &self.gateways[k - 1]
+        self.gateways
+            .iter()
+            .find(|g| g.number == k)
+            .unwrap_or_else(|| panic!("no gateway {k}"))
     }
 
     /// Gateway `k`, mutably (to stop or signal its process).
     pub fn gateway_mut(&mut self, k: usize) -> &mut Gateway {
-        &mut self.gateways[k - 1]
+        self.gateways
+            .iter_mut()
+            .find(|g| g.number == k)
+            .unwrap_or_else(|| panic!("no gateway {k}"))
     }
 
     /// All gateways.
@@ -389,15 +397,28 @@ impl Topology {
     /// MACs, so the nodes' neighbour and FDB entries stay valid) and configured for the new mode; the
     /// rest of the topology is untouched. For userspace mode, wait with [`Gateway::wait_ready`].
     pub fn set_gateway_mode(&mut self, k: usize, mode: GatewayMode) -> Result<()> {
-        if k == 0 || k > self.gateways.len() {
+        if k == 0 || k > self.spec.gateways.len() {
             crate::bail!("no gateway {k}");
         }
-        // Drop the old one first: its process, its namespace and with it its veths.
-        let old = self.gateways.remove(k - 1);
-        drop(old);
+        // Drop the old one first: its process, its namespace and with it its veths. If building the new
+        // one fails, gateway k is absent until a later call succeeds.
+        if let Some(i) = self.gateways.iter().position(|g| g.number == k) {
+            let mut old = self.gateways.remove(i);
+            old.stop_process();
+            // Deleting a namespace dismantles it asynchronously: remove its links now so that the
+            // peers' names (gw<k> on the bridges) are free for the new gateway.
+            for dev in ["eth0", "gwdmz", "gwint"] {
+                let _ = old.ns.ip(&format!("link del {dev}"));
+            }
+            drop(old);
+        }
+        for ns in [&self.underlay, &self.dmz.ns, &self.internal.ns] {
+            let _ = ns.ip(&format!("link del gw{k}"));
+        }
         self.spec.gateways[k - 1] = mode.clone();
         let gw = self.build_gateway(k, mode)?;
-        self.gateways.insert(k - 1, gw);
+        let at = self.gateways.partition_point(|g| g.number < k);
+        self.gateways.insert(at, gw);
         Ok(())
     }
 
@@ -501,8 +522,18 @@ fn octet(v: usize) -> u8 {
     u8::try_from(v).unwrap_or_else(|_| panic!("address octet {v} out of range"))
 }
 
+/// A bridge stands for a switch: frames crossing it must not go through iptables. With `br_netfilter`
+/// loaded (by anything on the machine) new namespaces default to `bridge-nf-call-*=1`; turn that off.
+/// Without the module the keys do not exist, which is fine.
+fn bridge_without_netfilter(ns: &Netns) {
+    for t in ["iptables", "ip6tables", "arptables"] {
+        let _ = ns.sysctl(&format!("net.bridge.bridge-nf-call-{t}"), "0");
+    }
+}
+
 fn build_dmz(router: Host) -> Result<Host> {
     let ns = &router.ns;
+    bridge_without_netfilter(ns);
     ns.ip("link add dmz type bridge")?;
     ns.ip(&format!("addr add {DMZ_ROUTER}/24 dev dmz"))?;
     ns.ip("link set dmz up")?;

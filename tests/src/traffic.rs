@@ -224,6 +224,73 @@ pub fn ping(ns: &Netns, dst: std::net::IpAddr, count: u32) -> Result<String> {
     ns.exec(&format!("ping -n -q -c {count} -i 0.2 -w 10 {dst}"))
 }
 
+/// Waits (polling `ss` every 20 ms) until something in `ns` listens on TCP `port`: for external servers
+/// such as `iperf3 -s`, which must not be probed by connecting.
+pub fn wait_tcp_listening(ns: &Netns, port: u16, timeout: Duration) -> Result<()> {
+    let deadline = Instant::now() + timeout;
+    let filter = format!("sport = :{port}");
+    loop {
+        let out = ns.exec_args(&["ss", "-H", "-l", "-t", "-n", &filter])?;
+        if !out.trim().is_empty() {
+            return Ok(());
+        }
+        if Instant::now() >= deadline {
+            crate::bail!(
+                "nothing listens on TCP port {port} in {} after {timeout:?}",
+                ns.name()
+            );
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// UDP counters of a namespace (from `/proc/net/snmp`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct UdpCounters {
+    /// Datagrams delivered to sockets.
+    pub in_datagrams: u64,
+    /// Datagrams dropped because a socket's receive buffer was full.
+    pub rcvbuf_errors: u64,
+    /// Datagrams sent.
+    pub out_datagrams: u64,
+}
+
+impl UdpCounters {
+    /// Reads the counters of `ns`.
+    pub fn read(ns: &Netns) -> Result<Self> {
+        let text = ns.exec("cat /proc/net/snmp")?;
+        Self::parse(&text)
+            .ok_or_else(|| Error::msg(format!("no Udp: lines in /proc/net/snmp of {}", ns.name())))
+    }
+
+    /// Parses `/proc/net/snmp`.
+    pub fn parse(text: &str) -> Option<Self> {
+        let mut lines = text.lines().filter(|l| l.starts_with("Udp:"));
+        let names: Vec<&str> = lines.next()?.split_whitespace().collect();
+        let values: Vec<&str> = lines.next()?.split_whitespace().collect();
+        let get = |name: &str| -> Option<u64> {
+            let i = names.iter().position(|n| *n == name)?;
+            values.get(i)?.parse().ok()
+        };
+        Some(Self {
+            in_datagrams: get("InDatagrams")?,
+            rcvbuf_errors: get("RcvbufErrors")?,
+            out_datagrams: get("OutDatagrams")?,
+        })
+    }
+
+    /// Datagrams that reached the UDP layer (delivered or dropped for a full buffer) since `before`.
+    pub fn received_since(&self, before: &Self) -> u64 {
+        (self.in_datagrams + self.rcvbuf_errors)
+            .saturating_sub(before.in_datagrams + before.rcvbuf_errors)
+    }
+
+    /// Datagrams sent since `before`.
+    pub fn sent_since(&self, before: &Self) -> u64 {
+        self.out_datagrams.saturating_sub(before.out_datagrams)
+    }
+}
+
 /// 64-bit FNV-1a, fed in pieces; the hash of a stream does not depend on how it was cut.
 #[derive(Debug, Clone, Copy)]
 pub struct Fnv64(u64);
@@ -449,6 +516,20 @@ pub fn bulk_download(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn snmp_udp_counters() {
+        let text = "Ip: Forwarding DefaultTTL\nIp: 1 64\nUdp: InDatagrams NoPorts InErrors OutDatagrams RcvbufErrors SndbufErrors\nUdp: 10 2 3 7 3 0\nUdpLite: InDatagrams\nUdpLite: 0\n";
+        let c = UdpCounters::parse(text).unwrap();
+        assert_eq!(
+            c,
+            UdpCounters {
+                in_datagrams: 10,
+                rcvbuf_errors: 3,
+                out_datagrams: 7
+            }
+        );
+    }
 
     #[test]
     fn pattern_hash_is_cut_independent() {
