@@ -72,6 +72,21 @@ pub fn gateway_binary() -> Result<PathBuf> {
     }
 }
 
+/// The binary for userspace-mode tests, if it exists and has the `run` subcommand (`run --help`
+/// succeeds); otherwise why not. Tests skip on `Err` (printing `SKIPPED <test>: <why>`).
+pub fn userspace_binary_with_run() -> Result<PathBuf> {
+    let bin = gateway_binary()?;
+    let path = bin.to_string_lossy().into_owned();
+    let out = crate::cmd::output(&path, &["run", "--help"])?;
+    if !out.status.success() {
+        crate::bail!(
+            "{path} has no working `run` subcommand yet (`run --help` exited with {})",
+            out.status
+        );
+    }
+    Ok(bin)
+}
+
 /// The workspace root (the parent of this crate's directory).
 pub fn workspace_root() -> PathBuf {
     let here = Path::new(env!("CARGO_MANIFEST_DIR"));

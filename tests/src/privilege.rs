@@ -26,11 +26,17 @@ pub fn require_netns(test: &str) -> Option<NetnsAccess> {
             if std::env::var(REQUIRE_ENV).as_deref() == Ok("1") {
                 panic!("{test}: needs CAP_NET_ADMIN (run as root): {why} ({REQUIRE_ENV}=1 makes this a failure)");
             }
-            eprintln!("SKIPPED {test}: needs CAP_NET_ADMIN (run as root): {why}");
-            println!("SKIPPED {test}: needs CAP_NET_ADMIN (run as root)");
+            skipped(test, &format!("needs CAP_NET_ADMIN (run as root): {why}"));
             None
         }
     }
+}
+
+/// Prints `SKIPPED <test>: <why>` (stdout and stderr). libtest captures a passing test's output: see it
+/// with `cargo test -- --show-output` (or `--nocapture`).
+pub fn skipped(test: &str, why: &str) {
+    println!("SKIPPED {test}: {why}");
+    eprintln!("SKIPPED {test}: {why}");
 }
 
 /// The name of the running test (libtest names each test's thread after it).
@@ -48,6 +54,22 @@ macro_rules! require_netns {
         match $crate::require_netns(&$crate::privilege::current_test_name()) {
             Some(access) => access,
             None => return,
+        }
+    };
+}
+
+/// Skips (returns from) the calling test unless the userspace gateway binary with `run` exists; evaluates
+/// to the [`GatewayMode::Userspace`](crate::GatewayMode::Userspace) to use. Build it with
+/// `cargo build --release -p gateway` (or set `EGRESS_GATEWAY_BIN`).
+#[macro_export]
+macro_rules! require_userspace_gateway {
+    () => {
+        match $crate::gateway::userspace_binary_with_run() {
+            Ok(binary) => $crate::GatewayMode::Userspace { binary },
+            Err(why) => {
+                println!("SKIPPED {}: {why}", $crate::privilege::current_test_name());
+                return;
+            }
         }
     };
 }
