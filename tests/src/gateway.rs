@@ -2,7 +2,7 @@
 //! uses) or the userspace `egress-gateway run` binary.
 
 use std::io::{Read, Write};
-use std::net::{Ipv4Addr, SocketAddr, TcpStream};
+use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
@@ -10,7 +10,8 @@ use crate::error::{Context, Error, Result};
 use crate::netns::Netns;
 use crate::process::Process;
 use crate::topology::{
-    dmz_egress_ip, internal_egress_ip, tunnel_mac, Topology, DMZ_ROUTER, INTERNAL_NET, POD_CIDR,
+    dmz_egress_ip, dmz_egress_ip6, internal_egress_ip, internal_egress_ip6, link_local, tunnel_mac,
+    Topology, DMZ_NET6, DMZ_ROUTER, DMZ_ROUTER6, INTERNAL_NET, INTERNAL_NET6, POD_CIDR, POD_CIDR6,
     TUNNEL_MTU, UNDERLAY, VNI, VXLAN_PORT,
 };
 
@@ -108,12 +109,23 @@ pub struct Gateway {
     pub dmz_egress: Ipv4Addr,
     /// Its internal egress IP.
     pub internal_egress: Ipv4Addr,
+    /// Its DMZ egress IPv6 address (dual-stack topology; configured in kernel mode only, the userspace
+    /// configuration has no IPv6 uplink addresses yet).
+    pub dmz_egress6: Option<Ipv6Addr>,
+    /// Its internal egress IPv6 address (as `dmz_egress6`).
+    pub internal_egress6: Option<Ipv6Addr>,
     mode: GatewayMode,
     config: Option<PathBuf>,
 }
 
 impl Gateway {
-    pub(crate) fn new(ns: Netns, number: usize, ip: Ipv4Addr, mode: GatewayMode) -> Self {
+    pub(crate) fn new(
+        ns: Netns,
+        number: usize,
+        ip: Ipv4Addr,
+        mode: GatewayMode,
+        ipv6: bool,
+    ) -> Self {
         Self {
             process: None,
             ns,
@@ -121,6 +133,8 @@ impl Gateway {
             ip,
             dmz_egress: dmz_egress_ip(number),
             internal_egress: internal_egress_ip(number),
+            dmz_egress6: ipv6.then(|| dmz_egress_ip6(number)),
+            internal_egress6: ipv6.then(|| internal_egress_ip6(number)),
             mode,
             config: None,
         }
@@ -220,6 +234,56 @@ impl Gateway {
         ];
         for r in &rules {
             let mut args = vec!["iptables", "-w"];
+            args.extend(crate::cmd::words(r));
+            ns.exec_args(&args)?;
+        }
+        if let (Some(dmz6), Some(int6)) = (self.dmz_egress6, self.internal_egress6) {
+            self.configure_kernel_ipv6(topo, dmz6, int6)?;
+        }
+        Ok(())
+    }
+
+    /// The same for IPv6 inside the tunnel: next hops are link-locals derived from the tunnel MACs.
+    fn configure_kernel_ipv6(&self, topo: &Topology, dmz6: Ipv6Addr, int6: Ipv6Addr) -> Result<()> {
+        let ns = &self.ns;
+        let dev = GATEWAY_VXLAN_DEV;
+        ns.sysctl("net.ipv6.conf.all.forwarding", "1")?;
+        ns.ip(&format!(
+            "-6 addr add {dmz6}/{} dev gwdmz nodad",
+            DMZ_NET6.prefix_len()
+        ))?;
+        ns.ip(&format!(
+            "-6 addr add {int6}/{} dev gwint nodad",
+            INTERNAL_NET6.prefix_len()
+        ))?;
+        ns.ip(&format!("-6 route add default via {DMZ_ROUTER6} dev gwdmz"))?;
+        for node in topo.nodes() {
+            ns.ip(&format!(
+                "-6 neigh add {} lladdr {} dev {dev} nud permanent",
+                link_local(&node.vxlan_mac)?,
+                node.vxlan_mac
+            ))?;
+        }
+        for pod in topo.pods() {
+            if let Some(ip6) = pod.ip6 {
+                let node = topo.node(pod.node);
+                ns.ip(&format!(
+                    "-6 route add {ip6}/128 via {} dev {dev}",
+                    link_local(&node.vxlan_mac)?
+                ))?;
+            }
+        }
+        let rules = [
+            format!("-t nat -A POSTROUTING -s {POD_CIDR6} -o gwdmz -j SNAT --to-source {dmz6}"),
+            format!("-t nat -A POSTROUTING -s {POD_CIDR6} -o gwint -j SNAT --to-source {int6}"),
+            "-t mangle -A FORWARD -p tcp --tcp-flags SYN,RST SYN -j TCPMSS --clamp-mss-to-pmtu"
+                .to_owned(),
+            "-A FORWARD -m conntrack --ctstate ESTABLISHED,RELATED -j ACCEPT".to_owned(),
+            format!("-A FORWARD -i {dev} -s {POD_CIDR6} -j ACCEPT"),
+            "-P FORWARD DROP".to_owned(),
+        ];
+        for r in &rules {
+            let mut args = vec!["ip6tables", "-w"];
             args.extend(crate::cmd::words(r));
             ns.exec_args(&args)?;
         }

@@ -14,11 +14,22 @@
 //! | DMZ router (`-dmz`) | 203.0.113.1/24, 198.51.100.1/24, 192.0.2.1/24 |
 //! | outside servers red / blue | 198.51.100.10/24 / 192.0.2.10/24 |
 //! | internal server (`-int`) | 10.50.0.20/16 |
+//!
+//! With `ipv6` (the default) the inner networks are dual-stack; the underlay and the tunnel stay IPv4:
+//!
+//! | what | address |
+//! |---|---|
+//! | pod (n, m) | fd00:244:n::m/128, default via fe80::ecee:eeff:feee:eeee (the node's `cali…`, MAC ee:ee:ee:ee:ee:ee) |
+//! | node → gateway k next hop | the link-local of the gateway's tunnel MAC (EUI-64 of `a2:2a:…`), static neighbour |
+//! | gateway k egress IPs: DMZ / internal | 2001:db8:113::(10+k−1) / fd00:50::(10+k−1) |
+//! | DMZ router | 2001:db8:113::1/64, 2001:db8:100::1/64, 2001:db8:2::1/64 |
+//! | outside servers red / blue | 2001:db8:100::10/64 / 2001:db8:2::10/64 |
+//! | internal server | fd00:50::20/64 |
 
-use std::net::Ipv4Addr;
+use std::net::{Ipv4Addr, Ipv6Addr};
 use std::path::Path;
 
-use ipnet::Ipv4Net;
+use ipnet::{IpNet, Ipv4Net, Ipv6Net};
 
 use crate::error::{Context, Error, Result};
 use crate::gateway::{Gateway, GatewayMode};
@@ -53,10 +64,42 @@ pub const INTERNAL_SERVER: Ipv4Addr = Ipv4Addr::new(10, 50, 0, 20);
 pub const RED_NET: Ipv4Net = net(198, 51, 100, 0, 24);
 /// The blue server's network.
 pub const BLUE_NET: Ipv4Net = net(192, 0, 2, 0, 24);
+/// Where pods live (IPv6).
+pub const POD_CIDR6: Ipv6Net = net6([0xfd00, 0x244, 0, 0, 0, 0, 0, 0], 32);
+/// The internal network (IPv6).
+pub const INTERNAL_NET6: Ipv6Net = net6([0xfd00, 0x50, 0, 0, 0, 0, 0, 0], 64);
+/// The DMZ segment (IPv6).
+pub const DMZ_NET6: Ipv6Net = net6([0x2001, 0xdb8, 0x113, 0, 0, 0, 0, 0], 64);
+/// The DMZ router on the DMZ segment (IPv6).
+pub const DMZ_ROUTER6: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 0x113, 0, 0, 0, 0, 1);
+/// The red server's network (IPv6).
+pub const RED_NET6: Ipv6Net = net6([0x2001, 0xdb8, 0x100, 0, 0, 0, 0, 0], 64);
+/// The red server (IPv6).
+pub const RED_SERVER6: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 0x100, 0, 0, 0, 0, 0x10);
+/// The blue server's network (IPv6).
+pub const BLUE_NET6: Ipv6Net = net6([0x2001, 0xdb8, 0x2, 0, 0, 0, 0, 0], 64);
+/// The blue server (IPv6).
+pub const BLUE_SERVER6: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 0x2, 0, 0, 0, 0, 0x10);
+/// The internal server (IPv6).
+pub const INTERNAL_SERVER6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x50, 0, 0, 0, 0, 0, 0x20);
+/// The link-local address pods use as their IPv6 default gateway (Calico's, on every `cali…`).
+pub const CALICO_LINK_LOCAL: Ipv6Addr =
+    Ipv6Addr::new(0xfe80, 0, 0, 0, 0xecee, 0xeeff, 0xfeee, 0xeeee);
+/// The MAC Calico gives the node side of every pod veth.
+pub const CALICO_MAC: &str = "ee:ee:ee:ee:ee:ee";
+
 /// First route table used for pods on a node (pod m uses `POD_TABLE_BASE + m`).
 pub const POD_TABLE_BASE: u32 = 200;
 /// Priority of the per-pod `ip rule` (Felix's default).
 pub const POD_RULE_PRIORITY: u32 = 100;
+
+const fn net6(s: [u16; 8], len: u8) -> Ipv6Net {
+    let a = Ipv6Addr::new(s[0], s[1], s[2], s[3], s[4], s[5], s[6], s[7]);
+    match Ipv6Net::new(a, len) {
+        Ok(n) => n,
+        Err(_) => panic!("bad prefix length"),
+    }
+}
 
 const fn net(a: u8, b: u8, c: u8, d: u8, len: u8) -> Ipv4Net {
     match Ipv4Net::new(Ipv4Addr::new(a, b, c, d), len) {
@@ -69,25 +112,25 @@ const fn net(a: u8, b: u8, c: u8, d: u8, len: u8) -> Ipv4Net {
 /// means `throw` (normal routing); several form an ECMP multipath route.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PodRoute {
-    /// Destination prefix.
-    pub dst: Ipv4Net,
+    /// Destination prefix (IPv4 or IPv6).
+    pub dst: IpNet,
     /// Gateway numbers (1-based); empty = throw.
     pub gateways: Vec<usize>,
 }
 
 impl PodRoute {
     /// `dst` through the given gateways.
-    pub fn via(dst: Ipv4Net, gateways: &[usize]) -> Self {
+    pub fn via(dst: impl Into<IpNet>, gateways: &[usize]) -> Self {
         Self {
-            dst,
+            dst: dst.into(),
             gateways: gateways.to_vec(),
         }
     }
 
     /// `dst` routed normally (a `throw` route).
-    pub fn throw(dst: Ipv4Net) -> Self {
+    pub fn throw(dst: impl Into<IpNet>) -> Self {
         Self {
-            dst,
+            dst: dst.into(),
             gateways: Vec::new(),
         }
     }
@@ -101,10 +144,13 @@ pub struct PodSpec {
 }
 
 impl PodSpec {
-    /// A pod whose whole egress (0.0.0.0/0) goes through these gateways.
+    /// A pod whose whole egress (0.0.0.0/0 and ::/0) goes through these gateways.
     pub fn via(gateways: &[usize]) -> Self {
         Self {
-            routes: Some(vec![PodRoute::via(Ipv4Net::default(), gateways)]),
+            routes: Some(vec![
+                PodRoute::via(Ipv4Net::default(), gateways),
+                PodRoute::via(Ipv6Net::default(), gateways),
+            ]),
         }
     }
 
@@ -139,6 +185,9 @@ pub struct TopologySpec {
     pub pod_mtu: u32,
     /// `workers:` in the userspace gateway's configuration (0 = one per core).
     pub workers: usize,
+    /// Dual-stack inner networks (pods, DMZ, servers, internal network; kernel-mode gateways). The
+    /// underlay and the tunnel stay IPv4. IPv6 routes of pods are skipped when this is off.
+    pub ipv6: bool,
 }
 
 impl TopologySpec {
@@ -157,6 +206,7 @@ impl TopologySpec {
             gateways: vec![mode],
             pod_mtu: TUNNEL_MTU,
             workers: 0,
+            ipv6: true,
         }
     }
 }
@@ -185,6 +235,8 @@ pub struct Pod {
     pub number: usize,
     /// Its address (`eth0`, /32).
     pub ip: Ipv4Addr,
+    /// Its IPv6 address (/128) when the topology is dual-stack.
+    pub ip6: Option<Ipv6Addr>,
     /// The node-side veth (`cali…`).
     pub cali: String,
     /// Its egress table on the node, when opted in.
@@ -198,6 +250,8 @@ pub struct Host {
     pub ns: Netns,
     /// Its address.
     pub ip: Ipv4Addr,
+    /// Its IPv6 address when the topology is dual-stack.
+    pub ip6: Option<Ipv6Addr>,
 }
 
 /// The built topology; dropping it stops the gateways' processes and deletes every namespace.
@@ -242,21 +296,48 @@ impl Topology {
         underlay.ip("addr add 172.18.0.1/16 dev br0")?;
         underlay.ip("link set br0 up")?;
 
-        let dmz = build_dmz(Host {
-            ns: ns("dmz")?,
-            ip: DMZ_ROUTER,
-        })?;
-        let red = outside_server(ns("red")?, &dmz, "red", RED_SERVER, RED_NET)?;
-        let blue = outside_server(ns("blue")?, &dmz, "blue", BLUE_SERVER, BLUE_NET)?;
+        let v6 = spec.ipv6;
+        let dmz = build_dmz(
+            Host {
+                ns: ns("dmz")?,
+                ip: DMZ_ROUTER,
+                ip6: v6.then_some(DMZ_ROUTER6),
+            },
+            v6,
+        )?;
+        let red = outside_server(
+            ns("red")?,
+            &dmz,
+            "red",
+            (RED_SERVER, RED_NET),
+            (RED_SERVER6, RED_NET6),
+            v6,
+        )?;
+        let blue = outside_server(
+            ns("blue")?,
+            &dmz,
+            "blue",
+            (BLUE_SERVER, BLUE_NET),
+            (BLUE_SERVER6, BLUE_NET6),
+            v6,
+        )?;
         let internal = Host {
             ns: ns("int")?,
             ip: INTERNAL_SERVER,
+            ip6: v6.then_some(INTERNAL_SERVER6),
         };
         bridge_without_netfilter(&internal.ns);
+        no_dad(&internal.ns)?;
         internal.ns.ip("link add br0 type bridge")?;
         internal
             .ns
             .ip(&format!("addr add {INTERNAL_SERVER}/16 dev br0"))?;
+        if v6 {
+            internal.ns.ip(&format!(
+                "-6 addr add {INTERNAL_SERVER6}/{} dev br0 nodad",
+                INTERNAL_NET6.prefix_len()
+            ))?;
+        }
         internal.ns.ip("link set br0 up")?;
 
         let mut nodes = Vec::new();
@@ -433,17 +514,15 @@ impl Topology {
             .ok_or_else(|| Error::msg(format!("no pod {m} on node {n}")))?;
         let table = POD_TABLE_BASE + u32::try_from(m).unwrap_or(0);
         if pod.table.is_none() {
-            node.ns.ip(&format!(
-                "rule add from {} lookup {table} priority {POD_RULE_PRIORITY}",
-                pod.ip
-            ))?;
+            add_pod_rules(&node.ns, pod.ip, pod.ip6, table)?;
             pod.table = Some(table);
         }
-        program_table(&node.ns, table, routes, &gateway_ips)
+        program_table(&node.ns, table, routes, &gateway_ips, self.spec.ipv6)
     }
 
     fn build_gateway(&self, k: usize, mode: GatewayMode) -> Result<Gateway> {
         let ns = Netns::new(&format!("{}-gw{k}", self.prefix))?;
+        no_dad(&ns)?;
         let ip = gateway_ip(k);
         // eth0 on the underlay bridge.
         ns.ip(&format!(
@@ -471,7 +550,7 @@ impl Topology {
         ns.ip("link set gwint up")?;
         ns.sysctl("net.ipv4.conf.all.rp_filter", "0")?;
         ns.sysctl("net.ipv4.conf.default.rp_filter", "0")?;
-        let mut gw = Gateway::new(ns, k, ip, mode);
+        let mut gw = Gateway::new(ns, k, ip, mode, self.spec.ipv6);
         gw.configure(self)
             .with_context(|| format!("configure gateway {k}"))?;
         Ok(gw)
@@ -513,9 +592,69 @@ pub fn tunnel_mac(ip: Ipv4Addr) -> String {
     format!("a2:2a:{:02x}:{:02x}:{:02x}:{:02x}", o[0], o[1], o[2], o[3])
 }
 
+/// IPv6 address of pod `m` on node `n`: fd00:244:n::m.
+pub fn pod_ip6(n: usize, m: usize) -> Ipv6Addr {
+    Ipv6Addr::new(0xfd00, 0x244, seg(n), 0, 0, 0, 0, seg(m))
+}
+
+/// Gateway `k`'s DMZ egress IPv6 address: 2001:db8:113::(10+k−1).
+pub fn dmz_egress_ip6(k: usize) -> Ipv6Addr {
+    Ipv6Addr::new(0x2001, 0xdb8, 0x113, 0, 0, 0, 0, seg(0x10 + k - 1))
+}
+
+/// Gateway `k`'s internal egress IPv6 address: fd00:50::(10+k−1).
+pub fn internal_egress_ip6(k: usize) -> Ipv6Addr {
+    Ipv6Addr::new(0xfd00, 0x50, 0, 0, 0, 0, 0, seg(0x10 + k - 1))
+}
+
+/// The EUI-64 link-local address of a MAC (`aa:bb:cc:dd:ee:ff`), as the kernel gives an interface.
+pub fn link_local(mac: &str) -> Result<Ipv6Addr> {
+    let b: Vec<u8> = mac
+        .split(':')
+        .map(|h| u8::from_str_radix(h, 16))
+        .collect::<std::result::Result<_, _>>()
+        .map_err(|_| Error::msg(format!("bad MAC {mac}")))?;
+    let [b0, b1, b2, b3, b4, b5] = b[..] else {
+        crate::bail!("bad MAC {mac}");
+    };
+    let w = |hi: u8, lo: u8| (u16::from(hi) << 8) | u16::from(lo);
+    Ok(Ipv6Addr::new(
+        0xfe80,
+        0,
+        0,
+        0,
+        w(b0 ^ 0x02, b1),
+        w(b2, 0xff),
+        w(0xfe, b3),
+        w(b4, b5),
+    ))
+}
+
 /// MAC of gateway `k`'s `eth0` (fixed so that a rebuilt gateway keeps it).
 pub fn gateway_eth_mac(k: usize) -> String {
     format!("02:ac:12:00:00:{:02x}", 2 + k)
+}
+
+fn seg(v: usize) -> u16 {
+    u16::try_from(v).unwrap_or_else(|_| panic!("address group {v} out of range"))
+}
+
+/// No duplicate address detection in `ns` (set before its links exist): addresses are usable at once.
+fn no_dad(ns: &Netns) -> Result<()> {
+    ns.sysctl("net.ipv6.conf.all.accept_dad", "0")?;
+    ns.sysctl("net.ipv6.conf.default.accept_dad", "0")
+}
+
+fn add_pod_rules(node: &Netns, ip: Ipv4Addr, ip6: Option<Ipv6Addr>, table: u32) -> Result<()> {
+    node.ip(&format!(
+        "rule add from {ip} lookup {table} priority {POD_RULE_PRIORITY}"
+    ))?;
+    if let Some(ip6) = ip6 {
+        node.ip(&format!(
+            "-6 rule add from {ip6} lookup {table} priority {POD_RULE_PRIORITY}"
+        ))?;
+    }
+    Ok(())
 }
 
 fn octet(v: usize) -> u8 {
@@ -531,11 +670,19 @@ fn bridge_without_netfilter(ns: &Netns) {
     }
 }
 
-fn build_dmz(router: Host) -> Result<Host> {
+fn build_dmz(router: Host, v6: bool) -> Result<Host> {
     let ns = &router.ns;
     bridge_without_netfilter(ns);
+    no_dad(ns)?;
     ns.ip("link add dmz type bridge")?;
     ns.ip(&format!("addr add {DMZ_ROUTER}/24 dev dmz"))?;
+    if v6 {
+        ns.ip(&format!(
+            "-6 addr add {DMZ_ROUTER6}/{} dev dmz nodad",
+            DMZ_NET6.prefix_len()
+        ))?;
+        ns.sysctl("net.ipv6.conf.all.forwarding", "1")?;
+    }
     ns.ip("link set dmz up")?;
     ns.sysctl("net.ipv4.ip_forward", "1")?;
     Ok(router)
@@ -545,10 +692,13 @@ fn outside_server(
     ns: Netns,
     router: &Host,
     link: &str,
-    ip: Ipv4Addr,
-    net: Ipv4Net,
+    (ip, net): (Ipv4Addr, Ipv4Net),
+    (ip6, net6): (Ipv6Addr, Ipv6Net),
+    v6: bool,
 ) -> Result<Host> {
+    no_dad(&ns)?;
     let gw = Ipv4Addr::from(u32::from(net.network()) + 1);
+    let gw6 = Ipv6Addr::from(u128::from(net6.network()) + 1);
     router.ns.ip(&format!(
         "link add {link} type veth peer name eth0 netns {}",
         ns.name()
@@ -556,15 +706,35 @@ fn outside_server(
     router
         .ns
         .ip(&format!("addr add {gw}/{} dev {link}", net.prefix_len()))?;
-    router.ns.ip(&format!("link set {link} up"))?;
     ns.ip(&format!("addr add {ip}/{} dev eth0", net.prefix_len()))?;
+    if v6 {
+        router.ns.ip(&format!(
+            "-6 addr add {gw6}/{} dev {link} nodad",
+            net6.prefix_len()
+        ))?;
+        ns.ip(&format!(
+            "-6 addr add {ip6}/{} dev eth0 nodad",
+            net6.prefix_len()
+        ))?;
+    }
+    router.ns.ip(&format!("link set {link} up"))?;
     ns.ip("link set eth0 up")?;
     ns.ip(&format!("route add default via {gw}"))?;
-    Ok(Host { ns, ip })
+    if v6 {
+        ns.ip(&format!("-6 route add default via {gw6}"))?;
+    }
+    Ok(Host {
+        ns,
+        ip,
+        ip6: v6.then_some(ip6),
+    })
 }
 
 fn build_node(ns: Netns, n: usize, underlay: &Netns, spec: &TopologySpec) -> Result<Node> {
     let ip = node_ip(n);
+    no_dad(&ns)?;
+    ns.sysctl("net.ipv6.conf.all.forwarding", "1")?;
+    ns.sysctl("net.ipv6.fib_multipath_hash_policy", "1")?;
     ns.sysctl("net.ipv4.ip_forward", "1")?;
     ns.sysctl("net.ipv4.conf.all.rp_filter", "0")?;
     ns.sysctl("net.ipv4.conf.default.rp_filter", "0")?;
@@ -591,6 +761,13 @@ fn build_node(ns: Netns, n: usize, underlay: &Netns, spec: &TopologySpec) -> Res
         ns.ip(&format!(
             "neigh add {gw} lladdr {mac} dev {NODE_VXLAN_DEV} nud permanent"
         ))?;
+        if spec.ipv6 {
+            // The IPv6 next hop is the link-local of the gateway's tunnel MAC.
+            ns.ip(&format!(
+                "-6 neigh add {} lladdr {mac} dev {NODE_VXLAN_DEV} nud permanent",
+                link_local(&mac)?
+            ))?;
+        }
         crate::cmd::run(
             "bridge",
             &[
@@ -617,17 +794,27 @@ fn build_node(ns: Netns, n: usize, underlay: &Netns, spec: &TopologySpec) -> Res
 
 fn build_pod(ns: Netns, node: &Node, m: usize, pod: &PodSpec, spec: &TopologySpec) -> Result<Pod> {
     let ip = pod_ip(node.number, m);
+    let ip6 = spec.ipv6.then(|| pod_ip6(node.number, m));
     let cali = format!("cali{:02x}{:02x}", node.number, m);
+    no_dad(&ns)?;
     ns.ip(&format!(
-        "link add eth0 mtu {} type veth peer name {cali} mtu {} netns {}",
+        "link add eth0 mtu {} type veth peer name {cali} address {CALICO_MAC} mtu {} netns {}",
         spec.pod_mtu,
         spec.pod_mtu,
         node.ns.name()
     ))?;
     ns.ip(&format!("addr add {ip}/32 dev eth0"))?;
+    if let Some(ip6) = ip6 {
+        ns.ip(&format!("-6 addr add {ip6}/128 dev eth0 nodad"))?;
+    }
     ns.ip("link set eth0 up")?;
     ns.ip("route add 169.254.1.1 dev eth0 scope link")?;
     ns.ip("route add default via 169.254.1.1 dev eth0")?;
+    if ip6.is_some() {
+        ns.ip(&format!(
+            "-6 route add default via {CALICO_LINK_LOCAL} dev eth0"
+        ))?;
+    }
     // Node side, as Calico does it: proxy ARP answers for 169.254.1.1, a /32 route to the pod.
     node.ns
         .sysctl(&format!("net.ipv4.conf.{cali}.proxy_arp"), "1")?;
@@ -638,14 +825,15 @@ fn build_pod(ns: Netns, node: &Node, m: usize, pod: &PodSpec, spec: &TopologySpe
     node.ns.ip(&format!("link set {cali} up"))?;
     node.ns
         .ip(&format!("route add {ip}/32 dev {cali} scope link"))?;
+    if let Some(ip6) = ip6 {
+        node.ns.ip(&format!("-6 route add {ip6}/128 dev {cali}"))?;
+    }
     let mut table = None;
     if let Some(routes) = &pod.routes {
         let t = POD_TABLE_BASE + u32::try_from(m).unwrap_or(0);
-        node.ns.ip(&format!(
-            "rule add from {ip} lookup {t} priority {POD_RULE_PRIORITY}"
-        ))?;
+        add_pod_rules(&node.ns, ip, ip6, t)?;
         let gateway_ips: Vec<Ipv4Addr> = (1..=spec.gateways.len()).map(gateway_ip).collect();
-        program_table(&node.ns, t, routes, &gateway_ips)?;
+        program_table(&node.ns, t, routes, &gateway_ips, spec.ipv6)?;
         table = Some(t);
     }
     Ok(Pod {
@@ -653,29 +841,47 @@ fn build_pod(ns: Netns, node: &Node, m: usize, pod: &PodSpec, spec: &TopologySpe
         node: node.number,
         number: m,
         ip,
+        ip6,
         cali,
         table,
     })
 }
 
 /// Writes a pod's egress table: flush, then one route per entry (throw, single next hop, or multipath).
-fn program_table(ns: &Netns, table: u32, routes: &[PodRoute], gateways: &[Ipv4Addr]) -> Result<()> {
-    let _ = ns.ip(&format!("route flush table {table}"));
+/// IPv4 next hops are the gateways' IPs (`onlink`); IPv6 next hops the link-locals of their tunnel MACs.
+fn program_table(
+    ns: &Netns,
+    table: u32,
+    routes: &[PodRoute],
+    gateways: &[Ipv4Addr],
+    ipv6: bool,
+) -> Result<()> {
+    let _ = ns.ip(&format!("-4 route flush table {table}"));
+    let _ = ns.ip(&format!("-6 route flush table {table}"));
     for r in routes {
+        let (family, hop) = match r.dst {
+            IpNet::V4(_) => ("-4", None),
+            IpNet::V6(_) if ipv6 => ("-6", Some(())),
+            IpNet::V6(_) => continue,
+        };
+        let next_hop = |k: usize| -> Result<String> {
+            let gw = lookup_gateway(gateways, k)?;
+            Ok(match hop {
+                None => format!("via {gw} dev {NODE_VXLAN_DEV} onlink"),
+                Some(()) => format!("via {} dev {NODE_VXLAN_DEV}", link_local(&tunnel_mac(gw))?),
+            })
+        };
         let cmd = match r.gateways.as_slice() {
-            [] => format!("route replace table {table} throw {}", r.dst),
+            [] => format!("{family} route replace table {table} throw {}", r.dst),
             [k] => format!(
-                "route replace table {table} {} via {} dev {NODE_VXLAN_DEV} onlink",
+                "{family} route replace table {table} {} {}",
                 r.dst,
-                lookup_gateway(gateways, *k)?
+                next_hop(*k)?
             ),
             ks => {
-                let mut s = format!("route replace table {table} {}", r.dst);
+                let mut s = format!("{family} route replace table {table} {}", r.dst);
                 for k in ks {
-                    s.push_str(&format!(
-                        " nexthop via {} dev {NODE_VXLAN_DEV} onlink",
-                        lookup_gateway(gateways, *k)?
-                    ));
+                    s.push_str(&format!(" nexthop {}", next_hop(*k)?));
                 }
                 s
             }

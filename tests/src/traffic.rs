@@ -199,7 +199,12 @@ pub fn tcp_echo(ns: &Netns, addr: SocketAddr, payload: &[u8]) -> Result<Vec<u8>>
 pub fn udp_echo(ns: &Netns, addr: SocketAddr, payload: &[u8]) -> Result<Vec<u8>> {
     let payload = payload.to_vec();
     ns.run(CONNECT_DEADLINE + IO_TIMEOUT, move || -> Result<Vec<u8>> {
-        let sock = UdpSocket::bind("0.0.0.0:0")?;
+        let any: SocketAddr = if addr.is_ipv4() {
+            (std::net::Ipv4Addr::UNSPECIFIED, 0).into()
+        } else {
+            (std::net::Ipv6Addr::UNSPECIFIED, 0).into()
+        };
+        let sock = UdpSocket::bind(any)?;
         sock.set_read_timeout(Some(Duration::from_millis(200)))?;
         let deadline = Instant::now() + CONNECT_DEADLINE;
         let mut buf = [0u8; 65536];

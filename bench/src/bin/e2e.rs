@@ -399,6 +399,14 @@ fn cpu_busy_seconds() -> Result<f64> {
     Ok(busy as f64 / hz)
 }
 
+/// Busy CPU time per second of wall time (in cores) over `over`, while this benchmark sends nothing:
+/// other work on the machine, subtracted from the CPU figures.
+fn background_busy(over: Duration) -> Result<f64> {
+    let (b0, t0) = (cpu_busy_seconds()?, Instant::now());
+    std::thread::sleep(over);
+    Ok((cpu_busy_seconds()? - b0) / t0.elapsed().as_secs_f64())
+}
+
 /// Counters around a UDP load: datagrams the senders sent, datagrams that reached the server, CPU.
 struct UdpWindow<'a> {
     senders: Vec<&'a Netns>,
@@ -406,10 +414,17 @@ struct UdpWindow<'a> {
     sent: Vec<UdpCounters>,
     received: UdpCounters,
     cpu: f64,
+    background: f64,
+    opened: Instant,
 }
 
 impl<'a> UdpWindow<'a> {
-    fn open(senders: Vec<&'a Netns>, server: &'a Netns) -> Result<Self> {
+    fn open(senders: Vec<&'a Netns>, server: &'a Netns, o: &Options) -> Result<Self> {
+        let background = background_busy(Duration::from_millis(if o.seconds < 5 {
+            500
+        } else {
+            1000
+        }))?;
         let sent = senders
             .iter()
             .map(|ns| UdpCounters::read(ns))
@@ -421,12 +436,16 @@ impl<'a> UdpWindow<'a> {
             sent,
             received,
             cpu: cpu_busy_seconds()?,
+            background,
+            opened: Instant::now(),
         })
     }
 
-    /// (offered pps, delivered pps, CPU ns per delivered packet) over `seconds`.
+    /// (offered pps, delivered pps, CPU ns per delivered packet) over `seconds`. The CPU figure is the
+    /// busy time of all cores during the window minus the background measured just before it.
     fn close(self, seconds: f64) -> Result<(f64, f64, f64)> {
-        let cpu = cpu_busy_seconds()? - self.cpu;
+        let busy = cpu_busy_seconds()? - self.cpu;
+        let wall = self.opened.elapsed().as_secs_f64();
         let received = UdpCounters::read(self.server)?.received_since(&self.received);
         let mut sent = 0;
         for (ns, before) in self.senders.iter().zip(&self.sent) {
@@ -435,6 +454,11 @@ impl<'a> UdpWindow<'a> {
         if received == 0 {
             tests::bail!("no datagram reached the server ({sent} sent)");
         }
+        let cpu = (busy - self.background * wall).max(0.0);
+        eprintln!(
+            "e2e:   CPU busy {busy:.2} s over {wall:.2} s; background before the run {:.2} cores, subtracted",
+            self.background
+        );
         Ok((
             sent as f64 / seconds,
             received as f64 / seconds,
@@ -446,7 +470,7 @@ impl<'a> UdpWindow<'a> {
 fn udp_iperf(topo: &Topology, o: &Options) -> Result<Vec<(Metric, f64)>> {
     let _server = iperf3_server(topo, 5202)?;
     let pod = &topo.pod(1, 1).ns;
-    let window = UdpWindow::open(vec![pod], &topo.red().ns)?;
+    let window = UdpWindow::open(vec![pod], &topo.red().ns, o)?;
     let secs = o.seconds.to_string();
     let red = RED_SERVER.to_string();
     let json = iperf3_client(
@@ -538,7 +562,7 @@ fn udp_flood(topo: &Topology, o: &Options) -> Result<Vec<(Metric, f64)>> {
     let mut window_ns: Vec<&Netns> = pods.clone();
     window_ns.sort_by_key(|n| n.name().to_owned());
     window_ns.dedup_by_key(|n| n.name().to_owned());
-    let window = UdpWindow::open(window_ns, &topo.red().ns)?;
+    let window = UdpWindow::open(window_ns, &topo.red().ns, o)?;
     let start = Instant::now();
     let deadline = start + Duration::from_secs(o.seconds);
     let senders = pods
