@@ -115,10 +115,11 @@ struct Options {
     clients: usize,
     modes: Vec<ModeArg>,
     strict: bool,
+    wait_idle: u64,
 }
 
 const USAGE: &str = "usage: e2e [--quick] [--modes kernel,userspace] [--seconds N] [--rounds N] \
-[--senders N] [--clients N] [--strict]";
+[--senders N] [--clients N] [--wait-idle SECONDS] [--strict]";
 
 fn parse_args() -> std::result::Result<Options, String> {
     let mut o = Options {
@@ -128,6 +129,7 @@ fn parse_args() -> std::result::Result<Options, String> {
         clients: 2,
         modes: vec![ModeArg::Kernel, ModeArg::Userspace],
         strict: false,
+        wait_idle: 0,
     };
     let mut args = std::env::args().skip(1);
     let number = |name: &str, v: Option<String>| -> std::result::Result<u64, String> {
@@ -143,6 +145,7 @@ fn parse_args() -> std::result::Result<Options, String> {
             "--senders" => o.senders = to_usize(number("--senders", args.next())?),
             "--clients" => o.clients = to_usize(number("--clients", args.next())?),
             "--strict" => o.strict = true,
+            "--wait-idle" => o.wait_idle = number("--wait-idle", args.next())?,
             "--modes" => {
                 let v = args.next().ok_or("--modes needs a list")?;
                 o.modes = v
@@ -286,15 +289,23 @@ fn measure_mode(
     check_path(topo).map_err(|e| format!("no path through the {} gateway: {e}", mode.label()))?;
 
     let mut values = Values::new();
-    let mut run = |name: &str, r: Result<Vec<(Metric, f64)>>| match r {
-        Ok(v) => values.extend(v),
-        Err(e) => eprintln!("e2e: {} mode, {name}: {e}", mode.label()),
-    };
-    run("TCP bulk", tcp_bulk(topo, o));
-    run("UDP iperf3", udp_iperf(topo, o));
-    run("UDP sendmmsg", udp_flood(topo, o));
-    run("TCP connection rate", tcp_conn_rate(topo, o));
-    run("latency", rr_latency(topo, o));
+    type Measure = fn(&Topology, &Options) -> Result<Vec<(Metric, f64)>>;
+    let measurements: [(&str, Measure); 5] = [
+        ("TCP bulk", tcp_bulk),
+        ("UDP iperf3", udp_iperf),
+        ("UDP sendmmsg", udp_flood),
+        ("TCP connection rate", tcp_conn_rate),
+        ("latency", rr_latency),
+    ];
+    for (name, measure) in measurements {
+        if o.wait_idle > 0 {
+            wait_idle(Duration::from_secs(o.wait_idle));
+        }
+        match measure(topo, o) {
+            Ok(v) => values.extend(v),
+            Err(e) => eprintln!("e2e: {} mode, {name}: {e}", mode.label()),
+        }
+    }
     Ok(values)
 }
 
@@ -405,6 +416,22 @@ fn background_busy(over: Duration) -> Result<f64> {
     let (b0, t0) = (cpu_busy_seconds()?, Instant::now());
     std::thread::sleep(over);
     Ok((cpu_busy_seconds()? - b0) / t0.elapsed().as_secs_f64())
+}
+
+/// On a shared machine: waits up to `max` until other work uses less than a quarter of a core.
+fn wait_idle(max: Duration) {
+    let start = Instant::now();
+    loop {
+        match background_busy(Duration::from_secs(1)) {
+            Ok(busy) if busy < 0.25 => return,
+            Ok(busy) if start.elapsed() >= max => {
+                eprintln!("e2e: warning: still {busy:.2} cores busy with other work after {max:?}; measuring anyway");
+                return;
+            }
+            Ok(_) => {}
+            Err(_) => return,
+        }
+    }
 }
 
 /// Counters around a UDP load: datagrams the senders sent, datagrams that reached the server, CPU.
