@@ -34,7 +34,7 @@ use ipnet::{IpNet, Ipv4Net, Ipv6Net};
 use crate::error::{Context, Error, Result};
 use crate::gateway::{Gateway, GatewayMode};
 use crate::netns::{self, Netns};
-use crate::process::TempDir;
+use crate::process::{Process, TempDir};
 
 /// The tunnel's VXLAN network identifier (Calico's egress gateway VNI).
 pub const VNI: u32 = 4097;
@@ -268,6 +268,7 @@ pub struct Topology {
     underlay: Netns,
     prefix: String,
     spec: TopologySpec,
+    spawned: std::sync::atomic::AtomicUsize,
     dir: TempDir,
 }
 
@@ -364,6 +365,7 @@ impl Topology {
             underlay,
             prefix,
             spec,
+            spawned: std::sync::atomic::AtomicUsize::new(0),
             dir,
         };
         for k in 1..=topo.spec.gateways.len() {
@@ -398,6 +400,24 @@ impl Topology {
     /// `EGRESS_KEEP_LOGS=1`).
     pub fn dir(&self) -> &Path {
         self.dir.path()
+    }
+
+    /// Spawns `command` (program and arguments) inside `ns`, its output in this topology's log directory
+    /// (`<program>-<ns>-<n>.log`); the returned guard kills it on drop. Drop it before the topology.
+    pub fn spawn(&self, ns: &Netns, command: &[&str]) -> Result<Process> {
+        let n = self
+            .spawned
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let program = command
+            .first()
+            .and_then(|p| Path::new(p).file_name())
+            .map(|p| p.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        let role = ns.name().rsplit('-').next().unwrap_or("ns");
+        ns.spawn(
+            command,
+            self.dir().join(format!("{program}-{role}-{n}.log")),
+        )
     }
 
     /// Node `n` (from 1).

@@ -229,6 +229,53 @@ pub fn ping(ns: &Netns, dst: std::net::IpAddr, count: u32) -> Result<String> {
     ns.exec(&format!("ping -n -q -c {count} -i 0.2 -w 10 {dst}"))
 }
 
+/// From the calling thread's namespace: sends `payload`-byte datagrams to `target` with `sendmmsg`
+/// (batches of 64, one socket, one flow) as fast as the kernel takes them, until `deadline`; returns how
+/// many the kernel accepted. Full queues (ENOBUFS) and ICMP errors reported on the socket are skipped.
+/// Run it on a namespace thread: `ns.thread(move || udp_flood(target, 64, deadline))`.
+pub fn udp_flood(target: SocketAddr, payload: usize, deadline: Instant) -> Result<u64> {
+    const BATCH: usize = 64;
+    const BATCH_U32: libc::c_uint = 64;
+    let any: SocketAddr = if target.is_ipv4() {
+        (std::net::Ipv4Addr::UNSPECIFIED, 0).into()
+    } else {
+        (std::net::Ipv6Addr::UNSPECIFIED, 0).into()
+    };
+    let sock = UdpSocket::bind(any)?;
+    sock.connect(target)?;
+    let mut payload = vec![0u8; payload];
+    let mut iov = [libc::iovec {
+        iov_base: payload.as_mut_ptr().cast(),
+        iov_len: payload.len(),
+    }];
+    // SAFETY: mmsghdr is plain data; all-zero is a valid (empty) value that is filled in below.
+    let mut msgs: [libc::mmsghdr; BATCH] = unsafe { std::mem::zeroed() };
+    for m in &mut msgs {
+        m.msg_hdr.msg_iov = iov.as_mut_ptr();
+        m.msg_hdr.msg_iovlen = 1;
+    }
+    let mut sent = 0u64;
+    let mut iterations = 0u32;
+    loop {
+        iterations = iterations.wrapping_add(1);
+        if iterations.is_multiple_of(64) && Instant::now() >= deadline {
+            return Ok(sent);
+        }
+        // SAFETY: `msgs` holds BATCH initialised headers whose single iovec points at `payload`, all of
+        // which outlive the call; the socket is open.
+        let n = unsafe { libc::sendmmsg(sock.as_raw_fd(), msgs.as_mut_ptr(), BATCH_U32, 0) };
+        if n > 0 {
+            sent += u64::from(n.unsigned_abs());
+            continue;
+        }
+        let e = std::io::Error::last_os_error();
+        match e.raw_os_error() {
+            Some(libc::ENOBUFS | libc::EAGAIN | libc::ECONNREFUSED | libc::EHOSTUNREACH) => {}
+            _ => return Err(e.into()),
+        }
+    }
+}
+
 /// Waits (polling `ss` every 20 ms) until something in `ns` listens on TCP `port`: for external servers
 /// such as `iperf3 -s`, which must not be probed by connecting.
 pub fn wait_tcp_listening(ns: &Netns, port: u16, timeout: Duration) -> Result<()> {

@@ -325,13 +325,12 @@ fn check_path(topo: &Topology) -> Result<()> {
 
 /// Starts `iperf3 -s -1` in the red server's namespace on `port` and waits until it listens.
 fn iperf3_server(topo: &Topology, port: u16) -> Result<tests::Process> {
-    let log = topo.dir().join(format!("iperf3-server-{port}.log"));
     let red = RED_SERVER.to_string();
     let p = port.to_string();
-    let server = topo
-        .red()
-        .ns
-        .spawn(&["iperf3", "-s", "-1", "-B", &red, "-p", &p], log)?;
+    let server = topo.spawn(
+        &topo.red().ns,
+        &["iperf3", "-s", "-1", "-B", &red, "-p", &p],
+    )?;
     traffic::wait_tcp_listening(&topo.red().ns, port, Duration::from_secs(5))?;
     Ok(server)
 }
@@ -343,13 +342,9 @@ fn iperf3_client(
     args: &[&str],
     o: &Options,
 ) -> Result<serde_json::Value> {
-    let log = topo.dir().join(format!(
-        "iperf3-client-{}.json",
-        args.join("_").replace(['/', ' '], "")
-    ));
     let mut cmd = vec!["iperf3", "-J", "--connect-timeout", "3000"];
     cmd.extend_from_slice(args);
-    let mut client = ns.spawn(&cmd, log)?;
+    let mut client = topo.spawn(ns, &cmd)?;
     let status = client.wait_timeout(Duration::from_secs(o.seconds + 20))?;
     let text = client.log_text();
     let json = text
@@ -520,47 +515,6 @@ fn udp_iperf(topo: &Topology, o: &Options) -> Result<Vec<(Metric, f64)>> {
     ])
 }
 
-/// Sends 64-byte datagrams to `target` with sendmmsg (batches of 64) until `deadline`; returns the
-/// number the kernel accepted.
-fn flood(target: SocketAddr, deadline: Instant) -> Result<u64> {
-    const BATCH: usize = 64;
-    const BATCH_U32: libc::c_uint = 64;
-    let sock = UdpSocket::bind("0.0.0.0:0")?;
-    sock.connect(target)?;
-    let mut payload = [0u8; 64];
-    let mut iov = [libc::iovec {
-        iov_base: payload.as_mut_ptr().cast(),
-        iov_len: payload.len(),
-    }];
-    // SAFETY: mmsghdr is plain data; all-zero is a valid (empty) value that is filled in below.
-    let mut msgs: [libc::mmsghdr; BATCH] = unsafe { std::mem::zeroed() };
-    for m in &mut msgs {
-        m.msg_hdr.msg_iov = iov.as_mut_ptr();
-        m.msg_hdr.msg_iovlen = 1;
-    }
-    let mut sent = 0u64;
-    let mut iterations = 0u32;
-    loop {
-        iterations = iterations.wrapping_add(1);
-        if iterations.is_multiple_of(64) && Instant::now() >= deadline {
-            return Ok(sent);
-        }
-        // SAFETY: `msgs` holds BATCH initialised headers whose single iovec points at `payload`, all of
-        // which outlive the call; the socket is open.
-        let n = unsafe { libc::sendmmsg(sock.as_raw_fd(), msgs.as_mut_ptr(), BATCH_U32, 0) };
-        if n > 0 {
-            sent += u64::from(n.unsigned_abs());
-            continue;
-        }
-        let e = std::io::Error::last_os_error();
-        match e.raw_os_error() {
-            // Queue full, or an ICMP error from an earlier datagram: keep sending.
-            Some(libc::ENOBUFS | libc::EAGAIN | libc::ECONNREFUSED | libc::EHOSTUNREACH) => {}
-            _ => return Err(e.into()),
-        }
-    }
-}
-
 fn udp_flood(topo: &Topology, o: &Options) -> Result<Vec<(Metric, f64)>> {
     let target = SocketAddr::from((RED_SERVER, 9000));
     let stop = Arc::new(AtomicBool::new(false));
@@ -594,7 +548,7 @@ fn udp_flood(topo: &Topology, o: &Options) -> Result<Vec<(Metric, f64)>> {
     let deadline = start + Duration::from_secs(o.seconds);
     let senders = pods
         .iter()
-        .map(|ns| ns.thread(move || flood(target, deadline)))
+        .map(|ns| ns.thread(move || traffic::udp_flood(target, 64, deadline)))
         .collect::<Result<Vec<_>>>()?;
     let mut errors = Vec::new();
     for t in senders {
@@ -869,8 +823,14 @@ fn print_table(o: &Options, columns: &[Column]) {
     }
     println!();
     println!(
-        "End-to-end, {} s per measurement, median of {} round(s); ratio ≥ 1.0 means the second column is at least as good",
-        o.seconds, o.rounds
+        "End-to-end, {} s per measurement, median of {} round(s){}",
+        o.seconds,
+        o.rounds,
+        if ratio {
+            "; ratio ≥ 1.0 means the second column is at least as good"
+        } else {
+            ""
+        }
     );
     println!("{header}");
     println!("{}", "-".repeat(header.chars().count()));
