@@ -12,8 +12,11 @@ if [[ "${SKIP_APT:-0}" != 1 ]]; then
     log "apt-get: build tools and networking utilities"
     export DEBIAN_FRONTEND=noninteractive
     apt-get update -qq
+    # iproute2 (ip, bridge, ss), iptables/nftables, iperf3, ping and ethtool: the network-namespace tests
+    # and the end-to-end benchmark (tests/, bench/src/bin/e2e.rs).
     apt-get install -y -qq --no-install-recommends \
-      build-essential pkg-config ca-certificates iproute2 iptables nftables iperf3 procps >/dev/null
+      build-essential pkg-config ca-certificates iproute2 iptables nftables iperf3 procps \
+      iputils-ping ethtool >/dev/null
   fi
 fi
 

@@ -1,1 +1,32 @@
-//! Network-namespace harness (grows with issue #3).
+//! Network-namespace harness for the egress gateway's end-to-end tests and benchmark.
+//!
+//! * [`Topology`] builds the standard scenario — client nodes whose pods are attached Calico-style and
+//!   whose kernel `vxlan` device (`egress.calico`) is programmed as Felix does it, gateway pods on an
+//!   underlay bridge, a DMZ router with outside servers, an internal network — and removes every namespace
+//!   (and so every link) when dropped, also while a panic unwinds.
+//! * [`GatewayMode`] picks how a gateway pod forwards: the kernel's own path (reference) or the
+//!   userspace `egress-gateway run` binary, started with a generated configuration.
+//! * [`Netns::run`] / [`Netns::thread`] run Rust code inside a namespace; [`Netns::spawn`] starts a
+//!   process there whose guard kills it on drop.
+//! * [`traffic`] has echo servers that record the source address they saw, clients, hash-verified bulk
+//!   transfers and `ping`.
+//! * [`require_netns!`] skips a test without CAP_NET_ADMIN (fails instead with `EGRESS_REQUIRE_NETNS=1`).
+//!
+//! Names are unique per topology (`eg<pid>-<n>-<role>`), so tests may run in parallel, also from two
+//! processes at once. See `docs/harness.md`.
+
+pub mod cmd;
+mod error;
+pub mod gateway;
+pub mod netns;
+pub mod privilege;
+pub mod process;
+pub mod topology;
+pub mod traffic;
+
+pub use error::{Context, Error, Result};
+pub use gateway::{gateway_binary, Gateway, GatewayMode, Metrics};
+pub use netns::{Netns, NsThread};
+pub use privilege::{require_netns, NetnsAccess};
+pub use process::{Process, TempDir};
+pub use topology::{Host, Node, NodeSpec, Pod, PodRoute, PodSpec, Topology, TopologySpec};
