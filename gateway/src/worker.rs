@@ -470,6 +470,8 @@ impl Worker {
                     })
                 },
                 &mut self.segment_lens,
+                // Joined again before they leave (checksums filled in only if that fails).
+                false,
             );
             if let Err(e) = r {
                 self.io_drops[offload_drop(e).index()] += 1;
@@ -543,6 +545,7 @@ impl Worker {
             let sent = send_coalesced(&mut out, uplink, next_hop, &frames, coalesce_buf);
             if !sent {
                 for f in frames {
+                    offload::fill_checksums(f);
                     out.act(Action::Forward {
                         uplink,
                         next_hop,
@@ -690,6 +693,7 @@ impl Worker {
                 h,
                 |_| chunks.next().map(|c| &mut c[INBOUND_HEADROOM..]),
                 &mut self.segment_lens,
+                true,
             );
             if let Err(e) = r {
                 self.io_drops[offload_drop(e).index()] += 1;

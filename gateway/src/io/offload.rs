@@ -123,13 +123,16 @@ fn l3_info(frame: &[u8]) -> Option<L3> {
 /// Cuts the GSO super-packet `frame` into segments of at most `gso_size` payload bytes, each a complete
 /// Ethernet frame with its own IP length, IPv4 identification and checksum, TCP sequence number and flags
 /// (FIN and PSH on the last segment only, CWR on the first only) and a full L4 checksum — the same
-/// segments the kernel's software GSO would produce. Segment `k` is written to `out(k)`, which returns a
+/// segments the kernel's software GSO would produce. With `checksums` false the L4 checksums are left
+/// as they are (for segments that are joined again before they leave; [`fill_checksums`] completes them
+/// otherwise). Segment `k` is written to `out(k)`, which returns a
 /// buffer at least `header + gso_size` long; returns the length of every segment through `lens`.
 pub(crate) fn segment<'o>(
     frame: &[u8],
     h: &VnetHdr,
     mut out: impl FnMut(usize) -> Option<&'o mut [u8]>,
     lens: &mut Vec<usize>,
+    checksums: bool,
 ) -> Result<(), OffloadError> {
     lens.clear();
     let l3 = l3_info(frame).ok_or(OffloadError::MalformedGso)?;
@@ -210,25 +213,55 @@ pub(crate) fn segment<'o>(
             seg[l3.l4 + 4..l3.l4 + 6].copy_from_slice(&ul.to_be_bytes());
             l3.l4 + 6
         };
-        seg[check_at..check_at + 2].copy_from_slice(&[0, 0]);
-        let proto = if tcp { PROTO_TCP } else { PROTO_UDP };
-        let pseudo = if l3.v6 {
-            let src = v6_at(seg, ETH + 8);
-            let dst = v6_at(seg, ETH + 24);
-            checksum::pseudo_header_v6(&src, &dst, proto, l4_total)
-        } else {
-            let src = v4_at(seg, ETH + 12);
-            let dst = v4_at(seg, ETH + 16);
-            checksum::pseudo_header_v4(src, dst, proto, l4_total)
-        };
-        let mut c = checksum::finish(checksum::sum(&seg[l3.l4..], pseudo));
-        if !tcp && c == 0 {
-            c = 0xFFFF;
+        if checksums {
+            fill_l4_checksum(seg, l3, check_at);
         }
-        seg[check_at..check_at + 2].copy_from_slice(&c.to_be_bytes());
         lens.push(seg_len);
     }
     Ok(())
+}
+
+/// Computes the TCP/UDP checksum of `frame` (an Ethernet frame) from scratch; `false` for anything else.
+pub(crate) fn fill_checksums(frame: &mut [u8]) -> bool {
+    let Some(l3) = l3_info(frame) else {
+        return false;
+    };
+    let check_at = match l3.proto {
+        PROTO_TCP => l3.l4 + 16,
+        PROTO_UDP => l3.l4 + 6,
+        _ => return false,
+    };
+    if check_at + 2 > frame.len() {
+        return false;
+    }
+    fill_l4_checksum(frame, l3, check_at);
+    true
+}
+
+fn fill_l4_checksum(seg: &mut [u8], l3: L3, check_at: usize) {
+    let tcp = l3.proto == PROTO_TCP;
+    seg[check_at..check_at + 2].copy_from_slice(&[0, 0]);
+    let l4_total = u32::try_from(seg.len() - l3.l4).unwrap_or(0);
+    let pseudo = if l3.v6 {
+        checksum::pseudo_header_v6(
+            &v6_at(seg, ETH + 8),
+            &v6_at(seg, ETH + 24),
+            l3.proto,
+            l4_total,
+        )
+    } else {
+        checksum::pseudo_header_v4(
+            v4_at(seg, ETH + 12),
+            v4_at(seg, ETH + 16),
+            l3.proto,
+            l4_total,
+        )
+    };
+    let mut c = checksum::finish(checksum::sum(&seg[l3.l4..], pseudo));
+    if !tcp && c == 0 {
+        c = 0xFFFF;
+    }
+    seg[check_at..check_at + 2].copy_from_slice(&c.to_be_bytes());
 }
 
 /// The segmentation a TCP super-packet received through the tunnel socket needs (`frame`: the inner
@@ -524,7 +557,14 @@ mod tests {
         let mut bufs = vec![vec![0u8; 2000]; 4];
         let mut lens = Vec::new();
         let mut it = bufs.iter_mut();
-        segment(&frame, &h, |_| it.next().map(|b| &mut b[..]), &mut lens).unwrap();
+        segment(
+            &frame,
+            &h,
+            |_| it.next().map(|b| &mut b[..]),
+            &mut lens,
+            true,
+        )
+        .unwrap();
         assert_eq!(lens, vec![54 + 1400, 54 + 1400, 54 + 200]);
         let mut data = Vec::new();
         for (k, (b, &len)) in bufs.iter().zip(&lens).enumerate() {
@@ -564,7 +604,7 @@ mod tests {
             ..VnetHdr::default()
         };
         assert_eq!(
-            segment(&frame, &ufo, |_| None, &mut lens),
+            segment(&frame, &ufo, |_| None, &mut lens, true),
             Err(OffloadError::UnsupportedGso)
         );
         let h = VnetHdr {
@@ -575,11 +615,11 @@ mod tests {
         let mut one = [0u8; 100];
         let mut first = Some(&mut one[..]);
         assert_eq!(
-            segment(&frame, &h, |_| first.take(), &mut lens),
+            segment(&frame, &h, |_| first.take(), &mut lens, true),
             Err(OffloadError::TooManySegments)
         );
         for cut in 0..frame.len() {
-            let _ = segment(&frame[..cut], &h, |_| None, &mut lens);
+            let _ = segment(&frame[..cut], &h, |_| None, &mut lens, true);
         }
     }
 
@@ -636,7 +676,14 @@ mod tests {
         let mut bufs = vec![vec![0u8; 2000]; 4];
         let mut lens = Vec::new();
         let mut it = bufs.iter_mut();
-        segment(&frame, &h, |_| it.next().map(|b| &mut b[..]), &mut lens).unwrap();
+        segment(
+            &frame,
+            &h,
+            |_| it.next().map(|b| &mut b[..]),
+            &mut lens,
+            true,
+        )
+        .unwrap();
         let frames: Vec<&[u8]> = bufs.iter().zip(&lens).map(|(b, l)| &b[..*l]).collect();
         let mut out = vec![0u8; 8000];
         let (len, vh) = coalesce(&frames, &mut out).unwrap();
@@ -665,6 +712,21 @@ mod tests {
         assert!(coalesce(&[frames[0], &o2], &mut out).is_none());
         assert!(coalesce(&frames[..1], &mut out).is_none());
         assert!(coalesce(&frames, &mut out[..100]).is_none());
+        // Segments cut without checksums get them from fill_checksums.
+        let mut raw = vec![vec![0u8; 2000]; 4];
+        let mut it = raw.iter_mut();
+        segment(
+            &frame,
+            &h,
+            |_| it.next().map(|b| &mut b[..]),
+            &mut lens,
+            false,
+        )
+        .unwrap();
+        for (r, (b, l)) in raw.iter_mut().zip(bufs.iter().zip(&lens)) {
+            assert!(fill_checksums(&mut r[..*l]));
+            assert_eq!(&r[..*l], &b[..*l]);
+        }
     }
 
     #[test]
