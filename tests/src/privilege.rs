@@ -67,6 +67,11 @@ macro_rules! require_userspace_gateway {
         match $crate::gateway::userspace_binary_with_run() {
             Ok(binary) => $crate::GatewayMode::Userspace { binary },
             Err(why) => {
+                // In CI (EGRESS_REQUIRE_NETNS=1) the binary is built first: a missing one is a failure.
+                if std::env::var("EGRESS_REQUIRE_NETNS").as_deref() == Ok("1") {
+                    panic!("{}: the userspace gateway is required but unusable: {why}",
+                        $crate::privilege::current_test_name());
+                }
                 println!("SKIPPED {}: {why}", $crate::privilege::current_test_name());
                 return;
             }
