@@ -109,8 +109,8 @@ pub struct Gateway {
     pub dmz_egress: Ipv4Addr,
     /// Its internal egress IP.
     pub internal_egress: Ipv4Addr,
-    /// Its DMZ egress IPv6 address (dual-stack topology; configured in kernel mode only, the userspace
-    /// configuration has no IPv6 uplink addresses yet).
+    /// Its DMZ egress IPv6 address (dual-stack topology; on `gwdmz` in kernel mode, in the configuration in
+    /// userspace mode).
     pub dmz_egress6: Option<Ipv6Addr>,
     /// Its internal egress IPv6 address (as `dmz_egress6`).
     pub internal_egress6: Option<Ipv6Addr>,
@@ -308,19 +308,36 @@ impl Gateway {
 
     /// The userspace gateway's configuration (the contract between harness and binary).
     pub fn config_yaml(&self, workers: usize) -> String {
+        let ip = self.ip;
+        let (mut pods, mut dmz, mut int) = (
+            vec![POD_CIDR.to_string()],
+            vec![self.dmz_egress.to_string()],
+            vec![self.internal_egress.to_string()],
+        );
+        let (mut dmz_routes, mut int_routes) =
+            (vec!["0.0.0.0/0".to_owned()], vec![INTERNAL_NET.to_string()]);
+        let mut next_hop6 = String::new();
+        // Dual-stack topologies also give the userspace gateway IPv6 egress addresses and routes.
+        if let (Some(d6), Some(i6)) = (self.dmz_egress6, self.internal_egress6) {
+            pods.push(POD_CIDR6.to_string());
+            dmz.push(d6.to_string());
+            int.push(i6.to_string());
+            dmz_routes.push("::/0".to_owned());
+            int_routes.push(INTERNAL_NET6.to_string());
+            next_hop6 = format!(", next_hop_v6: {DMZ_ROUTER6}");
+        }
+        let (pods, dmz, int) = (pods.join(", "), dmz.join(", "), int.join(", "));
+        let (dmz_routes, int_routes) = (dmz_routes.join(", "), int_routes.join(", "));
         format!(
-            "tunnel: {{ listen: {ip}:{VXLAN_PORT}, vni: {VNI}, allowed_sources: [{UNDERLAY}], pod_cidrs: [{POD_CIDR}], mtu: {TUNNEL_MTU} }}
+            "tunnel: {{ listen: {ip}:{VXLAN_PORT}, vni: {VNI}, allowed_sources: [{UNDERLAY}], pod_cidrs: [{pods}], mtu: {TUNNEL_MTU} }}
 uplinks:
-  - {{ name: dmz, interface: gwdmz, egress_ips: [{dmz}], next_hop: {DMZ_ROUTER}, routes: [0.0.0.0/0] }}
-  - {{ name: internal, interface: gwint, egress_ips: [{int}], routes: [{INTERNAL_NET}] }}
+  - {{ name: dmz, interface: gwdmz, egress_ips: [{dmz}], next_hop: {DMZ_ROUTER}{next_hop6}, routes: [{dmz_routes}] }}
+  - {{ name: internal, interface: gwint, egress_ips: [{int}], routes: [{int_routes}] }}
 health: {{ listen: {ip}:{HEALTH_PORT} }}
 metrics: {{ listen: {ip}:{METRICS_PORT} }}
 workers: {workers}
 drain_seconds: 30
-",
-            ip = self.ip,
-            dmz = self.dmz_egress,
-            int = self.internal_egress,
+"
         )
     }
 
