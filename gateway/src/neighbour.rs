@@ -696,3 +696,20 @@ mod tests {
         assert!(nb.want(1, ip, t));
     }
 }
+
+#[cfg(test)]
+mod props {
+    use super::*;
+    use proptest::prelude::*;
+
+    proptest! {
+        /// Random frames never panic and never produce a reply longer than the buffer.
+        #[test]
+        fn hostile_frames_never_panic(frame in proptest::collection::vec(any::<u8>(), 0..200)) {
+            let ours: Vec<IpAddr> = vec!["203.0.113.10".parse().unwrap(), "2001:db8:113::10".parse().unwrap()];
+            let mut reply = [0u8; MAX_FRAME];
+            let h = handle(&frame, [2, 0, 0, 0, 0, 1], &ours, &mut reply);
+            prop_assert!(h.reply_len.is_none_or(|n| n <= MAX_FRAME));
+        }
+    }
+}

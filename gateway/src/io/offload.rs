@@ -743,3 +743,34 @@ mod tests {
         assert_eq!(VnetHdr::parse(&b[..9]), None);
     }
 }
+
+#[cfg(test)]
+mod props {
+    use super::*;
+    use proptest::prelude::*;
+
+    proptest! {
+        /// Whatever the bytes and the header say, nothing panics and outputs stay within their buffers.
+        #[test]
+        fn hostile_frames_never_panic(
+            mut frame in proptest::collection::vec(any::<u8>(), 0..3000),
+            flags in any::<u8>(), gso_type in any::<u8>(), gso_size in any::<u16>(),
+            csum_start in any::<u16>(), csum_offset in any::<u16>(), mtu in any::<u16>(),
+        ) {
+            let h = VnetHdr { flags, gso_type, gso_size, csum_start, csum_offset };
+            let _ = complete_checksum(&mut frame, &h);
+            let mut bufs = vec![vec![0u8; 1600]; 8];
+            let mut it = bufs.iter_mut();
+            let mut lens = Vec::new();
+            let _ = segment(&frame, &h, |_| it.next().map(|b| &mut b[..]), &mut lens, true);
+            let _ = tunnel_gso(&frame, mtu);
+            let _ = fill_checksums(&mut frame);
+            if frame.len() > 14 {
+                let _ = complete_partial_inner(&mut frame[14..]);
+            }
+            let half = frame.len() / 2;
+            let mut out = vec![0u8; 4000];
+            let _ = coalesce(&[&frame[..half], &frame[half..]], &mut out);
+        }
+    }
+}
