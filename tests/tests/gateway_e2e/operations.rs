@@ -104,6 +104,7 @@ fn reload_keeps_streams_and_refuses_an_invalid_file() {
     let invalid = scenario::edit_once(&moved, &format!("vni: {VNI}"), "vni: 16777216").unwrap();
     scenario::write_atomically(path, &invalid).unwrap();
     gw.process().unwrap().signal(libc::SIGHUP);
+    // Refused once for the SIGHUP; the file watcher (every second) may refuse the same file once more.
     let m = scenario::wait_metric(
         gw,
         "egress_gateway_config_reloads_total",
