@@ -16,11 +16,12 @@ use crate::common::{self, metrics, READY};
 const ICMPV6_ECHO_REQUEST: u8 = 128;
 const ICMPV6_TIME_EXCEEDED: u8 = 3;
 const SO_EE_ORIGIN_ICMP6: u8 = 3;
+const ICMPV6_PACKET_TOO_BIG: u8 = 2;
 
 /// Every pod pings the red server over IPv6 (the server captures the echo requests from the DMZ egress
 /// IPv6 address), and talks TCP and UDP to it and TCP to the internal server, which see the DMZ and the
 /// internal egress IPv6 addresses; a datagram with hop limit 2 gets ICMPv6 time exceeded from the
-/// gateway's tunnel IPv6 address.
+/// gateway's tunnel IPv6 address; a 1500-byte reply gets packet too big (MTU 1450) back to the server.
 #[test]
 fn ipv6_through_the_tunnel() {
     require_netns!();
@@ -116,4 +117,63 @@ fn ipv6_through_the_tunnel() {
         ),
         "{report:?}"
     );
+
+    // A 1500-byte IPv6 reply (IPv6 is never fragmented on the way) does not fit the tunnel: the server
+    // gets packet too big with MTU 1450 from the egress address, and its 1450-byte retry reaches the pod.
+    let pmtu = SocketAddr::from((RED_SERVER6, 7901));
+    let server = topo
+        .red()
+        .ns
+        .thread(move || -> Option<tests::raw::IcmpReport> {
+            let s = ErrorQueueSocket::bind(pmtu).ok()?;
+            s.sock
+                .set_read_timeout(Some(Duration::from_secs(15)))
+                .ok()?;
+            let mut buf = [0u8; 64];
+            let (_, peer) = s.sock.recv_from(&mut buf).ok()?;
+            let _ = s.sock.send_to(&[7u8; 1500 - 48], peer);
+            let report = s.recv_error(Duration::from_secs(5)).ok()?;
+            let _ = s.sock.send_to(&[7u8; 1450 - 48], peer);
+            report
+        })
+        .unwrap();
+    let got = topo
+        .pod(1, 1)
+        .ns
+        .run(Duration::from_secs(20), move || -> Vec<usize> {
+            let s = std::net::UdpSocket::bind((Ipv6Addr::UNSPECIFIED, 0)).unwrap();
+            s.set_read_timeout(Some(Duration::from_secs(1))).unwrap();
+            let mut sizes = Vec::new();
+            let mut buf = [0u8; 2048];
+            let deadline = Instant::now() + Duration::from_secs(12);
+            // Ask (again each second until the server has the request), then collect what comes back.
+            while Instant::now() < deadline && !sizes.contains(&(1450 - 48)) {
+                if sizes.is_empty() {
+                    s.send_to(b"big", pmtu).unwrap();
+                }
+                if let Ok((n, _)) = s.recv_from(&mut buf) {
+                    sizes.push(n);
+                }
+            }
+            sizes
+        })
+        .unwrap();
+    let report = server.join_timeout(Duration::from_secs(20)).unwrap();
+    let report = report.unwrap_or_else(|| {
+        panic!(
+            "no ICMPv6 error for a 1500-byte reply (the pod got {got:?}); drops: {:?}",
+            scenario::drops(&metrics(&topo))
+        )
+    });
+    assert_eq!(
+        (
+            report.origin,
+            report.icmp_type,
+            report.info,
+            report.offender
+        ),
+        (SO_EE_ORIGIN_ICMP6, ICMPV6_PACKET_TOO_BIG, 1450, Some(dmz6)),
+        "{report:?}"
+    );
+    assert_eq!(got, vec![1450 - 48], "what the pod received");
 }

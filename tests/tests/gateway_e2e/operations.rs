@@ -24,7 +24,8 @@ fn reloads(m: &Metrics, result: &str) -> f64 {
 /// SIGHUP with a changed route while a paced 60 MB download runs: the reload is applied
 /// (`egress_gateway_config_reloads_total{result="applied"}` 1), the stream completes with the right hash,
 /// and new flows follow the new route — the blue network (192.0.2.0/24) moves from the DMZ to the internal
-/// uplink, where a host answering for 192.0.2.10 sees the internal egress IP. Then an invalid file
+/// uplink, where a host answering for 192.0.2.10 sees the internal egress IP — while a UDP flow to blue
+/// established before the reload stays on the DMZ uplink with its external port. Then an invalid file
 /// (`tunnel.vni` out of range) during a second stream: refused (`result="refused"`), readiness stays 200,
 /// the stream completes, new connections work, the previous configuration stays in force.
 #[test]
@@ -46,7 +47,14 @@ fn reload_keeps_streams_and_refuses_an_invalid_file() {
         .ip(&format!("addr add {BLUE_SERVER}/32 dev br0"))
         .unwrap();
     let blue_internal = traffic::udp_echo_server(&topo.internal().ns, blue_addr).unwrap();
-    traffic::udp_echo(pod, blue_addr, b"before").unwrap();
+    // A UDP flow to blue established before the reload (the socket lives in the pod's namespace).
+    let established = pod
+        .run(Duration::from_secs(5), || {
+            std::net::UdpSocket::bind((std::net::Ipv4Addr::UNSPECIFIED, 0))
+        })
+        .unwrap()
+        .unwrap();
+    exchange(&established, blue_addr, b"established, before");
     assert_eq!(
         scenario::peer_ips(&blue_dmz.peers()),
         vec![IpAddr::V4(gw.dmz_egress)]
@@ -88,6 +96,17 @@ fn reload_keeps_streams_and_refuses_an_invalid_file() {
         vec![IpAddr::V4(gw.internal_egress)],
         "a new flow to the blue network must take the internal uplink after the reload"
     );
+    // The established flow keeps its uplink (and its external port).
+    let dmz_seen = blue_dmz.peers();
+    let internal_seen = blue_internal.peers().len();
+    exchange(&established, blue_addr, b"established, after");
+    assert_eq!(
+        blue_dmz.last_peer(),
+        dmz_seen.last().copied(),
+        "the flow established before the reload must stay on the DMZ uplink with its port"
+    );
+    assert!(blue_dmz.peers().len() > dmz_seen.len());
+    assert_eq!(blue_internal.peers().len(), internal_seen);
     let t = stream
         .join(Duration::from_secs(120))
         .unwrap_or_else(|e| panic!("the stream across the reload (at byte {at_reload}): {e}"));
@@ -132,6 +151,26 @@ fn reload_keeps_streams_and_refuses_an_invalid_file() {
     assert!(
         log.contains("refused"),
         "the log does not say why the reload was refused:\n{log}"
+    );
+}
+
+/// Sends `msg` on `sock` to the echo server `to` until the echo comes back (every 200 ms, at most 10 s).
+fn exchange(sock: &std::net::UdpSocket, to: SocketAddr, msg: &[u8]) {
+    sock.set_read_timeout(Some(Duration::from_millis(200)))
+        .expect("SO_RCVTIMEO");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let mut buf = [0u8; 256];
+    while Instant::now() < deadline {
+        sock.send_to(msg, to).expect("send");
+        if let Ok((n, from)) = sock.recv_from(&mut buf) {
+            if from == to && &buf[..n] == msg {
+                return;
+            }
+        }
+    }
+    panic!(
+        "no echo of {:?} from {to} within 10 s",
+        String::from_utf8_lossy(msg)
     );
 }
 
