@@ -16,6 +16,10 @@ export EGRESS_REQUIRE_NETNS=1
 cargo build --release --locked -p gateway
 cargo test --release --locked -p tests -- --show-output
 
+# README command 1 in namespaces: the demo's own checks (exit 1 if a server saw a non-egress source, a probe
+# failed, or hostile input was not dropped and counted).
+cargo run -q --release --locked -p tests --bin demo-netns >/dev/null
+
 # The benchmark's smoke run: a few seconds per measurement. A userspace column that cannot run is shown
 # as an error per line; only a failing kernel-mode measurement fails this step.
 cargo run --release --locked -p bench --bin e2e -- --quick

@@ -21,6 +21,8 @@ pub mod gateway;
 pub mod netns;
 pub mod privilege;
 pub mod process;
+pub mod raw;
+pub mod scenario;
 pub mod topology;
 pub mod traffic;
 

@@ -1,0 +1,527 @@
+//! Building blocks of the end-to-end scenarios (`tests/tests/gateway_e2e/`) and the namespace demo:
+//! polling instead of sleeping, metric deltas, a gateway restarted with a configuration of the test's own
+//! (drain period, IPv6 uplinks, narrower sources), atomic rewrites of a configuration file for reloads,
+//! paced transfers that last long enough to be interrupted, many short connections, extra hosts on the
+//! underlay, and interface counters.
+
+use std::collections::BTreeMap;
+use std::io::{Read, Write};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, UdpSocket};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use ipnet::Ipv4Net;
+
+use crate::error::{Context, Error, Result};
+use crate::gateway::{Gateway, GatewayMode, Metrics, HEALTH_PORT, METRICS_PORT};
+use crate::netns::{Netns, NsThread};
+use crate::process::Process;
+use crate::topology::{
+    gateway_eth_mac, Topology, DMZ_ROUTER, DMZ_ROUTER6, INTERNAL_NET, INTERNAL_NET6, POD_CIDR,
+    POD_CIDR6, TUNNEL_MTU, UNDERLAY, VNI, VXLAN_PORT,
+};
+use crate::traffic::{self, Fnv64, Pattern, Transfer};
+
+/// Calls `f` every `every` until it returns `Some`, for at most `timeout`; the error names `what`.
+pub fn poll<T>(
+    timeout: Duration,
+    every: Duration,
+    what: &str,
+    mut f: impl FnMut() -> Option<T>,
+) -> Result<T> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(v) = f() {
+            return Ok(v);
+        }
+        if Instant::now() >= deadline {
+            crate::bail!("timed out after {timeout:?} waiting for {what}");
+        }
+        std::thread::sleep(every);
+    }
+}
+
+/// `name{labels}` summed over matching samples, 0 when there is none.
+pub fn value(m: &Metrics, name: &str, labels: &[(&str, &str)]) -> f64 {
+    m.get(name, labels).unwrap_or(0.0)
+}
+
+/// `egress_gateway_drops_total` summed per reason, only the non-zero ones.
+pub fn drops(m: &Metrics) -> BTreeMap<String, f64> {
+    let mut out = BTreeMap::new();
+    for s in m
+        .samples()
+        .iter()
+        .filter(|s| s.name == "egress_gateway_drops_total" && s.value != 0.0)
+    {
+        if let Some((_, reason)) = s.labels.iter().find(|(k, _)| k == "reason") {
+            *out.entry(reason.clone()).or_insert(0.0) += s.value;
+        }
+    }
+    out
+}
+
+/// `egress_gateway_drops_total{reason}` summed over workers.
+pub fn drop_count(m: &Metrics, reason: &str) -> f64 {
+    value(m, "egress_gateway_drops_total", &[("reason", reason)])
+}
+
+/// `egress_gateway_packets_total{direction}` (and `uplink` if given) summed over workers.
+pub fn packets(m: &Metrics, direction: &str, uplink: Option<&str>) -> f64 {
+    match uplink {
+        Some(u) => value(
+            m,
+            "egress_gateway_packets_total",
+            &[("direction", direction), ("uplink", u)],
+        ),
+        None => value(
+            m,
+            "egress_gateway_packets_total",
+            &[("direction", direction)],
+        ),
+    }
+}
+
+/// Polls the gateway's metrics (every 50 ms; workers publish every 100 ms) until `pred` holds for
+/// `name{labels}`; returns the metrics that satisfied it. The error shows the last value and the
+/// non-zero drops.
+pub fn wait_metric(
+    gw: &Gateway,
+    name: &str,
+    labels: &[(&str, &str)],
+    timeout: Duration,
+    pred: impl Fn(f64) -> bool,
+) -> Result<Metrics> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let m = gw.metrics()?;
+        let v = value(&m, name, labels);
+        if pred(v) {
+            return Ok(m);
+        }
+        if Instant::now() >= deadline {
+            crate::bail!(
+                "{name}{labels:?} is {v} after {timeout:?}, not what the test waits for; drops: {:?}",
+                drops(&m)
+            );
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// What a gateway configuration written by a test contains (the harness's contract plus the keys the
+/// harness does not set). [`ConfigSpec::yaml`] renders it for a gateway of the topology.
+#[derive(Debug, Clone)]
+pub struct ConfigSpec {
+    /// `tunnel.allowed_sources`.
+    pub allowed_sources: Vec<String>,
+    /// Dual stack: `fd00:244::/32` in `pod_cidrs`, IPv6 egress IPs and routes on both uplinks, the DMZ
+    /// router as `next_hop_v6`, and `tunnel.ipv6_address` ([`TUNNEL_IP6`]).
+    pub ipv6: bool,
+    /// Extra routes of the internal uplink.
+    pub extra_internal_routes: Vec<String>,
+    /// `drain_seconds`.
+    pub drain_seconds: u32,
+    /// `workers`.
+    pub workers: usize,
+}
+
+/// The gateway's IPv6 address inside the tunnel in configurations written by [`ConfigSpec`] (the source of
+/// the ICMPv6 errors it sends to pods).
+pub const TUNNEL_IP6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x172, 0x18, 0, 0, 0, 0, 3);
+
+impl Default for ConfigSpec {
+    fn default() -> Self {
+        Self {
+            allowed_sources: vec![UNDERLAY.to_string()],
+            ipv6: false,
+            extra_internal_routes: Vec::new(),
+            drain_seconds: 30,
+            workers: 0,
+        }
+    }
+}
+
+impl ConfigSpec {
+    /// The configuration file for gateway `gw`.
+    pub fn yaml(&self, gw: &Gateway) -> Result<String> {
+        let ip = gw.ip;
+        let mut pod_cidrs = vec![POD_CIDR.to_string()];
+        let mut dmz_ips = vec![gw.dmz_egress.to_string()];
+        let mut int_ips = vec![gw.internal_egress.to_string()];
+        let mut dmz_routes = vec!["0.0.0.0/0".to_owned()];
+        let mut int_routes = vec![INTERNAL_NET.to_string()];
+        int_routes.extend(self.extra_internal_routes.iter().cloned());
+        let mut tunnel_extra = String::new();
+        let mut dmz_extra = String::new();
+        if self.ipv6 {
+            let (Some(dmz6), Some(int6)) = (gw.dmz_egress6, gw.internal_egress6) else {
+                crate::bail!(
+                    "an IPv6 configuration needs a dual-stack topology (TopologySpec::ipv6)"
+                );
+            };
+            pod_cidrs.push(POD_CIDR6.to_string());
+            dmz_ips.push(dmz6.to_string());
+            int_ips.push(int6.to_string());
+            dmz_routes.push("'::/0'".to_owned());
+            int_routes.push(INTERNAL_NET6.to_string());
+            tunnel_extra = format!(", ipv6_address: '{TUNNEL_IP6}'");
+            dmz_extra = format!(", next_hop_v6: '{DMZ_ROUTER6}'");
+        }
+        let list = |v: &[String]| v.join(", ");
+        Ok(format!(
+            "tunnel: {{ listen: {ip}:{VXLAN_PORT}, vni: {VNI}, allowed_sources: [{sources}], pod_cidrs: [{pods}], mtu: {TUNNEL_MTU}{tunnel_extra} }}
+uplinks:
+  - {{ name: dmz, interface: gwdmz, egress_ips: [{dmz_ips}], next_hop: {DMZ_ROUTER}{dmz_extra}, routes: [{dmz_routes}] }}
+  - {{ name: internal, interface: gwint, egress_ips: [{int_ips}], routes: [{int_routes}] }}
+health: {{ listen: {ip}:{HEALTH_PORT} }}
+metrics: {{ listen: {ip}:{METRICS_PORT} }}
+workers: {workers}
+drain_seconds: {drain}
+",
+            sources = list(&self.allowed_sources),
+            pods = list(&pod_cidrs),
+            dmz_ips = list(&dmz_ips),
+            dmz_routes = list(&dmz_routes),
+            int_ips = list(&int_ips),
+            int_routes = list(&int_routes),
+            workers = self.workers,
+            drain = self.drain_seconds,
+        ))
+    }
+}
+
+/// A userspace gateway started by the test with its own configuration file (see [`restart_gateway`]).
+/// Drop it before the topology (declare it after): dropping stops the process (SIGTERM, then SIGKILL
+/// after 2 s).
+#[derive(Debug)]
+pub struct OwnGateway {
+    /// The process.
+    pub process: Process,
+    /// Its configuration file.
+    pub config: PathBuf,
+}
+
+/// Replaces the harness's process of userspace gateway `k` by one reading `yaml` (written to
+/// `<topology dir>/gw<k>-<label>.yaml`), and waits until `/readiness` answers 200.
+pub fn restart_gateway(
+    topo: &mut Topology,
+    k: usize,
+    label: &str,
+    yaml: &str,
+    ready_timeout: Duration,
+) -> Result<OwnGateway> {
+    let binary = match topo.gateway(k).mode() {
+        GatewayMode::Userspace { binary } => binary.clone(),
+        GatewayMode::Kernel => crate::bail!("gateway {k} is in kernel mode"),
+    };
+    topo.gateway_mut(k).stop_process();
+    let config = topo.dir().join(format!("gw{k}-{label}.yaml"));
+    write_atomically(&config, yaml)?;
+    let gw = topo.gateway(k);
+    let bin = binary.to_string_lossy().into_owned();
+    let cfg = config.to_string_lossy().into_owned();
+    let log = topo.dir().join(format!("gw{k}-{label}.log"));
+    let mut process = gw
+        .ns
+        .spawn(&[&bin, "run", "--config", &cfg], log)
+        .with_context(|| format!("start {bin}"))?;
+    wait_ready(gw, &mut process, ready_timeout)?;
+    Ok(OwnGateway { process, config })
+}
+
+/// Polls `GET /readiness` of `gw` until 200; fails at once if `process` exits, with its log tail.
+pub fn wait_ready(gw: &Gateway, process: &mut Process, timeout: Duration) -> Result<()> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(status) = process.try_wait()? {
+            crate::bail!(
+                "gateway exited ({status}) before it was ready; log tail:\n{}",
+                process.log_tail(30)
+            );
+        }
+        let last = match gw.http_get(HEALTH_PORT, "/readiness") {
+            Ok((200, _)) => return Ok(()),
+            Ok((code, body)) => format!("HTTP {code}: {}", body.trim()),
+            Err(e) => e.to_string(),
+        };
+        if Instant::now() >= deadline {
+            crate::bail!(
+                "gateway not ready after {timeout:?} ({last}); log tail:\n{}",
+                process.log_tail(30)
+            );
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// `GET /readiness` of `gw`: the HTTP status.
+pub fn readiness(gw: &Gateway) -> Result<u16> {
+    Ok(gw.http_get(HEALTH_PORT, "/readiness")?.0)
+}
+
+/// Replaces the file at `path` by `text` in one step (a temporary file renamed over it), so that a
+/// gateway watching it never reads half a file.
+pub fn write_atomically(path: &Path, text: &str) -> Result<()> {
+    let tmp = path.with_extension("tmp-rewrite");
+    std::fs::write(&tmp, text).with_context(|| format!("write {}", tmp.display()))?;
+    std::fs::rename(&tmp, path).with_context(|| format!("rename to {}", path.display()))
+}
+
+/// `text` with the one occurrence of `from` replaced by `to`; an error if `from` does not occur exactly
+/// once (the configuration format changed under the test).
+pub fn edit_once(text: &str, from: &str, to: &str) -> Result<String> {
+    match text.matches(from).count() {
+        1 => Ok(text.replacen(from, to, 1)),
+        n => Err(Error::msg(format!(
+            "expected `{from}` once in the configuration, found it {n} times:\n{text}"
+        ))),
+    }
+}
+
+/// The bulk server's download request (see [`traffic::bulk_server`]): mode 2, length, seed.
+fn download_header(len: u64, seed: u64) -> [u8; 17] {
+    let mut head = [0u8; 17];
+    head[0] = 2;
+    head[1..9].copy_from_slice(&len.to_be_bytes());
+    head[9..17].copy_from_slice(&seed.to_be_bytes());
+    head
+}
+
+/// A download running on a namespace thread: bytes received so far, and the verified result.
+#[derive(Debug)]
+pub struct PacedDownload {
+    /// Bytes received so far.
+    pub progress: Arc<AtomicU64>,
+    thread: NsThread<Result<Transfer>>,
+}
+
+impl PacedDownload {
+    /// Bytes received so far.
+    pub fn received(&self) -> u64 {
+        self.progress.load(Ordering::Relaxed)
+    }
+
+    /// Waits until at least `bytes` arrived (the stream is flowing).
+    pub fn wait_progress(&self, bytes: u64, timeout: Duration) -> Result<()> {
+        poll(
+            timeout,
+            Duration::from_millis(10),
+            &format!("{bytes} bytes of the paced download"),
+            || (self.received() >= bytes).then_some(()),
+        )
+        .with_context(|| format!("got {} bytes", self.received()))
+    }
+
+    /// Whether it has ended (either way).
+    pub fn is_finished(&self) -> bool {
+        self.thread.is_finished()
+    }
+
+    /// Waits for the end: the transfer, verified by hash.
+    pub fn join(self, timeout: Duration) -> Result<Transfer> {
+        self.thread.join_timeout(timeout)?
+    }
+}
+
+/// From `ns`: downloads `len` bytes (pattern `seed`) from a [`traffic::bulk_server`] at `addr`, reading at
+/// most `rate` bytes per second (TCP flow control slows the sender to that), so that the stream lasts
+/// about `len / rate` seconds; the bytes are checked against the pattern's hash at the end.
+pub fn paced_download(
+    ns: &Netns,
+    addr: SocketAddr,
+    len: u64,
+    seed: u64,
+    rate: u64,
+) -> Result<PacedDownload> {
+    let progress = Arc::new(AtomicU64::new(0));
+    let p = progress.clone();
+    let thread = ns.thread(move || -> Result<Transfer> {
+        let start = Instant::now();
+        let mut s = traffic::connect(addr)?;
+        s.write_all(&download_header(len, seed))?;
+        let mut h = Fnv64::default();
+        let mut buf = vec![0u8; 64 * 1024];
+        let mut got = 0u64;
+        loop {
+            let n = s
+                .read(&mut buf)
+                .with_context(|| format!("receive at byte {got} of {len}"))?;
+            if n == 0 {
+                break;
+            }
+            h.update(&buf[..n]);
+            got += n as u64;
+            p.store(got, Ordering::Relaxed);
+            let due = Duration::from_secs_f64(got as f64 / rate as f64);
+            if let Some(ahead) = due.checked_sub(start.elapsed()) {
+                std::thread::sleep(ahead);
+            }
+        }
+        if got != len {
+            crate::bail!("paced download from {addr}: got {got} bytes, expected {len}");
+        }
+        let expected = Pattern::hash_of(seed, len);
+        if h.finish() != expected {
+            crate::bail!(
+                "paced download of {len} bytes from {addr}: hash {:016x} != expected {expected:016x}",
+                h.finish()
+            );
+        }
+        Ok(Transfer {
+            bytes: len,
+            elapsed: start.elapsed(),
+        })
+    })?;
+    Ok(PacedDownload { progress, thread })
+}
+
+/// From `ns`: `n` short TCP connections to an echo server at `addr`, one after another: connect (one
+/// attempt, 5 s), 8 bytes each way (checked), close. Returns the local addresses used. Stops at the first
+/// failure, saying which.
+pub fn short_tcp_connections(ns: &Netns, addr: SocketAddr, n: usize) -> Result<Vec<SocketAddr>> {
+    ns.run(
+        Duration::from_secs(300),
+        move || -> Result<Vec<SocketAddr>> {
+            let mut locals = Vec::with_capacity(n);
+            for i in 0..n {
+                let attempt = || -> Result<SocketAddr> {
+                    let mut s = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(5))
+                        .with_context(|| format!("connect to {addr}"))?;
+                    s.set_read_timeout(Some(traffic::IO_TIMEOUT))?;
+                    s.set_write_timeout(Some(traffic::IO_TIMEOUT))?;
+                    let msg = u64::try_from(i).unwrap_or(0).to_be_bytes();
+                    s.write_all(&msg)?;
+                    let mut back = [0u8; 8];
+                    s.read_exact(&mut back)?;
+                    if back != msg {
+                        crate::bail!("echo {back:?} != sent {msg:?}");
+                    }
+                    Ok(s.local_addr()?)
+                };
+                locals.push(attempt().with_context(|| format!("connection {} of {n}", i + 1))?);
+            }
+            Ok(locals)
+        },
+    )?
+}
+
+/// From `ns`: `n` UDP request/response exchanges with an echo server at `addr` on one socket, each
+/// payload unique and checked (a lost datagram is resent after 200 ms; at most 10 s per exchange).
+/// Returns the local address.
+pub fn udp_exchanges(ns: &Netns, addr: SocketAddr, n: usize, tag: &str) -> Result<SocketAddr> {
+    let tag = tag.to_owned();
+    ns.run(Duration::from_secs(120), move || -> Result<SocketAddr> {
+        let any: SocketAddr = if addr.is_ipv4() {
+            (Ipv4Addr::UNSPECIFIED, 0).into()
+        } else {
+            (Ipv6Addr::UNSPECIFIED, 0).into()
+        };
+        let sock = UdpSocket::bind(any)?;
+        sock.set_read_timeout(Some(Duration::from_millis(200)))?;
+        let mut buf = [0u8; 2048];
+        for i in 0..n {
+            let msg = format!("{tag} request {i}");
+            let deadline = Instant::now() + traffic::CONNECT_DEADLINE;
+            'exchange: loop {
+                if Instant::now() >= deadline {
+                    crate::bail!("no answer to `{msg}` from {addr} within 10 s");
+                }
+                sock.send_to(msg.as_bytes(), addr)?;
+                // Read until the matching answer or the 200 ms timeout (late answers to earlier resends
+                // are skipped).
+                while let Ok((len, from)) = sock.recv_from(&mut buf) {
+                    if from == addr && &buf[..len] == msg.as_bytes() {
+                        break 'exchange;
+                    }
+                }
+            }
+        }
+        Ok(sock.local_addr()?)
+    })?
+}
+
+/// An extra host on the underlay bridge (namespace `<prefix>-<role>`, removed on drop): `eth0` with
+/// `addr`, the underlay reachable on-link, and a static neighbour entry for gateway `k`'s `eth0` (so
+/// nothing depends on the gateway's kernel answering ARP from a foreign subnet). Drop it before the
+/// topology.
+pub fn underlay_host(topo: &Topology, role: &str, addr: Ipv4Net, k: usize) -> Result<Netns> {
+    let ns = Netns::new(&format!("{}-{role}", topo.prefix()))?;
+    ns.ip(&format!(
+        "link add eth0 type veth peer name {role} netns {}",
+        topo.underlay().name()
+    ))?;
+    topo.underlay()
+        .ip(&format!("link set {role} master br0 up"))?;
+    ns.ip(&format!("addr add {addr} dev eth0"))?;
+    ns.ip("link set eth0 up")?;
+    ns.ip(&format!("route add {UNDERLAY} dev eth0"))?;
+    let gw = topo.gateway(k);
+    ns.ip(&format!(
+        "neigh replace {} lladdr {} dev eth0 nud permanent",
+        gw.ip,
+        gateway_eth_mac(k)
+    ))?;
+    Ok(ns)
+}
+
+/// Packet counters of interface `dev` in `ns` (from sysfs as the namespace sees it).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct LinkCounters {
+    /// Packets received.
+    pub rx_packets: u64,
+    /// Packets sent.
+    pub tx_packets: u64,
+}
+
+impl LinkCounters {
+    /// Reads them.
+    pub fn read(ns: &Netns, dev: &str) -> Result<Self> {
+        let get = |what: &str| -> Result<u64> {
+            let path = format!("/sys/class/net/{dev}/statistics/{what}");
+            let text = ns.exec_args(&["cat", &path])?;
+            text.trim()
+                .parse()
+                .map_err(|_| Error::msg(format!("{path} in {}: {text:?}", ns.name())))
+        };
+        Ok(Self {
+            rx_packets: get("rx_packets")?,
+            tx_packets: get("tx_packets")?,
+        })
+    }
+}
+
+/// The address a peer was seen from, for messages: `ip` of `peers`, all of them.
+pub fn peer_ips(peers: &[SocketAddr]) -> Vec<IpAddr> {
+    let mut v: Vec<IpAddr> = peers.iter().map(SocketAddr::ip).collect();
+    v.sort();
+    v.dedup();
+    v
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn edit_once_needs_exactly_one_match() {
+        assert_eq!(edit_once("a b c", "b", "x").unwrap(), "a x c");
+        assert!(edit_once("a b b", "b", "x").is_err());
+        assert!(edit_once("a c", "b", "x").is_err());
+    }
+
+    #[test]
+    fn drops_by_reason() {
+        let m = Metrics::parse(
+            "egress_gateway_drops_total{reason=\"no_flow\",worker=\"0\"} 2\n\
+             egress_gateway_drops_total{reason=\"no_flow\",worker=\"1\"} 3\n\
+             egress_gateway_drops_total{reason=\"draining\",worker=\"0\"} 0\n",
+        );
+        let d = drops(&m);
+        assert_eq!(d.len(), 1);
+        assert_eq!(d.get("no_flow"), Some(&5.0));
+        assert_eq!(drop_count(&m, "draining"), 0.0);
+    }
+}
