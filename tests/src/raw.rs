@@ -347,8 +347,21 @@ impl Capture {
                 }
             };
             let mut buf = vec![0u8; 65536 + 64];
-            while !s.load(Ordering::Relaxed) {
-                let Some((len, outgoing)) = sock.recv(&mut buf)? else {
+            let mut stopped_at: Option<Instant> = None;
+            loop {
+                // Once stopped, take what is still queued in the socket (for at most a second), then end.
+                if stopped_at.is_none() && s.load(Ordering::Relaxed) {
+                    stopped_at = Some(Instant::now());
+                }
+                let stopping = stopped_at.is_some();
+                if stopped_at.is_some_and(|t| t.elapsed() > Duration::from_secs(1)) {
+                    break;
+                }
+                let Some((len, outgoing)) = sock.recv(&mut buf, if stopping { 0 } else { 100 })?
+                else {
+                    if stopping {
+                        break;
+                    }
                     continue;
                 };
                 let Some(frame) = Frame::parse(&buf[..len], outgoing) else {
@@ -401,7 +414,8 @@ impl Capture {
         }
     }
 
-    /// Stops the capture and returns every kept frame. Fails if the capture thread failed.
+    /// Stops the capture (after taking the frames still queued in its socket) and returns every kept
+    /// frame. Fails if the capture thread failed.
     pub fn stop(mut self) -> Result<Vec<Frame>> {
         self.stop.store(true, Ordering::Relaxed);
         if let Some(t) = self.thread.take() {
@@ -468,9 +482,9 @@ impl PacketSocket {
         Ok(Self { fd })
     }
 
-    /// One frame, or `None` after 100 ms without one: (length, sent by this interface).
-    fn recv(&self, buf: &mut [u8]) -> Result<Option<(usize, bool)>> {
-        if !poll_fd(self.fd.as_raw_fd(), libc::POLLIN, 100) {
+    /// One frame, or `None` after `wait_ms` without one: (length, sent by this interface).
+    fn recv(&self, buf: &mut [u8], wait_ms: i32) -> Result<Option<(usize, bool)>> {
+        if !poll_fd(self.fd.as_raw_fd(), libc::POLLIN, wait_ms) {
             return Ok(None);
         }
         // SAFETY: as in `open`.

@@ -111,6 +111,22 @@ pub fn wait_metric(
     }
 }
 
+/// The gateway's metrics once its packet counters have settled: two reads 250 ms apart (more than the
+/// workers' 100 ms publishing period) with the same packet totals, or the last read after `timeout`.
+pub fn settled_metrics(gw: &Gateway, timeout: Duration) -> Result<Metrics> {
+    let deadline = Instant::now() + timeout;
+    let total = |m: &Metrics| value(m, "egress_gateway_packets_total", &[]);
+    let mut last = gw.metrics()?;
+    loop {
+        std::thread::sleep(Duration::from_millis(250));
+        let now = gw.metrics()?;
+        if total(&now) == total(&last) || Instant::now() >= deadline {
+            return Ok(now);
+        }
+        last = now;
+    }
+}
+
 /// What a gateway configuration written by a test contains (the harness's contract plus the keys the
 /// harness does not set). [`ConfigSpec::yaml`] renders it for a gateway of the topology.
 #[derive(Debug, Clone)]

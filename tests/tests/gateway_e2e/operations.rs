@@ -174,13 +174,13 @@ fn exchange(sock: &std::net::UdpSocket, to: SocketAddr, msg: &[u8]) {
     );
 }
 
-/// SIGTERM during a paced download, with `drain_seconds: 6` (a configuration of the test's own):
+/// SIGTERM during a paced download, with `drain_seconds: 8` (a configuration of the test's own):
 /// `/readiness` turns 503 at once (`egress_gateway_draining` 1); a new connection from another pod fails
 /// and is counted as `draining`; the established stream completes with the right hash while the gateway
 /// still runs; the process exits 0 once the drain period is over, not before.
 #[test]
 fn sigterm_drains_established_flows_and_refuses_new_ones() {
-    const DRAIN: Duration = Duration::from_secs(6);
+    const DRAIN: Duration = Duration::from_secs(8);
     require_netns!();
     let mode = require_userspace_gateway!();
     let mut topo = common::standard(mode);
@@ -202,7 +202,7 @@ fn sigterm_drains_established_flows_and_refuses_new_ones() {
     );
     let accepted_before = echo.peers().len();
 
-    let len = 24 * MB;
+    let len = 16 * MB;
     let stream = scenario::paced_download(&topo.pod(1, 1).ns, bulk_addr, len, 9, 8 * MB).unwrap();
     stream
         .wait_progress(2 * MB, Duration::from_secs(30))

@@ -12,6 +12,9 @@ use tests::{require_netns, require_userspace_gateway, traffic, Metrics};
 
 use crate::common::{self, metrics, METRICS};
 
+/// The inner source port of the crafted datagrams.
+const POD_PORT: u16 = 40001;
+
 fn conntrack_entries(m: &Metrics) -> f64 {
     value(m, "egress_gateway_conntrack_entries", &[])
 }
@@ -128,7 +131,7 @@ fn hostile_vxlan_is_dropped_and_counted() {
             &InnerUdp {
                 src_mac: raw::parse_mac(&node.vxlan_mac).unwrap(),
                 dst_mac: raw::parse_mac(&tunnel_mac(gw.ip)).unwrap(),
-                src: SocketAddr::from((src, 40001)),
+                src: SocketAddr::from((src, POD_PORT)),
                 dst: red,
                 ttl: 64,
                 payload: tag.as_bytes().to_vec(),
@@ -138,13 +141,25 @@ fn hostile_vxlan_is_dropped_and_counted() {
     };
     let from_node = SocketAddr::from((node.ip, 0));
 
-    // Control: the same frame, valid, from node 1.
+    // Control: the same frame, valid, from node 1. The echo comes back through the tunnel to the pod, where
+    // a socket on the crafted source port takes it (so the pod sends no port unreachable).
+    let pod_sock = pod
+        .ns
+        .run(Duration::from_secs(5), || {
+            let s = std::net::UdpSocket::bind((Ipv4Addr::UNSPECIFIED, POD_PORT))?;
+            s.set_read_timeout(Some(Duration::from_secs(2)))?;
+            std::io::Result::Ok(s)
+        })
+        .unwrap()
+        .unwrap();
+    let mut buf = [0u8; 64];
     let mut tries = 0;
-    while server.peers().is_empty() {
+    let echoed = loop {
         tries += 1;
         assert!(
             tries <= 5,
-            "a valid crafted VXLAN datagram was never forwarded; drops: {:?}",
+            "a valid crafted VXLAN datagram got no echo; red saw {:?}; drops: {:?}",
+            server.peers(),
             scenario::drops(&metrics(&topo))
         );
         raw::send_udp(
@@ -154,24 +169,32 @@ fn hostile_vxlan_is_dropped_and_counted() {
             &[datagram(VNI, pod.ip, "control")],
         )
         .unwrap();
-        let _ = scenario::poll(
-            Duration::from_secs(2),
-            Duration::from_millis(20),
-            "control",
-            || (!server.peers().is_empty()).then_some(()),
-        );
-    }
+        if let Ok((n, from)) = pod_sock.recv_from(&mut buf) {
+            break (n, from);
+        }
+    };
+    assert_eq!(echoed, (7, red), "the control's echo at the pod");
     assert_eq!(
         scenario::peer_ips(&server.peers()),
         vec![IpAddr::V4(gw.dmz_egress)]
     );
     let seen_before = server.peers().len();
-    let before = scenario::wait_metric(
+    // Every packet of the control counted (forwarded on the uplink, echo into the tunnel) before the
+    // baseline is taken.
+    let mut before = scenario::wait_metric(
         gw,
         "egress_gateway_packets_total",
         &[("direction", "uplink_tx")],
         METRICS,
-        |v| v >= 1.0,
+        |v| v >= seen_before as f64,
+    )
+    .unwrap();
+    before = scenario::wait_metric(
+        gw,
+        "egress_gateway_packets_total",
+        &[("direction", "tunnel_tx")],
+        METRICS,
+        |v| v >= packets(&before, "tunnel_tx", None).max(1.0),
     )
     .unwrap();
     let dmz = Capture::start(&topo.dmz_router().ns, "gw1", |f| {
