@@ -18,7 +18,7 @@ cargo test --release --locked -p tests -- --show-output
 
 # README command 1 in namespaces: the demo's own checks (exit 1 if a server saw a non-egress source, a probe
 # failed, or hostile input was not dropped and counted).
-cargo run -q --release --locked -p tests --bin demo-netns >/dev/null
+cargo run -q --release --locked -p tests --bin demo-netns
 
 # The benchmark's smoke run: a few seconds per measurement. A userspace column that cannot run is shown
 # as an error per line; only a failing kernel-mode measurement fails this step.

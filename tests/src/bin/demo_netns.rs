@@ -341,15 +341,14 @@ fn print_counters(m: &Metrics) {
         println!("  drops: none");
     } else {
         println!("  drops by reason (non-zero):");
-        let background =
-            d.contains_key("unsupported_icmp_type") || d.contains_key("unsupported_protocol");
+        let background = d.contains_key("unsupported_icmp_type");
         for (reason, n) in d {
             println!("    {reason:<28} {n}");
         }
         if background {
             println!(
-                "  (unsupported_icmp_type / unsupported_protocol also count without any traffic: the IPv6 \
-                 link-local chatter — router solicitations, MLD reports — that neighbours send when links come up)"
+                "  (unsupported_icmp_type counts even without traffic: the IPv6 multicast listener reports (MLD) \
+                 that the uplinks' neighbours send when their links come up)"
             );
         }
     }
