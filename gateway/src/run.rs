@@ -350,6 +350,8 @@ impl Control {
     }
 
     fn reload(&mut self, why: &str) {
+        // This reload reads the file as it is now: the watcher need not read the same version again.
+        self.watched = file_stamp(&self.path);
         let refuse = |t: &Telemetry, msg: String| {
             t.reloads_refused.fetch_add(1, Ordering::Relaxed);
             tracing::error!(

@@ -72,8 +72,11 @@ pub(super) fn prepare(
     let meta = PacketMeta::parse(&buf[..end_of_frame], l3, v6)?;
     let l4 = parse_l4(buf, &meta)?;
     if let L4::IcmpOther { msg_type } = l4 {
+        // Link control messages — NDP (133–137) and multicast listener discovery (130–132, 143) — are the
+        // link's business, not translated traffic: handed to the neighbour code, never counted as drops.
         if meta.v6
-            && (icmpv6::msg_type::ROUTER_SOLICIT..=icmpv6::msg_type::REDIRECT).contains(&msg_type)
+            && ((icmpv6::msg_type::ROUTER_SOLICIT..=icmpv6::msg_type::REDIRECT).contains(&msg_type)
+                || matches!(msg_type, 130..=132 | 143))
         {
             return Ok(Step::Done(Verdict::Neighbour));
         }

@@ -341,14 +341,14 @@ fn print_counters(m: &Metrics) {
         println!("  drops: none");
     } else {
         println!("  drops by reason (non-zero):");
-        let background = d.contains_key("unsupported_icmp_type");
+        let background = d.contains_key("unsupported_protocol");
         for (reason, n) in d {
             println!("    {reason:<28} {n}");
         }
         if background {
             println!(
-                "  (unsupported_icmp_type counts even without traffic: the IPv6 multicast listener reports (MLD) \
-                 that the uplinks' neighbours send when their links come up)"
+                "  (unsupported_protocol may count a few IGMP reports that the uplinks' neighbours send when \
+                 their links come up)"
             );
         }
     }
