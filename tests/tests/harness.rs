@@ -29,7 +29,12 @@ fn userspace_mode_starts_the_binary_in_the_gateway_namespace() {
         config.contains("listen: 172.18.0.3:4790, vni: 4097"),
         "{config}"
     );
-    assert!(config.contains("interface: gwdmz, egress_ips: [203.0.113.10], next_hop: 203.0.113.1"));
+    assert!(
+        config.contains(
+            "interface: gwdmz, egress_ips: [203.0.113.10, 2001:db8:113::10], next_hop: 203.0.113.1"
+        ),
+        "{config}"
+    );
     // Metrics over HTTP from inside the namespace.
     let metrics = gw.metrics().unwrap();
     assert_eq!(metrics.get("egress_fake_up", &[]), Some(1.0));

@@ -71,8 +71,8 @@ fn reload_keeps_streams_and_refuses_an_invalid_file() {
     let original = std::fs::read_to_string(path).unwrap();
     let moved = scenario::edit_once(
         &original,
-        &format!("routes: [{INTERNAL_NET}]"),
-        &format!("routes: [{INTERNAL_NET}, {BLUE_NET}]"),
+        &format!("routes: [{INTERNAL_NET}"),
+        &format!("routes: [{INTERNAL_NET}, {BLUE_NET}"),
     )
     .unwrap();
     scenario::write_atomically(path, &moved).unwrap();
