@@ -11,8 +11,9 @@
 #![forbid(unsafe_code)]
 
 pub mod model;
-
+pub mod resolve;
 pub mod selector;
 
 pub use model::{EgressGatewayPolicy, GatewaySpec, Namespace, Pod, PolicyError, Preference, Rule};
+pub use resolve::{AnnotationSource, BlockReason, Decision, Explanation, GatewayMember, Inventory};
 pub use selector::{Labels, Selector, SelectorError};
