@@ -2,10 +2,10 @@
 //!
 //! Inputs are typed values (YAML belongs to the binary): namespaces, pods and `EgressGatewayPolicy`
 //! objects ([`model`]), with gateway choice expressed in the Calico selector language ([`selector`]).
-//! [`resolve`] turns (pod, destination IP) into a [`Decision`](resolve::Decision), following Calico
+//! [`resolve`] turns (pod, destination IP) into a [`Decision`], following Calico
 //! Enterprise's rules (annotation precedence, longest-prefix rule match, `maxNextHops`,
 //! `gatewayPreference: PreferNodeLocal`, fail closed when a named policy is missing), and says why in an
-//! [`Explanation`](resolve::Explanation).
+//! [`Explanation`].
 //!
 //! Layers, bottom to top: [`selector`] → [`model`] → [`resolve`]. No I/O, no clock, no `unsafe`.
 #![forbid(unsafe_code)]
