@@ -25,7 +25,7 @@ mod worker;
 /// Userspace egress gateway for Kubernetes: terminates the VXLAN tunnel from client nodes, SNATs pod traffic
 /// to fixed egress IPs and forwards it onto the DMZ or internal uplinks; replies go back through the tunnel.
 #[derive(Debug, Parser)]
-#[command(name = "egress-gateway", version, about, long_about = None)]
+#[command(name = "egress-gateway", version, long_about = None)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
