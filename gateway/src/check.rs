@@ -3,7 +3,9 @@
 //!
 //! Each file is recognised by its content: a file with `kind:` at the top level holds Kubernetes objects
 //! (Namespaces, Pods, EgressGatewayPolicies, Lists: an inventory), anything else is a gateway configuration.
-//! Every problem is printed to stderr as `file:line: problem`.
+//! Every problem is printed to stderr as `file:line: problem`. In inventories, egress selector and
+//! maxNextHops annotations that do not parse are errors here (the objects still load for `explain`, where
+//! such a pod shows as blocked).
 //!
 //! A pod or namespace whose `egressGatewayPolicy` annotation names a policy found in none of the given files
 //! gets a `file:line: warning: ...` line. It is a warning, not an error (exit status 0 when there is nothing
@@ -27,6 +29,13 @@ pub(crate) fn run(files: &[PathBuf]) -> ExitCode {
             .unwrap_or(false);
         if is_inventory {
             match inventory::load_file(file) {
+                Ok(c) if !c.bad_annotations.is_empty() => {
+                    for (line, message) in &c.bad_annotations {
+                        eprintln!("{}:{line}: {message}", file.display());
+                    }
+                    ok = false;
+                    inventories.push(c);
+                }
                 Ok(c) => {
                     println!(
                         "{}: ok ({} policies, {} namespaces, {} pods)",

@@ -11,7 +11,9 @@ use std::net::IpAddr;
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
 
-use forwarder_core::policy::model::ANNOTATION_POLICY;
+use forwarder_core::policy::model::{
+    ANNOTATION_MAX_NEXT_HOPS, ANNOTATION_NAMESPACE_SELECTOR, ANNOTATION_POLICY, ANNOTATION_SELECTOR,
+};
 use forwarder_core::policy::{
     EgressGatewayPolicy, GatewaySpec, Inventory, Labels, Namespace, Pod, PolicyError, Preference,
     Rule, Selector,
@@ -61,6 +63,9 @@ pub(crate) struct FileContents {
     pub(crate) policies: Vec<EgressGatewayPolicy>,
     /// Policy names used by annotations.
     pub(crate) refs: Vec<PolicyRef>,
+    /// Egress selector annotations that do not parse: (line, message). Not errors of the file (the
+    /// resolution blocks such pods, as Calico does), but `check` reports them.
+    pub(crate) bad_annotations: Vec<(usize, String)>,
 }
 
 /// Whether the text looks like Kubernetes objects (a top-level `kind:` key) rather than a gateway
@@ -438,12 +443,42 @@ impl Reader<'_> {
                     if let Some((_, v)) = m.iter().find(|(k, _)| k.as_str() == ANNOTATION_POLICY) {
                         annotation_line = line_of(v);
                     }
+                    self.check_annotations(m, &f.path);
                 }
                 self.string_map(&f)
             }
             None => Labels::new(),
         };
         Some((name, namespace, labels, annotations, annotation_line))
+    }
+
+    /// Records egress selector and maxNextHops annotations that do not parse.
+    fn check_annotations(&mut self, m: &MarkedMappingNode, path: &str) {
+        for (k, v) in m.iter() {
+            let Node::Scalar(text) = v else {
+                continue;
+            };
+            let text = text.as_str();
+            let problem = match k.as_str() {
+                ANNOTATION_SELECTOR | ANNOTATION_NAMESPACE_SELECTOR if !text.is_empty() => {
+                    parse_selector(text).err()
+                }
+                ANNOTATION_MAX_NEXT_HOPS if !text.is_empty() => text
+                    .parse::<u32>()
+                    .err()
+                    .map(|_| format!("`{text}` is not a whole number (0 or more)")),
+                _ => None,
+            };
+            if let Some(message) = problem {
+                self.out.bad_annotations.push((
+                    line_of(v),
+                    format!(
+                        "{}: {message} (the pod's egress traffic would be blocked)",
+                        join(path, k.as_str())
+                    ),
+                ));
+            }
+        }
     }
 
     fn policy_ref(&mut self, who: String, annotations: &Labels, line: usize) {
@@ -852,6 +887,24 @@ status:
         let e = errors("kind: Namespace\nmetadata:\n  name: a\n---\nkind: Pod\nmetadata: [\n");
         assert_eq!(e.len(), 1);
         assert!(e[0].starts_with("t.yaml:6:"), "{e:?}");
+    }
+
+    #[test]
+    fn bad_selector_annotations_are_recorded_not_fatal() {
+        let c = parse_ok(
+            "kind: Namespace\nmetadata:\n  name: a\n  annotations:\n    \
+             egress.projectcalico.org/selector: \"x ==\"\n    egress.projectcalico.org/maxNextHops: \"2\"\n",
+        );
+        assert_eq!(c.namespaces.len(), 1);
+        assert_eq!(c.bad_annotations.len(), 1, "{:?}", c.bad_annotations);
+        assert_eq!(c.bad_annotations[0].0, 5);
+        assert!(
+            c.bad_annotations[0].1.starts_with(
+                "metadata.annotations.egress.projectcalico.org/selector: invalid selector `x ==`"
+            ),
+            "{:?}",
+            c.bad_annotations
+        );
     }
 
     #[test]

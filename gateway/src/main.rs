@@ -5,7 +5,8 @@
 //! data-path thread (receive a batch, hand it to the pipeline, send what comes out); `io/` holds the sockets
 //! (tunnel UDP, uplink AF_PACKET) and the offload repairs; `neighbour.rs` answers and resolves ARP/NDP on
 //! the uplinks; `telemetry.rs` and `http.rs` serve metrics and health; `config.rs` reads the YAML file.
-//! `demo` runs the seed scenario through the real pipeline in-process; `check` validates configuration files.
+//! `demo` runs the seed scenario through the real pipeline in-process; `check` validates configuration and
+//! inventory files; `explain` (with `inventory.rs`) tells which gateways a pod's traffic uses and why.
 
 use std::net::IpAddr;
 use std::path::PathBuf;

@@ -177,3 +177,22 @@ fn check_summarises_inventories_and_warns_about_missing_policies() {
         )
     );
 }
+
+#[test]
+fn check_reports_bad_selector_annotations_as_errors() {
+    let file = scratch(
+        "badsel.yaml",
+        "kind: Namespace\nmetadata:\n  name: a\n  annotations:\n    \
+         egress.projectcalico.org/selector: \"egress-code in {'red'\"\n",
+    );
+    let out = run(&["check", file.to_str().expect("utf-8 path")]);
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.starts_with(&format!(
+            "{}:5: metadata.annotations.egress.projectcalico.org/selector: invalid selector",
+            file.display()
+        )),
+        "{err}"
+    );
+}
