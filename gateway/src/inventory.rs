@@ -131,6 +131,13 @@ pub(crate) fn parse(text: &str, file: &Path) -> Result<FileContents, Vec<Invento
         },
     };
     for (start, doc) in documents(text) {
+        if let Some(line) = inline_document(&doc, start) {
+            r.error(
+                line,
+                "a document starts on its `---` line; put `---` on a line of its own",
+            );
+            continue;
+        }
         // Blank lines in front keep the parser's line numbers equal to the file's.
         let padded = format!("{}{doc}", "\n".repeat(start));
         let options = LoaderOptions::default()
@@ -158,7 +165,7 @@ fn documents(text: &str) -> Vec<(usize, String)> {
     let mut start = 0;
     let mut current = String::new();
     for (i, line) in text.lines().enumerate() {
-        if line == "---" {
+        if is_separator(line) {
             docs.push((start, std::mem::take(&mut current)));
             start = i + 1;
         } else {
@@ -175,6 +182,23 @@ fn documents(text: &str) -> Vec<(usize, String)> {
             })
         })
         .collect()
+}
+
+/// A line that starts a new document: `---`, possibly followed by blanks or a comment.
+fn is_separator(line: &str) -> bool {
+    line.strip_prefix("---").is_some_and(|rest| {
+        let rest = rest.trim();
+        rest.is_empty()
+            || (rest.starts_with('#')
+                && line.as_bytes().get(3).is_some_and(u8::is_ascii_whitespace))
+    })
+}
+
+/// A `--- content` line: a document starting on the separator line, which this reader does not split.
+fn inline_document(doc: &str, start: usize) -> Option<usize> {
+    doc.lines()
+        .position(|l| l.starts_with("--- ") || l.starts_with("---\t"))
+        .map(|i| start + i + 1)
 }
 
 fn load_error(e: &LoadError, last_line: usize) -> (usize, String) {
@@ -904,6 +928,16 @@ status:
             ),
             "{:?}",
             c.bad_annotations
+        );
+    }
+
+    #[test]
+    fn separators_with_comments_and_inline_documents() {
+        let c = parse_ok("kind: Namespace\nmetadata: { name: a }\n--- # next\nkind: Namespace\nmetadata: { name: b }\n---   \n");
+        assert_eq!(c.namespaces.len(), 2);
+        assert_eq!(
+            errors("kind: Namespace\nmetadata: { name: a }\n--- { kind: Namespace }\n"),
+            ["t.yaml:3: a document starts on its `---` line; put `---` on a line of its own"]
         );
     }
 
