@@ -148,3 +148,60 @@ fn describe_pod(p: &Pod) -> String {
         p.node.as_deref().unwrap_or("?")
     )
 }
+
+#[cfg(test)]
+mod tests {
+    use std::path::Path;
+
+    use super::*;
+
+    #[test]
+    fn max_next_hops_and_preference_are_shown_and_applied() {
+        let text = "\
+kind: List
+items:
+- kind: EgressGatewayPolicy
+  metadata: { name: p }
+  spec:
+    rules:
+    - gateway: { selector: \"egress-code == 'red'\", maxNextHops: 1 }
+      gatewayPreference: PreferNodeLocal
+- kind: Namespace
+  metadata: { name: app, annotations: { egress.projectcalico.org/egressGatewayPolicy: p } }
+- kind: Pod
+  metadata: { name: c, namespace: app }
+  spec: { nodeName: node-a }
+  status: { podIP: 10.244.1.5 }
+- kind: Pod
+  metadata: { name: gw-a, namespace: app, labels: { egress-code: red } }
+  spec: { nodeName: node-a }
+  status: { podIP: 10.244.1.10 }
+- kind: Pod
+  metadata: { name: gw-b, namespace: app, labels: { egress-code: red } }
+  spec: { nodeName: node-b }
+  status: { podIP: 10.244.2.10 }
+";
+        let contents = inventory::parse(text, Path::new("t.yaml")).unwrap();
+        let inv = inventory::merge(&[contents]);
+        let out = explain(&inv, "app/c", "203.0.113.1".parse().unwrap()).unwrap();
+        assert!(
+            out.contains("pod annotation") || out.contains("namespace annotation"),
+            "{out}"
+        );
+        assert!(
+            out.contains("rule:        #1 (destination 0.0.0.0/0)"),
+            "{out}"
+        );
+        assert!(
+            out.contains("via 1 gateway(s) (maxNextHops: 1, gatewayPreference: PreferNodeLocal)"),
+            "{out}"
+        );
+        assert!(
+            out.contains("gateway app/gw-a  ip 10.244.1.10  node node-a"),
+            "{out}"
+        );
+        assert!(explain(&inv, "app", "203.0.113.1".parse().unwrap())
+            .unwrap_err()
+            .contains("NAMESPACE/NAME"));
+    }
+}
