@@ -1,18 +1,60 @@
-//! `egress-gateway check FILE...`: validates configuration files offline, without touching the network.
+//! `egress-gateway check FILE...`: validates configuration and inventory files offline, without touching the
+//! network.
 //!
-//! Each file is recognised by its content: a file with `kind:` at the top level is a Kubernetes-style object
-//! (a policy), anything else a gateway configuration. Every problem is printed to stderr as
-//! `file:line: problem`.
+//! Each file is recognised by its content: a file with `kind:` at the top level holds Kubernetes objects
+//! (Namespaces, Pods, EgressGatewayPolicies, Lists: an inventory), anything else is a gateway configuration.
+//! Every problem is printed to stderr as `file:line: problem`. In inventories, egress selector and
+//! maxNextHops annotations that do not parse are errors here (the objects still load for `explain`, where
+//! such a pod shows as blocked).
+//!
+//! A pod or namespace whose `egressGatewayPolicy` annotation names a policy found in none of the given files
+//! gets a `file:line: warning: ...` line. It is a warning, not an error (exit status 0 when there is nothing
+//! else): the policy may well live in a file that was not given, and a missing policy is valid Kubernetes
+//! state (it blocks the pod's egress, fail closed).
 
+use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use crate::config::{ConfigErrors, GatewayConfig};
+use crate::inventory::{self, FileContents};
 
 /// Checks every file; success only when all are valid.
 pub(crate) fn run(files: &[PathBuf]) -> ExitCode {
     let mut ok = true;
+    let mut inventories: Vec<FileContents> = Vec::new();
     for file in files {
+        let is_inventory = std::fs::read_to_string(file)
+            .map(|text| inventory::is_inventory(&text))
+            .unwrap_or(false);
+        if is_inventory {
+            match inventory::load_file(file) {
+                Ok(c) if !c.bad_annotations.is_empty() => {
+                    for (line, message) in &c.bad_annotations {
+                        eprintln!("{}:{line}: {message}", file.display());
+                    }
+                    ok = false;
+                    inventories.push(c);
+                }
+                Ok(c) => {
+                    println!(
+                        "{}: ok ({} policies, {} namespaces, {} pods)",
+                        file.display(),
+                        c.policies.len(),
+                        c.namespaces.len(),
+                        c.pods.len()
+                    );
+                    inventories.push(c);
+                }
+                Err(errors) => {
+                    for e in errors {
+                        eprintln!("{e}");
+                    }
+                    ok = false;
+                }
+            }
+            continue;
+        }
         match check(file) {
             Ok(summary) => println!("{summary}"),
             Err(errors) => {
@@ -21,11 +63,37 @@ pub(crate) fn run(files: &[PathBuf]) -> ExitCode {
             }
         }
     }
+    for warning in missing_policies(&inventories) {
+        eprintln!("{warning}");
+    }
     if ok {
         ExitCode::SUCCESS
     } else {
         ExitCode::FAILURE
     }
+}
+
+/// `file:line: warning: ...` for each annotation naming a policy that none of the files defines.
+pub(crate) fn missing_policies(inventories: &[FileContents]) -> Vec<String> {
+    let known: BTreeSet<&str> = inventories
+        .iter()
+        .flat_map(|c| c.policies.iter().map(|p| p.name()))
+        .collect();
+    inventories
+        .iter()
+        .flat_map(|c| c.refs.iter().map(move |r| (c, r)))
+        .filter(|(_, r)| !known.contains(r.policy.as_str()))
+        .map(|(c, r)| {
+            format!(
+                "{}:{}: warning: {} names EgressGatewayPolicy '{}', which is in none of the given files \
+                 (if it does not exist, its egress traffic is blocked)",
+                c.file.display(),
+                r.line,
+                r.who,
+                r.policy
+            )
+        })
+        .collect()
 }
 
 /// One file: its summary line, or every problem in it.

@@ -116,7 +116,7 @@ impl GatewayConfig {
                 name,
                 None,
                 format!(
-                    "not a gateway configuration (kind: {kind}); policy files are checked by issue #4's policy engine"
+                    "not a gateway configuration (kind: {kind}); this is an inventory file (Kubernetes objects): check it with `egress-gateway check`, use it with `egress-gateway explain --inputs`"
                 ),
             )]));
         }
@@ -1012,7 +1012,7 @@ uplinks:
         assert_eq!(
             errors,
             [format!(
-                "{FILE}: not a gateway configuration (kind: EgressGatewayPolicy); policy files are checked by issue #4's policy engine"
+                "{FILE}: not a gateway configuration (kind: EgressGatewayPolicy); this is an inventory file (Kubernetes objects): check it with `egress-gateway check`, use it with `egress-gateway explain --inputs`"
             )]
         );
     }

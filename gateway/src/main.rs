@@ -5,8 +5,10 @@
 //! data-path thread (receive a batch, hand it to the pipeline, send what comes out); `io/` holds the sockets
 //! (tunnel UDP, uplink AF_PACKET) and the offload repairs; `neighbour.rs` answers and resolves ARP/NDP on
 //! the uplinks; `telemetry.rs` and `http.rs` serve metrics and health; `config.rs` reads the YAML file.
-//! `demo` runs the seed scenario through the real pipeline in-process; `check` validates configuration files.
+//! `demo` runs the seed scenario through the real pipeline in-process; `check` validates configuration and
+//! inventory files; `explain` (with `inventory.rs`) tells which gateways a pod's traffic uses and why.
 
+use std::net::IpAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
@@ -15,7 +17,9 @@ use clap::{Parser, Subcommand};
 mod check;
 mod config;
 mod demo;
+mod explain;
 mod http;
+mod inventory;
 mod io;
 mod neighbour;
 mod run;
@@ -42,12 +46,31 @@ enum Command {
         #[arg(long, short, value_name = "FILE")]
         config: PathBuf,
     },
-    /// Check configuration files without starting anything: prints `FILE: ok (N uplinks, M routes)` for each
-    /// valid gateway configuration, or every problem as `file:line: problem` on stderr and exits 1.
+    /// Check files without starting anything: prints `FILE: ok (N uplinks, M routes)` for each valid gateway
+    /// configuration and `FILE: ok (N policies, M namespaces, K pods)` for each valid inventory file
+    /// (Kubernetes objects: a top-level `kind:`), or every problem as `file:line: problem` on stderr and
+    /// exits 1. Pods and namespaces naming a policy that is in none of the files get a
+    /// `file:line: warning: ...` line; warnings alone do not change the exit status (the policy may live in
+    /// a file not given).
     Check {
         /// Files to check (see docs/configuration.md).
         #[arg(required = true, value_name = "FILE")]
         files: Vec<PathBuf>,
+    },
+    /// Explain, offline, what happens to a pod's traffic to one destination: which annotation applies, which
+    /// policy and rule, which gateways (name, IP, node), maxNextHops and preference, and what source the
+    /// destination sees; or why there is no gateway, or why the traffic is blocked. Exits 1 when an input has
+    /// errors or the pod is not in the inputs.
+    Explain {
+        /// Inventory files: Namespace, Pod and EgressGatewayPolicy objects as `kubectl get -o yaml` prints.
+        #[arg(long, required = true, num_args = 1.., value_name = "FILE")]
+        inputs: Vec<PathBuf>,
+        /// The client pod.
+        #[arg(long, value_name = "NAMESPACE/NAME")]
+        pod: String,
+        /// The destination address.
+        #[arg(long, value_name = "IP")]
+        dst: IpAddr,
     },
     /// Run the seed scenario through the forwarding pipeline in-process: client nodes' VXLAN frames (as the
     /// kernel's vxlan device builds them) are translated onto the DMZ and internal uplinks, the outside
@@ -76,6 +99,7 @@ fn main() -> ExitCode {
             }
         },
         Command::Check { files } => check::run(&files),
+        Command::Explain { inputs, pod, dst } => explain::run(&inputs, &pod, dst),
         Command::Demo { verbose } => match demo::run(verbose) {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {

@@ -60,7 +60,7 @@ fn every_problem_goes_to_stderr_and_exits_1() {
     );
     assert!(
         lines[2].starts_with(&format!(
-            "{}: not a gateway configuration",
+            "{}:1: metadata: the object has no metadata",
             policy.display()
         )),
         "{stderr}"
