@@ -517,6 +517,39 @@ pub fn peer_ips(peers: &[SocketAddr]) -> Vec<IpAddr> {
     v
 }
 
+/// IPv6 inside the IPv4 tunnel through gateway 1, whatever its mode: every pod pings, and reaches by TCP and
+/// UDP, the red server and the internal server over IPv6, and each server sees gateway 1's IPv6 egress
+/// address of that uplink. Panics (with the pod) on the first failure.
+pub fn assert_ipv6_egress(topo: &crate::Topology) {
+    use crate::topology::{INTERNAL_SERVER6, RED_SERVER6};
+    let gw = topo.gateway(1);
+    let (dmz6, int6) = (
+        IpAddr::V6(gw.dmz_egress6.expect("a dual-stack topology")),
+        IpAddr::V6(gw.internal_egress6.expect("a dual-stack topology")),
+    );
+    let red = SocketAddr::from((RED_SERVER6, 7000));
+    let internal = SocketAddr::from((INTERNAL_SERVER6, 7000));
+    let red_tcp = traffic::tcp_echo_server(&topo.red().ns, red).expect("red TCP server");
+    let red_udp = traffic::udp_echo_server(&topo.red().ns, red).expect("red UDP server");
+    let int_tcp =
+        traffic::tcp_echo_server(&topo.internal().ns, internal).expect("internal TCP server");
+    for pod in topo.pods() {
+        let who = format!("pod {:?}", pod.ip6);
+        traffic::ping(&pod.ns, IpAddr::V6(RED_SERVER6), 2).unwrap_or_else(|e| panic!("{who}: {e}"));
+        let echo = traffic::tcp_echo(&pod.ns, red, b"v6").unwrap_or_else(|e| panic!("{who}: {e}"));
+        assert_eq!(echo, b"v6", "{who}");
+        assert_eq!(red_tcp.last_peer().map(|p| p.ip()), Some(dmz6), "{who}");
+        let echo =
+            traffic::udp_echo(&pod.ns, red, b"v6 udp").unwrap_or_else(|e| panic!("{who}: {e}"));
+        assert_eq!(echo, b"v6 udp", "{who}");
+        assert_eq!(red_udp.last_peer().map(|p| p.ip()), Some(dmz6), "{who}");
+        let echo = traffic::tcp_echo(&pod.ns, internal, b"v6 int")
+            .unwrap_or_else(|e| panic!("{who}: {e}"));
+        assert_eq!(echo, b"v6 int", "{who}");
+        assert_eq!(int_tcp.last_peer().map(|p| p.ip()), Some(int6), "{who}");
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

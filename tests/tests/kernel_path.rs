@@ -6,10 +6,7 @@ use std::net::{IpAddr, SocketAddr};
 use std::time::Duration;
 
 use ipnet::Ipv4Net;
-use tests::topology::{
-    BLUE_NET, BLUE_SERVER, INTERNAL_NET, INTERNAL_SERVER, INTERNAL_SERVER6, RED_NET, RED_SERVER,
-    RED_SERVER6,
-};
+use tests::topology::{BLUE_NET, BLUE_SERVER, INTERNAL_NET, INTERNAL_SERVER, RED_NET, RED_SERVER};
 use tests::{
     netns, require_netns, traffic, GatewayMode, NodeSpec, PodRoute, PodSpec, Topology, TopologySpec,
 };
@@ -252,35 +249,5 @@ fn throw_route_bypasses_the_gateway() {
 fn ipv6_inside_the_tunnel() {
     require_netns!();
     let topo = Topology::standard(GatewayMode::Kernel).unwrap();
-    let gw = topo.gateway(1);
-    let red = SocketAddr::from((RED_SERVER6, 7000));
-    let internal = SocketAddr::from((INTERNAL_SERVER6, 7000));
-    let red_tcp = traffic::tcp_echo_server(&topo.red().ns, red).unwrap();
-    let red_udp = traffic::udp_echo_server(&topo.red().ns, red).unwrap();
-    let int_tcp = traffic::tcp_echo_server(&topo.internal().ns, internal).unwrap();
-    for pod in topo.pods() {
-        traffic::ping(&pod.ns, IpAddr::V6(RED_SERVER6), 2)
-            .unwrap_or_else(|e| panic!("pod {:?}: {e}", pod.ip6));
-        assert_eq!(traffic::tcp_echo(&pod.ns, red, b"v6").unwrap(), b"v6");
-        assert_eq!(
-            red_tcp.last_peer().unwrap().ip(),
-            IpAddr::V6(gw.dmz_egress6.unwrap())
-        );
-        assert_eq!(
-            traffic::udp_echo(&pod.ns, red, b"v6 udp").unwrap(),
-            b"v6 udp"
-        );
-        assert_eq!(
-            red_udp.last_peer().unwrap().ip(),
-            IpAddr::V6(gw.dmz_egress6.unwrap())
-        );
-        assert_eq!(
-            traffic::tcp_echo(&pod.ns, internal, b"v6 int").unwrap(),
-            b"v6 int"
-        );
-        assert_eq!(
-            int_tcp.last_peer().unwrap().ip(),
-            IpAddr::V6(gw.internal_egress6.unwrap())
-        );
-    }
+    tests::scenario::assert_ipv6_egress(&topo);
 }

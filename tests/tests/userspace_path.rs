@@ -5,7 +5,7 @@
 use std::net::{IpAddr, SocketAddr};
 use std::time::Duration;
 
-use tests::topology::{INTERNAL_SERVER, INTERNAL_SERVER6, RED_SERVER, RED_SERVER6};
+use tests::topology::{INTERNAL_SERVER, RED_SERVER};
 use tests::{require_netns, require_userspace_gateway, traffic, Topology};
 
 const READY: Duration = Duration::from_secs(30);
@@ -63,35 +63,5 @@ fn userspace_gateway_ipv6_inside_the_tunnel() {
     let mode = require_userspace_gateway!();
     let mut topo = Topology::standard(mode).unwrap();
     topo.gateway_mut(1).wait_ready(READY).unwrap();
-    let gw = topo.gateway(1);
-    let red = SocketAddr::from((RED_SERVER6, 7000));
-    let internal = SocketAddr::from((INTERNAL_SERVER6, 7000));
-    let red_tcp = traffic::tcp_echo_server(&topo.red().ns, red).unwrap();
-    let red_udp = traffic::udp_echo_server(&topo.red().ns, red).unwrap();
-    let int_tcp = traffic::tcp_echo_server(&topo.internal().ns, internal).unwrap();
-    for pod in topo.pods() {
-        traffic::ping(&pod.ns, IpAddr::V6(RED_SERVER6), 2)
-            .unwrap_or_else(|e| panic!("pod {:?}: {e}", pod.ip6));
-        assert_eq!(traffic::tcp_echo(&pod.ns, red, b"v6").unwrap(), b"v6");
-        assert_eq!(
-            red_tcp.last_peer().unwrap().ip(),
-            IpAddr::V6(gw.dmz_egress6.unwrap())
-        );
-        assert_eq!(
-            traffic::udp_echo(&pod.ns, red, b"v6 udp").unwrap(),
-            b"v6 udp"
-        );
-        assert_eq!(
-            red_udp.last_peer().unwrap().ip(),
-            IpAddr::V6(gw.dmz_egress6.unwrap())
-        );
-        assert_eq!(
-            traffic::tcp_echo(&pod.ns, internal, b"v6 int").unwrap(),
-            b"v6 int"
-        );
-        assert_eq!(
-            int_tcp.last_peer().unwrap().ip(),
-            IpAddr::V6(gw.internal_egress6.unwrap())
-        );
-    }
+    tests::scenario::assert_ipv6_egress(&topo);
 }
