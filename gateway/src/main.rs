@@ -22,6 +22,8 @@ mod http;
 mod inventory;
 mod io;
 mod neighbour;
+#[allow(dead_code)] // TEMP: until the agent loop uses everything
+mod node;
 mod run;
 mod telemetry;
 mod worker;

@@ -1,0 +1,1 @@
+//! Reading and writing the node's kernel state through rtnetlink (being written).
