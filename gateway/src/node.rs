@@ -5,5 +5,6 @@
 //! * [`state`] — the desired kernel state and what the agent owns;
 //! * [`kernel`] — reading and writing it through rtnetlink (reconcile by diff).
 
+pub(crate) mod desired;
 pub mod kernel;
 pub mod state;
