@@ -580,6 +580,17 @@ mod tests {
     }
 
     #[test]
+    fn every_metric_is_documented() {
+        let docs = include_str!("../../../docs/node-agent.md");
+        for (name, _) in METRICS {
+            assert!(
+                docs.contains(&format!("`{name}")),
+                "docs/node-agent.md does not describe {name}"
+            );
+        }
+    }
+
+    #[test]
     fn loopback_is_found_by_address() {
         assert_eq!(
             device_with_address(IpAddr::V4(Ipv4Addr::LOCALHOST)).as_deref(),
