@@ -85,6 +85,14 @@ enum Command {
         /// The agent's configuration file (YAML; see docs/node-agent.md).
         #[arg(long, short, value_name = "FILE")]
         config: PathBuf,
+        /// This node's Kubernetes name; overrides `node_name` in the file (in a DaemonSet:
+        /// `--node-name=$(NODE_NAME)` from the downward API's spec.nodeName).
+        #[arg(long, value_name = "NAME")]
+        node_name: Option<String>,
+        /// The node's underlay IPv4 address; overrides `underlay_ip` in the file (in a DaemonSet:
+        /// `--underlay-ip=$(HOST_IP)` from status.hostIP).
+        #[arg(long, value_name = "IP")]
+        underlay_ip: Option<std::net::Ipv4Addr>,
         /// Remove every rule, route, neighbour and FDB entry the agent made, and its vxlan device, then exit.
         #[arg(long)]
         cleanup: bool,
@@ -115,7 +123,19 @@ fn main() -> ExitCode {
                 ExitCode::FAILURE
             }
         },
-        Command::Node { config, cleanup } => match node::agent::run(&config, cleanup) {
+        Command::Node {
+            config,
+            node_name,
+            underlay_ip,
+            cleanup,
+        } => match node::agent::run(
+            &config,
+            &config::node::Overrides {
+                node_name,
+                underlay_ip,
+            },
+            cleanup,
+        ) {
             Ok(()) => ExitCode::SUCCESS,
             Err(node::agent::AgentError::Config(errors)) => {
                 eprintln!("{errors}");

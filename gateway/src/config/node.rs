@@ -137,7 +137,7 @@ const DEFAULT_RESYNC: Duration = Duration::from_secs(10);
 
 impl NodeConfig {
     /// Reads and validates; on failure every problem found, each `file:line: problem`.
-    pub(crate) fn load(path: &Path) -> Result<NodeConfig, ConfigErrors> {
+    pub(crate) fn load(path: &Path, overrides: &Overrides) -> Result<NodeConfig, ConfigErrors> {
         let text = std::fs::read_to_string(path).map_err(|e| {
             ConfigErrors(vec![ConfigError::new(
                 path,
@@ -145,14 +145,18 @@ impl NodeConfig {
                 format!("cannot read the file: {e}; check the path and its permissions"),
             )])
         })?;
-        NodeConfig::parse(&text, path)
+        NodeConfig::parse(&text, path, overrides)
     }
 
     /// Parses from a string, `name` used in messages as the file name and to resolve relative inputs.
-    pub(crate) fn parse(text: &str, name: &Path) -> Result<NodeConfig, ConfigErrors> {
+    pub(crate) fn parse(
+        text: &str,
+        name: &Path,
+        overrides: &Overrides,
+    ) -> Result<NodeConfig, ConfigErrors> {
         let root = reader::parse_yaml(text, name).map_err(|e| ConfigErrors(vec![e]))?;
         let mut r = Reader::new(name);
-        let config = decode(&mut r, &root);
+        let config = decode(&mut r, &root, overrides);
         let mut errors = r.into_errors();
         match config {
             Some(mut config) if errors.is_empty() => {
@@ -178,29 +182,46 @@ impl NodeConfig {
     }
 }
 
-fn decode(r: &mut Reader<'_>, root: &Node) -> Option<NodeConfig> {
+/// Values given on the command line (`--node-name`, `--underlay-ip`), which win over the file's: one
+/// configuration serves every node of a DaemonSet, each filling these in from the downward API.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub(crate) struct Overrides {
+    /// `--node-name`.
+    pub(crate) node_name: Option<String>,
+    /// `--underlay-ip`.
+    pub(crate) underlay_ip: Option<Ipv4Addr>,
+}
+
+fn decode(r: &mut Reader<'_>, root: &Node, overrides: &Overrides) -> Option<NodeConfig> {
     let root = Value::root(root);
     let top = r.mapping(&root, ROOT_KEYS)?;
-    let node_name = top.require(r, "node_name").and_then(|v| {
-        r.parse(&v, |s| {
-            if s.trim().is_empty() {
-                Err(
-                    "the node's name is empty; use its Kubernetes name (spec.nodeName of its pods)"
-                        .into(),
-                )
-            } else {
-                Ok(s.trim().to_string())
-            }
-        })
-    });
-    let underlay_ip = top.require(r, "underlay_ip").and_then(|v| {
-        r.parse(&v, |s| match value::unicast_ip(s)? {
-            IpAddr::V4(a) => Ok(a),
-            IpAddr::V6(a) => Err(format!(
-                "{a} is IPv6; the tunnel runs over IPv4 (the gateways' pod IPs), give the node's IPv4 address"
-            )),
-        })
-    });
+    let node_name = match overrides.node_name.as_deref().map(str::trim) {
+        Some(name) if !name.is_empty() => Some(name.to_string()),
+        _ => top.require(r, "node_name").and_then(|v| {
+            r.parse(&v, |s| {
+                if s.trim().is_empty() {
+                    Err(
+                        "the node's name is empty; use its Kubernetes name (spec.nodeName of its pods), \
+                         or give --node-name"
+                            .into(),
+                    )
+                } else {
+                    Ok(s.trim().to_string())
+                }
+            })
+        }),
+    };
+    let underlay_ip = match overrides.underlay_ip {
+        Some(ip) => Some(ip),
+        None => top.require(r, "underlay_ip").and_then(|v| {
+            r.parse(&v, |s| match value::unicast_ip(s)? {
+                IpAddr::V4(a) => Ok(a),
+                IpAddr::V6(a) => Err(format!(
+                    "{a} is IPv6; the tunnel runs over IPv4 (the gateways' pod IPs), give the node's IPv4 address"
+                )),
+            })
+        }),
+    };
     let underlay_device = match top.get("underlay_device") {
         None => Some(None),
         Some(v) => r.parse(&v, value::interface_name).map(Some),
@@ -414,7 +435,12 @@ mod tests {
     use super::*;
 
     fn parse(text: &str) -> Result<NodeConfig, String> {
-        NodeConfig::parse(text, Path::new("/etc/egress/node.yaml")).map_err(|e| e.to_string())
+        NodeConfig::parse(
+            text,
+            Path::new("/etc/egress/node.yaml"),
+            &Overrides::default(),
+        )
+        .map_err(|e| e.to_string())
     }
 
     const ISSUE_EXAMPLE: &str = "node_name: node-a
@@ -472,6 +498,24 @@ health: { port: 8080, path: /readiness, interval: 200ms, failures: 2 }
         }
         let e = parse("node_name: n\nunderlay_ip: 10.0.0.1\n").unwrap_err();
         assert!(e.contains("inputs"), "{e}");
+    }
+
+    #[test]
+    fn command_line_values_win_and_may_replace_the_keys() {
+        let overrides = Overrides {
+            node_name: Some("node-b".into()),
+            underlay_ip: Some(Ipv4Addr::new(172, 18, 0, 12)),
+        };
+        let c = NodeConfig::parse("inputs: [a]\n", Path::new("n.yaml"), &overrides).unwrap();
+        assert_eq!(c.node_name, "node-b");
+        assert_eq!(c.underlay_ip, Ipv4Addr::new(172, 18, 0, 12));
+        let c = NodeConfig::parse(ISSUE_EXAMPLE, Path::new("n.yaml"), &overrides).unwrap();
+        assert_eq!(c.node_name, "node-b");
+        let e = NodeConfig::parse("inputs: [a]\n", Path::new("n.yaml"), &Overrides::default())
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("missing the required key `node_name`"), "{e}");
+        assert!(e.contains("missing the required key `underlay_ip`"), "{e}");
     }
 
     /// docs/node-agent.md documents every key the parser knows.

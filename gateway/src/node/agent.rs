@@ -22,7 +22,7 @@ use super::desired::{self, Health, Memory, Settings};
 use super::health::{detection_bound, GatewayState, Probe, Prober};
 use super::kernel::{self, Kernel};
 use super::state::{Ownership, VxlanSpec};
-use crate::config::node::NodeConfig;
+use crate::config::node::{NodeConfig, Overrides};
 use crate::http::{self, Response};
 use crate::inventory;
 
@@ -44,8 +44,12 @@ pub(crate) enum AgentError {
 }
 
 /// Runs the agent until SIGTERM/SIGINT, or with `cleanup` removes what it made and returns.
-pub(crate) fn run(config_path: &Path, cleanup: bool) -> Result<(), AgentError> {
-    let config = NodeConfig::load(config_path).map_err(AgentError::Config)?;
+pub(crate) fn run(
+    config_path: &Path,
+    overrides: &Overrides,
+    cleanup: bool,
+) -> Result<(), AgentError> {
+    let config = NodeConfig::load(config_path, overrides).map_err(AgentError::Config)?;
     crate::telemetry::init_logs(config.log_format == crate::config::LogFormat::Json);
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -173,7 +177,7 @@ impl Agent {
             node = %self.config.node_name,
             device = %self.vxlan.device,
             underlay = %self.vxlan.underlay_device,
-            failover_bound_ms = detection_bound(&self.config.health).as_millis() as u64,
+            failover_bound_ms = millis(detection_bound(&self.config.health)),
             "node agent started"
         );
         let mut term = signal(SignalKind::terminate()).map_err(start_error)?;
@@ -222,7 +226,7 @@ impl Agent {
     }
 
     fn heartbeat(&self) {
-        let ms = u64::try_from(self.started.elapsed().as_millis()).unwrap_or(u64::MAX);
+        let ms = millis(self.started.elapsed());
         self.status.heartbeat_ms.store(ms, Ordering::Relaxed);
     }
 
@@ -347,7 +351,7 @@ impl Agent {
                         added = report.added,
                         replaced = report.replaced,
                         removed = report.removed,
-                        took_us = began.elapsed().as_micros() as u64,
+                        took_us = u64::try_from(began.elapsed().as_micros()).unwrap_or(u64::MAX),
                         "kernel updated"
                     );
                 }
@@ -386,6 +390,10 @@ impl Agent {
     }
 }
 
+fn millis(d: Duration) -> u64 {
+    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
+}
+
 fn start_error(e: std::io::Error) -> AgentError {
     AgentError::Start(format!("cannot install signal handlers: {e}"))
 }
@@ -407,7 +415,7 @@ fn endpoint(path: &str, status: &Status, metrics: &PrometheusHandle, started: In
             }
         }
         "/livez" | "/healthz" => {
-            let now = started.elapsed().as_millis() as u64;
+            let now = millis(started.elapsed());
             let beat = status.heartbeat_ms.load(Ordering::Relaxed);
             if now.saturating_sub(beat) < 30_000 {
                 Response::text(200, "ok\n")
