@@ -466,6 +466,15 @@ health: { port: 8080, path: /readiness, interval: 200ms, failures: 2 }
     }
 
     #[test]
+    fn the_shipped_example_parses() {
+        let path = Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/examples/node.yaml"));
+        let c = NodeConfig::load(path, &Overrides::default()).unwrap();
+        assert_eq!(c.listen, Some("127.0.0.1:9101".parse().unwrap()));
+        assert!(c.inputs[0].ends_with("examples/seed-inventory.yaml"));
+        assert!(c.inputs[0].exists());
+    }
+
+    #[test]
     fn defaults_and_relative_inputs() {
         let c = parse("node_name: n\nunderlay_ip: 10.0.0.1\ninputs: [inv, /abs.yaml]\n").unwrap();
         assert_eq!(c.rule_priority, 100);
