@@ -114,6 +114,11 @@ impl FlowEvents {
         self.dropped.load(Ordering::Relaxed)
     }
 
+    /// Most records the queue holds.
+    pub fn capacity(&self) -> usize {
+        self.queue.capacity()
+    }
+
     /// Records waiting.
     pub fn len(&self) -> usize {
         self.queue.len()
