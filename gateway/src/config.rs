@@ -497,7 +497,7 @@ uplinks:
             },
             health_listen: "0.0.0.0:8080".parse().unwrap(),
             metrics_listen: "0.0.0.0:9090".parse().unwrap(),
-            admin_listen: "127.0.0.1:9091".parse().unwrap(),
+            admin_listen: "127.0.0.1:9095".parse().unwrap(),
             workers: 0,
             drain: Duration::from_secs(30),
             log_format: LogFormat::Text,

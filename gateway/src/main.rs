@@ -79,11 +79,11 @@ enum Command {
     },
     /// List the live flows (NAT mappings) of a running gateway: pod address and port, the egress IP and
     /// port the outside sees, destination, protocol, uplink, node, start, packets and bytes each way. Reads
-    /// `GET /flows` on the gateway's `admin.listen` (default 127.0.0.1:9091; in Kubernetes run it in the
+    /// `GET /flows` on the gateway's `admin.listen` (default 127.0.0.1:9095; in Kubernetes run it in the
     /// gateway pod with `kubectl exec`). Filters combine.
     Flows {
         /// The gateway's admin address.
-        #[arg(long, default_value = "127.0.0.1:9091", value_name = "ADDR:PORT")]
+        #[arg(long, default_value = "127.0.0.1:9095", value_name = "ADDR:PORT")]
         admin: std::net::SocketAddr,
         /// Only flows of this pod address.
         #[arg(long, value_name = "IP")]

@@ -335,8 +335,16 @@ mod tests {
             max_entries: 1024,
             ..Default::default()
         };
-        let gw =
-            Arc::new(Gateway::new(cfg, ct, forwarder_core::ports::PortRange::default()).unwrap());
+        let events = Arc::new(forwarder_core::conntrack::FlowEvents::new(16));
+        let gw = Arc::new(
+            Gateway::with_events(
+                cfg,
+                ct,
+                forwarder_core::ports::PortRange::default(),
+                Some(events),
+            )
+            .unwrap(),
+        );
         let pipeline = forwarder_core::pipeline::Worker::new(Arc::clone(&gw), 1)
             .stats()
             .clone();

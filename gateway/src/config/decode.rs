@@ -86,7 +86,7 @@ pub(super) const DEFAULT_METRICS: SocketAddr =
     SocketAddr::V4(SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, 9090));
 /// Default `admin.listen`: loopback only (the live flows name pods).
 pub(super) const DEFAULT_ADMIN: SocketAddr =
-    SocketAddr::V4(SocketAddrV4::new(Ipv4Addr::LOCALHOST, 9091));
+    SocketAddr::V4(SocketAddrV4::new(Ipv4Addr::LOCALHOST, 9095));
 /// Default uplink MTU.
 pub(super) const DEFAULT_UPLINK_MTU: u16 = 1500;
 /// Default `flow_log.max_bytes`: 100 MiB.
