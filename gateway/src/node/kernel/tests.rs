@@ -1,0 +1,1 @@
+//! Privileged tests (being written).
