@@ -312,8 +312,9 @@ impl Kernel {
 
         let rules = rule::plan(&rules, &desired.rules, owned)?;
         let routes = route::plan(routes, &desired.routes, device_index, owned)?;
-        let neighbours = neighbour::plan(&neighbours, &desired.neighbours, device_index);
-        let fdb = neighbour::plan_fdb(&fdb, &desired.fdb, device_index);
+        let name = &owned.device;
+        let neighbours = neighbour::plan(&neighbours, &desired.neighbours, device_index, name);
+        let fdb = neighbour::plan_fdb(&fdb, &desired.fdb, device_index, name);
 
         let mut progress = Progress::default();
         self.run(&mut progress, rules.remove).await;

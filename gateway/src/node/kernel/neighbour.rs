@@ -137,8 +137,13 @@ pub(super) struct Plan {
     pub(super) remove: Vec<Change>,
 }
 
-/// What turns the `observed` neighbours of `device` into `desired`.
-pub(super) fn plan(observed: &[Neighbour], desired: &BTreeMap<IpAddr, Mac>, device: u32) -> Plan {
+/// What turns the `observed` neighbours of `device` (called `name`) into `desired`.
+pub(super) fn plan(
+    observed: &[Neighbour],
+    desired: &BTreeMap<IpAddr, Mac>,
+    device: u32,
+    name: &str,
+) -> Plan {
     let by_ip: BTreeMap<IpAddr, &Neighbour> = observed.iter().map(|n| (n.ip, n)).collect();
     let mut plan = Plan::default();
     for (&ip, &mac) in desired {
@@ -154,7 +159,7 @@ pub(super) fn plan(observed: &[Neighbour], desired: &BTreeMap<IpAddr, Mac>, devi
         };
         plan.upsert.push(Change {
             what: format!(
-                "{verb} neighbour {ip} lladdr {} dev {device}",
+                "{verb} neighbour {ip} lladdr {} dev {name}",
                 mac_to_string(mac)
             ),
             message: RouteNetlinkMessage::NewNeighbour(message(device, ip, mac)),
@@ -169,7 +174,7 @@ pub(super) fn plan(observed: &[Neighbour], desired: &BTreeMap<IpAddr, Mac>, devi
             let mut message = base(ip_family(n.ip), device);
             message.attributes = vec![NeighbourAttribute::Destination(n.ip.into())];
             plan.remove.push(Change {
-                what: format!("delete neighbour {} dev {device}", n.ip),
+                what: format!("delete neighbour {} dev {name}", n.ip),
                 message: RouteNetlinkMessage::DelNeighbour(message),
                 flags: 0,
                 effect: Effect::Removed,
@@ -242,18 +247,19 @@ pub(super) fn fdb_message(device: u32, mac: Mac, dst: Ipv4Addr) -> NeighbourMess
     message
 }
 
-/// What turns the `observed` FDB of `device` into `desired`.
+/// What turns the `observed` FDB of `device` (called `name`) into `desired`.
 pub(super) fn plan_fdb(
     observed: &[FdbRow],
     desired: &BTreeMap<Mac, Ipv4Addr>,
     device: u32,
+    name: &str,
 ) -> Plan {
     let mut by_mac: BTreeMap<Mac, Vec<&FdbRow>> = BTreeMap::new();
     for row in observed {
         by_mac.entry(row.mac).or_default().push(row);
     }
     let delete = |mac: Mac, rows: usize| Change {
-        what: format!("delete FDB entry {} dev {device}", mac_to_string(mac)),
+        what: format!("delete FDB entry {} dev {name}", mac_to_string(mac)),
         message: RouteNetlinkMessage::DelNeighbour(fdb_base(device, mac)),
         flags: 0,
         effect: Effect::Removed,
@@ -262,7 +268,7 @@ pub(super) fn plan_fdb(
     };
     let write = |mac: Mac, dst: Ipv4Addr, effect: Effect| Change {
         what: format!(
-            "{} FDB entry {} dst {dst} dev {device}",
+            "{} FDB entry {} dst {dst} dev {name}",
             if effect == Effect::Added {
                 "add"
             } else {
@@ -378,18 +384,18 @@ mod tests {
             .into_iter()
             .map(|ip| (IpAddr::V4(ip), tunnel_mac(ip)))
             .collect();
-        let p = plan(&observed, &desired, 7);
+        let p = plan(&observed, &desired, 7, "egress.calico");
         let whats: Vec<_> = p.upsert.iter().map(|c| c.what.as_str()).collect();
         assert_eq!(
             whats,
             [
-                "replace neighbour 10.244.1.2 lladdr a2:2a:0a:f4:01:02 dev 7",
-                "replace neighbour 10.244.1.3 lladdr a2:2a:0a:f4:01:03 dev 7",
-                "add neighbour 10.244.1.5 lladdr a2:2a:0a:f4:01:05 dev 7"
+                "replace neighbour 10.244.1.2 lladdr a2:2a:0a:f4:01:02 dev egress.calico",
+                "replace neighbour 10.244.1.3 lladdr a2:2a:0a:f4:01:03 dev egress.calico",
+                "add neighbour 10.244.1.5 lladdr a2:2a:0a:f4:01:05 dev egress.calico"
             ]
         );
         let whats: Vec<_> = p.remove.iter().map(|c| c.what.as_str()).collect();
-        assert_eq!(whats, ["delete neighbour 10.244.1.9 dev 7"]);
+        assert_eq!(whats, ["delete neighbour 10.244.1.9 dev egress.calico"]);
     }
 
     #[test]
@@ -428,7 +434,7 @@ mod tests {
             .into_iter()
             .map(|i| (tunnel_mac(gw(i)), gw(i)))
             .collect();
-        let p = plan_fdb(&observed, &desired, 7);
+        let p = plan_fdb(&observed, &desired, 7, "egress.calico");
         let whats: Vec<_> = p
             .upsert
             .iter()
@@ -438,33 +444,36 @@ mod tests {
             whats,
             [
                 (
-                    "replace FDB entry a2:2a:0a:f4:01:02 dst 10.244.1.2 dev 7",
+                    "replace FDB entry a2:2a:0a:f4:01:02 dst 10.244.1.2 dev egress.calico",
                     Effect::Replaced,
                     1
                 ),
                 (
-                    "replace FDB entry a2:2a:0a:f4:01:03 dst 10.244.1.3 dev 7",
+                    "replace FDB entry a2:2a:0a:f4:01:03 dst 10.244.1.3 dev egress.calico",
                     Effect::Replaced,
                     1
                 ),
                 (
-                    "delete FDB entry a2:2a:0a:f4:01:04 dev 7",
+                    "delete FDB entry a2:2a:0a:f4:01:04 dev egress.calico",
                     Effect::Removed,
                     2
                 ),
                 (
-                    "add FDB entry a2:2a:0a:f4:01:04 dst 10.244.1.4 dev 7",
+                    "add FDB entry a2:2a:0a:f4:01:04 dst 10.244.1.4 dev egress.calico",
                     Effect::Added,
                     1
                 ),
                 (
-                    "add FDB entry a2:2a:0a:f4:01:05 dst 10.244.1.5 dev 7",
+                    "add FDB entry a2:2a:0a:f4:01:05 dst 10.244.1.5 dev egress.calico",
                     Effect::Added,
                     1
                 ),
             ]
         );
         let whats: Vec<_> = p.remove.iter().map(|c| c.what.as_str()).collect();
-        assert_eq!(whats, ["delete FDB entry a2:2a:0a:f4:01:06 dev 7"]);
+        assert_eq!(
+            whats,
+            ["delete FDB entry a2:2a:0a:f4:01:06 dev egress.calico"]
+        );
     }
 }

@@ -81,7 +81,12 @@ fn spec(message: &RuleMessage) -> Option<RuleSpec> {
     for attribute in &message.attributes {
         match attribute {
             RuleAttribute::Source(ip) => src = Some(*ip),
-            RuleAttribute::FwMark(0) | RuleAttribute::FwMask(0) | RuleAttribute::L3MDev(false) => {}
+            // Unset, as the kernel reports it (it dumps FRA_SUPPRESS_PREFIXLEN -1 for every rule).
+            RuleAttribute::FwMark(0)
+            | RuleAttribute::FwMask(0)
+            | RuleAttribute::L3MDev(false)
+            | RuleAttribute::SuppressPrefixLen(u32::MAX)
+            | RuleAttribute::SuppressIfGroup(u32::MAX) => {}
             RuleAttribute::Destination(_)
             | RuleAttribute::Iifname(_)
             | RuleAttribute::Oifname(_)
@@ -275,6 +280,33 @@ mod tests {
             assert_eq!(found.len(), 1);
             assert_eq!(found[0].spec, Some(spec));
         }
+    }
+
+    /// As Linux 6.18 dumps `ip rule add from 10.1.0.0 lookup 1000 priority 100 proto 242`.
+    #[test]
+    fn a_kernel_dump_reads_as_the_spec() {
+        let mut m = RuleMessage::default();
+        m.header.family = AddressFamily::Inet;
+        m.header.src_len = 32;
+        m.header.table = 252;
+        m.header.action = RuleAction::ToTable;
+        m.attributes = vec![
+            RuleAttribute::Table(1000),
+            RuleAttribute::SuppressPrefixLen(u32::MAX),
+            RuleAttribute::Protocol(RouteProtocol::Other(242)),
+            RuleAttribute::Priority(100),
+            RuleAttribute::Source("10.1.0.0".parse().unwrap()),
+        ];
+        let ownership = Ownership {
+            tables: 1000..=1999,
+            ..ownership()
+        };
+        let found = owned(&[RouteNetlinkMessage::NewRule(m.clone())], &ownership);
+        assert_eq!(found[0].spec, Some(rule("10.1.0.0", 1000)));
+        // A real suppress_prefixlength makes it another rule.
+        m.attributes[1] = RuleAttribute::SuppressPrefixLen(0);
+        let found = owned(&[RouteNetlinkMessage::NewRule(m)], &ownership);
+        assert_eq!(found[0].spec, None);
     }
 
     #[test]
