@@ -74,7 +74,7 @@ pub(crate) enum KernelError {
         what: String,
     },
     /// A dump was interrupted by concurrent changes every time it was tried.
-    #[error("{what}: interrupted by concurrent changes {DUMP_ATTEMPTS} times in a row; retrying at the next apply")]
+    #[error("{what}: interrupted by concurrent changes {DUMP_ATTEMPTS} times in a row; try again")]
     Interrupted {
         /// The dump.
         what: String,
