@@ -3,7 +3,8 @@
 //!
 //! Per opted-in pod on this node: a table (kept for as long as the pod exists), one ip rule per pod
 //! address, and in the table
-//! * a `throw` route per cluster CIDR (pods, services, nodes are never steered to a gateway),
+//! * a `throw` route per cluster CIDR (pods, services, nodes are never steered to a gateway) and for the
+//!   link-local networks (the pod's ARP for its gateway 169.254.1.1 must keep working when the table blocks),
 //! * one route per prefix of the pod's configuration ([`Inventory::table`]): `throw` (no gateway),
 //!   `unreachable` (blocked, or no healthy gateway: fail closed), or via the gateways (multipath).
 //!
@@ -21,6 +22,26 @@ use ipnet::IpNet;
 
 use super::state::{link_local, tunnel_mac, Desired, RouteKey, RouteKind, RuleSpec};
 use crate::config::node::RESERVED_TABLES;
+
+/// Link-local networks, thrown in every table. The node answers a Calico pod's ARP for its default gateway
+/// 169.254.1.1 by proxy ARP, which looks the target up from the pod, through the pod's rule: without the
+/// throw, a table whose default route is `unreachable` (a missing policy, no healthy gateway) would also
+/// silence the pod's ARP, and the pod could reach nothing — not even the cluster — and would fail by ARP
+/// timeout instead of at once.
+const LINK_LOCAL: [IpNet; 2] = [
+    IpNet::V4(
+        match ipnet::Ipv4Net::new(Ipv4Addr::new(169, 254, 0, 0), 16) {
+            Ok(n) => n,
+            Err(_) => panic!("prefix"),
+        },
+    ),
+    IpNet::V6(
+        match ipnet::Ipv6Net::new(std::net::Ipv6Addr::new(0xfe80, 0, 0, 0, 0, 0, 0, 0), 10) {
+            Ok(n) => n,
+            Err(_) => panic!("prefix"),
+        },
+    ),
+];
 
 /// A pod, by namespace and name.
 pub(crate) type PodKey = (String, String);
@@ -148,7 +169,7 @@ pub(crate) fn plan(
                 priority: settings.rule_priority,
             });
         }
-        for net in settings.cluster_cidrs {
+        for net in settings.cluster_cidrs.iter().chain(&LINK_LOCAL) {
             plan.desired.routes.insert((table, *net), RouteKind::Throw);
         }
         // Every gateway the pod could use, healthy or not: probed, and given neighbours and FDB entries.

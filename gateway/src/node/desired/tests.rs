@@ -163,10 +163,13 @@ fn tables_rules_and_routes_for_this_nodes_opted_in_pods() {
         "{:?}",
         plan.problems
     );
-    // A missing policy blocks everything but the cluster.
+    // A missing policy blocks everything but the cluster, and link-local (the pod's ARP for 169.254.1.1
+    // is answered by proxy ARP through this table).
     assert_eq!(route(&plan, 202, "0.0.0.0/0"), Some(RouteKind::Unreachable));
     assert_eq!(route(&plan, 202, "::/0"), Some(RouteKind::Unreachable));
     assert_eq!(route(&plan, 202, "10.244.0.0/16"), Some(RouteKind::Throw));
+    assert_eq!(route(&plan, 202, "169.254.0.0/16"), Some(RouteKind::Throw));
+    assert_eq!(route(&plan, 202, "fe80::/10"), Some(RouteKind::Throw));
 
     // Probed: every gateway a pod may use; each has neighbours (IPv4 and link-local) and an FDB entry.
     assert_eq!(plan.gateways, BTreeSet::from([RED0, BLUE0, RED1]));
