@@ -15,5 +15,8 @@ pub mod resolve;
 pub mod selector;
 
 pub use model::{EgressGatewayPolicy, GatewaySpec, Namespace, Pod, PolicyError, Preference, Rule};
-pub use resolve::{AnnotationSource, BlockReason, Decision, Explanation, GatewayMember, Inventory};
+pub use resolve::{
+    AnnotationSource, BlockReason, Decision, Explanation, GatewayMember, Inventory, PodTable,
+    TableEntry,
+};
 pub use selector::{Labels, Selector, SelectorError};

@@ -2,7 +2,8 @@
 //! network.
 //!
 //! Each file is recognised by its content: a file with `kind:` at the top level holds Kubernetes objects
-//! (Namespaces, Pods, EgressGatewayPolicies, Lists: an inventory), anything else is a gateway configuration.
+//! (Namespaces, Pods, EgressGatewayPolicies, Lists: an inventory), a file with `inputs:` at the top level is
+//! a node agent configuration, anything else is a gateway configuration.
 //! Every problem is printed to stderr as `file:line: problem`. In inventories, egress selector and
 //! maxNextHops annotations that do not parse are errors here (the objects still load for `explain`, where
 //! such a pod shows as blocked).
@@ -16,6 +17,7 @@ use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
+use crate::config::node::{NodeConfig, Overrides};
 use crate::config::{ConfigErrors, GatewayConfig};
 use crate::inventory::{self, FileContents};
 
@@ -96,8 +98,36 @@ pub(crate) fn missing_policies(inventories: &[FileContents]) -> Vec<String> {
         .collect()
 }
 
+/// Whether the text is a node agent configuration (a top-level `inputs:` key) rather than a gateway's.
+fn is_node_config(text: &str) -> bool {
+    text.lines().any(|l| l.starts_with("inputs:"))
+}
+
 /// One file: its summary line, or every problem in it.
 fn check(file: &Path) -> Result<String, ConfigErrors> {
+    if std::fs::read_to_string(file).is_ok_and(|t| is_node_config(&t)) {
+        let config = NodeConfig::load(file, &Overrides::default())?;
+        let missing: Vec<String> = config
+            .inputs
+            .iter()
+            .filter(|p| !p.exists())
+            .map(|p| format!("{}: input {} does not exist", file.display(), p.display()))
+            .collect();
+        if !missing.is_empty() {
+            return Err(ConfigErrors(
+                missing
+                    .into_iter()
+                    .map(|m| crate::config::ConfigError::new(file, None, m))
+                    .collect(),
+            ));
+        }
+        return Ok(format!(
+            "{}: ok (node agent for {}, {} inputs)",
+            file.display(),
+            config.node_name,
+            config.inputs.len()
+        ));
+    }
     let config = GatewayConfig::load(file)?;
     config
         .check_data_plane()

@@ -21,6 +21,7 @@ use forwarder_core::ports::PortRange;
 use ipnet::IpNet;
 
 mod decode;
+pub(crate) mod node;
 mod reader;
 mod value;
 

@@ -7,6 +7,8 @@
 //! the uplinks; `telemetry.rs` and `http.rs` serve metrics and health; `config.rs` reads the YAML file.
 //! `demo` runs the seed scenario through the real pipeline in-process; `check` validates configuration and
 //! inventory files; `explain` (with `inventory.rs`) tells which gateways a pod's traffic uses and why.
+//! `node/` is the node agent (`egress-gateway node`): policies and gateway health in, ip rules, route
+//! tables and the vxlan device out, through netlink.
 
 use std::net::IpAddr;
 use std::path::PathBuf;
@@ -22,7 +24,6 @@ mod http;
 mod inventory;
 mod io;
 mod neighbour;
-#[allow(dead_code)] // TEMP: until the agent loop uses everything
 mod node;
 mod run;
 mod telemetry;
@@ -74,6 +75,28 @@ enum Command {
         #[arg(long, value_name = "IP")]
         dst: IpAddr,
     },
+    /// Run the node agent on a client node: it reads EgressGatewayPolicies, Namespaces and Pods from the
+    /// `inputs` files (re-read when they change, or on SIGHUP), probes the gateways' `/readiness`, and keeps
+    /// the node's kernel programmed through netlink: the vxlan device with static neighbours and FDB entries,
+    /// an ip rule per opted-in pod, per-pod tables with throw, unreachable and multipath routes. SIGTERM
+    /// leaves routing in place; `--cleanup` removes everything the agent made. Needs CAP_NET_ADMIN (see
+    /// docs/node-agent.md).
+    Node {
+        /// The agent's configuration file (YAML; see docs/node-agent.md).
+        #[arg(long, short, value_name = "FILE")]
+        config: PathBuf,
+        /// This node's Kubernetes name; overrides `node_name` in the file (in a DaemonSet:
+        /// `--node-name=$(NODE_NAME)` from the downward API's spec.nodeName).
+        #[arg(long, value_name = "NAME")]
+        node_name: Option<String>,
+        /// The node's underlay IPv4 address; overrides `underlay_ip` in the file (in a DaemonSet:
+        /// `--underlay-ip=$(HOST_IP)` from status.hostIP).
+        #[arg(long, value_name = "IP")]
+        underlay_ip: Option<std::net::Ipv4Addr>,
+        /// Remove every rule, route, neighbour and FDB entry the agent made, and its vxlan device, then exit.
+        #[arg(long)]
+        cleanup: bool,
+    },
     /// Run the seed scenario through the forwarding pipeline in-process: client nodes' VXLAN frames (as the
     /// kernel's vxlan device builds them) are translated onto the DMZ and internal uplinks, the outside
     /// servers answer, hostile traffic is fed in, and the result is printed (what each server saw, where
@@ -97,6 +120,30 @@ fn main() -> ExitCode {
             }
             Err(e) => {
                 eprintln!("egress-gateway: {e}");
+                ExitCode::FAILURE
+            }
+        },
+        Command::Node {
+            config,
+            node_name,
+            underlay_ip,
+            cleanup,
+        } => match node::agent::run(
+            &config,
+            &config::node::Overrides {
+                node_name,
+                underlay_ip,
+            },
+            cleanup,
+        ) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(node::agent::AgentError::Config(errors)) => {
+                eprintln!("{errors}");
+                eprintln!("egress-gateway node: not started: the configuration has errors");
+                ExitCode::from(2)
+            }
+            Err(e) => {
+                eprintln!("egress-gateway node: {e}");
                 ExitCode::FAILURE
             }
         },

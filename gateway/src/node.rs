@@ -2,8 +2,14 @@
 //! gateways' health into ip rules, per-pod route tables, a vxlan device and its static neighbours, and
 //! keeps the kernel holding exactly that (see `docs/node-agent.md`).
 //!
+//! * [`agent`] — the loop: inputs, health, plan, apply, and its HTTP endpoints;
+//! * [`desired`] — the pure planner (inventory + node + health → desired state);
+//! * [`health`] — probing the gateways' `/readiness` and the up/down state machine;
 //! * [`state`] — the desired kernel state and what the agent owns;
 //! * [`kernel`] — reading and writing it through rtnetlink (reconcile by diff).
 
-pub mod kernel;
-pub mod state;
+pub(crate) mod agent;
+pub(crate) mod desired;
+pub(crate) mod health;
+pub(crate) mod kernel;
+pub(crate) mod state;

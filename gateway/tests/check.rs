@@ -72,3 +72,39 @@ fn at_least_one_file_is_required() {
     let out = check(&[]);
     assert_eq!(out.status.code(), Some(2), "{out:?}");
 }
+
+#[test]
+fn node_agent_configurations_are_recognised_and_checked() {
+    let node = Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/node.yaml");
+    let out = check(&[&node]);
+    assert!(out.status.success(), "{out:?}");
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        format!("{}: ok (node agent for node-a, 1 inputs)\n", node.display())
+    );
+
+    let bad = scratch(
+        "node-bad.yaml",
+        "node_name: n\nunderlay_ip: 10.0.0.1\ninputs: [missing.yaml]\nhealth: { intervl: 1s }\n",
+    );
+    let out = check(&[&bad]);
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains(&format!(
+            "{}:4: unknown key `intervl` in health; did you mean `interval`?",
+            bad.display()
+        )),
+        "{err}"
+    );
+    let missing = scratch(
+        "node-missing-input.yaml",
+        "node_name: n\nunderlay_ip: 10.0.0.1\ninputs: [missing.yaml]\n",
+    );
+    let out = check(&[&missing]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("missing.yaml does not exist"),
+        "{out:?}"
+    );
+}

@@ -153,6 +153,44 @@ pub struct Explanation {
     pub decision: Decision,
 }
 
+/// One route of a pod's egress table (see [`Inventory::table`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TableEntry {
+    /// The destination prefix.
+    pub destination: IpNet,
+    /// Index (from 0) of the policy rule it comes from; `None` for selector annotations and blocks.
+    pub rule_index: Option<usize>,
+    /// What happens to traffic to this prefix.
+    pub decision: Decision,
+}
+
+/// A pod's egress table: what the node agent writes into the pod's kernel route table.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PodTable {
+    /// Which annotation configured the pod.
+    pub source: AnnotationSource,
+    /// The policy named, when the source names one (also when it is missing).
+    pub policy: Option<String>,
+    /// One entry per destination prefix, in policy order.
+    pub entries: Vec<TableEntry>,
+}
+
+/// The configuration that applies to a pod (step 1).
+enum Applied<'a> {
+    None,
+    Missing(String),
+    Policy(&'a EgressGatewayPolicy),
+    Selector(Result<GatewaySpec, BlockReason>),
+}
+
+/// 0.0.0.0/0 or ::/0, in `dst`'s family.
+fn default_route(dst: IpAddr) -> IpNet {
+    match dst {
+        IpAddr::V4(_) => IpNet::V4(Ipv4Net::default()),
+        IpAddr::V6(_) => IpNet::V6(Ipv6Net::default()),
+    }
+}
+
 /// Everything resolution looks at: namespaces, pods (clients and gateways) and policies.
 #[derive(Debug, Clone, Default)]
 pub struct Inventory {
@@ -231,11 +269,6 @@ impl Inventory {
         dst: IpAddr,
         healthy: impl Fn(&GatewayMember) -> bool,
     ) -> Explanation {
-        let ns = self.namespaces.get(&pod.namespace);
-        let empty = Labels::new();
-        let ns_annotations = ns.map_or(&empty, |n| &n.annotations);
-        let get = annotation;
-
         let mut ex = Explanation {
             source: AnnotationSource::None,
             policy: None,
@@ -243,8 +276,121 @@ impl Inventory {
             rule_index: None,
             decision: Decision::NotOptedIn,
         };
+        let (source, applied) = self.applied(pod);
+        ex.source = source;
+        match applied {
+            Applied::None => {}
+            Applied::Missing(name) => {
+                ex.policy = Some(name.clone());
+                ex.decision = Decision::Blocked(BlockReason::MissingPolicy { policy: name });
+            }
+            Applied::Policy(policy) => {
+                ex.policy = Some(policy.name().to_string());
+                // 2. Which rule.
+                let Some((index, rule, net)) = policy.rule_for(dst) else {
+                    ex.decision = Decision::NoGateway;
+                    return ex;
+                };
+                ex.rule = Some(net);
+                ex.rule_index = Some(index);
+                ex.decision = match &rule.gateway {
+                    None => Decision::NoGateway,
+                    Some(spec) => self.gateways(pod, dst, spec, rule.preference, &healthy),
+                };
+            }
+            Applied::Selector(spec) => {
+                ex.rule = Some(default_route(dst));
+                ex.decision = match spec {
+                    Ok(spec) => self.gateways(pod, dst, &spec, Preference::None, &healthy),
+                    Err(reason) => Decision::Blocked(reason),
+                };
+            }
+        }
+        ex
+    }
 
-        // 1. Which configuration applies.
+    /// The whole egress table of `pod`: one entry per destination prefix of the configuration that
+    /// applies (a missing policy or an invalid annotation blocks 0.0.0.0/0 and ::/0), each with its
+    /// decision, using only gateways for which `healthy(prefix, member)` is true. Longest prefix wins
+    /// between entries, as in the kernel's table. `None` when the pod is not opted in.
+    pub fn table(
+        &self,
+        pod: &Pod,
+        healthy: impl Fn(IpNet, &GatewayMember) -> bool,
+    ) -> Option<PodTable> {
+        let (source, applied) = self.applied(pod);
+        let defaults = [IpNet::V4(Ipv4Net::default()), IpNet::V6(Ipv6Net::default())];
+        let blocked = |reason: BlockReason| -> Vec<TableEntry> {
+            defaults
+                .iter()
+                .map(|&destination| TableEntry {
+                    destination,
+                    rule_index: None,
+                    decision: Decision::Blocked(reason.clone()),
+                })
+                .collect()
+        };
+        let (policy, entries) = match applied {
+            Applied::None => return None,
+            Applied::Missing(name) => (
+                Some(name.clone()),
+                blocked(BlockReason::MissingPolicy { policy: name }),
+            ),
+            Applied::Policy(policy) => {
+                let mut entries = Vec::new();
+                for (index, rule) in policy.rules().iter().enumerate() {
+                    for destination in rule.destinations() {
+                        let decision = match &rule.gateway {
+                            None => Decision::NoGateway,
+                            Some(spec) => self.gateways(
+                                pod,
+                                destination.network(),
+                                spec,
+                                rule.preference,
+                                &|m: &GatewayMember| healthy(destination, m),
+                            ),
+                        };
+                        entries.push(TableEntry {
+                            destination,
+                            rule_index: Some(index),
+                            decision,
+                        });
+                    }
+                }
+                (Some(policy.name().to_string()), entries)
+            }
+            Applied::Selector(Err(reason)) => (None, blocked(reason)),
+            Applied::Selector(Ok(spec)) => (
+                None,
+                defaults
+                    .iter()
+                    .map(|&destination| TableEntry {
+                        destination,
+                        rule_index: None,
+                        decision: self.gateways(
+                            pod,
+                            destination.network(),
+                            &spec,
+                            Preference::None,
+                            &|m: &GatewayMember| healthy(destination, m),
+                        ),
+                    })
+                    .collect(),
+            ),
+        };
+        Some(PodTable {
+            source,
+            policy,
+            entries,
+        })
+    }
+
+    /// 1. Which configuration applies to `pod`, and where it came from.
+    fn applied(&self, pod: &Pod) -> (AnnotationSource, Applied<'_>) {
+        let ns = self.namespaces.get(&pod.namespace);
+        let empty = Labels::new();
+        let ns_annotations = ns.map_or(&empty, |n| &n.annotations);
+        let get = annotation;
         let policy_name = match (
             get(&pod.annotations, ANNOTATION_POLICY),
             get(ns_annotations, ANNOTATION_POLICY),
@@ -254,45 +400,24 @@ impl Inventory {
             (None, None) => None,
         };
         if let Some((source, name)) = policy_name {
-            ex.source = source;
-            ex.policy = Some(name.to_string());
-            let Some(policy) = self.policies.get(name) else {
-                ex.decision = Decision::Blocked(BlockReason::MissingPolicy {
-                    policy: name.to_string(),
-                });
-                return ex;
+            return match self.policies.get(name) {
+                Some(policy) => (source, Applied::Policy(policy)),
+                None => (source, Applied::Missing(name.to_string())),
             };
-            // 2. Which rule.
-            let Some((index, rule, net)) = policy.rule_for(dst) else {
-                ex.decision = Decision::NoGateway;
-                return ex;
-            };
-            ex.rule = Some(net);
-            ex.rule_index = Some(index);
-            ex.decision = match &rule.gateway {
-                None => Decision::NoGateway,
-                Some(spec) => self.gateways(pod, dst, spec, rule.preference, &healthy),
-            };
-            return ex;
         }
-
-        let (source, annotations) = if get(&pod.annotations, ANNOTATION_SELECTOR).is_some() {
-            (AnnotationSource::PodSelector, &pod.annotations)
+        if get(&pod.annotations, ANNOTATION_SELECTOR).is_some() {
+            (
+                AnnotationSource::PodSelector,
+                Applied::Selector(selector_spec(&pod.annotations)),
+            )
         } else if get(ns_annotations, ANNOTATION_SELECTOR).is_some() {
-            (AnnotationSource::NamespaceSelector, ns_annotations)
+            (
+                AnnotationSource::NamespaceSelector,
+                Applied::Selector(selector_spec(ns_annotations)),
+            )
         } else {
-            return ex;
-        };
-        ex.source = source;
-        ex.rule = Some(match dst {
-            IpAddr::V4(_) => IpNet::V4(Ipv4Net::default()),
-            IpAddr::V6(_) => IpNet::V6(Ipv6Net::default()),
-        });
-        ex.decision = match selector_spec(annotations) {
-            Ok(spec) => self.gateways(pod, dst, &spec, Preference::None, &healthy),
-            Err(reason) => Decision::Blocked(reason),
-        };
-        ex
+            (AnnotationSource::None, Applied::None)
+        }
     }
 
     /// 3. Which gateways.

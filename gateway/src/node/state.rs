@@ -16,55 +16,55 @@ use std::ops::RangeInclusive;
 use ipnet::IpNet;
 
 /// The routing protocol number on every rule and route the agent makes (`ip route show proto 242`).
-pub const RTPROT_EGRESS: u8 = 242;
+pub(crate) const RTPROT_EGRESS: u8 = 242;
 /// The `ifalias` of a vxlan device the agent created.
-pub const DEVICE_ALIAS: &str = "egress-gateway node agent";
+pub(crate) const DEVICE_ALIAS: &str = "egress-gateway node agent";
 
 /// A MAC address.
-pub type Mac = [u8; 6];
+pub(crate) type Mac = [u8; 6];
 
 /// The vxlan device, as Felix makes `egress.calico`: no learning, static FDB and neighbours.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct VxlanSpec {
+pub(crate) struct VxlanSpec {
     /// Device name (at most 15 bytes).
-    pub device: String,
+    pub(crate) device: String,
     /// VXLAN network identifier.
-    pub vni: u32,
+    pub(crate) vni: u32,
     /// Destination UDP port.
-    pub port: u16,
+    pub(crate) port: u16,
     /// Device MTU.
-    pub mtu: u32,
+    pub(crate) mtu: u32,
     /// Local (underlay) address: outer source of the tunnel.
-    pub local: Ipv4Addr,
+    pub(crate) local: Ipv4Addr,
     /// Underlay device (`dev` of the vxlan): the one holding `local`.
-    pub underlay_device: String,
+    pub(crate) underlay_device: String,
 }
 
 /// What the agent owns on the node; [`crate::node::kernel`] never touches anything outside it.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Ownership {
+pub(crate) struct Ownership {
     /// The vxlan device's name.
-    pub device: String,
+    pub(crate) device: String,
     /// Priority of the agent's ip rules.
-    pub rule_priority: u32,
+    pub(crate) rule_priority: u32,
     /// Route tables the agent may use.
-    pub tables: RangeInclusive<u32>,
+    pub(crate) tables: RangeInclusive<u32>,
 }
 
 /// One `ip rule`: `from <src> lookup <table> priority <p> proto 242`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
-pub struct RuleSpec {
+pub(crate) struct RuleSpec {
     /// The pod's address (a /32 or /128 source match).
-    pub src: IpAddr,
+    pub(crate) src: IpAddr,
     /// Its table.
-    pub table: u32,
+    pub(crate) table: u32,
     /// The rule's priority.
-    pub priority: u32,
+    pub(crate) priority: u32,
 }
 
 /// What a route in a pod's table does.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
-pub enum RouteKind {
+pub(crate) enum RouteKind {
     /// `throw`: leave the table, continue with the next rule (normal routing).
     Throw,
     /// `unreachable`: the pod's traffic is refused (fail closed).
@@ -76,31 +76,31 @@ pub enum RouteKind {
 }
 
 /// The key of one route: (table, destination). The family is the destination's.
-pub type RouteKey = (u32, IpNet);
+pub(crate) type RouteKey = (u32, IpNet);
 
 /// The whole desired state of the node.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct Desired {
+pub(crate) struct Desired {
     /// ip rules (both families).
-    pub rules: BTreeSet<RuleSpec>,
+    pub(crate) rules: BTreeSet<RuleSpec>,
     /// Routes of the per-pod tables.
-    pub routes: BTreeMap<RouteKey, RouteKind>,
+    pub(crate) routes: BTreeMap<RouteKey, RouteKind>,
     /// Permanent neighbours on the vxlan device: gateway IPv4 → tunnel MAC, and the IPv6 link-local of
     /// that MAC → the same MAC.
-    pub neighbours: BTreeMap<IpAddr, Mac>,
+    pub(crate) neighbours: BTreeMap<IpAddr, Mac>,
     /// FDB entries on the vxlan device: tunnel MAC → the gateway's underlay (pod) IPv4 address.
-    pub fdb: BTreeMap<Mac, Ipv4Addr>,
+    pub(crate) fdb: BTreeMap<Mac, Ipv4Addr>,
 }
 
 /// The inner (tunnel) MAC of a gateway: `a2:2a:` + the four bytes of its IPv4 pod address.
-pub fn tunnel_mac(ip: Ipv4Addr) -> Mac {
+pub(crate) fn tunnel_mac(ip: Ipv4Addr) -> Mac {
     let o = ip.octets();
     [0xa2, 0x2a, o[0], o[1], o[2], o[3]]
 }
 
 /// The EUI-64 link-local address of `mac`, as the kernel gives an interface with that MAC: the IPv6 next
 /// hop of a gateway.
-pub fn link_local(mac: Mac) -> Ipv6Addr {
+pub(crate) fn link_local(mac: Mac) -> Ipv6Addr {
     let w = |hi: u8, lo: u8| (u16::from(hi) << 8) | u16::from(lo);
     Ipv6Addr::new(
         0xfe80,
@@ -115,7 +115,7 @@ pub fn link_local(mac: Mac) -> Ipv6Addr {
 }
 
 /// `aa:bb:cc:dd:ee:ff`.
-pub fn mac_to_string(mac: Mac) -> String {
+pub(crate) fn mac_to_string(mac: Mac) -> String {
     format!(
         "{:02x}:{:02x}:{:02x}:{:02x}:{:02x}:{:02x}",
         mac[0], mac[1], mac[2], mac[3], mac[4], mac[5]
@@ -124,18 +124,18 @@ pub fn mac_to_string(mac: Mac) -> String {
 
 /// What one reconcile changed.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct ApplyReport {
+pub(crate) struct ApplyReport {
     /// Objects (rules, routes, neighbours, FDB entries) added.
-    pub added: usize,
+    pub(crate) added: usize,
     /// Objects replaced because they differed.
-    pub replaced: usize,
+    pub(crate) replaced: usize,
     /// Objects the agent owned that are no longer wanted, deleted.
-    pub removed: usize,
+    pub(crate) removed: usize,
 }
 
 impl ApplyReport {
     /// Nothing changed.
-    pub fn is_empty(&self) -> bool {
+    pub(crate) fn is_empty(&self) -> bool {
         self.added == 0 && self.replaced == 0 && self.removed == 0
     }
 }

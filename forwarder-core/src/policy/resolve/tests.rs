@@ -539,3 +539,81 @@ fn display_of_reasons_and_sources() {
         .to_string()
         .starts_with("namespace annotation"));
 }
+
+/// `(destination, decision summary)` of every entry of a pod's table.
+fn table_of(inv: &Inventory, ns: &str, name: &str) -> Option<Vec<(String, String)>> {
+    let p = inv.pod(ns, name).unwrap();
+    inv.table(p, |_, _| true).map(|t| {
+        t.entries
+            .iter()
+            .map(|e| (e.destination.to_string(), summary(&e.decision)))
+            .collect()
+    })
+}
+
+#[test]
+fn pod_tables_list_every_rule_of_the_configuration() {
+    let inv = cluster();
+    let row = |d: &str, s: &str| (d.to_string(), s.to_string());
+    assert_eq!(
+        table_of(&inv, "default", "c-policy").unwrap(),
+        vec![
+            row(
+                "192.0.2.0/24",
+                "via red-a@10.10.0.1,red-b@10.10.0.2,red-c@10.10.0.4"
+            ),
+            row("198.51.100.0/24", "via blue-a@10.10.0.3"),
+            row("172.16.1.0/24", "no-gateway"),
+            row("192.0.2.128/25", "no-gateway"),
+        ]
+    );
+    // A rule without destination covers both families; only dual-stack gateways serve IPv6.
+    assert_eq!(
+        table_of(&inv, "default", "c-local").unwrap(),
+        vec![
+            row("0.0.0.0/0", "via red-b@10.10.0.2"),
+            row("::/0", "via red-a@fd00::1"),
+        ]
+    );
+    // Missing policies and invalid annotations block everything (fail closed).
+    for name in ["c-missing", "c-bad-selector"] {
+        let t = table_of(&inv, "default", name).unwrap();
+        assert_eq!(t.len(), 2, "{name}");
+        assert!(
+            t.iter().all(|(_, s)| s.starts_with("blocked")),
+            "{name}: {t:?}"
+        );
+    }
+    let t = inv.table(inv.pod("blocked-ns", "b-plain").unwrap(), |_, _| true);
+    assert_eq!(t.unwrap().policy.as_deref(), Some("missing"));
+    // Selector annotations: one gateway set for both default routes.
+    assert_eq!(
+        table_of(&inv, "default", "c-selector").unwrap(),
+        vec![
+            row("0.0.0.0/0", "via blue-a@10.10.0.3"),
+            row("::/0", "blocked: no gateways"),
+        ]
+    );
+    assert_eq!(table_of(&inv, "default", "c-none"), None);
+    assert_eq!(table_of(&inv, "apps", "a-plain").unwrap().len(), 2);
+}
+
+#[test]
+fn pod_table_health_filter_sees_the_prefix() {
+    let inv = cluster();
+    let p = inv.pod("default", "c-policy").unwrap();
+    let red_net: IpNet = "192.0.2.0/24".parse().unwrap();
+    // red-a is unhealthy for the red prefix only: the other entries are unaffected.
+    let t = inv
+        .table(p, |net, m| !(net == red_net && m.name == "red-a"))
+        .unwrap();
+    assert_eq!(
+        summary(&t.entries[0].decision),
+        "via red-b@10.10.0.2,red-c@10.10.0.4"
+    );
+    assert_eq!(summary(&t.entries[1].decision), "via blue-a@10.10.0.3");
+    // Nothing healthy: blocked (an unreachable route), not normal routing.
+    let t = inv.table(p, |_, _| false).unwrap();
+    assert_eq!(summary(&t.entries[0].decision), "blocked: no gateways");
+    assert_eq!(summary(&t.entries[2].decision), "no-gateway");
+}

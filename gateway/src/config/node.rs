@@ -1,0 +1,550 @@
+//! The node agent's configuration file (`egress-gateway node --config FILE`): YAML in, a validated
+//! [`NodeConfig`] out, or every problem as `file:line: problem`. `docs/node-agent.md` describes every key.
+
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::ops::RangeInclusive;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use ipnet::IpNet;
+use marked_yaml::Node;
+
+use super::decode::MAX_VNI;
+use super::reader::{self, Reader, Value};
+use super::{value, ConfigError, ConfigErrors, LogFormat};
+
+pub(super) const ROOT_KEYS: &[&str] = &[
+    "node_name",
+    "underlay_ip",
+    "underlay_device",
+    "vxlan",
+    "rule_priority",
+    "tables",
+    "cluster_cidrs",
+    "inputs",
+    "health",
+    "resync",
+    "listen",
+    "log",
+];
+pub(super) const VXLAN_KEYS: &[&str] = &["device", "vni", "port", "mtu"];
+pub(super) const TABLES_KEYS: &[&str] = &["first", "last"];
+pub(super) const HEALTH_KEYS: &[&str] = &[
+    "port",
+    "path",
+    "interval",
+    "timeout",
+    "failures",
+    "successes",
+];
+const LOG_KEYS: &[&str] = &["format"];
+
+/// Tables the kernel reserves (`default`, `main`, `local`) and 0 (unspecified): never used, even inside
+/// `tables`.
+pub(crate) const RESERVED_TABLES: [u32; 4] = [0, 253, 254, 255];
+
+/// A validated node agent configuration.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct NodeConfig {
+    /// The file it was read from.
+    pub(crate) path: PathBuf,
+    /// `node_name`: pods whose `spec.nodeName` is this are this node's.
+    pub(crate) node_name: String,
+    /// `underlay_ip`: the vxlan device's local address.
+    pub(crate) underlay_ip: Ipv4Addr,
+    /// `underlay_device`: the device holding `underlay_ip` (found by address when absent).
+    pub(crate) underlay_device: Option<String>,
+    /// `vxlan`: the device the agent creates.
+    pub(crate) vxlan: VxlanSettings,
+    /// `rule_priority`: priority of the per-pod ip rules.
+    pub(crate) rule_priority: u32,
+    /// `tables`: the route tables the agent may use, one per opted-in pod.
+    pub(crate) tables: RangeInclusive<u32>,
+    /// `cluster_cidrs`: destinations never steered to a gateway (pods, services, nodes).
+    pub(crate) cluster_cidrs: Vec<IpNet>,
+    /// `inputs`: files or directories of Kubernetes YAML (absolute, or relative to the config file).
+    pub(crate) inputs: Vec<PathBuf>,
+    /// `health`: how gateways are probed.
+    pub(crate) health: HealthSettings,
+    /// `resync`: how often the kernel is compared with the desired state even when nothing changed.
+    pub(crate) resync: Duration,
+    /// `listen`: `/readiness`, `/livez` and `/metrics` of the agent, when set.
+    pub(crate) listen: Option<SocketAddr>,
+    /// `log.format`.
+    pub(crate) log_format: LogFormat,
+}
+
+/// The `vxlan` section.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct VxlanSettings {
+    /// Device name.
+    pub(crate) device: String,
+    /// VXLAN network identifier.
+    pub(crate) vni: u32,
+    /// UDP port of the gateways' tunnel.
+    pub(crate) port: u16,
+    /// Device MTU.
+    pub(crate) mtu: u32,
+}
+
+/// The `health` section.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct HealthSettings {
+    /// Port of the gateways' health endpoint.
+    pub(crate) port: u16,
+    /// Its path.
+    pub(crate) path: String,
+    /// Time between probes of one gateway.
+    pub(crate) interval: Duration,
+    /// How long one probe may take.
+    pub(crate) timeout: Duration,
+    /// Consecutive failed probes that take a gateway out.
+    pub(crate) failures: u32,
+    /// Consecutive good probes that bring it back.
+    pub(crate) successes: u32,
+}
+
+impl Default for VxlanSettings {
+    fn default() -> Self {
+        VxlanSettings {
+            device: "egress.calico".into(),
+            vni: 4097,
+            port: 4790,
+            mtu: 1450,
+        }
+    }
+}
+
+impl Default for HealthSettings {
+    fn default() -> Self {
+        HealthSettings {
+            port: 8080,
+            path: "/readiness".into(),
+            interval: Duration::from_millis(200),
+            timeout: Duration::from_millis(150),
+            failures: 2,
+            successes: 1,
+        }
+    }
+}
+
+/// Default `rule_priority` (Felix's).
+const DEFAULT_PRIORITY: u32 = 100;
+/// Default `tables`.
+const DEFAULT_TABLES: RangeInclusive<u32> = 200..=1200;
+/// Default `resync`.
+const DEFAULT_RESYNC: Duration = Duration::from_secs(10);
+
+impl NodeConfig {
+    /// Reads and validates; on failure every problem found, each `file:line: problem`.
+    pub(crate) fn load(path: &Path, overrides: &Overrides) -> Result<NodeConfig, ConfigErrors> {
+        let text = std::fs::read_to_string(path).map_err(|e| {
+            ConfigErrors(vec![ConfigError::new(
+                path,
+                None,
+                format!("cannot read the file: {e}; check the path and its permissions"),
+            )])
+        })?;
+        NodeConfig::parse(&text, path, overrides)
+    }
+
+    /// Parses from a string, `name` used in messages as the file name and to resolve relative inputs.
+    pub(crate) fn parse(
+        text: &str,
+        name: &Path,
+        overrides: &Overrides,
+    ) -> Result<NodeConfig, ConfigErrors> {
+        let root = reader::parse_yaml(text, name).map_err(|e| ConfigErrors(vec![e]))?;
+        let mut r = Reader::new(name);
+        let config = decode(&mut r, &root, overrides);
+        let mut errors = r.into_errors();
+        match config {
+            Some(mut config) if errors.is_empty() => {
+                let base = name.parent().unwrap_or(Path::new(""));
+                for input in &mut config.inputs {
+                    if input.is_relative() {
+                        *input = base.join(&*input);
+                    }
+                }
+                Ok(NodeConfig {
+                    path: name.to_owned(),
+                    ..config
+                })
+            }
+            _ => {
+                if errors.is_empty() {
+                    errors.push(ConfigError::new(name, None, "the configuration is invalid"));
+                }
+                errors.sort_by_key(|e| e.line);
+                Err(ConfigErrors(errors))
+            }
+        }
+    }
+}
+
+/// Values given on the command line (`--node-name`, `--underlay-ip`), which win over the file's: one
+/// configuration serves every node of a DaemonSet, each filling these in from the downward API.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub(crate) struct Overrides {
+    /// `--node-name`.
+    pub(crate) node_name: Option<String>,
+    /// `--underlay-ip`.
+    pub(crate) underlay_ip: Option<Ipv4Addr>,
+}
+
+fn decode(r: &mut Reader<'_>, root: &Node, overrides: &Overrides) -> Option<NodeConfig> {
+    let root = Value::root(root);
+    let top = r.mapping(&root, ROOT_KEYS)?;
+    let node_name = match overrides.node_name.as_deref().map(str::trim) {
+        Some(name) if !name.is_empty() => Some(name.to_string()),
+        _ => top.require(r, "node_name").and_then(|v| {
+            r.parse(&v, |s| {
+                if s.trim().is_empty() {
+                    Err(
+                        "the node's name is empty; use its Kubernetes name (spec.nodeName of its pods), \
+                         or give --node-name"
+                            .into(),
+                    )
+                } else {
+                    Ok(s.trim().to_string())
+                }
+            })
+        }),
+    };
+    let underlay_ip = match overrides.underlay_ip {
+        Some(ip) => Some(ip),
+        None => top.require(r, "underlay_ip").and_then(|v| {
+            r.parse(&v, |s| match value::unicast_ip(s)? {
+                IpAddr::V4(a) => Ok(a),
+                IpAddr::V6(a) => Err(format!(
+                    "{a} is IPv6; the tunnel runs over IPv4 (the gateways' pod IPs), give the node's IPv4 address"
+                )),
+            })
+        }),
+    };
+    let underlay_device = match top.get("underlay_device") {
+        None => Some(None),
+        Some(v) => r.parse(&v, value::interface_name).map(Some),
+    };
+    let vxlan = top
+        .get("vxlan")
+        .map_or(Some(VxlanSettings::default()), |v| vxlan(r, &v));
+    let rule_priority = top
+        .get("rule_priority")
+        .map_or(Some(DEFAULT_PRIORITY), |v| {
+            r.integer(
+                &v,
+                1..=32_765,
+                " (0 is the local table's rule, 32766 and 32767 main's and default's)",
+            )
+        });
+    let tables = top
+        .get("tables")
+        .map_or(Some(DEFAULT_TABLES), |v| tables(r, &v));
+    let cluster_cidrs = match top.get("cluster_cidrs") {
+        None => Some(Vec::new()),
+        Some(v) => r
+            .parse_list(&v, value::cidr)
+            .map(|l| l.into_iter().map(|(n, _)| n).collect()),
+    };
+    let inputs = top.require(r, "inputs").and_then(|v| {
+        let items = r.parse_list(&v, |s| {
+            if s.trim().is_empty() {
+                Err("an empty path".to_string())
+            } else {
+                Ok(PathBuf::from(s))
+            }
+        })?;
+        if items.is_empty() {
+            r.error(
+                v.line(),
+                format!(
+                    "{}: the list is empty, so the agent would know no policy or pod; list the files or directories \
+                     holding the EgressGatewayPolicies, Namespaces and Pods",
+                    v.path()
+                ),
+            );
+            return None;
+        }
+        Some(items.into_iter().map(|(p, _)| p).collect())
+    });
+    let health = top
+        .get("health")
+        .map_or(Some(HealthSettings::default()), |v| health(r, &v));
+    let resync = top.get("resync").map_or(Some(DEFAULT_RESYNC), |v| {
+        duration_in(r, &v, Duration::from_secs(1)..=Duration::from_secs(3600))
+    });
+    let listen = match top.get("listen") {
+        None => Some(None),
+        Some(v) => r.parse(&v, value::socket_addr).map(Some),
+    };
+    let log_format = top.get("log").map_or(Some(LogFormat::Text), |v| {
+        let l = r.mapping(&v, LOG_KEYS)?;
+        let Some(v) = l.get("format") else {
+            return Some(LogFormat::Text);
+        };
+        r.parse(&v, |s| match s {
+            "text" => Ok(LogFormat::Text),
+            "json" => Ok(LogFormat::Json),
+            _ => Err(format!("`{s}` is not a log format; use text or json")),
+        })
+    });
+    Some(NodeConfig {
+        path: PathBuf::new(),
+        node_name: node_name?,
+        underlay_ip: underlay_ip?,
+        underlay_device: underlay_device?,
+        vxlan: vxlan?,
+        rule_priority: rule_priority?,
+        tables: tables?,
+        cluster_cidrs: cluster_cidrs?,
+        inputs: inputs?,
+        health: health?,
+        resync: resync?,
+        listen: listen?,
+        log_format: log_format?,
+    })
+}
+
+fn vxlan(r: &mut Reader<'_>, v: &Value<'_>) -> Option<VxlanSettings> {
+    let m = r.mapping(v, VXLAN_KEYS)?;
+    let d = VxlanSettings::default();
+    let device = m
+        .get("device")
+        .map_or(Some(d.device), |v| r.parse(&v, value::interface_name));
+    let vni = m.get("vni").map_or(Some(d.vni), |v| {
+        r.integer(&v, 0..=MAX_VNI, " (a VNI has 24 bits; Calico uses 4097)")
+    });
+    let port = m.get("port").map_or(Some(d.port), |v| {
+        r.integer(&v, 1..=65_535, " (Calico uses 4790)")
+    });
+    let mtu = m.get("mtu").map_or(Some(d.mtu), |v| {
+        r.integer(&v, 576..=9000, " (underlay MTU − 50)")
+    });
+    Some(VxlanSettings {
+        device: device?,
+        vni: vni?,
+        port: port?,
+        mtu: mtu?,
+    })
+}
+
+fn tables(r: &mut Reader<'_>, v: &Value<'_>) -> Option<RangeInclusive<u32>> {
+    let m = r.mapping(v, TABLES_KEYS)?;
+    let first_value = m.require(r, "first")?;
+    let first: u32 = r.integer(&first_value, 1..=u64::from(u32::MAX), "")?;
+    let last_value = m.require(r, "last")?;
+    let last: u32 = r.integer(&last_value, 1..=u64::from(u32::MAX), "")?;
+    if first > last {
+        r.error(
+            last_value.line(),
+            format!(
+                "{}: {last} is below tables.first ({first}); the range is first..=last",
+                last_value.path()
+            ),
+        );
+        return None;
+    }
+    let usable = u64::from(last - first) + 1
+        - RESERVED_TABLES
+            .iter()
+            .filter(|t| (first..=last).contains(t))
+            .count() as u64;
+    if usable == 0 {
+        r.error(
+            m.line(),
+            format!(
+                "{}: the range {first}..={last} holds only tables the kernel reserves (0, 253 default, 254 main, \
+                 255 local); use e.g. 200..=1200 (reserved ones are skipped)",
+                v.path()
+            ),
+        );
+        return None;
+    }
+    Some(first..=last)
+}
+
+fn health(r: &mut Reader<'_>, v: &Value<'_>) -> Option<HealthSettings> {
+    let m = r.mapping(v, HEALTH_KEYS)?;
+    let d = HealthSettings::default();
+    let port = m
+        .get("port")
+        .map_or(Some(d.port), |v| r.integer(&v, 1..=65_535, ""));
+    let path = m.get("path").map_or(Some(d.path), |v| {
+        r.parse(&v, |s| {
+            if s.starts_with('/') && !s.contains(char::is_whitespace) {
+                Ok(s.to_string())
+            } else {
+                Err(format!("`{s}` is not an HTTP path; write e.g. /readiness"))
+            }
+        })
+    });
+    let interval = m.get("interval").map_or(Some(d.interval), |v| {
+        duration_in(r, &v, Duration::from_millis(10)..=Duration::from_secs(60))
+    });
+    let timeout_value = m.get("timeout");
+    let timeout = timeout_value.as_ref().map_or(Some(d.timeout), |v| {
+        duration_in(r, v, Duration::from_millis(1)..=Duration::from_secs(60))
+    });
+    let failures = m
+        .get("failures")
+        .map_or(Some(d.failures), |v| r.integer(&v, 1..=100, ""));
+    let successes = m
+        .get("successes")
+        .map_or(Some(d.successes), |v| r.integer(&v, 1..=100, ""));
+    let (interval, timeout) = (interval?, timeout?);
+    // Without an explicit timeout, a long interval gets a proportionate one.
+    let timeout = match timeout_value {
+        None if interval > d.interval => interval.mul_f32(0.75),
+        _ => timeout,
+    };
+    Some(HealthSettings {
+        port: port?,
+        path: path?,
+        interval,
+        timeout,
+        failures: failures?,
+        successes: successes?,
+    })
+}
+
+fn duration_in(
+    r: &mut Reader<'_>,
+    v: &Value<'_>,
+    range: RangeInclusive<Duration>,
+) -> Option<Duration> {
+    let d = r.parse(v, value::duration)?;
+    if range.contains(&d) {
+        Some(d)
+    } else {
+        r.error(
+            v.line(),
+            format!(
+                "{}: {d:?} is out of range; use {:?} to {:?}",
+                v.path(),
+                range.start(),
+                range.end()
+            ),
+        );
+        None
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(text: &str) -> Result<NodeConfig, String> {
+        NodeConfig::parse(
+            text,
+            Path::new("/etc/egress/node.yaml"),
+            &Overrides::default(),
+        )
+        .map_err(|e| e.to_string())
+    }
+
+    const ISSUE_EXAMPLE: &str = "node_name: node-a
+underlay_ip: 172.18.0.2
+vxlan: { device: egress.calico, vni: 4097, port: 4790, mtu: 1450 }
+rule_priority: 100
+tables: { first: 200, last: 1200 }
+inputs: [/etc/egress/policies.yaml, /etc/egress/cluster.yaml]
+health: { port: 8080, path: /readiness, interval: 200ms, failures: 2 }
+";
+
+    #[test]
+    fn the_documented_example_parses() {
+        let c = parse(ISSUE_EXAMPLE).unwrap();
+        assert_eq!(c.node_name, "node-a");
+        assert_eq!(c.underlay_ip, Ipv4Addr::new(172, 18, 0, 2));
+        assert_eq!(c.vxlan, VxlanSettings::default());
+        assert_eq!(c.tables, 200..=1200);
+        assert_eq!(c.health, HealthSettings::default());
+        assert_eq!(c.inputs.len(), 2);
+        assert_eq!(c.resync, DEFAULT_RESYNC);
+        assert_eq!(c.listen, None);
+    }
+
+    #[test]
+    fn the_shipped_example_parses() {
+        let path = Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/examples/node.yaml"));
+        let c = NodeConfig::load(path, &Overrides::default()).unwrap();
+        assert_eq!(c.listen, Some("127.0.0.1:9101".parse().unwrap()));
+        assert!(c.inputs[0].ends_with("examples/seed-inventory.yaml"));
+        assert!(c.inputs[0].exists());
+    }
+
+    #[test]
+    fn defaults_and_relative_inputs() {
+        let c = parse("node_name: n\nunderlay_ip: 10.0.0.1\ninputs: [inv, /abs.yaml]\n").unwrap();
+        assert_eq!(c.rule_priority, 100);
+        assert_eq!(c.inputs[0], PathBuf::from("/etc/egress/inv"));
+        assert_eq!(c.inputs[1], PathBuf::from("/abs.yaml"));
+        let c =
+            parse("node_name: n\nunderlay_ip: 10.0.0.1\ninputs: [a]\nhealth: { interval: 2s }\n")
+                .unwrap();
+        assert_eq!(c.health.timeout, Duration::from_millis(1500));
+    }
+
+    #[test]
+    fn every_problem_with_its_line() {
+        let e = parse(
+            "node_name: ''\nunderlay_ip: fd00::1\ntables: { first: 253, last: 255 }\n\
+             vxlan: { devise: x }\nhealth: { interval: 5ms, path: readiness }\ninputs: []\nrule_priority: 0\n",
+        )
+        .unwrap_err();
+        for want in [
+            "node.yaml:1: node_name: the node's name is empty",
+            "node.yaml:2: underlay_ip: fd00::1 is IPv6",
+            "node.yaml:3: tables: the range 253..=255 holds only tables the kernel reserves",
+            "node.yaml:4: unknown key `devise` in vxlan; did you mean `device`?",
+            "node.yaml:5: health.interval: 5ms is out of range",
+            "node.yaml:5: health.path: `readiness` is not an HTTP path",
+            "node.yaml:6: inputs: the list is empty",
+            "node.yaml:7: rule_priority: 0 is out of range",
+        ] {
+            assert!(e.contains(want), "missing {want:?} in:\n{e}");
+        }
+        let e = parse("node_name: n\nunderlay_ip: 10.0.0.1\n").unwrap_err();
+        assert!(e.contains("inputs"), "{e}");
+    }
+
+    #[test]
+    fn command_line_values_win_and_may_replace_the_keys() {
+        let overrides = Overrides {
+            node_name: Some("node-b".into()),
+            underlay_ip: Some(Ipv4Addr::new(172, 18, 0, 12)),
+        };
+        let c = NodeConfig::parse("inputs: [a]\n", Path::new("n.yaml"), &overrides).unwrap();
+        assert_eq!(c.node_name, "node-b");
+        assert_eq!(c.underlay_ip, Ipv4Addr::new(172, 18, 0, 12));
+        let c = NodeConfig::parse(ISSUE_EXAMPLE, Path::new("n.yaml"), &overrides).unwrap();
+        assert_eq!(c.node_name, "node-b");
+        let e = NodeConfig::parse("inputs: [a]\n", Path::new("n.yaml"), &Overrides::default())
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("missing the required key `node_name`"), "{e}");
+        assert!(e.contains("missing the required key `underlay_ip`"), "{e}");
+    }
+
+    /// docs/node-agent.md documents every key the parser knows.
+    #[test]
+    fn every_key_is_documented() {
+        let docs = include_str!("../../../docs/node-agent.md");
+        let sections: [(&str, &[&str]); 4] = [
+            ("", ROOT_KEYS),
+            ("vxlan.", VXLAN_KEYS),
+            ("tables.", TABLES_KEYS),
+            ("health.", HEALTH_KEYS),
+        ];
+        for (prefix, keys) in sections {
+            for key in keys {
+                let name = format!("`{prefix}{key}`");
+                assert!(
+                    docs.contains(&name),
+                    "docs/node-agent.md does not describe {name}"
+                );
+            }
+        }
+    }
+}

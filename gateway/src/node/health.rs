@@ -1,0 +1,294 @@
+//! Probing the gateways: `GET <path>` on each gateway's pod IP every `interval`, and the per-gateway state
+//! machine that turns probe results into [`Health`] (`failures` bad probes in a row take a gateway out,
+//! `successes` good ones bring it back; a `503 draining` answer marks it draining at once).
+//!
+//! One tokio task per gateway sends its results to the agent's loop, which owns the states.
+
+use std::collections::BTreeMap;
+use std::net::{Ipv4Addr, SocketAddr};
+use std::time::Duration;
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio::sync::mpsc;
+use tokio::task::JoinHandle;
+
+use super::desired::Health;
+use crate::config::node::HealthSettings;
+
+/// What one probe found.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum Probe {
+    /// HTTP 200.
+    Ready,
+    /// HTTP 503 with a body saying `draining`.
+    Draining,
+    /// Anything else: refused, timed out, another status; with what happened.
+    Failed(String),
+}
+
+/// One gateway's probe history.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub(crate) struct GatewayState {
+    /// The current verdict.
+    pub(crate) health: Health,
+    /// Bad probes in a row.
+    pub(crate) failures: u32,
+    /// Good probes in a row.
+    pub(crate) successes: u32,
+    /// What the last failed probe found.
+    pub(crate) last_error: Option<String>,
+}
+
+impl GatewayState {
+    /// Takes a probe result; returns whether [`GatewayState::health`] changed. The first result decides
+    /// at once (a gateway is not held as unknown for several intervals).
+    pub(crate) fn record(&mut self, probe: &Probe, settings: &HealthSettings) -> bool {
+        let before = self.health;
+        match probe {
+            Probe::Ready => {
+                self.failures = 0;
+                self.successes = self.successes.saturating_add(1);
+                self.last_error = None;
+                if self.health == Health::Unknown
+                    || self.health == Health::Draining
+                    || self.successes >= settings.successes
+                {
+                    self.health = Health::Healthy;
+                }
+            }
+            Probe::Draining => {
+                self.failures = 0;
+                self.successes = 0;
+                self.health = Health::Draining;
+            }
+            Probe::Failed(why) => {
+                self.successes = 0;
+                self.failures = self.failures.saturating_add(1);
+                self.last_error = Some(why.clone());
+                if self.health == Health::Unknown || self.failures >= settings.failures {
+                    self.health = Health::Down;
+                }
+            }
+        }
+        self.health != before
+    }
+}
+
+/// The probe tasks, one per gateway.
+#[derive(Debug)]
+pub(crate) struct Prober {
+    settings: HealthSettings,
+    results: mpsc::UnboundedSender<(Ipv4Addr, Probe)>,
+    tasks: BTreeMap<Ipv4Addr, JoinHandle<()>>,
+}
+
+impl Prober {
+    /// A prober sending `(gateway, result)` to `results`.
+    pub(crate) fn new(
+        settings: HealthSettings,
+        results: mpsc::UnboundedSender<(Ipv4Addr, Probe)>,
+    ) -> Prober {
+        Prober {
+            settings,
+            results,
+            tasks: BTreeMap::new(),
+        }
+    }
+
+    /// Probes exactly `gateways` from now on: starts tasks for new ones (their first probe at once), stops
+    /// the others.
+    pub(crate) fn set_targets(&mut self, gateways: impl IntoIterator<Item = Ipv4Addr>) {
+        let wanted: std::collections::BTreeSet<Ipv4Addr> = gateways.into_iter().collect();
+        self.tasks.retain(|ip, task| {
+            let keep = wanted.contains(ip);
+            if !keep {
+                task.abort();
+            }
+            keep
+        });
+        for ip in wanted {
+            if self.tasks.contains_key(&ip) {
+                continue;
+            }
+            let settings = self.settings.clone();
+            let tx = self.results.clone();
+            let task = tokio::spawn(async move {
+                let mut tick = tokio::time::interval(settings.interval);
+                tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+                loop {
+                    tick.tick().await;
+                    let result = probe(ip, &settings).await;
+                    if tx.send((ip, result)).is_err() {
+                        return;
+                    }
+                }
+            });
+            self.tasks.insert(ip, task);
+        }
+    }
+}
+
+impl Drop for Prober {
+    fn drop(&mut self) {
+        for task in self.tasks.values() {
+            task.abort();
+        }
+    }
+}
+
+/// One probe: `GET path` over HTTP/1.0 within `settings.timeout`.
+pub(crate) async fn probe(ip: Ipv4Addr, settings: &HealthSettings) -> Probe {
+    let addr = SocketAddr::from((ip, settings.port));
+    match tokio::time::timeout(settings.timeout, exchange(addr, &settings.path)).await {
+        Err(_) => Probe::Failed(format!("no answer within {:?}", settings.timeout)),
+        Ok(Err(e)) => Probe::Failed(e.to_string()),
+        Ok(Ok((200, _))) => Probe::Ready,
+        Ok(Ok((503, body))) if body.contains("draining") => Probe::Draining,
+        Ok(Ok((status, body))) => Probe::Failed(format!(
+            "HTTP {status} {}",
+            body.lines().next().unwrap_or("").trim()
+        )),
+    }
+}
+
+/// Sends the request, returns the status and (up to 4 KB of) the body.
+async fn exchange(addr: SocketAddr, path: &str) -> std::io::Result<(u16, String)> {
+    let mut stream = TcpStream::connect(addr).await?;
+    stream.set_nodelay(true)?;
+    let request = format!(
+        "GET {path} HTTP/1.0\r\nHost: {addr}\r\nUser-Agent: egress-gateway-node\r\nConnection: close\r\n\r\n"
+    );
+    stream.write_all(request.as_bytes()).await?;
+    let mut buf = Vec::with_capacity(512);
+    let mut chunk = [0u8; 1024];
+    while buf.len() < 4096 {
+        let n = stream.read(&mut chunk).await?;
+        if n == 0 {
+            break;
+        }
+        buf.extend_from_slice(&chunk[..n]);
+    }
+    let text = String::from_utf8_lossy(&buf);
+    let bad = || std::io::Error::new(std::io::ErrorKind::InvalidData, "not an HTTP response");
+    let status_line = text.lines().next().ok_or_else(bad)?;
+    let status: u16 = status_line
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .ok_or_else(bad)?;
+    let body = text
+        .split_once("\r\n\r\n")
+        .map_or(String::new(), |(_, b)| b.to_string());
+    Ok((status, body))
+}
+
+/// How long after the first failed probe a dead gateway is taken out, at most: what failover costs.
+pub(crate) fn detection_bound(settings: &HealthSettings) -> Duration {
+    settings.interval * settings.failures + settings.timeout
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn settings() -> HealthSettings {
+        HealthSettings {
+            failures: 2,
+            successes: 2,
+            ..HealthSettings::default()
+        }
+    }
+
+    #[test]
+    fn first_result_decides_then_thresholds_apply() {
+        let s = settings();
+        let mut g = GatewayState::default();
+        assert!(g.record(&Probe::Ready, &s));
+        assert_eq!(g.health, Health::Healthy);
+        // One failure is tolerated, the second takes it out.
+        assert!(!g.record(&Probe::Failed("refused".into()), &s));
+        assert!(g.record(&Probe::Failed("refused".into()), &s));
+        assert_eq!(g.health, Health::Down);
+        assert_eq!(g.last_error.as_deref(), Some("refused"));
+        // Two good probes bring it back.
+        assert!(!g.record(&Probe::Ready, &s));
+        assert!(g.record(&Probe::Ready, &s));
+        assert_eq!(g.health, Health::Healthy);
+        // A good probe between failures resets the count.
+        g.record(&Probe::Failed("x".into()), &s);
+        g.record(&Probe::Ready, &s);
+        assert!(!g.record(&Probe::Failed("x".into()), &s));
+        assert_eq!(g.health, Health::Healthy);
+
+        let mut g = GatewayState::default();
+        assert!(g.record(&Probe::Failed("timeout".into()), &s));
+        assert_eq!(g.health, Health::Down);
+    }
+
+    #[test]
+    fn draining_is_immediate_and_ends_with_a_good_probe() {
+        let s = settings();
+        let mut g = GatewayState::default();
+        g.record(&Probe::Ready, &s);
+        assert!(g.record(&Probe::Draining, &s));
+        assert_eq!(g.health, Health::Draining);
+        assert!(g.record(&Probe::Ready, &s));
+        assert_eq!(g.health, Health::Healthy);
+    }
+
+    /// Probes real sockets on loopback: a 200, a 503 draining, a 503 starting, a closed port, a silent
+    /// listener (timeout).
+    #[test]
+    fn probe_reads_real_answers() {
+        use std::io::{Read, Write};
+        let serve = |answer: &'static str| {
+            let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+            let port = l.local_addr().unwrap().port();
+            std::thread::spawn(move || {
+                for s in l.incoming().take(1) {
+                    let mut s = s.unwrap();
+                    let mut buf = [0u8; 512];
+                    let _ = s.read(&mut buf);
+                    let _ = s.write_all(answer.as_bytes());
+                }
+            });
+            port
+        };
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        let at = |port: u16| HealthSettings {
+            port,
+            timeout: Duration::from_millis(300),
+            ..HealthSettings::default()
+        };
+        let lo = Ipv4Addr::LOCALHOST;
+        rt.block_on(async {
+            let p = serve("HTTP/1.1 200 OK\r\nContent-Length: 3\r\n\r\nok\n");
+            assert_eq!(probe(lo, &at(p)).await, Probe::Ready);
+            let p = serve("HTTP/1.1 503 Service Unavailable\r\n\r\ndraining\n");
+            assert_eq!(probe(lo, &at(p)).await, Probe::Draining);
+            let p = serve("HTTP/1.1 503 Service Unavailable\r\n\r\nstarting\n");
+            assert_eq!(
+                probe(lo, &at(p)).await,
+                Probe::Failed("HTTP 503 starting".into())
+            );
+            // A port nobody listens on: refused at once.
+            let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+            let port = closed.local_addr().unwrap().port();
+            drop(closed);
+            assert!(
+                matches!(probe(lo, &at(port)).await, Probe::Failed(e) if e.contains("refused"))
+            );
+            // A listener that never answers: the timeout.
+            let silent = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+            let port = silent.local_addr().unwrap().port();
+            assert!(
+                matches!(probe(lo, &at(port)).await, Probe::Failed(e) if e.contains("no answer"))
+            );
+            drop(silent);
+        });
+    }
+}
