@@ -495,7 +495,16 @@ impl AgentConfig {
     /// The YAML file.
     pub fn yaml(&self) -> String {
         let list = |v: Vec<String>| v.join(", ");
-        let cidrs = list(self.cluster_cidrs.iter().map(ToString::to_string).collect());
+        // IPv6 prefixes quoted, as in the agent's documentation.
+        let cidrs = list(
+            self.cluster_cidrs
+                .iter()
+                .map(|c| match c {
+                    IpNet::V4(_) => c.to_string(),
+                    IpNet::V6(_) => q(&c.to_string()),
+                })
+                .collect(),
+        );
         let inputs = list(
             self.inputs
                 .iter()
@@ -1060,7 +1069,7 @@ underlay_ip: 172.18.0.11
 vxlan: { device: \"egress.calico\", vni: 4097, port: 4790, mtu: 1450 }
 rule_priority: 100
 tables: { first: 200, last: 1200 }
-cluster_cidrs: [10.244.0.0/16, 172.18.0.0/16, fd00:244::/32]
+cluster_cidrs: [10.244.0.0/16, 172.18.0.0/16, \"fd00:244::/32\"]
 inputs: [\"/tmp/x/inventory.yaml\"]
 health: { port: 8080, path: /readiness, interval: 200ms, timeout: 150ms, failures: 2 }
 listen: 127.0.0.1:9101
