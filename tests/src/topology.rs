@@ -862,6 +862,10 @@ fn build_node(ns: Netns, n: usize, underlay: &Netns, spec: &TopologySpec) -> Res
 
     let vxlan_mac = if spec.node_agent {
         masquerade_pods(&ns)?;
+        // Every packet a fail-closed (`unreachable`) route refuses gets its ICMP error, not one per
+        // second and destination: a blocked pod fails at once, test after test.
+        ns.sysctl("net.ipv4.icmp_ratelimit", "0")?;
+        ns.sysctl("net.ipv6.icmp.ratelimit", "0")?;
         String::new()
     } else {
         felix_tunnel(&ns, ip, spec.gateways.len(), spec.ipv6)?

@@ -238,9 +238,10 @@ pub fn connect_once(
     })
 }
 
-/// From `ns`: one UDP datagram to `addr` on a connected socket and one wait (at most `timeout`) for the
-/// answer: the answer or the socket error (ICMP errors surface as `ConnectionRefused`, `HostUnreachable`…),
-/// and how long it took.
+/// From `ns`: one UDP datagram to `addr` on a connected socket with `IP_RECVERR` (so that every ICMP error
+/// is reported, host and network unreachable too, which a plain UDP socket ignores) and one wait (at most
+/// `timeout`) for the answer: the answer or the socket error (`ConnectionRefused`, `HostUnreachable`…), and
+/// how long it took.
 pub fn udp_once(
     ns: &Netns,
     addr: SocketAddr,
@@ -257,6 +258,26 @@ pub fn udp_once(
                 (std::net::Ipv6Addr::UNSPECIFIED, 0).into()
             };
             let sock = UdpSocket::bind(any)?;
+            let (level, name) = if addr.is_ipv4() {
+                (libc::IPPROTO_IP, libc::IP_RECVERR)
+            } else {
+                (libc::IPPROTO_IPV6, libc::IPV6_RECVERR)
+            };
+            let on: libc::c_int = 1;
+            // SAFETY: setsockopt reads one c_int from a live stack variable for the given length; the
+            // descriptor is open for the call.
+            let rc = unsafe {
+                libc::setsockopt(
+                    sock.as_raw_fd(),
+                    level,
+                    name,
+                    std::ptr::from_ref(&on).cast(),
+                    libc::socklen_t::try_from(std::mem::size_of::<libc::c_int>()).unwrap_or(4),
+                )
+            };
+            if rc != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
             sock.connect(addr)?;
             sock.set_read_timeout(Some(timeout))?;
             sock.send(&payload)?;

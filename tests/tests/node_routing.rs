@@ -8,6 +8,7 @@ use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
 use std::time::Duration;
 
+use ipnet::IpNet;
 use tests::firewall::Proto;
 use tests::topology::{LOCAL_SERVER, RED_NET, RED_SERVER};
 use tests::{
@@ -137,5 +138,114 @@ fn masquerade_leaves_the_tunnel_alone() {
     assert_eq!(
         server.last_peer().map(|p| p.ip()),
         Some(IpAddr::V4(topo.node(1).ip))
+    );
+}
+
+/// The readers and probes the node-agent scenarios rely on, checked against a node programmed by hand the
+/// way the agent programs it: `agent::rule_table` and `agent::table_route` parse the kernel's real output
+/// (multipath, unreachable); 48 UDP flows spread over a two-gateway multipath route; the `UdpProbe`
+/// measures how long a flow is cut off when its route changes; an `unreachable` route makes TCP and UDP fail
+/// at once (not a timeout) and `ip route get … iif cali…` say so.
+#[test]
+fn scenario_tools_on_a_hand_programmed_node() {
+    use std::collections::BTreeSet;
+    use std::time::Instant;
+
+    use ipnet::Ipv4Net;
+    use tests::agent::RouteShape;
+    use tests::scenario::{self, UdpProbe};
+
+    require_netns!();
+    let mode = require_userspace_gateway!();
+    let mut topo =
+        Topology::build(TopologySpec::node_agent(&[1], vec![mode.clone(), mode])).unwrap();
+    for k in 1..=2 {
+        topo.gateway_mut(k)
+            .wait_ready(Duration::from_secs(30))
+            .unwrap();
+    }
+    topo.felix_tunnel(1).unwrap();
+    let all = IpNet::from(Ipv4Net::default());
+    topo.set_pod_routes(1, 1, &[PodRoute::via(all, &[1, 2])])
+        .unwrap();
+    let node = &topo.node(1).ns;
+    let pod = topo.pod(1, 1);
+    let table = agent::rule_table(node, IpAddr::V4(pod.ip), 100)
+        .unwrap()
+        .expect("the pod's rule");
+    let (gw1, gw2) = (topo.gateway(1).ip, topo.gateway(2).ip);
+    assert_eq!(
+        agent::table_route(node, table, all).unwrap(),
+        Some(RouteShape::Via(vec![IpAddr::V4(gw1), IpAddr::V4(gw2)]))
+    );
+
+    let flows = SocketAddr::from((RED_SERVER, 7100));
+    let server = traffic::udp_echo_server(&topo.red().ns, flows).unwrap();
+    scenario::udp_flows(&pod.ns, flows, 48).unwrap();
+    let seen: BTreeSet<IpAddr> = server.peers().iter().map(SocketAddr::ip).collect();
+    assert_eq!(seen.len(), 2, "{seen:?}");
+
+    let probe_addr = SocketAddr::from((RED_SERVER, 7101));
+    let probe_srv = traffic::udp_echo_server(&topo.red().ns, probe_addr).unwrap();
+    let probe = UdpProbe::start(&pod.ns, probe_addr, Duration::from_millis(10)).unwrap();
+    probe
+        .wait_answer_after(Instant::now(), Duration::from_secs(5))
+        .unwrap();
+    let via = probe_srv.last_peer().unwrap().ip();
+    let other = if via == IpAddr::V4(topo.gateway(1).dmz_egress) {
+        2
+    } else {
+        1
+    };
+    let switched = Instant::now();
+    node.ip(&format!(
+        "route replace default via {} dev egress.calico onlink table {table}",
+        topo.gateway(other).ip
+    ))
+    .unwrap();
+    let cut = probe
+        .wait_answer_after(switched, Duration::from_secs(5))
+        .unwrap();
+    eprintln!(
+        "probe answered {} ms after the route change",
+        cut.as_millis()
+    );
+    assert_eq!(
+        probe_srv.last_peer().unwrap().ip(),
+        IpAddr::V4(topo.gateway(other).dmz_egress)
+    );
+    probe.stop().unwrap();
+
+    // Fail closed: an unreachable route.
+    node.ip(&format!("route replace unreachable default table {table}"))
+        .unwrap();
+    assert_eq!(
+        agent::table_route(node, table, all).unwrap(),
+        Some(RouteShape::Unreachable)
+    );
+    let verdict = node
+        .ip(&format!(
+            "route get {RED_SERVER} from {} iif {}",
+            pod.ip, pod.cali
+        ))
+        .unwrap_or_else(|e| e.to_string());
+    assert!(
+        verdict.to_lowercase().contains("unreachable")
+            || verdict.to_lowercase().contains("no route to host"),
+        "{verdict}"
+    );
+    let red = SocketAddr::from((RED_SERVER, 7000));
+    let _tcp = traffic::tcp_echo_server(&topo.red().ns, red).unwrap();
+    let (r, took) = traffic::connect_once(&pod.ns, red, Duration::from_secs(5)).unwrap();
+    eprintln!("connect through an unreachable route: {r:?} after {took:?}");
+    assert!(
+        r.is_err() && took < Duration::from_secs(2),
+        "{r:?} {took:?}"
+    );
+    let (r, took) = traffic::udp_once(&pod.ns, probe_addr, b"x", Duration::from_secs(3)).unwrap();
+    eprintln!("UDP through an unreachable route: {r:?} after {took:?}");
+    assert!(
+        r.is_err() && took < Duration::from_secs(2),
+        "{r:?} {took:?}"
     );
 }
