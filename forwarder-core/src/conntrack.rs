@@ -75,6 +75,7 @@
 //! time passed to [`Table::insert`] or [`Table::expire`]; the `_at` variants take it explicitly.
 
 mod context;
+mod events;
 mod flow;
 mod key;
 
@@ -86,6 +87,7 @@ use std::sync::Arc;
 use crossbeam_utils::CachePadded;
 
 pub use crossbeam_epoch::Guard;
+pub use events::{FlowEvent, FlowEventKind, FlowEvents};
 pub use flow::{Flow, FlowCounters, Refresh, TcpSegment, TcpState};
 
 use crate::flow::{FlowKey, NodeAddr, Proto, UplinkId};
@@ -247,6 +249,7 @@ struct Inner {
     pools: PortPools,
     pool_addrs: Box<[Addr]>,
     hash_key: key::HashKey,
+    events: Option<Arc<FlowEvents>>,
 }
 
 fn ms(d: Duration) -> u64 {
@@ -310,8 +313,26 @@ impl Table {
                 pools,
                 pool_addrs,
                 hash_key: key::HashKey::new(seed),
+                events: None,
             }),
         }
+    }
+
+    /// Sends a [`FlowEvent`] to `events` whenever a flow starts or ends (the NAT translation log). Only
+    /// before the table is shared: returns false (and changes nothing) once it has been cloned.
+    pub fn set_events(&mut self, events: Arc<FlowEvents>) -> bool {
+        match Arc::get_mut(&mut self.inner) {
+            Some(inner) => {
+                inner.events = Some(events);
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// The event queue given to [`set_events`](Self::set_events).
+    pub fn events(&self) -> Option<&Arc<FlowEvents>> {
+        self.inner.events.as_ref()
     }
 
     /// Pins the current thread for epoch-based reclamation ([`crossbeam_epoch::pin`]). Flows returned under a
@@ -798,6 +819,9 @@ impl Inner {
             }
         }
         flow::publish(&f.ctl);
+        if let Some(events) = &self.events {
+            events.push(FlowEvent::of(f, FlowEventKind::Start, now));
+        }
         Ok(f)
     }
 
@@ -935,6 +959,10 @@ impl Inner {
             })
             .is_ok();
         if claimed {
+            if let Some(events) = &self.events {
+                // Before the removal: the slot's fields stay valid until it is retired.
+                events.push(FlowEvent::of(f, FlowEventKind::End, now));
+            }
             self.finish_removal(idx, f, now, true, guard);
         }
         claimed

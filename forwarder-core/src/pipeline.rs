@@ -169,6 +169,17 @@ impl Gateway {
         conntrack: conntrack::Config,
         ports: PortRange,
     ) -> Result<Gateway, ConfigError> {
+        Gateway::with_events(config, conntrack, ports, None)
+    }
+
+    /// [`new`](Self::new), with the flow table sending a [`conntrack::FlowEvent`] to `events` whenever a
+    /// flow starts or ends (the NAT translation log).
+    pub fn with_events(
+        config: Config,
+        conntrack: conntrack::Config,
+        ports: PortRange,
+        events: Option<Arc<conntrack::FlowEvents>>,
+    ) -> Result<Gateway, ConfigError> {
         let mut egress: Vec<IpAddr> = Vec::new();
         for ip in config.uplinks.iter().flat_map(UplinkConfig::egress_ips) {
             if egress.contains(&ip) {
@@ -177,11 +188,14 @@ impl Gateway {
             egress.push(ip);
         }
         let pools = PortPools::new(&egress, ports);
-        let table = Arc::new(match config.hash_seed {
+        let mut table = match config.hash_seed {
             Some(seed) => Table::with_hash_seed(conntrack, pools, seed),
             None => Table::new(conntrack, pools),
-        });
-        Gateway::with_table(config, table)
+        };
+        if let Some(events) = events {
+            table.set_events(events);
+        }
+        Gateway::with_table(config, Arc::new(table))
     }
 
     /// Builds a gateway around an existing flow table (a reload keeps every flow). Egress addresses must be

@@ -534,7 +534,6 @@ mod tests {
         for p in range.min..=range.max {
             pools.release(id, Proto::Tcp, p, Instant::ZERO);
         }
-        pools.release_unused(id, Proto::Tcp, 1000); // no-op: not owned
         pools
             .lane(id, Proto::Tcp)
             .expect("lane")

@@ -42,12 +42,40 @@ pub(crate) struct GatewayConfig {
     pub(crate) health_listen: SocketAddr,
     /// `metrics.listen`: `GET /metrics`.
     pub(crate) metrics_listen: SocketAddr,
+    /// `admin.listen`: `GET /flows` (the live flows, for `egress-gateway flows`).
+    pub(crate) admin_listen: SocketAddr,
     /// `workers`: forwarding threads; 0 means one per CPU core (the runtime resolves it).
     pub(crate) workers: usize,
     /// `drain_seconds`: how long established flows keep being forwarded after SIGTERM.
     pub(crate) drain: Duration,
     /// `log.format`.
     pub(crate) log_format: LogFormat,
+    /// `flow_log`: the NAT translation log, when enabled.
+    pub(crate) flow_log: Option<FlowLogConfig>,
+}
+
+/// The `flow_log` section: one JSON line per flow for the security team's pod ↔ egress IP:port mapping.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct FlowLogConfig {
+    /// Where the lines go.
+    pub(crate) output: FlowLogOutput,
+    /// Rotate the file when it reaches this size.
+    pub(crate) max_bytes: u64,
+    /// Rotated files kept (`file.1` … `file.N`).
+    pub(crate) max_files: u32,
+    /// Records buffered between the data path and the writer; beyond it records are dropped and counted.
+    pub(crate) queue: usize,
+    /// Also a record when a flow starts (always one when it ends).
+    pub(crate) starts: bool,
+}
+
+/// `flow_log.output`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum FlowLogOutput {
+    /// Standard output (a container's log).
+    Stdout,
+    /// A file, rotated by size.
+    File(PathBuf),
 }
 
 /// The `tunnel` section.
@@ -248,6 +276,7 @@ pub(crate) fn restart_needed(old: &GatewayConfig, new: &GatewayConfig) -> Vec<St
     }
     check("health.listen", old.health_listen != new.health_listen);
     check("metrics.listen", old.metrics_listen != new.metrics_listen);
+    check("admin.listen", old.admin_listen != new.admin_listen);
     check("workers", old.workers != new.workers);
     check(
         "conntrack.max_entries",
@@ -270,6 +299,8 @@ pub(crate) fn restart_needed(old: &GatewayConfig, new: &GatewayConfig) -> Vec<St
     check("tunnel.mtu", old.tunnel.mtu != new.tunnel.mtu);
     check("ports", old.ports != new.ports);
     check("log.format", old.log_format != new.log_format);
+    // The writer thread and the table's event queue are set up at start.
+    check("flow_log", old.flow_log != new.flow_log);
     keys
 }
 
@@ -466,9 +497,11 @@ uplinks:
             },
             health_listen: "0.0.0.0:8080".parse().unwrap(),
             metrics_listen: "0.0.0.0:9090".parse().unwrap(),
+            admin_listen: "127.0.0.1:9095".parse().unwrap(),
             workers: 0,
             drain: Duration::from_secs(30),
             log_format: LogFormat::Text,
+            flow_log: None,
         }
     }
 

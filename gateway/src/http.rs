@@ -25,8 +25,46 @@ impl Response {
     }
 }
 
-/// Answers a request path.
+/// Answers a request target (path with its `?query`, if any; see [`split`]).
 pub(crate) type Handler = Arc<dyn Fn(&str) -> Response + Send + Sync>;
+
+/// A request target's path and query (`/flows?pod=10.0.0.1` → `("/flows", "pod=10.0.0.1")`).
+pub(crate) fn split(target: &str) -> (&str, &str) {
+    target.split_once('?').unwrap_or((target, ""))
+}
+
+/// The value of `key` in a query (`a=1&b=2`), percent-decoding `%3A`-style escapes.
+pub(crate) fn query_value(query: &str, key: &str) -> Option<String> {
+    query.split('&').find_map(|kv| {
+        let (k, v) = kv.split_once('=').unwrap_or((kv, ""));
+        (k == key).then(|| percent_decode(v))
+    })
+}
+
+fn percent_decode(s: &str) -> String {
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        match b[i] {
+            b'%' if i + 2 < b.len() => {
+                let hex = std::str::from_utf8(&b[i + 1..i + 3]).unwrap_or("");
+                match u8::from_str_radix(hex, 16) {
+                    Ok(v) => {
+                        out.push(v);
+                        i += 3;
+                        continue;
+                    }
+                    Err(_) => out.push(b'%'),
+                }
+            }
+            b'+' => out.push(b' '),
+            c => out.push(c),
+        }
+        i += 1;
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
 
 /// Binds `addr` (so that a taken port fails at start-up, with the address in the message) and serves
 /// `handler` on a thread.
@@ -76,14 +114,14 @@ fn answer(stream: TcpStream, handler: &Handler) -> std::io::Result<()> {
     let mut parts = line.split_whitespace();
     let method = parts.next().unwrap_or("");
     let target = parts.next().unwrap_or("/");
-    let path = target.split('?').next().unwrap_or("/");
     let resp = if method == "GET" || method == "HEAD" {
-        handler(path)
+        handler(target)
     } else {
         Response::text(405, "only GET\n")
     };
     let reason = match resp.status {
         200 => "OK",
+        400 => "Bad Request",
         404 => "Not Found",
         405 => "Method Not Allowed",
         503 => "Service Unavailable",
@@ -121,7 +159,7 @@ mod tests {
 
     #[test]
     fn serves_status_and_body() {
-        let h: Handler = Arc::new(|p| match p {
+        let h: Handler = Arc::new(|p| match split(p).0 {
             "/readiness" => Response::text(503, "draining\n"),
             "/livez" => Response::text(200, "ok\n"),
             _ => Response::text(404, "no\n"),
@@ -132,5 +170,17 @@ mod tests {
         assert!(r.ends_with("draining\n"));
         assert!(get(addr, "/livez?verbose=1").starts_with("HTTP/1.1 200 OK"));
         assert!(get(addr, "/nope").starts_with("HTTP/1.1 404"));
+    }
+
+    #[test]
+    fn queries_are_split_and_decoded() {
+        assert_eq!(split("/flows?pod=1&x"), ("/flows", "pod=1&x"));
+        assert_eq!(split("/flows"), ("/flows", ""));
+        let q = "pod=10.0.0.1&dst=%5B2001%3Adb8%3A%3A1%5D&flag&bad=%zz%4";
+        assert_eq!(query_value(q, "pod").as_deref(), Some("10.0.0.1"));
+        assert_eq!(query_value(q, "dst").as_deref(), Some("[2001:db8::1]"));
+        assert_eq!(query_value(q, "flag").as_deref(), Some(""));
+        assert_eq!(query_value(q, "bad").as_deref(), Some("%zz%4"));
+        assert_eq!(query_value(q, "none"), None);
     }
 }

@@ -20,6 +20,8 @@ mod check;
 mod config;
 mod demo;
 mod explain;
+mod flowlog;
+mod flows;
 mod http;
 mod inventory;
 mod io;
@@ -74,6 +76,30 @@ enum Command {
         /// The destination address.
         #[arg(long, value_name = "IP")]
         dst: IpAddr,
+    },
+    /// List the live flows (NAT mappings) of a running gateway: pod address and port, the egress IP and
+    /// port the outside sees, destination, protocol, uplink, node, start, packets and bytes each way. Reads
+    /// `GET /flows` on the gateway's `admin.listen` (default 127.0.0.1:9095; in Kubernetes run it in the
+    /// gateway pod with `kubectl exec`). Filters combine.
+    Flows {
+        /// The gateway's admin address.
+        #[arg(long, default_value = "127.0.0.1:9095", value_name = "ADDR:PORT")]
+        admin: std::net::SocketAddr,
+        /// Only flows of this pod address.
+        #[arg(long, value_name = "IP")]
+        pod: Option<IpAddr>,
+        /// Only the flow(s) on this egress (external) port: what a firewall log shows.
+        #[arg(long, value_name = "PORT")]
+        egress_port: Option<u16>,
+        /// Only flows to this destination address.
+        #[arg(long, value_name = "IP")]
+        dst: Option<IpAddr>,
+        /// At most this many flows (default 10000).
+        #[arg(long, value_name = "N")]
+        limit: Option<usize>,
+        /// Print the JSON lines as the gateway sends them instead of a table.
+        #[arg(long)]
+        json: bool,
     },
     /// Run the node agent on a client node: it reads EgressGatewayPolicies, Namespaces and Pods from the
     /// `inputs` files (re-read when they change, or on SIGHUP), probes the gateways' `/readiness`, and keeps
@@ -148,6 +174,23 @@ fn main() -> ExitCode {
             }
         },
         Command::Check { files } => check::run(&files),
+        Command::Flows {
+            admin,
+            pod,
+            egress_port,
+            dst,
+            limit,
+            json,
+        } => flows::run(
+            admin,
+            &flows::Query {
+                pod,
+                egress_port,
+                dst,
+                limit,
+            },
+            json,
+        ),
         Command::Explain { inputs, pod, dst } => explain::run(&inputs, &pod, dst),
         Command::Demo { verbose } => match demo::run(verbose) {
             Ok(()) => ExitCode::SUCCESS,

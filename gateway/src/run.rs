@@ -18,9 +18,11 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{mpsc, Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
+use forwarder_core::conntrack::{FlowEvent, FlowEventKind, FlowEvents};
 use forwarder_core::pipeline::Gateway;
 
 use crate::config::{self, GatewayConfig, LogFormat};
+use crate::flowlog::{live_line, FlowFilter, FlowLog, WallClock};
 use crate::http::{self, Response};
 use crate::io::packet::{Interface, TxSocket};
 use crate::neighbour;
@@ -68,8 +70,17 @@ pub(crate) fn run(path: &Path) -> Result<(), RunError> {
         });
     }
     let seed = random_u64();
-    let gateway = Gateway::new(cfg.pipeline(Some(seed)), cfg.conntrack, cfg.ports)
-        .map_err(|e| setup(format!("{}: {e}", path.display())))?;
+    let events = cfg
+        .flow_log
+        .as_ref()
+        .map(|f| Arc::new(FlowEvents::new(f.queue)));
+    let gateway = Gateway::with_events(
+        cfg.pipeline(Some(seed)),
+        cfg.conntrack,
+        cfg.ports,
+        events.clone(),
+    )
+    .map_err(|e| setup(format!("{}: {e}", path.display())))?;
     let workers = if cfg.workers == 0 {
         std::thread::available_parallelism().map_or(1, std::num::NonZero::get)
     } else {
@@ -87,8 +98,23 @@ pub(crate) fn run(path: &Path) -> Result<(), RunError> {
         epoch: Instant::now(),
     });
     let telemetry = Arc::new(Telemetry::new());
+    let clock = WallClock::new(shared.epoch);
+    let flow_log = match (&cfg.flow_log, &events) {
+        (Some(f), Some(events)) => Some(
+            FlowLog::start(
+                f,
+                Arc::clone(events),
+                clock,
+                shared.uplinks.iter().map(|u| u.name.clone()).collect(),
+                Arc::clone(&telemetry.flow_log),
+            )
+            .map_err(|e| setup(format!("flow_log: {e}")))?,
+        ),
+        _ => None,
+    };
     let heartbeat = Arc::new(AtomicU64::new(0));
     start_http(&cfg, &shared, &telemetry, &heartbeat)?;
+    start_admin(&cfg, &shared, clock)?;
 
     // Signals only set flags; the control loop acts on them.
     let hup = Arc::new(AtomicBool::new(false));
@@ -185,8 +211,71 @@ pub(crate) fn run(path: &Path) -> Result<(), RunError> {
     for t in threads {
         let _ = t.join();
     }
-    let flows = shared.gateway().table().len();
+    let gateway = shared.gateway();
+    let table = gateway.table();
+    let flows = table.len();
+    if let (Some(log), Some(events)) = (flow_log, table.events()) {
+        // The flows still open end with the gateway: log them (waiting for the writer, not dropping).
+        let now = shared.now();
+        let guard = table.pin();
+        table.for_each(&guard, |f| {
+            while events.len() >= events.capacity() {
+                std::thread::sleep(Duration::from_millis(1));
+            }
+            events.push(FlowEvent::of(f, FlowEventKind::End, now));
+        });
+        drop(guard);
+        log.finish();
+    }
     tracing::info!(flows_left = flows, "stopped");
+    Ok(())
+}
+
+/// `GET /flows` on `admin.listen`: the live flows as JSON lines, filtered by the query
+/// (`pod`, `egress_port`, `dst`, `limit`); what `egress-gateway flows` prints.
+fn start_admin(
+    cfg: &GatewayConfig,
+    shared: &Arc<Shared>,
+    clock: WallClock,
+) -> Result<(), RunError> {
+    let shared = Arc::clone(shared);
+    let h: http::Handler = Arc::new(move |target: &str| {
+        let (path, query) = http::split(target);
+        if path != "/flows" {
+            return Response::text(
+                404,
+                "not found: try /flows?pod=IP&egress_port=N&dst=IP&limit=N\n",
+            );
+        }
+        let filter = match FlowFilter::from_query(query) {
+            Ok(f) => f,
+            Err(e) => return Response::text(400, format!("{e}\n")),
+        };
+        let gateway = shared.gateway();
+        let table = gateway.table();
+        let names: Vec<String> = shared.uplinks.iter().map(|u| u.name.clone()).collect();
+        let now = shared.now();
+        let mut body = String::new();
+        let mut n = 0;
+        let guard = table.pin();
+        table.for_each(&guard, |f| {
+            if n >= filter.limit || f.is_expired(now) {
+                return;
+            }
+            let e = FlowEvent::of(f, FlowEventKind::End, now);
+            if filter.matches(&e) {
+                body.push_str(&live_line(&e, &clock, &names));
+                body.push('\n');
+                n += 1;
+            }
+        });
+        Response {
+            status: 200,
+            content_type: "application/x-ndjson",
+            body,
+        }
+    });
+    http::serve("admin", cfg.admin_listen, h).map_err(setup)?;
     Ok(())
 }
 
@@ -242,8 +331,8 @@ fn start_http(
         let telemetry = Arc::clone(telemetry);
         let shared = Arc::clone(shared);
         let heartbeat = Arc::clone(heartbeat);
-        move |path: &str| -> Option<Response> {
-            match path {
+        move |target: &str| -> Option<Response> {
+            match http::split(target).0 {
                 "/readiness" | "/readyz" => Some(if telemetry.draining.load(Ordering::Relaxed) {
                     Response::text(503, "draining\n")
                 } else if telemetry.ready.load(Ordering::Relaxed) {
@@ -267,8 +356,8 @@ fn start_http(
     let metrics = {
         let telemetry = Arc::clone(telemetry);
         let shared = Arc::clone(shared);
-        move |path: &str| -> Option<Response> {
-            (path == "/metrics").then(|| Response {
+        move |target: &str| -> Option<Response> {
+            (http::split(target).0 == "/metrics").then(|| Response {
                 status: 200,
                 content_type: "text/plain; version=0.0.4; charset=utf-8",
                 body: telemetry.render(&shared),

@@ -122,6 +122,11 @@ pub(crate) const METRICS: &[(&str, &str, &str)] = &[
         "Configuration reloads, by result (applied, refused).",
     ),
     ("egress_gateway_workers", "gauge", "Worker threads."),
+    (
+        "egress_gateway_flow_log_records_total",
+        "counter",
+        "NAT translation log records, by result (queued, dropped, written, failed).",
+    ),
 ];
 
 /// The process's metrics state.
@@ -132,6 +137,8 @@ pub(crate) struct Telemetry {
     pub(crate) draining: AtomicBool,
     pub(crate) reloads_applied: AtomicU64,
     pub(crate) reloads_refused: AtomicU64,
+    /// The translation log writer's counters (zero without `flow_log`).
+    pub(crate) flow_log: Arc<crate::flowlog::FlowLogStats>,
 }
 
 impl std::fmt::Debug for Telemetry {
@@ -152,6 +159,7 @@ impl Telemetry {
             draining: AtomicBool::new(false),
             reloads_applied: AtomicU64::new(0),
             reloads_refused: AtomicU64::new(0),
+            flow_log: Arc::default(),
         };
         metrics::with_local_recorder(&t.recorder, || {
             for (name, kind, help) in METRICS {
@@ -260,6 +268,17 @@ impl Telemetry {
         counter!("egress_gateway_config_reloads_total", "result" => "refused")
             .absolute(self.reloads_refused.load(Ordering::Relaxed));
         gauge!("egress_gateway_workers").set(f64_of(shared.reports.len()));
+        if let Some(events) = table.events() {
+            let w = &self.flow_log;
+            for (result, v) in [
+                ("queued", events.pushed()),
+                ("dropped", events.dropped()),
+                ("written", w.written.load(Ordering::Relaxed)),
+                ("failed", w.errors.load(Ordering::Relaxed)),
+            ] {
+                counter!("egress_gateway_flow_log_records_total", "result" => result).absolute(v);
+            }
+        }
     }
 }
 
@@ -316,8 +335,16 @@ mod tests {
             max_entries: 1024,
             ..Default::default()
         };
-        let gw =
-            Arc::new(Gateway::new(cfg, ct, forwarder_core::ports::PortRange::default()).unwrap());
+        let events = Arc::new(forwarder_core::conntrack::FlowEvents::new(16));
+        let gw = Arc::new(
+            Gateway::with_events(
+                cfg,
+                ct,
+                forwarder_core::ports::PortRange::default(),
+                Some(events),
+            )
+            .unwrap(),
+        );
         let pipeline = forwarder_core::pipeline::Worker::new(Arc::clone(&gw), 1)
             .stats()
             .clone();

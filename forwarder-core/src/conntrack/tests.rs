@@ -1270,3 +1270,51 @@ fn shared_types_are_send_and_sync() {
     check::<PortPools>();
     check::<Flow>();
 }
+
+#[test]
+fn flow_events_report_start_and_end_and_drop_when_full() {
+    let mut table = table(64, PortRange::default());
+    let events = Arc::new(FlowEvents::new(2));
+    assert!(table.set_events(events.clone()));
+    let mut rng = Rng::new(7);
+    let g = table.pin();
+    let k = key(pod(1), 40000, remote(1), 53, Proto::Udp);
+    let f = table.insert(new_flow(k), t(10), &mut rng, &g).unwrap();
+    f.on_outbound(None, 100, t(11));
+    f.on_inbound(None, 300, t(12));
+    let ext = f.external_port();
+    // The same tuple again is not a new flow.
+    table.insert(new_flow(k), t(12), &mut rng, &g).unwrap();
+    let start = events.pop().expect("a start record");
+    assert_eq!(start.kind, FlowEventKind::Start);
+    assert_eq!(start.pod, (pod(1), 40000));
+    assert_eq!(start.dst, (remote(1), 53));
+    assert_eq!(start.egress, (EGRESS, ext));
+    assert_eq!(start.node, IpAddr::V4(NODE.ip));
+    assert_eq!(start.uplink, 1);
+    assert_eq!(start.tcp_state, None);
+    assert!(events.pop().is_none());
+    drop(g);
+
+    // Expiry: an end record with the counters and the last packet's time.
+    assert_eq!(table.expire(t(12 + 301), 1024), 1);
+    let end = events.pop().expect("an end record");
+    assert_eq!(end.kind, FlowEventKind::End);
+    assert_eq!(end.egress, (EGRESS, ext));
+    assert_eq!(end.counters.packets_out, 1);
+    assert_eq!(end.counters.bytes_out, 100);
+    assert_eq!(end.counters.bytes_in, 300);
+    assert!(end.last_seen.saturating_since(end.created) >= Duration::from_secs(1));
+    assert_eq!(end.at, t(313));
+
+    // A full queue drops and counts, never blocks.
+    let g = table.pin();
+    for i in 0..4 {
+        let k = key(pod(2), 1000 + i, remote(2), 80, Proto::Tcp);
+        table.insert(new_flow(k), t(400), &mut rng, &g).unwrap();
+    }
+    assert_eq!(events.len(), 2);
+    assert_eq!(events.dropped(), 2);
+    assert_eq!(events.pushed(), 4);
+    assert_eq!(events.pop().unwrap().tcp_state, Some(TcpState::SynSent));
+}

@@ -17,7 +17,7 @@ use marked_yaml::Node;
 
 use super::reader::{Reader, Value};
 use super::value;
-use super::{GatewayConfig, LogFormat, TunnelConfig, UplinkSpec};
+use super::{FlowLogConfig, FlowLogOutput, GatewayConfig, LogFormat, TunnelConfig, UplinkSpec};
 
 const ROOT_KEYS: &[&str] = &[
     "tunnel",
@@ -26,9 +26,11 @@ const ROOT_KEYS: &[&str] = &[
     "ports",
     "health",
     "metrics",
+    "admin",
     "workers",
     "drain_seconds",
     "log",
+    "flow_log",
 ];
 const TUNNEL_KEYS: &[&str] = &[
     "listen",
@@ -50,6 +52,7 @@ const UPLINK_KEYS: &[&str] = &[
 const PORTS_KEYS: &[&str] = &["min", "max"];
 const LISTEN_KEYS: &[&str] = &["listen"];
 const LOG_KEYS: &[&str] = &["format"];
+const FLOW_LOG_KEYS: &[&str] = &["output", "max_bytes", "max_files", "queue", "starts"];
 const CONNTRACK_KEYS: &[&str] = &[
     "max_entries",
     "max_per_source",
@@ -81,8 +84,13 @@ pub(super) const DEFAULT_HEALTH: SocketAddr =
 /// Default `metrics.listen`.
 pub(super) const DEFAULT_METRICS: SocketAddr =
     SocketAddr::V4(SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, 9090));
+/// Default `admin.listen`: loopback only (the live flows name pods).
+pub(super) const DEFAULT_ADMIN: SocketAddr =
+    SocketAddr::V4(SocketAddrV4::new(Ipv4Addr::LOCALHOST, 9095));
 /// Default uplink MTU.
 pub(super) const DEFAULT_UPLINK_MTU: u16 = 1500;
+/// Default `flow_log.max_bytes`: 100 MiB.
+pub(super) const DEFAULT_FLOW_LOG_BYTES: u64 = 100 << 20;
 /// Default drain period.
 pub(super) const DEFAULT_DRAIN: Duration = Duration::from_secs(30);
 
@@ -100,14 +108,32 @@ pub(super) fn gateway(r: &mut Reader<'_>, root: &Node) -> Option<GatewayConfig> 
         .map_or(Some(PortRange::default()), |v| ports(r, &v));
     let health = listen(r, top.get("health"), DEFAULT_HEALTH);
     let metrics = listen(r, top.get("metrics"), DEFAULT_METRICS);
-    if let (Some((health, health_line)), Some((metrics, metrics_line))) = (health, metrics) {
-        if clash(health, metrics) {
-            r.error(
-                metrics_line.or(health_line).unwrap_or(top.line()),
-                format!(
-                    "health.listen {health} and metrics.listen {metrics} use the same port; give them different ports"
-                ),
-            );
+    let admin = listen(r, top.get("admin"), DEFAULT_ADMIN);
+    if let (Some((health, health_line)), Some((metrics, metrics_line)), Some((admin, admin_line))) =
+        (health, metrics, admin)
+    {
+        for ((a, a_key, a_line), (b, b_key, b_line)) in [
+            (
+                (health, "health", health_line),
+                (metrics, "metrics", metrics_line),
+            ),
+            (
+                (health, "health", health_line),
+                (admin, "admin", admin_line),
+            ),
+            (
+                (metrics, "metrics", metrics_line),
+                (admin, "admin", admin_line),
+            ),
+        ] {
+            if clash(a, b) {
+                r.error(
+                    b_line.or(a_line).unwrap_or(top.line()),
+                    format!(
+                        "{a_key}.listen {a} and {b_key}.listen {b} use the same port; give them different ports"
+                    ),
+                );
+            }
         }
     }
     let workers = top.get("workers").map_or(Some(0), |v| {
@@ -117,6 +143,10 @@ pub(super) fn gateway(r: &mut Reader<'_>, root: &Node) -> Option<GatewayConfig> 
         r.parse(&v, value::integer).map(Duration::from_secs)
     });
     let log_format = top.get("log").map_or(Some(LogFormat::Text), |v| log(r, &v));
+    let flow_log = match top.get("flow_log") {
+        None => Some(None),
+        Some(v) => flow_log(r, &v).map(Some),
+    };
     Some(GatewayConfig {
         path: Default::default(),
         tunnel: tunnel?,
@@ -125,9 +155,50 @@ pub(super) fn gateway(r: &mut Reader<'_>, root: &Node) -> Option<GatewayConfig> 
         ports: ports?,
         health_listen: health?.0,
         metrics_listen: metrics?.0,
+        admin_listen: admin?.0,
         workers: workers?,
         drain: drain?,
         log_format: log_format?,
+        flow_log: flow_log?,
+    })
+}
+
+fn flow_log(r: &mut Reader<'_>, v: &Value<'_>) -> Option<FlowLogConfig> {
+    let m = r.mapping(v, FLOW_LOG_KEYS)?;
+    let output = m.require(r, "output").and_then(|v| {
+        r.parse(&v, |s| match s.trim() {
+            "" => Err("empty; write `stdout` or a file path".to_string()),
+            "stdout" | "-" => Ok(FlowLogOutput::Stdout),
+            path if path.starts_with('/') => Ok(FlowLogOutput::File(path.into())),
+            path => Err(format!(
+                "`{path}` is not an absolute path; write `stdout` or e.g. /var/log/egress/flows.jsonl"
+            )),
+        })
+    });
+    let max_bytes = m
+        .get("max_bytes")
+        .map_or(Some(DEFAULT_FLOW_LOG_BYTES), |v| {
+            r.integer(&v, 4096..=u64::MAX, " (bytes)")
+        });
+    let max_files = m
+        .get("max_files")
+        .map_or(Some(5), |v| r.integer(&v, 1..=1000, ""));
+    let queue = m
+        .get("queue")
+        .map_or(Some(65_536), |v| r.integer(&v, 16..=(1 << 24), ""));
+    let starts = m.get("starts").map_or(Some(true), |v| {
+        r.parse(&v, |s| match s {
+            "true" => Ok(true),
+            "false" => Ok(false),
+            _ => Err(format!("`{s}` is not true or false")),
+        })
+    });
+    Some(FlowLogConfig {
+        output: output?,
+        max_bytes: max_bytes?,
+        max_files: max_files?,
+        queue: queue?,
+        starts: starts?,
     })
 }
 
@@ -661,7 +732,7 @@ mod tests {
     #[test]
     fn every_key_is_documented() {
         let docs = include_str!("../../../docs/configuration.md");
-        let sections: [(&str, &[&str]); 8] = [
+        let sections: [(&str, &[&str]); 10] = [
             ("", ROOT_KEYS),
             ("tunnel.", TUNNEL_KEYS),
             ("uplinks[].", UPLINK_KEYS),
@@ -669,7 +740,9 @@ mod tests {
             ("ports.", PORTS_KEYS),
             ("health.", LISTEN_KEYS),
             ("metrics.", LISTEN_KEYS),
+            ("admin.", LISTEN_KEYS),
             ("log.", LOG_KEYS),
+            ("flow_log.", FLOW_LOG_KEYS),
         ];
         for (prefix, keys) in sections {
             for key in keys {

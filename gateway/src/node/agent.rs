@@ -405,8 +405,13 @@ async fn sleep_until(at: Option<Instant>) {
     }
 }
 
-fn endpoint(path: &str, status: &Status, metrics: &PrometheusHandle, started: Instant) -> Response {
-    match path {
+fn endpoint(
+    target: &str,
+    status: &Status,
+    metrics: &PrometheusHandle,
+    started: Instant,
+) -> Response {
+    match http::split(target).0 {
         "/readiness" | "/readyz" => {
             if status.ready.load(Ordering::Relaxed) {
                 Response::text(200, "ready\n")

@@ -1,0 +1,699 @@
+//! Tests against the real kernel. Each runs on a thread of its own that moves into a fresh network namespace
+//! (`unshare(CLONE_NEWNET)` affects only the calling thread), with a current-thread tokio runtime built
+//! there, so the rtnetlink socket — and every `ip` or `bridge` the test runs to check the result, since a
+//! child process starts in the namespace of the thread that spawned it — lives in that namespace. When the
+//! thread ends the namespace goes, with every device in it: nothing is left behind, also on failure.
+//!
+//! Without the privilege to make a namespace (not root), a test prints `SKIPPED` and the reason and passes;
+//! with `EGRESS_REQUIRE_NETNS=1` it fails instead.
+
+use std::future::Future;
+use std::io;
+use std::net::{IpAddr, Ipv4Addr};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use futures_util::TryStreamExt;
+use ipnet::IpNet;
+use netlink_packet_route::route::RouteAttribute;
+use netlink_packet_route::{AddressFamily, RouteNetlinkMessage};
+use rtnetlink::{LinkUnspec, LinkVeth};
+
+use super::{route, Kernel, KernelError};
+use crate::node::state::{
+    link_local, tunnel_mac, ApplyReport, Desired, Mac, Ownership, RouteKind, RuleSpec, VxlanSpec,
+};
+
+const DEVICE: &str = "egress.calico";
+const UNDERLAY: &str = "u0";
+const LOCAL: Ipv4Addr = Ipv4Addr::new(10, 9, 0, 1);
+
+/// Runs `body` in a fresh network namespace (see the module documentation).
+fn in_netns<F, Fut>(test: &'static str, body: F)
+where
+    F: FnOnce() -> Fut + Send + 'static,
+    Fut: Future<Output = ()>,
+{
+    if let Err(e) = Command::new("ip").arg("-V").output() {
+        return skip(test, &format!("cannot run `ip`: {e}"));
+    }
+    let outcome = std::thread::spawn(move || -> Result<(), String> {
+        // SAFETY: unshare takes no pointers; CLONE_NEWNET moves only this thread into a new namespace.
+        if unsafe { libc::unshare(libc::CLONE_NEWNET) } != 0 {
+            let e = io::Error::last_os_error();
+            if e.raw_os_error() == Some(libc::EPERM) {
+                return Err(format!("unshare(CLONE_NEWNET): {e} (not root?)"));
+            }
+            panic!("unshare(CLONE_NEWNET): {e}");
+        }
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .map_err(|e| format!("tokio runtime: {e}"))?;
+        runtime.block_on(body());
+        Ok(())
+    })
+    .join();
+    match outcome {
+        Ok(Ok(())) => {}
+        Ok(Err(reason)) => skip(test, &reason),
+        Err(panic) => std::panic::resume_unwind(panic),
+    }
+}
+
+fn skip(test: &str, reason: &str) {
+    if std::env::var("EGRESS_REQUIRE_NETNS").as_deref() == Ok("1") {
+        panic!("{test}: EGRESS_REQUIRE_NETNS=1 but the test cannot run: {reason}");
+    }
+    println!("SKIPPED {test}: {reason}");
+}
+
+/// Runs a command in the test's namespace; returns its output, one line per `-o` record, white space
+/// collapsed and the `\` that `-o` puts between next hops dropped.
+fn run(command: &str) -> String {
+    let words: Vec<&str> = command.split_whitespace().collect();
+    let output = Command::new(words[0])
+        .args(&words[1..])
+        .output()
+        .unwrap_or_else(|e| panic!("{command}: {e}"));
+    assert!(
+        output.status.success(),
+        "{command}: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    String::from_utf8_lossy(&output.stdout)
+        .lines()
+        .map(|line| {
+            line.split_whitespace()
+                .filter(|word| *word != "\\")
+                .map(|word| word.trim_end_matches('\\'))
+                .collect::<Vec<_>>()
+                .join(" ")
+        })
+        .filter(|line| !line.is_empty())
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+/// Like [`run`], for a command expected to fail; returns its error output.
+fn run_failing(command: &str) -> String {
+    let words: Vec<&str> = command.split_whitespace().collect();
+    let output = Command::new(words[0])
+        .args(&words[1..])
+        .output()
+        .unwrap_or_else(|e| panic!("{command}: {e}"));
+    assert!(!output.status.success(), "{command} succeeded");
+    String::from_utf8_lossy(&output.stderr).into_owned()
+}
+
+/// `lo` up, and the underlay: veth `u0` (10.9.0.1/24, up) with its peer `u1` (up). Made through rtnetlink.
+async fn underlay() {
+    let (connection, handle, _) = rtnetlink::new_connection().unwrap();
+    tokio::spawn(connection);
+    let index = |name: &'static str| {
+        let handle = handle.clone();
+        async move {
+            handle
+                .link()
+                .get()
+                .match_name(name)
+                .execute()
+                .try_next()
+                .await
+                .unwrap()
+                .unwrap()
+                .header
+                .index
+        }
+    };
+    let up = |index: u32| {
+        handle
+            .link()
+            .set(LinkUnspec::new_with_index(index).up().build())
+    };
+    up(index("lo").await).execute().await.unwrap();
+    handle
+        .link()
+        .add(LinkVeth::new(UNDERLAY, "u1").build())
+        .execute()
+        .await
+        .unwrap();
+    let u0 = index(UNDERLAY).await;
+    handle
+        .address()
+        .add(u0, IpAddr::V4(LOCAL), 24)
+        .execute()
+        .await
+        .unwrap();
+    up(u0).execute().await.unwrap();
+    up(index("u1").await).execute().await.unwrap();
+    // The check that `ip` runs in this namespace: it sees exactly these three devices.
+    let links = run("ip -o link show");
+    assert_eq!(
+        links.lines().count(),
+        3,
+        "not in the test's namespace:\n{links}"
+    );
+}
+
+fn spec() -> VxlanSpec {
+    VxlanSpec {
+        device: DEVICE.into(),
+        vni: 4097,
+        port: 4790,
+        mtu: 1450,
+        local: LOCAL,
+        underlay_device: UNDERLAY.into(),
+    }
+}
+
+fn owned() -> Ownership {
+    Ownership {
+        device: DEVICE.into(),
+        rule_priority: 100,
+        tables: 300..=399,
+    }
+}
+
+fn v4(s: &str) -> Ipv4Addr {
+    s.parse().unwrap()
+}
+
+fn net(s: &str) -> IpNet {
+    s.parse().unwrap()
+}
+
+fn gw1() -> Ipv4Addr {
+    v4("10.244.1.5")
+}
+
+fn gw2() -> Ipv4Addr {
+    v4("10.244.2.9")
+}
+
+fn ll(gateway: Ipv4Addr) -> IpAddr {
+    IpAddr::V6(link_local(tunnel_mac(gateway)))
+}
+
+fn rule(src: &str, table: u32) -> RuleSpec {
+    RuleSpec {
+        src: src.parse().unwrap(),
+        table,
+        priority: 100,
+    }
+}
+
+/// Neighbours and FDB entries for `gateways`.
+fn add_gateways(desired: &mut Desired, gateways: &[Ipv4Addr]) {
+    for &gateway in gateways {
+        let mac: Mac = tunnel_mac(gateway);
+        desired.neighbours.insert(IpAddr::V4(gateway), mac);
+        desired.neighbours.insert(ll(gateway), mac);
+        desired.fdb.insert(mac, gateway);
+    }
+}
+
+/// Every kind of route, both families, rules, neighbours, FDB.
+fn desired_first() -> Desired {
+    let mut d = Desired::default();
+    for r in [
+        rule("10.0.1.1", 300),
+        rule("10.0.1.2", 301),
+        rule("10.0.1.3", 303),
+        rule("fd00::1:1", 302),
+    ] {
+        d.rules.insert(r);
+    }
+    let both = vec![IpAddr::V4(gw1()), IpAddr::V4(gw2())];
+    let routes = [
+        ((300, "0.0.0.0/0"), RouteKind::Via(vec![IpAddr::V4(gw1())])),
+        ((300, "10.0.0.0/8"), RouteKind::Throw),
+        ((300, "203.0.113.0/24"), RouteKind::Unreachable),
+        ((301, "0.0.0.0/0"), RouteKind::Via(both.clone())),
+        ((303, "0.0.0.0/0"), RouteKind::Via(both)),
+        ((302, "::/0"), RouteKind::Via(vec![ll(gw1())])),
+        (
+            (302, "2001:db8::/32"),
+            RouteKind::Via(vec![ll(gw1()), ll(gw2())]),
+        ),
+        ((302, "fd00::/8"), RouteKind::Throw),
+        ((302, "2001:db8:dead::/48"), RouteKind::Unreachable),
+    ];
+    for ((table, dst), kind) in routes {
+        d.routes.insert((table, net(dst)), kind);
+    }
+    add_gateways(&mut d, &[gw1(), gw2()]);
+    d
+}
+
+/// [`desired_first`] after gw1 went away and one pod left: a multipath set loses a gateway (IPv4 and
+/// IPv6), single-gateway routes turn unreachable, one rule and its table go, and gw1's neighbours and
+/// FDB entry with them.
+fn desired_second() -> Desired {
+    let mut d = desired_first();
+    d.rules.remove(&rule("10.0.1.2", 301));
+    d.routes.remove(&(301, net("0.0.0.0/0")));
+    d.routes
+        .insert((300, net("0.0.0.0/0")), RouteKind::Unreachable);
+    d.routes.insert(
+        (303, net("0.0.0.0/0")),
+        RouteKind::Via(vec![IpAddr::V4(gw2())]),
+    );
+    d.routes.insert((302, net("::/0")), RouteKind::Unreachable);
+    d.routes
+        .insert((302, net("2001:db8::/32")), RouteKind::Via(vec![ll(gw2())]));
+    d.neighbours.clear();
+    d.fdb.clear();
+    add_gateways(&mut d, &[gw2()]);
+    d
+}
+
+/// What the agent's objects look like through `ip` and `bridge`, sorted, plus the foreign ones that share
+/// their filters (the table-500 route and rule).
+fn kernel_state() -> Vec<String> {
+    let mut lines: Vec<String> = [
+        "ip -o -4 rule show priority 100",
+        "ip -o -6 rule show priority 100",
+        "ip -o -4 route show table all proto 242",
+        "ip -o -6 route show table all proto 242",
+        "ip -o -4 neigh show dev egress.calico nud permanent",
+        "ip -o -6 neigh show dev egress.calico nud permanent",
+        "bridge fdb show dev egress.calico",
+    ]
+    .iter()
+    .flat_map(|command| run(command).lines().map(str::to_owned).collect::<Vec<_>>())
+    .collect();
+    lines.sort();
+    lines
+}
+
+fn expect(lines: &[&str]) -> Vec<String> {
+    let mut lines: Vec<String> = lines.iter().map(|l| (*l).to_owned()).collect();
+    lines.sort();
+    lines
+}
+
+/// Objects in the namespace that are not the agent's: proto static in an owned table, a rule at another
+/// priority, a proto 242 route and rule in a table outside the range, a permanent neighbour elsewhere.
+fn add_foreign_objects() {
+    for command in [
+        "ip route add table 300 192.0.2.0/24 dev u0 proto static",
+        "ip rule add from 10.0.9.9 lookup 300 priority 200 proto 242",
+        "ip route add table 500 198.51.100.0/24 dev u0 proto 242",
+        "ip rule add from 10.0.9.8 lookup 500 priority 100 proto 242",
+        "ip neigh add 10.9.0.2 lladdr 02:00:00:00:00:02 dev u0 nud permanent",
+    ] {
+        run(command);
+    }
+}
+
+fn foreign_objects() -> String {
+    [
+        "ip -o route show table 300 proto static",
+        "ip -o rule show priority 200",
+        "ip -o route show table 500",
+        "ip -o rule show lookup 500",
+        "ip -o neigh show dev u0 nud permanent",
+    ]
+    .iter()
+    .map(|command| run(command))
+    .collect::<Vec<_>>()
+    .join("\n")
+}
+
+const FOREIGN: &str = "192.0.2.0/24 dev u0 scope link\n\
+     200: from 10.0.9.9 lookup 300 proto 242\n\
+     198.51.100.0/24 dev u0 proto 242 scope link\n\
+     100: from 10.0.9.8 lookup 500 proto 242\n\
+     10.9.0.2 lladdr 02:00:00:00:00:02 PERMANENT";
+
+/// What [`desired_first`] looks like (`ip` omits `proto 242` when it is the filter).
+const FIRST: &[&str] = &[
+    "100: from 10.0.1.1 lookup 300 proto 242",
+    "100: from 10.0.1.2 lookup 301 proto 242",
+    "100: from 10.0.1.3 lookup 303 proto 242",
+    "100: from 10.0.9.8 lookup 500 proto 242",
+    "100: from fd00::1:1 lookup 302 proto 242",
+    "default via 10.244.1.5 dev egress.calico table 300 onlink",
+    "throw 10.0.0.0/8 table 300",
+    "unreachable 203.0.113.0/24 table 300",
+    "default table 301 nexthop via 10.244.1.5 dev egress.calico weight 1 onlink nexthop via 10.244.2.9 dev egress.calico weight 1 onlink",
+    "default table 303 nexthop via 10.244.1.5 dev egress.calico weight 1 onlink nexthop via 10.244.2.9 dev egress.calico weight 1 onlink",
+    "198.51.100.0/24 dev u0 table 500 scope link",
+    "default via fe80::a02a:aff:fef4:105 dev egress.calico table 302 metric 1024 pref medium",
+    "2001:db8::/32 table 302 metric 1024 pref medium nexthop via fe80::a02a:aff:fef4:105 dev egress.calico weight 1 nexthop via fe80::a02a:aff:fef4:209 dev egress.calico weight 1",
+    "throw fd00::/8 dev lo table 302 metric 1024 pref medium",
+    "unreachable 2001:db8:dead::/48 dev lo table 302 metric 1024 pref medium",
+    "10.244.1.5 lladdr a2:2a:0a:f4:01:05 PERMANENT",
+    "10.244.2.9 lladdr a2:2a:0a:f4:02:09 PERMANENT",
+    "fe80::a02a:aff:fef4:105 lladdr a2:2a:0a:f4:01:05 PERMANENT",
+    "fe80::a02a:aff:fef4:209 lladdr a2:2a:0a:f4:02:09 PERMANENT",
+    "a2:2a:0a:f4:01:05 dst 10.244.1.5 self permanent",
+    "a2:2a:0a:f4:02:09 dst 10.244.2.9 self permanent",
+];
+
+/// What [`desired_second`] looks like.
+const SECOND: &[&str] = &[
+    "100: from 10.0.1.1 lookup 300 proto 242",
+    "100: from 10.0.1.3 lookup 303 proto 242",
+    "100: from 10.0.9.8 lookup 500 proto 242",
+    "100: from fd00::1:1 lookup 302 proto 242",
+    "unreachable default table 300",
+    "throw 10.0.0.0/8 table 300",
+    "unreachable 203.0.113.0/24 table 300",
+    "default via 10.244.2.9 dev egress.calico table 303 onlink",
+    "198.51.100.0/24 dev u0 table 500 scope link",
+    "unreachable default dev lo table 302 metric 1024 pref medium",
+    "2001:db8::/32 via fe80::a02a:aff:fef4:209 dev egress.calico table 302 metric 1024 pref medium",
+    "throw fd00::/8 dev lo table 302 metric 1024 pref medium",
+    "unreachable 2001:db8:dead::/48 dev lo table 302 metric 1024 pref medium",
+    "10.244.2.9 lladdr a2:2a:0a:f4:02:09 PERMANENT",
+    "fe80::a02a:aff:fef4:209 lladdr a2:2a:0a:f4:02:09 PERMANENT",
+    "a2:2a:0a:f4:02:09 dst 10.244.2.9 self permanent",
+];
+
+fn report(added: usize, replaced: usize, removed: usize) -> ApplyReport {
+    ApplyReport {
+        added,
+        replaced,
+        removed,
+    }
+}
+
+#[test]
+fn ensure_vxlan_creates_fixes_recreates_and_refuses_a_foreign_device() {
+    in_netns("ensure_vxlan", || async {
+        underlay().await;
+        let kernel = Kernel::connect().unwrap();
+        let index = kernel.ensure_vxlan(&spec()).await.unwrap();
+        let link = run("ip -d link show egress.calico");
+        for part in [
+            &format!("{index}: egress.calico: <BROADCAST,MULTICAST,UP,LOWER_UP> mtu 1450"),
+            "vxlan id 4097 local 10.9.0.1 dev u0 srcport 0 0 dstport 4790 nolearning",
+            "alias egress-gateway node agent",
+        ] {
+            assert!(link.contains(part), "{part:?} not in\n{link}");
+        }
+        // Again: the same device.
+        assert_eq!(kernel.ensure_vxlan(&spec()).await.unwrap(), index);
+
+        // MTU and down are fixed in place.
+        run("ip link set egress.calico mtu 1400 down");
+        assert_eq!(kernel.ensure_vxlan(&spec()).await.unwrap(), index);
+        let link = run("ip link show egress.calico");
+        assert!(link.contains("UP,LOWER_UP> mtu 1450"), "{link}");
+
+        // Another VNI: made again.
+        let other = VxlanSpec {
+            vni: 4098,
+            ..spec()
+        };
+        let index2 = kernel.ensure_vxlan(&other).await.unwrap();
+        assert_ne!(index2, index);
+        let link = run("ip -d link show egress.calico");
+        assert!(
+            link.contains("vxlan id 4098 local 10.9.0.1 dev u0"),
+            "{link}"
+        );
+        assert!(link.contains("alias egress-gateway node agent"), "{link}");
+
+        // A device the agent did not make is refused and left alone, by ensure_vxlan and by cleanup.
+        run("ip link add foreign0 type vxlan id 5 dstport 4789 local 10.9.0.1 dev u0");
+        let before = run("ip -d link show foreign0");
+        let foreign = VxlanSpec {
+            device: "foreign0".into(),
+            ..spec()
+        };
+        let e = kernel.ensure_vxlan(&foreign).await.unwrap_err();
+        assert!(matches!(e, KernelError::ForeignDevice { .. }), "{e:?}");
+        assert_eq!(
+            e.to_string(),
+            "device foreign0 exists but was not created by the node agent (its alias is \"\", not \
+             \"egress-gateway node agent\"); it will not be touched: remove it, or configure another \
+             device name"
+        );
+        let cleanup = kernel
+            .cleanup(&Ownership {
+                device: "foreign0".into(),
+                ..owned()
+            })
+            .await
+            .unwrap();
+        assert_eq!(cleanup, ApplyReport::default());
+        assert_eq!(run("ip -d link show foreign0"), before);
+
+        // A missing underlay is named.
+        let e = kernel
+            .ensure_vxlan(&VxlanSpec {
+                underlay_device: "nope0".into(),
+                ..spec()
+            })
+            .await
+            .unwrap_err();
+        assert_eq!(e.to_string(), "device nope0 not found");
+
+        // The sysctls, in this namespace (checked: /proc/sys/net shows this namespace's devices).
+        assert!(std::path::Path::new("/proc/sys/net/ipv4/conf/u0").exists());
+        super::set_sysctls(DEVICE).unwrap();
+        let read = |key: &str| std::fs::read_to_string(format!("/proc/sys/net/{key}")).unwrap();
+        assert_eq!(read("ipv4/fib_multipath_hash_policy").trim(), "1");
+        assert_eq!(read("ipv6/fib_multipath_hash_policy").trim(), "1");
+        assert_eq!(read("ipv4/conf/egress.calico/rp_filter").trim(), "0");
+    });
+}
+
+#[test]
+fn apply_reconciles_and_cleanup_removes_only_what_the_agent_owns() {
+    in_netns("apply_and_cleanup", || async {
+        underlay().await;
+        add_foreign_objects();
+        assert_eq!(foreign_objects(), FOREIGN);
+        let kernel = Kernel::connect().unwrap();
+        let index = kernel.ensure_vxlan(&spec()).await.unwrap();
+
+        // 4 rules, 9 routes, 4 neighbours, 2 FDB entries.
+        let first = desired_first();
+        let done = kernel.apply(index, &first, &owned()).await.unwrap();
+        assert_eq!(done, report(19, 0, 0));
+        assert_eq!(kernel_state(), expect(FIRST));
+        assert_eq!(foreign_objects(), FOREIGN);
+
+        // The kernel reports the IPv6 multipath route as one message with RTA_MULTIPATH.
+        let v6 = kernel
+            .dump(route::dump_request(AddressFamily::Inet6), "dump")
+            .await
+            .unwrap();
+        let multipath = v6.iter().any(|m| {
+            matches!(m, RouteNetlinkMessage::NewRoute(r)
+                if r.header.destination_prefix_length == 32
+                    && r.attributes.iter().any(|a| matches!(a, RouteAttribute::MultiPath(h) if h.len() == 2)))
+        });
+        assert!(
+            multipath,
+            "IPv6 multipath is not reported as RTA_MULTIPATH: {v6:?}"
+        );
+
+        // Again: nothing to do.
+        assert_eq!(
+            kernel.apply(index, &first, &owned()).await.unwrap(),
+            ApplyReport::default()
+        );
+
+        // gw1 gone, one pod gone: replaced = 300 default, 303 default, 302 ::/0, 302 2001:db8::/32;
+        // removed = rule 301, route 301 default, gw1's two neighbours and FDB entry.
+        let second = desired_second();
+        let done = kernel.apply(index, &second, &owned()).await.unwrap();
+        assert_eq!(done, report(0, 4, 5));
+        assert_eq!(kernel_state(), expect(SECOND));
+        assert_eq!(foreign_objects(), FOREIGN);
+        assert_eq!(
+            kernel.apply(index, &second, &owned()).await.unwrap(),
+            ApplyReport::default()
+        );
+
+        // And back: unreachable → via, single → multipath, the rule and table return.
+        let done = kernel.apply(index, &first, &owned()).await.unwrap();
+        assert_eq!(done, report(2 + 3, 4, 0));
+        assert_eq!(kernel_state(), expect(FIRST));
+
+        // Drift made by someone else is repaired; their objects stay.
+        run("ip route del table 300 10.0.0.0/8 proto 242");
+        run("ip neigh replace 10.244.2.9 lladdr 02:00:00:00:00:09 dev egress.calico nud permanent");
+        run("ip route add table 399 unreachable 198.18.0.0/15 proto 242");
+        run("bridge fdb append 00:00:00:00:00:00 dev egress.calico dst 10.9.0.99");
+        run("ip -6 route add table 302 unreachable 2001:db8:dead::/48 proto 242 metric 5");
+        let done = kernel.apply(index, &first, &owned()).await.unwrap();
+        assert_eq!(done, report(1, 1, 3));
+        assert_eq!(kernel_state(), expect(FIRST));
+
+        // Cleanup: 4 rules + 9 routes + 4 neighbours + 2 FDB entries + the device.
+        let done = kernel.cleanup(&owned()).await.unwrap();
+        assert_eq!(done, report(0, 0, 20));
+        assert_eq!(
+            kernel_state_without_device(),
+            expect(&[
+                "100: from 10.0.9.8 lookup 500 proto 242",
+                "198.51.100.0/24 dev u0 table 500 scope link",
+            ])
+        );
+        assert!(run_failing("ip link show egress.calico").contains("does not exist"));
+        assert_eq!(foreign_objects(), FOREIGN);
+        // Again: nothing left.
+        assert_eq!(
+            kernel.cleanup(&owned()).await.unwrap(),
+            ApplyReport::default()
+        );
+    });
+}
+
+/// [`kernel_state`] once the device is gone.
+fn kernel_state_without_device() -> Vec<String> {
+    let mut lines: Vec<String> = [
+        "ip -o -4 rule show priority 100",
+        "ip -o -6 rule show priority 100",
+        "ip -o -4 route show table all proto 242",
+        "ip -o -6 route show table all proto 242",
+    ]
+    .iter()
+    .flat_map(|command| run(command).lines().map(str::to_owned).collect::<Vec<_>>())
+    .collect();
+    lines.sort();
+    lines
+}
+
+#[test]
+fn a_failed_route_keeps_its_pod_s_rule_out() {
+    in_netns("failed_route", || async {
+        underlay().await;
+        let kernel = Kernel::connect().unwrap();
+        let index = kernel.ensure_vxlan(&spec()).await.unwrap();
+        // Someone else's route at the agent's key: the add fails with EEXIST.
+        run("ip route add table 310 10.0.0.0/8 dev u0 proto static");
+        let mut desired = Desired::default();
+        desired.rules.insert(rule("10.0.1.1", 310));
+        desired.rules.insert(rule("10.0.1.2", 311));
+        desired
+            .routes
+            .insert((310, net("10.0.0.0/8")), RouteKind::Throw);
+        desired
+            .routes
+            .insert((311, net("10.0.0.0/8")), RouteKind::Throw);
+        let e = kernel.apply(index, &desired, &owned()).await.unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "2 of 4 kernel changes failed (2 added, 0 replaced, 0 removed went through); first: add \
+             route 10.0.0.0/8 table 310: File exists (os error 17)"
+        );
+        assert_eq!(
+            run("ip -o rule show priority 100"),
+            "100: from 10.0.1.2 lookup 311 proto 242"
+        );
+    });
+}
+
+/// Builds a node with `pods` pods (a rule and three routes each, two gateways) in tables from 1000.
+fn desired_at_scale(pods: u32, flip: bool) -> Desired {
+    let mut d = Desired::default();
+    let both = vec![IpAddr::V4(gw1()), IpAddr::V4(gw2())];
+    for pod in 0..pods {
+        let table = 1000 + pod;
+        let src = Ipv4Addr::from(u32::from(v4("10.1.0.0")) + pod);
+        d.rules.insert(RuleSpec {
+            src: IpAddr::V4(src),
+            table,
+            priority: 100,
+        });
+        let via = if flip && pod == pods / 2 {
+            RouteKind::Via(vec![IpAddr::V4(gw2())])
+        } else {
+            RouteKind::Via(both.clone())
+        };
+        d.routes.insert((table, net("0.0.0.0/0")), via);
+        d.routes
+            .insert((table, net("10.0.0.0/8")), RouteKind::Throw);
+        d.routes.insert(
+            (table, net("::/0")),
+            RouteKind::Via(vec![ll(gw1()), ll(gw2())]),
+        );
+    }
+    add_gateways(&mut d, &[gw1(), gw2()]);
+    d
+}
+
+#[test]
+fn apply_time_of_a_failover() {
+    in_netns("apply_time", || async {
+        underlay().await;
+        let kernel = Kernel::connect().unwrap();
+        let mut index = kernel.ensure_vxlan(&spec()).await.unwrap();
+        let owned = Ownership {
+            tables: 1000..=1999,
+            ..owned()
+        };
+        for pods in [3, 300] {
+            let steady = desired_at_scale(pods, false);
+            let flipped = desired_at_scale(pods, true);
+            let began = Instant::now();
+            kernel.apply(index, &steady, &owned).await.unwrap();
+            let first = began.elapsed();
+            let began = Instant::now();
+            let idle = kernel.apply(index, &steady, &owned).await.unwrap();
+            let noop = began.elapsed();
+            assert_eq!(idle, ApplyReport::default());
+            let mut flips = Vec::new();
+            for i in 0..20 {
+                let target = if i % 2 == 0 { &flipped } else { &steady };
+                let began = Instant::now();
+                let done = kernel.apply(index, target, &owned).await.unwrap();
+                flips.push(began.elapsed());
+                assert_eq!(done, report(0, 1, 0));
+            }
+            flips.sort();
+            let mean = flips.iter().sum::<Duration>() / u32::try_from(flips.len()).unwrap();
+            println!(
+                "apply with {pods} pods ({} rules, {} routes): first {first:?}, unchanged {noop:?}; \
+                 flipping one multipath route: mean {mean:?}, min {:?}, max {:?}",
+                steady.rules.len(),
+                steady.routes.len(),
+                flips[0],
+                flips[flips.len() - 1]
+            );
+            kernel.cleanup(&owned).await.unwrap();
+            index = kernel.ensure_vxlan(&spec()).await.unwrap();
+        }
+    });
+}
+
+// Unprivileged tests of this file's own logic.
+
+#[test]
+fn connect_needs_a_runtime() {
+    let e = Kernel::connect().unwrap_err();
+    assert!(matches!(e, KernelError::NoRuntime), "{e:?}");
+}
+
+#[test]
+fn partial_failure_says_what_went_through_and_the_first_error() {
+    let mut progress = super::Progress {
+        attempted: 3,
+        done: report(1, 0, 0),
+        ..super::Progress::default()
+    };
+    progress.fail(KernelError::Netlink {
+        what: "add route 10.0.0.0/8 table 201".into(),
+        source: io::Error::from_raw_os_error(libc::EEXIST),
+    });
+    progress.fail(KernelError::Closed {
+        what: "add rule from 10.0.1.1 lookup 201 priority 100".into(),
+    });
+    let e = progress.finish().unwrap_err();
+    assert_eq!(
+        e.to_string(),
+        "2 of 3 kernel changes failed (1 added, 0 replaced, 0 removed went through); first: add route \
+         10.0.0.0/8 table 201: File exists (os error 17)"
+    );
+    assert_eq!(
+        super::Progress::default().finish().unwrap(),
+        ApplyReport::default()
+    );
+}
