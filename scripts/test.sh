@@ -28,6 +28,12 @@ cargo test -p bench --benches --release --locked
 step "the demo (README command 1) passes its own checks"
 cargo run -q --release --locked -p gateway -- demo >/dev/null
 
+step "container image: static binary, podman build FROM scratch, --version and check from the exported filesystem"
+scripts/image.sh
+
+step "Kubernetes manifests (deploy/): schemas, egress-gateway check on the ConfigMaps, dashboard metrics"
+scripts/validate-manifests.sh
+
 if [[ -x scripts/namespace-tests.sh ]]; then
   step "network-namespace tests"
   scripts/namespace-tests.sh

@@ -137,6 +137,19 @@ impl GatewayConfig {
         GatewayConfig::parse(&text, path)
     }
 
+    /// [`load`](Self::load), then `tunnel_ip` (the pod's own IP, `--tunnel-ip`) replaces the address of
+    /// `tunnel.listen`, keeping its port: one file serves a pod whose IP changes on every restart.
+    pub(crate) fn load_with(
+        path: &Path,
+        tunnel_ip: Option<Ipv4Addr>,
+    ) -> Result<GatewayConfig, ConfigErrors> {
+        let mut config = GatewayConfig::load(path)?;
+        if let Some(ip) = tunnel_ip {
+            config.tunnel.listen.set_ip(ip);
+        }
+        Ok(config)
+    }
+
     /// Parses from a string (for tests and reload), `name` used in messages as the file name.
     pub(crate) fn parse(text: &str, name: &Path) -> Result<GatewayConfig, ConfigErrors> {
         let root = reader::parse_yaml(text, name).map_err(|e| ConfigErrors(vec![e]))?;
@@ -503,6 +516,21 @@ uplinks:
             log_format: LogFormat::Text,
             flow_log: None,
         }
+    }
+
+    #[test]
+    fn the_tunnel_ip_from_the_command_line_replaces_the_files() {
+        let path = Path::new(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/examples/gateway.yaml"
+        ));
+        let c = GatewayConfig::load_with(path, Some(Ipv4Addr::new(10, 244, 7, 9))).unwrap();
+        assert_eq!(c.tunnel.listen, "10.244.7.9:4790".parse().unwrap());
+        assert_eq!(c.pipeline(None).tunnel_ip, Ipv4Addr::new(10, 244, 7, 9));
+        assert_eq!(
+            GatewayConfig::load_with(path, None).unwrap(),
+            GatewayConfig::load(path).unwrap()
+        );
     }
 
     #[test]

@@ -50,6 +50,10 @@ enum Command {
         /// The configuration file (YAML; see docs/configuration.md).
         #[arg(long, short, value_name = "FILE")]
         config: PathBuf,
+        /// The pod's own IP: replaces the address of `tunnel.listen` (its port stays), also on reload. In a
+        /// StatefulSet: `--tunnel-ip=$(POD_IP)` from the downward API's status.podIP.
+        #[arg(long, value_name = "IP")]
+        tunnel_ip: Option<std::net::Ipv4Addr>,
     },
     /// Check files without starting anything: prints `FILE: ok (N uplinks, M routes)` for each valid gateway
     /// configuration and `FILE: ok (N policies, M namespaces, K pods)` for each valid inventory file
@@ -137,7 +141,7 @@ enum Command {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
-        Command::Run { config } => match run::run(&config) {
+        Command::Run { config, tunnel_ip } => match run::run(&config, tunnel_ip) {
             Ok(()) => ExitCode::SUCCESS,
             Err(run::RunError::Config(errors)) => {
                 eprintln!("{errors}");

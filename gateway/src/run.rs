@@ -12,7 +12,7 @@
 //! forwarding established ones for `drain_seconds`, then stops the workers and exits 0; a second signal
 //! exits at once.
 
-use std::net::IpAddr;
+use std::net::{IpAddr, Ipv4Addr};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{mpsc, Arc, Mutex};
@@ -49,8 +49,8 @@ fn setup(e: impl std::fmt::Display) -> RunError {
 }
 
 /// Runs the gateway until SIGTERM/SIGINT and the drain are over.
-pub(crate) fn run(path: &Path) -> Result<(), RunError> {
-    let cfg = GatewayConfig::load(path).map_err(RunError::Config)?;
+pub(crate) fn run(path: &Path, tunnel_ip: Option<Ipv4Addr>) -> Result<(), RunError> {
+    let cfg = GatewayConfig::load_with(path, tunnel_ip).map_err(RunError::Config)?;
     telemetry::init_logs(cfg.log_format == LogFormat::Json);
 
     let mut uplinks = Vec::with_capacity(cfg.uplinks.len());
@@ -136,6 +136,7 @@ pub(crate) fn run(path: &Path) -> Result<(), RunError> {
         .map_err(setup)?;
     let mut control = Control {
         path: path.to_path_buf(),
+        tunnel_ip,
         cfg,
         seed,
         shared: Arc::clone(&shared),
@@ -380,6 +381,8 @@ fn start_http(
 
 struct Control {
     path: PathBuf,
+    /// `--tunnel-ip`, applied to every reload too.
+    tunnel_ip: Option<Ipv4Addr>,
     cfg: GatewayConfig,
     seed: u64,
     shared: Arc<Shared>,
@@ -447,7 +450,7 @@ impl Control {
                 "configuration reload ({why}) refused; the running configuration stays: {msg}"
             );
         };
-        let new = match GatewayConfig::load(&self.path) {
+        let new = match GatewayConfig::load_with(&self.path, self.tunnel_ip) {
             Ok(c) => c,
             Err(errors) => return refuse(&self.telemetry, format!("\n{errors}")),
         };

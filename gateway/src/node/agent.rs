@@ -172,7 +172,7 @@ impl Agent {
 
     async fn run(mut self) -> Result<(), AgentError> {
         self.device_index = Some(self.kernel.ensure_vxlan(&self.vxlan).await?);
-        kernel::set_sysctls(&self.vxlan.device)?;
+        self.sysctls();
         tracing::info!(
             node = %self.config.node_name,
             device = %self.vxlan.device,
@@ -223,6 +223,19 @@ impl Agent {
             "node agent stopping; routing is left in place (use --cleanup to remove it)"
         );
         Ok(())
+    }
+
+    /// `fib_multipath_hash_policy=1` (both families) and `rp_filter=0` on the device. Values already right
+    /// are not written; a read-only `/proc/sys` (an unprivileged container) is a warning, not an error: set
+    /// them from a privileged init container instead (docs/deploy.md).
+    fn sysctls(&self) {
+        if let Err(e) = kernel::set_sysctls(&self.vxlan.device) {
+            tracing::warn!(
+                error = %e,
+                "cannot set the multipath hash and rp_filter sysctls; flows may not spread over gateways by \
+                 5-tuple and replies may be filtered: set them on the node (see docs/node-agent.md)"
+            );
+        }
     }
 
     fn heartbeat(&self) {
@@ -323,6 +336,8 @@ impl Agent {
             None => match self.kernel.ensure_vxlan(&self.vxlan).await {
                 Ok(i) => {
                     self.device_index = Some(i);
+                    // A recreated device starts with the default rp_filter.
+                    self.sysctls();
                     i
                 }
                 Err(e) => {
