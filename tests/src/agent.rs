@@ -986,7 +986,8 @@ mod tests {
         debug.is_file().then_some(debug)
     }
 
-    /// `egress-gateway check` accepts what the builder writes, and `explain` reads it as meant.
+    /// `egress-gateway check` accepts what the builder writes (and the agent configuration), and `explain`
+    /// reads the inventory as meant.
     #[test]
     fn inventory_passes_egress_gateway_check() {
         let Some(bin) = any_binary() else {
@@ -1052,6 +1053,19 @@ mod tests {
         );
         let blue6 = explain("2001:db8:100::10");
         assert!(blue6.contains("egress/gw2"), "{blue6}");
+        // The agent's configuration passes the agent's own (strict) reader too.
+        let config = dir.path().join("agent.yaml");
+        std::fs::write(&config, AgentConfig::for_node(1, vec![file.clone()]).yaml()).unwrap();
+        let out = crate::cmd::output(&bin, &["check", &config.to_string_lossy()]).unwrap();
+        let text = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(
+            out.status.success() && text.contains("node agent for node1"),
+            "{text}"
+        );
         let local = explain("172.16.1.10");
         assert!(
             local.contains("NoGateway") || local.contains("no gateway"),
