@@ -162,6 +162,35 @@ impl Gateway {
         }
     }
 
+    /// Starts the userspace gateway's process again with the same binary and configuration (after it was
+    /// killed or stopped; a running one is stopped first). Its log is `gw<k>-<pid>.log` next to the
+    /// configuration. Wait with [`wait_ready`](Self::wait_ready).
+    pub fn respawn(&mut self) -> Result<()> {
+        let GatewayMode::Userspace { binary } = self.mode.clone() else {
+            crate::bail!(
+                "gateway {} is in kernel mode: nothing to respawn",
+                self.number
+            );
+        };
+        let Some(config) = self.config.clone() else {
+            crate::bail!("gateway {} has no configuration file", self.number);
+        };
+        let old = self.process.take();
+        let tag = old.as_ref().map_or(0, Process::pid);
+        if let Some(mut p) = old {
+            p.stop(Duration::from_millis(500));
+        }
+        let log = config.with_file_name(format!("gw{}-{tag}.log", self.number));
+        let bin = binary.to_string_lossy().into_owned();
+        let cfg = config.to_string_lossy().into_owned();
+        let process = self
+            .ns
+            .spawn(&[&bin, "run", "--config", &cfg], log)
+            .with_context(|| format!("restart {bin}"))?;
+        self.process = Some(process);
+        Ok(())
+    }
+
     /// The configuration file written for userspace mode.
     pub fn config_path(&self) -> Option<&Path> {
         self.config.as_deref()

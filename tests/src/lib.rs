@@ -10,13 +10,18 @@
 //!   process there whose guard kills it on drop.
 //! * [`traffic`] has echo servers that record the source address they saw, clients, hash-verified bulk
 //!   transfers and `ping`.
+//! * [`agent`] drives the node agent (`egress-gateway node`) on a node-agent topology
+//!   ([`TopologySpec::node_agent`]): the Kubernetes inventory it reads, its configuration, the running
+//!   process; [`firewall`] puts an nftables allowlist on an outside server.
 //! * [`require_netns!`] skips a test without CAP_NET_ADMIN (fails instead with `EGRESS_REQUIRE_NETNS=1`).
 //!
 //! Names are unique per topology (`eg<pid>-<n>-<role>`), so tests may run in parallel, also from two
 //! processes at once. See `docs/harness.md`.
 
+pub mod agent;
 pub mod cmd;
 mod error;
+pub mod firewall;
 pub mod gateway;
 pub mod netns;
 pub mod privilege;
@@ -26,7 +31,9 @@ pub mod scenario;
 pub mod topology;
 pub mod traffic;
 
+pub use agent::{AgentConfig, Inventory, NodeAgent, Policy, PolicyRule};
 pub use error::{Context, Error, Result};
+pub use firewall::Firewall;
 pub use gateway::{gateway_binary, Gateway, GatewayMode, Metrics};
 pub use netns::{Netns, NsThread};
 pub use privilege::{require_netns, NetnsAccess};

@@ -550,6 +550,153 @@ pub fn assert_ipv6_egress(topo: &crate::Topology) {
     }
 }
 
+/// `n` UDP flows from `ns` to an echo server at `addr`: each a new socket (so a new source port) with one
+/// checked exchange. Returns the local addresses. With a multipath route, flows hash over its next hops.
+pub fn udp_flows(ns: &Netns, addr: SocketAddr, n: usize) -> Result<Vec<SocketAddr>> {
+    (0..n)
+        .map(|i| udp_exchanges(ns, addr, 1, &format!("flow {i}")))
+        .collect()
+}
+
+/// What a [`UdpProbe`] records: when each request went out and when each answer came back.
+#[derive(Debug, Default)]
+struct ProbeLog {
+    sent: Vec<Instant>,
+    answers: Vec<(u64, Instant)>,
+}
+
+/// A UDP probe stream from a pod: one socket (one flow, one source port) sending a request with a sequence
+/// number every `period` to an echo server and recording when each answer arrives — for measuring how long a
+/// flow is cut off (failover, a policy change). Stops on drop.
+#[derive(Debug)]
+pub struct UdpProbe {
+    log: Arc<std::sync::Mutex<ProbeLog>>,
+    stop: Arc<std::sync::atomic::AtomicBool>,
+    thread: Option<NsThread<Result<()>>>,
+    local: SocketAddr,
+}
+
+impl UdpProbe {
+    /// Starts the stream from `ns` to `addr`.
+    pub fn start(ns: &Netns, addr: SocketAddr, period: Duration) -> Result<Self> {
+        let log = Arc::new(std::sync::Mutex::new(ProbeLog::default()));
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let (l, st) = (log.clone(), stop.clone());
+        let (tx, rx) = std::sync::mpsc::channel::<Result<SocketAddr>>();
+        let thread = ns.thread(move || -> Result<()> {
+            let any: SocketAddr = if addr.is_ipv4() {
+                (Ipv4Addr::UNSPECIFIED, 0).into()
+            } else {
+                (Ipv6Addr::UNSPECIFIED, 0).into()
+            };
+            // Unconnected: ICMP errors while the path is down do not end the stream.
+            let sock = match UdpSocket::bind(any).and_then(|s| s.local_addr().map(|a| (s, a))) {
+                Ok((s, a)) => {
+                    let _ = tx.send(Ok(a));
+                    s
+                }
+                Err(e) => {
+                    let _ = tx.send(Err(e.into()));
+                    return Ok(());
+                }
+            };
+            let mut buf = [0u8; 64];
+            let mut seq = 0u64;
+            let mut next = Instant::now();
+            while !st.load(Ordering::Relaxed) {
+                let now = Instant::now();
+                if now >= next {
+                    let _ = sock.send_to(&seq.to_be_bytes(), addr);
+                    if let Ok(mut g) = l.lock() {
+                        g.sent.push(now);
+                    }
+                    seq += 1;
+                    next += period;
+                    continue;
+                }
+                sock.set_read_timeout(Some((next - now).max(Duration::from_millis(1))))?;
+                if let Ok((n, from)) = sock.recv_from(&mut buf) {
+                    if from == addr && n >= 8 {
+                        let got = u64::from_be_bytes(buf[..8].try_into().unwrap_or_default());
+                        if let Ok(mut g) = l.lock() {
+                            g.answers.push((got, Instant::now()));
+                        }
+                    }
+                }
+            }
+            Ok(())
+        })?;
+        let local = rx
+            .recv_timeout(Duration::from_secs(5))
+            .map_err(|_| Error::msg("the UDP probe did not start"))??;
+        Ok(Self {
+            log,
+            stop,
+            thread: Some(thread),
+            local,
+        })
+    }
+
+    /// The probe socket's address (in the pod).
+    pub fn local_addr(&self) -> SocketAddr {
+        self.local
+    }
+
+    /// Requests sent and answers received so far.
+    pub fn counts(&self) -> (usize, usize) {
+        self.log
+            .lock()
+            .map(|g| (g.sent.len(), g.answers.len()))
+            .unwrap_or_default()
+    }
+
+    /// When the first answer to a request sent at or after `t` arrived, if one has.
+    pub fn first_answer_to_request_after(&self, t: Instant) -> Option<Instant> {
+        let g = self.log.lock().ok()?;
+        g.answers
+            .iter()
+            .filter(|(seq, _)| {
+                usize::try_from(*seq)
+                    .ok()
+                    .and_then(|i| g.sent.get(i))
+                    .is_some_and(|sent| *sent >= t)
+            })
+            .map(|(_, at)| *at)
+            .min()
+    }
+
+    /// Waits (at most `timeout`) for an answer to a request sent at or after `t`; returns the time from `t`
+    /// to its arrival.
+    pub fn wait_answer_after(&self, t: Instant, timeout: Duration) -> Result<Duration> {
+        poll(timeout, Duration::from_millis(5), "a probe answer", || {
+            self.first_answer_to_request_after(t)
+                .map(|at| at.saturating_duration_since(t))
+        })
+        .with_context(|| {
+            let (sent, answered) = self.counts();
+            format!("{sent} probe requests sent, {answered} answered")
+        })
+    }
+
+    /// Stops the stream; an error if its thread failed.
+    pub fn stop(mut self) -> Result<()> {
+        self.stop.store(true, Ordering::Relaxed);
+        match self.thread.take() {
+            Some(t) => t.join_timeout(Duration::from_secs(5))?,
+            None => Ok(()),
+        }
+    }
+}
+
+impl Drop for UdpProbe {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join_timeout(Duration::from_secs(5));
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -15,6 +15,15 @@
 //! | outside servers red / blue | 198.51.100.10/24 / 192.0.2.10/24 |
 //! | internal server (`-int`) | 10.50.0.20/16 |
 //!
+//! With `node_agent` ([`TopologySpec::node_agent`]) the nodes are bare (no vxlan device, rules or tables: the
+//! node agent under test makes them) and the nodes route unsteered traffic themselves, masquerading pods:
+//!
+//! | what | address |
+//! |---|---|
+//! | underlay ↔ DMZ router link (`todmz` / `toul`) | 172.31.255.1/30 ↔ 172.31.255.2/30 |
+//! | the "local" network's router (in the underlay namespace, `tolocal`) | 172.16.1.1/24 |
+//! | the local host (`-local`, on-premises, reached without a gateway) | 172.16.1.10/24 |
+//!
 //! With `ipv6` (the default) the inner networks are dual-stack; the underlay and the tunnel stay IPv4:
 //!
 //! | what | address |
@@ -60,6 +69,16 @@ pub const RED_SERVER: Ipv4Addr = Ipv4Addr::new(198, 51, 100, 10);
 pub const BLUE_SERVER: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 10);
 /// The server on the internal network (on-link from the gateways).
 pub const INTERNAL_SERVER: Ipv4Addr = Ipv4Addr::new(10, 50, 0, 20);
+/// The on-premises ("local") network reached from nodes without a gateway (node-agent topologies).
+pub const LOCAL_NET: Ipv4Net = net(172, 16, 1, 0, 24);
+/// The host on the local network.
+pub const LOCAL_SERVER: Ipv4Addr = Ipv4Addr::new(172, 16, 1, 10);
+/// The underlay namespace's address on the local network (the local host's router).
+pub const LOCAL_ROUTER: Ipv4Addr = Ipv4Addr::new(172, 16, 1, 1);
+/// The underlay's end of its link to the DMZ router (node-agent topologies).
+pub const TRANSIT_UNDERLAY: Ipv4Addr = Ipv4Addr::new(172, 31, 255, 1);
+/// The DMZ router's end of its link to the underlay (node-agent topologies).
+pub const TRANSIT_DMZ: Ipv4Addr = Ipv4Addr::new(172, 31, 255, 2);
 /// The red server's network.
 pub const RED_NET: Ipv4Net = net(198, 51, 100, 0, 24);
 /// The blue server's network.
@@ -188,6 +207,12 @@ pub struct TopologySpec {
     /// Dual-stack inner networks (pods, DMZ, servers, internal network; kernel-mode gateways). The
     /// underlay and the tunnel stay IPv4. IPv6 routes of pods are skipped when this is off.
     pub ipv6: bool,
+    /// Nodes for a node agent: `eth0` and the pods' veths and routes only — no vxlan device, neighbours,
+    /// FDB entries, ip rules or pod tables (the agent makes those; pods must be [`PodSpec::plain`], gateways
+    /// userspace). Also node routing for unsteered traffic: the underlay namespace routes to the DMZ
+    /// router's outside networks and to the local network (172.16.1.0/24, host 172.16.1.10), and each node
+    /// masquerades pod traffic leaving `eth0` for non-cluster destinations (Calico's natOutgoing).
+    pub node_agent: bool,
 }
 
 impl TopologySpec {
@@ -207,6 +232,23 @@ impl TopologySpec {
             pod_mtu: TUNNEL_MTU,
             workers: 0,
             ipv6: true,
+            node_agent: false,
+        }
+    }
+
+    /// A topology for the node agent ([`node_agent`](Self::node_agent)): node n with `pods[n-1]` plain pods,
+    /// these gateways, dual-stack.
+    pub fn node_agent(pods: &[usize], gateways: Vec<GatewayMode>) -> Self {
+        Self {
+            nodes: pods
+                .iter()
+                .map(|&count| NodeSpec {
+                    pods: vec![PodSpec::plain(); count],
+                })
+                .collect(),
+            gateways,
+            node_agent: true,
+            ..Self::standard(GatewayMode::Kernel)
         }
     }
 }
@@ -220,7 +262,8 @@ pub struct Node {
     pub number: usize,
     /// Underlay address of `eth0`.
     pub ip: Ipv4Addr,
-    /// MAC of its `egress.calico` vxlan device (chosen by the kernel, as on a Calico node).
+    /// MAC of its `egress.calico` vxlan device (chosen by the kernel, as on a Calico node); empty on a
+    /// node-agent topology until [`Topology::felix_tunnel`] (the agent's device is its own).
     pub vxlan_mac: String,
 }
 
@@ -264,6 +307,7 @@ pub struct Topology {
     red: Host,
     blue: Host,
     internal: Host,
+    local: Option<Host>,
     dmz: Host,
     underlay: Netns,
     prefix: String,
@@ -285,6 +329,21 @@ impl Topology {
         }
         if spec.gateways.is_empty() || spec.gateways.len() > 7 {
             crate::bail!("1 to 7 gateways, not {}", spec.gateways.len());
+        }
+        if spec.node_agent {
+            if spec.gateways.contains(&GatewayMode::Kernel) {
+                crate::bail!("node_agent topologies need userspace gateways: a kernel-mode gateway needs the nodes' vxlan MACs, which the agent makes later");
+            }
+            if spec
+                .nodes
+                .iter()
+                .flat_map(|n| &n.pods)
+                .any(|p| p.routes.is_some())
+            {
+                crate::bail!(
+                    "with node_agent the agent programs the pods' tables: use PodSpec::plain()"
+                );
+            }
         }
         let prefix = netns::unique_prefix();
         let dir = TempDir::new(&prefix)?;
@@ -340,6 +399,11 @@ impl Topology {
             ))?;
         }
         internal.ns.ip("link set br0 up")?;
+        let local = if spec.node_agent {
+            Some(node_routing(&underlay, &dmz, ns("local")?)?)
+        } else {
+            None
+        };
 
         let mut nodes = Vec::new();
         let mut pods = Vec::new();
@@ -361,6 +425,7 @@ impl Topology {
             red,
             blue,
             internal,
+            local,
             dmz,
             underlay,
             prefix,
@@ -390,6 +455,7 @@ impl Topology {
             self.blue.ns.name().to_owned(),
             self.internal.ns.name().to_owned(),
         ];
+        v.extend(self.local.iter().map(|h| h.ns.name().to_owned()));
         v.extend(self.nodes.iter().map(|n| n.ns.name().to_owned()));
         v.extend(self.pods.iter().map(|p| p.ns.name().to_owned()));
         v.extend(self.gateways.iter().map(|g| g.ns.name().to_owned()));
@@ -479,6 +545,14 @@ impl Topology {
         &self.internal
     }
 
+    /// The local host (172.16.1.10, reached from nodes without a gateway). Only node-agent topologies
+    /// ([`TopologySpec::node_agent`]) have it; panics otherwise.
+    pub fn local(&self) -> &Host {
+        self.local
+            .as_ref()
+            .expect("only node_agent topologies have the local host")
+    }
+
     /// The DMZ router.
     pub fn dmz_router(&self) -> &Host {
         &self.dmz
@@ -532,12 +606,29 @@ impl Topology {
             .iter_mut()
             .find(|p| p.node == n && p.number == m)
             .ok_or_else(|| Error::msg(format!("no pod {m} on node {n}")))?;
+        if node.vxlan_mac.is_empty() {
+            crate::bail!("node {n} has no {NODE_VXLAN_DEV} (node_agent topology): call felix_tunnel({n}) first");
+        }
         let table = POD_TABLE_BASE + u32::try_from(m).unwrap_or(0);
         if pod.table.is_none() {
             add_pod_rules(&node.ns, pod.ip, pod.ip6, table)?;
             pod.table = Some(table);
         }
         program_table(&node.ns, table, routes, &gateway_ips, self.spec.ipv6)
+    }
+
+    /// Programs node `n`'s egress tunnel by hand as Felix does it (the vxlan device, a static neighbour and
+    /// FDB entry per gateway) on a node-agent topology, where the nodes start without it; then
+    /// [`set_pod_routes`](Self::set_pod_routes) works. For checking the topology without the agent.
+    pub fn felix_tunnel(&mut self, n: usize) -> Result<()> {
+        let gateways = self.spec.gateways.len();
+        let ipv6 = self.spec.ipv6;
+        let node = self
+            .nodes
+            .get_mut(n.wrapping_sub(1))
+            .ok_or_else(|| Error::msg(format!("no node {n}")))?;
+        node.vxlan_mac = felix_tunnel(&node.ns, node.ip, gateways, ipv6)?;
+        Ok(())
     }
 
     fn build_gateway(&self, k: usize, mode: GatewayMode) -> Result<Gateway> {
@@ -769,19 +860,40 @@ fn build_node(ns: Netns, n: usize, underlay: &Netns, spec: &TopologySpec) -> Res
     ns.ip("link set eth0 up")?;
     ns.ip("route add default via 172.18.0.1 dev eth0")?;
 
+    let vxlan_mac = if spec.node_agent {
+        masquerade_pods(&ns)?;
+        // Every packet a fail-closed (`unreachable`) route refuses gets its ICMP error, not one per
+        // second and destination: a blocked pod fails at once, test after test.
+        ns.sysctl("net.ipv4.icmp_ratelimit", "0")?;
+        ns.sysctl("net.ipv6.icmp.ratelimit", "0")?;
+        String::new()
+    } else {
+        felix_tunnel(&ns, ip, spec.gateways.len(), spec.ipv6)?
+    };
+    Ok(Node {
+        ns,
+        number: n,
+        ip,
+        vxlan_mac,
+    })
+}
+
+/// The node's egress tunnel as Felix makes it: `egress.calico` (no learning), a static neighbour (IPv4 and
+/// the IPv6 link-local) and FDB entry per gateway. Returns the device's MAC.
+fn felix_tunnel(ns: &Netns, ip: Ipv4Addr, gateways: usize, ipv6: bool) -> Result<String> {
     // The egress vxlan device, as Felix creates it (no learning; the FDB and neighbours are static).
     ns.ip(&format!(
         "link add {NODE_VXLAN_DEV} type vxlan id {VNI} dstport {VXLAN_PORT} local {ip} dev eth0 nolearning"
     ))?;
     ns.ip(&format!("link set {NODE_VXLAN_DEV} mtu {TUNNEL_MTU} up"))?;
     ns.sysctl("net.ipv4.conf.egress/calico.rp_filter", "0")?;
-    for k in 1..=spec.gateways.len() {
+    for k in 1..=gateways {
         let gw = gateway_ip(k);
         let mac = tunnel_mac(gw);
         ns.ip(&format!(
             "neigh add {gw} lladdr {mac} dev {NODE_VXLAN_DEV} nud permanent"
         ))?;
-        if spec.ipv6 {
+        if ipv6 {
             // The IPv6 next hop is the link-local of the gateway's tunnel MAC.
             ns.ip(&format!(
                 "-6 neigh add {} lladdr {mac} dev {NODE_VXLAN_DEV} nud permanent",
@@ -803,12 +915,67 @@ fn build_node(ns: Netns, n: usize, underlay: &Netns, spec: &TopologySpec) -> Res
             ],
         )?;
     }
-    let vxlan_mac = ns.mac(NODE_VXLAN_DEV)?;
-    Ok(Node {
-        ns,
-        number: n,
-        ip,
-        vxlan_mac,
+    ns.mac(NODE_VXLAN_DEV)
+}
+
+/// Calico's natOutgoing on a node: pod traffic leaving `eth0` for anything outside the cluster (pods,
+/// underlay) is masqueraded to the node's address. The tunnel's outer packets (source: the node) and
+/// traffic into `egress.calico` do not match.
+fn masquerade_pods(ns: &Netns) -> Result<()> {
+    let nft = |args: &str| -> Result<String> {
+        let mut v = vec!["nft"];
+        v.extend(crate::cmd::words(args));
+        ns.exec_args(&v)
+    };
+    nft("add table ip harness_nat")?;
+    nft("add chain ip harness_nat postrouting { type nat hook postrouting priority srcnat ; }")?;
+    nft(&format!(
+        "add rule ip harness_nat postrouting oifname eth0 ip saddr {POD_CIDR} ip daddr != {{ {POD_CIDR}, {UNDERLAY} }} masquerade"
+    ))?;
+    Ok(())
+}
+
+/// Node routing for unsteered traffic: the underlay namespace (the nodes' default router) gets a link to
+/// the DMZ router and routes the outside networks there, and a local network with one host (returned);
+/// the DMZ router routes the underlay and the local network back.
+fn node_routing(underlay: &Netns, dmz: &Host, local: Netns) -> Result<Host> {
+    underlay.sysctl("net.ipv4.ip_forward", "1")?;
+    underlay.ip(&format!(
+        "link add todmz type veth peer name toul netns {}",
+        dmz.ns.name()
+    ))?;
+    underlay.ip(&format!("addr add {TRANSIT_UNDERLAY}/30 dev todmz"))?;
+    underlay.ip("link set todmz up")?;
+    dmz.ns.ip(&format!("addr add {TRANSIT_DMZ}/30 dev toul"))?;
+    dmz.ns.ip("link set toul up")?;
+    for outside in [RED_NET, BLUE_NET] {
+        underlay.ip(&format!("route add {outside} via {TRANSIT_DMZ} dev todmz"))?;
+    }
+    for inside in [UNDERLAY, LOCAL_NET] {
+        dmz.ns.ip(&format!(
+            "route add {inside} via {TRANSIT_UNDERLAY} dev toul"
+        ))?;
+    }
+    no_dad(&local)?;
+    underlay.ip(&format!(
+        "link add tolocal type veth peer name eth0 netns {}",
+        local.name()
+    ))?;
+    underlay.ip(&format!(
+        "addr add {LOCAL_ROUTER}/{} dev tolocal",
+        LOCAL_NET.prefix_len()
+    ))?;
+    underlay.ip("link set tolocal up")?;
+    local.ip(&format!(
+        "addr add {LOCAL_SERVER}/{} dev eth0",
+        LOCAL_NET.prefix_len()
+    ))?;
+    local.ip("link set eth0 up")?;
+    local.ip(&format!("route add default via {LOCAL_ROUTER}"))?;
+    Ok(Host {
+        ns: local,
+        ip: LOCAL_SERVER,
+        ip6: None,
     })
 }
 

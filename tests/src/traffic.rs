@@ -224,6 +224,71 @@ pub fn udp_echo(ns: &Netns, addr: SocketAddr, payload: &[u8]) -> Result<Vec<u8>>
     .with_context(|| format!("UDP echo to {addr}"))
 }
 
+/// From `ns`: one TCP connection attempt to `addr` (no retry), at most `timeout`: the local address or the
+/// socket error (`ConnectionRefused` after a reset, `HostUnreachable`, `TimedOut`…), and how long it took.
+pub fn connect_once(
+    ns: &Netns,
+    addr: SocketAddr,
+    timeout: Duration,
+) -> Result<(std::io::Result<SocketAddr>, Duration)> {
+    ns.run(timeout + Duration::from_secs(5), move || {
+        let start = Instant::now();
+        let r = TcpStream::connect_timeout(&addr, timeout).and_then(|s| s.local_addr());
+        (r, start.elapsed())
+    })
+}
+
+/// From `ns`: one UDP datagram to `addr` on a connected socket with `IP_RECVERR` (so that every ICMP error
+/// is reported, host and network unreachable too, which a plain UDP socket ignores) and one wait (at most
+/// `timeout`) for the answer: the answer or the socket error (`ConnectionRefused`, `HostUnreachable`…), and
+/// how long it took.
+pub fn udp_once(
+    ns: &Netns,
+    addr: SocketAddr,
+    payload: &[u8],
+    timeout: Duration,
+) -> Result<(std::io::Result<Vec<u8>>, Duration)> {
+    let payload = payload.to_vec();
+    ns.run(timeout + Duration::from_secs(5), move || {
+        let start = Instant::now();
+        let r = (|| {
+            let any: SocketAddr = if addr.is_ipv4() {
+                (std::net::Ipv4Addr::UNSPECIFIED, 0).into()
+            } else {
+                (std::net::Ipv6Addr::UNSPECIFIED, 0).into()
+            };
+            let sock = UdpSocket::bind(any)?;
+            let (level, name) = if addr.is_ipv4() {
+                (libc::IPPROTO_IP, libc::IP_RECVERR)
+            } else {
+                (libc::IPPROTO_IPV6, libc::IPV6_RECVERR)
+            };
+            let on: libc::c_int = 1;
+            // SAFETY: setsockopt reads one c_int from a live stack variable for the given length; the
+            // descriptor is open for the call.
+            let rc = unsafe {
+                libc::setsockopt(
+                    sock.as_raw_fd(),
+                    level,
+                    name,
+                    std::ptr::from_ref(&on).cast(),
+                    libc::socklen_t::try_from(std::mem::size_of::<libc::c_int>()).unwrap_or(4),
+                )
+            };
+            if rc != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            sock.connect(addr)?;
+            sock.set_read_timeout(Some(timeout))?;
+            sock.send(&payload)?;
+            let mut buf = [0u8; 65536];
+            let n = sock.recv(&mut buf)?;
+            Ok(buf[..n].to_vec())
+        })();
+        (r, start.elapsed())
+    })
+}
+
 /// `ping -c <count>` from `ns` to `dst` (0.2 s apart, 10 s deadline); succeeds if any reply came back.
 pub fn ping(ns: &Netns, dst: std::net::IpAddr, count: u32) -> Result<String> {
     ns.exec(&format!("ping -n -q -c {count} -i 0.2 -w 10 {dst}"))

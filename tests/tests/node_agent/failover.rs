@@ -1,0 +1,155 @@
+//! Two replicas behind one selector: flows spread over both (ECMP), and when one dies the agent's health
+//! probes take it out of the multipath route — measured from SIGKILL to the first echo answered again —
+//! and put it back once it is ready again.
+
+use std::collections::BTreeSet;
+use std::net::{IpAddr, SocketAddr};
+use std::time::{Duration, Instant};
+
+use ipnet::Ipv4Net;
+use tests::agent::RouteShape;
+use tests::scenario::{self, poll, UdpProbe};
+use tests::topology::RED_SERVER;
+use tests::{
+    require_netns, require_node_agent, require_userspace_gateway, traffic, Inventory, Policy,
+    PolicyRule, TopologySpec,
+};
+
+use crate::common::{Env, OrDiag, READY};
+
+/// Flows of the spread check (distinct source ports).
+const FLOWS: usize = 48;
+/// Failover must take less than this (the target is < 1 s).
+const FAILOVER_LIMIT: Duration = Duration::from_secs(2);
+
+/// Scenario 4: gateways 1 and 2 both labelled red in one rule. 48 UDP flows from one pod reach the red
+/// server from both egress IPs. Then a probe flow (a request every 10 ms) goes through gateway X; X is
+/// killed (SIGKILL): the time until the probe is answered again — now from the other gateway's egress IP —
+/// is printed as `failover: NNN ms` and must stay under 2 s; the agent's route keeps only the survivor.
+/// X restarted and ready is back in the multipath route within 2 s.
+#[test]
+fn ecmp_spreads_flows_and_fails_over_when_a_gateway_dies() {
+    require_netns!();
+    let mode = require_userspace_gateway!();
+    let bin = require_node_agent!();
+    let spec = TopologySpec::node_agent(&[1], vec![mode.clone(), mode]);
+    let mut env = Env::start(spec, &bin, |topo| {
+        let mut inv = Inventory::new();
+        inv.policy(Policy::new(
+            "replicas",
+            vec![PolicyRule::via(Ipv4Net::default(), "red")],
+        ))
+        .namespace_with_policy("app", "replicas")
+        .client_pod("app", "client", topo.pod(1, 1))
+        .gateway_pod(1, "red", topo.spec().ipv6)
+        .gateway_pod(2, "red", topo.spec().ipv6);
+        inv
+    });
+    let pod_ns_name = env.topo.pod(1, 1).ns.name().to_owned();
+    let table = env.table_of(env.topo.pod(1, 1));
+    let both = RouteShape::Via(vec![
+        IpAddr::V4(env.topo.gateway(1).ip),
+        IpAddr::V4(env.topo.gateway(2).ip),
+    ]);
+    env.wait_route(table, Ipv4Net::default(), &both, Duration::from_secs(5));
+    let egress = |env: &Env, k: usize| IpAddr::V4(env.topo.gateway(k).dmz_egress);
+
+    // ECMP: many flows, both egress IPs.
+    let flows_addr = SocketAddr::from((RED_SERVER, 7100));
+    let flows_srv =
+        traffic::udp_echo_server(&env.topo.red().ns, flows_addr).or_diag(&env, "flow server");
+    scenario::udp_flows(&env.topo.pod(1, 1).ns, flows_addr, FLOWS).or_diag(&env, "UDP flows");
+    let seen: BTreeSet<IpAddr> = flows_srv.peers().iter().map(SocketAddr::ip).collect();
+    let want: BTreeSet<IpAddr> = [egress(&env, 1), egress(&env, 2)].into();
+    assert_eq!(
+        seen, want,
+        "{FLOWS} flows over a two-gateway multipath route must use both egress IPs"
+    );
+
+    // The probe flow and the gateway it uses.
+    let probe_addr = SocketAddr::from((RED_SERVER, 7101));
+    let probe_srv =
+        traffic::udp_echo_server(&env.topo.red().ns, probe_addr).or_diag(&env, "probe server");
+    let probe = UdpProbe::start(
+        &env.topo.pod(1, 1).ns,
+        probe_addr,
+        Duration::from_millis(10),
+    )
+    .or_diag(&env, "probe");
+    probe
+        .wait_answer_after(Instant::now(), Duration::from_secs(5))
+        .or_diag(&env, "the probe flow before the failure");
+    let via = probe_srv
+        .last_peer()
+        .map(|p| p.ip())
+        .or_diag(&env, "the probe's source at the server");
+    let x = (1..=2)
+        .find(|&k| egress(&env, k) == via)
+        .unwrap_or_else(|| {
+            env.fail(format!(
+                "the probe arrived from {via}, no gateway's egress IP"
+            ))
+        });
+    let other = 3 - x;
+    eprintln!("probe flow {} goes through gateway {x}", probe.local_addr());
+
+    // Kill X.
+    let killed_at = Instant::now();
+    match env.topo.gateway_mut(x).process_mut() {
+        Some(p) => p.signal(libc::SIGKILL),
+        None => env.fail(format!("gateway {x} has no process")),
+    }
+    let failover = probe
+        .wait_answer_after(killed_at, Duration::from_secs(10))
+        .or_diag(&env, "the probe after gateway X was killed");
+    eprintln!("failover: {} ms", failover.as_millis());
+    let now_via = poll(
+        Duration::from_secs(1),
+        Duration::from_millis(10),
+        "",
+        || {
+            probe_srv
+                .last_peer()
+                .map(|p| p.ip())
+                .filter(|ip| *ip == egress(&env, other))
+        },
+    );
+    if now_via.is_err() {
+        env.fail(format!(
+            "after the failover the server sees the probe from {:?}, not gateway {other}'s egress IP",
+            probe_srv.last_peer()
+        ));
+    }
+    let only_other = RouteShape::Via(vec![IpAddr::V4(env.topo.gateway(other).ip)]);
+    env.wait_route(
+        table,
+        Ipv4Net::default(),
+        &only_other,
+        Duration::from_secs(2),
+    );
+    if failover >= FAILOVER_LIMIT {
+        env.fail(format!(
+            "failover took {} ms, limit {} ms",
+            failover.as_millis(),
+            FAILOVER_LIMIT.as_millis()
+        ));
+    }
+
+    // X comes back.
+    env.topo
+        .gateway_mut(x)
+        .respawn()
+        .or_diag(&env, "restart gateway X");
+    env.topo
+        .gateway_mut(x)
+        .wait_ready(READY)
+        .or_diag(&env, "gateway X ready again");
+    let back = env.wait_route(table, Ipv4Net::default(), &both, Duration::from_secs(2));
+    eprintln!(
+        "gateway {x} back in the multipath route {} ms after it was ready",
+        back.as_millis()
+    );
+    let (sent, answered) = probe.counts();
+    eprintln!("probe ({pod_ns_name}): {sent} sent, {answered} answered");
+    probe.stop().or_diag(&env, "probe thread");
+}
