@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
 # README command 1: build the gateway and run the seed scenario (see README.md).
 #
-# As root: the real `egress-gateway run` in network namespaces between Calico-style client nodes (kernel vxlan
-# devices) and outside servers (tests/src/bin/demo_netns.rs): ping, TCP and UDP from every pod to every server,
-# hostile input, what each server saw, which uplink carried it, the gateway's counters. Everything it builds is
-# removed at the end, also on Ctrl-C.
+# As root: in network namespaces (tests/src/bin/demo_netns.rs), the real node agent (`egress-gateway node`)
+# programs two Calico-style client nodes from the seed's EgressGatewayPolicy, two real gateways
+# (`egress-gateway run`, red and blue) carry the pods' traffic to outside, internal and on-premises servers:
+# ping, TCP and UDP from every pod to every server, hostile input, what each server saw, through which gateway
+# and uplink, the gateways' counters. Everything it builds is removed at the end, also on Ctrl-C.
 # Not root: the same scenario through the packet pipeline in-process (`egress-gateway demo`), which needs no
 # privileges.
 set -euo pipefail

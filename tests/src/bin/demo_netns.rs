@@ -1,8 +1,10 @@
-//! README command 1 in network namespaces (binary `demo-netns`): builds the seed scenario — two
-//! Calico-style client nodes with three pods, one gateway pod running the real `egress-gateway run`, a DMZ
-//! router with the red and blue outside servers, an internal network with its server — then sends ping,
-//! TCP and UDP from every pod to every server, and some hostile input, and prints what each server saw and
-//! which uplink carried it, and the gateway's counters. Everything is removed at the end (also on Ctrl-C).
+//! README command 1 in network namespaces (binary `demo-netns`): builds the seed scenario — two bare client
+//! nodes programmed by the real node agent (`egress-gateway node`) from the seed's EgressGatewayPolicy
+//! `red-blue`, two gateway pods (red and blue) running the real `egress-gateway run`, a DMZ router with two
+//! outside servers, an internal network and an on-premises ("local") host reached without a gateway — then
+//! sends ping, TCP and UDP from every pod to every server, and some hostile input, and prints what each server
+//! saw and which gateway and uplink carried it, and the gateways' counters. Everything is removed at the end
+//! (also on Ctrl-C).
 //!
 //! `cargo run -p tests --release --bin demo-netns` (as root, after `cargo build --release -p gateway`).
 //! Exit status: 0 when every check passed, 1 when one failed, 2 without root or without the gateway binary,
@@ -13,10 +15,14 @@ use std::process::ExitCode;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
-use tests::raw::{self, proto, Capture, Frame, InnerUdp, IpInfo, ETHERTYPE_IPV4, L4};
+use tests::agent::{AgentConfig, NodeAgent};
+use tests::raw::{self, proto, Capture, Frame, InnerUdp, IpInfo, L4};
 use tests::scenario::{self, drops, packets, value};
-use tests::topology::{tunnel_mac, Host, Topology, VNI, VXLAN_PORT};
-use tests::{traffic, GatewayMode, Metrics};
+use tests::topology::{
+    tunnel_mac, Host, Topology, BLUE_NET, INTERNAL_NET, LOCAL_NET, NODE_VXLAN_DEV, RED_NET, VNI,
+    VXLAN_PORT,
+};
+use tests::{traffic, GatewayMode, Inventory, Metrics, Policy, PolicyRule, TopologySpec};
 
 const TCP_PORT: u16 = 8000;
 const UDP_PORT: u16 = 8001;
@@ -54,15 +60,24 @@ fn has_cap_net_admin() -> bool {
         .is_some_and(|caps| caps & (1 << 12) != 0)
 }
 
-/// One outside server of the scenario.
+/// One server of the scenario.
 struct Server<'a> {
     name: &'static str,
     host: &'a Host,
-    /// The uplink its network is routed to.
-    uplink: &'static str,
     tcp: traffic::Server,
     udp: traffic::Server,
     pings: Capture,
+}
+
+/// How traffic from a pod to a server should leave, and so which source the server should see.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum Path {
+    /// Through gateway k's DMZ uplink.
+    Dmz(usize),
+    /// Through gateway k's internal uplink.
+    Internal(usize),
+    /// Not through a gateway: the node routes it (masqueraded to the node's address).
+    Node,
 }
 
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -82,45 +97,6 @@ impl Proto {
     }
 }
 
-/// Where a probe left the gateway: the captures on the DMZ router's and the internal network's ports facing
-/// the gateway.
-struct Uplinks {
-    dmz: Capture,
-    internal: Capture,
-}
-
-impl Uplinks {
-    /// Frames towards `dst` seen so far on (DMZ, internal).
-    fn count(&self, dst: Ipv4Addr) -> (usize, usize) {
-        let n = |c: &Capture| {
-            c.frames()
-                .iter()
-                .filter(|f| f.dst() == Some(IpAddr::V4(dst)))
-                .count()
-        };
-        (n(&self.dmz), n(&self.internal))
-    }
-
-    /// Which uplink carried something towards `dst` since `before` (waiting up to 1 s for the capture).
-    fn which(&self, dst: Ipv4Addr, before: (usize, usize)) -> &'static str {
-        let seen = scenario::poll(
-            Duration::from_secs(1),
-            Duration::from_millis(10),
-            "frames",
-            || {
-                let now = self.count(dst);
-                (now != before).then_some(now)
-            },
-        );
-        match seen {
-            Ok((d, i)) if d > before.0 && i > before.1 => "both!",
-            Ok((d, _)) if d > before.0 => "dmz",
-            Ok(_) => "internal",
-            Err(_) => "none",
-        }
-    }
-}
-
 /// One line of the table.
 struct Row {
     pod: String,
@@ -128,8 +104,37 @@ struct Row {
     dest: String,
     proto: Proto,
     saw: String,
-    uplink: &'static str,
+    via: String,
     problems: Vec<String>,
+}
+
+/// The source a server sees for `path` from a pod on node `n`.
+fn expected_source(topo: &Topology, path: Path, node: usize) -> Ipv4Addr {
+    match path {
+        Path::Dmz(k) => topo.gateway(k).dmz_egress,
+        Path::Internal(k) => topo.gateway(k).internal_egress,
+        Path::Node => topo.node(node).ip,
+    }
+}
+
+/// What a source address says about the path: which gateway and uplink, or the node.
+fn describe_source(topo: &Topology, src: Option<IpAddr>) -> String {
+    let Some(IpAddr::V4(src)) = src else {
+        return "-".into();
+    };
+    for gw in topo.gateways() {
+        let name = if gw.number == 1 { "red" } else { "blue" };
+        if src == gw.dmz_egress {
+            return format!("gw{} {name}, dmz", gw.number);
+        }
+        if src == gw.internal_egress {
+            return format!("gw{} {name}, internal", gw.number);
+        }
+    }
+    if topo.nodes().iter().any(|n| n.ip == src) {
+        return "node (no gateway)".into();
+    }
+    "?".into()
 }
 
 fn is_echo_request_to(dst: Ipv4Addr) -> impl Fn(&Frame) -> bool {
@@ -147,21 +152,9 @@ fn is_echo_request_to(dst: Ipv4Addr) -> impl Fn(&Frame) -> bool {
     }
 }
 
-fn probe(
-    topo: &Topology,
-    uplinks: &Uplinks,
-    pod: &tests::Pod,
-    server: &Server<'_>,
-    p: Proto,
-) -> Row {
-    let gw = topo.gateway(1);
+fn probe(topo: &Topology, pod: &tests::Pod, server: &Server<'_>, path: Path, p: Proto) -> Row {
     let dst = server.host.ip;
-    let expected_src = if server.uplink == "internal" {
-        gw.internal_egress
-    } else {
-        gw.dmz_egress
-    };
-    let before = uplinks.count(dst);
+    let expected_src = expected_source(topo, path, pod.node);
     let mut problems = Vec::new();
     let tag = format!("demo {} {} {}", pod.ip, server.name, p.name());
     let (saw, saw_ip) = match p {
@@ -222,17 +215,13 @@ fn probe(
     if saw_ip != Some(IpAddr::V4(expected_src)) {
         problems.push(format!("the server should see {expected_src}"));
     }
-    let uplink = uplinks.which(dst, before);
-    if uplink != server.uplink {
-        problems.push(format!("should leave by the {} uplink", server.uplink));
-    }
     Row {
-        pod: format!("n{}p{} (node {})", pod.node, pod.number, pod.node),
+        pod: format!("n{}p{}", pod.node, pod.number),
         pod_ip: pod.ip,
         dest: format!("{} {dst}", server.name),
         proto: p,
         saw,
-        uplink,
+        via: describe_source(topo, saw_ip),
         problems,
     }
 }
@@ -244,11 +233,13 @@ fn hostile(topo: &Topology) -> tests::Result<Vec<(String, &'static str, bool)>> 
     let pod = topo.pod(1, 1);
     let red = SocketAddr::from((topo.red().ip, UDP_PORT));
     let tunnel = SocketAddr::from((gw.ip, VXLAN_PORT));
+    // The agent made the node's vxlan device: its MAC is the inner source a node's frames carry.
+    let node_mac = node.ns.mac(NODE_VXLAN_DEV)?;
     let datagram = |vni: u32, src: Ipv4Addr| -> tests::Result<Vec<u8>> {
         raw::vxlan_udp(
             vni,
             &InnerUdp {
-                src_mac: raw::parse_mac(&node.vxlan_mac)?,
+                src_mac: raw::parse_mac(&node_mac)?,
                 dst_mac: raw::parse_mac(&tunnel_mac(gw.ip))?,
                 src: SocketAddr::from((src, 40001)),
                 dst: red,
@@ -319,8 +310,8 @@ fn hostile(topo: &Topology) -> tests::Result<Vec<(String, &'static str, bool)>> 
     Ok(out)
 }
 
-fn print_counters(m: &Metrics) {
-    println!("\ngateway counters (GET /metrics):");
+fn print_counters(name: &str, m: &Metrics) {
+    println!("\n{name} counters (GET /metrics):");
     println!(
         "  packets: tunnel_rx {}  tunnel_tx {}  |  uplink dmz: tx {} rx {}  |  uplink internal: tx {} rx {}",
         packets(m, "tunnel_rx", None),
@@ -354,69 +345,143 @@ fn print_counters(m: &Metrics) {
     }
 }
 
-fn run(mode: GatewayMode) -> tests::Result<bool> {
+/// The seed's policy: 192.0.2.0/24 (a legacy firewall) through the red gateway, 198.51.100.0/24 (a partner)
+/// through the blue one, the internal network through the red gateway's internal uplink, 172.16.1.0/24
+/// (on-premises) without a gateway.
+fn seed_policy() -> Policy {
+    Policy::new(
+        "red-blue",
+        vec![
+            PolicyRule::via(BLUE_NET, "red").described("legacy firewall: red egress IP"),
+            PolicyRule::via(RED_NET, "blue").described("partner: blue egress IP"),
+            PolicyRule::via(INTERNAL_NET, "red")
+                .described("internal systems: red gateway, internal VLAN"),
+            PolicyRule::no_gateway(LOCAL_NET).described("on-premises: no gateway"),
+        ],
+    )
+}
+
+fn run(mode: GatewayMode, agent_binary: &std::path::Path) -> tests::Result<bool> {
     let started = Instant::now();
-    println!("egress gateway demo in network namespaces: the real `egress-gateway run` between Calico-style nodes and outside servers");
-    let mut topo = Topology::standard(mode)?;
-    topo.gateway_mut(1).wait_ready(Duration::from_secs(30))?;
-    let gw = topo.gateway(1);
+    println!("egress gateway demo in network namespaces: the node agent and two real gateways (`egress-gateway node`, `egress-gateway run`)");
+    let mut topo = Topology::build(TopologySpec::node_agent(&[2, 1], vec![mode.clone(), mode]))?;
+    for k in 1..=2 {
+        topo.gateway_mut(k).wait_ready(Duration::from_secs(30))?;
+    }
+    let mut inv = Inventory::new();
+    inv.policy(seed_policy())
+        .namespace_with_policy("app", "red-blue")
+        .namespace("other")
+        .client_pod("app", "web", topo.pod(1, 1))
+        .client_pod("other", "batch", topo.pod(1, 2))
+        .client_pod("app", "api", topo.pod(2, 1))
+        .gateway_pod(1, "red", topo.spec().ipv6)
+        .gateway_pod(2, "blue", topo.spec().ipv6);
+    let inventory = topo.dir().join("cluster.yaml");
+    inv.write(&inventory)?;
+    let mut agents = Vec::new();
+    for n in 1..=2 {
+        let mut agent = NodeAgent::start(
+            &topo,
+            agent_binary,
+            n,
+            AgentConfig::for_node(n, vec![inventory.clone()]),
+        )?;
+        agent.wait_ready(Duration::from_secs(30))?;
+        agents.push(agent);
+    }
     println!(
-        "built {} namespaces ({}-*) and started the gateway in {:.1} s",
+        "built {} namespaces ({}-*), started 2 gateways and 2 node agents in {:.1} s",
         topo.namespaces().len(),
         topo.prefix(),
         started.elapsed().as_secs_f64()
     );
-    println!(
-        "gateway gw1: tunnel {}:{VXLAN_PORT} VNI {VNI} (inner MAC {}); uplink dmz: egress {} via 203.0.113.1, routes 0.0.0.0/0; uplink internal: egress {} on-link, routes 10.50.0.0/16",
-        gw.ip,
-        tunnel_mac(gw.ip),
-        gw.dmz_egress,
-        gw.internal_egress
-    );
-    println!("pods: n1p1 10.244.1.1, n1p2 10.244.1.2 on node 1 (172.18.0.11); n2p1 10.244.2.1 on node 2 (172.18.0.12); all egress through gw1\n");
+    for k in 1..=2 {
+        let gw = topo.gateway(k);
+        println!(
+            "gateway gw{k} ({}): pod IP {} (tunnel MAC {}), egress dmz {} / internal {}",
+            if k == 1 { "red" } else { "blue" },
+            gw.ip,
+            tunnel_mac(gw.ip),
+            gw.dmz_egress,
+            gw.internal_egress
+        );
+    }
+    println!("EgressGatewayPolicy red-blue (namespace `app` opted in; namespace `other` not):");
+    for r in &seed_policy().rules {
+        let dst = r.destination.map_or("0.0.0.0/0".into(), |d| d.to_string());
+        let via = r
+            .gateway
+            .as_ref()
+            .map_or("no gateway (node routing)".into(), |g| {
+                format!("gateway selector {}", g.selector)
+            });
+        println!(
+            "  {dst:<18} {via:<40} {}",
+            r.description.as_deref().unwrap_or("")
+        );
+    }
+    println!("pods: n1p1 app/web 10.244.1.1 and n1p2 other/batch 10.244.1.2 on node 1 (172.18.0.11); n2p1 app/api 10.244.2.1 on node 2 (172.18.0.12)");
+    let node1_table = topo.node(1).ns.ip("route show table 200")?;
+    println!("what the agent programmed on node 1 for app/web (ip rule: from 10.244.1.1 lookup 200; ip route show table 200):");
+    for line in node1_table.lines() {
+        println!("  {line}");
+    }
+    println!();
 
-    // The internal server's address is on its bridge; the outside servers' on their eth0.
+    // The internal server's address is on its bridge; the others' on their eth0.
     let mut servers = Vec::new();
-    for (name, host, dev, uplink) in [
-        ("red", topo.red(), "eth0", "dmz"),
-        ("blue", topo.blue(), "eth0", "dmz"),
-        ("internal", topo.internal(), "br0", "internal"),
+    for (name, host, dev) in [
+        ("legacy-fw", topo.blue(), "eth0"),
+        ("partner", topo.red(), "eth0"),
+        ("internal", topo.internal(), "br0"),
+        ("on-prem", topo.local(), "eth0"),
     ] {
         servers.push(Server {
             name,
             host,
-            uplink,
             tcp: traffic::tcp_echo_server(&host.ns, SocketAddr::from((host.ip, TCP_PORT)))?,
             udp: traffic::udp_echo_server(&host.ns, SocketAddr::from((host.ip, UDP_PORT)))?,
             pings: Capture::start(&host.ns, dev, is_echo_request_to(host.ip))?,
         });
     }
-    let from_gateway = |f: &Frame| !f.outgoing && f.ethertype == ETHERTYPE_IPV4;
-    let uplinks = Uplinks {
-        dmz: Capture::start(&topo.dmz_router().ns, "gw1", from_gateway)?,
-        internal: Capture::start(&topo.internal().ns, "gw1", from_gateway)?,
+    let path = |pod: &tests::Pod, server: &str| -> Option<Path> {
+        let opted_in = !(pod.node == 1 && pod.number == 2);
+        match (opted_in, server) {
+            (true, "legacy-fw") => Some(Path::Dmz(1)),
+            (true, "partner") => Some(Path::Dmz(2)),
+            (true, "internal") => Some(Path::Internal(1)),
+            (_, "on-prem") => Some(Path::Node),
+            // Not opted in: the node routes it (masqueraded); the internal VLAN is only behind the gateways.
+            (false, "internal") => None,
+            (false, _) => Some(Path::Node),
+            _ => None,
+        }
     };
 
     println!(
-        "{:<14} {:<12} {:<23} {:<6} {:<32} {:<9} result",
-        "pod", "pod IP", "destination", "proto", "server saw source", "uplink"
+        "{:<6} {:<12} {:<24} {:<6} {:<30} {:<22} result",
+        "pod", "pod IP", "destination", "proto", "server saw source", "path"
     );
     let mut rows = Vec::new();
     'probes: for pod in topo.pods() {
         for server in &servers {
+            let Some(expected) = path(pod, server.name) else {
+                continue;
+            };
             for p in [Proto::Ping, Proto::Tcp, Proto::Udp] {
                 if interrupted() {
                     break 'probes;
                 }
-                let row = probe(&topo, &uplinks, pod, server, p);
+                let row = probe(&topo, pod, server, expected, p);
                 println!(
-                    "{:<14} {:<12} {:<23} {:<6} {:<32} {:<9} {}",
+                    "{:<6} {:<12} {:<24} {:<6} {:<30} {:<22} {}",
                     row.pod,
                     row.pod_ip.to_string(),
                     row.dest,
                     row.proto.name(),
                     row.saw,
-                    row.uplink,
+                    row.via,
                     if row.problems.is_empty() {
                         "ok".to_owned()
                     } else {
@@ -430,7 +495,7 @@ fn run(mode: GatewayMode) -> tests::Result<bool> {
     let mut ok = rows.iter().all(|r| r.problems.is_empty());
 
     if !interrupted() {
-        println!("\nhostile input (each must be dropped and counted):");
+        println!("\nhostile input to gw1 (each must be dropped and counted):");
         for (what, reason, counted) in hostile(&topo)? {
             println!(
                 "  {what:<72} {}",
@@ -443,8 +508,10 @@ fn run(mode: GatewayMode) -> tests::Result<bool> {
             );
         }
     }
-    let m = scenario::settled_metrics(topo.gateway(1), Duration::from_secs(3))?;
-    print_counters(&m);
+    for k in 1..=2 {
+        let m = scenario::settled_metrics(topo.gateway(k), Duration::from_secs(3))?;
+        print_counters(&format!("gw{k}"), &m);
+    }
 
     if interrupted() {
         println!("\ninterrupted: removing the topology");
@@ -455,18 +522,21 @@ fn run(mode: GatewayMode) -> tests::Result<bool> {
         println!("\nall {checks} probes and the hostile-input checks passed");
     } else {
         let failed = rows.iter().filter(|r| !r.problems.is_empty()).count();
-        println!(
-            "\n{failed} of {checks} probes (or a hostile-input check) FAILED; gateway log tail:"
-        );
-        if let Some(p) = topo.gateway(1).process() {
-            println!("{}", p.log_tail(20));
+        println!("\n{failed} of {checks} probes (or a hostile-input check) FAILED; log tails:");
+        for k in 1..=2 {
+            if let Some(p) = topo.gateway(k).process() {
+                println!("--- gw{k}\n{}", p.log_tail(20));
+            }
+        }
+        for a in &agents {
+            println!("--- node agent\n{}", a.log_tail(20));
         }
     }
-    drop(uplinks);
+    drop(agents);
     drop(servers);
     let names = topo.namespaces().len();
     drop(topo);
-    println!("removed the {names} namespaces and the gateway process");
+    println!("removed the {names} namespaces, the gateways and the node agents");
     Ok(ok)
 }
 
@@ -474,9 +544,10 @@ fn main() -> ExitCode {
     if let Some(arg) = std::env::args().nth(1) {
         let help = arg == "-h" || arg == "--help";
         let text = "usage: demo-netns (as root; no arguments)\n\nBuilds the seed scenario in network namespaces \
-                    with the real `egress-gateway run` (build it first: cargo build --release -p gateway), sends \
-                    ping, TCP and UDP from every pod to every server and some hostile input, prints what each \
-                    server saw and the gateway's counters, and removes everything. Exit status 0 when every \
+                    with the real node agent and two real gateways (build them first: cargo build --release -p \
+                    gateway), sends ping, TCP and UDP from every pod to every server and some hostile input, \
+                    prints what each server saw and through which gateway and uplink, and the gateways' \
+                    counters, and removes everything. Exit status 0 when every \
                     check passed, 1 when one failed, 2 without root or the gateway binary, 130 on Ctrl-C.";
         if help {
             println!("{text}");
@@ -506,7 +577,8 @@ fn main() -> ExitCode {
         }
     };
     catch_interrupts();
-    match run(GatewayMode::Userspace { binary }) {
+    let agent = binary.clone();
+    match run(GatewayMode::Userspace { binary }, &agent) {
         Ok(true) => ExitCode::SUCCESS,
         Ok(false) if interrupted() => ExitCode::from(130),
         Ok(false) => ExitCode::FAILURE,
