@@ -1,12 +1,13 @@
 //! The end-to-end scenarios of issue #3 against the userspace gateway (`egress-gateway run`), each on its
 //! own namespace topology: reachability and SNAT, many connections, internal routing, ICMP (TTL expiry,
 //! PMTU, MSS clamp), unsolicited and hostile input, reload and drain, two nodes at once, IPv6 in the
-//! tunnel. Every test skips without CAP_NET_ADMIN (fails with `EGRESS_REQUIRE_NETNS=1`) and until
+//! tunnel; the NAT translation log and `egress-gateway flows`. Every test skips without CAP_NET_ADMIN (fails with `EGRESS_REQUIRE_NETNS=1`) and until
 //! `target/release/egress-gateway` is built (`cargo build --release -p gateway`).
 //!
 //! `cargo test -p tests --release --test gateway_e2e` runs them all.
 
 mod common;
+mod flowlog;
 mod forwarding;
 mod icmp;
 mod ipv6;
