@@ -29,7 +29,12 @@ step "the demo (README command 1) passes its own checks"
 cargo run -q --release --locked -p gateway -- demo >/dev/null
 
 step "container image: static binary, podman build FROM scratch, --version and check from the exported filesystem"
-scripts/image.sh
+# The exported tree is also run as the gateway, as the image's user, by tests/tests/image.rs (below).
+image_root="$PWD/target/image-root"
+scripts/image.sh --export-dir "$image_root"
+if [[ -x $image_root/egress-gateway ]]; then
+  export EGRESS_IMAGE_ROOT=$image_root EGRESS_REQUIRE_IMAGE=1
+fi
 
 step "Kubernetes manifests (deploy/): schemas, egress-gateway check on the ConfigMaps, dashboard metrics"
 scripts/validate-manifests.sh
