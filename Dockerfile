@@ -31,6 +31,11 @@ ENV RUSTFLAGS="-C target-feature=+crt-static" \
 RUN cargo build --release -p gateway --locked --target x86_64-unknown-linux-gnu \
  && install -D -m 0755 target/x86_64-unknown-linux-gnu/release/egress-gateway /out/egress-gateway \
  && /out/egress-gateway --version
+# File capabilities, permitted only (not effective): the image's non-root user gets NET_ADMIN and NET_RAW at
+# exec, as far as the container's capability set allows, and the binary raises them itself
+# (gateway/src/caps.rs). COPY keeps them. Needs `allowPrivilegeEscalation: true` in the pod (docs/deploy.md).
+RUN apt-get update -qq && apt-get install -y -qq --no-install-recommends libcap2-bin \
+ && setcap cap_net_admin,cap_net_raw=p /out/egress-gateway && getcap /out/egress-gateway
 
 # --- host-binary: the binary scripts/image.sh built on the host (no image pull needed) --------------------------
 FROM scratch AS host-binary

@@ -2,10 +2,12 @@
 # Builds the container image without pulling anything, and checks it from its exported filesystem:
 #
 #   1. the static binary on the host: cargo build --release -p gateway --target x86_64-unknown-linux-gnu with
-#      static glibc (crt-static), debug info stripped into target/image/egress-gateway;
+#      static glibc (crt-static), debug info stripped into target/image/egress-gateway, file capabilities
+#      cap_net_admin,cap_net_raw=p (so that the image's non-root user gets them; see docs/deploy.md);
 #   2. `podman build --build-arg BINARY_FROM=host-binary` (the Dockerfile's no-pull path: FROM scratch);
 #   3. the image's configuration: user 65532:65532, entrypoint /egress-gateway, OCI labels;
-#   4. `podman create` + `podman export` into a directory (no container engine or runtime needed);
+#   4. `podman create` + `podman export` into a directory (no container engine or runtime needed), keeping the
+#      file capabilities;
 #   5. from that tree: `egress-gateway --version` (chrooted into it: the tree needs nothing else), then
 #      `egress-gateway check` on the example configuration and seed inventory as uid/gid 65532 with only
 #      CAP_NET_ADMIN + CAP_NET_RAW, from a read-only bind mount of the tree;
@@ -58,8 +60,14 @@ if ! command -v podman >/dev/null 2>&1; then
   apt-get install -y -qq --no-install-recommends podman >/dev/null 2>&1 \
     || { apt-get update -qq && apt-get install -y -qq --no-install-recommends podman >/dev/null; }
 fi
-for tool in setpriv unshare chroot objcopy readelf tar; do
-  command -v "$tool" >/dev/null 2>&1 || die "$tool is missing (util-linux, coreutils, binutils, tar)"
+if ! command -v setcap >/dev/null 2>&1; then
+  log "apt-get install libcap2-bin (setcap, getcap)"
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get install -y -qq --no-install-recommends libcap2-bin >/dev/null 2>&1 \
+    || { apt-get update -qq && apt-get install -y -qq --no-install-recommends libcap2-bin >/dev/null; }
+fi
+for tool in setpriv unshare chroot objcopy readelf tar setcap getcap; do
+  command -v "$tool" >/dev/null 2>&1 || die "$tool is missing (util-linux, coreutils, binutils, tar, libcap2-bin)"
 done
 
 work=$(mktemp -d /tmp/egress-image.XXXXXX)
@@ -99,6 +107,10 @@ fi
 mkdir -p target/image
 objcopy --strip-debug "$bin" target/image/egress-gateway
 echo "    $bin: static; stripped of debug info: $(stat -c %s target/image/egress-gateway) bytes"
+# File capabilities, permitted only: the image's user 65532 gets them at exec (bounded by the container's
+# capability set) and the binary makes them effective itself (gateway/src/caps.rs).
+setcap cap_net_admin,cap_net_raw=p target/image/egress-gateway
+echo "    file capabilities: $(getcap target/image/egress-gateway)"
 
 # --- 2. image ----------------------------------------------------------------------------------------------------
 log "podman build $tag (BINARY_FROM=host-binary: FROM scratch, nothing pulled)"
@@ -135,13 +147,16 @@ else
 fi
 log "podman export -> $export_dir"
 cid=$(podman "${store[@]}" create "$tag")
-podman "${store[@]}" export "$cid" | tar -x -C "$export_dir"
+podman "${store[@]}" export "$cid" | tar --xattrs --xattrs-include='security.capability' -x -C "$export_dir"
 podman "${store[@]}" rm "$cid" >/dev/null
 cid=""
 chmod 0755 "$export_dir"   # mktemp made it 0700; an image's root is 0755 (uid 65532 must traverse it)
 listing=$(cd "$export_dir" && find . -mindepth 1 | sort | tr '\n' ' ')
 echo "    files: $listing"
 [[ -x $export_dir/egress-gateway ]] || die "the exported tree has no /egress-gateway"
+fcaps=$(getcap "$export_dir/egress-gateway")
+echo "    $fcaps"
+[[ $fcaps == *"cap_net_admin,cap_net_raw=p"* ]] || die "/egress-gateway lost its file capabilities (cap_net_admin,cap_net_raw=p)"
 
 # --- 5. run from the exported tree -------------------------------------------------------------------------------
 log "chroot $export_dir /egress-gateway --version"

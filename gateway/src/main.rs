@@ -16,6 +16,7 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
+mod caps;
 mod check;
 mod config;
 mod demo;
@@ -140,6 +141,12 @@ enum Command {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    if matches!(cli.command, Command::Run { .. } | Command::Node { .. }) {
+        // The image's file capabilities are permitted, not effective: make them effective (caps.rs).
+        if let Err(e) = caps::raise_permitted() {
+            eprintln!("egress-gateway: cannot read or raise capabilities: {e}");
+        }
+    }
     match cli.command {
         Command::Run { config, tunnel_ip } => match run::run(&config, tunnel_ip) {
             Ok(()) => ExitCode::SUCCESS,

@@ -54,8 +54,10 @@ fn the_image_runs_as_its_user_with_two_capabilities_and_forwards() {
         "{version:?}"
     );
 
-    // The gateway's command, as the image's user with exactly the two capabilities (ambient, so that they
-    // survive the exec as a non-root user, as a container runtime grants them).
+    // The gateway's command as a container runtime starts it for the pod of deploy/gateway/statefulset.yaml:
+    // the image's user, a bounding set of the two capabilities, nothing permitted, effective or ambient, and
+    // no no-new-privs (allowPrivilegeEscalation: true) — so that what the process holds comes from the
+    // binary's file capabilities (cap_net_admin,cap_net_raw=p), made effective by the binary itself.
     let dir = std::env::temp_dir().join(format!("egress-image-test-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     let wrapper = dir.join("egress-gateway-as-image-user");
@@ -63,8 +65,7 @@ fn the_image_runs_as_its_user_with_two_capabilities_and_forwards() {
         &wrapper,
         format!(
             "#!/bin/sh\nexec setpriv --reuid={UID} --regid={UID} --clear-groups \
-             --inh-caps=-all,+net_admin,+net_raw --ambient-caps=-all,+net_admin,+net_raw \
-             --bounding-set=-all,+net_admin,+net_raw {} \"$@\"\n",
+             --inh-caps=-all --ambient-caps=-all --bounding-set=-all,+net_admin,+net_raw {} \"$@\"\n",
             binary.display()
         ),
     )
