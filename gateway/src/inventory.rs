@@ -86,6 +86,52 @@ pub(crate) fn load_file(file: &Path) -> Result<FileContents, Vec<InventoryError>
     parse(&text, file)
 }
 
+/// Each input file's path, modification time and size: what tells that an input changed.
+pub(crate) type Fingerprint = Vec<(PathBuf, Option<std::time::SystemTime>, u64)>;
+
+/// The files behind the inputs: files as given, directories' `*.yaml`, `*.yml` and `*.json` files in
+/// name order (hidden entries skipped, as a ConfigMap mount's `..data` links are).
+pub(crate) fn input_files(inputs: &[PathBuf]) -> Result<Vec<PathBuf>, String> {
+    let mut files = Vec::new();
+    for input in inputs {
+        let meta = std::fs::metadata(input)
+            .map_err(|e| format!("{}: cannot read: {e}", input.display()))?;
+        if !meta.is_dir() {
+            files.push(input.clone());
+            continue;
+        }
+        let mut entries: Vec<PathBuf> = std::fs::read_dir(input)
+            .map_err(|e| format!("{}: cannot list the directory: {e}", input.display()))?
+            .filter_map(Result::ok)
+            .map(|e| e.path())
+            .filter(|p| {
+                let name = p.file_name().and_then(|n| n.to_str()).unwrap_or("");
+                !name.starts_with('.')
+                    && [".yaml", ".yml", ".json"].iter().any(|x| name.ends_with(x))
+                    && p.is_file()
+            })
+            .collect();
+        entries.sort();
+        files.extend(entries);
+    }
+    Ok(files)
+}
+
+/// What tells a changed input: each file's path, modification time and size (through symlinks).
+pub(crate) fn fingerprint(files: &[PathBuf]) -> Fingerprint {
+    files
+        .iter()
+        .map(|f| {
+            let meta = std::fs::metadata(f).ok();
+            (
+                f.clone(),
+                meta.as_ref().and_then(|m| m.modified().ok()),
+                meta.map_or(0, |m| m.len()),
+            )
+        })
+        .collect()
+}
+
 /// Reads several files into one inventory (later objects replace earlier ones with the same name).
 pub(crate) fn load_files(files: &[PathBuf]) -> Result<Inventory, Vec<InventoryError>> {
     let mut errors = Vec::new();
@@ -730,6 +776,36 @@ fn parse_selector(s: &str) -> Result<Selector, String> {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn directories_list_their_yaml_files_without_hidden_entries() {
+        let dir = std::env::temp_dir().join(format!("egress-agent-inputs-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(dir.join("..2026_11_26")).unwrap();
+        for f in [
+            "b.yaml",
+            "a.yml",
+            "c.json",
+            "notes.txt",
+            ".hidden.yaml",
+            "..2026_11_26/x.yaml",
+        ] {
+            std::fs::write(dir.join(f), "").unwrap();
+        }
+        let files = input_files(std::slice::from_ref(&dir)).unwrap();
+        let names: Vec<_> = files
+            .iter()
+            .map(|f| f.file_name().unwrap().to_string_lossy().into_owned())
+            .collect();
+        assert_eq!(names, vec!["a.yml", "b.yaml", "c.json"]);
+        let before = fingerprint(&files);
+        std::fs::write(dir.join("b.yaml"), "kind: List\nitems: []\n").unwrap();
+        assert_ne!(fingerprint(&files), before);
+        assert!(input_files(&[dir.join("missing")])
+            .unwrap_err()
+            .contains("cannot read"));
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
     use super::*;
 
     fn parse_ok(text: &str) -> FileContents {

@@ -8,10 +8,10 @@
 
 use std::collections::BTreeMap;
 use std::net::{IpAddr, Ipv4Addr};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
-use std::time::{Duration, Instant, SystemTime};
+use std::time::{Duration, Instant};
 
 use forwarder_core::policy::Inventory;
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
@@ -24,7 +24,7 @@ use super::kernel::{self, Kernel};
 use super::state::{Ownership, VxlanSpec};
 use crate::config::node::{NodeConfig, Overrides};
 use crate::http::{self, Response};
-use crate::inventory;
+use crate::inventory::{self, fingerprint, input_files, Fingerprint};
 
 /// Why the agent stopped or could not start.
 #[derive(Debug, thiserror::Error)]
@@ -92,7 +92,7 @@ struct Agent {
     vxlan: VxlanSpec,
     device_index: Option<u32>,
     inventory: Inventory,
-    fingerprint: Vec<(PathBuf, Option<SystemTime>, u64)>,
+    fingerprint: Fingerprint,
     memory: Memory,
     gateways: BTreeMap<Ipv4Addr, GatewayState>,
     /// When gateways not probed yet first held up a plan.
@@ -491,49 +491,6 @@ fn describe_metrics() {
     }
 }
 
-/// The files behind the inputs: files as given, directories' `*.yaml`, `*.yml` and `*.json` files in
-/// name order (hidden entries skipped, as a ConfigMap mount's `..data` links are).
-pub(crate) fn input_files(inputs: &[PathBuf]) -> Result<Vec<PathBuf>, String> {
-    let mut files = Vec::new();
-    for input in inputs {
-        let meta = std::fs::metadata(input)
-            .map_err(|e| format!("{}: cannot read: {e}", input.display()))?;
-        if !meta.is_dir() {
-            files.push(input.clone());
-            continue;
-        }
-        let mut entries: Vec<PathBuf> = std::fs::read_dir(input)
-            .map_err(|e| format!("{}: cannot list the directory: {e}", input.display()))?
-            .filter_map(Result::ok)
-            .map(|e| e.path())
-            .filter(|p| {
-                let name = p.file_name().and_then(|n| n.to_str()).unwrap_or("");
-                !name.starts_with('.')
-                    && [".yaml", ".yml", ".json"].iter().any(|x| name.ends_with(x))
-                    && p.is_file()
-            })
-            .collect();
-        entries.sort();
-        files.extend(entries);
-    }
-    Ok(files)
-}
-
-/// What tells a changed input: each file's path, modification time and size (through symlinks).
-fn fingerprint(files: &[PathBuf]) -> Vec<(PathBuf, Option<SystemTime>, u64)> {
-    files
-        .iter()
-        .map(|f| {
-            let meta = std::fs::metadata(f).ok();
-            (
-                f.clone(),
-                meta.as_ref().and_then(|m| m.modified().ok()),
-                meta.map_or(0, |m| m.len()),
-            )
-        })
-        .collect()
-}
-
 /// The name of the device holding `addr`.
 fn device_with_address(addr: IpAddr) -> Option<String> {
     let mut head: *mut libc::ifaddrs = std::ptr::null_mut();
@@ -576,36 +533,6 @@ fn device_with_address(addr: IpAddr) -> Option<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn directories_list_their_yaml_files_without_hidden_entries() {
-        let dir = std::env::temp_dir().join(format!("egress-agent-inputs-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(dir.join("..2026_11_26")).unwrap();
-        for f in [
-            "b.yaml",
-            "a.yml",
-            "c.json",
-            "notes.txt",
-            ".hidden.yaml",
-            "..2026_11_26/x.yaml",
-        ] {
-            std::fs::write(dir.join(f), "").unwrap();
-        }
-        let files = input_files(std::slice::from_ref(&dir)).unwrap();
-        let names: Vec<_> = files
-            .iter()
-            .map(|f| f.file_name().unwrap().to_string_lossy().into_owned())
-            .collect();
-        assert_eq!(names, vec!["a.yml", "b.yaml", "c.json"]);
-        let before = fingerprint(&files);
-        std::fs::write(dir.join("b.yaml"), "kind: List\nitems: []\n").unwrap();
-        assert_ne!(fingerprint(&files), before);
-        assert!(input_files(&[dir.join("missing")])
-            .unwrap_err()
-            .contains("cannot read"));
-        std::fs::remove_dir_all(&dir).unwrap();
-    }
 
     #[test]
     fn every_metric_is_documented() {
