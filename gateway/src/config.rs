@@ -67,6 +67,8 @@ pub(crate) struct FlowLogConfig {
     pub(crate) queue: usize,
     /// Also a record when a flow starts (always one when it ends).
     pub(crate) starts: bool,
+    /// Files or directories of Pod objects naming the pods in the records (`namespace/name`).
+    pub(crate) pod_names: Vec<PathBuf>,
 }
 
 /// `flow_log.output`.

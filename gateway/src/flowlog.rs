@@ -102,17 +102,34 @@ fn tcp_state_name(s: TcpState) -> &'static str {
     }
 }
 
-/// One record as a JSON line (without the newline). `uplinks` names the uplinks by index.
-pub(crate) fn json_line(e: &FlowEvent, clock: &WallClock, uplinks: &[String]) -> String {
-    render(e, clock, uplinks, false)
+/// One record as a JSON line (without the newline). `uplinks` names the uplinks by index; `pod_name` is the
+/// pod's `namespace/name` when known.
+pub(crate) fn json_line(
+    e: &FlowEvent,
+    clock: &WallClock,
+    uplinks: &[String],
+    pod_name: Option<&str>,
+) -> String {
+    render(e, clock, uplinks, pod_name, false)
 }
 
 /// A live flow (`egress-gateway flows`): `"event":"live"` and its last packet as `"last"`.
-pub(crate) fn live_line(e: &FlowEvent, clock: &WallClock, uplinks: &[String]) -> String {
-    render(e, clock, uplinks, true)
+pub(crate) fn live_line(
+    e: &FlowEvent,
+    clock: &WallClock,
+    uplinks: &[String],
+    pod_name: Option<&str>,
+) -> String {
+    render(e, clock, uplinks, pod_name, true)
 }
 
-fn render(e: &FlowEvent, clock: &WallClock, uplinks: &[String], live: bool) -> String {
+fn render(
+    e: &FlowEvent,
+    clock: &WallClock,
+    uplinks: &[String],
+    pod_name: Option<&str>,
+    live: bool,
+) -> String {
     let uplink = uplinks
         .get(usize::from(e.uplink))
         .map_or_else(|| e.uplink.to_string(), Clone::clone);
@@ -132,9 +149,15 @@ fn render(e: &FlowEvent, clock: &WallClock, uplinks: &[String], live: bool) -> S
         s.push_str(&format!(",\"end\":\"{}\"", clock.format(e.last_seen)));
     }
     s.push_str(&format!(
-        ",\"proto\":\"{}\",\"pod\":\"{}\",\"node\":\"{}\",\"egress\":\"{}\",\"dst\":\"{}\",\"uplink\":\"{}\"",
+        ",\"proto\":\"{}\",\"pod\":\"{}\"",
         proto_name(e.proto),
-        endpoint(e.pod.0, e.pod.1),
+        endpoint(e.pod.0, e.pod.1)
+    ));
+    if let Some(name) = pod_name {
+        s.push_str(&format!(",\"pod_name\":\"{}\"", json_escape(name)));
+    }
+    s.push_str(&format!(
+        ",\"node\":\"{}\",\"egress\":\"{}\",\"dst\":\"{}\",\"uplink\":\"{}\"",
         e.node,
         endpoint(e.egress.0, e.egress.1),
         endpoint(e.dst.0, e.dst.1),
@@ -163,6 +186,77 @@ fn json_escape(s: &str) -> String {
         }
     }
     out
+}
+
+/// Pod addresses → `namespace/name`, from the Pod objects of `flow_log.pod_names` (files or directories of
+/// Kubernetes YAML, re-read when they change). Shared by the writer and `GET /flows`.
+#[derive(Debug, Default)]
+pub(crate) struct PodNames {
+    inputs: Vec<PathBuf>,
+    state: std::sync::Mutex<(
+        crate::inventory::Fingerprint,
+        std::collections::HashMap<IpAddr, String>,
+    )>,
+}
+
+impl PodNames {
+    /// Names from `inputs` (none: no names). Reads them now; a problem is logged and leaves no names.
+    pub(crate) fn new(inputs: Vec<PathBuf>) -> PodNames {
+        let names = PodNames {
+            inputs,
+            state: std::sync::Mutex::default(),
+        };
+        names.refresh();
+        names
+    }
+
+    /// Re-reads the inputs if they changed (cheap otherwise: one `stat` per file).
+    pub(crate) fn refresh(&self) {
+        if self.inputs.is_empty() {
+            return;
+        }
+        let files = match crate::inventory::input_files(&self.inputs) {
+            Ok(f) => f,
+            Err(e) => {
+                tracing::warn!(error = %e, "flow log: pod names not read");
+                return;
+            }
+        };
+        let fp = crate::inventory::fingerprint(&files);
+        let mut state = self
+            .state
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if state.0 == fp {
+            return;
+        }
+        state.0 = fp;
+        match crate::inventory::load_files(&files) {
+            Ok(inv) => {
+                state.1 = inv
+                    .pods()
+                    .flat_map(|p| {
+                        let name = format!("{}/{}", p.namespace, p.name);
+                        p.ip.iter().map(move |ip| (*ip, name.clone()))
+                    })
+                    .collect();
+                tracing::info!(pods = state.1.len(), "flow log: pod names read");
+            }
+            Err(errors) => {
+                let first = errors.first().map(ToString::to_string).unwrap_or_default();
+                tracing::warn!(error = %first, "flow log: pod names not read; the previous ones stay");
+            }
+        }
+    }
+
+    /// The pod's `namespace/name`, when known.
+    pub(crate) fn get(&self, ip: IpAddr) -> Option<String> {
+        let state = self
+            .state
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        state.1.get(&ip).cloned()
+    }
 }
 
 /// Which live flows `GET /flows` lists: all filters must match.
@@ -314,6 +408,7 @@ impl FlowLog {
         events: Arc<FlowEvents>,
         clock: WallClock,
         uplinks: Vec<String>,
+        names: Arc<PodNames>,
         stats: Arc<FlowLogStats>,
     ) -> io::Result<FlowLog> {
         let mut sink = Sink::open(&config.output, config.max_bytes, config.max_files)?;
@@ -324,37 +419,45 @@ impl FlowLog {
         let (max_bytes, max_files) = (config.max_bytes, config.max_files);
         let thread = std::thread::Builder::new()
             .name("flow-log".into())
-            .spawn(move || loop {
-                let last = stopping.load(Ordering::Acquire);
-                let mut wrote = false;
-                while let Some(e) = events.pop() {
-                    if e.kind == FlowEventKind::Start && !starts {
-                        continue;
+            .spawn(move || {
+                let mut last_refresh = std::time::Instant::now();
+                loop {
+                    let last = stopping.load(Ordering::Acquire);
+                    if last_refresh.elapsed() >= Duration::from_secs(2) {
+                        names.refresh();
+                        last_refresh = std::time::Instant::now();
                     }
-                    let line = json_line(&e, &clock, &uplinks);
-                    match sink.write_line(&line) {
-                        Ok(()) => {
-                            stats.written.fetch_add(1, Ordering::Relaxed);
-                            wrote = true;
+                    let mut wrote = false;
+                    while let Some(e) = events.pop() {
+                        if e.kind == FlowEventKind::Start && !starts {
+                            continue;
                         }
-                        Err(err) => {
-                            stats.errors.fetch_add(1, Ordering::Relaxed);
-                            tracing::warn!(error = %err, "flow log: write failed; reopening");
-                            if let Ok(s) = Sink::open(&output, max_bytes, max_files) {
-                                sink = s;
-                            } else {
-                                std::thread::sleep(Duration::from_secs(1));
+                        let name = names.get(e.pod.0);
+                        let line = json_line(&e, &clock, &uplinks, name.as_deref());
+                        match sink.write_line(&line) {
+                            Ok(()) => {
+                                stats.written.fetch_add(1, Ordering::Relaxed);
+                                wrote = true;
+                            }
+                            Err(err) => {
+                                stats.errors.fetch_add(1, Ordering::Relaxed);
+                                tracing::warn!(error = %err, "flow log: write failed; reopening");
+                                if let Ok(s) = Sink::open(&output, max_bytes, max_files) {
+                                    sink = s;
+                                } else {
+                                    std::thread::sleep(Duration::from_secs(1));
+                                }
                             }
                         }
                     }
+                    if wrote || last {
+                        let _ = sink.flush();
+                    }
+                    if last {
+                        return;
+                    }
+                    std::thread::sleep(Duration::from_millis(100));
                 }
-                if wrote || last {
-                    let _ = sink.flush();
-                }
-                if last {
-                    return;
-                }
-                std::thread::sleep(Duration::from_millis(100));
             })?;
         Ok(FlowLog {
             stop,
@@ -420,6 +523,45 @@ mod tests {
     }
 
     #[test]
+    fn pod_names_come_from_pod_objects_and_follow_changes() {
+        let dir = std::env::temp_dir().join(format!("egress-podnames-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let pods = |name: &str| {
+            format!(
+                "apiVersion: v1\nkind: Pod\nmetadata: {{ name: {name}, namespace: app }}\n\
+                 status: {{ podIP: 10.244.1.1, podIPs: [ {{ ip: 10.244.1.1 }}, {{ ip: \"fd00:244:1::1\" }} ] }}\n"
+            )
+        };
+        std::fs::write(dir.join("pods.yaml"), pods("web")).unwrap();
+        let names = PodNames::new(vec![dir.clone()]);
+        assert_eq!(
+            names.get("10.244.1.1".parse().unwrap()).as_deref(),
+            Some("app/web")
+        );
+        assert_eq!(
+            names.get("fd00:244:1::1".parse().unwrap()).as_deref(),
+            Some("app/web")
+        );
+        assert_eq!(names.get("10.244.1.2".parse().unwrap()), None);
+        // A changed file (another size) is read again; a broken one keeps the previous names.
+        std::fs::write(dir.join("pods.yaml"), pods("web-2")).unwrap();
+        names.refresh();
+        assert_eq!(
+            names.get("10.244.1.1".parse().unwrap()).as_deref(),
+            Some("app/web-2")
+        );
+        std::fs::write(dir.join("pods.yaml"), "kind: Pod\nmetadata: [\n").unwrap();
+        names.refresh();
+        assert_eq!(
+            names.get("10.244.1.1".parse().unwrap()).as_deref(),
+            Some("app/web-2")
+        );
+        assert_eq!(PodNames::default().get("10.244.1.1".parse().unwrap()), None);
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
     fn dates_are_utc_rfc3339() {
         assert_eq!(rfc3339(0), "1970-01-01T00:00:00.000Z");
         assert_eq!(rfc3339(951_782_400_123), "2000-02-29T00:00:00.123Z");
@@ -429,7 +571,7 @@ mod tests {
     #[test]
     fn a_record_is_one_json_line() {
         let clock = WallClock::at(1_795_717_800_216);
-        let line = json_line(&event(FlowEventKind::End), &clock, &["dmz".into()]);
+        let line = json_line(&event(FlowEventKind::End), &clock, &["dmz".into()], None);
         assert_eq!(
             line,
             "{\"event\":\"end\",\"start\":\"2026-11-26T18:30:01.216Z\",\"end\":\"2026-11-26T18:30:04.032Z\",\
@@ -437,12 +579,16 @@ mod tests {
              \"dst\":\"[2001:db8::10]:443\",\"uplink\":\"dmz\",\"packets_out\":12,\"bytes_out\":1840,\
              \"packets_in\":10,\"bytes_in\":15210,\"tcp_state\":\"closed\"}"
         );
-        let start = json_line(&event(FlowEventKind::Start), &clock, &[]);
+        let start = json_line(&event(FlowEventKind::Start), &clock, &[], Some("app/web"));
+        assert!(
+            start.contains("\"pod\":\"10.244.1.1:41012\",\"pod_name\":\"app/web\",\"node\""),
+            "{start}"
+        );
         assert!(start.starts_with("{\"event\":\"start\",\"start\":"));
         assert!(!start.contains("\"end\""));
         assert!(start.contains("\"uplink\":\"0\""));
         assert_eq!(json_escape("a\"b\\c\n"), "a\\\"b\\\\c\\u000a");
-        let live = live_line(&event(FlowEventKind::End), &clock, &[]);
+        let live = live_line(&event(FlowEventKind::End), &clock, &[], None);
         assert!(live.starts_with("{\"event\":\"live\",\"start\":\"2026-11-26T18:30:01.216Z\",\"last\":\"2026-11-26T18:30:04.032Z\","), "{live}");
     }
 
@@ -458,6 +604,7 @@ mod tests {
             max_files: 2,
             queue: 1024,
             starts: false,
+            pod_names: vec![],
         };
         let events = Arc::new(FlowEvents::new(1024));
         for _ in 0..100 {
@@ -470,6 +617,7 @@ mod tests {
             Arc::clone(&events),
             WallClock::at(0),
             vec!["dmz".into()],
+            Arc::new(PodNames::default()),
             Arc::clone(&stats),
         )
         .unwrap();
@@ -498,12 +646,14 @@ mod tests {
             max_files: 2,
             queue: 16,
             starts: true,
+            pod_names: vec![],
         };
         let e = FlowLog::start(
             &config,
             Arc::new(FlowEvents::new(16)),
             WallClock::at(0),
             vec![],
+            Arc::new(PodNames::default()),
             Arc::new(FlowLogStats::default()),
         )
         .err()

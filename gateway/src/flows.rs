@@ -110,8 +110,13 @@ fn table(body: &str) -> String {
         .lines()
         .filter(|l| l.starts_with('{'))
         .map(|l| {
+            let name = field(l, "pod_name");
             [
-                field(l, "pod").into(),
+                if name.is_empty() {
+                    field(l, "pod").into()
+                } else {
+                    format!("{} {name}", field(l, "pod"))
+                },
                 field(l, "egress").into(),
                 field(l, "dst").into(),
                 field(l, "proto").into(),
@@ -173,6 +178,12 @@ mod tests {
         );
         assert!(lines[1].ends_with("3/2          120/300"), "{t}");
         assert_eq!(lines[2], "1 flows");
+        let named = body.replace("\"node\"", "\"pod_name\":\"app/web\",\"node\"");
+        assert!(table(&named)
+            .lines()
+            .nth(1)
+            .unwrap()
+            .starts_with("10.244.1.1:5000 app/web  203.0.113.10:40000"));
     }
 
     #[test]

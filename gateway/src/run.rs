@@ -22,7 +22,7 @@ use forwarder_core::conntrack::{FlowEvent, FlowEventKind, FlowEvents};
 use forwarder_core::pipeline::Gateway;
 
 use crate::config::{self, GatewayConfig, LogFormat};
-use crate::flowlog::{live_line, FlowFilter, FlowLog, WallClock};
+use crate::flowlog::{live_line, FlowFilter, FlowLog, PodNames, WallClock};
 use crate::http::{self, Response};
 use crate::io::packet::{Interface, TxSocket};
 use crate::neighbour;
@@ -99,6 +99,12 @@ pub(crate) fn run(path: &Path, tunnel_ip: Option<Ipv4Addr>) -> Result<(), RunErr
     });
     let telemetry = Arc::new(Telemetry::new());
     let clock = WallClock::new(shared.epoch);
+    let pod_names = Arc::new(PodNames::new(
+        cfg.flow_log
+            .as_ref()
+            .map(|f| f.pod_names.clone())
+            .unwrap_or_default(),
+    ));
     let flow_log = match (&cfg.flow_log, &events) {
         (Some(f), Some(events)) => Some(
             FlowLog::start(
@@ -106,6 +112,7 @@ pub(crate) fn run(path: &Path, tunnel_ip: Option<Ipv4Addr>) -> Result<(), RunErr
                 Arc::clone(events),
                 clock,
                 shared.uplinks.iter().map(|u| u.name.clone()).collect(),
+                Arc::clone(&pod_names),
                 Arc::clone(&telemetry.flow_log),
             )
             .map_err(|e| setup(format!("flow_log: {e}")))?,
@@ -114,7 +121,7 @@ pub(crate) fn run(path: &Path, tunnel_ip: Option<Ipv4Addr>) -> Result<(), RunErr
     };
     let heartbeat = Arc::new(AtomicU64::new(0));
     start_http(&cfg, &shared, &telemetry, &heartbeat)?;
-    start_admin(&cfg, &shared, clock)?;
+    start_admin(&cfg, &shared, clock, pod_names)?;
 
     // Signals only set flags; the control loop acts on them.
     let hup = Arc::new(AtomicBool::new(false));
@@ -238,6 +245,7 @@ fn start_admin(
     cfg: &GatewayConfig,
     shared: &Arc<Shared>,
     clock: WallClock,
+    names: Arc<PodNames>,
 ) -> Result<(), RunError> {
     let shared = Arc::clone(shared);
     let h: http::Handler = Arc::new(move |target: &str| {
@@ -254,7 +262,7 @@ fn start_admin(
         };
         let gateway = shared.gateway();
         let table = gateway.table();
-        let names: Vec<String> = shared.uplinks.iter().map(|u| u.name.clone()).collect();
+        let uplinks: Vec<String> = shared.uplinks.iter().map(|u| u.name.clone()).collect();
         let now = shared.now();
         let mut body = String::new();
         let mut n = 0;
@@ -265,7 +273,8 @@ fn start_admin(
             }
             let e = FlowEvent::of(f, FlowEventKind::End, now);
             if filter.matches(&e) {
-                body.push_str(&live_line(&e, &clock, &names));
+                let name = names.get(e.pod.0);
+                body.push_str(&live_line(&e, &clock, &uplinks, name.as_deref()));
                 body.push('\n');
                 n += 1;
             }

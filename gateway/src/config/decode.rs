@@ -52,7 +52,14 @@ const UPLINK_KEYS: &[&str] = &[
 const PORTS_KEYS: &[&str] = &["min", "max"];
 const LISTEN_KEYS: &[&str] = &["listen"];
 const LOG_KEYS: &[&str] = &["format"];
-const FLOW_LOG_KEYS: &[&str] = &["output", "max_bytes", "max_files", "queue", "starts"];
+const FLOW_LOG_KEYS: &[&str] = &[
+    "output",
+    "max_bytes",
+    "max_files",
+    "queue",
+    "starts",
+    "pod_names",
+];
 const CONNTRACK_KEYS: &[&str] = &[
     "max_entries",
     "max_per_source",
@@ -193,7 +200,22 @@ fn flow_log(r: &mut Reader<'_>, v: &Value<'_>) -> Option<FlowLogConfig> {
             _ => Err(format!("`{s}` is not true or false")),
         })
     });
+    let pod_names = match m.get("pod_names") {
+        None => Some(Vec::new()),
+        Some(v) => r
+            .parse_list(&v, |s| {
+                if s.starts_with('/') {
+                    Ok(std::path::PathBuf::from(s))
+                } else {
+                    Err(format!(
+                        "`{s}` is not an absolute path; give the files or directories of Pod objects, e.g. /etc/egress/pods"
+                    ))
+                }
+            })
+            .map(strip),
+    };
     Some(FlowLogConfig {
+        pod_names: pod_names?,
         output: output?,
         max_bytes: max_bytes?,
         max_files: max_files?,

@@ -31,14 +31,27 @@ fn flows_and_the_translation_log_map_egress_ports_back_to_pods() {
     };
     let mut topo = common::standard(mode);
     let log_path = topo.dir().join("flows.jsonl");
+    // Pod names for the records: pod (1, 1) is app/web; pod (2, 1) is in no file (no name).
+    let pods = topo.dir().join("pods");
+    std::fs::create_dir_all(&pods).unwrap();
+    std::fs::write(
+        pods.join("pods.yaml"),
+        format!(
+            "apiVersion: v1\nkind: Pod\nmetadata: {{ name: web, namespace: app }}\nspec: {{ nodeName: node1 }}\n\
+             status: {{ podIP: {} }}\n",
+            topo.pod(1, 1).ip
+        ),
+    )
+    .unwrap();
     let spec = ConfigSpec {
         drain_seconds: 1,
         ..ConfigSpec::default()
     };
     let yaml = format!(
-        "{}flow_log: {{ output: {}, max_bytes: 1048576, max_files: 2 }}\n",
+        "{}flow_log: {{ output: {}, max_bytes: 1048576, max_files: 2, pod_names: [{}] }}\n",
         spec.yaml(topo.gateway(1)).unwrap(),
-        log_path.display()
+        log_path.display(),
+        pods.display()
     );
     let mut own = scenario::restart_gateway(&mut topo, 1, "flowlog", &yaml, READY).unwrap();
     let gw = topo.gateway(1);
