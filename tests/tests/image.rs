@@ -29,7 +29,8 @@ fn image_root() -> Option<PathBuf> {
 
 /// A field of /proc/<pid>/status.
 fn status_field(pid: u32, key: &str) -> String {
-    let text = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let text = std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap_or_else(|e| panic!("/proc/{pid}/status: {e}"));
     text.lines()
         .find_map(|l| l.strip_prefix(key))
         .unwrap_or_else(|| panic!("no {key} in /proc/{pid}/status"))
