@@ -153,3 +153,73 @@ fn ecmp_spreads_flows_and_fails_over_when_a_gateway_dies() {
     eprintln!("probe ({pod_ns_name}): {sent} sent, {answered} answered");
     probe.stop().or_diag(&env, "probe thread");
 }
+
+/// Draining: two red replicas; pod A's route uses both. Gateway 1 gets SIGTERM and answers 503 `draining`
+/// (its `drain_seconds` is 30 s): A's route keeps it (its established flows go on), but pod B, added to the
+/// inventory while gateway 1 drains, gets a route through gateway 2 only. When gateway 1 is gone, A's route
+/// drops it too.
+#[test]
+fn a_draining_gateway_keeps_its_pods_but_gets_no_new_ones() {
+    require_netns!();
+    let mode = require_userspace_gateway!();
+    let bin = require_node_agent!();
+    let spec = TopologySpec::node_agent(&[2], vec![mode.clone(), mode]);
+    let mut env = Env::start(spec, &bin, |topo| {
+        let mut inv = Inventory::new();
+        inv.policy(Policy::new(
+            "replicas",
+            vec![PolicyRule::via(Ipv4Net::default(), "red")],
+        ))
+        .namespace_with_policy("app", "replicas")
+        .client_pod("app", "a", topo.pod(1, 1))
+        .gateway_pod(1, "red", topo.spec().ipv6)
+        .gateway_pod(2, "red", topo.spec().ipv6);
+        inv
+    });
+    let (gw1, gw2) = (
+        IpAddr::V4(env.topo.gateway(1).ip),
+        IpAddr::V4(env.topo.gateway(2).ip),
+    );
+    let table_a = env.table_of(env.topo.pod(1, 1));
+    let both = RouteShape::Via(vec![gw1, gw2]);
+    env.wait_route(table_a, Ipv4Net::default(), &both, Duration::from_secs(5));
+
+    match env.topo.gateway_mut(1).process_mut() {
+        Some(p) => p.signal(libc::SIGTERM),
+        None => env.fail("gateway 1 has no process"),
+    }
+    poll(
+        Duration::from_secs(5),
+        Duration::from_millis(20),
+        "gateway 1 draining",
+        || (scenario::readiness(env.topo.gateway(1)).ok() == Some(503)).then_some(()),
+    )
+    .or_diag(&env, "readiness");
+    // Several probe intervals: the agent has seen `draining`, and kept gateway 1 in A's route.
+    std::thread::sleep(Duration::from_millis(800));
+    env.wait_route(table_a, Ipv4Net::default(), &both, Duration::from_secs(1));
+
+    let mut inv = env.inventory.clone();
+    inv.client_pod("app", "b", env.topo.pod(1, 2));
+    env.set_inventory(inv);
+    let table_b = env.table_of(env.topo.pod(1, 2));
+    env.wait_route(
+        table_b,
+        Ipv4Net::default(),
+        &RouteShape::Via(vec![gw2]),
+        Duration::from_secs(3),
+    );
+    // A still has both while gateway 1 drains.
+    env.wait_route(table_a, Ipv4Net::default(), &both, Duration::from_secs(1));
+
+    // Gateway 1 exits (end of its drain, here cut short): A's route drops it.
+    if let Some(p) = env.topo.gateway_mut(1).process_mut() {
+        p.signal(libc::SIGKILL);
+    }
+    env.wait_route(
+        table_a,
+        Ipv4Net::default(),
+        &RouteShape::Via(vec![gw2]),
+        Duration::from_secs(2),
+    );
+}

@@ -6,7 +6,8 @@
 //!
 //! * `routing` — legacy firewall (only the egress IP is admitted), red/blue per destination (IPv4 and IPv6),
 //!   single exit (DMZ and internal uplinks of one gateway);
-//! * `failover` — ECMP over two replicas, failover time after SIGKILL, the gateway's return;
+//! * `failover` — ECMP over two replicas, failover time after SIGKILL, the gateway's return; a draining
+//!   gateway keeps its pods and gets no new ones;
 //! * `policy` — a missing policy blocks (fail closed) but not cluster traffic; a live policy edit;
 //! * `lifecycle` — `--cleanup` removes what the agent made and nothing else.
 //!
