@@ -129,14 +129,7 @@ pub(crate) enum LogFormat {
 impl GatewayConfig {
     /// Reads and validates; on failure every problem found, each `file:line: problem`.
     pub(crate) fn load(path: &Path) -> Result<GatewayConfig, ConfigErrors> {
-        let text = std::fs::read_to_string(path).map_err(|e| {
-            ConfigErrors(vec![ConfigError::new(
-                path,
-                None,
-                format!("cannot read the file: {e}; check the path and its permissions"),
-            )])
-        })?;
-        GatewayConfig::parse(&text, path)
+        GatewayConfig::parse(&read_file(path)?, path)
     }
 
     /// [`load`](Self::load), then `tunnel_ip` (the pod's own IP, `--tunnel-ip`) replaces the address of
@@ -164,23 +157,11 @@ impl GatewayConfig {
                 ),
             )]));
         }
-        let mut reader = reader::Reader::new(name);
-        let config = decode::gateway(&mut reader, &root);
-        let mut errors = reader.into_errors();
-        match config {
-            Some(config) if errors.is_empty() => Ok(GatewayConfig {
-                path: name.to_owned(),
-                ..config
-            }),
-            _ => {
-                if errors.is_empty() {
-                    // Every path that rejects a value reports it; this only guards against a silent refusal.
-                    errors.push(ConfigError::new(name, None, "the configuration is invalid"));
-                }
-                errors.sort_by_key(|e| e.line);
-                Err(ConfigErrors(errors))
-            }
-        }
+        let config = decode_all(name, |r| decode::gateway(r, &root))?;
+        Ok(GatewayConfig {
+            path: name.to_owned(),
+            ..config
+        })
     }
 
     /// The data-plane configuration for [`Gateway::new`]: uplinks in file order, each route pointing at the
@@ -317,6 +298,39 @@ pub(crate) fn restart_needed(old: &GatewayConfig, new: &GatewayConfig) -> Vec<St
     // The writer thread and the table's event queue are set up at start.
     check("flow_log", old.flow_log != new.flow_log);
     keys
+}
+
+/// The text of a configuration file, or the error saying it cannot be read.
+fn read_file(path: &Path) -> Result<String, ConfigErrors> {
+    std::fs::read_to_string(path).map_err(|e| {
+        ConfigErrors(vec![ConfigError::new(
+            path,
+            None,
+            format!("cannot read the file: {e}; check the path and its permissions"),
+        )])
+    })
+}
+
+/// Runs `decode` over a [`reader::Reader`] of file `name`: its value when nothing was reported, else every
+/// problem in line order.
+fn decode_all<T>(
+    name: &Path,
+    decode: impl FnOnce(&mut reader::Reader<'_>) -> Option<T>,
+) -> Result<T, ConfigErrors> {
+    let mut reader = reader::Reader::new(name);
+    let config = decode(&mut reader);
+    let mut errors = reader.into_errors();
+    match config {
+        Some(config) if errors.is_empty() => Ok(config),
+        _ => {
+            if errors.is_empty() {
+                // Every path that rejects a value reports it; this only guards against a silent refusal.
+                errors.push(ConfigError::new(name, None, "the configuration is invalid"));
+            }
+            errors.sort_by_key(|e| e.line);
+            Err(ConfigErrors(errors))
+        }
+    }
 }
 
 /// Every problem found in one configuration file.

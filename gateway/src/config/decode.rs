@@ -722,7 +722,8 @@ fn clash(a: SocketAddr, b: SocketAddr) -> bool {
     a.port() == b.port() && (a.ip() == b.ip() || a.ip().is_unspecified() || b.ip().is_unspecified())
 }
 
-fn log(r: &mut Reader<'_>, v: &Value<'_>) -> Option<LogFormat> {
+/// The `log` section (the gateway's and the node agent's).
+pub(super) fn log(r: &mut Reader<'_>, v: &Value<'_>) -> Option<LogFormat> {
     let l = r.mapping(v, LOG_KEYS)?;
     let Some(v) = l.get("format") else {
         return Some(LogFormat::Text);

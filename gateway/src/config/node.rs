@@ -11,7 +11,7 @@ use marked_yaml::Node;
 
 use super::decode::MAX_VNI;
 use super::reader::{self, Reader, Value};
-use super::{value, ConfigError, ConfigErrors, LogFormat};
+use super::{value, ConfigErrors, LogFormat};
 
 pub(super) const ROOT_KEYS: &[&str] = &[
     "node_name",
@@ -37,7 +37,6 @@ pub(super) const HEALTH_KEYS: &[&str] = &[
     "failures",
     "successes",
 ];
-const LOG_KEYS: &[&str] = &["format"];
 
 /// Tables the kernel reserves (`default`, `main`, `local`) and 0 (unspecified): never used, even inside
 /// `tables`.
@@ -138,14 +137,7 @@ const DEFAULT_RESYNC: Duration = Duration::from_secs(10);
 impl NodeConfig {
     /// Reads and validates; on failure every problem found, each `file:line: problem`.
     pub(crate) fn load(path: &Path, overrides: &Overrides) -> Result<NodeConfig, ConfigErrors> {
-        let text = std::fs::read_to_string(path).map_err(|e| {
-            ConfigErrors(vec![ConfigError::new(
-                path,
-                None,
-                format!("cannot read the file: {e}; check the path and its permissions"),
-            )])
-        })?;
-        NodeConfig::parse(&text, path, overrides)
+        NodeConfig::parse(&super::read_file(path)?, path, overrides)
     }
 
     /// Parses from a string, `name` used in messages as the file name and to resolve relative inputs.
@@ -155,30 +147,17 @@ impl NodeConfig {
         overrides: &Overrides,
     ) -> Result<NodeConfig, ConfigErrors> {
         let root = reader::parse_yaml(text, name).map_err(|e| ConfigErrors(vec![e]))?;
-        let mut r = Reader::new(name);
-        let config = decode(&mut r, &root, overrides);
-        let mut errors = r.into_errors();
-        match config {
-            Some(mut config) if errors.is_empty() => {
-                let base = name.parent().unwrap_or(Path::new(""));
-                for input in &mut config.inputs {
-                    if input.is_relative() {
-                        *input = base.join(&*input);
-                    }
-                }
-                Ok(NodeConfig {
-                    path: name.to_owned(),
-                    ..config
-                })
-            }
-            _ => {
-                if errors.is_empty() {
-                    errors.push(ConfigError::new(name, None, "the configuration is invalid"));
-                }
-                errors.sort_by_key(|e| e.line);
-                Err(ConfigErrors(errors))
+        let mut config = super::decode_all(name, |r| decode(r, &root, overrides))?;
+        let base = name.parent().unwrap_or(Path::new(""));
+        for input in &mut config.inputs {
+            if input.is_relative() {
+                *input = base.join(&*input);
             }
         }
+        Ok(NodeConfig {
+            path: name.to_owned(),
+            ..config
+        })
     }
 }
 
@@ -278,17 +257,9 @@ fn decode(r: &mut Reader<'_>, root: &Node, overrides: &Overrides) -> Option<Node
         None => Some(None),
         Some(v) => r.parse(&v, value::socket_addr).map(Some),
     };
-    let log_format = top.get("log").map_or(Some(LogFormat::Text), |v| {
-        let l = r.mapping(&v, LOG_KEYS)?;
-        let Some(v) = l.get("format") else {
-            return Some(LogFormat::Text);
-        };
-        r.parse(&v, |s| match s {
-            "text" => Ok(LogFormat::Text),
-            "json" => Ok(LogFormat::Json),
-            _ => Err(format!("`{s}` is not a log format; use text or json")),
-        })
-    });
+    let log_format = top
+        .get("log")
+        .map_or(Some(LogFormat::Text), |v| super::decode::log(r, &v));
     Some(NodeConfig {
         path: PathBuf::new(),
         node_name: node_name?,
