@@ -71,12 +71,11 @@ fn fetch(addr: SocketAddr, target: &str) -> Result<String, String> {
     .map_err(|e| e.to_string())?;
     let mut raw = String::new();
     s.read_to_string(&mut raw).map_err(|e| e.to_string())?;
-    let (head, body) = raw.split_once("\r\n\r\n").unwrap_or((&raw, ""));
-    let status = head.split_whitespace().nth(1).unwrap_or("");
-    if status != "200" {
-        return Err(format!("the gateway answered {status}: {}", body.trim()));
+    match crate::http::parse_response(&raw) {
+        Some((200, body)) => Ok(body.to_string()),
+        Some((status, body)) => Err(format!("the gateway answered {status}: {}", body.trim())),
+        None => Err(format!("not an HTTP answer from {addr}")),
     }
-    Ok(body.to_string())
 }
 
 /// The value of `"key":` in one of our JSON lines (strings unquoted; no nesting, no escapes in values).

@@ -33,6 +33,20 @@ pub(crate) fn split(target: &str) -> (&str, &str) {
     target.split_once('?').unwrap_or((target, ""))
 }
 
+/// A whole HTTP/1.x response's status and body (for the clients: the agent's probes, `flows`); `None` when
+/// it does not start with a status line.
+pub(crate) fn parse_response(raw: &str) -> Option<(u16, &str)> {
+    let (head, body) = raw.split_once("\r\n\r\n").unwrap_or((raw, ""));
+    let status = head
+        .lines()
+        .next()?
+        .split_whitespace()
+        .nth(1)?
+        .parse()
+        .ok()?;
+    Some((status, body))
+}
+
 /// The value of `key` in a query (`a=1&b=2`), percent-decoding `%3A`-style escapes.
 pub(crate) fn query_value(query: &str, key: &str) -> Option<String> {
     query.split('&').find_map(|kv| {
@@ -170,6 +184,16 @@ mod tests {
         assert!(r.ends_with("draining\n"));
         assert!(get(addr, "/livez?verbose=1").starts_with("HTTP/1.1 200 OK"));
         assert!(get(addr, "/nope").starts_with("HTTP/1.1 404"));
+    }
+
+    #[test]
+    fn responses_parse_into_status_and_body() {
+        assert_eq!(
+            parse_response("HTTP/1.1 503 Service Unavailable\r\nA: b\r\n\r\ndraining\n"),
+            Some((503, "draining\n"))
+        );
+        assert_eq!(parse_response("HTTP/1.0 200 OK\r\n"), Some((200, "")));
+        assert_eq!(parse_response("garbage"), None);
     }
 
     #[test]

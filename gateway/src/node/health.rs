@@ -170,17 +170,10 @@ async fn exchange(addr: SocketAddr, path: &str) -> std::io::Result<(u16, String)
         buf.extend_from_slice(&chunk[..n]);
     }
     let text = String::from_utf8_lossy(&buf);
-    let bad = || std::io::Error::new(std::io::ErrorKind::InvalidData, "not an HTTP response");
-    let status_line = text.lines().next().ok_or_else(bad)?;
-    let status: u16 = status_line
-        .split_whitespace()
-        .nth(1)
-        .and_then(|s| s.parse().ok())
-        .ok_or_else(bad)?;
-    let body = text
-        .split_once("\r\n\r\n")
-        .map_or(String::new(), |(_, b)| b.to_string());
-    Ok((status, body))
+    let (status, body) = crate::http::parse_response(&text).ok_or_else(|| {
+        std::io::Error::new(std::io::ErrorKind::InvalidData, "not an HTTP response")
+    })?;
+    Ok((status, body.to_string()))
 }
 
 /// How long after the first failed probe a dead gateway is taken out, at most: what failover costs.
