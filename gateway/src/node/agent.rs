@@ -452,42 +452,57 @@ fn endpoint(
     }
 }
 
-/// The agent's metrics (documented in docs/node-agent.md).
-pub(crate) const METRICS: &[(&str, &str)] = &[
+/// The agent's metrics: name, kind, help (documented in docs/node-agent.md).
+pub(crate) const METRICS: &[(&str, &str, &str)] = &[
     (
         "egress_node_pods",
+        "gauge",
         "Opted-in pods on this node with a route table.",
     ),
     (
         "egress_node_problems",
+        "gauge",
         "Problems in the last plan (see the log).",
     ),
     (
         "egress_node_gateway_health",
+        "gauge",
         "1 for the state each probed gateway is in.",
     ),
     (
         "egress_node_health_transitions_total",
+        "counter",
         "Gateway health changes.",
     ),
-    ("egress_node_reconciles_total", "Reconciles, by result."),
+    (
+        "egress_node_reconciles_total",
+        "counter",
+        "Reconciles, by result.",
+    ),
     (
         "egress_node_kernel_changes_total",
+        "counter",
         "Rules, routes, neighbours and FDB entries written, by op.",
     ),
     (
         "egress_node_reconcile_seconds",
+        "gauge",
         "Duration of the last reconcile.",
     ),
     (
         "egress_node_input_reloads_total",
+        "counter",
         "Input reloads, by result.",
     ),
 ];
 
 fn describe_metrics() {
-    for (name, help) in METRICS {
-        metrics::describe_gauge!(*name, *help);
+    for (name, kind, help) in METRICS {
+        if *kind == "counter" {
+            metrics::describe_counter!(*name, *help);
+        } else {
+            metrics::describe_gauge!(*name, *help);
+        }
     }
 }
 
@@ -537,7 +552,7 @@ mod tests {
     #[test]
     fn every_metric_is_documented() {
         let docs = include_str!("../../../docs/node-agent.md");
-        for (name, _) in METRICS {
+        for (name, _, _) in METRICS {
             assert!(
                 docs.contains(&format!("`{name}")),
                 "docs/node-agent.md does not describe {name}"
