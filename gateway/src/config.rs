@@ -550,6 +550,69 @@ uplinks:
     }
 
     #[test]
+    fn flow_log_and_admin_sections() {
+        let c = parse(&format!(
+            "{BASE}admin: {{ listen: 127.0.0.1:9200 }}\nflow_log: {{ output: /var/log/egress/flows.jsonl, max_bytes: 8192, \
+             max_files: 3, queue: 1024, starts: false, pod_names: [/etc/egress/pods] }}\n"
+        ))
+        .unwrap();
+        assert_eq!(c.admin_listen, "127.0.0.1:9200".parse().unwrap());
+        assert_eq!(
+            c.flow_log,
+            Some(FlowLogConfig {
+                output: FlowLogOutput::File("/var/log/egress/flows.jsonl".into()),
+                max_bytes: 8192,
+                max_files: 3,
+                queue: 1024,
+                starts: false,
+                pod_names: vec!["/etc/egress/pods".into()],
+            })
+        );
+        let c = parse(&format!("{BASE}flow_log: {{ output: stdout }}\n")).unwrap();
+        let f = c.flow_log.unwrap();
+        assert_eq!(f.output, FlowLogOutput::Stdout);
+        assert_eq!(
+            (f.max_bytes, f.max_files, f.queue, f.starts),
+            (100 << 20, 5, 65_536, true)
+        );
+        assert_eq!(parse(BASE).unwrap().flow_log, None);
+        assert_eq!(
+            parse(BASE).unwrap().admin_listen,
+            "127.0.0.1:9095".parse().unwrap()
+        );
+
+        let e = errors(&format!(
+            "{BASE}flow_log: {{ output: flows.jsonl, starts: maybe, pod_names: [pods] }}\n"
+        ))
+        .join("\n");
+        assert!(
+            e.contains("flow_log.output: `flows.jsonl` is not an absolute path"),
+            "{e}"
+        );
+        assert!(
+            e.contains("flow_log.starts: `maybe` is not true or false"),
+            "{e}"
+        );
+        assert!(
+            e.contains("flow_log.pod_names[0]: `pods` is not an absolute path"),
+            "{e}"
+        );
+        let e = errors(&format!("{BASE}admin: {{ listen: 0.0.0.0:9090 }}\n")).join("\n");
+        assert!(
+            e.contains(
+                "metrics.listen 0.0.0.0:9090 and admin.listen 0.0.0.0:9090 use the same port"
+            ),
+            "{e}"
+        );
+        // Changing the log needs a restart; the admin address too.
+        let old = parse(BASE).unwrap();
+        let new = parse(&format!("{BASE}flow_log: {{ output: stdout }}\n")).unwrap();
+        assert_eq!(restart_needed(&old, &new), ["flow_log"]);
+        let new = parse(&format!("{BASE}admin: {{ listen: 127.0.0.1:9200 }}\n")).unwrap();
+        assert_eq!(restart_needed(&old, &new), ["admin.listen"]);
+    }
+
+    #[test]
     fn the_example_parses_to_the_expected_values() {
         assert_eq!(parse(EXAMPLE), Ok(expected_example()));
     }

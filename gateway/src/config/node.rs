@@ -481,6 +481,42 @@ health: { port: 8080, path: /readiness, interval: 200ms, failures: 2 }
     }
 
     #[test]
+    fn optional_keys() {
+        let c = parse(
+            "node_name: n\nunderlay_ip: 10.0.0.1\nunderlay_device: eth1\ninputs: [/in]\nresync: 30s\n\
+             listen: 127.0.0.1:9101\nlog: { format: json }\ncluster_cidrs: [10.244.0.0/16, \"fd00::/8\"]\n\
+             health: { port: 9000, path: /ready, interval: 100ms, timeout: 50ms, failures: 3, successes: 2 }\n",
+        )
+        .unwrap();
+        assert_eq!(c.underlay_device.as_deref(), Some("eth1"));
+        assert_eq!(c.resync, Duration::from_secs(30));
+        assert_eq!(c.listen, Some("127.0.0.1:9101".parse().unwrap()));
+        assert_eq!(c.log_format, LogFormat::Json);
+        assert_eq!(c.cluster_cidrs.len(), 2);
+        assert_eq!(
+            c.health,
+            HealthSettings {
+                port: 9000,
+                path: "/ready".into(),
+                interval: Duration::from_millis(100),
+                timeout: Duration::from_millis(50),
+                failures: 3,
+                successes: 2,
+            }
+        );
+        let e = parse("node_name: n\nunderlay_ip: 10.0.0.1\ninputs: [/in]\nresync: 100ms\nlog: { format: xml }\n")
+            .unwrap_err();
+        assert!(
+            e.contains("node.yaml:4: resync: 100ms is out of range"),
+            "{e}"
+        );
+        assert!(
+            e.contains("node.yaml:5: log.format: `xml` is not a log format"),
+            "{e}"
+        );
+    }
+
+    #[test]
     fn command_line_values_win_and_may_replace_the_keys() {
         let overrides = Overrides {
             node_name: Some("node-b".into()),

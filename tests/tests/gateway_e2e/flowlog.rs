@@ -130,6 +130,26 @@ fn flows_and_the_translation_log_map_egress_ports_back_to_pods() {
         "{table}"
     );
 
+    // The writer's counters: both start records queued and written, none dropped.
+    let m = scenario::wait_metric(
+        gw,
+        "egress_gateway_flow_log_records_total",
+        &[("result", "written")],
+        Duration::from_secs(5),
+        |v| v >= 2.0,
+    )
+    .unwrap();
+    let records = |result: &str| {
+        m.get(
+            "egress_gateway_flow_log_records_total",
+            &[("result", result)],
+        )
+        .unwrap_or(-1.0)
+    };
+    assert_eq!(records("queued"), 2.0);
+    assert_eq!(records("dropped"), 0.0);
+    assert_eq!(records("failed"), 0.0);
+
     // Afterwards: the log. SIGTERM ends the remaining flows with the gateway.
     own.process.signal(libc::SIGTERM);
     let status = own.process.wait_timeout(Duration::from_secs(15)).unwrap();

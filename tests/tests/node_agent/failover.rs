@@ -198,6 +198,22 @@ fn a_draining_gateway_keeps_its_pods_but_gets_no_new_ones() {
     // Several probe intervals: the agent has seen `draining`, and kept gateway 1 in A's route.
     std::thread::sleep(Duration::from_millis(800));
     env.wait_route(table_a, Ipv4Net::default(), &both, Duration::from_secs(1));
+    // The agent's metrics say so too.
+    let m = tests::Metrics::parse(&env.agent.metrics_text().or_diag(&env, "agent /metrics"));
+    let health = |gw: IpAddr, state: &str| {
+        m.get(
+            "egress_node_gateway_health",
+            &[("gateway", &gw.to_string()), ("state", state)],
+        )
+    };
+    assert_eq!(health(gw1, "draining"), Some(1.0));
+    assert_eq!(health(gw2, "healthy"), Some(1.0));
+    assert_eq!(m.get("egress_node_pods", &[]), Some(1.0));
+    assert_eq!(m.get("egress_node_problems", &[]), Some(0.0));
+    assert!(m.get("egress_node_reconcile_seconds", &[]).is_some());
+    assert!(m.get("egress_node_health_transitions_total", &[]) >= Some(3.0));
+    assert!(m.get("egress_node_reconciles_total", &[("result", "ok")]) >= Some(1.0));
+    assert!(m.get("egress_node_kernel_changes_total", &[("op", "added")]) > Some(0.0));
 
     let mut inv = env.inventory.clone();
     inv.client_pod("app", "b", env.topo.pod(1, 2));

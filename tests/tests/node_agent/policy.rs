@@ -199,6 +199,11 @@ fn a_live_policy_edit_moves_traffic_without_a_restart() {
         moved.duration_since(edited).as_millis()
     );
     assert_eq!(env.agent.pid(), pid, "the agent must not be restarted");
+    let m = tests::Metrics::parse(&env.agent.metrics_text().or_diag(&env, "agent /metrics"));
+    assert!(
+        m.get("egress_node_input_reloads_total", &[("result", "ok")]) >= Some(1.0),
+        "the edit must count as a reload"
+    );
     assert!(env.agent.is_running(), "the agent exited");
     probe
         .wait_answer_after(Instant::now(), Duration::from_secs(2))
