@@ -32,6 +32,39 @@ impl Env {
         Self::start_with(spec, binary, inventory, |_| {})
     }
 
+    /// The common shape: node 1 with `clients.len() + extra_pods` pods, gateway k labelled `codes[k-1]`, policy
+    /// `policy` sending 0.0.0.0/0 to the gateways labelled `via`, namespace `app` using it, pod (1, m) being
+    /// `app/<clients[m-1]>` (the extra pods are in no inventory yet).
+    pub(crate) fn everything_via(
+        mode: &tests::GatewayMode,
+        binary: &Path,
+        codes: &[&str],
+        via: &str,
+        policy: &str,
+        clients: &[&str],
+        extra_pods: usize,
+    ) -> Self {
+        let spec = TopologySpec::node_agent(
+            &[clients.len() + extra_pods],
+            vec![mode.clone(); codes.len()],
+        );
+        Self::start(spec, binary, |topo| {
+            let mut inv = Inventory::new();
+            inv.policy(tests::Policy::new(
+                policy,
+                vec![tests::PolicyRule::via(ipnet::Ipv4Net::default(), via)],
+            ))
+            .namespace_with_policy("app", policy);
+            for (m, name) in clients.iter().enumerate() {
+                inv.client_pod("app", name, topo.pod(1, m + 1));
+            }
+            for (k, code) in codes.iter().enumerate() {
+                inv.gateway_pod(k + 1, code, topo.spec().ipv6);
+            }
+            inv
+        })
+    }
+
     /// [`start`](Self::start), with `before_agent` run on the topology just before the agent starts.
     pub(crate) fn start_with(
         spec: TopologySpec,

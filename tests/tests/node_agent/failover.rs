@@ -10,10 +10,7 @@ use ipnet::Ipv4Net;
 use tests::agent::RouteShape;
 use tests::scenario::{self, poll, UdpProbe};
 use tests::topology::RED_SERVER;
-use tests::{
-    require_netns, require_node_agent, require_userspace_gateway, traffic, Inventory, Policy,
-    PolicyRule, TopologySpec,
-};
+use tests::{require_netns, require_node_agent, require_userspace_gateway, traffic};
 
 use crate::common::{Env, OrDiag, READY};
 
@@ -32,19 +29,15 @@ fn ecmp_spreads_flows_and_fails_over_when_a_gateway_dies() {
     require_netns!();
     let mode = require_userspace_gateway!();
     let bin = require_node_agent!();
-    let spec = TopologySpec::node_agent(&[1], vec![mode.clone(), mode]);
-    let mut env = Env::start(spec, &bin, |topo| {
-        let mut inv = Inventory::new();
-        inv.policy(Policy::new(
-            "replicas",
-            vec![PolicyRule::via(Ipv4Net::default(), "red")],
-        ))
-        .namespace_with_policy("app", "replicas")
-        .client_pod("app", "client", topo.pod(1, 1))
-        .gateway_pod(1, "red", topo.spec().ipv6)
-        .gateway_pod(2, "red", topo.spec().ipv6);
-        inv
-    });
+    let mut env = Env::everything_via(
+        &mode,
+        &bin,
+        &["red", "red"],
+        "red",
+        "replicas",
+        &["client"],
+        0,
+    );
     let pod_ns_name = env.topo.pod(1, 1).ns.name().to_owned();
     let table = env.table_of(env.topo.pod(1, 1));
     let both = RouteShape::Via(vec![
@@ -163,19 +156,7 @@ fn a_draining_gateway_keeps_its_pods_but_gets_no_new_ones() {
     require_netns!();
     let mode = require_userspace_gateway!();
     let bin = require_node_agent!();
-    let spec = TopologySpec::node_agent(&[2], vec![mode.clone(), mode]);
-    let mut env = Env::start(spec, &bin, |topo| {
-        let mut inv = Inventory::new();
-        inv.policy(Policy::new(
-            "replicas",
-            vec![PolicyRule::via(Ipv4Net::default(), "red")],
-        ))
-        .namespace_with_policy("app", "replicas")
-        .client_pod("app", "a", topo.pod(1, 1))
-        .gateway_pod(1, "red", topo.spec().ipv6)
-        .gateway_pod(2, "red", topo.spec().ipv6);
-        inv
-    });
+    let mut env = Env::everything_via(&mode, &bin, &["red", "red"], "red", "replicas", &["a"], 1);
     let (gw1, gw2) = (
         IpAddr::V4(env.topo.gateway(1).ip),
         IpAddr::V4(env.topo.gateway(2).ip),

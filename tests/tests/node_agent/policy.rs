@@ -150,19 +150,7 @@ fn a_live_policy_edit_moves_traffic_without_a_restart() {
     require_netns!();
     let mode = require_userspace_gateway!();
     let bin = require_node_agent!();
-    let spec = TopologySpec::node_agent(&[1], vec![mode.clone(), mode]);
-    let mut env = Env::start(spec, &bin, |topo| {
-        let mut inv = Inventory::new();
-        inv.policy(Policy::new(
-            "live",
-            vec![PolicyRule::via(Ipv4Net::default(), "red")],
-        ))
-        .namespace_with_policy("app", "live")
-        .client_pod("app", "client", topo.pod(1, 1))
-        .gateway_pod(1, "red", topo.spec().ipv6)
-        .gateway_pod(2, "blue", topo.spec().ipv6);
-        inv
-    });
+    let mut env = Env::everything_via(&mode, &bin, &["red", "blue"], "red", "live", &["client"], 0);
     let (egress1, egress2) = (
         IpAddr::V4(env.topo.gateway(1).dmz_egress),
         IpAddr::V4(env.topo.gateway(2).dmz_egress),
