@@ -22,10 +22,12 @@
 
 mod config;
 mod inbound;
+mod intake;
 mod local;
 mod outbound;
 
 pub use config::{Config, ConfigError, UplinkConfig};
+pub use intake::Intake;
 
 use core::net::{IpAddr, Ipv4Addr};
 use core::sync::atomic::{AtomicBool, Ordering};

@@ -6,7 +6,6 @@
 //! `docs/drop-reasons.md`.
 
 pub(crate) mod mmsg;
-pub(crate) mod offload;
 pub(crate) mod packet;
 pub(crate) mod tunnel;
 

@@ -17,15 +17,16 @@ use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
 use forwarder_core::flow::UplinkId;
+use forwarder_core::offload::{self, OffloadError, VnetHdr};
 use forwarder_core::pipeline::{
-    Action, Gateway, Stats, TunnelPacket, UplinkPacket, Worker as Pipeline, INBOUND_HEADROOM,
+    Action, Gateway, Intake, Stats, TunnelPacket, UplinkPacket, Worker as Pipeline,
+    INBOUND_HEADROOM,
 };
 use forwarder_core::wire::ethernet::{self, MacAddr};
 use mio::unix::SourceFd;
 use mio::{Events, Interest, Poll, Token};
 
 use crate::io::mmsg::{RecvBatch, SendBatch, SlotLayout};
-use crate::io::offload::{self, OffloadError, VnetHdr};
 use crate::io::packet::{self, GsoTxSocket, Interface, RxSocket, TxSocket, VNET_HDR_LEN};
 use crate::io::tunnel::{self, TunnelSocket};
 use crate::io::IoDrop;
@@ -370,21 +371,24 @@ impl Worker {
                 self.io_drops[IoDrop::Truncated.index()] += 1;
                 continue;
             }
-            // The inner packet: VXLAN (8) + Ethernet (14), IPv4 or IPv6.
             let start = i * layout.slot;
             let dgram = &mut self.tun_rx.slab_mut()[start..start + r.len];
-            if dgram.len() <= 22 || !matches!([dgram[20], dgram[21]], [0x08, 0x00] | [0x86, 0xDD]) {
-                continue;
-            }
-            if dgram.len() - 22 > usize::from(self.shared.tunnel_mtu) {
-                if let Some(h) = offload::tunnel_gso(&dgram[8..], self.min_mtu) {
+            match self
+                .pipeline
+                .tunnel_intake(from[i], dgram, self.shared.tunnel_mtu, self.min_mtu)
+            {
+                Intake::Translate { checksum_completed } => {
+                    self.checksums_completed += u64::from(checksum_completed);
+                }
+                Intake::Segment(h) => {
                     keep[i] = false;
                     gso[i] = Some(h);
-                    continue;
                 }
-            }
-            if offload::complete_partial_inner(&mut dgram[22..]) {
-                self.checksums_completed += 1;
+                Intake::Drop(_) => keep[i] = false,
+                Intake::DropOffload(e) => {
+                    keep[i] = false;
+                    self.io_drops[offload_drop(e).index()] += 1;
+                }
             }
         }
         let Worker {
@@ -455,32 +459,9 @@ impl Worker {
         let layout = self.tun_rx.layout();
         let len = self.tun_rx.received(i).len;
         let start = i * layout.slot;
-        let slot = self.segment_slot;
-        {
-            let dgram = &self.tun_rx.slab_mut()[start..start + len];
-            let (vxlan, frame) = dgram.split_at(8);
-            let mut chunks = self.segments.chunks_mut(slot);
-            let r = offload::segment(
-                frame,
-                h,
-                |_| {
-                    chunks.next().map(|c| {
-                        c[..8].copy_from_slice(vxlan);
-                        &mut c[8..]
-                    })
-                },
-                &mut self.segment_lens,
-                // Joined again before they leave (checksums filled in only if that fails).
-                false,
-            );
-            if let Err(e) = r {
-                self.io_drops[offload_drop(e).index()] += 1;
-                return;
-            }
-        }
-        self.gso_segmented += 1;
         let Worker {
             pipeline,
+            tun_rx,
             tun_tx,
             ports,
             neighbours,
@@ -490,8 +471,10 @@ impl Worker {
             tunnel,
             scratch,
             segments,
+            segment_slot,
             segment_lens,
             coalesce_buf,
+            gso_segmented,
             ..
         } = self;
         let mut out = Out {
@@ -509,37 +492,29 @@ impl Worker {
         // super-packet (see `send_coalesced`); anything else goes its usual way.
         let base = segments.as_ptr() as usize;
         let mut held = Held::default();
-        for (chunk_lens, chunk_bufs) in segment_lens
-            .chunks(BATCH)
-            .zip(segments.chunks_mut(slot * BATCH))
-        {
-            let mut bufs = chunk_bufs.chunks_mut(slot);
-            let mut batch: [TunnelPacket<'_>; BATCH] =
-                std::array::from_fn(|k| match chunk_lens.get(k) {
-                    Some(&len) => TunnelPacket {
-                        from,
-                        buf: bufs.next().unwrap_or(&mut []),
-                        len: 8 + len,
-                    },
-                    None => TunnelPacket {
-                        from,
-                        buf: &mut [],
-                        len: 0,
-                    },
-                });
-            pipeline.outbound_batch(
-                &mut batch[..chunk_lens.len()],
-                now,
-                |_, action| match action {
-                    Action::Forward {
-                        uplink,
-                        next_hop,
-                        frame,
-                    } => held.hold(Target::Uplink(uplink, next_hop), base, frame),
-                    other => out.act(other),
-                },
-            );
+        let dgram = &tun_rx.slab_mut()[start..start + len];
+        let r = pipeline.outbound_segmented(
+            from,
+            dgram,
+            h,
+            segments,
+            *segment_slot,
+            segment_lens,
+            now,
+            |_, action| match action {
+                Action::Forward {
+                    uplink,
+                    next_hop,
+                    frame,
+                } => held.hold(Target::Uplink(uplink, next_hop), base, frame),
+                other => out.act(other),
+            },
+        );
+        if let Err(e) = r {
+            out.io_drops[offload_drop(e).index()] += 1;
+            return;
         }
+        *gso_segmented += 1;
         let frames = held.frames(segments);
         if let Target::Uplink(uplink, next_hop) = held.target {
             let sent = send_coalesced(&mut out, uplink, next_hop, &frames, coalesce_buf);
@@ -590,24 +565,17 @@ impl Worker {
                 self.io_drops[IoDrop::OtherHost.index()] += 1;
                 continue;
             }
-            let Some(h) = VnetHdr::parse(p.rx_batch.prefix(i)) else {
-                keep[i] = true;
-                continue;
-            };
-            if h.is_gso() {
-                gso[i] = Some(h);
-                continue;
-            }
+            let vnet = VnetHdr::parse(p.rx_batch.prefix(i));
             let start = i * layout.slot + layout.headroom;
             let frame = &mut p.rx_batch.slab_mut()[start..start + r.len];
-            match offload::complete_checksum(frame, &h) {
-                Ok(()) => {
-                    if h.flags & 1 != 0 {
-                        self.checksums_completed += 1;
-                    }
+            match self.pipeline.uplink_intake(vnet, frame) {
+                Intake::Translate { checksum_completed } => {
+                    self.checksums_completed += u64::from(checksum_completed);
                     keep[i] = true;
                 }
-                Err(e) => self.io_drops[offload_drop(e).index()] += 1,
+                Intake::Segment(h) => gso[i] = Some(h),
+                Intake::Drop(_) => {}
+                Intake::DropOffload(e) => self.io_drops[offload_drop(e).index()] += 1,
             }
         }
         {
@@ -684,23 +652,6 @@ impl Worker {
         let layout = self.ports[u].rx_batch.layout();
         let len = self.ports[u].rx_batch.received(i).len;
         let start = i * layout.slot + layout.headroom;
-        let slot = self.segment_slot;
-        {
-            let frame = &self.ports[u].rx_batch.slab_mut()[start..start + len];
-            let mut chunks = self.segments.chunks_mut(slot);
-            let r = offload::segment(
-                frame,
-                h,
-                |_| chunks.next().map(|c| &mut c[INBOUND_HEADROOM..]),
-                &mut self.segment_lens,
-                true,
-            );
-            if let Err(e) = r {
-                self.io_drops[offload_drop(e).index()] += 1;
-                return;
-            }
-        }
-        self.gso_segmented += 1;
         let Worker {
             pipeline,
             tun_tx,
@@ -712,12 +663,15 @@ impl Worker {
             tunnel,
             scratch,
             segments,
+            segment_slot,
             segment_lens,
+            gso_segmented,
             ..
         } = self;
         let (before, rest) = ports.split_at_mut(u);
         let (this, after) = rest.split_at_mut(1);
         let port = &mut this[0];
+        let frame = &port.rx_batch.slab_mut()[start..start + len];
         let mut out = UplinkOut {
             out: Out {
                 tun_tx,
@@ -741,35 +695,28 @@ impl Worker {
         };
         let base = segments.as_ptr() as usize;
         let mut held = Held::default();
-        for (chunk_lens, chunk_bufs) in segment_lens
-            .chunks(BATCH)
-            .zip(segments.chunks_mut(slot * BATCH))
-        {
-            let mut bufs = chunk_bufs.chunks_mut(slot);
-            let mut batch: [UplinkPacket<'_>; BATCH] =
-                std::array::from_fn(|k| match chunk_lens.get(k) {
-                    Some(&len) => UplinkPacket {
-                        buf: bufs.next().unwrap_or(&mut []),
-                        start: INBOUND_HEADROOM,
-                        len,
-                    },
-                    None => UplinkPacket {
-                        buf: &mut [],
-                        start: 0,
-                        len: 0,
-                    },
-                });
-            pipeline.inbound_batch(uplink, &mut batch[..chunk_lens.len()], now, |i, action| {
-                match action {
-                    Action::ToTunnel {
-                        node,
-                        datagram,
-                        segment: None,
-                    } => held.hold(Target::Node(node), base, datagram),
-                    other => out.act(i, other),
-                }
-            });
+        let r = pipeline.inbound_segmented(
+            uplink,
+            frame,
+            h,
+            segments,
+            *segment_slot,
+            segment_lens,
+            now,
+            |i, action| match action {
+                Action::ToTunnel {
+                    node,
+                    datagram,
+                    segment: None,
+                } => held.hold(Target::Node(node), base, datagram),
+                other => out.act(i, other),
+            },
+        );
+        if let Err(e) = r {
+            out.out.io_drops[offload_drop(e).index()] += 1;
+            return;
         }
+        *gso_segmented += 1;
         let frames = held.frames(segments);
         if let Target::Node(node) = held.target {
             send_tunnel_segments(&mut out.out, node, &frames);

@@ -5,10 +5,13 @@
 //! only the pseudo-header sum, the rest "to be filled in by the hardware" — or be a 64 KB TCP super-packet with
 //! the segment size on the side. Translating either unchanged would send garbage into the tunnel, so the
 //! worker repairs them here first. Pure functions over byte slices; unit-tested without privileges.
+//!
+//! The header is the kernel's `struct virtio_net_hdr` (include/uapi/linux/virtio_net.h), as packet sockets
+//! with `PACKET_VNET_HDR` read and write it (Documentation/networking/packet_mmap.rst, packet(7)).
 
 use std::net::{Ipv4Addr, Ipv6Addr};
 
-use forwarder_core::wire::checksum;
+use crate::wire::checksum;
 
 const F_NEEDS_CSUM: u8 = 1;
 const GSO_NONE: u8 = 0;
@@ -25,17 +28,22 @@ const PROTO_UDP: u8 = 17;
 
 /// The fields of `struct virtio_net_hdr` we use (host byte order, as packet sockets give it).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub(crate) struct VnetHdr {
-    pub(crate) flags: u8,
-    pub(crate) gso_type: u8,
-    pub(crate) gso_size: u16,
-    pub(crate) csum_start: u16,
-    pub(crate) csum_offset: u16,
+pub struct VnetHdr {
+    /// `VIRTIO_NET_HDR_F_*` flags; bit 0 (`NEEDS_CSUM`) says the L4 checksum is partial.
+    pub flags: u8,
+    /// `VIRTIO_NET_HDR_GSO_*`: none, TCPv4, TCPv6, UDP L4, with the ECN bit 0x80.
+    pub gso_type: u8,
+    /// Payload bytes per segment.
+    pub gso_size: u16,
+    /// Where the checksummed part starts (from the start of the frame).
+    pub csum_start: u16,
+    /// Where, from `csum_start`, the checksum field is.
+    pub csum_offset: u16,
 }
 
 impl VnetHdr {
     /// Parses the 10-byte header; `None` when shorter.
-    pub(crate) fn parse(b: &[u8]) -> Option<VnetHdr> {
+    pub fn parse(b: &[u8]) -> Option<VnetHdr> {
         let u16_at = |i: usize| Some(u16::from_ne_bytes([*b.get(i)?, *b.get(i + 1)?]));
         Some(VnetHdr {
             flags: *b.first()?,
@@ -47,14 +55,14 @@ impl VnetHdr {
     }
 
     /// True for a GSO super-packet.
-    pub(crate) fn is_gso(&self) -> bool {
+    pub fn is_gso(&self) -> bool {
         self.gso_type & !GSO_ECN != GSO_NONE
     }
 }
 
 /// Why a frame could not be repaired (each is counted as an I/O drop reason).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum OffloadError {
+pub enum OffloadError {
     /// `csum_start`/`csum_offset` point outside the frame.
     BadChecksumOffsets,
     /// A GSO type we do not segment (UFO, SCTP, tunnels), or headers we do not parse (IPv6 extension headers).
@@ -67,7 +75,7 @@ pub(crate) enum OffloadError {
 
 /// Completes a partial checksum in place (what `skb_checksum_help` does): the ones' complement sum from
 /// `csum_start` to the end of the frame, the field holding the pseudo-header sum, folded and inverted.
-pub(crate) fn complete_checksum(frame: &mut [u8], h: &VnetHdr) -> Result<(), OffloadError> {
+pub fn complete_checksum(frame: &mut [u8], h: &VnetHdr) -> Result<(), OffloadError> {
     if h.flags & F_NEEDS_CSUM == 0 {
         return Ok(());
     }
@@ -127,7 +135,7 @@ fn l3_info(frame: &[u8]) -> Option<L3> {
 /// as they are (for segments that are joined again before they leave; [`fill_checksums`] completes them
 /// otherwise). Segment `k` is written to `out(k)`, which returns a
 /// buffer at least `header + gso_size` long; returns the length of every segment through `lens`.
-pub(crate) fn segment<'o>(
+pub fn segment<'o>(
     frame: &[u8],
     h: &VnetHdr,
     mut out: impl FnMut(usize) -> Option<&'o mut [u8]>,
@@ -222,7 +230,7 @@ pub(crate) fn segment<'o>(
 }
 
 /// Computes the TCP/UDP checksum of `frame` (an Ethernet frame) from scratch; `false` for anything else.
-pub(crate) fn fill_checksums(frame: &mut [u8]) -> bool {
+pub fn fill_checksums(frame: &mut [u8]) -> bool {
     let Some(l3) = l3_info(frame) else {
         return false;
     };
@@ -268,7 +276,7 @@ fn fill_l4_checksum(seg: &mut [u8], l3: L3, check_at: usize) {
 /// Ethernet frame, larger than the tunnel MTU). The socket does not pass the sender's segment size on, so
 /// segments are cut to fit `mtu`; TCP accepts any segmentation within the MSS. `None` for anything but an
 /// unfragmented TCP packet whose IP length matches the frame.
-pub(crate) fn tunnel_gso(frame: &[u8], mtu: u16) -> Option<VnetHdr> {
+pub fn tunnel_gso(frame: &[u8], mtu: u16) -> Option<VnetHdr> {
     let l3 = l3_info(frame)?;
     if l3.proto != PROTO_TCP {
         return None;
@@ -312,7 +320,7 @@ pub(crate) fn tunnel_gso(frame: &[u8], mtu: u16) -> Option<VnetHdr> {
 /// frame's headers with the total length, the union of the TCP flags, and the partial (pseudo-header)
 /// checksum the offload completes; the returned header says so. `None` when the frames do not fit that
 /// shape (the caller then sends them one by one).
-pub(crate) fn coalesce(frames: &[&[u8]], out: &mut [u8]) -> Option<(usize, VnetHdr)> {
+pub fn coalesce(frames: &[&[u8]], out: &mut [u8]) -> Option<(usize, VnetHdr)> {
     let first = *frames.first()?;
     let l3 = l3_info(first)?;
     if l3.proto != PROTO_TCP || frames.len() < 2 {
@@ -402,7 +410,7 @@ pub(crate) fn coalesce(frames: &[&[u8]], out: &mut [u8]) -> Option<(usize, VnetH
 
 impl VnetHdr {
     /// The 10 bytes of `struct virtio_net_hdr` (host byte order), with `hdr_len` = `header_len`.
-    pub(crate) fn to_bytes(self, header_len: u16) -> [u8; 10] {
+    pub fn to_bytes(self, header_len: u16) -> [u8; 10] {
         let mut b = [0u8; 10];
         b[0] = self.flags;
         b[1] = self.gso_type;
@@ -426,7 +434,7 @@ type PseudoSum = fn(&[u8], u8, u32) -> u32;
 /// incrementally would send a wrong checksum on. A complete checksum equals the bare pseudo-header sum with
 /// probability 2^-16, and recomputing a correct checksum changes nothing, so the test is safe.
 /// `ip` is the inner IP packet (without Ethernet). Returns true when it completed one.
-pub(crate) fn complete_partial_inner(ip: &mut [u8]) -> bool {
+pub fn complete_partial_inner(ip: &mut [u8]) -> bool {
     let Some(&first) = ip.first() else {
         return false;
     };
