@@ -26,7 +26,11 @@ pub fn worker() -> Worker {
         routes: vec![(net("0.0.0.0/0"), 0), (net("::/0"), 0)],
         ..Config::default()
     };
-    let ct = conntrack::Config { max_entries: 4096, max_per_source: 1024, ..Default::default() };
+    let ct = conntrack::Config {
+        max_entries: 4096,
+        max_per_source: 1024,
+        ..Default::default()
+    };
     let gw = Gateway::new(config, ct, PortRange::default()).expect("valid config");
     Worker::new(Arc::new(gw), 1)
 }

@@ -1,0 +1,255 @@
+//! The whole tunnel → uplink path of a worker, on datagrams built from a grammar (`grammar.rs`): valid or
+//! mutated VXLAN and inner Ethernet headers, then inner IPv4/IPv6 packets with mutated lengths, IHL, data
+//! offsets, extension headers, fragment fields and checksums, some larger than the tunnel MTU (TCP
+//! super-packets from the node's GSO).
+//!
+//! Each datagram goes through exactly the calls `gateway/src/worker.rs` makes, in its order:
+//! `Worker::tunnel_intake` → `Worker::outbound_batch` (the batch of datagrams translated as they are) →
+//! `Worker::outbound_segmented` for super-packets → `offload::coalesce` of the translated segments (or
+//! `offload::fill_checksums` of each when they cannot be joined) → `offload::complete_checksum` as the
+//! kernel would complete the coalesced super-packet.
+//!
+//! Invariants: nothing panics; nothing from a sender that is not an allowed node, or with another VNI, is
+//! forwarded or segmented (the sender is checked before any other work); every emitted frame has room for
+//! its headers; a coalesced super-packet carries exactly the payload of its segments.
+#![no_main]
+use std::net::Ipv4Addr;
+use std::sync::Mutex;
+use std::sync::OnceLock;
+
+use arbitrary::Arbitrary;
+use forwarder_core::offload;
+use forwarder_core::pipeline::{Action, Intake, TunnelPacket, Worker};
+use forwarder_core::Instant;
+use libfuzzer_sys::fuzz_target;
+
+#[path = "common.rs"]
+mod common;
+#[path = "grammar.rs"]
+mod grammar;
+
+use grammar::{Addrs, Inner, ICMP_ROOM, MAX_SEGMENTS, SEGMENT_MTU, TUNNEL_MTU};
+
+const SLOT: usize = 3072;
+const NODE: Ipv4Addr = Ipv4Addr::new(172, 18, 0, 2);
+const STRANGER: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 66);
+const GATEWAY_MAC: [u8; 6] = [0xa2, 0x2a, 172, 18, 0, 3];
+
+#[derive(Debug, Arbitrary)]
+struct Datagram {
+    from_node: bool,
+    /// VXLAN flags (I flag only unless set) and VNI (4097 unless set).
+    flags: Option<u8>,
+    vni: Option<u32>,
+    /// Inner destination MAC: the gateway's unless set.
+    dst_mac: Option<[u8; 6]>,
+    /// Inner EtherType: from the inner packet's version unless set.
+    ethertype: Option<u16>,
+    /// The inner source is a pod (10.244.1.5 / fd00:244::5) unless false.
+    pod_source: bool,
+    inner: Inner,
+}
+
+#[derive(Debug, Arbitrary)]
+struct Case {
+    datagrams: Vec<Datagram>,
+    /// Seconds between the datagrams' arrival (flows expire, fragments time out).
+    step: u8,
+}
+
+struct State {
+    worker: Worker,
+    segments: Vec<u8>,
+    lens: Vec<usize>,
+    coalesce: Vec<u8>,
+    now: u64,
+}
+
+static STATE: OnceLock<Mutex<State>> = OnceLock::new();
+
+impl Datagram {
+    fn build(&self) -> (Vec<u8>, bool) {
+        let mut d = Vec::with_capacity(2048);
+        d.push(self.flags.unwrap_or(0x08));
+        d.extend_from_slice(&[0, 0, 0]);
+        let vni = self.vni.unwrap_or(4097);
+        d.extend_from_slice(&(vni << 8).to_be_bytes());
+        d.extend_from_slice(&self.dst_mac.unwrap_or(GATEWAY_MAC));
+        d.extend_from_slice(&[0x02, 0, 172, 18, 0, 2]);
+        let et = self
+            .ethertype
+            .unwrap_or(if self.inner.v6 { 0x86DD } else { 0x0800 });
+        d.extend_from_slice(&et.to_be_bytes());
+        let a = Addrs {
+            src4: if self.pod_source {
+                [10, 244, 1, 5]
+            } else {
+                [10, 9, 9, 9]
+            },
+            dst4: [198, 51, 100, 10],
+            src6: if self.pod_source {
+                [0xfd, 0, 2, 0x44, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 5]
+            } else {
+                [0xfd, 0, 9, 9, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 5]
+            },
+            dst6: [
+                0x20, 1, 0x0d, 0xb8, 0x51, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0x10,
+            ],
+            sport: 40000,
+            dport: 80,
+        };
+        self.inner.build(&a, &mut d);
+        // What the pipeline admits at all: an allowed node with the I flag and our VNI.
+        let admitted = self.from_node && d[0] & 0x08 != 0 && (vni & 0xFF_FFFF) == 4097;
+        (d, admitted)
+    }
+}
+
+fuzz_target!(|case: Case| {
+    let mut guard = STATE
+        .get_or_init(|| {
+            Mutex::new(State {
+                worker: common::worker(),
+                segments: vec![0; SLOT * MAX_SEGMENTS],
+                lens: Vec::with_capacity(MAX_SEGMENTS),
+                coalesce: vec![0; 65536 + 18],
+                now: 1,
+            })
+        })
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    let st = &mut *guard;
+    st.now += u64::from(case.step);
+    let now = Instant::from_secs(st.now);
+
+    // Receive: each datagram in its own slot with room for an ICMP error behind it.
+    let built: Vec<(Vec<u8>, bool, bool)> = case
+        .datagrams
+        .iter()
+        .take(16)
+        .map(|d| {
+            let (bytes, admitted) = d.build();
+            (bytes, admitted, d.from_node)
+        })
+        .collect();
+    let mut bufs: Vec<Vec<u8>> = built
+        .iter()
+        .map(|(b, _, _)| {
+            let mut v = b.clone();
+            v.resize(b.len() + ICMP_ROOM, 0);
+            v
+        })
+        .collect();
+    let mut plain = Vec::new();
+    let mut gso = Vec::new();
+    for (i, (b, admitted, from_node)) in built.iter().enumerate() {
+        let from = if *from_node { NODE } else { STRANGER };
+        match st
+            .worker
+            .tunnel_intake(from, &mut bufs[i][..b.len()], TUNNEL_MTU, SEGMENT_MTU)
+        {
+            Intake::Translate { .. } => plain.push(i),
+            Intake::Segment(h) => {
+                assert!(
+                    *admitted,
+                    "a datagram the pipeline refuses was segmented: {h:?}"
+                );
+                gso.push((i, h));
+            }
+            Intake::Drop(_) | Intake::DropOffload(_) => {}
+        }
+    }
+
+    // Translate the plain ones as one batch.
+    let mut batch: Vec<TunnelPacket<'_>> = Vec::new();
+    let mut admitted_of = Vec::new();
+    for (i, buf) in bufs.iter_mut().enumerate() {
+        if plain.contains(&i) {
+            admitted_of.push(built[i].1);
+            batch.push(TunnelPacket {
+                from: if built[i].2 { NODE } else { STRANGER },
+                buf,
+                len: built[i].0.len(),
+            });
+        }
+    }
+    st.worker.outbound_batch(&mut batch, now, |k, action| {
+        check(&action, admitted_of[k]);
+    });
+    drop(batch);
+
+    // Super-packets: segment, translate, join again.
+    for (i, h) in gso {
+        let dgram = &bufs[i][..built[i].0.len()];
+        let from = if built[i].2 { NODE } else { STRANGER };
+        let base = st.segments.as_ptr() as usize;
+        let mut held: Vec<(usize, usize)> = Vec::new();
+        let mut target = None;
+        let mut mixed = false;
+        let r = st.worker.outbound_segmented(
+            from,
+            dgram,
+            &h,
+            &mut st.segments,
+            SLOT,
+            &mut st.lens,
+            now,
+            |_, action| {
+                check(&action, true);
+                if let Action::Forward {
+                    uplink,
+                    next_hop,
+                    frame,
+                } = action
+                {
+                    if target.is_some_and(|t| t != (uplink, next_hop)) {
+                        mixed = true;
+                    }
+                    target = Some((uplink, next_hop));
+                    held.push((frame.as_ptr() as usize - base, frame.len()));
+                }
+            },
+        );
+        let Ok(n) = r else { continue };
+        assert!(n <= MAX_SEGMENTS && n == st.lens.len());
+        if held.is_empty() {
+            continue;
+        }
+        let frames: Vec<&[u8]> = held
+            .iter()
+            .map(|&(off, len)| &st.segments[off..off + len])
+            .collect();
+        if !mixed {
+            if let Some((len, vnet)) = offload::coalesce(&frames, &mut st.coalesce) {
+                let hdr = usize::from(vnet.csum_start) + 20;
+                let payload: usize = frames.iter().map(|f| f.len() - hdr.min(f.len())).sum();
+                assert_eq!(len, hdr + payload, "coalesced length");
+                assert!(offload::complete_checksum(&mut st.coalesce[..len], &vnet).is_ok());
+                continue;
+            }
+        }
+        for &(off, len) in &held {
+            let _ = offload::fill_checksums(&mut st.segments[off..off + len]);
+        }
+    }
+});
+
+fn check(action: &Action<'_>, admitted: bool) {
+    match action {
+        Action::Forward { frame, .. } => {
+            assert!(
+                admitted,
+                "forwarded a datagram from outside the allowed nodes"
+            );
+            assert!(frame.len() >= 14);
+        }
+        Action::ToTunnel { datagram, .. } => {
+            assert!(
+                admitted,
+                "answered a datagram from outside the allowed nodes"
+            );
+            assert!(datagram.len() >= 22);
+        }
+        Action::Neighbour | Action::Drop(_) => {}
+    }
+}
