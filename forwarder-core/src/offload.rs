@@ -108,6 +108,8 @@ struct L3 {
     proto: u8,
 }
 
+/// The network header of an Ethernet frame: family, protocol and where the L4 header starts. Only the
+/// fixed fields are read, and only where they exist; `l4` may still lie beyond the frame (see [`Layout`]).
 fn l3_info(frame: &[u8]) -> Option<L3> {
     let ethertype = u16::from_be_bytes([*frame.get(12)?, *frame.get(13)?]);
     match ethertype {
@@ -128,6 +130,48 @@ fn l3_info(frame: &[u8]) -> Option<L3> {
     }
 }
 
+/// A frame whose headers were checked for segmentation: an unfragmented IPv4 packet or an IPv6 packet
+/// without extension headers, whose IP length is the frame's, carrying TCP with a data offset of at least
+/// 5 words (RFC 9293 §3.1) or UDP, with the whole L4 header inside the frame. Once a frame has a `Layout`,
+/// every offset below `hdr` can be indexed without a bounds failure.
+#[derive(Debug, Clone, Copy)]
+struct Layout {
+    l3: L3,
+    tcp: bool,
+    /// Length of all headers: Ethernet, IP and TCP/UDP.
+    hdr: usize,
+}
+
+impl Layout {
+    fn of(frame: &[u8]) -> Result<Layout, OffloadError> {
+        let l3 = l3_info(frame).ok_or(OffloadError::MalformedGso)?;
+        let at = |i: usize| frame.get(i).copied().ok_or(OffloadError::MalformedGso);
+        let be16 = |i: usize| Ok::<_, OffloadError>(u16::from_be_bytes([at(i)?, at(i + 1)?]));
+        let ip_len = if l3.v6 {
+            40 + usize::from(be16(ETH + 4)?)
+        } else {
+            if be16(ETH + 6)? & 0x3FFF != 0 {
+                return Err(OffloadError::MalformedGso);
+            }
+            usize::from(be16(ETH + 2)?)
+        };
+        if ETH + ip_len != frame.len() {
+            return Err(OffloadError::MalformedGso);
+        }
+        let (tcp, l4_len) = match l3.proto {
+            PROTO_TCP => (true, usize::from(at(l3.l4 + 12)? >> 4) * 4),
+            PROTO_UDP => (false, 8),
+            // IPv6 extension headers, or anything else: not something this code cuts.
+            _ => return Err(OffloadError::UnsupportedGso),
+        };
+        let hdr = l3.l4 + l4_len;
+        if (tcp && l4_len < 20) || hdr > frame.len() {
+            return Err(OffloadError::MalformedGso);
+        }
+        Ok(Layout { l3, tcp, hdr })
+    }
+}
+
 /// Cuts the GSO super-packet `frame` into segments of at most `gso_size` payload bytes, each a complete
 /// Ethernet frame with its own IP length, IPv4 identification and checksum, TCP sequence number and flags
 /// (FIN and PSH on the last segment only, CWR on the first only) and a full L4 checksum — the same
@@ -143,21 +187,15 @@ pub fn segment<'o>(
     checksums: bool,
 ) -> Result<(), OffloadError> {
     lens.clear();
-    let l3 = l3_info(frame).ok_or(OffloadError::MalformedGso)?;
-    let tcp = match h.gso_type & !GSO_ECN {
-        GSO_TCPV4 if !l3.v6 && l3.proto == PROTO_TCP => true,
-        GSO_TCPV6 if l3.v6 && l3.proto == PROTO_TCP => true,
-        GSO_UDP_L4 if l3.proto == PROTO_UDP => false,
+    let Layout { l3, tcp, hdr } = Layout::of(frame)?;
+    let wanted = match h.gso_type & !GSO_ECN {
+        GSO_TCPV4 if !l3.v6 => true,
+        GSO_TCPV6 if l3.v6 => true,
+        GSO_UDP_L4 => false,
         _ => return Err(OffloadError::UnsupportedGso),
     };
-    let l4_len = if tcp {
-        usize::from(frame.get(l3.l4 + 12).ok_or(OffloadError::MalformedGso)? >> 4) * 4
-    } else {
-        8
-    };
-    let hdr = l3.l4 + l4_len;
-    if l4_len < 8 || hdr > frame.len() {
-        return Err(OffloadError::MalformedGso);
+    if wanted != tcp {
+        return Err(OffloadError::UnsupportedGso);
     }
     let mss = usize::from(h.gso_size);
     if mss == 0 {
@@ -166,11 +204,12 @@ pub fn segment<'o>(
     let payload = &frame[hdr..];
     let count = payload.len().div_ceil(mss).max(1);
     let seq0 = if tcp {
-        u32::from_be_bytes(
-            frame[l3.l4 + 4..l3.l4 + 8]
-                .try_into()
-                .map_err(|_| OffloadError::MalformedGso)?,
-        )
+        u32::from_be_bytes([
+            frame[l3.l4 + 4],
+            frame[l3.l4 + 5],
+            frame[l3.l4 + 6],
+            frame[l3.l4 + 7],
+        ])
     } else {
         0
     };
@@ -277,31 +316,13 @@ fn fill_l4_checksum(seg: &mut [u8], l3: L3, check_at: usize) {
 /// segments are cut to fit `mtu`; TCP accepts any segmentation within the MSS. `None` for anything but an
 /// unfragmented TCP packet whose IP length matches the frame.
 pub fn tunnel_gso(frame: &[u8], mtu: u16) -> Option<VnetHdr> {
-    let l3 = l3_info(frame)?;
-    if l3.proto != PROTO_TCP {
+    let Layout { l3, tcp, hdr } = Layout::of(frame).ok()?;
+    if !tcp {
         return None;
     }
-    let ip_len = if l3.v6 {
-        40 + usize::from(u16::from_be_bytes([
-            *frame.get(ETH + 4)?,
-            *frame.get(ETH + 5)?,
-        ]))
-    } else {
-        let frag = u16::from_be_bytes([*frame.get(ETH + 6)?, *frame.get(ETH + 7)?]);
-        if frag & 0x3FFF != 0 {
-            return None;
-        }
-        usize::from(u16::from_be_bytes([
-            *frame.get(ETH + 2)?,
-            *frame.get(ETH + 3)?,
-        ]))
-    };
-    if ETH + ip_len != frame.len() {
-        return None;
-    }
-    let tcp_len = usize::from(frame.get(l3.l4 + 12)? >> 4) * 4;
-    let headers = l3.l4 - ETH + tcp_len;
-    let mss = usize::from(mtu).checked_sub(headers).filter(|m| *m >= 8)?;
+    let mss = usize::from(mtu)
+        .checked_sub(hdr - ETH)
+        .filter(|m| *m >= 8)?;
     Some(VnetHdr {
         flags: 0,
         gso_type: if l3.v6 { GSO_TCPV6 } else { GSO_TCPV4 },
@@ -322,12 +343,11 @@ pub fn tunnel_gso(frame: &[u8], mtu: u16) -> Option<VnetHdr> {
 /// shape (the caller then sends them one by one).
 pub fn coalesce(frames: &[&[u8]], out: &mut [u8]) -> Option<(usize, VnetHdr)> {
     let first = *frames.first()?;
-    let l3 = l3_info(first)?;
-    if l3.proto != PROTO_TCP || frames.len() < 2 {
+    let Layout { l3, tcp, hdr } = Layout::of(first).ok()?;
+    if !tcp || frames.len() < 2 {
         return None;
     }
-    let tcp_len = usize::from(first.get(l3.l4 + 12)? >> 4) * 4;
-    let hdr = l3.l4 + tcp_len;
+    let tcp_len = hdr - l3.l4;
     let mss = first.len().checked_sub(hdr).filter(|m| *m > 0)?;
     let seq0 = u32::from_be_bytes(first.get(l3.l4 + 4..l3.l4 + 8)?.try_into().ok()?);
     // Addresses and ports must match exactly; lengths, IDs, checksums, sequence numbers and flags may differ.
@@ -735,6 +755,105 @@ mod tests {
             assert!(fill_checksums(&mut r[..*l]));
             assert_eq!(&r[..*l], &b[..*l]);
         }
+    }
+
+    /// A TCP frame whose data offset says `doff` words, `payload` bytes behind 20 header bytes (so the
+    /// IP length matches the frame), as an attacker would send it.
+    fn tcp_frame_with_data_offset(v6: bool, doff: u8, payload: usize) -> Vec<u8> {
+        let mut v = Vec::new();
+        let b = PacketBuilder::ethernet2([2; 6], [4; 6]);
+        let b = if v6 {
+            b.ipv6([0xfd; 16], [0x20; 16], 64)
+        } else {
+            b.ipv4([10, 244, 1, 5], [198, 51, 100, 10], 64)
+        };
+        b.tcp(40000, 80, 1, 65000)
+            .write(&mut v, &vec![7u8; payload])
+            .unwrap();
+        let l4 = if v6 { 54 } else { 34 };
+        v[l4 + 12] = doff << 4;
+        v
+    }
+
+    /// The remote crash: a TCP packet slightly over the tunnel MTU with a data offset below 5 made the
+    /// segmentation index past the end of its last, short segment. Every data offset and every short
+    /// last segment is refused now, by both paths (tunnel and uplink) and by the re-coalescing.
+    #[test]
+    fn data_offsets_below_five_are_refused_not_a_panic() {
+        for v6 in [false, true] {
+            for doff in 0..16u8 {
+                for over in 0..24 {
+                    let frame = tcp_frame_with_data_offset(v6, doff, 1430 + over);
+                    let h = tunnel_gso(&frame, 1450);
+                    if doff < 5 {
+                        assert!(h.is_none(), "doff {doff} accepted");
+                    }
+                    let gso = VnetHdr {
+                        gso_type: if v6 { GSO_TCPV6 } else { GSO_TCPV4 },
+                        gso_size: 1400,
+                        ..VnetHdr::default()
+                    };
+                    let mut bufs = vec![vec![0u8; 1600]; 4];
+                    let mut lens = Vec::new();
+                    for checksums in [false, true] {
+                        let mut it = bufs.iter_mut();
+                        let r = segment(
+                            &frame,
+                            &gso,
+                            |_| it.next().map(|b| &mut b[..]),
+                            &mut lens,
+                            checksums,
+                        );
+                        if doff < 5 {
+                            assert_eq!(r, Err(OffloadError::MalformedGso));
+                        }
+                    }
+                    let half = frame.len() / 2;
+                    let mut out = vec![0u8; 4000];
+                    if doff < 5 {
+                        assert!(coalesce(&[&frame[..half], &frame[half..]], &mut out).is_none());
+                        assert!(coalesce(&[&frame, &frame], &mut out).is_none());
+                    }
+                }
+            }
+        }
+    }
+
+    /// A super-packet whose IP length is not the frame's length (or is a fragment) is not cut.
+    #[test]
+    fn ip_length_must_match_the_frame() {
+        let frame = tcp_frame(&[1; 3000], false);
+        let h = VnetHdr {
+            gso_type: GSO_TCPV4,
+            gso_size: 1400,
+            ..VnetHdr::default()
+        };
+        let mut lens = Vec::new();
+        for (at, value) in [(16usize, 0x00u8), (17, 0x10), (20, 0x20), (20, 0x00)] {
+            let mut f = frame.clone();
+            f[at] = value;
+            if at == 20 && value == 0 {
+                f[21] = 1; // fragment offset 8
+            }
+            let mut bufs = vec![vec![0u8; 1600]; 4];
+            let mut it = bufs.iter_mut();
+            assert_eq!(
+                segment(&f, &h, |_| it.next().map(|b| &mut b[..]), &mut lens, true),
+                Err(OffloadError::MalformedGso),
+                "byte {at} = {value:#x}"
+            );
+            assert!(tunnel_gso(&f, 1450).is_none());
+        }
+        // A GSO type for the other protocol or family is refused too.
+        let udp = VnetHdr {
+            gso_type: GSO_UDP_L4,
+            gso_size: 1400,
+            ..VnetHdr::default()
+        };
+        assert_eq!(
+            segment(&frame, &udp, |_| None, &mut lens, true),
+            Err(OffloadError::UnsupportedGso)
+        );
     }
 
     #[test]

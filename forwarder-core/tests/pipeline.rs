@@ -8,7 +8,7 @@ use std::net::{IpAddr, Ipv4Addr};
 
 use common::*;
 use forwarder_core::conntrack;
-use forwarder_core::pipeline::{tunnel_mac, Action, Worker};
+use forwarder_core::pipeline::{tunnel_mac, Action, Intake, Worker};
 use forwarder_core::ports::PortRange;
 use forwarder_core::{Instant, Reason};
 
@@ -1040,4 +1040,53 @@ fn icmpv6_errors_quoting_extension_headers_are_translated() {
         "quoted port restored past the options header"
     );
     assert_checksums(ip);
+}
+
+/// The tunnel intake checks the sender and the VNI before it does anything else with a datagram: a TCP
+/// super-packet (larger than the tunnel MTU) from a host that is not an allowed node, or with another VNI,
+/// is dropped and counted, never segmented. From an allowed node, the same datagram with a TCP data offset
+/// below 5 (the remote crash once) is refused as malformed and never cut either.
+#[test]
+fn tunnel_intake_checks_the_sender_before_any_work() {
+    let mut w = worker();
+    let big = pod_tcp(SERVER, 40000, 80, false, &[9u8; 3000]);
+    let stranger = Ipv4Addr::new(192, 0, 2, 66);
+    let mut d = big.clone();
+    assert_eq!(
+        w.tunnel_intake(stranger, &mut d, 1450, 1450),
+        Intake::Drop(Reason::VxlanSourceNotAllowed)
+    );
+    assert_eq!(d, big, "nothing touched the refused datagram");
+    let mut other_vni = vxlan(VNI + 1, &big[8..]);
+    assert_eq!(
+        w.tunnel_intake(NODE, &mut other_vni, 1450, 1450),
+        Intake::Drop(Reason::VxlanWrongVni)
+    );
+    assert_eq!(w.stats().dropped(Reason::VxlanSourceNotAllowed), 1);
+    assert_eq!(w.stats().dropped(Reason::VxlanWrongVni), 1);
+    // From a node it is a super-packet to cut.
+    let mut d = big.clone();
+    assert!(matches!(
+        w.tunnel_intake(NODE, &mut d, 1450, 1450),
+        Intake::Segment(_)
+    ));
+    // The crash: data offset 2, a last segment of 1..5 bytes. Not cut; the pipeline drops it.
+    for doff in 0..5u8 {
+        for payload in 1422..1430 {
+            let mut d = pod_tcp(SERVER, 40000, 80, false, &vec![1u8; payload]);
+            d[8 + 14 + 20 + 12] = doff << 4;
+            match w.tunnel_intake(NODE, &mut d, 1450, 1450) {
+                Intake::Segment(h) => panic!("doff {doff}, payload {payload}: cut with {h:?}"),
+                Intake::Translate { .. } => {
+                    let len = d.len();
+                    d.resize(len + 1600, 0);
+                    assert!(matches!(
+                        owned(w.outbound(NODE, &mut d, len, Instant::from_secs(1))),
+                        Out::Drop(_)
+                    ));
+                }
+                other => panic!("unexpected {other:?}"),
+            }
+        }
+    }
 }

@@ -13,7 +13,9 @@
 
 use core::net::Ipv4Addr;
 
-use super::{Action, TunnelPacket, UplinkPacket, Worker, INBOUND_HEADROOM, TUNNEL_ETH, TUNNEL_L3};
+use super::{
+    outbound, Action, TunnelPacket, UplinkPacket, Worker, INBOUND_HEADROOM, TUNNEL_ETH, TUNNEL_L3,
+};
 use crate::flow::UplinkId;
 use crate::offload::{self, OffloadError, VnetHdr};
 use crate::{Instant, Reason};
@@ -36,17 +38,25 @@ pub enum Intake {
 }
 
 impl Worker {
-    /// The first look at a tunnel datagram `dgram` (VXLAN header + inner frame) from `from`: whether it is a
-    /// TCP super-packet larger than `tunnel_mtu` that must be cut into segments of at most `segment_mtu`
-    /// (the node's kernel passes GSO packets through its vxlan device whole), or a packet whose inner
-    /// checksum is still partial. Packets the pipeline will refuse anyway are left to it.
+    /// The first look at a tunnel datagram `dgram` (VXLAN header + inner frame) from `from`. First of all,
+    /// whether the sender is an allowed node and the VNI ours: nothing else is done for anyone else (the
+    /// drop is counted as the pipeline counts it). Then whether it is a TCP super-packet larger than
+    /// `tunnel_mtu` that must be cut into segments of at most `segment_mtu` (the node's kernel passes GSO
+    /// packets through its vxlan device whole, and the UDP socket receives them whole), or a packet whose
+    /// inner checksum is still partial.
     pub fn tunnel_intake(
         &mut self,
-        _from: Ipv4Addr,
+        from: Ipv4Addr,
         dgram: &mut [u8],
         tunnel_mtu: u16,
         segment_mtu: u16,
     ) -> Intake {
+        if let Err(r) = outbound::admit(&self.gateway, from, dgram) {
+            let stats = &mut self.state.stats;
+            stats.tunnel_rx.add(dgram.len());
+            stats.drops[r.index()] += 1;
+            return Intake::Drop(r);
+        }
         let done = Intake::Translate {
             checksum_completed: false,
         };

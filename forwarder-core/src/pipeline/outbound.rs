@@ -65,6 +65,20 @@ pub(super) fn process(
     }
 }
 
+/// The first check of every tunnel datagram, before any other work is done on it: the sender is an allowed
+/// node, and the VXLAN header is valid (I flag, RFC 7348 §5) and carries our VNI.
+#[inline(always)]
+pub(super) fn admit(gw: &Gateway, from: Ipv4Addr, dgram: &[u8]) -> Result<(), Reason> {
+    if !gw.allowed_nodes.contains_v4(from) {
+        return Err(Reason::VxlanSourceNotAllowed);
+    }
+    let vx = vxlan::Packet::new_checked(dgram)?;
+    if vx.vni() != gw.config.vni {
+        return Err(Reason::VxlanWrongVni);
+    }
+    Ok(())
+}
+
 /// Everything before the flow lookup: the tunnel and sender checks, the gateway's own answers, TTL, later
 /// fragments, and the flow key.
 #[inline(always)]
@@ -77,14 +91,8 @@ pub(super) fn prepare(
     now: Instant,
 ) -> Result<Step<Pending>, Reason> {
     let cfg = &gw.config;
-    if !gw.allowed_nodes.contains_v4(from) {
-        return Err(Reason::VxlanSourceNotAllowed);
-    }
     let dgram = buf.get(..len).ok_or(Reason::NoBufferRoom)?;
-    let vx = vxlan::Packet::new_checked(dgram)?;
-    if vx.vni() != cfg.vni {
-        return Err(Reason::VxlanWrongVni);
-    }
+    admit(gw, from, dgram)?;
     let eth = ethernet::Frame::new_checked(&dgram[TUNNEL_ETH..])?;
     let (node_mac, dst_mac, ethertype) = (eth.src(), eth.dst(), eth.ethertype());
     if dst_mac != gw.mac && dst_mac != BROADCAST {
