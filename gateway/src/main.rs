@@ -29,6 +29,7 @@ mod io;
 mod neighbour;
 mod node;
 mod run;
+mod supervisor;
 mod telemetry;
 mod worker;
 

@@ -26,6 +26,7 @@ use crate::flowlog::{live_line, FlowFilter, FlowLog, PodNames, WallClock};
 use crate::http::{self, Response};
 use crate::io::packet::{Interface, TxSocket};
 use crate::neighbour;
+use crate::supervisor;
 use crate::telemetry::{self, Telemetry};
 use crate::worker::{Shared, UplinkIo, Worker};
 
@@ -94,6 +95,7 @@ pub(crate) fn run(path: &Path, tunnel_ip: Option<Ipv4Addr>) -> Result<(), RunErr
         tunnel_listen: cfg.tunnel.listen,
         tunnel_mtu: cfg.tunnel.mtu,
         reports: (0..workers).map(|_| Mutex::new(None)).collect(),
+        worker_panics: AtomicU64::new(0),
         stop: AtomicBool::new(false),
         epoch: Instant::now(),
     });
@@ -303,16 +305,22 @@ fn start_workers(
         let seed = random_u64();
         let t = std::thread::Builder::new()
             .name(format!("worker-{id}"))
-            .spawn(move || match Worker::open(id, shared, seed) {
-                Ok(w) => {
-                    let _ = tx.send(Ok(()));
-                    w.run()
-                }
-                Err(e) => {
-                    let msg = format!("worker {id}: {e}");
-                    let _ = tx.send(Err(msg.clone()));
-                    Err(std::io::Error::other(msg))
-                }
+            .spawn(move || {
+                let mut restarts = 0u64;
+                supervisor::supervise(
+                    id,
+                    &shared.stop,
+                    &shared.worker_panics,
+                    || {
+                        // A restarted worker draws new random ports from a new seed.
+                        restarts += 1;
+                        Worker::open(id, Arc::clone(&shared), seed ^ restarts)
+                    },
+                    Worker::run,
+                    |r| {
+                        let _ = tx.send(r);
+                    },
+                )
             })
             .map_err(setup)?;
         threads.push(t);

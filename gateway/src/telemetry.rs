@@ -72,6 +72,11 @@ pub(crate) const METRICS: &[(&str, &str, &str)] = &[
         "Worker poll wake-ups, by worker.",
     ),
     (
+        "egress_gateway_worker_panics_total",
+        "counter",
+        "Worker panics caught; the worker was restarted with its flows kept (each one is a bug: see the log).",
+    ),
+    (
         "egress_gateway_conntrack_entries",
         "gauge",
         "Flow-table entries in use.",
@@ -268,6 +273,8 @@ impl Telemetry {
         counter!("egress_gateway_config_reloads_total", "result" => "refused")
             .absolute(self.reloads_refused.load(Ordering::Relaxed));
         gauge!("egress_gateway_workers").set(f64_of(shared.reports.len()));
+        counter!("egress_gateway_worker_panics_total")
+            .absolute(shared.worker_panics.load(Ordering::Relaxed));
         if let Some(events) = table.events() {
             let w = &self.flow_log;
             for (result, v) in [
@@ -373,6 +380,7 @@ mod tests {
                 wakeups: 0,
                 batches: 0,
             }))],
+            worker_panics: AtomicU64::new(0),
             stop: std::sync::atomic::AtomicBool::new(false),
             epoch: std::time::Instant::now(),
         });

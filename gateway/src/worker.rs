@@ -94,6 +94,8 @@ pub(crate) struct Shared {
     pub(crate) tunnel_listen: SocketAddrV4,
     pub(crate) tunnel_mtu: u16,
     pub(crate) reports: Vec<Mutex<Option<Report>>>,
+    /// Worker panics caught and restarted (see `supervisor`).
+    pub(crate) worker_panics: AtomicU64,
     pub(crate) stop: AtomicBool,
     pub(crate) epoch: Instant,
 }
