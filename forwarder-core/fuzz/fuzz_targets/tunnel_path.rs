@@ -221,7 +221,8 @@ fuzz_target!(|case: Case| {
             .collect();
         if !mixed {
             if let Some((len, vnet)) = offload::coalesce(&frames, &mut st.coalesce) {
-                let hdr = usize::from(vnet.csum_start) + 20;
+                let l4 = usize::from(vnet.csum_start);
+                let hdr = l4 + usize::from(st.coalesce[l4 + 12] >> 4) * 4;
                 let payload: usize = frames.iter().map(|f| f.len() - hdr.min(f.len())).sum();
                 assert_eq!(len, hdr + payload, "coalesced length");
                 assert!(offload::complete_checksum(&mut st.coalesce[..len], &vnet).is_ok());
