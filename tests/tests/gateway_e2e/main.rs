@@ -9,6 +9,7 @@
 mod common;
 mod flowlog;
 mod forwarding;
+mod hardening;
 mod icmp;
 mod ipv6;
 mod operations;
