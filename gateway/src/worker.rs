@@ -1077,7 +1077,10 @@ fn send_coalesced(
         return false;
     };
     write_macs(&mut buf[..len], mac, port.mac);
-    let hdr_len = u16::try_from(usize::from(vnet.csum_start) + 20).unwrap_or(0);
+    // virtio_net_hdr.hdr_len: Ethernet, IP and TCP headers with their options.
+    let l4 = usize::from(vnet.csum_start);
+    let tcp_len = buf.get(l4 + 12).map_or(20, |b| usize::from(b >> 4) * 4);
+    let hdr_len = u16::try_from(l4 + tcp_len).unwrap_or(0);
     // Queued single frames of this uplink go first, to keep the order.
     flush_port(&port.tx, &mut port.tx_batch, out.io_drops);
     if port
