@@ -782,7 +782,8 @@ impl Inner {
             Some(match self.take_port(pool, proto, now, rng) {
                 Ok(p) => Taken::Fresh(p),
                 // TCP flows start with the pod's SYN (the pipeline creates no TCP flow otherwise)
-                Err(e) if proto == Proto::Tcp => {
+                // a pod over its quota would be refused below: do not end another flow for it
+                Err(e) if proto == Proto::Tcp && !self.quota_full(&k.src) => {
                     *retired = true;
                     Taken::Over(self.take_over(&k, pool, now, rng, guard).ok_or(e)?)
                 }
@@ -1231,6 +1232,12 @@ impl Inner {
             return false;
         }
         true
+    }
+
+    /// True when [`quota_acquire`](Self::quota_acquire) would refuse `src` now.
+    fn quota_full(&self, src: &Addr) -> bool {
+        let (a, b) = self.quota_cells(src);
+        a.load(Ordering::Relaxed).min(b.load(Ordering::Relaxed)) >= self.max_per_source
     }
 
     fn quota_release(&self, src: &Addr) {
