@@ -124,13 +124,25 @@ impl Default for Timeouts {
     }
 }
 
+/// Default per-source quota: 16384 live flows, a quarter of the 64,512 ports of the default range of one
+/// egress IP and protocol. Four busy pods can still fill an egress IP, but no single one can; a pod that
+/// closes TCP connections quickly holds each one for the transitory timeout (240 s), so this quota alone
+/// caps one pod at about 16384 / 240 s ≈ 68 new connections per second toward destinations whose ports are
+/// not exhausted (see `docs/nat.md`).
+pub const DEFAULT_MAX_PER_SOURCE: u32 = 16384;
+
+/// Random ports examined for a finished flow to take over when a TCP pool is exhausted (each probe is one
+/// reply-index lookup).
+const TAKEOVER_PROBES: u32 = 16;
+
 /// Table configuration.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Config {
     /// Most entries (default 2²⁰): live flows, plus removed flows that still anchor a live mapping (see
     /// [`Table::len`]). The arena is preallocated for this many.
     pub max_entries: u32,
-    /// Most live flows per pod source IP (default 65536).
+    /// Most live flows per pod source IP (default [`DEFAULT_MAX_PER_SOURCE`], a quarter of the ports one
+    /// egress IP has per protocol, so that no single pod can hold every port of an egress IP).
     pub max_per_source: u32,
     /// Idle timeouts.
     pub timeouts: Timeouts,
@@ -142,7 +154,7 @@ impl Default for Config {
     fn default() -> Self {
         Config {
             max_entries: 1 << 20,
-            max_per_source: 65536,
+            max_per_source: DEFAULT_MAX_PER_SOURCE,
             timeouts: Timeouts::default(),
             port_reuse_delay: Duration::from_secs(120),
         }
@@ -215,6 +227,23 @@ enum List {
     Eim,
 }
 
+/// An external port taken for a new mapping.
+#[derive(Debug, Clone, Copy)]
+enum Taken {
+    /// Allocated from the pool.
+    Fresh(u16),
+    /// Taken over from a finished TCP flow toward the same remote endpoint.
+    Over(u16),
+}
+
+impl Taken {
+    fn port(self) -> u16 {
+        match self {
+            Taken::Fresh(p) | Taken::Over(p) => p,
+        }
+    }
+}
+
 /// The shared connection-tracking table. `Send + Sync`; share it through an `Arc`.
 pub struct Table {
     inner: Arc<Inner>,
@@ -242,6 +271,7 @@ struct Inner {
     cursor: CachePadded<AtomicUsize>,
     clock: CachePadded<AtomicU64>,
     refused: [AtomicU64; 4],
+    takeovers: AtomicU64,
     max_entries: usize,
     max_per_source: u32,
     reuse_delay: Duration,
@@ -306,6 +336,7 @@ impl Table {
                 cursor: CachePadded::new(AtomicUsize::new(0)),
                 clock: CachePadded::new(AtomicU64::new(0)),
                 refused: Default::default(),
+                takeovers: AtomicU64::new(0),
                 max_entries: max,
                 max_per_source: config.max_per_source,
                 reuse_delay: config.port_reuse_delay,
@@ -482,6 +513,12 @@ impl Table {
             ports_exhausted: r(2),
             no_pool: r(3),
         }
+    }
+
+    /// External TCP ports taken over from finished flows (reset, or a FIN each way) by new connections toward
+    /// the same remote endpoint while the pool was exhausted, since the table was created.
+    pub fn port_takeovers(&self) -> u64 {
+        self.inner.takeovers.load(Ordering::Relaxed)
     }
 
     /// Bytes allocated by the table (arena, indexes, sketch; not the lazily allocated port lanes).
@@ -742,15 +779,20 @@ impl Inner {
             .find_anchor(eb.load(Ordering::Acquire), &ek, false)
             .is_none()
         {
-            Some(self.take_port(pool, proto, now, rng)?)
+            Some(match self.take_port(pool, proto, now, rng) {
+                Ok(p) => Taken::Fresh(p),
+                // TCP flows start with the pod's SYN (the pipeline creates no TCP flow otherwise)
+                // a pod over its quota would be refused below: do not end another flow for it
+                Err(e) if proto == Proto::Tcp && !self.quota_full(&k.src) => {
+                    *retired = true;
+                    Taken::Over(self.take_over(&k, pool, now, rng, guard).ok_or(e)?)
+                }
+                Err(e) => return Err(e),
+            })
         } else {
             None
         };
-        let give_back = |port: Option<u16>| {
-            if let Some(p) = port {
-                self.pools.release_unused(pool, proto, p);
-            }
-        };
+        let give_back = |port: Option<Taken>| self.give_back(pool, proto, port, now);
         if !self.reserve_entry() {
             *retired |= self.sweep(now, 256, guard) > 0;
             if !self.reserve_entry() {
@@ -795,7 +837,7 @@ impl Inner {
                     f.ctl.fetch_sub(HOLD, Ordering::Relaxed);
                     flow::set_phase(&f.ctl, PHASE_INIT, PHASE_DEAD);
                     *retired = true;
-                    self.finish_removal(idx, f, now, false, guard);
+                    self.finish_removal(idx, f, now, false, false, guard);
                     return Ok(self.slot(winner));
                 }
                 Ok(None) => {}
@@ -839,6 +881,99 @@ impl Inner {
             .ok_or(InsertError::PortsExhausted)
     }
 
+    /// Returns a port taken for a mapping that was never published. A fresh one is free again at once (no
+    /// packet was translated to it); one taken over from a finished flow goes into the reuse delay, as it
+    /// would have without the takeover.
+    fn give_back(&self, pool: PoolId, proto: Proto, port: Option<Taken>, now: Instant) {
+        match port {
+            Some(Taken::Fresh(p)) => self.pools.release_unused(pool, proto, p),
+            Some(Taken::Over(p)) => self.pools.release(pool, proto, p, now),
+            None => {}
+        }
+    }
+
+    /// The pool of a new TCP connection is exhausted: take over the external port of a *finished* flow (reset,
+    /// or a FIN each way: [`TcpState::Closed`], [`TcpState::TimeWait`]) toward the same remote endpoint, found by
+    /// looking up the reply index for the new flow's would-be reply tuple on up to [`TAKEOVER_PROBES`] random
+    /// ports (RFC 7857 §3.2 lets a NAT reuse a port in TIME_WAIT for a new SYN; the kernel's nf_nat reuses such
+    /// tuples too). The finished flow is removed (claimed LIVE → DEAD like an expiry), and when it held the
+    /// last reference on its mapping the port passes to the caller still owned, skipping the reuse delay; a
+    /// port whose mapping lives on (the old pod endpoint still talks to others through it) is left alone.
+    /// Because the port only ever has one owning mapping, no two live flows share a reply tuple.
+    fn take_over(
+        self: &Arc<Self>,
+        k: &Packed,
+        pool: PoolId,
+        now: Instant,
+        rng: &mut Rng,
+        guard: &Guard,
+    ) -> Option<u16> {
+        let range = self.pools.range();
+        let n = range.len();
+        if n == 0 {
+            return None;
+        }
+        let egress = self.pool_addrs[usize::from(pool)];
+        for _ in 0..TAKEOVER_PROBES {
+            #[allow(clippy::cast_possible_truncation)] // below(n) < n ≤ 65536 and min + it ≤ max
+            let port = range.min.wrapping_add(rng.below(n) as u16);
+            let rk = Packed {
+                src: k.dst,
+                dst: egress,
+                sport: k.dport,
+                dport: port,
+                tag: k.tag,
+            };
+            let head = self
+                .bucket(List::Reply, rk.hash(&self.hash_key))
+                .load(Ordering::Acquire);
+            let Some(old) = self.walk_reply(head, &rk, now) else {
+                continue;
+            };
+            let ctl = old.ctl.load(Ordering::Relaxed);
+            if !flow::tcp_finished(ctl) || !self.sole_user(old) {
+                continue;
+            }
+            let claimed = old
+                .ctl
+                .fetch_update(Ordering::AcqRel, Ordering::Acquire, |c| {
+                    (phase_of(c) == PHASE_LIVE && flow::tcp_finished(c))
+                        .then(|| flow::with_phase(c, PHASE_DEAD))
+                })
+                .is_ok();
+            if !claimed {
+                continue;
+            }
+            if let Some(events) = &self.events {
+                events.push(FlowEvent::of(old, FlowEventKind::End, now));
+            }
+            let idx = self.index_of(old);
+            if let Some(p) = self.finish_removal(idx, old, now, true, true, guard) {
+                self.takeovers.fetch_add(1, Ordering::Relaxed);
+                return Some(p);
+            }
+        }
+        None
+    }
+
+    /// True when `f` is the only flow on its mapping (a hint: a flow may join until the mapping ends).
+    fn sole_user(&self, f: &Flow) -> bool {
+        let ek = f.eim_key();
+        let head = self
+            .bucket(List::Eim, ek.hash(&self.hash_key))
+            .load(Ordering::Acquire);
+        self.find_anchor(head, &ek, false)
+            .is_some_and(|a| a.map_refs.load(Ordering::Acquire) == 1)
+    }
+
+    /// The arena index of a slot.
+    fn index_of(&self, f: &Flow) -> u32 {
+        let off = (f as *const Flow as usize) - (self.slots.as_ptr() as usize);
+        #[allow(clippy::cast_possible_truncation)] // slots.len() < 2³¹
+        let idx = (off / core::mem::size_of::<Flow>()) as u32;
+        idx
+    }
+
     /// Joins the live mapping of the flow's pod endpoint or creates one (this slot becomes its anchor), with
     /// `port` if the caller already took one (given back unused if a mapping turns up). On error no port is
     /// held.
@@ -846,7 +981,7 @@ impl Inner {
         &self,
         idx: u32,
         f: &Flow,
-        port: Option<u16>,
+        port: Option<Taken>,
         now: Instant,
         rng: &mut Rng,
     ) -> Result<(), InsertError> {
@@ -857,18 +992,16 @@ impl Inner {
         loop {
             let head = bucket.load(Ordering::Acquire);
             if let Some(anchor) = self.find_anchor(head, &ek, true) {
-                if let Some(p) = mine {
-                    // never published: no packet was translated to it
-                    self.pools.release_unused(ek.pool, proto, p);
-                }
+                self.give_back(ek.pool, proto, mine, now);
                 f.set_ext_port(anchor.external_port());
                 return Ok(());
             }
-            let port = match mine {
-                Some(p) => p,
-                None => self.take_port(ek.pool, proto, now, rng)?,
+            let taken = match mine {
+                Some(t) => t,
+                None => Taken::Fresh(self.take_port(ek.pool, proto, now, rng)?),
             };
-            mine = Some(port);
+            mine = Some(taken);
+            let port = taken.port();
             f.set_ext_port(port);
             f.map_refs.store(1, Ordering::Relaxed);
             f.next_eim.store(head, Ordering::Relaxed);
@@ -915,37 +1048,46 @@ impl Inner {
     /// back to the pool without the reuse delay). True when `f` is the anchor of a mapping that lives on: the
     /// slot then keeps its capacity unit until the mapping ends, and the flow whose release ends the mapping
     /// gives that unit back.
+    ///
+    /// With `hand_over`, a port freed by the last reference is not given back to the pool but returned, still
+    /// owned, for the caller's new mapping ([`take_over`](Self::take_over)).
     fn release_mapping(
         self: &Arc<Self>,
         f: &Flow,
         now: Instant,
         used: bool,
+        hand_over: bool,
         guard: &Guard,
-    ) -> bool {
+    ) -> (bool, Option<u16>) {
         let ek = f.eim_key();
         let h = ek.hash(&self.hash_key);
         let bucket = self.bucket(List::Eim, h);
         let Some(anchor) = self.find_anchor(bucket.load(Ordering::Acquire), &ek, false) else {
             debug_assert!(false, "flow without a live mapping");
-            return false;
+            return (false, None);
         };
         let mine = core::ptr::eq(anchor, f);
         if anchor.map_refs.fetch_sub(1, Ordering::AcqRel) != 1 {
-            return mine;
+            return (mine, None);
         }
         anchor.next_eim.fetch_or(MARK, Ordering::AcqRel);
         let port = anchor.external_port();
-        if mine && !used {
-            self.pools.release_unused(ek.pool, anchor.proto(), port);
+        let handed = if hand_over {
+            Some(port)
         } else {
-            self.pools.release(ek.pool, anchor.proto(), port, now);
-        }
+            if mine && !used {
+                self.pools.release_unused(ek.pool, anchor.proto(), port);
+            } else {
+                self.pools.release(ek.pool, anchor.proto(), port, now);
+            }
+            None
+        };
         if !mine {
             // the anchor's own flow was removed earlier (it held a reference until then) and kept its unit
             self.live.fetch_sub(1, Ordering::Relaxed);
         }
         self.unlink(List::Eim, bucket, guard);
-        false
+        (false, handed)
     }
 
     /// Removes slot `idx` if it is live and expired at `now`. True if this call removed it.
@@ -963,25 +1105,28 @@ impl Inner {
                 // Before the removal: the slot's fields stay valid until it is retired.
                 events.push(FlowEvent::of(f, FlowEventKind::End, now));
             }
-            self.finish_removal(idx, f, now, true, guard);
+            self.finish_removal(idx, f, now, true, false, guard);
         }
         claimed
     }
 
-    /// Accounting and unlinking after a claim (phase now DEAD).
+    /// Accounting and unlinking after a claim (phase now DEAD). With `hand_over`, the port of a mapping this
+    /// removal ends is returned still owned (see [`release_mapping`](Self::release_mapping)).
     fn finish_removal(
         self: &Arc<Self>,
         idx: u32,
         f: &Flow,
         now: Instant,
         linked: bool,
+        hand_over: bool,
         guard: &Guard,
-    ) {
+    ) -> Option<u16> {
         f.next_orig.fetch_or(MARK, Ordering::AcqRel);
         f.next_reply.fetch_or(MARK, Ordering::AcqRel);
         let ok = f.orig_packed();
         self.quota_release(&ok.src);
-        if !self.release_mapping(f, now, linked, guard) {
+        let (keeps_unit, handed) = self.release_mapping(f, now, linked, hand_over, guard);
+        if !keeps_unit {
             self.live.fetch_sub(1, Ordering::Relaxed);
         }
         if linked {
@@ -998,6 +1143,7 @@ impl Inner {
             );
         }
         self.drop_hold(idx, guard);
+        handed
     }
 
     /// Walks list `l` from `bucket`, physically unlinking every marked node (Harris): CAS the predecessor's
@@ -1086,6 +1232,12 @@ impl Inner {
             return false;
         }
         true
+    }
+
+    /// True when [`quota_acquire`](Self::quota_acquire) would refuse `src` now.
+    fn quota_full(&self, src: &Addr) -> bool {
+        let (a, b) = self.quota_cells(src);
+        a.load(Ordering::Relaxed).min(b.load(Ordering::Relaxed)) >= self.max_per_source
     }
 
     fn quota_release(&self, src: &Addr) {

@@ -412,7 +412,7 @@ uplinks:
     interface: gwint
     egress_ips: [10.50.0.10]
     routes: [10.50.0.0/16]
-conntrack: { max_entries: 1048576, max_per_source: 65536, udp_timeout: 300s, tcp_established_timeout: 7440s,
+conntrack: { max_entries: 1048576, max_per_source: 16384, udp_timeout: 300s, tcp_established_timeout: 7440s,
              tcp_transitory_timeout: 240s, icmp_timeout: 60s, port_reuse_delay: 120s }
 ports: { min: 1024, max: 65535 }
 health: { listen: 0.0.0.0:8080 }
@@ -511,7 +511,7 @@ uplinks:
             ],
             conntrack: conntrack::Config {
                 max_entries: 1_048_576,
-                max_per_source: 65536,
+                max_per_source: 16384,
                 timeouts: Timeouts {
                     udp: Duration::from_secs(300),
                     tcp_established: Duration::from_secs(7440),
@@ -1090,8 +1090,19 @@ uplinks:
         refused(
             &format!("{BASE}conntrack: {{ max_entries: 1000 }}\n"),
             17,
-            "max_per_source (65536) is larger than conntrack.max_entries (1000)",
+            "max_per_source (16384) is larger than conntrack.max_entries (1000)",
         );
+        refused(
+            &format!("{BASE}conntrack: {{ max_per_source: 300 }}\nports: {{ min: 2000, max: 2255 }}\n"),
+            17,
+            "conntrack.max_per_source (300) is larger than the 256 ports of one egress IP (ports 2000..=2255)",
+        );
+        assert!(parse(&format!(
+            "{BASE}conntrack: {{ max_per_source: 256 }}\nports: {{ min: 2000, max: 2255 }}\n"
+        ))
+        .is_ok());
+        // the default quota with a narrow range is the operator's choice of range, not an error
+        assert!(parse(&format!("{BASE}ports: {{ min: 2000, max: 2255 }}\n")).is_ok());
         refused(
             &format!("{BASE}conntrack:\n  udp_timeout: 119s\n"),
             18,

@@ -98,6 +98,7 @@ fn tcp_state_name(s: TcpState) -> &'static str {
         TcpState::SynReceived => "syn_received",
         TcpState::Established => "established",
         TcpState::Closing => "closing",
+        TcpState::TimeWait => "time_wait",
         TcpState::Closed => "closed",
     }
 }

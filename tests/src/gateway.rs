@@ -246,7 +246,16 @@ impl Gateway {
             ))?;
         }
         // SNAT per uplink, MSS clamp, and no relaying of anything but pod traffic from the tunnel.
-        let rules = [
+        let mut rules = Vec::new();
+        if let Some((lo, hi)) = topo.ports() {
+            for p in ["tcp", "udp"] {
+                rules.push(format!(
+                    "-t nat -A POSTROUTING -s {POD_CIDR} -o gwdmz -p {p} -j SNAT --to-source {}:{lo}-{hi}",
+                    self.dmz_egress
+                ));
+            }
+        }
+        rules.extend([
             format!(
                 "-t nat -A POSTROUTING -s {POD_CIDR} -o gwdmz -j SNAT --to-source {}",
                 self.dmz_egress
@@ -260,7 +269,7 @@ impl Gateway {
             "-A FORWARD -m conntrack --ctstate ESTABLISHED,RELATED -j ACCEPT".to_owned(),
             format!("-A FORWARD -i {dev} -s {POD_CIDR} -j ACCEPT"),
             "-P FORWARD DROP".to_owned(),
-        ];
+        ]);
         for r in &rules {
             let mut args = vec!["iptables", "-w"];
             args.extend(crate::cmd::words(r));
@@ -321,8 +330,11 @@ impl Gateway {
 
     fn start_userspace(&mut self, topo: &Topology, binary: &Path) -> Result<()> {
         let config = topo.dir().join(format!("gw{}.yaml", self.number));
-        std::fs::write(&config, self.config_yaml(topo.workers()))
-            .with_context(|| format!("write {}", config.display()))?;
+        let mut yaml = self.config_yaml(topo.workers());
+        if let Some((lo, hi)) = topo.ports() {
+            yaml.push_str(&format!("ports: {{ min: {lo}, max: {hi} }}\n"));
+        }
+        std::fs::write(&config, yaml).with_context(|| format!("write {}", config.display()))?;
         let log = topo.dir().join(format!("gw{}.log", self.number));
         let bin = binary.to_string_lossy().into_owned();
         let cfg = config.to_string_lossy().into_owned();

@@ -213,6 +213,10 @@ pub struct TopologySpec {
     /// router's outside networks and to the local network (172.16.1.0/24, host 172.16.1.10), and each node
     /// masquerades pod traffic leaving `eth0` for non-cluster destinations (Calico's natOutgoing).
     pub node_agent: bool,
+    /// External port range `(min, max)` of the gateways' DMZ egress IP (default: the gateway's own,
+    /// 1024..=65535 in userspace mode, the kernel's choice in kernel mode): `ports:` in the userspace
+    /// configuration; TCP and UDP SNAT `--to-source IP:min-max` on the DMZ uplink in kernel mode.
+    pub ports: Option<(u16, u16)>,
 }
 
 impl TopologySpec {
@@ -233,6 +237,7 @@ impl TopologySpec {
             workers: 0,
             ipv6: true,
             node_agent: false,
+            ports: None,
         }
     }
 
@@ -248,6 +253,7 @@ impl TopologySpec {
                 .collect(),
             gateways,
             node_agent: true,
+            ports: None,
             ..Self::standard(GatewayMode::Kernel)
         }
     }
@@ -665,6 +671,10 @@ impl Topology {
         gw.configure(self)
             .with_context(|| format!("configure gateway {k}"))?;
         Ok(gw)
+    }
+
+    pub(crate) fn ports(&self) -> Option<(u16, u16)> {
+        self.spec.ports
     }
 
     pub(crate) fn workers(&self) -> usize {

@@ -43,31 +43,44 @@ pub enum TcpState {
     SynReceived,
     /// Three-way handshake complete.
     Established,
-    /// A FIN was seen in either direction.
+    /// A FIN was seen in one direction only (the other may still send data).
     Closing,
     /// Reset (a valid RST either way); the entry stays for the transitory timeout.
     Closed,
+    /// A FIN was seen in each direction (the inbound one inside the pod's window): the connection is over and
+    /// the end that closed first waits out TIME-WAIT. The entry stays for the transitory timeout, but a new
+    /// connection toward the same remote endpoint may take its external port over when the pool is exhausted
+    /// (see the table's module docs).
+    TimeWait,
 }
+
+// State codes in the control word. `Closing` has two codes so that the second FIN can be told from a
+// repeated first one.
+const S_SYN_SENT: u64 = 0;
+const S_SYN_RECEIVED: u64 = 1;
+const S_ESTABLISHED: u64 = 2;
+const S_FIN_OUT: u64 = 3;
+const S_CLOSED: u64 = 4;
+const S_FIN_IN: u64 = 5;
+const S_FIN_BOTH: u64 = 6;
 
 impl TcpState {
     const fn from_bits(b: u64) -> TcpState {
         match b {
-            0 => TcpState::SynSent,
-            1 => TcpState::SynReceived,
-            2 => TcpState::Established,
-            3 => TcpState::Closing,
+            S_SYN_SENT => TcpState::SynSent,
+            S_SYN_RECEIVED => TcpState::SynReceived,
+            S_ESTABLISHED => TcpState::Established,
+            S_FIN_OUT | S_FIN_IN => TcpState::Closing,
+            S_FIN_BOTH => TcpState::TimeWait,
             _ => TcpState::Closed,
         }
     }
-    const fn bits(self) -> u64 {
-        match self {
-            TcpState::SynSent => 0,
-            TcpState::SynReceived => 1,
-            TcpState::Established => 2,
-            TcpState::Closing => 3,
-            TcpState::Closed => 4,
-        }
-    }
+}
+
+/// True when the TCP state code of control word `c` says the connection is over: reset, or closed by a FIN
+/// each way. Only such a flow may hand its external port over to a new connection.
+pub(crate) const fn tcp_finished(c: u64) -> bool {
+    matches!((c >> STATE_SHIFT) & 7, S_CLOSED | S_FIN_BOTH)
 }
 
 /// What the caller knows of a TCP segment.
@@ -268,7 +281,7 @@ impl Flow {
         self.last_seen.store(t, Relaxed);
         self.created.store(t, Relaxed);
         self.ctl.store(
-            TcpState::SynSent.bits() << STATE_SHIFT
+            S_SYN_SENT << STATE_SHIFT
                 | PHASE_INIT << PHASE_SHIFT
                 | HOLD
                 | u64::from(ctx) << CTX_SHIFT,
@@ -480,7 +493,7 @@ impl Flow {
             Proto::Udp => c.udp_ms,
             Proto::Icmp | Proto::Icmpv6 => c.icmp_ms,
             Proto::Tcp => {
-                if TcpState::from_bits((ctl >> STATE_SHIFT) & 7) == TcpState::Established {
+                if (ctl >> STATE_SHIFT) & 7 == S_ESTABLISHED {
                     c.tcp_est_ms
                 } else {
                     c.tcp_trans_ms
@@ -569,38 +582,42 @@ impl Flow {
     }
 }
 
-fn tcp_fields(c: u64) -> (TcpState, u32, u16) {
+fn tcp_fields(c: u64) -> (u64, u32, u16) {
     #[allow(clippy::cast_possible_truncation)] // packed fields
     let (r, w) = (c as u32, (c >> 32) as u16);
-    (TcpState::from_bits((c >> STATE_SHIFT) & 7), r, w)
+    ((c >> STATE_SHIFT) & 7, r, w)
 }
 
-fn with_tcp(c: u64, s: TcpState, r: u32, w: u16) -> u64 {
-    (c & !((1u64 << 51) - 1)) | s.bits() << STATE_SHIFT | u64::from(w) << 32 | u64::from(r)
+fn with_tcp(c: u64, s: u64, r: u32, w: u16) -> u64 {
+    (c & !((1u64 << 51) - 1)) | s << STATE_SHIFT | u64::from(w) << 32 | u64::from(r)
 }
 
 /// Control word after an outbound segment. The pod is trusted: its RST always closes and its FIN always moves
-/// to `Closing` (the control word keeps no sequence state of the pod's direction to check them against; the
-/// pod is inside the trust boundary, outside forgers are not).
+/// to `Closing` (or `TimeWait` after the remote's FIN); the control word keeps no sequence state of the pod's
+/// direction to check them against; the pod is inside the trust boundary, outside forgers are not.
 pub(crate) fn tcp_outbound(c: u64, seg: &TcpSegment) -> u64 {
     let (state, mut r, mut w) = tcp_fields(c);
     let next = if seg.has(TcpSegment::RST) {
-        TcpState::Closed
+        S_CLOSED
     } else if seg.has(TcpSegment::SYN) && !seg.has(TcpSegment::ACK) {
         r = seg.seq.wrapping_add(1);
         w = seg.window;
-        return with_tcp(c, TcpState::SynSent, r, w);
+        return with_tcp(c, S_SYN_SENT, r, w);
     } else {
         let mut s = state;
         if seg.has(TcpSegment::ACK) {
             r = seg.ack;
             w = seg.window;
-            if s == TcpState::SynReceived {
-                s = TcpState::Established;
+            if s == S_SYN_RECEIVED {
+                s = S_ESTABLISHED;
             }
         }
-        if seg.has(TcpSegment::FIN) && s != TcpState::Closed {
-            s = TcpState::Closing;
+        if seg.has(TcpSegment::FIN) {
+            s = match s {
+                S_CLOSED | S_FIN_BOTH => s,
+                S_FIN_IN => S_FIN_BOTH,
+                _ => S_FIN_OUT,
+            };
         }
         s
     };
@@ -623,25 +640,29 @@ pub(crate) fn tcp_inbound(c: u64, seg: &TcpSegment) -> Option<(u64, bool)> {
     let (state, mut r, w) = tcp_fields(c);
     if seg.has(TcpSegment::RST) {
         let ok = match state {
-            TcpState::SynSent => seg.has(TcpSegment::ACK) && seg.ack == r,
+            S_SYN_SENT => seg.has(TcpSegment::ACK) && seg.ack == r,
             _ => in_window(seg.seq, r, w),
         };
-        return ok.then(|| (with_tcp(c, TcpState::Closed, r, w), true));
+        return ok.then(|| (with_tcp(c, S_CLOSED, r, w), true));
     }
     let mut s = state;
-    let refresh = state == TcpState::Established;
+    let refresh = state == S_ESTABLISHED;
     if seg.has(TcpSegment::SYN) && seg.has(TcpSegment::ACK) {
-        if state == TcpState::SynSent && seg.ack == r {
-            s = TcpState::SynReceived;
+        if state == S_SYN_SENT && seg.ack == r {
+            s = S_SYN_RECEIVED;
             r = seg.seq.wrapping_add(1);
         }
     } else if seg.has(TcpSegment::FIN)
-        && matches!(state, TcpState::Established | TcpState::SynReceived)
+        && matches!(state, S_ESTABLISHED | S_SYN_RECEIVED | S_FIN_OUT)
     {
         if !in_window(seg.seq, r, w) && !in_window(seg.seq.wrapping_add(seg.payload_len), r, w) {
             return Some((c, false));
         }
-        s = TcpState::Closing;
+        s = if state == S_FIN_OUT {
+            S_FIN_BOTH
+        } else {
+            S_FIN_IN
+        };
     }
     Some((with_tcp(c, s, r, w), refresh))
 }
@@ -683,7 +704,7 @@ mod tests {
     }
 
     fn state(c: u64) -> TcpState {
-        tcp_fields(c).0
+        TcpState::from_bits(tcp_fields(c).0)
     }
 
     /// Handshake pod ISN 1000, remote ISN 5000, pod window 1000 (×128 assumed scale).
@@ -708,6 +729,40 @@ mod tests {
         assert_eq!(state(c3), TcpState::Closing);
         let (c4, _) = tcp_inbound(established(), &seg(FIN | ACK, 5001, 1001, 10)).expect("fin");
         assert_eq!(state(c4), TcpState::Closing);
+    }
+
+    /// A FIN each way (in either order) is `TimeWait`, the only closing state that may hand its port over;
+    /// repeated FINs of one side stay `Closing`; an inbound FIN outside the window does not finish the flow.
+    #[test]
+    fn fin_both_ways_is_time_wait() {
+        let out_fin = tcp_outbound(established(), &seg(FIN | ACK, 1001, 5001, 1000));
+        let again = tcp_outbound(out_fin, &seg(FIN | ACK, 1001, 5001, 1000));
+        assert_eq!(state(again), TcpState::Closing);
+        assert!(!tcp_finished(again));
+        let (forged, _) =
+            tcp_inbound(out_fin, &seg(FIN | ACK, 0x9000_0000, 1002, 10)).expect("fwd");
+        assert_eq!(state(forged), TcpState::Closing);
+        let (tw, _) = tcp_inbound(out_fin, &seg(FIN | ACK, 5001, 1002, 10)).expect("fin");
+        assert_eq!(state(tw), TcpState::TimeWait);
+        assert!(tcp_finished(tw));
+        let (in_fin, _) = tcp_inbound(established(), &seg(FIN | ACK, 5001, 1001, 10)).expect("fin");
+        let (in_again, _) = tcp_inbound(in_fin, &seg(FIN | ACK, 5001, 1001, 10)).expect("fin");
+        assert_eq!(state(in_again), TcpState::Closing);
+        let tw2 = tcp_outbound(in_again, &seg(FIN | ACK, 1001, 5002, 1000));
+        assert_eq!(state(tw2), TcpState::TimeWait);
+        assert!(tcp_finished(tw2));
+        // a later ACK keeps it over; RST too; a new SYN from the pod reopens
+        let ack = tcp_outbound(tw2, &seg(ACK, 1002, 5002, 1000));
+        assert_eq!(state(ack), TcpState::TimeWait);
+        assert!(tcp_finished(tcp_outbound(
+            established(),
+            &seg(RST, 1001, 0, 0)
+        )));
+        assert!(!tcp_finished(established()));
+        assert_eq!(
+            state(tcp_outbound(tw2, &seg(SYN, 7, 0, 100))),
+            TcpState::SynSent
+        );
     }
 
     #[test]
@@ -781,6 +836,6 @@ mod tests {
         let c = tcp_outbound(base, &seg(SYN, u32::MAX, 0, u16::MAX));
         assert_eq!(phase_of(c), PHASE_LIVE);
         assert_eq!(holds_of(c), 3);
-        assert_eq!(tcp_fields(c), (TcpState::SynSent, 0, u16::MAX));
+        assert_eq!(tcp_fields(c), (S_SYN_SENT, 0, u16::MAX));
     }
 }

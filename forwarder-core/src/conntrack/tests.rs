@@ -64,12 +64,14 @@ fn seg(flags: u8, seq: u32, ack: u32, window: u16) -> Option<TcpSegment> {
     })
 }
 
-/// Checks the table's invariants at `now`: every visible flow is found by both keys, keys are unique, a
-/// port belongs to one pod endpoint, `len` matches.
+/// Checks the table's invariants at `now`: every visible flow is found by both keys, keys are unique (no two
+/// live flows share a reply tuple: egress IP, external port, protocol, remote address and port), a port
+/// belongs to one pod endpoint, `len` matches.
 fn check_invariants(table: &Table, now: Instant) {
     let g = table.pin();
     let mut live = 0;
     let mut origs = HashSet::new();
+    let mut replies = HashSet::new();
     let mut ports: HashMap<(IpAddr, Proto, u16), (IpAddr, u16)> = HashMap::new();
     table.for_each(&g, |f| {
         live += 1;
@@ -78,6 +80,11 @@ fn check_invariants(table: &Table, now: Instant) {
         }
         let o = f.orig();
         assert!(origs.insert(o), "duplicate flow {o:?}");
+        assert!(
+            replies.insert(f.reply_key()),
+            "two flows on {:?}",
+            f.reply_key()
+        );
         let by_out = table
             .lookup_outbound_at(&o, now, &g)
             .expect("found by orig");
@@ -468,6 +475,157 @@ fn endpoint_independent_mapping() {
     assert_eq!(pa, pb);
     check_invariants(&tb, t(300));
     assert_eq!(tb.pools().usage()[0].in_use, 1);
+}
+
+/// A TCP connection `k` through its handshake and closed by a FIN each way (pod first) at `now`.
+fn open_and_close(tb: &Table, k: FlowKey, now: Instant, rng: &mut Rng, g: &Guard) -> u16 {
+    let f = tb.insert(new_flow(k), now, rng, g).expect("tcp");
+    let fin = TcpSegment::FIN | TcpSegment::ACK;
+    f.on_outbound(seg(TcpSegment::SYN, 100, 0, 1000), 60, now);
+    f.on_inbound(
+        seg(TcpSegment::SYN | TcpSegment::ACK, 900, 101, 1000),
+        60,
+        now,
+    );
+    f.on_outbound(seg(TcpSegment::ACK, 101, 901, 1000), 40, now);
+    f.on_outbound(seg(fin, 101, 901, 1000), 40, now);
+    f.on_inbound(seg(fin, 901, 102, 1000), 40, now);
+    f.on_outbound(seg(TcpSegment::ACK, 102, 902, 1000), 40, now);
+    assert_eq!(f.tcp_state(), TcpState::TimeWait);
+    f.external_port()
+}
+
+/// With the TCP pool exhausted, a new connection takes over the port of a finished flow (a FIN each way, or
+/// reset) toward the same remote endpoint, at once; a flow still open, a finished flow whose mapping other
+/// flows still use, another remote endpoint and UDP never lose their port.
+#[test]
+fn exhausted_tcp_pool_takes_over_a_finished_flow_to_the_same_remote() {
+    let tb = table(
+        64,
+        PortRange {
+            min: 7000,
+            max: 7001,
+        },
+    );
+    let mut rng = Rng::new(21);
+    let g = tb.pin();
+    let server = (remote(1), 443);
+    let k1 = key(pod(1), 40000, server.0, server.1, Proto::Tcp);
+    let p1 = open_and_close(&tb, k1, t(0), &mut rng, &g);
+    // the other port: an open connection
+    let k2 = key(pod(2), 40000, server.0, server.1, Proto::Tcp);
+    let f2 = tb.insert(new_flow(k2), t(0), &mut rng, &g).expect("tcp");
+    f2.on_outbound(seg(TcpSegment::FIN | TcpSegment::ACK, 1, 0, 1000), 40, t(0));
+    assert_eq!(f2.tcp_state(), TcpState::Closing, "half closed: still open");
+    // another remote endpoint, and UDP: no finished flow toward them, refused as before
+    for k in [
+        key(pod(3), 40000, remote(2), 443, Proto::Tcp),
+        key(pod(3), 40000, server.0, 80, Proto::Tcp),
+    ] {
+        assert_eq!(
+            tb.insert(new_flow(k), t(1), &mut rng, &g).err(),
+            Some(InsertError::PortsExhausted)
+        );
+    }
+    assert_eq!(tb.port_takeovers(), 0);
+    // the same remote endpoint: takes over pod 1's port, and pod 1's flow is gone
+    let k3 = key(pod(3), 50000, server.0, server.1, Proto::Tcp);
+    let f3 = tb
+        .insert(new_flow(k3), t(1), &mut rng, &g)
+        .expect("takeover");
+    assert_eq!(f3.external_port(), p1);
+    assert_eq!(tb.port_takeovers(), 1);
+    assert!(tb.lookup_outbound_at(&k1, t(1), &g).is_none());
+    let back = tb
+        .lookup_inbound_at(&f3.reply_key(), t(1), &g)
+        .expect("reply");
+    assert!(core::ptr::eq(back, f3));
+    assert!(tb.lookup_outbound_at(&k2, t(1), &g).is_some());
+    assert_eq!(tb.len(), 2);
+    check_invariants(&tb, t(1));
+    // a reset flow is finished too
+    f3.on_inbound(seg(TcpSegment::RST, 0, 0, 0), 40, t(2));
+    assert!(tb.lookup_outbound_at(&k3, t(2), &g).is_some());
+    let k4 = key(pod(4), 50000, server.0, server.1, Proto::Tcp);
+    // SynSent: an RST must acknowledge the SYN (the flow's ISN + 1 was never set: 0 + 1 = 1)
+    assert_eq!(f3.tcp_state(), TcpState::SynSent);
+    f3.on_outbound(seg(TcpSegment::RST, 1, 0, 0), 40, t(2));
+    assert_eq!(f3.tcp_state(), TcpState::Closed);
+    let f4 = tb
+        .insert(new_flow(k4), t(2), &mut rng, &g)
+        .expect("takeover");
+    assert_eq!(f4.external_port(), p1);
+    assert_eq!(tb.port_takeovers(), 2);
+    check_invariants(&tb, t(2));
+    // a finished flow whose pod endpoint still uses the port toward another remote keeps it
+    f4.on_outbound(seg(TcpSegment::RST, 1, 0, 0), 40, t(3));
+    let k4b = key(pod(4), 50000, remote(9), 443, Proto::Tcp);
+    tb.insert(new_flow(k4b), t(3), &mut rng, &g)
+        .expect("joins the mapping");
+    let k5 = key(pod(5), 50000, server.0, server.1, Proto::Tcp);
+    assert_eq!(
+        tb.insert(new_flow(k5), t(3), &mut rng, &g).err(),
+        Some(InsertError::PortsExhausted)
+    );
+    assert!(tb.lookup_outbound_at(&k4, t(3), &g).is_some());
+    check_invariants(&tb, t(3));
+    // UDP never takes over
+    let tu = table(
+        64,
+        PortRange {
+            min: 7000,
+            max: 7000,
+        },
+    );
+    tu.insert(
+        new_flow(key(pod(1), 1, server.0, 53, Proto::Udp)),
+        t(0),
+        &mut rng,
+        &g,
+    )
+    .expect("udp");
+    assert_eq!(
+        tu.insert(
+            new_flow(key(pod(2), 1, server.0, 53, Proto::Udp)),
+            t(0),
+            &mut rng,
+            &g
+        )
+        .err(),
+        Some(InsertError::PortsExhausted)
+    );
+    assert_eq!(tu.port_takeovers(), 0);
+}
+
+/// Without exhaustion a finished flow keeps its port for the transitory timeout (TIME-WAIT protection stays
+/// whenever a fresh port exists).
+#[test]
+fn finished_flow_keeps_its_port_while_the_pool_has_others() {
+    let tb = table(
+        64,
+        PortRange {
+            min: 7000,
+            max: 7009,
+        },
+    );
+    let mut rng = Rng::new(22);
+    let g = tb.pin();
+    let k1 = key(pod(1), 40000, remote(1), 443, Proto::Tcp);
+    let p1 = open_and_close(&tb, k1, t(0), &mut rng, &g);
+    for i in 0..9 {
+        let f = tb
+            .insert(
+                new_flow(key(pod(2), 40000 + i, remote(1), 443, Proto::Tcp)),
+                t(1),
+                &mut rng,
+                &g,
+            )
+            .expect("fresh port");
+        assert_ne!(f.external_port(), p1);
+    }
+    assert_eq!(tb.port_takeovers(), 0);
+    assert!(tb.lookup_outbound_at(&k1, t(1), &g).is_some());
+    check_invariants(&tb, t(1));
 }
 
 #[test]
@@ -949,6 +1107,13 @@ mod model {
             remote: u8,
             tcp: bool,
         },
+        /// Ends a TCP flow: a valid RST (`rst`) or a FIN each way after a handshake.
+        Close {
+            pod: u8,
+            pport: u16,
+            remote: u8,
+            rst: bool,
+        },
         Advance(u64),
         Expire(usize),
     }
@@ -957,7 +1122,8 @@ mod model {
         let k = (0u8..3, 0u16..3, 0u8..3, any::<bool>());
         prop_oneof![
             4 => k.clone().prop_map(|(pod, pport, remote, tcp)| Op::Insert { pod, pport, remote, tcp }),
-            2 => k.prop_map(|(pod, pport, remote, tcp)| Op::Packet { pod, pport, remote, tcp }),
+            2 => k.clone().prop_map(|(pod, pport, remote, tcp)| Op::Packet { pod, pport, remote, tcp }),
+            2 => k.prop_map(|(pod, pport, remote, rst)| Op::Close { pod, pport, remote, rst }),
             2 => (0u64..200).prop_map(Op::Advance),
             1 => (1usize..40).prop_map(Op::Expire),
         ]
@@ -981,11 +1147,11 @@ mod model {
             let tb = table(12, PortRange { min: 2000, max: 2005 });
             let mut rng = Rng::new(11);
             let mut now = 0u64; // seconds
-            // key -> (last seen, external port)
-            let mut model: HashMap<FlowKey, (u64, u16)> = HashMap::new();
+            // key -> (last seen, external port, finished: may be taken over)
+            let mut model: HashMap<FlowKey, (u64, u16, bool)> = HashMap::new();
             let timeout = |k: &FlowKey| if k.proto == Proto::Tcp { 240 } else { 300 };
             for op in ops {
-                model.retain(|k, (last, _)| now - *last <= timeout(k));
+                model.retain(|k, (last, _, _)| now - *last <= timeout(k));
                 let g = tb.pin();
                 match op {
                     Op::Insert { pod, pport, remote, tcp } => {
@@ -993,10 +1159,24 @@ mod model {
                         match tb.insert(new_flow(key), t(now), &mut rng, &g) {
                             Ok(f) => {
                                 prop_assert_eq!(f.orig(), key);
-                                if let Some((_, port)) = model.get(&key) {
+                                if let Some((_, port, _)) = model.get(&key) {
                                     prop_assert_eq!(*port, f.external_port());
                                 } else {
-                                    model.insert(key, (now, f.external_port()));
+                                    // at most one finished TCP flow toward the same remote endpoint, on the
+                                    // port the new flow got, may have been taken over; nothing else went
+                                    let gone: Vec<FlowKey> = model
+                                        .keys()
+                                        .filter(|m| tb.lookup_outbound_at(m, t(now), &g).is_none())
+                                        .copied()
+                                        .collect();
+                                    prop_assert!(gone.len() <= 1, "{:?}", gone);
+                                    for m in gone {
+                                        let (_, port, finished) = model.remove(&m).expect("model");
+                                        prop_assert!(finished && m.proto == Proto::Tcp && key.proto == Proto::Tcp);
+                                        prop_assert_eq!((m.dst, m.dst_port), (key.dst, key.dst_port));
+                                        prop_assert_eq!(port, f.external_port());
+                                    }
+                                    model.insert(key, (now, f.external_port(), false));
                                 }
                             }
                             Err(e) => {
@@ -1017,28 +1197,48 @@ mod model {
                             model.get_mut(&key).expect("model").0 = now;
                         }
                     }
+                    Op::Close { pod, pport, remote, rst } => {
+                        let key = k(pod, pport, remote, true);
+                        if let Some(f) = tb.lookup_outbound_at(&key, t(now), &g) {
+                            if rst {
+                                f.on_outbound(seg(TcpSegment::RST, 1, 0, 0), 40, t(now));
+                            } else {
+                                let fin = TcpSegment::FIN | TcpSegment::ACK;
+                                f.on_outbound(seg(TcpSegment::SYN, 100, 0, 1000), 60, t(now));
+                                f.on_inbound(seg(TcpSegment::SYN | TcpSegment::ACK, 500, 101, 1000), 60, t(now));
+                                f.on_outbound(seg(TcpSegment::ACK, 101, 501, 1000), 40, t(now));
+                                f.on_outbound(seg(fin, 101, 501, 1000), 40, t(now));
+                                f.on_inbound(seg(fin, 501, 102, 1000), 40, t(now));
+                            }
+                            prop_assert!(matches!(f.tcp_state(), TcpState::Closed | TcpState::TimeWait));
+                            let m = model.get_mut(&key).expect("model");
+                            *m = (now, m.1, true);
+                        }
+                    }
                     Op::Advance(s) => now += s,
                     Op::Expire(budget) => {
                         tb.expire(t(now), budget);
                     }
                 }
                 drop(g);
-                model.retain(|k, (last, _)| now - *last <= timeout(k));
+                model.retain(|k, (last, _, _)| now - *last <= timeout(k));
                 // every model flow is visible by both keys with its port; nothing else is visible
                 let g = tb.pin();
                 let mut visible = 0;
                 let mut owners: HashMap<(Proto, u16), (IpAddr, u16)> = HashMap::new();
+                let mut replies = HashSet::new();
                 tb.for_each(&g, |f| {
                     if !f.is_expired(t(now)) {
                         visible += 1;
                         let o = f.orig();
                         let owner = owners.entry((o.proto, f.external_port())).or_insert((o.src, o.src_port));
                         assert_eq!(*owner, (o.src, o.src_port), "port shared by two endpoints");
+                        assert!(replies.insert(f.reply_key()), "two live flows on {:?}", f.reply_key());
                     }
                 });
                 prop_assert_eq!(visible, model.len());
                 let mut eim: HashMap<(IpAddr, u16, Proto), u16> = HashMap::new();
-                for (key, (_, port)) in &model {
+                for (key, (_, port, _)) in &model {
                     let f = tb.lookup_outbound_at(key, t(now), &g).expect("by orig");
                     prop_assert_eq!(f.external_port(), *port);
                     let back = tb.lookup_inbound_at(&f.reply_key(), t(now), &g).expect("by reply");

@@ -107,12 +107,12 @@ pub(super) fn gateway(r: &mut Reader<'_>, root: &Node) -> Option<GatewayConfig> 
     let top = r.mapping(&root, ROOT_KEYS)?;
     let tunnel = top.require(r, "tunnel").and_then(|v| tunnel(r, &v));
     let uplinks = top.require(r, "uplinks").and_then(|v| uplinks(r, &v));
-    let conntrack = top
-        .get("conntrack")
-        .map_or(Some(Default::default()), |v| conntrack(r, &v));
     let ports = top
         .get("ports")
         .map_or(Some(PortRange::default()), |v| ports(r, &v));
+    let conntrack = top
+        .get("conntrack")
+        .map_or(Some(Default::default()), |v| conntrack(r, &v, ports));
     let health = listen(r, top.get("health"), DEFAULT_HEALTH);
     let metrics = listen(r, top.get("metrics"), DEFAULT_METRICS);
     let admin = listen(r, top.get("admin"), DEFAULT_ADMIN);
@@ -571,7 +571,12 @@ fn routes(
     ok.then(|| strip(routes))
 }
 
-fn conntrack(r: &mut Reader<'_>, v: &Value<'_>) -> Option<conntrack::Config> {
+/// The `conntrack` section; `ports` (when valid) bounds an explicit `max_per_source`.
+fn conntrack(
+    r: &mut Reader<'_>,
+    v: &Value<'_>,
+    ports: Option<PortRange>,
+) -> Option<conntrack::Config> {
     let c = r.mapping(v, CONNTRACK_KEYS)?;
     let defaults = conntrack::Config::default();
     let max_entries = c
@@ -589,6 +594,22 @@ fn conntrack(r: &mut Reader<'_>, v: &Value<'_>) -> Option<conntrack::Config> {
         .map_or(Some(defaults.max_per_source), |v| {
             r.integer(v, 1..=MAX_ENTRIES, "")
         });
+    if let (Some(v), Some(per), Some(range)) = (&max_per_source, per_source, ports) {
+        if per > range.len() {
+            r.error(
+                v.line(),
+                format!(
+                    "conntrack.max_per_source ({per}) is larger than the {} ports of one egress IP \
+                     (ports {}..={}), so one pod could take every port of an egress IP; lower \
+                     max_per_source (default {}, a quarter of the default range)",
+                    range.len(),
+                    range.min,
+                    range.max,
+                    conntrack::DEFAULT_MAX_PER_SOURCE
+                ),
+            );
+        }
+    }
     if let (Some(max), Some(per)) = (max_entries, per_source) {
         if per > max {
             let line = max_per_source.as_ref().map_or(c.line(), Value::line);

@@ -7,6 +7,7 @@
 //! `cargo test -p tests --release --test gateway_e2e` runs them all.
 
 mod common;
+mod fairness;
 mod flowlog;
 mod forwarding;
 mod hardening;
