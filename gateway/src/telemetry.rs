@@ -92,6 +92,11 @@ pub(crate) const METRICS: &[(&str, &str, &str)] = &[
         "New flows refused, by reason (full, source_quota, ports_exhausted, no_pool).",
     ),
     (
+        "egress_gateway_port_takeovers_total",
+        "counter",
+        "New TCP connections that took over the port of a finished connection to the same remote endpoint (pool exhausted; see docs/nat.md).",
+    ),
+    (
         "egress_gateway_ports_in_use",
         "gauge",
         "External ports in use, by egress IP and protocol.",
@@ -253,6 +258,7 @@ impl Telemetry {
         ] {
             counter!("egress_gateway_conntrack_refused_total", "reason" => reason).absolute(v);
         }
+        counter!("egress_gateway_port_takeovers_total").absolute(table.port_takeovers());
         for p in table.pools().usage() {
             let labels = [
                 ("egress_ip", p.ip.to_string()),
