@@ -21,7 +21,7 @@
 #                     vfs store in a temporary directory, removed at exit, so that the machine's storage
 #                     configuration is neither needed nor changed
 #
-# Root is needed (podman storage, setpriv to uid 65532); without root the script says SKIPPED and exits 0.
+# Root is needed (podman storage, setpriv to uid 65532); without root the script says SKIPPED and exits 77.
 # Installs podman from apt if it is missing.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -44,9 +44,11 @@ while [[ $# -gt 0 ]]; do
   esac
 done
 
+# shellcheck source=scripts/skip.sh
+source "$(dirname "$0")/skip.sh"
 if [[ $(id -u) -ne 0 ]]; then
-  echo "SKIPPED: image build and check (needs root: podman storage and setpriv to uid 65532)"
-  exit 0
+  skipped "image" "build and check need root (podman storage and setpriv to uid 65532)"
+  exit "$SKIP_STATUS"
 fi
 
 start=$SECONDS

@@ -1,14 +1,17 @@
 #!/usr/bin/env bash
 # Network-namespace tests (tests/: the harness, the kernel gateway path, the userspace gateway once
 # `egress-gateway run` exists) and a quick pass of the end-to-end benchmark. Called by scripts/test.sh.
-# Needs root (CAP_NET_ADMIN); without it every namespace test prints SKIPPED, unless EGRESS_REQUIRE_NETNS=1.
+# Needs root (CAP_NET_ADMIN); without it every namespace test prints SKIPPED (unless EGRESS_REQUIRE_NETNS=1,
+# which makes them fail), the rest of this script does not run, and it exits 77 (skipped), not 0.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+# shellcheck source=scripts/skip.sh
+source scripts/skip.sh
 
 if [[ $(id -u) -ne 0 && "${EGRESS_REQUIRE_NETNS:-0}" != 1 ]]; then
-  echo "SKIPPED: network-namespace tests need root (CAP_NET_ADMIN); each test says so:"
   cargo test --release --locked -p tests -- --show-output
-  exit 0
+  skipped "netns" "not root: the namespace tests said SKIPPED (above); demo-netns and e2e --quick did not run"
+  exit "$SKIP_STATUS"
 fi
 # As root, a namespace test that cannot run is a failure, not a skip.
 export EGRESS_REQUIRE_NETNS=1

@@ -391,7 +391,7 @@ mod tests {
 
     use super::*;
 
-    /// The example from the issue, with every section.
+    /// A configuration with every section.
     const EXAMPLE: &str = "\
 tunnel:
   listen: 172.18.0.3:4790

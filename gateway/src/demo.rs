@@ -258,7 +258,7 @@ pub(crate) fn run(verbose: bool) -> Result<(), String> {
     let mut failures = Vec::new();
     let mut buf = vec![0u8; 2048];
 
-    println!("egress gateway demo — the pipeline of forwarder-core, in-process (no namespaces yet: see issue #3)");
+    println!("egress gateway demo — the pipeline of forwarder-core, in-process (the namespace version, as root: cargo run -p tests --bin demo-netns)");
     println!("gateway tunnel address {GATEWAY} (inner MAC a2:2a:ac:12:00:03), VXLAN VNI {VNI}, port 4790");
     println!("uplink dmz: egress 203.0.113.10 via 203.0.113.1, routes 0.0.0.0/0");
     println!("uplink internal: egress 10.50.0.10 on-link, routes 10.50.0.0/16\n");

@@ -1,4 +1,4 @@
-//! The container image's binary, run as the image runs it (issue #5): from the image's exported filesystem
+//! The container image's binary, run as the image runs it (docs/deploy.md): from the image's exported filesystem
 //! (`scripts/image.sh --export-dir DIR`), as its non-root user 65532 with only CAP_NET_ADMIN and
 //! CAP_NET_RAW, as the gateway of the standard topology — and traffic passes.
 //!

@@ -414,7 +414,7 @@ mod tests {
         .map_err(|e| e.to_string())
     }
 
-    const ISSUE_EXAMPLE: &str = "node_name: node-a
+    const FULL_EXAMPLE: &str = "node_name: node-a
 underlay_ip: 172.18.0.2
 vxlan: { device: egress.calico, vni: 4097, port: 4790, mtu: 1450 }
 rule_priority: 100
@@ -425,7 +425,7 @@ health: { port: 8080, path: /readiness, interval: 200ms, failures: 2 }
 
     #[test]
     fn the_documented_example_parses() {
-        let c = parse(ISSUE_EXAMPLE).unwrap();
+        let c = parse(FULL_EXAMPLE).unwrap();
         assert_eq!(c.node_name, "node-a");
         assert_eq!(c.underlay_ip, Ipv4Addr::new(172, 18, 0, 2));
         assert_eq!(c.vxlan, VxlanSettings::default());
@@ -525,7 +525,7 @@ health: { port: 8080, path: /readiness, interval: 200ms, failures: 2 }
         let c = NodeConfig::parse("inputs: [a]\n", Path::new("n.yaml"), &overrides).unwrap();
         assert_eq!(c.node_name, "node-b");
         assert_eq!(c.underlay_ip, Ipv4Addr::new(172, 18, 0, 12));
-        let c = NodeConfig::parse(ISSUE_EXAMPLE, Path::new("n.yaml"), &overrides).unwrap();
+        let c = NodeConfig::parse(FULL_EXAMPLE, Path::new("n.yaml"), &overrides).unwrap();
         assert_eq!(c.node_name, "node-b");
         let e = NodeConfig::parse("inputs: [a]\n", Path::new("n.yaml"), &Overrides::default())
             .unwrap_err()

@@ -1,5 +1,5 @@
-//! The NAT translation log and `egress-gateway flows` (issue #5): what a security team does with a firewall
-//! log line — an egress IP and port — is map it back to a pod, live and afterwards.
+//! The NAT translation log and `egress-gateway flows` (docs/running.md, "Who was that?"): what a security team
+//! does with a firewall log line — an egress IP and port — is map it back to a pod, live and afterwards.
 
 use std::net::{IpAddr, SocketAddr};
 use std::time::Duration;
