@@ -133,9 +133,7 @@ plan_benches() { :; }
 plan_fmt() { :; }
 plan_clippy() { :; }
 plan_demo() { :; }
-plan_demo() { cargo run -q --release --locked -p gateway -- demo >/dev/null; }
-
-image() { :; }
+plan_image() { :; }
 plan_netns() { :; }
 
 # --- the stages ----------------------------------------------------------------------------------------------------
