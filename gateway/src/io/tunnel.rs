@@ -155,17 +155,18 @@ mod tests {
 
     #[test]
     fn two_workers_share_a_port_and_exchange_a_batch() {
-        use super::super::mmsg::{RecvBatch, SendBatch, SlotLayout};
+        use super::super::mmsg::{RecvBatch, SendBatch, Sending, SlotLayout};
         let a = TunnelSocket::open(SocketAddrV4::new(Ipv4Addr::LOCALHOST, 0), 1 << 20).unwrap();
         let local = a.socket.local_addr().unwrap().as_socket_ipv4().unwrap();
         let b = TunnelSocket::open(local, 1 << 20).unwrap();
         drop(b);
         let mut tx = SendBatch::new(4, empty_sockaddr_in());
         let msgs: [&[u8]; 3] = [b"one", b"two", b"three"];
+        let s = Sending::begin();
         for m in msgs {
-            tx.push(sockaddr_in(*local.ip(), local.port()), m);
+            assert!(tx.push(&s, sockaddr_in(*local.ip(), local.port()), m));
         }
-        let f = tx.flush(a.as_fd());
+        let f = tx.flush(&s, a.as_fd());
         assert_eq!((f.sent, f.failed), (3, 0));
         let layout = SlotLayout {
             slot: 64,
