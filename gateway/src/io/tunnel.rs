@@ -94,7 +94,9 @@ impl TunnelSocket {
         msg.msg_control = control.as_mut_ptr().cast();
         // SAFETY: CMSG_SPACE only computes a size.
         msg.msg_controllen = unsafe { libc::CMSG_SPACE(2) } as usize;
-        // SAFETY: msg_control points at `control`, large enough for CMSG_SPACE(2) (32 bytes).
+        // SAFETY: msg_control points at `control`: 32 bytes, 8-aligned (u64s) as a cmsghdr needs, and
+        // msg_controllen = CMSG_SPACE(2) = 24 ≤ 32, so CMSG_FIRSTHDR returns `control` itself (non-null) and
+        // the header plus the u16 written at CMSG_DATA stay inside it (the data is written unaligned).
         unsafe {
             let c = libc::CMSG_FIRSTHDR(&raw const msg);
             (*c).cmsg_level = libc::SOL_UDP;
@@ -102,7 +104,8 @@ impl TunnelSocket {
             (*c).cmsg_len = libc::CMSG_LEN(2) as usize;
             std::ptr::write_unaligned(libc::CMSG_DATA(c).cast::<u16>(), segment);
         }
-        // SAFETY: msg describes live buffers for the duration of the call.
+        // SAFETY: msg points at `to`, `iov` (its first msg_iovlen ≤ 64 entries set from `parts`, borrowed for
+        // the call) and `control`, all alive until sendmsg returns; the kernel only reads them.
         let r = unsafe { libc::sendmsg(self.socket.as_raw_fd(), &raw const msg, 0) };
         if r < 0 {
             Err(io::Error::last_os_error())
