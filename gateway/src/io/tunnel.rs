@@ -84,7 +84,7 @@ impl TunnelSocket {
         }
         // Room for one cmsghdr carrying a u16, aligned.
         let mut control = [0u64; 4];
-        // SAFETY: msghdr is plain old data; every pointer set below outlives the call.
+        // SAFETY: msghdr is integers and raw pointers: all-zero is a valid value (null pointers, zero lengths).
         let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
         msg.msg_name = std::ptr::from_ref(to).cast_mut().cast();
         msg.msg_namelen =
@@ -123,7 +123,7 @@ impl AsFd for TunnelSocket {
 
 /// A zeroed IPv4 socket address for receive batches.
 pub(crate) fn empty_sockaddr_in() -> libc::sockaddr_in {
-    // SAFETY: sockaddr_in is plain old data.
+    // SAFETY: sockaddr_in is integers and a byte array: all-zero is a valid value.
     unsafe { std::mem::zeroed() }
 }
 
