@@ -7,8 +7,8 @@
 #   ./scripts/miri.sh loom     loom only
 #   PROPTEST_CASES=N           property-test cases per property under Miri (default 8; natively 256)
 #   MIRI_FILTER=conntrack      run only the unit tests whose name contains this (default: all of them; the
-#                              full run takes over an hour on a loaded 2-vCPU machine, `conntrack::context`
-#                              about a minute after the build)
+#                              full run takes over an hour on a loaded 2-vCPU machine; the
+#                              `conntrack::context` tests take well under a second each)
 #
 # Miri runs with Tree Borrows (-Zmiri-tree-borrows): crossbeam-epoch, which the conntrack table uses, is
 # reported under Stacked Borrows (crossbeam-rs/crossbeam#545) and crossbeam runs its own Miri CI with Tree
