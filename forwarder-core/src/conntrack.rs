@@ -275,7 +275,10 @@ struct Inner {
     max_entries: usize,
     max_per_source: u32,
     reuse_delay: Duration,
-    ctx: u8,
+    /// The context the slots' ids name; held for its `Drop`, which releases it when the arena goes (see
+    /// `context.rs`).
+    #[allow(dead_code)]
+    ctx: context::Registration,
     pools: PortPools,
     pool_addrs: Box<[Addr]>,
     hash_key: key::HashKey,
@@ -310,7 +313,6 @@ impl Table {
     pub fn with_hash_seed(config: Config, pools: PortPools, seed: u64) -> Table {
         let max = (config.max_entries as usize).clamp(1, (MARK as usize - 1) * 31 / 32);
         let slack = 64 + max / 1024;
-        let slots: Box<[Flow]> = (0..max + slack).map(|_| Flow::empty()).collect();
         let pool_ips: Box<[IpAddr]> = (0..pools.len())
             .map(|i| pools.ip(PoolId::try_from(i).unwrap_or(PoolId::MAX)))
             .collect();
@@ -323,6 +325,7 @@ impl Table {
             tcp_trans_ms: ms(t.tcp_transitory),
             icmp_ms: ms(t.icmp),
         });
+        let slots: Box<[Flow]> = (0..max + slack).map(|_| Flow::empty(ctx.id())).collect();
         Table {
             inner: Arc::new(Inner {
                 slots,
@@ -526,13 +529,6 @@ impl Table {
         let i = &*self.inner;
         core::mem::size_of_val(&*i.slots)
             + 4 * (i.orig.len() + i.reply.len() + i.eim.len() + i.quota.len())
-    }
-}
-
-impl Drop for Table {
-    fn drop(&mut self) {
-        // No `&Flow` can outlive the table (they borrow it), so the flows' context can go.
-        context::release(self.inner.ctx);
     }
 }
 
@@ -812,7 +808,7 @@ impl Inner {
             return Err(InsertError::Full);
         };
         let f = &self.slots[idx as usize];
-        f.init(&k, pool, new.node, new.uplink, self.ctx, now);
+        f.init(&k, pool, new.node, new.uplink, now);
         // (3) endpoint-independent mapping
         if let Err(e) = self.attach_mapping(idx, f, port, now, rng) {
             self.quota_release(&k.src);
@@ -1276,7 +1272,7 @@ impl Inner {
 
     fn push_free(&self, idx: u32) {
         let f = &self.slots[idx as usize];
-        f.ctl.store(flow::PHASE_FREE, Ordering::Relaxed);
+        f.reset_free();
         let mut head = self.free.load(Ordering::Acquire);
         loop {
             #[allow(clippy::cast_possible_truncation)] // low half is the link

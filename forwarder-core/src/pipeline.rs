@@ -493,11 +493,15 @@ impl Worker {
     /// [`outbound`](Self::outbound) for a batch: the flow lookups of up to [`BATCH`] datagrams overlap
     /// their cache misses. `emit(i, action)` is called for every datagram, in order. The result is the
     /// same as calling `outbound` for each in turn.
-    pub fn outbound_batch(
+    ///
+    /// A frame that leaves (`Forward`, `ToTunnel`) is handed to `emit` with the buffer's own lifetime `'b`,
+    /// moved out of its packet (whose `buf` is empty afterwards), so that the caller can queue it for a
+    /// batched send that outlives this call. Other packets keep their buffer.
+    pub fn outbound_batch<'b>(
         &mut self,
-        batch: &mut [TunnelPacket<'_>],
+        batch: &mut [TunnelPacket<'b>],
         now: crate::Instant,
-        mut emit: impl FnMut(usize, Action<'_>),
+        mut emit: impl FnMut(usize, Action<'b>),
     ) {
         let gw = &*self.gateway;
         let st = &mut self.state;
@@ -535,18 +539,19 @@ impl Worker {
                     }
                     Err(r) => Err(r),
                 };
-                emit(c * BATCH + i, finish(st, p.buf, v));
+                emit(c * BATCH + i, finish_moving(st, &mut p.buf, v));
             }
         }
     }
 
-    /// [`inbound`](Self::inbound) for a batch, like [`outbound_batch`](Self::outbound_batch).
-    pub fn inbound_batch(
+    /// [`inbound`](Self::inbound) for a batch, like [`outbound_batch`](Self::outbound_batch) (frames that
+    /// leave are moved out of their packets; ARP/NDP frames, `Action::Neighbour`, stay for the caller).
+    pub fn inbound_batch<'b>(
         &mut self,
         uplink: UplinkId,
-        batch: &mut [UplinkPacket<'_>],
+        batch: &mut [UplinkPacket<'b>],
         now: crate::Instant,
-        mut emit: impl FnMut(usize, Action<'_>),
+        mut emit: impl FnMut(usize, Action<'b>),
     ) {
         let gw = &*self.gateway;
         let st = &mut self.state;
@@ -577,7 +582,7 @@ impl Worker {
                     }
                     Err(r) => Err(r),
                 };
-                emit(c * BATCH + i, finish(st, p.buf, v));
+                emit(c * BATCH + i, finish_moving(st, &mut p.buf, v));
             }
         }
     }
@@ -614,6 +619,21 @@ fn missed_earlier(
     i: usize,
 ) -> bool {
     (0..i).any(|j| keys[j] == keys[i] && found[j].is_none())
+}
+
+/// [`finish`] for a packet of a batch: a frame that leaves is moved out of `buf` (left empty) with the buffer's
+/// whole lifetime; any other verdict leaves `buf` in place.
+fn finish_moving<'b>(
+    st: &mut WorkerState,
+    buf: &mut &'b mut [u8],
+    v: Result<Verdict, Reason>,
+) -> Action<'b> {
+    match v {
+        Ok(Verdict::Forward { .. } | Verdict::Tunnel { .. } | Verdict::TunnelSegments { .. }) => {
+            finish(st, core::mem::take(buf), v)
+        }
+        Ok(Verdict::Neighbour) | Err(_) => finish(st, &mut [], v),
+    }
 }
 
 fn finish<'a>(st: &mut WorkerState, buf: &'a mut [u8], v: Result<Verdict, Reason>) -> Action<'a> {

@@ -25,8 +25,12 @@
 
 use core::net::IpAddr;
 use core::time::Duration;
+#[cfg(loom)]
+use loom::sync::atomic::AtomicU16;
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU16, AtomicU32, Ordering};
+#[cfg(not(loom))]
+use std::sync::atomic::AtomicU16;
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::OnceLock;
 
 use crate::flow::Proto;
@@ -251,13 +255,7 @@ impl PortPools {
                 off = o;
             }
             for _ in 0..run_len {
-                let cell = &ports[off as usize];
-                let v = cell.load(Ordering::Relaxed);
-                if available(v, now_s, delay_s)
-                    && cell
-                        .compare_exchange(v, OWNED, Ordering::AcqRel, Ordering::Relaxed)
-                        .is_ok()
-                {
+                if take(&ports[off as usize], now_s, delay_s) {
                     lane.in_use.fetch_add(1, Ordering::Relaxed);
                     #[allow(clippy::cast_possible_truncation)]
                     // off < n ≤ 65536 and min + off ≤ max
@@ -297,10 +295,7 @@ impl PortPools {
         else {
             return;
         };
-        if cell
-            .compare_exchange(OWNED, to, Ordering::AcqRel, Ordering::Relaxed)
-            .is_ok()
-        {
+        if give(cell, to) {
             lane.in_use.fetch_sub(1, Ordering::Relaxed);
         } else {
             debug_assert!(false, "released a port that was not owned");
@@ -344,6 +339,23 @@ fn lane_index(ip: IpAddr, proto: Proto) -> Option<usize> {
         (Proto::Icmp, true) | (Proto::Icmpv6, false) => Some(2),
         _ => None,
     }
+}
+
+/// Takes the port of `cell` if it is available: the compare-and-swap to *owned* is the linearization point
+/// of an allocation (at most one caller wins a state; modelled by `tests::loom_*`).
+#[inline]
+fn take(cell: &AtomicU16, now_s: u64, delay_s: u64) -> bool {
+    let v = cell.load(Ordering::Relaxed);
+    available(v, now_s, delay_s)
+        && cell
+            .compare_exchange(v, OWNED, Ordering::AcqRel, Ordering::Relaxed)
+            .is_ok()
+}
+
+/// Releases an owned port to state `to` (a release stamp or *free*); false when it was not owned.
+fn give(cell: &AtomicU16, to: u16) -> bool {
+    cell.compare_exchange(OWNED, to, Ordering::AcqRel, Ordering::Relaxed)
+        .is_ok()
 }
 
 fn available(v: u16, now_s: u64, delay_s: u64) -> bool {
@@ -612,5 +624,72 @@ mod tests {
             buckets.iter().all(|&c| (800..1200).contains(&c)),
             "{buckets:?}"
         );
+    }
+}
+
+#[cfg(all(test, loom))]
+mod loom_tests {
+    use super::*;
+    use loom::sync::Arc;
+
+    /// Two allocators race for one free port: exactly one owns it.
+    #[test]
+    fn loom_one_owner_per_port() {
+        loom::model(|| {
+            let cell = Arc::new(AtomicU16::new(FREE));
+            let hs: Vec<_> = (0..2)
+                .map(|_| {
+                    let cell = Arc::clone(&cell);
+                    loom::thread::spawn(move || take(&cell, 0, 0))
+                })
+                .collect();
+            let won = hs.into_iter().map(|h| h.join().expect("join"));
+            assert_eq!(won.filter(|&w| w).count(), 1);
+            assert_eq!(cell.load(Ordering::Relaxed), OWNED);
+        });
+    }
+
+    /// A release races an allocation of the same port: the allocator gets it only after the reuse delay
+    /// (here: never, at the same second), an unused give-back makes it free at once, and a second give-back
+    /// of a port no longer owned changes nothing.
+    #[test]
+    fn loom_release_races_allocation() {
+        loom::model(|| {
+            let cell = Arc::new(AtomicU16::new(OWNED));
+            let c2 = Arc::clone(&cell);
+            let releaser = loom::thread::spawn(move || (give(&c2, 1), give(&c2, FREE)));
+            let c3 = Arc::clone(&cell);
+            let taker = loom::thread::spawn(move || take(&c3, 0, 120));
+            let (first, second) = releaser.join().expect("join");
+            let took = taker.join().expect("join");
+            assert!(first, "the owner's release succeeds");
+            assert!(!second, "the port was no longer owned");
+            assert!(!took, "a port released now is cooling for 120 s");
+            assert_eq!(cell.load(Ordering::Relaxed), 1);
+        });
+    }
+
+    /// A mapping that lost its race gives its port back unused (free at once) while another thread tries to
+    /// allocate it: the allocator wins only after the give-back, and then it is the only owner.
+    #[test]
+    fn loom_unused_give_back_then_reallocation() {
+        loom::model(|| {
+            let cell = Arc::new(AtomicU16::new(OWNED));
+            let c2 = Arc::clone(&cell);
+            let loser = loom::thread::spawn(move || give(&c2, FREE));
+            let c3 = Arc::clone(&cell);
+            let taker = loom::thread::spawn(move || take(&c3, 0, 120));
+            assert!(loser.join().expect("join"));
+            let took = taker.join().expect("join");
+            let end = cell.load(Ordering::Relaxed);
+            assert_eq!(
+                end == OWNED,
+                took,
+                "owned at the end exactly when the allocator won"
+            );
+            if !took {
+                assert_eq!(end, FREE);
+            }
+        });
     }
 }

@@ -33,7 +33,9 @@ pub(crate) fn raise_permitted() -> std::io::Result<u64> {
         pid: 0,
     };
     let mut data = [Data::default(); 2];
-    // SAFETY: capget with a version-3 header writes two `Data` structs, which `data` holds.
+    // SAFETY: capget with a version-3 header writes two `Data` structs (repr(C), the kernel's
+    // `__user_cap_data_struct`: three u32, any bit pattern valid), which `data` holds; both pointers are live
+    // mutable locals.
     let r = unsafe { libc::syscall(libc::SYS_capget, &mut header, data.as_mut_ptr()) };
     if r != 0 {
         return Err(std::io::Error::last_os_error());
@@ -43,8 +45,9 @@ pub(crate) fn raise_permitted() -> std::io::Result<u64> {
         d.effective |= d.permitted;
     }
     if before[0].effective != data[0].effective || before[1].effective != data[1].effective {
-        // SAFETY: capset reads the header and two `Data` structs; raising effective capabilities within
-        // the permitted set is always allowed.
+        // SAFETY: capset reads the version-3 header and two `Data` structs (repr(C), the kernel's
+        // `__user_cap_data_struct`) through the pointers passed, both live locals; it writes nothing but the
+        // header's version field on a version mismatch, which `header` (a mutable local) allows.
         let r = unsafe { libc::syscall(libc::SYS_capset, &mut header, data.as_ptr()) };
         if r != 0 {
             return Err(std::io::Error::last_os_error());

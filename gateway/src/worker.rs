@@ -26,7 +26,7 @@ use forwarder_core::wire::ethernet::{self, MacAddr};
 use mio::unix::SourceFd;
 use mio::{Events, Interest, Poll, Token};
 
-use crate::io::mmsg::{RecvBatch, SendBatch, SlotLayout};
+use crate::io::mmsg::{RecvBatch, SendBatch, Sending, SlotLayout};
 use crate::io::packet::{self, GsoTxSocket, Interface, RxSocket, TxSocket, VNET_HDR_LEN};
 use crate::io::tunnel::{self, TunnelSocket};
 use crate::io::IoDrop;
@@ -438,6 +438,7 @@ impl Worker {
             shared,
             port,
             scratch,
+            sending: Sending::begin(),
         };
         pipeline.outbound_batch(&mut batch[..n], now, |_, action| out.act(action));
         out.flush();
@@ -489,10 +490,10 @@ impl Worker {
             shared,
             port: shared.tunnel_listen.port(),
             scratch,
+            sending: Sending::begin(),
         };
         // Translated segments bound for one uplink and next hop are collected and sent back as one
         // super-packet (see `send_coalesced`); anything else goes its usual way.
-        let base = segments.as_ptr() as usize;
         let mut held = Held::default();
         let dgram = &tun_rx.slab_mut()[start..start + len];
         let r = pipeline.outbound_segmented(
@@ -508,7 +509,7 @@ impl Worker {
                     uplink,
                     next_hop,
                     frame,
-                } => held.hold(Target::Uplink(uplink, next_hop), base, frame),
+                } => held.hold(Target::Uplink(uplink, next_hop), frame),
                 other => out.act(other),
             },
         );
@@ -517,8 +518,8 @@ impl Worker {
             return;
         }
         *gso_segmented += 1;
-        let frames = held.frames(segments);
-        if let Target::Uplink(uplink, next_hop) = held.target {
+        let (target, frames) = held.into_frames();
+        if let Target::Uplink(uplink, next_hop) = target {
             let sent = send_coalesced(&mut out, uplink, next_hop, &frames, coalesce_buf);
             if !sent {
                 for f in frames {
@@ -626,6 +627,7 @@ impl Worker {
                     shared,
                     port: shared.tunnel_listen.port(),
                     scratch,
+                    sending: Sending::begin(),
                 },
                 before,
                 after,
@@ -685,6 +687,7 @@ impl Worker {
                 shared,
                 port: shared.tunnel_listen.port(),
                 scratch,
+                sending: Sending::begin(),
             },
             before,
             after,
@@ -695,7 +698,6 @@ impl Worker {
             uplink,
             neighbour_frames: [false; BATCH],
         };
-        let base = segments.as_ptr() as usize;
         let mut held = Held::default();
         let r = pipeline.inbound_segmented(
             uplink,
@@ -710,7 +712,7 @@ impl Worker {
                     node,
                     datagram,
                     segment: None,
-                } => held.hold(Target::Node(node), base, datagram),
+                } => held.hold(Target::Node(node), datagram),
                 other => out.act(i, other),
             },
         );
@@ -719,9 +721,9 @@ impl Worker {
             return;
         }
         *gso_segmented += 1;
-        let frames = held.frames(segments);
-        if let Target::Node(node) = held.target {
-            send_tunnel_segments(&mut out.out, node, &frames);
+        let (target, frames) = held.into_frames();
+        if let Target::Node(node) = target {
+            send_tunnel_segments(&mut out.out, node, frames);
         }
         out.flush();
     }
@@ -770,8 +772,8 @@ fn write_macs(frame: &mut [u8], dst: MacAddr, src: MacAddr) {
     }
 }
 
-/// Where the actions of one batch go.
-struct Out<'w> {
+/// Where the actions of one batch go; frames live for `'b` (the borrow of the receive or segment buffer).
+struct Out<'w, 'b> {
     tun_tx: &'w mut SendBatch<libc::sockaddr_in>,
     tunnel: &'w TunnelSocket,
     ports: &'w mut [Port],
@@ -781,10 +783,12 @@ struct Out<'w> {
     shared: &'w Shared,
     port: u16,
     scratch: &'w mut [u8; neighbour::MAX_FRAME],
+    /// The session the batches are filled in; everything is flushed before the frames' borrow ends.
+    sending: Sending<'b>,
 }
 
-impl Out<'_> {
-    fn act(&mut self, action: Action<'_>) {
+impl<'b> Out<'_, 'b> {
+    fn act(&mut self, action: Action<'b>) {
         match action {
             Action::Forward {
                 uplink,
@@ -801,6 +805,7 @@ impl Out<'_> {
                     frame,
                     &port.tx,
                     &mut port.tx_batch,
+                    &self.sending,
                     port.to,
                     port.mac,
                     self.neighbours,
@@ -819,20 +824,20 @@ impl Out<'_> {
         }
     }
 
-    fn send_to_tunnel(&mut self, node: Ipv4Addr, datagram: &[u8], segment: Option<usize>) {
+    fn send_to_tunnel(&mut self, node: Ipv4Addr, datagram: &'b [u8], segment: Option<usize>) {
         let to = tunnel::sockaddr_in(node, self.port);
         let seg = segment.unwrap_or(datagram.len()).max(1);
         for d in datagram.chunks(seg) {
-            if self.tun_tx.is_full() {
+            if self.tun_tx.is_full(&self.sending) {
                 self.flush_tunnel();
             }
-            self.tun_tx.push(to, d);
+            self.tun_tx.push(&self.sending, to, d);
         }
     }
 
     fn flush_tunnel(&mut self) {
-        if self.tun_tx.len() > 0 {
-            let f = self.tun_tx.flush(self.tunnel.as_fd());
+        if self.tun_tx.len(&self.sending) > 0 {
+            let f = self.tun_tx.flush(&self.sending, self.tunnel.as_fd());
             self.io_drops[IoDrop::TunnelSendFailed.index()] += u64::try_from(f.failed).unwrap_or(0);
         }
     }
@@ -840,7 +845,7 @@ impl Out<'_> {
     fn flush(&mut self) {
         self.flush_tunnel();
         for p in self.ports.iter_mut() {
-            flush_port(&p.tx, &mut p.tx_batch, self.io_drops);
+            flush_port(&p.tx, &mut p.tx_batch, &self.sending, self.io_drops);
         }
     }
 }
@@ -848,22 +853,24 @@ impl Out<'_> {
 fn flush_port(
     tx: &TxSocket,
     batch: &mut SendBatch<libc::sockaddr_ll>,
+    sending: &Sending<'_>,
     io_drops: &mut [u64; IoDrop::COUNT],
 ) {
-    if batch.len() > 0 {
-        let f = batch.flush(tx.as_fd());
+    if batch.len(sending) > 0 {
+        let f = batch.flush(sending, tx.as_fd());
         io_drops[IoDrop::UplinkSendFailed.index()] += u64::try_from(f.failed).unwrap_or(0);
     }
 }
 
 /// Sends (queues) a translated frame on an uplink, or parks it while its next hop is resolved.
 #[allow(clippy::too_many_arguments)] // the pieces of a worker one forward touches
-fn forward(
+fn forward<'b>(
     uplink: UplinkId,
     next_hop: IpAddr,
-    frame: &mut [u8],
+    frame: &'b mut [u8],
     tx: &TxSocket,
     batch: &mut SendBatch<libc::sockaddr_ll>,
+    sending: &Sending<'b>,
     to: libc::sockaddr_ll,
     our_mac: MacAddr,
     neighbours: &mut LocalNeighbours,
@@ -874,10 +881,11 @@ fn forward(
 ) {
     if let Some(mac) = neighbours.get(uplink, next_hop) {
         write_macs(frame, mac, our_mac);
-        if batch.is_full() {
-            flush_port(tx, batch, io_drops);
+        if batch.is_full(sending) {
+            flush_port(tx, batch, sending, io_drops);
         }
-        batch.push(to, frame);
+        let queued = batch.push(sending, to, frame);
+        debug_assert!(queued, "flushed just above when full");
         return;
     }
     // Slow path: park the frame and ask.
@@ -906,8 +914,8 @@ fn forward(
 
 /// Where the actions of an uplink's batch go: as [`Out`], with the receiving uplink's own port split off
 /// (its receive buffers are borrowed by the batch), and neighbour frames handled.
-struct UplinkOut<'w> {
-    out: Out<'w>,
+struct UplinkOut<'w, 'b> {
+    out: Out<'w, 'b>,
     before: &'w mut [Port],
     after: &'w mut [Port],
     this_tx: &'w TxSocket,
@@ -918,8 +926,8 @@ struct UplinkOut<'w> {
     neighbour_frames: [bool; BATCH],
 }
 
-impl UplinkOut<'_> {
-    fn act(&mut self, i: usize, action: Action<'_>) {
+impl<'b> UplinkOut<'_, 'b> {
+    fn act(&mut self, i: usize, action: Action<'b>) {
         match action {
             Action::Forward {
                 uplink,
@@ -950,6 +958,7 @@ impl UplinkOut<'_> {
                     frame,
                     tx,
                     batch,
+                    &self.out.sending,
                     to,
                     mac,
                     self.out.neighbours,
@@ -1002,9 +1011,10 @@ impl UplinkOut<'_> {
 
     fn flush(&mut self) {
         self.out.flush();
-        flush_port(self.this_tx, self.this_batch, self.out.io_drops);
+        let s = &self.out.sending;
+        flush_port(self.this_tx, self.this_batch, s, self.out.io_drops);
         for p in self.before.iter_mut().chain(self.after.iter_mut()) {
-            flush_port(&p.tx, &mut p.tx_batch, self.out.io_drops);
+            flush_port(&p.tx, &mut p.tx_batch, s, self.out.io_drops);
         }
     }
 }
@@ -1020,44 +1030,33 @@ enum Target {
     Mixed,
 }
 
-/// The translated segments of one super-packet, held (as offsets into the segment buffer) so that they can
-/// leave together.
+/// The translated segments of one super-packet, held so that they can leave together.
 #[derive(Debug, Default)]
-struct Held {
+struct Held<'b> {
     target: Target,
-    at: Vec<(usize, usize)>,
+    frames: Vec<&'b mut [u8]>,
 }
 
-impl Held {
-    fn hold(&mut self, target: Target, base: usize, bytes: &mut [u8]) {
+impl<'b> Held<'b> {
+    fn hold(&mut self, target: Target, frame: &'b mut [u8]) {
         self.target = match self.target {
             Target::None => target,
             t if t == target => t,
             _ => Target::Mixed,
         };
-        self.at.push((bytes.as_ptr() as usize - base, bytes.len()));
+        self.frames.push(frame);
     }
 
-    /// The held frames, cut out of `buf` (the segment buffer they point into), in order.
-    fn frames<'b>(&self, buf: &'b mut [u8]) -> Vec<&'b mut [u8]> {
-        let mut out = Vec::with_capacity(self.at.len());
-        let mut rest = buf;
-        let mut consumed = 0;
-        for &(off, len) in &self.at {
-            let (_, tail) = std::mem::take(&mut rest).split_at_mut(off - consumed);
-            let (frame, tail) = tail.split_at_mut(len);
-            out.push(frame);
-            rest = tail;
-            consumed = off + len;
-        }
-        out
+    /// Where the held frames go, and the frames in order.
+    fn into_frames(self) -> (Target, Vec<&'b mut [u8]>) {
+        (self.target, self.frames)
     }
 }
 
 /// Joins `frames` (translated TCP segments of one flow, for `uplink` via `next_hop`) into one super-packet
 /// and sends it with a virtio-net header. False when that is not possible (the caller sends them one by one).
 fn send_coalesced(
-    out: &mut Out<'_>,
+    out: &mut Out<'_, '_>,
     uplink: UplinkId,
     next_hop: IpAddr,
     frames: &[&mut [u8]],
@@ -1082,7 +1081,7 @@ fn send_coalesced(
     let tcp_len = buf.get(l4 + 12).map_or(20, |b| usize::from(b >> 4) * 4);
     let hdr_len = u16::try_from(l4 + tcp_len).unwrap_or(0);
     // Queued single frames of this uplink go first, to keep the order.
-    flush_port(&port.tx, &mut port.tx_batch, out.io_drops);
+    flush_port(&port.tx, &mut port.tx_batch, &out.sending, out.io_drops);
     if port
         .gso_tx
         .send(&port.to, &vnet.to_bytes(hdr_len), &buf[..len])
@@ -1095,7 +1094,7 @@ fn send_coalesced(
 
 /// Sends translated datagrams for one node with UDP GSO where they have one size (all but the last), in
 /// sends of at most 64 datagrams and 65,000 bytes; otherwise one by one.
-fn send_tunnel_segments(out: &mut Out<'_>, node: Ipv4Addr, frames: &[&mut [u8]]) {
+fn send_tunnel_segments<'b>(out: &mut Out<'_, 'b>, node: Ipv4Addr, frames: Vec<&'b mut [u8]>) {
     let Some(first) = frames.first() else { return };
     let size = first.len();
     let uniform = frames

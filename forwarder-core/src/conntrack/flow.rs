@@ -146,7 +146,7 @@ pub struct FlowCounters {
 // bits 51..53 lifecycle phase
 // bits 53..56 holds: reasons the slot may not be recycled yet (flow role + index links)
 // bits 56..64 context id of the table (immutable)
-/// Phase of a slot on the free list (also the all-zero control word).
+/// Phase of a slot on the free list (a control word with only the context id set).
 pub(crate) const PHASE_FREE: u64 = 0;
 pub(crate) const PHASE_INIT: u64 = 1;
 pub(crate) const PHASE_LIVE: u64 = 2;
@@ -156,6 +156,7 @@ const PHASE_SHIFT: u32 = 51;
 const HOLDS_SHIFT: u32 = 53;
 pub(crate) const HOLD: u64 = 1 << HOLDS_SHIFT;
 const CTX_SHIFT: u32 = 56;
+const CTX_MASK: u64 = 0xFF << CTX_SHIFT;
 const TAG_SHIFT: u32 = 61;
 /// Pool ids are stored in 13 bits (at most 8191 egress IPs).
 pub(crate) const POOL_MASK: u16 = 0x1FFF;
@@ -230,7 +231,9 @@ impl EimKey {
 }
 
 impl Flow {
-    pub(crate) fn empty() -> Flow {
+    /// A free slot of the table whose context id is `ctx`. The id is written here only: every later store to
+    /// the control word keeps its top byte (see [`Flow::ctx`]).
+    pub(crate) fn empty(ctx: u8) -> Flow {
         Flow {
             next_orig: AtomicU32::new(0),
             next_reply: AtomicU32::new(0),
@@ -240,7 +243,7 @@ impl Flow {
             misc: AtomicU64::new(0),
             last_seen: AtomicU32::new(0),
             created: AtomicU32::new(0),
-            ctl: AtomicU64::new(0),
+            ctl: AtomicU64::new(PHASE_FREE | u64::from(ctx) << CTX_SHIFT),
             node_ip: AtomicU32::new(0),
             next_eim: AtomicU32::new(0),
             map_refs: AtomicU32::new(0),
@@ -258,9 +261,9 @@ impl Flow {
         pool: PoolId,
         node: NodeAddr,
         uplink: UplinkId,
-        ctx: u8,
         now: Instant,
     ) {
+        let ctx = self.ctl.load(Relaxed) & CTX_MASK;
         self.src[0].store(k.src[0], Relaxed);
         self.src[1].store(k.src[1], Relaxed);
         self.dst[0].store(k.dst[0], Relaxed);
@@ -281,10 +284,7 @@ impl Flow {
         self.last_seen.store(t, Relaxed);
         self.created.store(t, Relaxed);
         self.ctl.store(
-            S_SYN_SENT << STATE_SHIFT
-                | PHASE_INIT << PHASE_SHIFT
-                | HOLD
-                | u64::from(ctx) << CTX_SHIFT,
+            S_SYN_SENT << STATE_SHIFT | PHASE_INIT << PHASE_SHIFT | HOLD | ctx,
             Relaxed,
         );
         self.node_ip.store(u32::from(node.ip), Relaxed);
@@ -333,10 +333,26 @@ impl Flow {
         matches!(self.proto(), Proto::Icmp | Proto::Icmpv6)
     }
 
+    /// Back to the free phase (the slot is private: off every list, past its grace period). Keeps the
+    /// context id.
+    pub(crate) fn reset_free(&self) {
+        let ctx = self.ctl.load(Relaxed) & CTX_MASK;
+        self.ctl.store(PHASE_FREE | ctx, Relaxed);
+    }
+
     pub(crate) fn ctx(&self) -> &context::Context {
         #[allow(clippy::cast_possible_truncation)] // top byte
         let id = (self.ctl.load(Relaxed) >> CTX_SHIFT) as u8;
-        context::get(id)
+        // SAFETY: `get` needs the registration of `id` alive while the returned borrow of `self` lasts.
+        // (1) `id` is the id of the registration owned by the `conntrack::Inner` whose arena holds `self`:
+        //     flows are only made by `Flow::empty(ctx)` in `Table::with_hash_seed`, with that registration's
+        //     id, and every other store to `ctl` keeps the top byte (`init` and `reset_free` copy it,
+        //     `with_phase`/`with_tcp` mask below bit 51, the HOLD adds and subtracts stay inside the 3-bit
+        //     holds field: at most 4 holds). `Flow` has no public constructor and is not `Clone`, so no flow
+        //     lives outside an arena.
+        // (2) The registration is a field of that `Inner` and is dropped with it, together with the arena;
+        //     `&self` borrows the arena, so the `Inner` (and the registration) outlives the returned borrow.
+        unsafe { context::get(id) }
     }
 
     #[inline]

@@ -99,20 +99,21 @@ impl Worker {
 
     /// Cuts the TCP super-packet `dgram` (VXLAN header + inner frame, from `from`) into segments described
     /// by `h`, each behind a copy of the VXLAN header in its own `slot`-byte piece of `segments`, and
-    /// translates them in batches; `emit(k, action)` is called for segment `k`. The L4 checksums are left
+    /// translates them in batches; `emit(k, action)` is called for segment `k`, with frames that borrow
+    /// `segments` (so the caller may hold them until it sends). The L4 checksums are left
     /// as the segmentation found them: the caller joins the segments again ([`offload::coalesce`]) or
     /// completes them ([`offload::fill_checksums`]). Returns how many segments there were.
     #[allow(clippy::too_many_arguments)] // the buffers are the caller's
-    pub fn outbound_segmented(
+    pub fn outbound_segmented<'s>(
         &mut self,
         from: Ipv4Addr,
         dgram: &[u8],
         h: &VnetHdr,
-        segments: &mut [u8],
+        segments: &'s mut [u8],
         slot: usize,
         lens: &mut Vec<usize>,
         now: Instant,
-        mut emit: impl FnMut(usize, Action<'_>),
+        mut emit: impl FnMut(usize, Action<'s>),
     ) -> Result<usize, OffloadError> {
         if dgram.len() < TUNNEL_ETH || slot <= TUNNEL_ETH {
             return Err(OffloadError::MalformedGso);
@@ -139,7 +140,7 @@ impl Worker {
             .enumerate()
         {
             let mut bufs = chunk_bufs.chunks_mut(slot);
-            let mut batch: [TunnelPacket<'_>; super::BATCH] =
+            let mut batch: [TunnelPacket<'s>; super::BATCH] =
                 core::array::from_fn(|k| match chunk_lens.get(k) {
                     Some(&len) => TunnelPacket {
                         from,
@@ -163,16 +164,16 @@ impl Worker {
     /// checksums), each at [`INBOUND_HEADROOM`] in its own `slot`-byte piece of `segments`, and translates
     /// them in batches; `emit(k, action)` is called for segment `k`. Returns how many segments there were.
     #[allow(clippy::too_many_arguments)] // the buffers are the caller's
-    pub fn inbound_segmented(
+    pub fn inbound_segmented<'s>(
         &mut self,
         uplink: UplinkId,
         frame: &[u8],
         h: &VnetHdr,
-        segments: &mut [u8],
+        segments: &'s mut [u8],
         slot: usize,
         lens: &mut Vec<usize>,
         now: Instant,
-        mut emit: impl FnMut(usize, Action<'_>),
+        mut emit: impl FnMut(usize, Action<'s>),
     ) -> Result<usize, OffloadError> {
         if slot <= INBOUND_HEADROOM {
             return Err(OffloadError::MalformedGso);
@@ -193,7 +194,7 @@ impl Worker {
             .enumerate()
         {
             let mut bufs = chunk_bufs.chunks_mut(slot);
-            let mut batch: [UplinkPacket<'_>; super::BATCH] =
+            let mut batch: [UplinkPacket<'s>; super::BATCH] =
                 core::array::from_fn(|k| match chunk_lens.get(k) {
                     Some(&len) => UplinkPacket {
                         buf: bufs.next().unwrap_or(&mut []),

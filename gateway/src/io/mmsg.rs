@@ -3,10 +3,26 @@
 //! A [`RecvBatch`] owns one slab cut into equal slots; each slot receives one datagram (or frame) at a fixed
 //! offset, so the pipeline can grow headers in front of it and build ICMP errors behind it in place. The
 //! kernel structures (`mmsghdr`, `iovec`, addresses) are built once; a receive call only resets lengths.
-//! [`SendBatch`] collects (address, bytes) pairs that point into those slots and flushes them in one call.
+//! [`SendBatch`] collects (address, bytes) pairs that point into those slots and flushes them in one call;
+//! a [`Sending`] session ties them to the borrow of the slots (see `docs/unsafe.md`).
 
 use std::io;
+use std::marker::PhantomData;
 use std::os::fd::{AsRawFd, BorrowedFd};
+use std::sync::atomic::{AtomicU64, Ordering};
+
+/// An address structure the kernel fills in (`recvmmsg`) or reads (`sendmmsg`) as raw bytes.
+///
+/// # Safety
+///
+/// Every bit pattern of `size_of::<Self>()` bytes must be a valid value (plain old data: integers and byte
+/// arrays, no references, `bool`s or enums), because the kernel writes arbitrary bytes into it.
+pub(crate) unsafe trait SockAddr: Copy {}
+
+// SAFETY: `sockaddr_in` is `u16`, `u16`, `in_addr` (`u32`) and `[u8; 8]`: every bit pattern is valid.
+unsafe impl SockAddr for libc::sockaddr_in {}
+// SAFETY: `sockaddr_ll` is integers and `[u8; 8]`: every bit pattern is valid.
+unsafe impl SockAddr for libc::sockaddr_ll {}
 
 /// One slot's layout: `prefix` bytes received into a separate per-slot area (the virtio-net header on
 /// packet sockets), then the payload at `headroom` within the slot, at most `max_len` bytes, with the rest of
@@ -29,7 +45,7 @@ pub(crate) struct Received {
 }
 
 /// Preallocated buffers and kernel structures for `recvmmsg`.
-pub(crate) struct RecvBatch<A: Copy> {
+pub(crate) struct RecvBatch<A: SockAddr> {
     layout: SlotLayout,
     slab: Vec<u8>,
     prefix: Vec<u8>,
@@ -39,7 +55,7 @@ pub(crate) struct RecvBatch<A: Copy> {
     received: Vec<Received>,
 }
 
-impl<A: Copy> std::fmt::Debug for RecvBatch<A> {
+impl<A: SockAddr> std::fmt::Debug for RecvBatch<A> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("RecvBatch")
             .field("layout", &self.layout)
@@ -48,57 +64,69 @@ impl<A: Copy> std::fmt::Debug for RecvBatch<A> {
     }
 }
 
-impl<A: Copy> RecvBatch<A> {
+impl<A: SockAddr> RecvBatch<A> {
     /// `n` slots; `empty_name` is a zeroed address structure of the socket's family.
     pub(crate) fn new(n: usize, layout: SlotLayout, empty_name: A) -> Self {
         assert!(layout.headroom + layout.max_len <= layout.slot);
-        let mut b = RecvBatch {
+        let empty = libc::iovec {
+            iov_base: std::ptr::null_mut(),
+            iov_len: 0,
+        };
+        RecvBatch {
             layout,
             slab: vec![0; n * layout.slot],
             prefix: vec![0; n * layout.prefix.max(1)],
-            iov: Vec::with_capacity(n),
+            iov: vec![[empty; 2]; n],
             names: vec![empty_name; n],
-            // SAFETY: mmsghdr is plain old data; all-zero is a valid (empty) value.
+            // SAFETY: mmsghdr is plain old data (integers and raw pointers); all-zero is a valid value (null
+            // pointers, zero lengths).
             hdrs: vec![unsafe { std::mem::zeroed() }; n],
             received: vec![Received::default(); n],
-        };
-        let slab = b.slab.as_mut_ptr();
-        let prefix = b.prefix.as_mut_ptr();
-        for i in 0..n {
-            b.iov.push([
-                libc::iovec {
-                    // SAFETY: i * prefix is within the prefix area.
-                    iov_base: unsafe { prefix.add(i * layout.prefix.max(1)) }.cast(),
+        }
+    }
+
+    /// Points the kernel structures of slots `..n` at their buffers. Done before every receive, from
+    /// pointers taken afresh: `slab_mut` hands out `&mut` to the slab in between, and a pointer taken before
+    /// such a borrow may not be used after it (`Vec::as_mut_ptr` documents this).
+    fn wire(&mut self, n: usize) {
+        let layout = self.layout;
+        let skip = usize::from(layout.prefix == 0);
+        let slab = self.slab.as_mut_ptr();
+        let prefix = self.prefix.as_mut_ptr();
+        let iov = self.iov.as_mut_ptr();
+        let names = self.names.as_mut_ptr();
+        for (i, h) in self.hdrs[..n].iter_mut().enumerate() {
+            // SAFETY: i < n <= hdrs.len() == iov.len() == names.len() (all made with `n` entries in `new` and
+            // never resized), the slab has n * slot bytes with headroom + max_len <= slot (asserted in `new`)
+            // and the prefix area n * max(prefix, 1): every offset below stays inside its allocation.
+            unsafe {
+                let pair = iov.add(i).cast::<libc::iovec>();
+                *pair = libc::iovec {
+                    iov_base: prefix.add(i * layout.prefix.max(1)).cast(),
                     iov_len: layout.prefix,
-                },
-                libc::iovec {
-                    // SAFETY: i * slot + headroom is within the slab (asserted above).
-                    iov_base: unsafe { slab.add(i * layout.slot + layout.headroom) }.cast(),
+                };
+                *pair.add(1) = libc::iovec {
+                    iov_base: slab.add(i * layout.slot + layout.headroom).cast(),
                     iov_len: layout.max_len,
-                },
-            ]);
+                };
+                h.msg_hdr.msg_iov = pair.add(skip);
+                h.msg_hdr.msg_name = names.add(i).cast();
+            }
+            h.msg_hdr.msg_iovlen = 2 - skip;
+            h.msg_hdr.msg_namelen = socklen_of::<A>();
+            h.msg_hdr.msg_flags = 0;
+            h.msg_len = 0;
         }
-        for i in 0..n {
-            let h = &mut b.hdrs[i].msg_hdr;
-            let skip = usize::from(layout.prefix == 0);
-            // SAFETY: pointers into vectors that are never resized after this point.
-            h.msg_iov = unsafe { b.iov.as_mut_ptr().add(i).cast::<libc::iovec>().add(skip) };
-            h.msg_iovlen = 2 - skip;
-            // SAFETY: as above.
-            h.msg_name = unsafe { b.names.as_mut_ptr().add(i) }.cast();
-        }
-        b
     }
 
     /// Receives up to `max` datagrams without blocking; returns how many (0 when none is waiting).
     pub(crate) fn recv(&mut self, fd: BorrowedFd<'_>, max: usize) -> io::Result<usize> {
         let n = max.min(self.hdrs.len());
-        for h in &mut self.hdrs[..n] {
-            h.msg_hdr.msg_namelen = socklen_of::<A>();
-            h.msg_hdr.msg_flags = 0;
-            h.msg_len = 0;
-        }
-        // SAFETY: hdrs[..n] point at live buffers owned by self; the kernel writes within the lengths given.
+        self.wire(n);
+        // SAFETY: `wire` just pointed hdrs[..n] at iovecs, names and buffers owned by `self`, which the
+        // `&mut self` keeps alive and unaliased for the call; each iovec's length fits its buffer and each
+        // msg_namelen is the size of `A`, so the kernel writes only inside them. It writes plain bytes, valid
+        // for `u8` and for `A` (a `sockaddr_*`: plain old data).
         let r = unsafe {
             libc::recvmmsg(
                 fd.as_raw_fd(),
@@ -115,7 +143,7 @@ impl<A: Copy> RecvBatch<A> {
                 _ => Err(e),
             };
         }
-        let got = usize::try_from(r).unwrap_or(0);
+        let got = usize::try_from(r).unwrap_or(0).min(n);
         for i in 0..got {
             let h = &self.hdrs[i];
             let total = usize::try_from(h.msg_len).unwrap_or(0);
@@ -158,20 +186,56 @@ fn socklen_of<A>() -> libc::socklen_t {
     libc::socklen_t::try_from(std::mem::size_of::<A>()).unwrap_or(0)
 }
 
-/// Datagrams waiting to be sent with one `sendmmsg`. The bytes are not copied: each entry points at a
-/// buffer the caller keeps alive and unchanged until [`flush`](Self::flush) returns.
-pub(crate) struct SendBatch<A: Copy> {
+/// Datagrams waiting to be sent with one `sendmmsg`: the storage (kernel structures) a worker keeps between
+/// batches. The bytes are not copied: each entry points at a frame in the worker's receive buffers.
+///
+/// Entries are pushed and sent only through a [`Sending`] session, and only the session that pushed an
+/// entry can send it. A session `Sending<'b>` accepts frames that live for `'b` and can itself be used only
+/// within `'b` (its lifetime is invariant), so safe code cannot send a frame after its buffer is freed or
+/// reused: the borrow checker rejects a `flush` past the end of the frames' borrow. A batch holding
+/// entries of an ended (or forgotten) session treats them as gone: the next push or flush of another session
+/// discards them unsent.
+pub(crate) struct SendBatch<A: SockAddr> {
     iov: Vec<libc::iovec>,
     names: Vec<A>,
     hdrs: Vec<libc::mmsghdr>,
     len: usize,
+    /// The session whose entries `..len` are.
+    session: u64,
 }
 
-impl<A: Copy> std::fmt::Debug for SendBatch<A> {
+impl<A: SockAddr> std::fmt::Debug for SendBatch<A> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("SendBatch")
             .field("queued", &self.len)
+            .field("session", &self.session)
             .finish()
+    }
+}
+
+/// A type that mentions `'b` invariantly.
+type Invariant<'b> = fn(&'b [u8]) -> &'b [u8];
+
+/// The right to queue frames that live for `'b` in any [`SendBatch`] and to send them. Start one per batch
+/// of received packets with [`Sending::begin`], after the frames' buffer is borrowed, and flush every batch
+/// pushed to before the borrow ends: what a session leaves unflushed is never sent (see [`SendBatch`]).
+#[derive(Debug)]
+pub(crate) struct Sending<'b> {
+    id: u64,
+    /// Invariant in `'b`: a `&Sending<'long>` cannot be used as a `&Sending<'short>` to push short-lived
+    /// frames that a later flush through the `'long` session would then send.
+    _frames: PhantomData<Invariant<'b>>,
+}
+
+impl Sending<'_> {
+    /// A new session, distinct from every other one in the process.
+    pub(crate) fn begin() -> Self {
+        // 0 is the id of no session (a new batch); 2^64 sessions take centuries at any batch rate.
+        static NEXT: AtomicU64 = AtomicU64::new(1);
+        Sending {
+            id: NEXT.fetch_add(1, Ordering::Relaxed),
+            _frames: PhantomData,
+        }
     }
 }
 
@@ -183,7 +247,7 @@ pub(crate) struct Flushed {
     pub(crate) last_error: Option<i32>,
 }
 
-impl<A: Copy> SendBatch<A> {
+impl<A: SockAddr> SendBatch<A> {
     /// Room for `n` datagrams.
     pub(crate) fn new(n: usize, empty_name: A) -> Self {
         SendBatch {
@@ -195,51 +259,77 @@ impl<A: Copy> SendBatch<A> {
                 n
             ],
             names: vec![empty_name; n],
-            // SAFETY: mmsghdr is plain old data; all-zero is a valid (empty) value.
+            // SAFETY: mmsghdr is plain old data (integers and raw pointers); all-zero is a valid value (null
+            // pointers, zero lengths).
             hdrs: vec![unsafe { std::mem::zeroed() }; n],
             len: 0,
+            session: 0,
         }
     }
 
-    /// True when no room is left; flush first.
-    pub(crate) fn is_full(&self) -> bool {
-        self.len == self.hdrs.len()
+    /// Makes the entries `s`'s: entries of another session are discarded.
+    fn adopt(&mut self, s: &Sending<'_>) {
+        if self.session != s.id {
+            self.session = s.id;
+            self.len = 0;
+        }
     }
 
-    /// Datagrams queued.
-    pub(crate) fn len(&self) -> usize {
-        self.len
+    /// True when no room is left for `s`; flush first.
+    pub(crate) fn is_full(&self, s: &Sending<'_>) -> bool {
+        self.len(s) == self.hdrs.len()
     }
 
-    /// Queues `bytes` for `to`. The caller keeps `bytes` alive and unchanged until the next flush.
-    pub(crate) fn push(&mut self, to: A, bytes: &[u8]) {
-        debug_assert!(!self.is_full());
+    /// Datagrams `s` has queued here.
+    pub(crate) fn len(&self, s: &Sending<'_>) -> usize {
+        if self.session == s.id {
+            self.len
+        } else {
+            0
+        }
+    }
+
+    /// Queues `bytes` for `to` in session `s` (which keeps `bytes` borrowed, unchanged, until it ends).
+    /// When the batch is full the datagram is not queued and false is returned (flush first).
+    pub(crate) fn push<'b>(&mut self, s: &Sending<'b>, to: A, bytes: &'b [u8]) -> bool {
+        self.adopt(s);
         let i = self.len;
+        if i == self.hdrs.len() {
+            return false;
+        }
         self.names[i] = to;
         self.iov[i] = libc::iovec {
             iov_base: bytes.as_ptr().cast_mut().cast(),
             iov_len: bytes.len(),
         };
         self.len += 1;
+        true
     }
 
-    /// Sends everything queued (retrying partial sends, skipping a datagram the kernel refuses) and empties
-    /// the batch.
-    pub(crate) fn flush(&mut self, fd: BorrowedFd<'_>) -> Flushed {
+    /// Sends everything `s` queued here (retrying partial sends, skipping a datagram the kernel refuses) and
+    /// empties the batch.
+    pub(crate) fn flush(&mut self, s: &Sending<'_>, fd: BorrowedFd<'_>) -> Flushed {
+        self.adopt(s);
         let mut out = Flushed::default();
         let n = self.len;
-        for i in 0..n {
-            let h = &mut self.hdrs[i].msg_hdr;
-            // SAFETY: pointers into vectors that are never resized.
-            h.msg_iov = unsafe { self.iov.as_mut_ptr().add(i) };
+        let iov = self.iov.as_mut_ptr();
+        let names = self.names.as_mut_ptr();
+        for (i, h) in self.hdrs[..n].iter_mut().enumerate() {
+            let h = &mut h.msg_hdr;
+            // SAFETY: i < n <= iov.len() (push never queues past the vectors' length, which never changes),
+            // so the offset stays inside the allocation.
+            h.msg_iov = unsafe { iov.add(i) };
             h.msg_iovlen = 1;
-            // SAFETY: as above.
-            h.msg_name = unsafe { self.names.as_mut_ptr().add(i) }.cast();
+            // SAFETY: as above, names.len() == iov.len().
+            h.msg_name = unsafe { names.add(i) }.cast();
             h.msg_namelen = socklen_of::<A>();
         }
         let mut at = 0;
         while at < n {
-            // SAFETY: hdrs[at..n] describe buffers the caller keeps alive until this returns.
+            // SAFETY: hdrs[at..n] point at iov[..n] and names[..n] (set just above from pointers taken after
+            // the last `&mut` use of those vectors) and each iovec at bytes pushed in session `s`, which
+            // borrows them for its `'b`; `s` is in use here, so `'b` has not ended: they are alive and
+            // unchanged (shared borrows). The kernel only reads them, within the lengths given.
             let r = unsafe {
                 libc::sendmmsg(
                     fd.as_raw_fd(),
@@ -265,5 +355,119 @@ impl<A: Copy> SendBatch<A> {
         }
         self.len = 0;
         out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::io::tunnel::{empty_sockaddr_in, sockaddr_in};
+    use std::net::{Ipv4Addr, UdpSocket};
+    use std::os::fd::AsFd;
+    use std::time::Duration;
+
+    fn pair() -> (UdpSocket, UdpSocket, libc::sockaddr_in) {
+        let tx = UdpSocket::bind((Ipv4Addr::LOCALHOST, 0)).expect("bind");
+        let rx = UdpSocket::bind((Ipv4Addr::LOCALHOST, 0)).expect("bind");
+        rx.set_read_timeout(Some(Duration::from_millis(200)))
+            .expect("timeout");
+        let port = rx.local_addr().expect("addr").port();
+        (tx, rx, sockaddr_in(Ipv4Addr::LOCALHOST, port))
+    }
+
+    fn drain(rx: &UdpSocket) -> Vec<Vec<u8>> {
+        let mut got = Vec::new();
+        let mut buf = [0u8; 64];
+        while let Ok(n) = rx.recv(&mut buf) {
+            got.push(buf[..n].to_vec());
+        }
+        got
+    }
+
+    #[test]
+    fn a_session_sends_what_it_queued_in_order() {
+        let (tx, rx, to) = pair();
+        let mut batch = SendBatch::new(2, empty_sockaddr_in());
+        let frames = [b"a".to_vec(), b"bb".to_vec(), b"ccc".to_vec()];
+        let s = Sending::begin();
+        for f in &frames {
+            if batch.is_full(&s) {
+                assert_eq!(batch.flush(&s, tx.as_fd()).sent, 2);
+            }
+            assert!(batch.push(&s, to, f));
+        }
+        assert!(!batch.is_full(&s));
+        assert_eq!(batch.len(&s), 1);
+        let f = batch.flush(&s, tx.as_fd());
+        assert_eq!((f.sent, f.failed), (1, 0));
+        assert_eq!(drain(&rx), frames);
+    }
+
+    #[test]
+    fn a_full_batch_refuses_a_push() {
+        let (_tx, _rx, to) = pair();
+        let mut batch = SendBatch::new(1, empty_sockaddr_in());
+        let s = Sending::begin();
+        assert!(batch.push(&s, to, b"one"));
+        assert!(batch.is_full(&s));
+        assert!(!batch.push(&s, to, b"two"));
+        assert_eq!(batch.len(&s), 1);
+    }
+
+    /// Entries of a session that ended unflushed are never sent by a later one (their frames may be gone).
+    #[test]
+    fn entries_of_an_ended_session_are_discarded_unsent() {
+        let (tx, rx, to) = pair();
+        let mut batch = SendBatch::new(4, empty_sockaddr_in());
+        {
+            let stale = vec![7u8; 8];
+            let s = Sending::begin();
+            assert!(batch.push(&s, to, &stale));
+            // `s` ends here without a flush, then `stale` is freed.
+        }
+        let s = Sending::begin();
+        assert_eq!(batch.len(&s), 0);
+        assert_eq!(batch.flush(&s, tx.as_fd()).sent, 0);
+        {
+            let other = Sending::begin();
+            assert!(batch.push(&other, to, b"not sent"));
+        }
+        let fresh = b"fresh";
+        let s = Sending::begin();
+        assert!(batch.push(&s, to, fresh));
+        assert_eq!(batch.flush(&s, tx.as_fd()).sent, 1);
+        assert_eq!(drain(&rx), [fresh.to_vec()]);
+    }
+
+    /// The receive structures are re-pointed before every call, so a receive after `slab_mut` (which
+    /// borrows the slab mutably) lands in the slots.
+    #[test]
+    fn receives_after_the_slab_was_borrowed() {
+        let (tx, rx, to) = pair();
+        let layout = SlotLayout {
+            slot: 32,
+            headroom: 4,
+            max_len: 16,
+            prefix: 0,
+        };
+        let mut batch = RecvBatch::new(2, layout, empty_sockaddr_in());
+        let port = u16::from_be(to.sin_port);
+        for round in 0..2u8 {
+            tx.send_to(&[round; 5], (Ipv4Addr::LOCALHOST, port))
+                .expect("send");
+            let mut got = 0;
+            for _ in 0..100 {
+                got = batch.recv(rx.as_fd(), 2).expect("recv");
+                if got > 0 {
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(2));
+            }
+            assert_eq!(got, 1);
+            assert_eq!(batch.received(0).len, 5);
+            let slab = batch.slab_mut();
+            assert_eq!(&slab[4..9], &[round; 5]);
+            slab[4..9].fill(0xEE);
+        }
     }
 }

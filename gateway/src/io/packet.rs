@@ -70,7 +70,7 @@ fn parse_mac(s: &str) -> Option<MacAddr> {
 }
 
 fn packet_socket(protocol: u16) -> io::Result<OwnedFd> {
-    // SAFETY: plain socket(2) call; the result is checked.
+    // SAFETY: socket(2) takes no pointers; the result is checked below before it is used.
     let fd = unsafe {
         libc::socket(
             libc::AF_PACKET,
@@ -85,7 +85,8 @@ fn packet_socket(protocol: u16) -> io::Result<OwnedFd> {
             format!("AF_PACKET socket: {e} (the gateway needs CAP_NET_RAW)"),
         ));
     }
-    // SAFETY: fd is a fresh descriptor we own.
+    // SAFETY: `fd` ≥ 0 is the descriptor socket(2) just returned; nothing else owns or closes it, so the
+    // `OwnedFd` is its only owner.
     Ok(unsafe { OwnedFd::from_raw_fd(fd) })
 }
 
@@ -278,14 +279,15 @@ impl GsoTxSocket {
                 iov_len: frame.len(),
             },
         ];
-        // SAFETY: msghdr is plain old data; every pointer set below outlives the call.
+        // SAFETY: msghdr is integers and raw pointers: all-zero is a valid value (null pointers, zero lengths).
         let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
         msg.msg_name = std::ptr::from_ref(to).cast_mut().cast();
         msg.msg_namelen =
             libc::socklen_t::try_from(std::mem::size_of::<libc::sockaddr_ll>()).unwrap_or(20);
         msg.msg_iov = iov.as_mut_ptr();
         msg.msg_iovlen = iov.len();
-        // SAFETY: msg describes live buffers for the duration of the call.
+        // SAFETY: msg points at `to` and `iov`, whose two entries point at `vnet` and `frame`, all borrowed
+        // for the whole call with their lengths given; the kernel only reads them.
         let r = unsafe { libc::sendmsg(self.fd.as_raw_fd(), &raw const msg, 0) };
         if r < 0 {
             Err(io::Error::last_os_error())

@@ -84,7 +84,7 @@ impl TunnelSocket {
         }
         // Room for one cmsghdr carrying a u16, aligned.
         let mut control = [0u64; 4];
-        // SAFETY: msghdr is plain old data; every pointer set below outlives the call.
+        // SAFETY: msghdr is integers and raw pointers: all-zero is a valid value (null pointers, zero lengths).
         let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
         msg.msg_name = std::ptr::from_ref(to).cast_mut().cast();
         msg.msg_namelen =
@@ -94,7 +94,9 @@ impl TunnelSocket {
         msg.msg_control = control.as_mut_ptr().cast();
         // SAFETY: CMSG_SPACE only computes a size.
         msg.msg_controllen = unsafe { libc::CMSG_SPACE(2) } as usize;
-        // SAFETY: msg_control points at `control`, large enough for CMSG_SPACE(2) (32 bytes).
+        // SAFETY: msg_control points at `control`: 32 bytes, 8-aligned (u64s) as a cmsghdr needs, and
+        // msg_controllen = CMSG_SPACE(2) = 24 ≤ 32, so CMSG_FIRSTHDR returns `control` itself (non-null) and
+        // the header plus the u16 written at CMSG_DATA stay inside it (the data is written unaligned).
         unsafe {
             let c = libc::CMSG_FIRSTHDR(&raw const msg);
             (*c).cmsg_level = libc::SOL_UDP;
@@ -102,7 +104,8 @@ impl TunnelSocket {
             (*c).cmsg_len = libc::CMSG_LEN(2) as usize;
             std::ptr::write_unaligned(libc::CMSG_DATA(c).cast::<u16>(), segment);
         }
-        // SAFETY: msg describes live buffers for the duration of the call.
+        // SAFETY: msg points at `to`, `iov` (its first msg_iovlen ≤ 64 entries set from `parts`, borrowed for
+        // the call) and `control`, all alive until sendmsg returns; the kernel only reads them.
         let r = unsafe { libc::sendmsg(self.socket.as_raw_fd(), &raw const msg, 0) };
         if r < 0 {
             Err(io::Error::last_os_error())
@@ -120,7 +123,7 @@ impl AsFd for TunnelSocket {
 
 /// A zeroed IPv4 socket address for receive batches.
 pub(crate) fn empty_sockaddr_in() -> libc::sockaddr_in {
-    // SAFETY: sockaddr_in is plain old data.
+    // SAFETY: sockaddr_in is integers and a byte array: all-zero is a valid value.
     unsafe { std::mem::zeroed() }
 }
 
@@ -155,17 +158,18 @@ mod tests {
 
     #[test]
     fn two_workers_share_a_port_and_exchange_a_batch() {
-        use super::super::mmsg::{RecvBatch, SendBatch, SlotLayout};
+        use super::super::mmsg::{RecvBatch, SendBatch, Sending, SlotLayout};
         let a = TunnelSocket::open(SocketAddrV4::new(Ipv4Addr::LOCALHOST, 0), 1 << 20).unwrap();
         let local = a.socket.local_addr().unwrap().as_socket_ipv4().unwrap();
         let b = TunnelSocket::open(local, 1 << 20).unwrap();
         drop(b);
         let mut tx = SendBatch::new(4, empty_sockaddr_in());
         let msgs: [&[u8]; 3] = [b"one", b"two", b"three"];
+        let s = Sending::begin();
         for m in msgs {
-            tx.push(sockaddr_in(*local.ip(), local.port()), m);
+            assert!(tx.push(&s, sockaddr_in(*local.ip(), local.port()), m));
         }
-        let f = tx.flush(a.as_fd());
+        let f = tx.flush(&s, a.as_fd());
         assert_eq!((f.sent, f.failed), (3, 0));
         let layout = SlotLayout {
             slot: 64,
