@@ -48,12 +48,13 @@ export EGRESS_SKIP_LOG
 trap 'rm -f "$EGRESS_SKIP_LOG"' EXIT
 
 # --- stages: id, title, and what each ended as -------------------------------------------------------------------
-STAGES=(deps fmt clippy test benches demo image manifests netns fuzz)
+STAGES=(deps fmt clippy test loom benches demo image manifests netns fuzz)
 declare -A TITLE=(
   [deps]="install dependencies"
   [fmt]="cargo fmt --check"
   [clippy]="cargo clippy (all targets, warnings are errors)"
   [test]="cargo test (unit, property, integration; release mode)"
+  [loom]="loom models of the conntrack/port-pool atomics (scripts/miri.sh loom; Miri itself is run by hand)"
   [benches]="benchmarks, one quick pass each (criterion test mode: checks they run, measures nothing)"
   [demo]="the demo (README command 1) passes its own checks"
   [image]="container image: static binary, podman build FROM scratch, --version and check from the exported filesystem"
@@ -130,6 +131,7 @@ plan_fuzz() {
   cargo fuzz --version >/dev/null 2>&1 || skipped "fuzz" "cargo-fuzz not installed yet (the deps stage installs it)"
 }
 plan_benches() { :; }
+plan_loom() { :; }
 plan_fmt() { :; }
 plan_clippy() { :; }
 plan_demo() { :; }
@@ -198,6 +200,7 @@ run_stage deps deps
 run_stage fmt cargo fmt --all -- --check
 run_stage clippy cargo clippy --workspace --all-targets --locked -- -D warnings
 run_stage test unit_tests
+run_stage loom scripts/miri.sh loom
 run_stage benches cargo test -p bench --benches --release --locked
 run_stage demo demo
 if [[ $PRIVILEGED == 1 ]]; then
