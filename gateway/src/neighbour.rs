@@ -226,7 +226,9 @@ fn handle_ndp(
             } else {
                 ClaimKind::Unsolicited
             };
-            if let Some(m) = ll_option(opts, OPT_TARGET_LL) {
+            // An answer to a unicast solicitation may omit the option (RFC 4861 §7.2.4; Linux does): its
+            // sender's MAC is then the frame's source.
+            if let Some(m) = ll_option(opts, OPT_TARGET_LL).or(Some(eth_src)) {
                 if !is_multicast_mac(&m) && m != [0; 6] {
                     heard.claim = Some(Claim {
                         ip: IpAddr::V6(target),
@@ -504,6 +506,20 @@ mod tests {
         assert_eq!(kind(&unsol), Some((ClaimKind::Unsolicited, EVIL, true)));
         let ours_claimed = na(EVIL, "ff02::1", "2001:db8:113::10", NA_OVERRIDE);
         assert_eq!(kind(&ours_claimed), None);
+        // An answer to a unicast solicitation without the target link-layer option (as Linux sends it):
+        // the MAC is the frame's source.
+        let mut bare = na(
+            ROUTER_MAC,
+            "2001:db8:113::10",
+            "2001:db8:113::1",
+            NA_SOLICITED,
+        );
+        bare.truncate(bare.len() - 8);
+        bare[14 + 5] -= 8;
+        let (src, dst) = (v6(&bare[22..38]), v6(&bare[38..54]));
+        let mut p = icmpv6::Packet::new_unchecked(&mut bare[54..]);
+        p.fill_checksum(&src, &dst);
+        assert_eq!(kind(&bare), Some((ClaimKind::Answer, ROUTER_MAC, false)));
     }
 
     #[test]

@@ -1,6 +1,6 @@
 //! The end-to-end scenarios of issue #3 against the userspace gateway (`egress-gateway run`), each on its
 //! own namespace topology: reachability and SNAT, many connections, internal routing, ICMP (TTL expiry,
-//! PMTU, MSS clamp), unsolicited and hostile input, reload and drain, two nodes at once, IPv6 in the
+//! PMTU, MSS clamp), unsolicited and hostile input, a host poisoning the uplink neighbours, reload and drain, two nodes at once, IPv6 in the
 //! tunnel; the NAT translation log and `egress-gateway flows`. Every test skips without CAP_NET_ADMIN (fails with `EGRESS_REQUIRE_NETNS=1`) and until
 //! `target/release/egress-gateway` is built (`cargo build --release -p gateway`).
 //!
@@ -11,5 +11,6 @@ mod flowlog;
 mod forwarding;
 mod icmp;
 mod ipv6;
+mod neighbour;
 mod operations;
 mod security;
