@@ -213,7 +213,7 @@ mod tests {
     use std::sync::Arc;
 
     fn addr(n: u32) -> IpAddr {
-        if n % 3 == 0 {
+        if n.is_multiple_of(3) {
             IpAddr::V6(Ipv6Addr::from(0x2001_0db8_u128 << 96 | u128::from(n)))
         } else {
             IpAddr::V4(Ipv4Addr::from(0x0a00_0000 | n))
@@ -236,7 +236,7 @@ mod tests {
             x ^= x >> 17;
             x ^= x << 5;
             let ip = addr(x % 5000);
-            if x % 4 == 0 || model.len() >= SLOTS / 2 {
+            if x.is_multiple_of(4) || model.len() >= SLOTS / 2 {
                 t.remove(ip);
                 model.remove(&ip);
             } else {
@@ -261,9 +261,10 @@ mod tests {
     fn readers_never_see_a_torn_entry() {
         let t = Arc::new(Table::default());
         let stop = Arc::new(AtomicBool::new(false));
+        let passes = Arc::new(std::sync::atomic::AtomicU64::new(0));
         let readers: Vec<_> = (0..2)
             .map(|_| {
-                let (t, stop) = (Arc::clone(&t), Arc::clone(&stop));
+                let (t, stop, passes) = (Arc::clone(&t), Arc::clone(&stop), Arc::clone(&passes));
                 std::thread::spawn(move || {
                     let mut hits = 0u64;
                     while !stop.load(Ordering::Relaxed) {
@@ -274,21 +275,32 @@ mod tests {
                                 hits += 1;
                             }
                         }
+                        passes.fetch_add(1, Ordering::Relaxed);
                     }
                     hits
                 })
             })
             .collect();
-        for round in 0..20_000u32 {
+        // Write until the readers have made enough passes (they may start late on a busy machine).
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+        let mut round = 0u32;
+        while round < 20_000
+            || (passes.load(Ordering::Relaxed) < 2_000 && std::time::Instant::now() < deadline)
+        {
             let n = round % 256;
             let gen = u8::try_from(round >> 8 & 0xff).unwrap();
             t.set(addr(n), [2, gen, 0, 0, 0, u8::try_from(n).unwrap()]);
-            if round % 3 == 0 {
+            if round.is_multiple_of(3) {
                 t.remove(addr((n * 7) % 256));
             }
+            round = round.wrapping_add(1);
         }
         stop.store(true, Ordering::Relaxed);
         let hits: u64 = readers.into_iter().map(|r| r.join().unwrap()).sum();
+        assert!(
+            passes.load(Ordering::Relaxed) >= 2_000,
+            "the readers hardly ran"
+        );
         assert!(hits > 0);
     }
 }

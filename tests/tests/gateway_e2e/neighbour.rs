@@ -62,13 +62,13 @@ fn icmpv6_checksum(src: Ipv6Addr, dst: Ipv6Addr, msg: &[u8]) -> u16 {
     };
     add(&src.octets());
     add(&dst.octets());
-    add(&u32::try_from(msg.len()).unwrap().to_be_bytes());
+    add(&u32::try_from(msg.len()).unwrap_or(0).to_be_bytes());
     add(&[0, 0, 0, 58]);
     add(msg);
     while sum > 0xffff {
         sum = (sum & 0xffff) + (sum >> 16);
     }
-    !u16::try_from(sum).unwrap()
+    !u16::try_from(sum).unwrap_or(0)
 }
 
 /// A Neighbor Advertisement (RFC 4861 §4.4) for `target` at `mac`, with a target link-layer option.
@@ -84,7 +84,7 @@ fn na(eth_dst: [u8; 6], dst: Ipv6Addr, target: Ipv6Addr, flags: u8, mac: [u8; 6]
     f.extend_from_slice(&mac);
     f.extend_from_slice(&0x86ddu16.to_be_bytes());
     f.extend_from_slice(&[0x60, 0, 0, 0]);
-    f.extend_from_slice(&u16::try_from(msg.len()).unwrap().to_be_bytes());
+    f.extend_from_slice(&u16::try_from(msg.len()).unwrap_or(0).to_be_bytes());
     f.extend_from_slice(&[58, 255]);
     f.extend_from_slice(&EVIL_LINK_LOCAL.octets());
     f.extend_from_slice(&dst.octets());
@@ -130,7 +130,7 @@ fn round(gw_mac: [u8; 6], egress: Ipv4Addr, egress6: Ipv6Addr, n: u32) -> Vec<Ve
             0,
             0,
             0x7700,
-            u16::try_from(i).unwrap(),
+            u16::try_from(i).unwrap_or(u16::MAX),
         );
         frames.push(arp(OP_REQUEST, BROADCAST, mac, ip, [0; 6], egress));
         frames.push(arp(OP_REPLY, gw_mac, mac, ip, gw_mac, egress));
