@@ -1,48 +1,76 @@
 //! Neighbours on the uplinks: the gateway answers ARP and NDP for its egress addresses and resolves its next
 //! hops itself, because those addresses are not configured in the kernel.
 //!
-//! * [`handle`] reads an ARP or NDP frame received on an uplink: it learns the sender's MAC where the frame
-//!   tells it (a reply, or a request for one of our addresses — the sender is about to talk to us) and builds
-//!   the answer when the request is for one of our egress addresses.
+//! * [`handle`] reads an ARP or NDP frame received on an uplink: it says what the frame claims (an address
+//!   and a MAC, and whether the frame can be an answer to a request of ours — a [`Claim`]) and builds the
+//!   answer when the frame asks for one of our egress addresses.
 //! * [`request`] builds an ARP request or a Neighbor Solicitation for a next hop.
-//! * [`Neighbours`] is the cache shared by the workers: learnt entries, a generation number that workers
-//!   compare against their private copy ([`LocalNeighbours`]) so that the per-packet lookup takes no lock,
-//!   probe rate limits, and the refresh schedule (entries are re-probed every [`REACHABLE`], dropped after
-//!   [`PROBES`] unanswered probes; the cache holds at most [`CAPACITY`] entries per uplink, oldest out first).
+//! * [`Neighbours`] (in `cache.rs`) decides what a claim may change: the rules that keep the cache from being
+//!   poisoned, the refresh schedule, the bound per uplink and the configured next hops that are never evicted.
+//!   Workers read it through [`LocalNeighbours`] without a lock (`table.rs`).
 //!
 //! Frame parsing and building here are pure; the worker does the sending.
 
-use std::collections::HashMap;
 use std::net::{IpAddr, Ipv6Addr};
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Mutex, PoisonError};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use forwarder_core::flow::UplinkId;
 use forwarder_core::wire::ethernet::{self, MacAddr};
 use forwarder_core::wire::{arp, icmpv6};
 
-/// How long an entry is trusted before it is probed again.
+mod cache;
+mod table;
+
+pub(crate) use cache::{LocalNeighbours, Neighbours, Outcome};
+
+/// How long an entry is trusted before it is probed again (RFC 4861 §10 REACHABLE_TIME).
 pub(crate) const REACHABLE: Duration = Duration::from_secs(30);
-/// Interval between probes of one address.
+/// Interval between probes of one address (RFC 4861 §10 RETRANS_TIMER).
 pub(crate) const RETRANS: Duration = Duration::from_secs(1);
-/// Unanswered probes after which an entry is dropped (or a resolution given up).
+/// Unanswered probes after which a phase ends (RFC 4861 §10 MAX_UNICAST_SOLICIT / MAX_MULTICAST_SOLICIT).
 pub(crate) const PROBES: u32 = 3;
-/// Most entries per uplink.
+/// Most learnt entries per uplink; the configured next hops come on top and are never evicted.
 pub(crate) const CAPACITY: usize = 4096;
 
 const ICMPV6_NS: u8 = icmpv6::msg_type::NEIGHBOR_SOLICIT;
 const ICMPV6_NA: u8 = icmpv6::msg_type::NEIGHBOR_ADVERT;
 const OPT_SOURCE_LL: u8 = 1;
 const OPT_TARGET_LL: u8 = 2;
+/// Neighbor Advertisement flags (RFC 4861 §4.4).
+const NA_SOLICITED: u8 = 0x40;
+const NA_OVERRIDE: u8 = 0x20;
 /// Longest neighbour frame we build: Ethernet + IPv6 + NS/NA with a link-layer option.
 pub(crate) const MAX_FRAME: usize = 14 + 40 + 24 + 8;
+
+/// What kind of frame made a [`Claim`]: what it may change is decided in [`Neighbours::heard`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum ClaimKind {
+    /// An ARP reply addressed to one of our addresses and our MAC, or a Neighbor Advertisement with the
+    /// Solicited flag sent to one of our addresses: it may answer a request of ours.
+    Answer,
+    /// An ARP request or a Neighbor Solicitation for one of our addresses: its sender is about to talk to us
+    /// (RFC 826 "Packet Reception", RFC 4861 §7.2.3).
+    Request,
+    /// Anything else that names a MAC for an address: gratuitous ARP, requests and replies between others,
+    /// unsolicited Neighbor Advertisements. Never creates or changes an entry by itself.
+    Unsolicited,
+}
+
+/// An address and the MAC a received frame says it has.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Claim {
+    pub(crate) ip: IpAddr,
+    pub(crate) mac: MacAddr,
+    pub(crate) kind: ClaimKind,
+    /// False only for a Neighbor Advertisement without the Override flag (RFC 4861 §7.2.5): it may not
+    /// propose a new MAC for a known entry.
+    pub(crate) overrides: bool,
+}
 
 /// What a received ARP/NDP frame means to us.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub(crate) struct Heard {
-    /// A neighbour's address, learnt from the frame.
-    pub(crate) learnt: Option<(IpAddr, MacAddr)>,
+    /// What the frame claims about a neighbour.
+    pub(crate) claim: Option<Claim>,
     /// The answer to send (a complete frame of this length in the caller's buffer).
     pub(crate) reply_len: Option<usize>,
 }
@@ -68,19 +96,33 @@ fn handle_arp(payload: &[u8], our_mac: MacAddr, ours: &[IpAddr], reply: &mut [u8
         return Heard::default();
     }
     let sender = p.sender_ip();
-    let sender_ok =
-        !sender.is_unspecified() && !sender.is_broadcast() && !is_multicast_mac(&p.sender_hw());
+    // Nobody may claim one of our own addresses; probes (sender 0.0.0.0, RFC 5227 §2.1.1) name no one.
+    let sender_ok = !sender.is_unspecified()
+        && !sender.is_broadcast()
+        && !sender.is_multicast()
+        && !is_multicast_mac(&p.sender_hw())
+        && p.sender_hw() != [0; 6]
+        && !ours.contains(&IpAddr::V4(sender));
     let for_us = ours.contains(&IpAddr::V4(p.target_ip()));
     let mut heard = Heard::default();
-    match p.operation() {
+    let kind = match p.operation() {
         arp::OP_REQUEST if for_us && sender_ok => {
-            heard.learnt = Some((IpAddr::V4(sender), p.sender_hw()));
             let n = ethernet::emit(&p.sender_hw(), &our_mac, ethernet::ethertype::ARP, reply);
             let m = arp::emit_reply(&p, &our_mac, &mut reply[n..]);
             heard.reply_len = Some(n + m);
+            ClaimKind::Request
         }
-        arp::OP_REPLY if sender_ok => heard.learnt = Some((IpAddr::V4(sender), p.sender_hw())),
-        _ => {}
+        arp::OP_REPLY if for_us && p.target_hw() == our_mac => ClaimKind::Answer,
+        arp::OP_REQUEST | arp::OP_REPLY => ClaimKind::Unsolicited,
+        _ => return heard,
+    };
+    if sender_ok {
+        heard.claim = Some(Claim {
+            ip: IpAddr::V4(sender),
+            mac: p.sender_hw(),
+            kind,
+            overrides: true,
+        });
     }
     heard
 }
@@ -140,9 +182,14 @@ fn handle_ndp(
     match p.msg_type() {
         ICMPV6_NS if ours.contains(&IpAddr::V6(target)) => {
             let their_mac = ll_option(opts, OPT_SOURCE_LL);
-            if !src.is_unspecified() {
-                if let Some(m) = their_mac {
-                    heard.learnt = Some((IpAddr::V6(src), m));
+            if !src.is_unspecified() && !ours.contains(&IpAddr::V6(src)) {
+                if let Some(m) = their_mac.filter(|m| !is_multicast_mac(m) && *m != [0; 6]) {
+                    heard.claim = Some(Claim {
+                        ip: IpAddr::V6(src),
+                        mac: m,
+                        kind: ClaimKind::Request,
+                        overrides: true,
+                    });
                 }
             }
             // Duplicate address detection (source ::) is answered to all-nodes (RFC 4861 §7.2.4).
@@ -162,14 +209,34 @@ fn handle_ndp(
                 target,
                 to_ip,
                 target,
-                if solicited { 0x60 } else { 0x20 },
+                if solicited {
+                    NA_SOLICITED | NA_OVERRIDE
+                } else {
+                    NA_OVERRIDE
+                },
                 OPT_TARGET_LL,
                 reply,
             ));
         }
-        ICMPV6_NA => {
-            if let Some(m) = ll_option(opts, OPT_TARGET_LL) {
-                heard.learnt = Some((IpAddr::V6(target), m));
+        ICMPV6_NA if !ours.contains(&IpAddr::V6(target)) && !target.is_multicast() => {
+            let flags = msg[4];
+            // A solicited advertisement goes to the soliciting node's unicast address (RFC 4861 §7.2.4).
+            let kind = if flags & NA_SOLICITED != 0 && ours.contains(&IpAddr::V6(dst)) {
+                ClaimKind::Answer
+            } else {
+                ClaimKind::Unsolicited
+            };
+            // An answer to a unicast solicitation may omit the option (RFC 4861 §7.2.4; Linux does): its
+            // sender's MAC is then the frame's source.
+            if let Some(m) = ll_option(opts, OPT_TARGET_LL).or(Some(eth_src)) {
+                if !is_multicast_mac(&m) && m != [0; 6] {
+                    heard.claim = Some(Claim {
+                        ip: IpAddr::V6(target),
+                        mac: m,
+                        kind,
+                        overrides: flags & NA_OVERRIDE != 0,
+                    });
+                }
             }
         }
         _ => {}
@@ -273,222 +340,6 @@ pub(crate) fn request(
     }
 }
 
-#[derive(Debug, Clone, Copy)]
-struct Entry {
-    mac: Option<MacAddr>,
-    /// When the entry was last confirmed (or created, while incomplete).
-    confirmed: Instant,
-    /// Last probe sent and how many went unanswered since the last confirmation.
-    last_probe: Option<Instant>,
-    probes: u32,
-}
-
-/// A probe the control loop should send (refreshing an entry).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) struct Probe {
-    pub(crate) uplink: UplinkId,
-    pub(crate) ip: IpAddr,
-    pub(crate) known: Option<MacAddr>,
-}
-
-/// Counters for metrics.
-#[derive(Debug, Clone, Copy, Default)]
-pub(crate) struct NeighbourCounts {
-    pub(crate) resolved: u64,
-    pub(crate) incomplete: u64,
-    pub(crate) failed: u64,
-}
-
-/// The neighbour cache shared by the workers.
-#[derive(Debug, Default)]
-pub(crate) struct Neighbours {
-    entries: Mutex<HashMap<(UplinkId, IpAddr), Entry>>,
-    generation: AtomicU64,
-    failed: AtomicU64,
-}
-
-impl Neighbours {
-    /// Changes whenever a MAC is learnt, changed or forgotten.
-    pub(crate) fn generation(&self) -> u64 {
-        self.generation.load(Ordering::Acquire)
-    }
-
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<(UplinkId, IpAddr), Entry>> {
-        self.entries.lock().unwrap_or_else(PoisonError::into_inner)
-    }
-
-    /// Records `mac` for `ip` on `uplink`. `solicited`: the frame was an answer, so an entry may be created;
-    /// otherwise (a request for our address) an entry is only created when there is room.
-    pub(crate) fn learn(&self, uplink: UplinkId, ip: IpAddr, mac: MacAddr, now: Instant) {
-        let mut m = self.lock();
-        let changed = match m.get_mut(&(uplink, ip)) {
-            Some(e) => {
-                let changed = e.mac != Some(mac);
-                *e = Entry {
-                    mac: Some(mac),
-                    confirmed: now,
-                    last_probe: None,
-                    probes: 0,
-                };
-                changed
-            }
-            None => {
-                if m.keys().filter(|(u, _)| *u == uplink).count() >= CAPACITY {
-                    let oldest = m
-                        .iter()
-                        .filter(|((u, _), _)| *u == uplink)
-                        .min_by_key(|(_, e)| e.confirmed)
-                        .map(|(k, _)| *k);
-                    if let Some(k) = oldest {
-                        m.remove(&k);
-                    }
-                }
-                m.insert(
-                    (uplink, ip),
-                    Entry {
-                        mac: Some(mac),
-                        confirmed: now,
-                        last_probe: None,
-                        probes: 0,
-                    },
-                );
-                true
-            }
-        };
-        if changed {
-            self.generation.fetch_add(1, Ordering::Release);
-        }
-    }
-
-    /// A packet needs `ip` on `uplink` and no worker knows its MAC: true when a request should go out now
-    /// (at most one per [`RETRANS`] per address). After [`PROBES`] unanswered requests the address counts
-    /// as failed for a while; callers drop what waits for it.
-    pub(crate) fn want(&self, uplink: UplinkId, ip: IpAddr, now: Instant) -> bool {
-        let mut m = self.lock();
-        let e = m.entry((uplink, ip)).or_insert(Entry {
-            mac: None,
-            confirmed: now,
-            last_probe: None,
-            probes: 0,
-        });
-        if e.mac.is_some() {
-            return false; // learnt meanwhile; the worker picks it up with the generation
-        }
-        let due = e.probes < PROBES
-            && e.last_probe
-                .is_none_or(|t| now.saturating_duration_since(t) >= RETRANS);
-        if due {
-            e.last_probe = Some(now);
-            e.probes += 1;
-        }
-        due
-    }
-
-    /// Housekeeping, every few hundred milliseconds: returns the probes to send (entries older than
-    /// [`REACHABLE`] are re-probed, unicast) and forgets entries that stayed unanswered.
-    pub(crate) fn maintain(&self, now: Instant) -> Vec<Probe> {
-        let mut probes = Vec::new();
-        let mut m = self.lock();
-        let before = m.len();
-        let mut forgot_resolved = false;
-        m.retain(|(uplink, ip), e| {
-            let age = now.saturating_duration_since(e.confirmed);
-            let since_probe = e
-                .last_probe
-                .map_or(Duration::MAX, |t| now.saturating_duration_since(t));
-            if e.probes >= PROBES && since_probe >= RETRANS {
-                if e.mac.is_some() {
-                    forgot_resolved = true;
-                } else {
-                    self.failed.fetch_add(1, Ordering::Relaxed);
-                }
-                return false;
-            }
-            if e.mac.is_some() && age >= REACHABLE && since_probe >= RETRANS {
-                e.last_probe = Some(now);
-                e.probes += 1;
-                probes.push(Probe {
-                    uplink: *uplink,
-                    ip: *ip,
-                    known: e.mac,
-                });
-            }
-            true
-        });
-        if forgot_resolved || m.len() != before {
-            self.generation.fetch_add(1, Ordering::Release);
-        }
-        probes
-    }
-
-    /// True while `ip` is being resolved and has not yet failed.
-    pub(crate) fn pending(&self, uplink: UplinkId, ip: IpAddr) -> bool {
-        self.lock()
-            .get(&(uplink, ip))
-            .is_some_and(|e| e.mac.is_none() && e.probes < PROBES)
-    }
-
-    /// Copies the resolved entries into `local`.
-    pub(crate) fn snapshot(&self, local: &mut LocalNeighbours) {
-        let generation = self.generation();
-        let m = self.lock();
-        local.map.clear();
-        local
-            .map
-            .extend(m.iter().filter_map(|(k, e)| e.mac.map(|mac| (*k, mac))));
-        local.generation = generation;
-        local.last = None;
-    }
-
-    /// Entry counts for metrics.
-    pub(crate) fn counts(&self) -> NeighbourCounts {
-        let m = self.lock();
-        let resolved = m.values().filter(|e| e.mac.is_some()).count();
-        NeighbourCounts {
-            resolved: u64::try_from(resolved).unwrap_or(u64::MAX),
-            incomplete: u64::try_from(m.len() - resolved).unwrap_or(u64::MAX),
-            failed: self.failed.load(Ordering::Relaxed),
-        }
-    }
-
-    /// The resolved MAC of `ip`, if any (control paths and tests).
-    pub(crate) fn get(&self, uplink: UplinkId, ip: IpAddr) -> Option<MacAddr> {
-        self.lock().get(&(uplink, ip)).and_then(|e| e.mac)
-    }
-}
-
-/// A worker's private copy of the resolved entries: looked up per packet without a lock.
-#[derive(Debug, Default)]
-pub(crate) struct LocalNeighbours {
-    map: HashMap<(UplinkId, IpAddr), MacAddr>,
-    generation: u64,
-    last: Option<((UplinkId, IpAddr), MacAddr)>,
-}
-
-impl LocalNeighbours {
-    /// Refreshes from `shared` when it changed; true when it did.
-    pub(crate) fn sync(&mut self, shared: &Neighbours) -> bool {
-        if shared.generation() == self.generation {
-            return false;
-        }
-        shared.snapshot(self);
-        true
-    }
-
-    /// The MAC of `ip` on `uplink`.
-    #[inline]
-    pub(crate) fn get(&mut self, uplink: UplinkId, ip: IpAddr) -> Option<MacAddr> {
-        if let Some((k, mac)) = self.last {
-            if k == (uplink, ip) {
-                return Some(mac);
-            }
-        }
-        let mac = *self.map.get(&(uplink, ip))?;
-        self.last = Some(((uplink, ip), mac));
-        Some(mac)
-    }
-}
-
 #[cfg(test)]
 #[allow(clippy::unwrap_used)]
 mod tests {
@@ -497,6 +348,15 @@ mod tests {
 
     const OUR_MAC: MacAddr = [2, 0, 0, 0, 0, 1];
     const ROUTER_MAC: MacAddr = [2, 0, 0, 0, 0, 0xfe];
+
+    fn claim(ip: &str, mac: MacAddr, kind: ClaimKind) -> Claim {
+        Claim {
+            ip: ip.parse().unwrap(),
+            mac,
+            kind,
+            overrides: true,
+        }
+    }
 
     fn ours() -> Vec<IpAddr> {
         vec![
@@ -520,8 +380,8 @@ mod tests {
         let mut reply = [0u8; MAX_FRAME];
         let heard = handle(&req[..n], OUR_MAC, &ours(), &mut reply);
         assert_eq!(
-            heard.learnt,
-            Some(("203.0.113.1".parse().unwrap(), ROUTER_MAC))
+            heard.claim,
+            Some(claim("203.0.113.1", ROUTER_MAC, ClaimKind::Request))
         );
         let len = heard.reply_len.unwrap();
         let p = etherparse::SlicedPacket::from_ethernet(&reply[..len]).unwrap();
@@ -551,7 +411,10 @@ mod tests {
         let mut reply = [0u8; MAX_FRAME];
         assert_eq!(
             handle(&req[..n], OUR_MAC, &ours(), &mut reply),
-            Heard::default()
+            Heard {
+                claim: Some(claim("203.0.113.1", ROUTER_MAC, ClaimKind::Unsolicited)),
+                reply_len: None
+            }
         );
         // The router answers our request.
         let mut ans = [0u8; 42];
@@ -566,10 +429,97 @@ mod tests {
         );
         let heard = handle(&ans, OUR_MAC, &ours(), &mut reply);
         assert_eq!(
-            heard.learnt,
-            Some(("203.0.113.1".parse().unwrap(), ROUTER_MAC))
+            heard.claim,
+            Some(claim("203.0.113.1", ROUTER_MAC, ClaimKind::Answer))
         );
         assert_eq!(heard.reply_len, None);
+    }
+
+    fn arp(op: u16, mac: MacAddr, from: &str, to_mac: MacAddr, to: &str) -> [u8; 42] {
+        let mut f = [0u8; 42];
+        let m = ethernet::emit(&ethernet::BROADCAST, &mac, ethernet::ethertype::ARP, &mut f);
+        arp::emit(
+            op,
+            &mac,
+            from.parse().unwrap(),
+            &to_mac,
+            to.parse().unwrap(),
+            &mut f[m..],
+        );
+        f
+    }
+
+    fn na(mac: MacAddr, dst: &str, target: &str, flags: u8) -> Vec<u8> {
+        let mut f = vec![0u8; MAX_FRAME];
+        let n = emit_ndp(
+            ICMPV6_NA,
+            mac,
+            OUR_MAC,
+            target.parse().unwrap(),
+            dst.parse().unwrap(),
+            target.parse().unwrap(),
+            flags,
+            OPT_TARGET_LL,
+            &mut f,
+        );
+        f.truncate(n);
+        f
+    }
+
+    /// Only a reply to our address and MAC, or a solicited advertisement to our address, can answer us.
+    #[test]
+    fn tells_answers_from_unsolicited_claims() {
+        const EVIL: MacAddr = [2, 0xe, 0xe, 0xe, 0xe, 0xe];
+        let mut r = [0u8; MAX_FRAME];
+        let kind = |f: &[u8]| {
+            handle(f, OUR_MAC, &ours(), &mut [0u8; MAX_FRAME])
+                .claim
+                .map(|c| (c.kind, c.mac, c.overrides))
+        };
+        let reply = arp(arp::OP_REPLY, EVIL, "203.0.113.1", OUR_MAC, "203.0.113.10");
+        assert_eq!(kind(&reply), Some((ClaimKind::Answer, EVIL, true)));
+        // Gratuitous ARP, as a reply and as a request (RFC 5227 §3 announcement).
+        let garp = arp(
+            arp::OP_REPLY,
+            EVIL,
+            "203.0.113.1",
+            ethernet::BROADCAST,
+            "203.0.113.1",
+        );
+        assert_eq!(kind(&garp), Some((ClaimKind::Unsolicited, EVIL, true)));
+        let garp = arp(arp::OP_REQUEST, EVIL, "203.0.113.1", [0; 6], "203.0.113.1");
+        assert_eq!(kind(&garp), Some((ClaimKind::Unsolicited, EVIL, true)));
+        // A reply to our address but to another MAC.
+        let other = arp(arp::OP_REPLY, EVIL, "203.0.113.1", EVIL, "203.0.113.10");
+        assert_eq!(kind(&other), Some((ClaimKind::Unsolicited, EVIL, true)));
+        // Nobody may claim our own address, and probes (sender 0.0.0.0) claim nothing.
+        let ours_claimed = arp(arp::OP_REPLY, EVIL, "203.0.113.10", OUR_MAC, "203.0.113.10");
+        assert_eq!(kind(&ours_claimed), None);
+        let probe = arp(arp::OP_REQUEST, EVIL, "0.0.0.0", [0; 6], "203.0.113.10");
+        assert_eq!(handle(&probe, OUR_MAC, &ours(), &mut r), Heard::default());
+        // Advertisements: solicited to us answers; unsolicited (to all-nodes, or without S) does not.
+        let sol = na(EVIL, "2001:db8:113::10", "2001:db8:113::1", NA_SOLICITED);
+        assert_eq!(kind(&sol), Some((ClaimKind::Answer, EVIL, false)));
+        let unsol = na(EVIL, "ff02::1", "2001:db8:113::1", NA_OVERRIDE);
+        assert_eq!(kind(&unsol), Some((ClaimKind::Unsolicited, EVIL, true)));
+        let unsol = na(EVIL, "2001:db8:113::10", "2001:db8:113::1", NA_OVERRIDE);
+        assert_eq!(kind(&unsol), Some((ClaimKind::Unsolicited, EVIL, true)));
+        let ours_claimed = na(EVIL, "ff02::1", "2001:db8:113::10", NA_OVERRIDE);
+        assert_eq!(kind(&ours_claimed), None);
+        // An answer to a unicast solicitation without the target link-layer option (as Linux sends it):
+        // the MAC is the frame's source.
+        let mut bare = na(
+            ROUTER_MAC,
+            "2001:db8:113::10",
+            "2001:db8:113::1",
+            NA_SOLICITED,
+        );
+        bare.truncate(bare.len() - 8);
+        bare[14 + 5] -= 8;
+        let (src, dst) = (v6(&bare[22..38]), v6(&bare[38..54]));
+        let mut p = icmpv6::Packet::new_unchecked(&mut bare[54..]);
+        p.fill_checksum(&src, &dst);
+        assert_eq!(kind(&bare), Some((ClaimKind::Answer, ROUTER_MAC, false)));
     }
 
     #[test]
@@ -588,8 +538,8 @@ mod tests {
         let mut reply = [0u8; MAX_FRAME];
         let heard = handle(&ns[..n], OUR_MAC, &ours(), &mut reply);
         assert_eq!(
-            heard.learnt,
-            Some(("2001:db8:113::1".parse().unwrap(), ROUTER_MAC))
+            heard.claim,
+            Some(claim("2001:db8:113::1", ROUTER_MAC, ClaimKind::Request))
         );
         let len = heard.reply_len.unwrap();
         assert_eq!(&reply[..6], &ROUTER_MAC);
@@ -604,11 +554,18 @@ mod tests {
             "2001:db8:113::10".parse::<Ipv6Addr>().unwrap()
         );
         assert_eq!(ll_option(&msg[24..], OPT_TARGET_LL), Some(OUR_MAC));
-        // And we learn from that advertisement in turn.
+        // To the router (whose address it is sent to) it is an answer.
+        let router: Vec<IpAddr> = vec!["2001:db8:113::1".parse().unwrap()];
+        let back = handle(&reply[..len], ROUTER_MAC, &router, &mut [0u8; MAX_FRAME]);
+        assert_eq!(
+            back.claim,
+            Some(claim("2001:db8:113::10", OUR_MAC, ClaimKind::Answer))
+        );
+        // To anyone else it is not.
         let back = handle(&reply[..len], ROUTER_MAC, &[], &mut [0u8; MAX_FRAME]);
         assert_eq!(
-            back.learnt,
-            Some(("2001:db8:113::10".parse().unwrap(), OUR_MAC))
+            back.claim,
+            Some(claim("2001:db8:113::10", OUR_MAC, ClaimKind::Unsolicited))
         );
     }
 
@@ -634,66 +591,6 @@ mod tests {
             handle(&ns[..n], OUR_MAC, &ours(), &mut reply),
             Heard::default()
         );
-    }
-
-    #[test]
-    fn cache_resolves_refreshes_and_forgets() {
-        let t0 = Instant::now();
-        let nb = Neighbours::default();
-        let ip: IpAddr = "203.0.113.1".parse().unwrap();
-        assert!(nb.want(0, ip, t0));
-        assert!(
-            !nb.want(0, ip, t0 + Duration::from_millis(10)),
-            "rate limited"
-        );
-        assert!(nb.pending(0, ip));
-        let mut local = LocalNeighbours::default();
-        assert!(local.sync(&nb) || local.get(0, ip).is_none());
-        nb.learn(0, ip, ROUTER_MAC, t0 + Duration::from_millis(20));
-        assert!(local.sync(&nb));
-        assert_eq!(local.get(0, ip), Some(ROUTER_MAC));
-        assert!(!local.sync(&nb), "no change, no copy");
-        // After REACHABLE a unicast probe is due; unanswered ones remove the entry.
-        let mut t = t0 + REACHABLE + Duration::from_millis(20);
-        let p = nb.maintain(t);
-        assert_eq!(
-            p,
-            vec![Probe {
-                uplink: 0,
-                ip,
-                known: Some(ROUTER_MAC)
-            }]
-        );
-        for _ in 1..PROBES {
-            t += RETRANS;
-            assert_eq!(nb.maintain(t).len(), 1);
-        }
-        t += RETRANS;
-        assert!(nb.maintain(t).is_empty());
-        assert!(local.sync(&nb));
-        assert_eq!(local.get(0, ip), None);
-    }
-
-    #[test]
-    fn unresolved_addresses_fail_after_the_probes() {
-        let t0 = Instant::now();
-        let nb = Neighbours::default();
-        let ip: IpAddr = "10.50.0.99".parse().unwrap();
-        let mut t = t0;
-        let mut sent = 0;
-        for _ in 0..6 {
-            if nb.want(1, ip, t) {
-                sent += 1;
-            }
-            nb.maintain(t);
-            t += Duration::from_millis(500);
-        }
-        assert_eq!(sent, PROBES);
-        assert!(!nb.pending(1, ip), "no more probes: given up");
-        nb.maintain(t);
-        assert_eq!(nb.counts().failed, 1);
-        // New traffic starts a new resolution.
-        assert!(nb.want(1, ip, t));
     }
 }
 

@@ -90,7 +90,7 @@ pub(crate) fn run(path: &Path, tunnel_ip: Option<Ipv4Addr>) -> Result<(), RunErr
     let shared = Arc::new(Shared {
         gateway: Mutex::new(Arc::new(gateway)),
         gateway_generation: AtomicU64::new(0),
-        neighbours: neighbour::Neighbours::default(),
+        neighbours: neighbour::Neighbours::new(uplinks.len()),
         uplinks,
         tunnel_listen: cfg.tunnel.listen,
         tunnel_mtu: cfg.tunnel.mtu,
@@ -410,30 +410,27 @@ struct Control {
 }
 
 impl Control {
-    /// Asks for the MACs of the configured routers now, so that the first packets need not wait.
+    /// Pins the configured routers in the neighbour cache (never refused or evicted) and asks for the MACs
+    /// of those not resolved yet, so that the first packets need not wait.
     fn resolve_next_hops(&mut self) {
         let now = Instant::now();
-        let hops: Vec<(usize, IpAddr)> = self
-            .cfg
-            .uplinks
-            .iter()
-            .enumerate()
-            .flat_map(|(u, spec)| {
-                [
-                    spec.next_hop.map(IpAddr::V4),
-                    spec.next_hop_v6.map(IpAddr::V6),
-                ]
-                .into_iter()
-                .flatten()
-                .map(move |hop| (u, hop))
-            })
+        for u in 0..self.cfg.uplinks.len() {
+            let spec = &self.cfg.uplinks[u];
+            let hops: Vec<IpAddr> = [
+                spec.next_hop.map(IpAddr::V4),
+                spec.next_hop_v6.map(IpAddr::V6),
+            ]
+            .into_iter()
+            .flatten()
             .collect();
-        for (u, hop) in hops {
             let id = u8::try_from(u).unwrap_or(u8::MAX);
-            if self.shared.neighbours.get(id, hop).is_none()
-                && self.shared.neighbours.want(id, hop, now)
-            {
-                self.send_request(u, hop, None);
+            self.shared.neighbours.set_pinned(id, &hops);
+            for hop in hops {
+                if self.shared.neighbours.get(id, hop).is_none()
+                    && self.shared.neighbours.want(id, hop, now)
+                {
+                    self.send_request(u, hop, None);
+                }
             }
         }
     }

@@ -117,6 +117,11 @@ pub(crate) const METRICS: &[(&str, &str, &str)] = &[
         "Neighbour resolutions that got no answer.",
     ),
     (
+        "egress_gateway_neighbour_updates_total",
+        "counter",
+        "Received ARP/NDP claims and cache needs, by outcome (learnt, confirmed, unsolicited, cache_full, mac_change_*, ...).",
+    ),
+    (
         "egress_gateway_ready",
         "gauge",
         "1 when /readiness answers 200.",
@@ -271,6 +276,10 @@ impl Telemetry {
         gauge!("egress_gateway_neighbours", "state" => "resolved").set(n.resolved as f64);
         gauge!("egress_gateway_neighbours", "state" => "incomplete").set(n.incomplete as f64);
         counter!("egress_gateway_neighbour_failures_total").absolute(n.failed);
+        for o in crate::neighbour::Outcome::ALL {
+            counter!("egress_gateway_neighbour_updates_total", "outcome" => o.name())
+                .absolute(n.outcomes[o.index()]);
+        }
         gauge!("egress_gateway_ready").set(f64::from(u8::from(self.ready.load(Ordering::Relaxed))));
         gauge!("egress_gateway_draining")
             .set(f64::from(u8::from(self.draining.load(Ordering::Relaxed))));
@@ -364,7 +373,7 @@ mod tests {
         let shared = Arc::new(Shared {
             gateway: Mutex::new(gw),
             gateway_generation: AtomicU64::new(0),
-            neighbours: crate::neighbour::Neighbours::default(),
+            neighbours: crate::neighbour::Neighbours::new(1),
             uplinks: vec![UplinkIo {
                 name: "dmz".into(),
                 interface: "gwdmz".into(),

@@ -232,8 +232,7 @@ impl Worker {
             .unwrap_or(1500);
         let min_mtu = mtus.chain([shared.tunnel_mtu]).min().unwrap_or(1500);
         let segment_slot = round_up(8 + 14 + usize::from(max_mtu).max(1280) + ICMP_ROOM, 64);
-        let mut neighbours = LocalNeighbours::default();
-        neighbours.sync(&shared.neighbours);
+        let neighbours = shared.neighbours.local();
         Ok(Worker {
             id,
             pipeline: Pipeline::new(gateway, seed),
@@ -993,8 +992,8 @@ impl<'b> UplinkOut<'_, 'b> {
                 continue;
             };
             let heard = neighbour::handle(frame, self.this_mac, &u.egress, self.out.scratch);
-            if let Some((ip, mac)) = heard.learnt {
-                self.out.shared.neighbours.learn(self.uplink, ip, mac, now);
+            if let Some(claim) = heard.claim {
+                self.out.shared.neighbours.heard(self.uplink, claim, now);
             }
             if let Some(n) = heard.reply_len {
                 if self

@@ -6,6 +6,7 @@
 //!   the checksums); [`send_udp`] sends any payload from a chosen source address inside a namespace.
 //! * [`Capture`] records the frames of one interface (`AF_PACKET`) on a thread inside the namespace,
 //!   keeping those a filter accepts, each parsed into a [`Frame`] summary.
+//! * [`FrameSender`] sends whole Ethernet frames, as written, on one interface (an intruder's ARP/NDP).
 //! * [`ErrorQueueSocket`] is a UDP socket with `IP_RECVERR`/`IPV6_RECVERR` on, a chosen TTL and DF
 //!   setting; [`ErrorQueueSocket::recv_error`] returns the next [`IcmpReport`] the kernel queued.
 
@@ -436,6 +437,7 @@ impl Drop for Capture {
 }
 
 /// An `AF_PACKET` socket bound to one interface (every protocol).
+#[derive(Debug)]
 struct PacketSocket {
     fd: OwnedFd,
 }
@@ -510,6 +512,42 @@ impl PacketSocket {
         }
         let outgoing = from.sll_pkttype == libc::PACKET_OUTGOING;
         Ok(Some((usize::try_from(n).unwrap_or(0), outgoing)))
+    }
+}
+
+/// Sends whole Ethernet frames, exactly as given, on one interface (`AF_PACKET`, `SOCK_RAW`). Open it on a
+/// thread inside the interface's namespace.
+#[derive(Debug)]
+pub struct FrameSender {
+    sock: PacketSocket,
+}
+
+impl FrameSender {
+    /// A sender on `dev` of the calling thread's namespace.
+    pub fn open(dev: &str) -> Result<Self> {
+        Ok(Self {
+            sock: PacketSocket::open(dev)?,
+        })
+    }
+
+    /// Sends one frame (Ethernet header included).
+    pub fn send(&self, frame: &[u8]) -> Result<()> {
+        // SAFETY: `frame` is valid for reads of its length; the socket is bound to the interface.
+        let n = unsafe {
+            libc::send(
+                self.sock.fd.as_raw_fd(),
+                frame.as_ptr().cast(),
+                frame.len(),
+                0,
+            )
+        };
+        if n < 0 {
+            return Err(Error::msg(format!(
+                "send a raw frame: {}",
+                std::io::Error::last_os_error()
+            )));
+        }
+        Ok(())
     }
 }
 

@@ -1,7 +1,8 @@
 //! The end-to-end scenarios against the userspace gateway (`egress-gateway run`; listed in docs/harness.md,
 //! "End-to-end scenarios against the userspace gateway"), each on its own namespace topology: reachability and
-//! SNAT, many connections, internal routing, ICMP (TTL expiry, PMTU, MSS clamp), unsolicited and hostile input,
-//! reload and drain, two nodes at once, IPv6 in the tunnel; the NAT translation log and `egress-gateway flows`.
+//! SNAT, many connections, internal routing, ICMP (TTL expiry, PMTU, MSS clamp), unsolicited and hostile input
+//! (malformed super-packets, a host poisoning the uplink neighbours), port-pool fairness, reload and drain, two
+//! nodes at once, IPv6 in the tunnel; the NAT translation log and `egress-gateway flows`.
 //! Every test skips without CAP_NET_ADMIN (fails with `EGRESS_REQUIRE_NETNS=1`) and until
 //! `target/release/egress-gateway` is built (`cargo build --release -p gateway`).
 //!
@@ -14,5 +15,6 @@ mod forwarding;
 mod hardening;
 mod icmp;
 mod ipv6;
+mod neighbour;
 mod operations;
 mod security;
