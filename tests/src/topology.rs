@@ -358,7 +358,10 @@ impl Topology {
         // Underlay: a bridge with the "underlay router" address (the nodes' default route).
         let underlay = ns("ul")?;
         bridge_without_netfilter(&underlay);
-        underlay.ip("link add br0 type bridge")?;
+        underlay.ip(&format!(
+            "link add br0 address {} type bridge",
+            BRIDGE_MAC[0]
+        ))?;
         underlay.ip("addr add 172.18.0.1/16 dev br0")?;
         underlay.ip("link set br0 up")?;
 
@@ -394,7 +397,10 @@ impl Topology {
         };
         bridge_without_netfilter(&internal.ns);
         no_dad(&internal.ns)?;
-        internal.ns.ip("link add br0 type bridge")?;
+        internal.ns.ip(&format!(
+            "link add br0 address {} type bridge",
+            BRIDGE_MAC[1]
+        ))?;
         internal
             .ns
             .ip(&format!("addr add {INTERNAL_SERVER}/16 dev br0"))?;
@@ -791,11 +797,23 @@ fn bridge_without_netfilter(ns: &Netns) {
     }
 }
 
+/// The bridges' MACs (underlay, internal, DMZ), set explicitly: a bridge without one takes the lowest MAC of
+/// its ports (Linux `br_stp_recalculate_bridge_id`), so a test that adds a port — a poisoner on the DMZ —
+/// would change the router's MAC under the gateway half of the time.
+const BRIDGE_MAC: [&str; 3] = [
+    "02:b0:00:00:00:01",
+    "02:b0:00:00:00:02",
+    "02:b0:00:00:00:03",
+];
+
 fn build_dmz(router: Host, v6: bool) -> Result<Host> {
     let ns = &router.ns;
     bridge_without_netfilter(ns);
     no_dad(ns)?;
-    ns.ip("link add dmz type bridge")?;
+    ns.ip(&format!(
+        "link add dmz address {} type bridge",
+        BRIDGE_MAC[2]
+    ))?;
     ns.ip(&format!("addr add {DMZ_ROUTER}/24 dev dmz"))?;
     if v6 {
         ns.ip(&format!(

@@ -11,8 +11,13 @@
 //! * A claim that a known address has a *different* MAC never takes effect at once, whatever the frame
 //!   (reply, gratuitous ARP, request for us, NA with Override): it moves the entry to PROBE (RFC 4861 §7.3.3,
 //!   STALE → PROBE) — unicast probes to the MAC we have. If that MAC answers, the claim is refused
-//!   (RFC 5227 §2.4 defends an address the same way). If it stays silent for [`PROBES`] probes, broadcast
-//!   requests follow and the MAC that answers one of them is taken. The old MAC is used meanwhile.
+//!   (RFC 5227 §2.4 defends an address the same way) — and so is it when any frame of the known MAC for
+//!   that address arrives while the change is pending, even an answer that came late or a request of its own:
+//!   under a flood, answers queue behind it, and a forged frame with the known MAC can only keep what we
+//!   have. If the known MAC stays silent for [`PROBES`] probes, broadcast requests follow, and a new MAC is
+//!   taken only when it is the *only* one that answered during the [`ANSWER_WINDOW`] after a request; when
+//!   two or more MACs answer (a host answering for the router as well as the router), the change is refused
+//!   as contested and the entry goes back to probing the known MAC. The old MAC is used meanwhile.
 //! * Entries are re-probed (unicast) after [`REACHABLE`]; one whose MAC and then broadcast requests go
 //!   unanswered is forgotten.
 //! * Per uplink at most [`CAPACITY`] learnt entries, of which at most [`PASSIVE_CAPACITY`] created by requests
@@ -62,10 +67,12 @@ pub(crate) enum Outcome {
     MacChangeConfirmed,
     /// The known MAC answered our probe: the claimed change was discarded.
     MacChangeRefused,
+    /// Several MACs answered one broadcast request: the change was refused, the known MAC kept.
+    MacChangeContested,
 }
 
 impl Outcome {
-    pub(crate) const ALL: [Outcome; 8] = [
+    pub(crate) const ALL: [Outcome; 9] = [
         Outcome::Learnt,
         Outcome::Confirmed,
         Outcome::Unchanged,
@@ -74,6 +81,7 @@ impl Outcome {
         Outcome::MacChangeClaimed,
         Outcome::MacChangeConfirmed,
         Outcome::MacChangeRefused,
+        Outcome::MacChangeContested,
     ];
 
     /// The metric label.
@@ -87,6 +95,7 @@ impl Outcome {
             Outcome::MacChangeClaimed => "mac_change_claimed",
             Outcome::MacChangeConfirmed => "mac_change_confirmed",
             Outcome::MacChangeRefused => "mac_change_refused",
+            Outcome::MacChangeContested => "mac_change_contested",
         }
     }
 
@@ -121,6 +130,11 @@ struct Entry {
     probes: u32,
     /// A different MAC someone claimed, while we probe the known one.
     candidate: Option<MacAddr>,
+    /// A different MAC was claimed and the claim is not settled yet.
+    claimed: bool,
+    /// In [`State::Verify`]: the MAC that answered our last broadcast request, and whether another did too.
+    answer: Option<MacAddr>,
+    contested: bool,
     /// A configured next hop: never refused or evicted, does not count against [`CAPACITY`].
     pinned: bool,
     /// Created by a request for us and not needed by a packet yet.
@@ -136,6 +150,9 @@ impl Entry {
             asked: None,
             probes: 0,
             candidate: None,
+            claimed: false,
+            answer: None,
+            contested: false,
             pinned,
             passive: false,
         }
@@ -148,6 +165,18 @@ impl Entry {
         self.asked = None;
         self.probes = 0;
         self.candidate = None;
+        self.claimed = false;
+        self.answer = None;
+        self.contested = false;
+    }
+
+    /// Back to unicast probes of the MAC we have, the claim still pending.
+    fn reprobe(&mut self) {
+        self.state = State::Probe;
+        self.asked = None;
+        self.probes = 0;
+        self.answer = None;
+        self.contested = false;
     }
 }
 
@@ -243,26 +272,32 @@ impl Cache {
             }
             None => (Outcome::Unsolicited, false),
             Some(known) if known == c.mac => {
+                if e.claimed {
+                    // The known MAC is alive: whatever the frame, the pending change is refused.
+                    e.confirm(known, now);
+                    return (Outcome::MacChangeRefused, false);
+                }
                 if !answered {
                     return (Outcome::Unchanged, false);
                 }
-                let refused = e.candidate.is_some();
                 e.confirm(known, now);
-                if refused {
-                    (Outcome::MacChangeRefused, false)
-                } else {
-                    (Outcome::Confirmed, false)
-                }
+                (Outcome::Confirmed, false)
             }
             Some(_) if answered && e.state == State::Verify => {
-                e.confirm(c.mac, now);
-                table.set(c.ip, c.mac);
-                (Outcome::MacChangeConfirmed, true)
+                // Decided when the answer window closes (`maintain`): taken only if no other MAC answered.
+                match e.answer {
+                    None => e.answer = Some(c.mac),
+                    Some(m) if m != c.mac => e.contested = true,
+                    Some(_) => {}
+                }
+                e.claimed = true;
+                (Outcome::MacChangeClaimed, false)
             }
             Some(_) => {
                 if c.overrides {
                     e.candidate = Some(c.mac);
                 }
+                e.claimed = true;
                 if e.state == State::Reachable {
                     e.state = State::Probe;
                     e.asked = None;
@@ -410,6 +445,7 @@ impl Neighbours {
     pub(crate) fn maintain(&self, now: Instant) -> Vec<Probe> {
         let mut probes = Vec::new();
         let mut gone = Vec::new();
+        let mut outcomes = Vec::new();
         let mut changed = false;
         for (u, (cache, table)) in self.caches.iter().zip(self.tables.iter()).enumerate() {
             let uplink = UplinkId::try_from(u).unwrap_or(UplinkId::MAX);
@@ -428,6 +464,21 @@ impl Neighbours {
                 }
                 if since < RETRANS && e.asked.is_some() {
                     continue;
+                }
+                // The answer window of a broadcast request has closed: one new MAC is taken, several are not.
+                if e.state == State::Verify {
+                    if let Some(mac) = e.answer {
+                        if e.contested {
+                            e.reprobe();
+                            outcomes.push(Outcome::MacChangeContested);
+                        } else {
+                            e.confirm(mac, now);
+                            table.set(*ip, mac);
+                            changed = true;
+                            outcomes.push(Outcome::MacChangeConfirmed);
+                            continue;
+                        }
+                    }
                 }
                 let mut send = |e: &mut Entry, known| {
                     e.asked = Some(now);
@@ -461,6 +512,9 @@ impl Neighbours {
                 changed |= c.entries.get(ip).is_some_and(|e| e.mac.is_some());
                 c.remove(*ip, table);
             }
+        }
+        for o in outcomes {
+            self.count(o);
         }
         if changed {
             self.changed();
@@ -693,9 +747,87 @@ mod tests {
         assert_eq!(nb.get(0, router()), Some(ROUTER_MAC));
         let answer = claim(router(), NEW, ClaimKind::Answer);
         t += Duration::from_millis(1);
-        assert_eq!(nb.heard(0, answer, t), Outcome::MacChangeConfirmed);
+        assert_eq!(nb.heard(0, answer, t), Outcome::MacChangeClaimed);
+        assert_eq!(nb.heard(0, answer, t), Outcome::MacChangeClaimed);
+        // Taken when the answer window closes with no other MAC in it.
+        assert!(!local.sync(&nb));
+        assert!(nb.maintain(t + ANSWER_WINDOW).is_empty());
         assert!(local.sync(&nb));
         assert_eq!(local.get(0, router()), Some(NEW));
+        assert_eq!(nb.counts().outcomes[Outcome::MacChangeConfirmed.index()], 1);
+    }
+
+    /// Silences the known MAC for [`PROBES`] probes; returns the time of the first broadcast request.
+    fn to_verify(nb: &Neighbours, mut t: Instant) -> Instant {
+        assert_eq!(
+            nb.heard(0, claim(router(), EVIL, ClaimKind::Unsolicited), t),
+            Outcome::MacChangeClaimed
+        );
+        for _ in 0..PROBES {
+            assert_eq!(nb.maintain(t)[0].known, Some(ROUTER_MAC));
+            t += RETRANS;
+        }
+        assert_eq!(nb.maintain(t)[0].known, None, "broadcast");
+        t
+    }
+
+    #[test]
+    fn two_macs_answering_one_broadcast_change_nothing() {
+        let t0 = Instant::now();
+        let nb = with_router(t0);
+        let t = to_verify(&nb, t0 + Duration::from_secs(1));
+        // A host forging answers and another (the router on a new card, or the attacker's second MAC).
+        const NEW: MacAddr = [2, 0, 0, 0, 0, 0xfd];
+        for mac in [EVIL, NEW, EVIL] {
+            let answer = claim(router(), mac, ClaimKind::Answer);
+            assert_eq!(nb.heard(0, answer, t), Outcome::MacChangeClaimed);
+        }
+        // The window closes contested: back to unicast probes of the MAC we have, which stays in use.
+        let p = nb.maintain(t + ANSWER_WINDOW);
+        assert_eq!(p.len(), 1);
+        assert_eq!(p[0].known, Some(ROUTER_MAC));
+        assert_eq!(nb.get(0, router()), Some(ROUTER_MAC));
+        let c = nb.counts();
+        assert_eq!(c.outcomes[Outcome::MacChangeContested.index()], 1);
+        assert_eq!(c.outcomes[Outcome::MacChangeConfirmed.index()], 0);
+        // The same again with the attacker alone in a later window would be taken: ARP cannot tell them
+        // apart once the known MAC is silent for good (documented in docs/running.md).
+    }
+
+    #[test]
+    fn a_late_frame_of_the_known_mac_refuses_a_pending_change() {
+        let t0 = Instant::now();
+        // Late answers (queued behind a flood), requests for us, even unsolicited announcements: any frame
+        // with the known MAC shows it alive, in Probe and in Verify alike.
+        for kind in [
+            ClaimKind::Answer,
+            ClaimKind::Request,
+            ClaimKind::Unsolicited,
+        ] {
+            for verify in [false, true] {
+                let nb = with_router(t0);
+                let mut t = t0 + Duration::from_secs(1);
+                if verify {
+                    t = to_verify(&nb, t);
+                    let forged = claim(router(), EVIL, ClaimKind::Answer);
+                    assert_eq!(nb.heard(0, forged, t), Outcome::MacChangeClaimed);
+                } else {
+                    let forged = claim(router(), EVIL, ClaimKind::Unsolicited);
+                    assert_eq!(nb.heard(0, forged, t), Outcome::MacChangeClaimed);
+                    nb.maintain(t);
+                }
+                let late = t + 3 * ANSWER_WINDOW / 2;
+                let real = claim(router(), ROUTER_MAC, kind);
+                assert_eq!(
+                    nb.heard(0, real, late),
+                    Outcome::MacChangeRefused,
+                    "{kind:?}"
+                );
+                assert!(nb.maintain(late).is_empty(), "reachable again");
+                assert_eq!(nb.get(0, router()), Some(ROUTER_MAC));
+                assert_eq!(nb.counts().outcomes[Outcome::MacChangeConfirmed.index()], 0);
+            }
+        }
     }
 
     #[test]
