@@ -15,6 +15,8 @@
 # Borrows (crossbeam-rs/crossbeam#996). -Zmiri-permissive-provenance silences the warning about
 # crossbeam-epoch's integer-to-pointer casts. Tests that cannot run under Miri are `#[cfg_attr(miri, ignore)]`
 # with the reason.
+# -Zmiri-disable-isolation: proptest's failure persistence calls getcwd, which Miri's isolation refuses (the
+# first full run stopped there after 38 of 171 tests, all passing, without any undefined behaviour).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -29,7 +31,7 @@ if [[ $what == all || $what == miri ]]; then
     else
         start=$SECONDS
         if PROPTEST_CASES=${PROPTEST_CASES:-8} \
-            MIRIFLAGS="${MIRIFLAGS:--Zmiri-tree-borrows -Zmiri-permissive-provenance}" \
+            MIRIFLAGS="${MIRIFLAGS:--Zmiri-tree-borrows -Zmiri-permissive-provenance -Zmiri-disable-isolation}" \
             cargo +nightly miri test -p forwarder-core --lib -- ${MIRI_FILTER:-}; then
             echo "PASSED: miri ($((SECONDS - start)) s)"
         else
