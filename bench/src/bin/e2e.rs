@@ -2,11 +2,12 @@
 //! namespace topology (the harness's standard scenario), with the same load, in one run.
 //!
 //! Usage (as root): `cargo run -p bench --release --bin e2e -- [--quick] [--modes kernel,userspace]
-//! [--seconds N] [--rounds N] [--senders N] [--clients N] [--strict]`
+//! [--seconds N] [--rounds N] [--senders N] [--clients N] [--only tcp,iperf,flood,conn,latency] [--strict]`
 //!
 //! Per mode it measures, with the gateway pod switched between modes (its namespace rebuilt identically;
 //! nodes, pods and servers stay):
-//! * TCP bulk throughput, one stream, pod → red server (`iperf3 -J`);
+//! * TCP bulk throughput, one stream, pod → red server (`iperf3 -J`), and the CPU it took: all cores'
+//!   busy time over the transfer (less the background measured just before) per GB delivered;
 //! * 64-byte UDP packet rate from one `iperf3 -u -l 64 -b 0` sender, and from `--senders` Rust `sendmmsg`
 //!   senders in different pods: offered (UDP datagrams the pods sent) and delivered (datagrams that reached
 //!   the server's UDP layer, from `/proc/net/snmp` in each namespace);
@@ -36,6 +37,7 @@ use tests::{Error, GatewayMode, Netns, Result, Topology, TopologySpec};
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 enum Metric {
     TcpBulk,
+    TcpCpu,
     IperfOffered,
     IperfDelivered,
     IperfCpu,
@@ -48,8 +50,9 @@ enum Metric {
 }
 
 impl Metric {
-    const ALL: [Metric; 10] = [
+    const ALL: [Metric; 11] = [
         Metric::TcpBulk,
+        Metric::TcpCpu,
         Metric::IperfOffered,
         Metric::IperfDelivered,
         Metric::IperfCpu,
@@ -64,6 +67,7 @@ impl Metric {
     fn label(self, o: &Options) -> String {
         match self {
             Metric::TcpBulk => "TCP bulk, 1 stream (Gbit/s)".into(),
+            Metric::TcpCpu => "  CPU per GB delivered (core-seconds)".into(),
             Metric::IperfOffered => "UDP 64 B, 1 iperf3 sender: offered (Mpps)".into(),
             Metric::IperfDelivered => "UDP 64 B, 1 iperf3 sender: delivered (Mpps)".into(),
             Metric::IperfCpu => "  CPU per delivered packet (ns)".into(),
@@ -80,17 +84,32 @@ impl Metric {
         }
     }
 
+    /// The `--only` name of the measurement that produces this line.
+    fn measurement(self) -> &'static str {
+        match self {
+            Metric::TcpBulk | Metric::TcpCpu => "tcp",
+            Metric::IperfOffered | Metric::IperfDelivered | Metric::IperfCpu => "iperf",
+            Metric::FloodOffered | Metric::FloodDelivered | Metric::FloodCpu => "flood",
+            Metric::ConnRate => "conn",
+            Metric::LatencyP50 | Metric::LatencyP99 => "latency",
+        }
+    }
+
     /// Lower is better (the ratio is then kernel / userspace).
     fn lower_is_better(self) -> bool {
         matches!(
             self,
-            Metric::IperfCpu | Metric::FloodCpu | Metric::LatencyP50 | Metric::LatencyP99
+            Metric::TcpCpu
+                | Metric::IperfCpu
+                | Metric::FloodCpu
+                | Metric::LatencyP50
+                | Metric::LatencyP99
         )
     }
 
     fn format(self, v: f64) -> String {
         match self {
-            Metric::TcpBulk => format!("{v:.2}"),
+            Metric::TcpBulk | Metric::TcpCpu => format!("{v:.2}"),
             Metric::IperfOffered
             | Metric::IperfDelivered
             | Metric::FloodOffered
@@ -116,10 +135,22 @@ struct Options {
     modes: Vec<ModeArg>,
     strict: bool,
     wait_idle: u64,
+    /// Measurements to run, by short name (all when empty).
+    only: Vec<String>,
+}
+
+impl Options {
+    /// Whether `--only` (or its absence) selects the measurement of `m`.
+    fn selected(&self, m: Metric) -> bool {
+        self.only.is_empty() || self.only.iter().any(|n| n == m.measurement())
+    }
 }
 
 const USAGE: &str = "usage: e2e [--quick] [--modes kernel,userspace] [--seconds N] [--rounds N] \
-[--senders N] [--clients N] [--wait-idle SECONDS] [--strict]";
+[--senders N] [--clients N] [--wait-idle SECONDS] [--only tcp,iperf,flood,conn,latency] [--strict]";
+
+/// The measurements, by the short name `--only` takes.
+const MEASUREMENTS: [&str; 5] = ["tcp", "iperf", "flood", "conn", "latency"];
 
 fn parse_args() -> std::result::Result<Options, String> {
     let mut o = Options {
@@ -130,6 +161,7 @@ fn parse_args() -> std::result::Result<Options, String> {
         modes: vec![ModeArg::Kernel, ModeArg::Userspace],
         strict: false,
         wait_idle: 0,
+        only: Vec::new(),
     };
     let mut args = std::env::args().skip(1);
     let number = |name: &str, v: Option<String>| -> std::result::Result<u64, String> {
@@ -145,6 +177,15 @@ fn parse_args() -> std::result::Result<Options, String> {
             "--senders" => o.senders = to_usize(number("--senders", args.next())?),
             "--clients" => o.clients = to_usize(number("--clients", args.next())?),
             "--strict" => o.strict = true,
+            "--only" => {
+                let v = args.next().ok_or("--only needs a list")?;
+                for name in v.split(',') {
+                    if !MEASUREMENTS.contains(&name) {
+                        return Err(format!("--only: unknown measurement {name:?}"));
+                    }
+                    o.only.push(name.to_owned());
+                }
+            }
             "--wait-idle" => o.wait_idle = number("--wait-idle", args.next())?,
             "--modes" => {
                 let v = args.next().ok_or("--modes needs a list")?;
@@ -240,7 +281,7 @@ fn run(o: &Options) -> Result<bool> {
             eprintln!("e2e: round {round}, {mode_arg:?} mode");
             let values = measure_mode(&mut topo, *mode_arg, first, o);
             first = false;
-            record(&mut columns[col], values);
+            record(o, &mut columns[col], values);
         }
     }
     print_table(o, &columns);
@@ -253,8 +294,8 @@ fn run(o: &Options) -> Result<bool> {
     Ok(kernel_failed || (o.strict && any_failed))
 }
 
-fn record(column: &mut Column, values: std::result::Result<Values, String>) {
-    for m in Metric::ALL {
+fn record(o: &Options, column: &mut Column, values: std::result::Result<Values, String>) {
+    for m in Metric::ALL.into_iter().filter(|m| o.selected(*m)) {
         let v = match &values {
             Ok(vals) => vals
                 .get(&m)
@@ -297,7 +338,10 @@ fn measure_mode(
         ("TCP connection rate", tcp_conn_rate),
         ("latency", rr_latency),
     ];
-    for (name, measure) in measurements {
+    for ((name, measure), short) in measurements.into_iter().zip(MEASUREMENTS) {
+        if !o.only.is_empty() && !o.only.iter().any(|n| n == short) {
+            continue;
+        }
         if o.wait_idle > 0 {
             wait_idle(Duration::from_secs(o.wait_idle));
         }
@@ -374,15 +418,24 @@ fn tcp_bulk(topo: &Topology, o: &Options) -> Result<Vec<(Metric, f64)>> {
     let _server = iperf3_server(topo, 5201)?;
     let secs = o.seconds.to_string();
     let red = RED_SERVER.to_string();
+    let background = background_busy(Duration::from_secs(1))?;
+    let (cpu0, t0) = (cpu_busy_seconds()?, Instant::now());
     let json = iperf3_client(
         topo,
         &topo.pod(1, 1).ns,
         &["-c", &red, "-p", "5201", "-t", &secs],
         o,
     )?;
+    let busy = cpu_busy_seconds()? - cpu0 - background * t0.elapsed().as_secs_f64();
     let bps = json_f64(&json, &["end", "sum_received", "bits_per_second"])
         .ok_or_else(|| Error::msg("iperf3 JSON has no end.sum_received.bits_per_second"))?;
-    Ok(vec![(Metric::TcpBulk, bps / 1e9)])
+    let bytes = json_f64(&json, &["end", "sum_received", "bytes"])
+        .ok_or_else(|| Error::msg("iperf3 JSON has no end.sum_received.bytes"))?;
+    let mut v = vec![(Metric::TcpBulk, bps / 1e9)];
+    if bytes > 0.0 && busy > 0.0 {
+        v.push((Metric::TcpCpu, busy / (bytes / 1e9)));
+    }
+    Ok(v)
 }
 
 /// Busy CPU time of all cores so far (from /proc/stat), in seconds.
@@ -835,7 +888,7 @@ fn print_table(o: &Options, columns: &[Column]) {
     println!("{header}");
     println!("{}", "-".repeat(header.chars().count()));
     let mut errors = Vec::new();
-    for m in Metric::ALL {
+    for m in Metric::ALL.into_iter().filter(|m| o.selected(*m)) {
         let mut line = format!("{:width$}", m.label(o));
         let cells: Vec<_> = columns.iter().map(|c| cell(c.get(&m))).collect();
         for (col, c) in cells.iter().enumerate() {
