@@ -399,33 +399,57 @@ pub fn coalesce(frames: &[&[u8]], out: &mut [u8]) -> Option<(usize, VnetHdr)> {
         out[ETH + 10..ETH + 12].copy_from_slice(&c.to_be_bytes());
     }
     out[l3.l4 + 13] = flags;
-    let l4_total = u32::try_from(total - l3.l4).ok()?;
+    let vnet = partial_tcp(out, l3, u16::try_from(mss).ok()?)?;
+    Some((total, vnet))
+}
+
+/// Prepares the translated TCP super-packet `frame` (a complete Ethernet frame, its IP length the
+/// frame's) to leave whole through a packet socket with `PACKET_VNET_HDR`: writes the partial checksum
+/// the offload completes (the pseudo-header sum of the translated addresses and the whole TCP length, as
+/// Linux's `__tcp_v4_send_check` leaves it for `CHECKSUM_PARTIAL`) and returns the header that has the
+/// kernel cut it into segments of `gso_size` payload bytes and fill in their checksums. O(1) in the
+/// payload: whatever the field held before (the sender's own partial sum, changed by the translation) is
+/// replaced, never summed over.
+pub fn prepare_whole(frame: &mut [u8], gso_size: u16) -> Result<VnetHdr, OffloadError> {
+    let Layout { l3, tcp, .. } = Layout::of(frame)?;
+    if !tcp {
+        return Err(OffloadError::UnsupportedGso);
+    }
+    if gso_size == 0 {
+        return Err(OffloadError::MalformedGso);
+    }
+    partial_tcp(frame, l3, gso_size).ok_or(OffloadError::MalformedGso)
+}
+
+/// Writes the pseudo-header sum into the TCP checksum field of `frame` (whose `Layout` was checked: the
+/// field lies inside it) and returns the GSO header for segments of `gso_size` payload bytes.
+fn partial_tcp(frame: &mut [u8], l3: L3, gso_size: u16) -> Option<VnetHdr> {
+    let l4_total = u32::try_from(frame.len().checked_sub(l3.l4)?).ok()?;
     let pseudo = if l3.v6 {
         checksum::pseudo_header_v6(
-            &v6_at(out, ETH + 8),
-            &v6_at(out, ETH + 24),
+            &v6_at(frame, ETH + 8),
+            &v6_at(frame, ETH + 24),
             PROTO_TCP,
             l4_total,
         )
     } else {
         checksum::pseudo_header_v4(
-            v4_at(out, ETH + 12),
-            v4_at(out, ETH + 16),
+            v4_at(frame, ETH + 12),
+            v4_at(frame, ETH + 16),
             PROTO_TCP,
             l4_total,
         )
     };
-    out[l3.l4 + 16..l3.l4 + 18].copy_from_slice(&checksum::fold(pseudo).to_be_bytes());
-    Some((
-        total,
-        VnetHdr {
-            flags: F_NEEDS_CSUM,
-            gso_type: if l3.v6 { GSO_TCPV6 } else { GSO_TCPV4 },
-            gso_size: u16::try_from(mss).ok()?,
-            csum_start: u16::try_from(l3.l4).ok()?,
-            csum_offset: 16,
-        },
-    ))
+    frame
+        .get_mut(l3.l4 + 16..l3.l4 + 18)?
+        .copy_from_slice(&checksum::fold(pseudo).to_be_bytes());
+    Some(VnetHdr {
+        flags: F_NEEDS_CSUM,
+        gso_type: if l3.v6 { GSO_TCPV6 } else { GSO_TCPV4 },
+        gso_size,
+        csum_start: u16::try_from(l3.l4).ok()?,
+        csum_offset: 16,
+    })
 }
 
 impl VnetHdr {

@@ -8,6 +8,7 @@ use std::net::{IpAddr, Ipv4Addr};
 
 use common::*;
 use forwarder_core::conntrack;
+use forwarder_core::offload;
 use forwarder_core::pipeline::{tunnel_mac, Action, Intake, Worker};
 use forwarder_core::ports::PortRange;
 use forwarder_core::{Instant, Reason};
@@ -1089,4 +1090,133 @@ fn tunnel_intake_checks_the_sender_before_any_work() {
             }
         }
     }
+}
+
+/// A TCP super-packet of `payload` from the pod (VXLAN datagram), its TCP checksum either complete or, as
+/// the node's kernel leaves it for offload, only the pseudo-header sum (`partial`).
+fn pod_super(payload: &[u8], partial: bool) -> Vec<u8> {
+    let mut d = pod_tcp(SERVER, 40000, 80, false, payload);
+    if partial {
+        let ip = &d[8 + 14..];
+        let tcp_len = ip.len() - 20;
+        let ps = ref_sum(&ip[12..20], 0) + tcp_len as u32 + 6;
+        let c = ref_fold(ps).to_be_bytes();
+        d[8 + 14 + 20 + 16..8 + 14 + 20 + 18].copy_from_slice(&c);
+    }
+    d
+}
+
+/// Cuts `frame` (a complete Ethernet frame) as the kernel's GSO would, with complete checksums.
+fn segment_as_kernel(frame: &[u8], h: &offload::VnetHdr) -> Vec<Vec<u8>> {
+    let mut bufs = vec![vec![0u8; 2048]; 64];
+    let mut lens = Vec::new();
+    let mut it = bufs.iter_mut();
+    offload::segment(frame, h, |_| it.next().map(|b| &mut b[..]), &mut lens, true).unwrap();
+    bufs.iter()
+        .zip(&lens)
+        .map(|(b, &n)| b[..n].to_vec())
+        .collect()
+}
+
+/// A super-packet translated whole and then cut by the kernel gives exactly the segments the
+/// segment-then-translate path gives (same egress address and port, TTL, IP IDs, sequence numbers, flags,
+/// checksums), whether the sender's checksum was complete or partial, and the header asks for
+/// segments of the size the intake chose.
+#[test]
+fn a_super_packet_translated_whole_leaves_as_its_segments_would() {
+    for partial in [false, true] {
+        let mut w = worker();
+        out(&mut w, &pod_tcp(SERVER, 40000, 80, true, &[]), T0).fwd();
+        let payload: Vec<u8> = (0..20_000u32).map(|i| (i * 7 + i / 251) as u8).collect();
+        let d = pod_super(&payload, partial);
+        let h = match w.tunnel_intake(NODE, &mut d.clone(), 1450, 1450) {
+            Intake::Segment(h) => h,
+            other => panic!("not a super-packet: {other:?}"),
+        };
+
+        let slot = 2048;
+        let mut segs = vec![0u8; slot * 64];
+        let mut lens = Vec::new();
+        let mut cut_first = Vec::new();
+        w.outbound_segmented(NODE, &d, &h, &mut segs, slot, &mut lens, T0, |_, a| {
+            let (_, _, mut f) = owned(a).fwd();
+            assert!(offload::fill_checksums(&mut f));
+            cut_first.push(f);
+        })
+        .unwrap();
+
+        let mut buf = vec![0u8; d.len() + 2048];
+        buf[..d.len()].copy_from_slice(&d);
+        let (a, vnet) = w.outbound_whole(NODE, &mut buf, d.len(), &h, T0);
+        let (uplink, next_hop, whole) = owned(a).fwd();
+        assert_eq!((uplink, next_hop), (0, any_ip(DMZ_ROUTER)));
+        assert_eq!(vnet.gso_size, h.gso_size);
+        assert!(vnet.is_gso());
+        assert_eq!(ip4_src(&whole[14..]), DMZ_EGRESS);
+        let cut_after = segment_as_kernel(&whole, &vnet);
+
+        assert_eq!(cut_after.len(), cut_first.len(), "partial: {partial}");
+        for (k, (a, b)) in cut_after.iter().zip(&cut_first).enumerate() {
+            assert_checksums(&a[14..]);
+            assert!(a == b, "segment {k} differs (partial: {partial})");
+        }
+        let carried: Vec<u8> = cut_after
+            .iter()
+            .flat_map(|f| f[14 + 40..].to_vec())
+            .collect();
+        assert_eq!(carried, payload);
+    }
+}
+
+/// The uplink's MTU is checked against the segments a super-packet leaves as, not its own length: one
+/// whose segments fit is forwarded whole; one whose segments would not fit is answered, as a packet of
+/// that size would be, with ICMP too-big (DF) to the pod; a SYN is never cut, so it is checked whole.
+#[test]
+fn a_super_packet_is_checked_against_the_mtu_of_its_segments() {
+    let mut w = worker();
+    out(&mut w, &pod_tcp(SERVER, 40000, 80, true, &[]), T0).fwd();
+    let mut d = pod_super(&[3u8; 9000], true);
+    d[8 + 14 + 6] |= 0x40; // DF
+    fix_ipv4_checksum(&mut d[8 + 14..]);
+    let h = match w.tunnel_intake(NODE, &mut d.clone(), 1450, 1450) {
+        Intake::Segment(h) => h,
+        other => panic!("not a super-packet: {other:?}"),
+    };
+    let run = |w: &mut Worker, d: &[u8], h: &offload::VnetHdr| {
+        let mut buf = vec![0u8; d.len() + 2048];
+        buf[..d.len()].copy_from_slice(d);
+        owned(w.outbound_whole(NODE, &mut buf, d.len(), h, T0).0)
+    };
+    let (_, _, f) = run(&mut w, &d, &h).fwd();
+    assert_eq!(
+        f.len(),
+        d.len() - 8,
+        "forwarded whole, 9,000 bytes of payload"
+    );
+
+    // Segments of 1,461 payload bytes are 1,501-byte packets: one more than the DMZ uplink carries.
+    let too_big = offload::VnetHdr {
+        gso_size: 1461,
+        ..h
+    };
+    let (node, icmp) = run(&mut w, &d, &too_big).tun();
+    assert_eq!(node, NODE);
+    assert_eq!((icmp[8 + 14 + 20], icmp[8 + 14 + 21]), (3, 4), "too big");
+    let fits = offload::VnetHdr {
+        gso_size: 1460,
+        ..h
+    };
+    run(&mut w, &d, &fits).fwd();
+
+    let mut syn = pod_tcp(SERVER, 40001, 80, true, &[5u8; 3000]);
+    syn[8 + 14 + 6] |= 0x40;
+    fix_ipv4_checksum(&mut syn[8 + 14..]);
+    let h = match w.tunnel_intake(NODE, &mut syn.clone(), 1450, 1450) {
+        Intake::Segment(h) => h,
+        other => panic!("not a super-packet: {other:?}"),
+    };
+    let len = syn.len();
+    syn.resize(len + 2048, 0);
+    let r = owned(w.outbound_whole(NODE, &mut syn, len, &h, T0).0);
+    assert!(matches!(r, Out::Tun { .. }), "a big SYN is refused: {r:?}");
 }

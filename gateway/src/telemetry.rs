@@ -52,9 +52,14 @@ pub(crate) const METRICS: &[(&str, &str, &str)] = &[
         "ARP and ping answers for the gateway's tunnel address.",
     ),
     (
+        "egress_gateway_gso_whole_total",
+        "counter",
+        "TCP super-packets from the tunnel translated whole and sent with segmentation offloaded.",
+    ),
+    (
         "egress_gateway_gso_segmented_total",
         "counter",
-        "GSO super-packets received on uplinks and segmented in software.",
+        "TCP super-packets cut into segments in software (from uplinks; from the tunnel when the uplink could not take one whole).",
     ),
     (
         "egress_gateway_checksums_completed_total",
@@ -245,6 +250,7 @@ impl Telemetry {
             counter!("egress_gateway_icmp_errors_suppressed_total", &wl)
                 .absolute(s.icmp_suppressed);
             counter!("egress_gateway_local_replies_total", &wl).absolute(s.local_replies);
+            counter!("egress_gateway_gso_whole_total", &wl).absolute(r.gso_whole);
             counter!("egress_gateway_gso_segmented_total", &wl).absolute(r.gso_segmented);
             counter!("egress_gateway_checksums_completed_total", &wl)
                 .absolute(r.checksums_completed);
@@ -390,6 +396,7 @@ mod tests {
             reports: vec![Mutex::new(Some(Report {
                 pipeline,
                 io_drops: [0; IoDrop::COUNT],
+                gso_whole: 0,
                 gso_segmented: 0,
                 checksums_completed: 0,
                 wakeups: 0,

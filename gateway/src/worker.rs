@@ -74,7 +74,10 @@ impl UplinkIo {
 pub(crate) struct Report {
     pub(crate) pipeline: Stats,
     pub(crate) io_drops: [u64; IoDrop::COUNT],
-    /// GSO super-packets received on the uplinks and segmented here.
+    /// TCP super-packets from the tunnel translated whole and sent with their segmentation offloaded.
+    pub(crate) gso_whole: u64,
+    /// TCP super-packets cut into segments here (from the uplinks; from the tunnel where the uplink could
+    /// not take one whole).
     pub(crate) gso_segmented: u64,
     /// Partial checksums completed here.
     pub(crate) checksums_completed: u64,
@@ -157,12 +160,11 @@ pub(crate) struct Worker {
     segment_slot: usize,
     /// The smallest MTU of the tunnel and the uplinks: the size tunnel super-packets are cut to.
     min_mtu: u16,
-    /// Where translated segments are joined back into a super-packet.
-    coalesce_buf: Vec<u8>,
     segment_lens: Vec<usize>,
     neighbours: LocalNeighbours,
     waiting: Vec<Waiting>,
     io_drops: [u64; IoDrop::COUNT],
+    gso_whole: u64,
     gso_segmented: u64,
     checksums_completed: u64,
     wakeups: u64,
@@ -187,7 +189,7 @@ impl Worker {
         let gateway = shared.gateway();
         let tunnel = TunnelSocket::open(shared.tunnel_listen, 8 << 20)?;
         // A node's kernel hands TCP bursts to its vxlan device as 64 KiB GSO super-packets, and the UDP
-        // socket receives them whole: room for the largest, segmented here (see `segment_tunnel`).
+        // socket receives them whole: room for the largest, translated whole (see `Out::send_whole`).
         let max_dgram = 8 + MAX_UPLINK_FRAME;
         let tun_layout = SlotLayout {
             slot: round_up(max_dgram + ICMP_ROOM, 64),
@@ -245,11 +247,11 @@ impl Worker {
             segments: vec![0; segment_slot * MAX_SEGMENTS],
             segment_slot,
             min_mtu,
-            coalesce_buf: vec![0; MAX_UPLINK_FRAME],
             segment_lens: Vec::with_capacity(MAX_SEGMENTS),
             neighbours,
             waiting: Vec::new(),
             io_drops: [0; IoDrop::COUNT],
+            gso_whole: 0,
             gso_segmented: 0,
             checksums_completed: 0,
             wakeups: 0,
@@ -337,6 +339,7 @@ impl Worker {
         let report = Report {
             pipeline: self.pipeline.stats().clone(),
             io_drops: self.io_drops,
+            gso_whole: self.gso_whole,
             gso_segmented: self.gso_segmented,
             checksums_completed: self.checksums_completed,
             wakeups: self.wakeups,
@@ -403,15 +406,28 @@ impl Worker {
             shared,
             tunnel,
             scratch,
+            segments,
+            segment_slot,
+            segment_lens,
+            gso_whole,
+            gso_segmented,
             ..
         } = self;
+        let segment_buf = &mut SegmentBuf {
+            buf: segments,
+            slot: *segment_slot,
+            lens: segment_lens,
+        };
         let lens: [usize; BATCH] =
             std::array::from_fn(|i| if i < got { tun_rx.received(i).len } else { 0 });
         let mut slots = tun_rx.slab_mut().chunks_mut(layout.slot).enumerate();
         let mut n = 0;
+        // `whole[k]`: packet `k` of the batch is a TCP super-packet, translated whole.
+        let mut whole = [None; BATCH];
         let mut batch: [TunnelPacket<'_>; BATCH] = std::array::from_fn(|_| {
             for (i, buf) in slots.by_ref() {
-                if i < got && keep[i] {
+                if i < got && (keep[i] || gso[i].is_some()) {
+                    whole[n] = gso[i];
                     n += 1;
                     return TunnelPacket {
                         from: from[i],
@@ -439,99 +455,27 @@ impl Worker {
             scratch,
             sending: Sending::begin(),
         };
-        pipeline.outbound_batch(&mut batch[..n], now, |_, action| out.act(action));
-        out.flush();
-        for (i, h) in gso.iter().enumerate().take(got) {
-            if let Some(h) = h {
-                self.segment_tunnel(i, from[i], h, now);
+        // In arrival order: each run of ordinary datagrams as one batch call, each super-packet on its
+        // own where it came, so that it leaves in order with the rest of its flow.
+        let mut k = 0;
+        while k < n {
+            let end = (k..n).find(|&j| whole[j].is_some()).unwrap_or(n);
+            if end > k {
+                pipeline.outbound_batch(&mut batch[k..end], now, |_, action| out.act(action));
             }
-        }
-        got == BATCH
-    }
-
-    /// Cuts the TCP super-packet in tunnel slot `i` into segments that fit the tunnel and the uplinks, each
-    /// behind a copy of its VXLAN header, and serves them as one batch.
-    fn segment_tunnel(
-        &mut self,
-        i: usize,
-        from: Ipv4Addr,
-        h: &VnetHdr,
-        now: forwarder_core::Instant,
-    ) {
-        let layout = self.tun_rx.layout();
-        let len = self.tun_rx.received(i).len;
-        let start = i * layout.slot;
-        let Worker {
-            pipeline,
-            tun_rx,
-            tun_tx,
-            ports,
-            neighbours,
-            waiting,
-            io_drops,
-            shared,
-            tunnel,
-            scratch,
-            segments,
-            segment_slot,
-            segment_lens,
-            coalesce_buf,
-            gso_segmented,
-            ..
-        } = self;
-        let mut out = Out {
-            tun_tx,
-            tunnel,
-            ports,
-            neighbours,
-            waiting,
-            io_drops,
-            shared,
-            port: shared.tunnel_listen.port(),
-            scratch,
-            sending: Sending::begin(),
-        };
-        // Translated segments bound for one uplink and next hop are collected and sent back as one
-        // super-packet (see `send_coalesced`); anything else goes its usual way.
-        let mut held = Held::default();
-        let dgram = &tun_rx.slab_mut()[start..start + len];
-        let r = pipeline.outbound_segmented(
-            from,
-            dgram,
-            h,
-            segments,
-            *segment_slot,
-            segment_lens,
-            now,
-            |_, action| match action {
-                Action::Forward {
-                    uplink,
-                    next_hop,
-                    frame,
-                } => held.hold(Target::Uplink(uplink, next_hop), frame),
-                other => out.act(other),
-            },
-        );
-        if let Err(e) = r {
-            out.io_drops[offload_drop(e).index()] += 1;
-            return;
-        }
-        *gso_segmented += 1;
-        let (target, frames) = held.into_frames();
-        if let Target::Uplink(uplink, next_hop) = target {
-            let sent = send_coalesced(&mut out, uplink, next_hop, &frames, coalesce_buf);
-            if !sent {
-                for f in frames {
-                    offload::fill_checksums(f);
-                    out.act(Action::Forward {
-                        uplink,
-                        next_hop,
-                        frame: f,
-                    });
+            if let (Some(h), Some(p)) = (whole.get(end).copied().flatten(), batch.get_mut(end)) {
+                let buf = std::mem::take(&mut p.buf);
+                let (action, vnet) = pipeline.outbound_whole(p.from, buf, p.len, &h, now);
+                match out.send_whole(action, &vnet, segment_buf) {
+                    Whole::Sent => *gso_whole += 1,
+                    Whole::Segmented => *gso_segmented += 1,
+                    Whole::NotForwarded => {}
                 }
             }
+            k = end + 1;
         }
         out.flush();
+        got == BATCH
     }
 
     /// One batch from uplink `u`'s packet socket; true when it may have more.
@@ -823,6 +767,68 @@ impl<'b> Out<'_, 'b> {
         }
     }
 
+    /// Sends a super-packet translated whole ([`Pipeline::outbound_whole`]): on its uplink's GSO socket
+    /// with `vnet`, after what this batch queued for that uplink (so that it stays in order). Where that
+    /// cannot be (next hop unresolved, or the send refused) it is cut into segments with complete
+    /// checksums here, and those are sent or parked one by one.
+    fn send_whole(
+        &mut self,
+        action: Action<'b>,
+        vnet: &VnetHdr,
+        seg: &mut SegmentBuf<'_>,
+    ) -> Whole {
+        let Action::Forward {
+            uplink,
+            next_hop,
+            frame,
+        } = action
+        else {
+            self.act(action);
+            return Whole::NotForwarded;
+        };
+        let Some(port) = self.ports.get_mut(usize::from(uplink)) else {
+            return Whole::NotForwarded;
+        };
+        let mac = self.neighbours.get(uplink, next_hop);
+        if let Some(mac) = mac {
+            write_macs(frame, mac, port.mac);
+            flush_port(&port.tx, &mut port.tx_batch, &self.sending, self.io_drops);
+            let hdr = vnet.to_bytes(vnet_hdr_len(frame, vnet));
+            if port.gso_tx.send(&port.to, &hdr, frame).is_ok() {
+                return Whole::Sent;
+            }
+        }
+        let mut chunks = seg.buf.chunks_mut(seg.slot);
+        if let Err(e) = offload::segment(frame, vnet, |_| chunks.next(), seg.lens, true) {
+            self.io_drops[offload_drop(e).index()] += 1;
+            return Whole::NotForwarded;
+        }
+        for (piece, &len) in seg.buf.chunks_mut(seg.slot).zip(seg.lens.iter()) {
+            let f = &mut piece[..len];
+            match mac {
+                Some(mac) => {
+                    write_macs(f, mac, port.mac);
+                    if port.tx.send_one(&port.to, f).is_err() {
+                        self.io_drops[IoDrop::UplinkSendFailed.index()] += 1;
+                    }
+                }
+                None => park(
+                    uplink,
+                    next_hop,
+                    f,
+                    &port.tx,
+                    port.to,
+                    port.mac,
+                    self.waiting,
+                    self.io_drops,
+                    self.shared,
+                    self.scratch,
+                ),
+            }
+        }
+        Whole::Segmented
+    }
+
     fn send_to_tunnel(&mut self, node: Ipv4Addr, datagram: &'b [u8], segment: Option<usize>) {
         let to = tunnel::sockaddr_in(node, self.port);
         let seg = segment.unwrap_or(datagram.len()).max(1);
@@ -887,7 +893,25 @@ fn forward<'b>(
         debug_assert!(queued, "flushed just above when full");
         return;
     }
-    // Slow path: park the frame and ask.
+    park(
+        uplink, next_hop, frame, tx, to, our_mac, waiting, io_drops, shared, scratch,
+    );
+}
+
+/// The slow path of [`forward`]: keeps a copy of `frame` until its next hop is resolved, and asks for it.
+#[allow(clippy::too_many_arguments)] // as `forward`
+fn park(
+    uplink: UplinkId,
+    next_hop: IpAddr,
+    frame: &[u8],
+    tx: &TxSocket,
+    to: libc::sockaddr_ll,
+    our_mac: MacAddr,
+    waiting: &mut Vec<Waiting>,
+    io_drops: &mut [u64; IoDrop::COUNT],
+    shared: &Shared,
+    scratch: &mut [u8; neighbour::MAX_FRAME],
+) {
     if waiting.len() >= MAX_WAITING {
         waiting.remove(0);
         io_drops[IoDrop::NeighbourQueueFull.index()] += 1;
@@ -909,6 +933,32 @@ fn forward<'b>(
             }
         }
     }
+}
+
+/// The worker's buffer for segments cut in software: `buf` in pieces of `slot` bytes, `lens` their lengths.
+struct SegmentBuf<'a> {
+    buf: &'a mut [u8],
+    slot: usize,
+    lens: &'a mut Vec<usize>,
+}
+
+/// How a super-packet translated whole left.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Whole {
+    /// Whole, with its segmentation left to the kernel (or the NIC).
+    Sent,
+    /// Cut into segments here: its next hop is not resolved yet (the segments wait for it), or the
+    /// uplink refused it whole.
+    Segmented,
+    /// It did not leave on an uplink (dropped, or answered into the tunnel).
+    NotForwarded,
+}
+
+/// `virtio_net_hdr.hdr_len` of a TCP super-packet: Ethernet, IP and TCP headers with their options.
+fn vnet_hdr_len(frame: &[u8], vnet: &VnetHdr) -> u16 {
+    let l4 = usize::from(vnet.csum_start);
+    let tcp_len = frame.get(l4 + 12).map_or(20, |b| usize::from(b >> 4) * 4);
+    u16::try_from(l4 + tcp_len).unwrap_or(0)
 }
 
 /// Where the actions of an uplink's batch go: as [`Out`], with the receiving uplink's own port split off
@@ -1018,17 +1068,6 @@ impl<'b> UplinkOut<'_, 'b> {
     }
 }
 
-/// Where the held results of one super-packet go.
-#[derive(Debug, Clone, Copy, PartialEq, Default)]
-enum Target {
-    #[default]
-    None,
-    Uplink(UplinkId, IpAddr),
-    Node(Ipv4Addr),
-    /// Results with different destinations: sent one by one.
-    Mixed,
-}
-
 /// The translated segments of one super-packet, held so that they can leave together.
 #[derive(Debug, Default)]
 struct Held<'b> {
@@ -1052,43 +1091,14 @@ impl<'b> Held<'b> {
     }
 }
 
-/// Joins `frames` (translated TCP segments of one flow, for `uplink` via `next_hop`) into one super-packet
-/// and sends it with a virtio-net header. False when that is not possible (the caller sends them one by one).
-fn send_coalesced(
-    out: &mut Out<'_, '_>,
-    uplink: UplinkId,
-    next_hop: IpAddr,
-    frames: &[&mut [u8]],
-    buf: &mut [u8],
-) -> bool {
-    if frames.len() < 2 {
-        return false;
-    }
-    let Some(port) = out.ports.get_mut(usize::from(uplink)) else {
-        return false;
-    };
-    let Some(mac) = out.neighbours.get(uplink, next_hop) else {
-        return false;
-    };
-    let views: Vec<&[u8]> = frames.iter().map(|f| &**f).collect();
-    let Some((len, vnet)) = offload::coalesce(&views, buf) else {
-        return false;
-    };
-    write_macs(&mut buf[..len], mac, port.mac);
-    // virtio_net_hdr.hdr_len: Ethernet, IP and TCP headers with their options.
-    let l4 = usize::from(vnet.csum_start);
-    let tcp_len = buf.get(l4 + 12).map_or(20, |b| usize::from(b >> 4) * 4);
-    let hdr_len = u16::try_from(l4 + tcp_len).unwrap_or(0);
-    // Queued single frames of this uplink go first, to keep the order.
-    flush_port(&port.tx, &mut port.tx_batch, &out.sending, out.io_drops);
-    if port
-        .gso_tx
-        .send(&port.to, &vnet.to_bytes(hdr_len), &buf[..len])
-        .is_err()
-    {
-        out.io_drops[IoDrop::UplinkSendFailed.index()] += u64::try_from(frames.len()).unwrap_or(0);
-    }
-    true
+/// Where the held results of one super-packet go.
+#[derive(Debug, Clone, Copy, PartialEq, Default)]
+enum Target {
+    #[default]
+    None,
+    Node(Ipv4Addr),
+    /// Results with different destinations: sent one by one.
+    Mixed,
 }
 
 /// Sends translated datagrams for one node with UDP GSO where they have one size (all but the last), in

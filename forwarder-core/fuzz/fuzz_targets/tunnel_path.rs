@@ -4,14 +4,14 @@
 //! super-packets from the node's GSO).
 //!
 //! Each datagram goes through exactly the calls `gateway/src/worker.rs` makes, in its order:
-//! `Worker::tunnel_intake` → `Worker::outbound_batch` (the batch of datagrams translated as they are) →
-//! `Worker::outbound_segmented` for super-packets → `offload::coalesce` of the translated segments (or
-//! `offload::fill_checksums` of each when they cannot be joined) → `offload::complete_checksum` as the
-//! kernel would complete the coalesced super-packet.
+//! `Worker::tunnel_intake` → in arrival order, `Worker::outbound_batch` for each run of datagrams translated
+//! as they are and `Worker::outbound_whole` for each super-packet → `offload::segment` of a super-packet
+//! that leaves whole, as the kernel's GSO would cut it.
 //!
 //! Invariants: nothing panics; nothing from a sender that is not an allowed node, or with another VNI, is
 //! forwarded or segmented (the sender is checked before any other work); every emitted frame has room for
-//! its headers; a coalesced super-packet carries exactly the payload of its segments.
+//! its headers; a super-packet that leaves whole has a GSO header, and the segments the kernel would cut
+//! from it fit the uplink's MTU, carry its payload in order and have valid checksums.
 #![no_main]
 use std::net::Ipv4Addr;
 use std::sync::Mutex;
@@ -61,7 +61,6 @@ struct State {
     worker: Worker,
     segments: Vec<u8>,
     lens: Vec<usize>,
-    coalesce: Vec<u8>,
     now: u64,
 }
 
@@ -112,7 +111,6 @@ fuzz_target!(|case: Case| {
                 worker: common::worker(),
                 segments: vec![0; SLOT * MAX_SEGMENTS],
                 lens: Vec::with_capacity(MAX_SEGMENTS),
-                coalesce: vec![0; 65536 + 18],
                 now: 1,
             })
         })
@@ -140,31 +138,38 @@ fuzz_target!(|case: Case| {
             v
         })
         .collect();
-    let mut plain = Vec::new();
-    let mut gso = Vec::new();
+    // `whole[i]`: datagram i is a super-packet with this header; `None` for the others taken on.
+    let mut taken: Vec<(usize, Option<offload::VnetHdr>)> = Vec::new();
     for (i, (b, admitted, from_node)) in built.iter().enumerate() {
         let from = if *from_node { NODE } else { STRANGER };
         match st
             .worker
             .tunnel_intake(from, &mut bufs[i][..b.len()], TUNNEL_MTU, SEGMENT_MTU)
         {
-            Intake::Translate { .. } => plain.push(i),
+            Intake::Translate { .. } => taken.push((i, None)),
             Intake::Segment(h) => {
                 assert!(
                     *admitted,
-                    "a datagram the pipeline refuses was segmented: {h:?}"
+                    "a datagram the pipeline refuses was taken as a super-packet: {h:?}"
                 );
-                gso.push((i, h));
+                taken.push((i, Some(h)));
             }
             Intake::Drop(_) | Intake::DropOffload(_) => {}
         }
     }
 
-    // Translate the plain ones as one batch.
-    let mut batch: Vec<TunnelPacket<'_>> = Vec::new();
-    let mut admitted_of = Vec::new();
-    for (i, buf) in bufs.iter_mut().enumerate() {
-        if plain.contains(&i) {
+    // In arrival order, as the worker does: runs of ordinary datagrams as one batch call, each
+    // super-packet translated whole where it came.
+    let mut bufs: Vec<Option<&mut Vec<u8>>> = bufs.iter_mut().map(Some).collect();
+    let mut k = 0;
+    while k < taken.len() {
+        let end = (k..taken.len())
+            .find(|&j| taken[j].1.is_some())
+            .unwrap_or(taken.len());
+        let mut batch: Vec<TunnelPacket<'_>> = Vec::new();
+        let mut admitted_of = Vec::new();
+        for &(i, _) in &taken[k..end] {
+            let Some(buf) = bufs[i].take() else { continue };
             admitted_of.push(built[i].1);
             batch.push(TunnelPacket {
                 from: if built[i].2 { NODE } else { STRANGER },
@@ -172,68 +177,52 @@ fuzz_target!(|case: Case| {
                 len: built[i].0.len(),
             });
         }
-    }
-    st.worker.outbound_batch(&mut batch, now, |k, action| {
-        check(&action, admitted_of[k]);
-    });
-    drop(batch);
-
-    // Super-packets: segment, translate, join again.
-    for (i, h) in gso {
-        let dgram = &bufs[i][..built[i].0.len()];
-        let from = if built[i].2 { NODE } else { STRANGER };
-        let base = st.segments.as_ptr() as usize;
-        let mut held: Vec<(usize, usize)> = Vec::new();
-        let mut target = None;
-        let mut mixed = false;
-        let r = st.worker.outbound_segmented(
-            from,
-            dgram,
-            &h,
-            &mut st.segments,
-            SLOT,
-            &mut st.lens,
-            now,
-            |_, action| {
+        st.worker.outbound_batch(&mut batch, now, |j, action| {
+            check(&action, admitted_of[j]);
+        });
+        drop(batch);
+        if let Some(&(i, Some(h))) = taken.get(end) {
+            if let Some(buf) = bufs[i].take() {
+                let from = if built[i].2 { NODE } else { STRANGER };
+                let (action, vnet) = st.worker.outbound_whole(from, buf, built[i].0.len(), &h, now);
                 check(&action, true);
-                if let Action::Forward {
-                    uplink,
-                    next_hop,
-                    frame,
-                } = action
-                {
-                    if target.is_some_and(|t| t != (uplink, next_hop)) {
-                        mixed = true;
-                    }
-                    target = Some((uplink, next_hop));
-                    held.push((frame.as_ptr() as usize - base, frame.len()));
+                if let Action::Forward { frame, .. } = action {
+                    kernel_segments(frame, &vnet, &mut st.segments, &mut st.lens);
                 }
-            },
-        );
-        let Ok(n) = r else { continue };
-        assert!(n <= MAX_SEGMENTS && n == st.lens.len());
-        if held.is_empty() {
-            continue;
-        }
-        let frames: Vec<&[u8]> = held
-            .iter()
-            .map(|&(off, len)| &st.segments[off..off + len])
-            .collect();
-        if !mixed {
-            if let Some((len, vnet)) = offload::coalesce(&frames, &mut st.coalesce) {
-                let l4 = usize::from(vnet.csum_start);
-                let hdr = l4 + usize::from(st.coalesce[l4 + 12] >> 4) * 4;
-                let payload: usize = frames.iter().map(|f| f.len() - hdr.min(f.len())).sum();
-                assert_eq!(len, hdr + payload, "coalesced length");
-                assert!(offload::complete_checksum(&mut st.coalesce[..len], &vnet).is_ok());
-                continue;
             }
         }
-        for &(off, len) in &held {
-            let _ = offload::fill_checksums(&mut st.segments[off..off + len]);
-        }
+        k = end + 1;
     }
 });
+
+/// What the kernel does with a super-packet that leaves whole: cut it into segments of `vnet.gso_size`
+/// payload bytes with complete checksums. Every segment must fit the uplink's MTU (1500), carry the
+/// frame's payload in order, and have valid checksums.
+fn kernel_segments(frame: &[u8], vnet: &offload::VnetHdr, segments: &mut [u8], lens: &mut Vec<usize>) {
+    assert!(vnet.is_gso(), "a super-packet leaves with a GSO header: {vnet:?}");
+    let mut chunks = segments.chunks_mut(SLOT);
+    if offload::segment(frame, vnet, |_| chunks.next(), lens, true).is_err() {
+        // More segments than the model's buffer holds (a tiny segment size); the kernel has no such limit.
+        return;
+    }
+    let n = lens.len();
+    let l4 = usize::from(vnet.csum_start);
+    let hdr = l4 + usize::from(frame[l4 + 12] >> 4) * 4;
+    let mut carried = 0;
+    for (k, (piece, &len)) in segments.chunks(SLOT).zip(lens.iter()).take(n).enumerate() {
+        let seg = &piece[..len];
+        assert!(len - 14 <= 1500, "segment {k} is {} bytes of IP, over the MTU", len - 14);
+        assert_eq!(
+            seg[hdr..],
+            frame[hdr + carried..hdr + carried + (len - hdr)],
+            "segment {k} carries the payload in order"
+        );
+        carried += len - hdr;
+        let mut check = seg.to_vec();
+        assert!(!offload::fill_checksums(&mut check) || check == seg, "segment {k}: checksum");
+    }
+    assert_eq!(hdr + carried, frame.len(), "the segments carry the whole payload");
+}
 
 fn check(action: &Action<'_>, admitted: bool) {
     match action {

@@ -6,15 +6,17 @@
 //! (`forwarder-core/fuzz/fuzz_targets/tunnel_path.rs`, `uplink_path.rs`) call the same functions in the same
 //! order, so that what the fuzzers prove of them holds for the worker:
 //!
-//! * tunnel datagram → [`Worker::tunnel_intake`] → either the batch call, or
-//!   [`Worker::outbound_segmented`] (a TCP super-packet from the node's GSO) whose translated segments the
+//! * tunnel datagram → [`Worker::tunnel_intake`] → either the batch call, or for a TCP super-packet from
+//!   the node's GSO [`Worker::outbound_whole`] (translated whole, leaves with segmentation offloaded) or,
+//!   where the uplink cannot take it whole, [`Worker::outbound_segmented`], whose translated segments the
 //!   worker joins again with [`offload::coalesce`];
 //! * uplink frame → [`Worker::uplink_intake`] → either the batch call, or [`Worker::inbound_segmented`].
 
 use core::net::Ipv4Addr;
 
 use super::{
-    outbound, Action, TunnelPacket, UplinkPacket, Worker, INBOUND_HEADROOM, TUNNEL_ETH, TUNNEL_L3,
+    outbound, Action, TunnelPacket, UplinkPacket, Verdict, Worker, INBOUND_HEADROOM, TUNNEL_ETH,
+    TUNNEL_L3,
 };
 use crate::flow::UplinkId;
 use crate::offload::{self, OffloadError, VnetHdr};
@@ -95,6 +97,40 @@ impl Worker {
             },
             Err(e) => Intake::DropOffload(e),
         }
+    }
+
+    /// Translates the TCP super-packet `buf[..len]` (VXLAN header + inner frame, from `from`, for which
+    /// [`Worker::tunnel_intake`] returned `Segment(h)`) whole and in place: one flow lookup and one header
+    /// rewrite for up to 64 KiB, the way the kernel's NAT handles a GSO packet. For `Action::Forward` the
+    /// returned header sends the frame through a packet socket with `PACKET_VNET_HDR`, which has the kernel
+    /// (or the NIC) cut it into segments of `h.gso_size` payload bytes and complete their checksums
+    /// ([`offload::prepare_whole`]); the uplink's MTU was checked against those segments. The other actions
+    /// are as for [`Worker::outbound`] (the header is then all zero).
+    pub fn outbound_whole<'a>(
+        &mut self,
+        from: Ipv4Addr,
+        buf: &'a mut [u8],
+        len: usize,
+        h: &VnetHdr,
+        now: Instant,
+    ) -> (Action<'a>, VnetHdr) {
+        let gw = &*self.gateway;
+        let st = &mut self.state;
+        st.stats.tunnel_rx.add(len);
+        let mut v = outbound::process_whole(gw, st, from, buf, len, h.gso_size, now);
+        let mut vnet = VnetHdr::default();
+        if let Ok(Verdict::Forward { start, end, .. }) = v {
+            // The intake checked the headers' layout and the translation kept it, so this holds; a
+            // frame it does not hold for is dropped rather than sent with a wrong checksum.
+            match buf
+                .get_mut(start..end)
+                .map(|f| offload::prepare_whole(f, h.gso_size))
+            {
+                Some(Ok(hdr)) => vnet = hdr,
+                _ => v = Err(Reason::TcpBadHeaderLen),
+            }
+        }
+        (super::finish(st, buf, v), vnet)
     }
 
     /// Cuts the TCP super-packet `dgram` (VXLAN header + inner frame, from `from`) into segments described

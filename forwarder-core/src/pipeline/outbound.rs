@@ -44,6 +44,9 @@ pub(super) struct Pending {
     tcp_seg: Option<TcpSegment>,
     node: NodeAddr,
     is_error: bool,
+    /// IP length of the largest packet this one puts on the wire: its own, or for a super-packet that
+    /// leaves with segmentation offloaded, its headers and one segment's payload.
+    wire_len: usize,
 }
 
 /// One datagram, start to end, with a single flow lookup.
@@ -58,6 +61,35 @@ pub(super) fn process(
     match prepare(gw, st, from, buf, len, now)? {
         Step::Done(v) => Ok(v),
         Step::Lookup(p) => {
+            let guard = gw.table.pin();
+            let found = gw.table.lookup_outbound_at(&p.key, now, &guard);
+            complete(gw, st, buf, &p, found, &guard, now)
+        }
+    }
+}
+
+/// A TCP super-packet (the node's GSO, received whole) translated whole: as [`process`], except that the
+/// uplink's MTU is checked against the segments of at most `gso_size` payload bytes it leaves as. A SYN
+/// or RST is never segmented (the kernel's TCP never sends one larger than a segment), so it is checked
+/// as it is.
+pub(super) fn process_whole(
+    gw: &Gateway,
+    st: &mut WorkerState,
+    from: Ipv4Addr,
+    buf: &mut [u8],
+    len: usize,
+    gso_size: u16,
+    now: Instant,
+) -> Result<Verdict, Reason> {
+    match prepare(gw, st, from, buf, len, now)? {
+        Step::Done(v) => Ok(v),
+        Step::Lookup(mut p) => {
+            if let Some(seg) = p.tcp_seg {
+                let payload = usize::try_from(seg.payload_len).unwrap_or(usize::MAX);
+                if seg.flags & (tcp::flags::SYN | tcp::flags::RST) == 0 && payload <= p.wire_len {
+                    p.wire_len = p.wire_len - payload + payload.min(usize::from(gso_size));
+                }
+            }
             let guard = gw.table.pin();
             let found = gw.table.lookup_outbound_at(&p.key, now, &guard);
             complete(gw, st, buf, &p, found, &guard, now)
@@ -197,6 +229,7 @@ pub(super) fn prepare(
             mac: node_mac,
         },
         is_error,
+        wire_len: meta.ip_len(),
     }))
 }
 
@@ -325,7 +358,7 @@ fn check_fits(
     now: Instant,
 ) -> Option<Result<usize, Reason>> {
     let meta = &p.meta;
-    if meta.ip_len() > usize::from(uplink.mtu) {
+    if p.wire_len > usize::from(uplink.mtu) {
         // IPv4 without DF would need fragmenting here; the tunnel MTU (1450) is below any normal uplink
         // MTU, so such packets do not arise from correctly configured nodes. Refused visibly.
         if !meta.dont_frag {
