@@ -7,9 +7,10 @@
 //! order, so that what the fuzzers prove of them holds for the worker:
 //!
 //! * tunnel datagram → [`Worker::tunnel_intake`] → either the batch call, or for a TCP super-packet from
-//!   the node's GSO [`Worker::outbound_whole`] (translated whole, leaves with segmentation offloaded) or,
-//!   where the uplink cannot take it whole, [`Worker::outbound_segmented`], whose translated segments the
-//!   worker joins again with [`offload::coalesce`];
+//!   the node's GSO [`Worker::outbound_whole`] (translated whole, leaves with segmentation offloaded; where
+//!   the uplink cannot take it whole the worker cuts the translated frame with [`offload::segment`]).
+//!   [`Worker::outbound_segmented`] (cut first, then translate) is the reference the whole translation is
+//!   tested against;
 //! * uplink frame → [`Worker::uplink_intake`] → either the batch call, or [`Worker::inbound_segmented`].
 
 use core::net::Ipv4Addr;
