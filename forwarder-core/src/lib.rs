@@ -13,7 +13,7 @@
 //! | wire | [`wire`] | bytes ↔ fields for Ethernet, ARP, IPv4, IPv6, ICMP, UDP, TCP, VXLAN; checksums |
 //! | state | [`route`], [`ports`], [`conntrack`] | longest-prefix routes, external port pools, the lock-free flow table |
 //! | translation | [`nat`] | SNAT/DNAT rewrite, ICMP error translation, MSS clamp, TTL, fragments |
-//! | offload | [`offload`] | virtio-net headers: partial checksums, GSO segmentation and coalescing |
+//! | offload | [`offload`] | virtio-net headers: partial checksums, GSO validation, segmentation, and preparation of super-packets left whole |
 //! | policy | [`policy`] | Calico selectors, EgressGatewayPolicy, (pod, destination) → gateways |
 //! | pipeline | [`pipeline`] | `outbound` (tunnel → uplink) and `inbound` (uplink → tunnel), returning an [`Action`](pipeline::Action) |
 #![warn(missing_docs)]

@@ -332,77 +332,6 @@ pub fn tunnel_gso(frame: &[u8], mtu: u16) -> Option<VnetHdr> {
     })
 }
 
-/// Joins translated TCP segments of one flow back into a super-packet for a packet socket with
-/// `PACKET_VNET_HDR`, so that the kernel carries 64 KiB at a time to the next hop (and segments only where a
-/// real link needs it) — the other half of what GRO/GSO give the kernel's own path.
-///
-/// `frames` are complete Ethernet frames in order: same addresses, ports and header length, consecutive
-/// sequence numbers, every payload but the last of the same size. The result in `out` carries the first
-/// frame's headers with the total length, the union of the TCP flags, and the partial (pseudo-header)
-/// checksum the offload completes; the returned header says so. `None` when the frames do not fit that
-/// shape (the caller then sends them one by one).
-pub fn coalesce(frames: &[&[u8]], out: &mut [u8]) -> Option<(usize, VnetHdr)> {
-    let first = *frames.first()?;
-    let Layout { l3, tcp, hdr } = Layout::of(first).ok()?;
-    if !tcp || frames.len() < 2 {
-        return None;
-    }
-    let tcp_len = hdr - l3.l4;
-    let mss = first.len().checked_sub(hdr).filter(|m| *m > 0)?;
-    let seq0 = u32::from_be_bytes(first.get(l3.l4 + 4..l3.l4 + 8)?.try_into().ok()?);
-    // Addresses and ports must match exactly; lengths, IDs, checksums, sequence numbers and flags may differ.
-    let (addr_from, addr_to) = if l3.v6 {
-        (ETH + 8, ETH + 40)
-    } else {
-        (ETH + 12, ETH + 20)
-    };
-    let mut total = hdr;
-    let mut flags = 0u8;
-    for (k, f) in frames.iter().enumerate() {
-        let payload = f.len().checked_sub(hdr)?;
-        let last = k + 1 == frames.len();
-        if f.len() < hdr
-            || (!last && payload != mss)
-            || (last && (payload == 0 || payload > mss))
-            || f[..ETH] != first[..ETH]
-            || f[addr_from..addr_to] != first[addr_from..addr_to]
-            || f[l3.l4..l3.l4 + 4] != first[l3.l4..l3.l4 + 4]
-            || usize::from(f[l3.l4 + 12] >> 4) * 4 != tcp_len
-            || (!l3.v6 && (f[ETH] & 0x0F) != (first[ETH] & 0x0F))
-        {
-            return None;
-        }
-        #[allow(clippy::cast_possible_truncation)] // sequence numbers wrap by design
-        let want = seq0.wrapping_add((k * mss) as u32);
-        if u32::from_be_bytes(f[l3.l4 + 4..l3.l4 + 8].try_into().ok()?) != want {
-            return None;
-        }
-        flags |= f[l3.l4 + 13];
-        total += payload;
-    }
-    let out = out.get_mut(..total)?;
-    out[..hdr].copy_from_slice(&first[..hdr]);
-    let mut at = hdr;
-    for f in frames {
-        let p = &f[hdr..];
-        out[at..at + p.len()].copy_from_slice(p);
-        at += p.len();
-    }
-    if l3.v6 {
-        let pl = u16::try_from(total - ETH - 40).ok()?;
-        out[ETH + 4..ETH + 6].copy_from_slice(&pl.to_be_bytes());
-    } else {
-        let tl = u16::try_from(total - ETH).ok()?;
-        out[ETH + 2..ETH + 4].copy_from_slice(&tl.to_be_bytes());
-        out[ETH + 10..ETH + 12].copy_from_slice(&[0, 0]);
-        let c = checksum::finish(checksum::sum(&out[ETH..l3.l4], 0));
-        out[ETH + 10..ETH + 12].copy_from_slice(&c.to_be_bytes());
-    }
-    out[l3.l4 + 13] = flags;
-    let vnet = partial_tcp(out, l3, u16::try_from(mss).ok()?)?;
-    Some((total, vnet))
-}
-
 /// Prepares the translated TCP super-packet `frame` (a complete Ethernet frame, its IP length the
 /// frame's) to leave whole through a packet socket with `PACKET_VNET_HDR`: writes the partial checksum
 /// the offload completes (the pseudo-header sum of the translated addresses and the whole TCP length, as
@@ -717,7 +646,7 @@ mod tests {
     }
 
     #[test]
-    fn coalesce_undoes_segment() {
+    fn prepare_whole_leaves_the_checksum_the_offload_completes() {
         let payload: Vec<u8> = (0..5000u32).map(|i| (i % 253) as u8).collect();
         let frame = tcp_frame(&payload, true);
         let h = VnetHdr {
@@ -736,34 +665,23 @@ mod tests {
             true,
         )
         .unwrap();
-        let frames: Vec<&[u8]> = bufs.iter().zip(&lens).map(|(b, l)| &b[..*l]).collect();
-        let mut out = vec![0u8; 8000];
-        let (len, vh) = coalesce(&frames, &mut out).unwrap();
-        assert_eq!(len, frame.len());
+        assert_eq!(lens.len(), 4);
+        // Prepared to leave whole: the header asks for the same cut, and the partial checksum it writes
+        // completes to the original one.
+        let mut whole = frame.clone();
+        let vh = prepare_whole(&mut whole, 1400).unwrap();
         assert_eq!(vh.gso_size, 1400);
         assert_eq!(
-            (vh.csum_start, vh.csum_offset, vh.flags),
-            (34, 16, F_NEEDS_CSUM)
+            (vh.gso_type, vh.csum_start, vh.csum_offset, vh.flags),
+            (GSO_TCPV4, 34, 16, F_NEEDS_CSUM)
         );
-        // Everything but the checksum (partial now) and the IP ID is the original.
-        let mut a = out[..len].to_vec();
-        let mut b = frame.clone();
-        for v in [&mut a, &mut b] {
-            v[50..52].copy_from_slice(&[0, 0]);
-        }
-        assert_eq!(a, b);
-        // Completing the partial checksum gives the original one.
-        complete_checksum(&mut out[..len], &vh).unwrap();
-        assert_eq!(&out[..len], &frame[..]);
-        // Out of order, a short middle segment, or another flow: refused.
-        assert!(coalesce(&[frames[1], frames[0]], &mut out).is_none());
-        assert!(coalesce(&[frames[2], frames[0]], &mut out).is_none());
-        let other = tcp_frame(&payload[..1400], false);
-        let mut o2 = other.clone();
-        o2[37] ^= 1; // another source port
-        assert!(coalesce(&[frames[0], &o2], &mut out).is_none());
-        assert!(coalesce(&frames[..1], &mut out).is_none());
-        assert!(coalesce(&frames, &mut out[..100]).is_none());
+        complete_checksum(&mut whole, &vh).unwrap();
+        assert_eq!(whole, frame);
+        // Not TCP, or no segment size: refused.
+        assert!(prepare_whole(&mut frame.clone(), 0).is_err());
+        let mut udp = frame.clone();
+        udp[14 + 9] = PROTO_UDP;
+        assert!(prepare_whole(&mut udp, 1400).is_err());
         // Segments cut without checksums get them from fill_checksums.
         let mut raw = vec![vec![0u8; 2000]; 4];
         let mut it = raw.iter_mut();
@@ -801,7 +719,7 @@ mod tests {
 
     /// The remote crash: a TCP packet slightly over the tunnel MTU with a data offset below 5 made the
     /// segmentation index past the end of its last, short segment. Every data offset and every short
-    /// last segment is refused now, by both paths (tunnel and uplink) and by the re-coalescing.
+    /// last segment is refused now, by both paths (tunnel and uplink) and by the preparation to leave whole.
     #[test]
     fn data_offsets_below_five_are_refused_not_a_panic() {
         for v6 in [false, true] {
@@ -832,11 +750,8 @@ mod tests {
                             assert_eq!(r, Err(OffloadError::MalformedGso));
                         }
                     }
-                    let half = frame.len() / 2;
-                    let mut out = vec![0u8; 4000];
                     if doff < 5 {
-                        assert!(coalesce(&[&frame[..half], &frame[half..]], &mut out).is_none());
-                        assert!(coalesce(&[&frame, &frame], &mut out).is_none());
+                        assert!(prepare_whole(&mut frame.clone(), 1000).is_err());
                     }
                 }
             }
@@ -919,9 +834,7 @@ mod props {
             if frame.len() > 14 {
                 let _ = complete_partial_inner(&mut frame[14..]);
             }
-            let half = frame.len() / 2;
-            let mut out = vec![0u8; 4000];
-            let _ = coalesce(&[&frame[..half], &frame[half..]], &mut out);
+            let _ = prepare_whole(&mut frame, gso_size);
         }
     }
 }

@@ -138,7 +138,7 @@ impl Worker {
     /// by `h`, each behind a copy of the VXLAN header in its own `slot`-byte piece of `segments`, and
     /// translates them in batches; `emit(k, action)` is called for segment `k`, with frames that borrow
     /// `segments` (so the caller may hold them until it sends). The L4 checksums are left
-    /// as the segmentation found them: the caller joins the segments again ([`offload::coalesce`]) or
+    /// as the segmentation found them: the caller completes them ([`offload::fill_checksums`]) or
     /// completes them ([`offload::fill_checksums`]). Returns how many segments there were.
     #[allow(clippy::too_many_arguments)] // the buffers are the caller's
     pub fn outbound_segmented<'s>(

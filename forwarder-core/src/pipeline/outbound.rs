@@ -60,12 +60,21 @@ pub(super) fn process(
 ) -> Result<Verdict, Reason> {
     match prepare(gw, st, from, buf, len, now)? {
         Step::Done(v) => Ok(v),
-        Step::Lookup(p) => {
-            let guard = gw.table.pin();
-            let found = gw.table.lookup_outbound_at(&p.key, now, &guard);
-            complete(gw, st, buf, &p, found, &guard, now)
-        }
+        Step::Lookup(p) => lookup_and_complete(gw, st, buf, &p, now),
     }
+}
+
+/// The flow lookup of one datagram, then the rest of its way.
+fn lookup_and_complete(
+    gw: &Gateway,
+    st: &mut WorkerState,
+    buf: &mut [u8],
+    p: &Pending,
+    now: Instant,
+) -> Result<Verdict, Reason> {
+    let guard = gw.table.pin();
+    let found = gw.table.lookup_outbound_at(&p.key, now, &guard);
+    complete(gw, st, buf, p, found, &guard, now)
 }
 
 /// A TCP super-packet (the node's GSO, received whole) translated whole: as [`process`], except that the
@@ -90,9 +99,7 @@ pub(super) fn process_whole(
                     p.wire_len = p.wire_len - payload + payload.min(usize::from(gso_size));
                 }
             }
-            let guard = gw.table.pin();
-            let found = gw.table.lookup_outbound_at(&p.key, now, &guard);
-            complete(gw, st, buf, &p, found, &guard, now)
+            lookup_and_complete(gw, st, buf, &p, now)
         }
     }
 }
