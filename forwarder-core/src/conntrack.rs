@@ -34,7 +34,8 @@
 //! * **Insert** (same tuple raced by several threads: exactly one wins): (1) walk the orig list; a live match
 //!   is returned, an expired one is removed first. (2) If the pod endpoint has no live mapping yet, take a
 //!   random port first (so that an exhausted pool refuses before anything else is reserved); then reserve a
-//!   unit of capacity, the source quota, and a slot (lock-free Treiber free list with a tag against ABA, then
+//!   unit of capacity, the source quota (a pod at its quota opening a TCP connection first ends one of its
+//!   own finished flows toward the same server), and a slot (lock-free Treiber free list with a tag against ABA, then
 //!   a bump pointer over never-used slots); fill the slot while it is private. (3) Endpoint-independent
 //!   mapping: walk the EIM list for a live *anchor* of (pod address, pod port, protocol, egress IP) and join
 //!   it (increment its reference count if non-zero; a port taken in (2) goes back unused); otherwise publish
@@ -78,6 +79,7 @@ mod context;
 mod events;
 mod flow;
 mod key;
+mod quota;
 
 use core::net::IpAddr;
 use core::time::Duration;
@@ -125,15 +127,22 @@ impl Default for Timeouts {
 }
 
 /// Default per-source quota: 16384 live flows, a quarter of the 64,512 ports of the default range of one
-/// egress IP and protocol. Four busy pods can still fill an egress IP, but no single one can; a pod that
-/// closes TCP connections quickly holds each one for the transitory timeout (240 s), so this quota alone
-/// caps one pod at about 16384 / 240 s ≈ 68 new connections per second toward destinations whose ports are
-/// not exhausted (see `docs/nat.md`).
+/// egress IP and protocol. Four busy pods can still fill an egress IP, but no single one can. A closed TCP
+/// connection stays for the transitory timeout (240 s) and counts until then, but a pod at its quota that
+/// opens a TCP connection ends one of its own closed ones toward the same server (`Table::insert`); short
+/// connections toward many different servers are capped at about 16384 / 240 s ≈ 68 per second per pod
+/// (see `docs/nat.md`).
 pub const DEFAULT_MAX_PER_SOURCE: u32 = 16384;
 
 /// Random ports examined for a finished flow to take over when a TCP pool is exhausted (each probe is one
 /// reply-index lookup).
 const TAKEOVER_PROBES: u32 = 16;
+
+/// Random ports examined for one of its own finished flows when a pod at its quota opens a TCP connection. A
+/// pod at the default quota that only opens short connections toward one server holds about a quarter of the
+/// ports' tuples toward it, so each probe hits with probability ≈ 1/4 and 64 miss with ≈ 1e-8; with 16,
+/// ≈ 1 % of its connections were refused in the end-to-end connection-rate benchmark (`e2e --only conn`).
+const OWN_PROBES: u32 = 64;
 
 /// Table configuration.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -264,7 +273,7 @@ struct Inner {
     orig: Box<[AtomicU32]>,
     reply: Box<[AtomicU32]>,
     eim: Box<[AtomicU32]>,
-    quota: Box<[AtomicU32]>,
+    quota: quota::Quota,
     free: CachePadded<AtomicU64>,
     bump: CachePadded<AtomicU32>,
     live: CachePadded<AtomicUsize>,
@@ -273,7 +282,6 @@ struct Inner {
     refused: [AtomicU64; 4],
     takeovers: AtomicU64,
     max_entries: usize,
-    max_per_source: u32,
     reuse_delay: Duration,
     /// The context the slots' ids name; held for its `Drop`, which releases it when the arena goes (see
     /// `context.rs`).
@@ -318,6 +326,13 @@ impl Table {
             .collect();
         let pool_addrs = pool_ips.iter().map(|&ip| key::addr_words(ip)).collect();
         let t = config.timeouts;
+        // Keyed apart from the index (which `new` re-keys after this): pods cannot choose their addresses,
+        // so a predictable quota key costs at most a shared quota between two pods.
+        let quota = quota::Quota::new(
+            (max / 16).next_power_of_two().max(1024),
+            key::HashKey::new(seed.rotate_left(31) ^ 0x51ed_270b_2740_d7b3),
+            config.max_per_source,
+        );
         let ctx = context::register(context::Context {
             pool_ips,
             udp_ms: ms(t.udp),
@@ -332,7 +347,7 @@ impl Table {
                 orig: atomics(max.max(16)),
                 reply: atomics(max.max(16)),
                 eim: atomics((max / 2).max(16)),
-                quota: atomics((max / 16).next_power_of_two().max(1024)),
+                quota,
                 free: CachePadded::new(AtomicU64::new(0)),
                 bump: CachePadded::new(AtomicU32::new(0)),
                 live: CachePadded::new(AtomicUsize::new(0)),
@@ -341,7 +356,6 @@ impl Table {
                 refused: Default::default(),
                 takeovers: AtomicU64::new(0),
                 max_entries: max,
-                max_per_source: config.max_per_source,
                 reuse_delay: config.port_reuse_delay,
                 ctx,
                 pools,
@@ -528,7 +542,8 @@ impl Table {
     pub fn allocated_bytes(&self) -> usize {
         let i = &*self.inner;
         core::mem::size_of_val(&*i.slots)
-            + 4 * (i.orig.len() + i.reply.len() + i.eim.len() + i.quota.len())
+            + 4 * (i.orig.len() + i.reply.len() + i.eim.len())
+            + i.quota.bytes()
     }
 }
 
@@ -777,11 +792,12 @@ impl Inner {
         {
             Some(match self.take_port(pool, proto, now, rng) {
                 Ok(p) => Taken::Fresh(p),
-                // TCP flows start with the pod's SYN (the pipeline creates no TCP flow otherwise)
-                // a pod over its quota would be refused below: do not end another flow for it
-                Err(e) if proto == Proto::Tcp && !self.quota_full(&k.src) => {
+                // TCP flows start with the pod's SYN (the pipeline creates no TCP flow otherwise). A pod at
+                // its quota would be refused below unless it frees a unit: it may only end its own flow.
+                Err(e) if proto == Proto::Tcp => {
                     *retired = true;
-                    Taken::Over(self.take_over(&k, pool, now, rng, guard).ok_or(e)?)
+                    let owner = self.quota.full(&k.src).then_some(&k.src);
+                    Taken::Over(self.take_over(&k, pool, owner, now, rng, guard).ok_or(e)?)
                 }
                 Err(e) => return Err(e),
             })
@@ -796,13 +812,18 @@ impl Inner {
                 return Err(InsertError::Full);
             }
         }
-        if !self.quota_acquire(&k.src) {
+        let mut quota = self.quota.acquire(&k.src);
+        if !quota && proto == Proto::Tcp && self.end_own_finished(&k, pool, now, rng, guard) {
+            *retired = true;
+            quota = self.quota.acquire(&k.src);
+        }
+        if !quota {
             self.live.fetch_sub(1, Ordering::Relaxed);
             give_back(port);
             return Err(InsertError::SourceQuota);
         }
         let Some(idx) = self.alloc_slot() else {
-            self.quota_release(&k.src);
+            self.quota.release(&k.src);
             self.live.fetch_sub(1, Ordering::Relaxed);
             give_back(port);
             return Err(InsertError::Full);
@@ -811,7 +832,7 @@ impl Inner {
         f.init(&k, pool, new.node, new.uplink, now);
         // (3) endpoint-independent mapping
         if let Err(e) = self.attach_mapping(idx, f, port, now, rng) {
-            self.quota_release(&k.src);
+            self.quota.release(&k.src);
             self.live.fetch_sub(1, Ordering::Relaxed);
             self.push_free(idx); // never published
             return Err(e);
@@ -892,7 +913,8 @@ impl Inner {
     /// or a FIN each way: [`TcpState::Closed`], [`TcpState::TimeWait`]) toward the same remote endpoint, found by
     /// looking up the reply index for the new flow's would-be reply tuple on up to [`TAKEOVER_PROBES`] random
     /// ports (RFC 7857 §3.2 lets a NAT reuse a port in TIME_WAIT for a new SYN; the kernel's nf_nat reuses such
-    /// tuples too). The finished flow is removed (claimed LIVE → DEAD like an expiry), and when it held the
+    /// tuples too). With `owner`, only a flow of that pod address qualifies, on up to [`OWN_PROBES`] ports (a
+    /// pod at its quota may only end its own). The finished flow is removed (claimed LIVE → DEAD like an expiry), and when it held the
     /// last reference on its mapping the port passes to the caller still owned, skipping the reuse delay; a
     /// port whose mapping lives on (the old pod endpoint still talks to others through it) is left alone.
     /// Because the port only ever has one owning mapping, no two live flows share a reply tuple.
@@ -900,49 +922,22 @@ impl Inner {
         self: &Arc<Self>,
         k: &Packed,
         pool: PoolId,
+        owner: Option<&Addr>,
         now: Instant,
         rng: &mut Rng,
         guard: &Guard,
     ) -> Option<u16> {
-        let range = self.pools.range();
-        let n = range.len();
-        if n == 0 {
-            return None;
-        }
-        let egress = self.pool_addrs[usize::from(pool)];
-        for _ in 0..TAKEOVER_PROBES {
-            #[allow(clippy::cast_possible_truncation)] // below(n) < n ≤ 65536 and min + it ≤ max
-            let port = range.min.wrapping_add(rng.below(n) as u16);
-            let rk = Packed {
-                src: k.dst,
-                dst: egress,
-                sport: k.dport,
-                dport: port,
-                tag: k.tag,
-            };
-            let head = self
-                .bucket(List::Reply, rk.hash(&self.hash_key))
-                .load(Ordering::Acquire);
-            let Some(old) = self.walk_reply(head, &rk, now) else {
+        let probes = if owner.is_some() {
+            OWN_PROBES
+        } else {
+            TAKEOVER_PROBES
+        };
+        for _ in 0..probes {
+            let Some(old) = self.claim_finished(k, pool, now, rng, |old| {
+                owner.is_none_or(|o| old.orig_packed().src == *o) && self.sole_user(old)
+            }) else {
                 continue;
             };
-            let ctl = old.ctl.load(Ordering::Relaxed);
-            if !flow::tcp_finished(ctl) || !self.sole_user(old) {
-                continue;
-            }
-            let claimed = old
-                .ctl
-                .fetch_update(Ordering::AcqRel, Ordering::Acquire, |c| {
-                    (phase_of(c) == PHASE_LIVE && flow::tcp_finished(c))
-                        .then(|| flow::with_phase(c, PHASE_DEAD))
-                })
-                .is_ok();
-            if !claimed {
-                continue;
-            }
-            if let Some(events) = &self.events {
-                events.push(FlowEvent::of(old, FlowEventKind::End, now));
-            }
             let idx = self.index_of(old);
             if let Some(p) = self.finish_removal(idx, old, now, true, true, guard) {
                 self.takeovers.fetch_add(1, Ordering::Relaxed);
@@ -950,6 +945,75 @@ impl Inner {
             }
         }
         None
+    }
+
+    /// A pod at its quota opens a new TCP connection: end one of its own *finished* flows toward the same
+    /// remote endpoint (found as in [`take_over`](Self::take_over), on up to [`OWN_PROBES`] ports), so that its
+    /// quota unit comes back. The
+    /// ended flow goes as on expiry (its port into the reuse delay unless its mapping lives on). So a pod that
+    /// opens and closes short connections toward one server keeps opening them at any rate, while what it
+    /// holds stays within its quota; a pod whose quota is taken by open connections is still refused.
+    fn end_own_finished(
+        self: &Arc<Self>,
+        k: &Packed,
+        pool: PoolId,
+        now: Instant,
+        rng: &mut Rng,
+        guard: &Guard,
+    ) -> bool {
+        for _ in 0..OWN_PROBES {
+            if let Some(old) =
+                self.claim_finished(k, pool, now, rng, |old| old.orig_packed().src == k.src)
+            {
+                self.finish_removal(self.index_of(old), old, now, true, false, guard);
+                self.takeovers.fetch_add(1, Ordering::Relaxed);
+                return true;
+            }
+        }
+        false
+    }
+
+    /// One probe for [`take_over`](Self::take_over): the flow, if any, that holds a random port of `pool`
+    /// toward `k`'s remote endpoint; claimed (LIVE → DEAD, its end reported) when it is finished and `fits`.
+    fn claim_finished(
+        &self,
+        k: &Packed,
+        pool: PoolId,
+        now: Instant,
+        rng: &mut Rng,
+        fits: impl Fn(&Flow) -> bool,
+    ) -> Option<&Flow> {
+        let range = self.pools.range();
+        let n = range.len();
+        if n == 0 {
+            return None;
+        }
+        #[allow(clippy::cast_possible_truncation)] // below(n) < n ≤ 65536 and min + it ≤ max
+        let port = range.min.wrapping_add(rng.below(n) as u16);
+        let rk = Packed {
+            src: k.dst,
+            dst: self.pool_addrs[usize::from(pool)],
+            sport: k.dport,
+            dport: port,
+            tag: k.tag,
+        };
+        let head = self
+            .bucket(List::Reply, rk.hash(&self.hash_key))
+            .load(Ordering::Acquire);
+        let old = self.walk_reply(head, &rk, now)?;
+        if !flow::tcp_finished(old.ctl.load(Ordering::Relaxed)) || !fits(old) {
+            return None;
+        }
+        old.ctl
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |c| {
+                (phase_of(c) == PHASE_LIVE && flow::tcp_finished(c))
+                    .then(|| flow::with_phase(c, PHASE_DEAD))
+            })
+            .ok()?;
+        if let Some(events) = &self.events {
+            events.push(FlowEvent::of(old, FlowEventKind::End, now));
+        }
+        Some(old)
     }
 
     /// True when `f` is the only flow on its mapping (a hint: a flow may join until the mapping ends).
@@ -1120,7 +1184,7 @@ impl Inner {
         f.next_orig.fetch_or(MARK, Ordering::AcqRel);
         f.next_reply.fetch_or(MARK, Ordering::AcqRel);
         let ok = f.orig_packed();
-        self.quota_release(&ok.src);
+        self.quota.release(&ok.src);
         let (keeps_unit, handed) = self.release_mapping(f, now, linked, hand_over, guard);
         if !keeps_unit {
             self.live.fetch_sub(1, Ordering::Relaxed);
@@ -1196,50 +1260,6 @@ impl Inner {
                 (n < self.max_entries).then_some(n + 1)
             })
             .is_ok()
-    }
-
-    fn quota_cells(&self, src: &Addr) -> (&AtomicU32, &AtomicU32) {
-        let h = Packed {
-            src: *src,
-            dst: [0, 0],
-            sport: 0,
-            dport: 0,
-            tag: 0xF0,
-        }
-        .hash(&self.hash_key);
-        let mask = self.quota.len() - 1;
-        #[allow(clippy::cast_possible_truncation)] // masked
-        let (a, mut b) = (h as usize & mask, (h >> 32) as usize & mask);
-        if a == b {
-            b ^= 1;
-        }
-        (&self.quota[a], &self.quota[b])
-    }
-
-    /// Count-min sketch: a source is over quota only if both of its counters are; sources sharing both
-    /// counters (probability ~(sources / counters)²) share a quota.
-    fn quota_acquire(&self, src: &Addr) -> bool {
-        let (a, b) = self.quota_cells(src);
-        let x = a.fetch_add(1, Ordering::Relaxed);
-        let y = b.fetch_add(1, Ordering::Relaxed);
-        if x.min(y) >= self.max_per_source {
-            a.fetch_sub(1, Ordering::Relaxed);
-            b.fetch_sub(1, Ordering::Relaxed);
-            return false;
-        }
-        true
-    }
-
-    /// True when [`quota_acquire`](Self::quota_acquire) would refuse `src` now.
-    fn quota_full(&self, src: &Addr) -> bool {
-        let (a, b) = self.quota_cells(src);
-        a.load(Ordering::Relaxed).min(b.load(Ordering::Relaxed)) >= self.max_per_source
-    }
-
-    fn quota_release(&self, src: &Addr) {
-        let (a, b) = self.quota_cells(src);
-        a.fetch_sub(1, Ordering::Relaxed);
-        b.fetch_sub(1, Ordering::Relaxed);
     }
 
     /// Pops a free slot (Treiber stack, head = tag << 32 | slot + 1), else takes a never-used one.

@@ -722,9 +722,18 @@ fn tcp_conn_rate(topo: &Topology, o: &Options) -> Result<Vec<(Metric, f64)>> {
                         Ok(())
                     })();
                     match r {
-                        Ok(()) => ok.fetch_add(1, Ordering::Relaxed),
-                        Err(_) => failed.fetch_add(1, Ordering::Relaxed),
-                    };
+                        Ok(()) => {
+                            ok.fetch_add(1, Ordering::Relaxed);
+                        }
+                        Err(e) => {
+                            if failed.fetch_add(1, Ordering::Relaxed) == 0 {
+                                eprintln!(
+                                    "e2e: connection rate: first failure after {:?}: {e}",
+                                    start.elapsed()
+                                );
+                            }
+                        }
+                    }
                 }
             })
         })

@@ -73,8 +73,11 @@ fn check_invariants(table: &Table, now: Instant) {
     let mut origs = HashSet::new();
     let mut replies = HashSet::new();
     let mut ports: HashMap<(IpAddr, Proto, u16), (IpAddr, u16)> = HashMap::new();
+    let mut units = 0u64;
     table.for_each(&g, |f| {
         live += 1;
+        // every live flow holds a unit of its source's quota (two counters)
+        units += 2;
         if f.is_expired(now) {
             return;
         }
@@ -102,6 +105,7 @@ fn check_invariants(table: &Table, now: Instant) {
         assert!(table.pools().is_owned(pool, o.proto, f.external_port()));
     });
     assert_eq!(live + lingering_anchors(table), table.len());
+    assert_eq!(table.inner.quota.total(), units, "quota units held");
 }
 
 /// Removed flows whose slot still anchors a live mapping (they keep their entry).
@@ -475,6 +479,101 @@ fn endpoint_independent_mapping() {
     assert_eq!(pa, pb);
     check_invariants(&tb, t(300));
     assert_eq!(tb.pools().usage()[0].in_use, 1);
+}
+
+/// A pod at its quota that opens a TCP connection ends one of its own finished connections (reset, or a FIN
+/// each way) toward the same server instead of being refused, so short connections toward one server go on at
+/// any rate while what the pod holds stays within its quota. Its open connections, its finished ones toward
+/// other servers and other pods' connections are never ended for it; with the pool exhausted as well, the port
+/// it takes over is its own.
+#[test]
+fn a_pod_at_its_quota_ends_its_own_finished_connection() {
+    let tb = Table::new(
+        Config {
+            max_entries: 64,
+            max_per_source: 2,
+            ..Config::default()
+        },
+        PortPools::new(
+            &[EGRESS],
+            PortRange {
+                min: 7000,
+                max: 7003,
+            },
+        ),
+    );
+    let mut rng = Rng::new(8);
+    let g = tb.pin();
+    let open = |src, port, server, rng: &mut Rng| {
+        let f = tb.insert(
+            new_flow(key(src, port, server, 443, Proto::Tcp)),
+            t(0),
+            rng,
+            &g,
+        )?;
+        f.on_outbound(seg(TcpSegment::SYN, 100, 0, 1000), 60, t(0));
+        Ok::<_, InsertError>(f)
+    };
+    let gone = |src, port, server| {
+        tb.lookup_outbound_at(&key(src, port, server, 443, Proto::Tcp), t(1), &g)
+            .is_none()
+    };
+    let a = open(pod(1), 1000, remote(1), &mut rng).expect("a");
+    let b = open(pod(1), 1001, remote(1), &mut rng).expect("b");
+    // both open: refused
+    assert_eq!(
+        open(pod(1), 1002, remote(1), &mut rng).err(),
+        Some(InsertError::SourceQuota)
+    );
+    // a is reset: the next connection toward the same server ends it and is let in
+    a.on_outbound(seg(TcpSegment::RST, 101, 0, 0), 40, t(1));
+    assert_eq!(a.tcp_state(), TcpState::Closed);
+    let c = open(pod(1), 1002, remote(1), &mut rng).expect("a's unit");
+    assert!(gone(pod(1), 1000, remote(1)));
+    assert_eq!(tb.port_takeovers(), 1);
+    check_invariants(&tb, t(1));
+    // b closes with a FIN each way; a connection toward another server does not end it
+    let fin = TcpSegment::FIN | TcpSegment::ACK;
+    b.on_inbound(
+        seg(TcpSegment::SYN | TcpSegment::ACK, 900, 101, 1000),
+        60,
+        t(1),
+    );
+    b.on_outbound(seg(TcpSegment::ACK, 101, 901, 1000), 40, t(1));
+    b.on_outbound(seg(fin, 101, 901, 1000), 40, t(1));
+    b.on_inbound(seg(fin, 901, 102, 1000), 40, t(1));
+    assert_eq!(b.tcp_state(), TcpState::TimeWait);
+    assert_eq!(
+        open(pod(1), 1003, remote(2), &mut rng).err(),
+        Some(InsertError::SourceQuota)
+    );
+    assert!(!gone(pod(1), 1001, remote(1)));
+    // another pod's finished connection is not ended for pod 1 either
+    let e = open(pod(2), 1000, remote(1), &mut rng).expect("pod 2");
+    e.on_outbound(seg(TcpSegment::RST, 101, 0, 0), 40, t(1));
+    let d = open(pod(1), 1003, remote(1), &mut rng).expect("b's unit");
+    assert!(gone(pod(1), 1001, remote(1)));
+    assert!(!gone(pod(2), 1000, remote(1)));
+    assert_eq!(tb.port_takeovers(), 2);
+    check_invariants(&tb, t(1));
+    // c and d open, the pool has no free port (b's waits out its reuse delay): pod 1 is refused, and
+    // pod 2's finished connection is still not ended for it
+    assert_eq!(
+        open(pod(1), 1004, remote(1), &mut rng).err(),
+        Some(InsertError::PortsExhausted)
+    );
+    assert!(!gone(pod(2), 1000, remote(1)));
+    // d is reset: with the pool exhausted and the quota full, pod 1 takes d's port over
+    d.on_outbound(seg(TcpSegment::RST, 101, 0, 0), 40, t(1));
+    let dp = d.external_port();
+    let f = open(pod(1), 1004, remote(1), &mut rng).expect("d's port and unit");
+    assert_eq!(f.external_port(), dp);
+    assert!(!gone(pod(2), 1000, remote(1)));
+    assert_eq!(c.tcp_state(), TcpState::SynSent, "open connections stay");
+    check_invariants(&tb, t(1));
+    assert_eq!(tb.expire(t(1000), 100), 3);
+    check_invariants(&tb, t(1000));
+    assert_eq!(tb.inner.quota.total(), 0);
 }
 
 /// A TCP connection `k` through its handshake and closed by a FIN each way (pod first) at `now`.
@@ -1457,12 +1556,7 @@ fn stress_nothing_leaks() {
         assert_eq!(lingering_anchors(&tb), 0);
         assert!(tb.pools().usage().iter().all(|u| u.in_use == 0));
         let inner = &*tb.inner;
-        let quota: u64 = inner
-            .quota
-            .iter()
-            .map(|q| u64::from(q.load(Ordering::Relaxed)))
-            .sum();
-        assert_eq!(quota, 0);
+        assert_eq!(inner.quota.total(), 0);
         let heads = |b: &[AtomicU32]| b.iter().filter(|h| h.load(Ordering::Acquire) != 0).count();
         assert_eq!(
             heads(&inner.orig) + heads(&inner.reply) + heads(&inner.eim),

@@ -1,0 +1,90 @@
+//! The per-source flow quota: how many flows one pod address holds, counted in a count-min sketch.
+//!
+//! A flow holds one unit of its source's quota from its insert until it is removed, finished TCP
+//! connections included (they keep their port for the transitory timeout, and the quota is what keeps one pod
+//! from holding more than its share of an egress IP's ports). A pod at its quota that opens a TCP connection
+//! ends one of its own finished connections toward the same server to free a unit (`Table::insert`).
+
+use std::sync::atomic::{AtomicU32, Ordering};
+
+use super::key::{Addr, HashKey, Packed};
+
+/// Count-min sketch of the flows each source address holds: two counters per source; a source is over its
+/// quota only if both of its counters are, so sources that share both counters (probability about
+/// (sources / counters)²) share a quota.
+#[derive(Debug)]
+pub(crate) struct Quota {
+    cells: Box<[AtomicU32]>,
+    key: HashKey,
+    max: u32,
+}
+
+impl Quota {
+    /// `counters` (a power of two, at least 2) cells keyed by `key`, each source allowed `max` flows.
+    pub(crate) fn new(counters: usize, key: HashKey, max: u32) -> Quota {
+        debug_assert!(counters.is_power_of_two() && counters >= 2);
+        Quota {
+            cells: (0..counters).map(|_| AtomicU32::new(0)).collect(),
+            key,
+            max,
+        }
+    }
+
+    /// Bytes of counters (for the table's memory estimate).
+    pub(crate) fn bytes(&self) -> usize {
+        4 * self.cells.len()
+    }
+
+    fn cells(&self, src: &Addr) -> (&AtomicU32, &AtomicU32) {
+        let h = Packed {
+            src: *src,
+            dst: [0, 0],
+            sport: 0,
+            dport: 0,
+            tag: 0xF0,
+        }
+        .hash(&self.key);
+        let mask = self.cells.len() - 1;
+        #[allow(clippy::cast_possible_truncation)] // masked
+        let (a, mut b) = (h as usize & mask, (h >> 32) as usize & mask);
+        if a == b {
+            b ^= 1;
+        }
+        (&self.cells[a], &self.cells[b])
+    }
+
+    /// Takes a unit for a new flow of `src`; false (and nothing taken) when `src` holds its quota.
+    pub(crate) fn acquire(&self, src: &Addr) -> bool {
+        let (a, b) = self.cells(src);
+        let x = a.fetch_add(1, Ordering::Relaxed);
+        let y = b.fetch_add(1, Ordering::Relaxed);
+        if x.min(y) >= self.max {
+            a.fetch_sub(1, Ordering::Relaxed);
+            b.fetch_sub(1, Ordering::Relaxed);
+            return false;
+        }
+        true
+    }
+
+    /// True when [`acquire`](Self::acquire) would refuse `src` now.
+    pub(crate) fn full(&self, src: &Addr) -> bool {
+        let (a, b) = self.cells(src);
+        a.load(Ordering::Relaxed).min(b.load(Ordering::Relaxed)) >= self.max
+    }
+
+    /// Gives a unit of `src` back.
+    pub(crate) fn release(&self, src: &Addr) {
+        let (a, b) = self.cells(src);
+        a.fetch_sub(1, Ordering::Relaxed);
+        b.fetch_sub(1, Ordering::Relaxed);
+    }
+
+    /// Sum of all counters (twice the units held): zero when no flow holds a unit.
+    #[cfg(test)]
+    pub(crate) fn total(&self) -> u64 {
+        self.cells
+            .iter()
+            .map(|c| u64::from(c.load(Ordering::Relaxed)))
+            .sum()
+    }
+}
