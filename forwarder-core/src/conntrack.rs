@@ -34,8 +34,8 @@
 //! * **Insert** (same tuple raced by several threads: exactly one wins): (1) walk the orig list; a live match
 //!   is returned, an expired one is removed first. (2) If the pod endpoint has no live mapping yet, take a
 //!   random port first (so that an exhausted pool refuses before anything else is reserved); then reserve a
-//!   unit of capacity, the source quota (a pod at its quota opening a TCP connection first ends one of its
-//!   own finished flows toward the same server), and a slot (lock-free Treiber free list with a tag against ABA, then
+//!   unit of capacity, the source quota (which a TCP flow gives back when it finishes: `conntrack/quota.rs`),
+//!   and a slot (lock-free Treiber free list with a tag against ABA, then
 //!   a bump pointer over never-used slots); fill the slot while it is private. (3) Endpoint-independent
 //!   mapping: walk the EIM list for a live *anchor* of (pod address, pod port, protocol, egress IP) and join
 //!   it (increment its reference count if non-zero; a port taken in (2) goes back unused); otherwise publish
@@ -50,7 +50,7 @@
 //! * **Removal** (expiry by [`Table::expire`], or replacement of an expired duplicate by insert) is claimed by
 //!   a CAS of the slot's phase LIVE → DEAD — **the linearization point of the removal**; only the claimer
 //!   does the accounting. It then marks the slot's `next_orig` / `next_reply` (the Harris logical deletion),
-//!   releases the source quota and its reference on the mapping (the last reference marks the anchor, puts
+//!   releases the source quota (unless the flow is a finished TCP one) and its reference on the mapping (the last reference marks the anchor, puts
 //!   the port into its reuse delay and unlinks the anchor), and unlinks the slot from each list: a walk from
 //!   the bucket head CASes each marked node's predecessor to the node's successor, restarting when the
 //!   predecessor turns out to be marked. Any remover helps unlink any marked node it passes, so no thread
@@ -126,23 +126,15 @@ impl Default for Timeouts {
     }
 }
 
-/// Default per-source quota: 16384 live flows, a quarter of the 64,512 ports of the default range of one
-/// egress IP and protocol. Four busy pods can still fill an egress IP, but no single one can. A closed TCP
-/// connection stays for the transitory timeout (240 s) and counts until then, but a pod at its quota that
-/// opens a TCP connection ends one of its own closed ones toward the same server (`Table::insert`); short
-/// connections toward many different servers are capped at about 16384 / 240 s ≈ 68 per second per pod
-/// (see `docs/nat.md`).
+/// Default per-source quota: 16384 open flows, a quarter of the 64,512 ports of the default range of one
+/// egress IP and protocol, so four busy pods can still fill an egress IP but no single one can with open
+/// connections. A TCP connection stops counting when it finishes (reset, or a FIN each way), as Linux's
+/// `nf_conncount` does (see `conntrack/quota.rs` and `docs/nat.md`).
 pub const DEFAULT_MAX_PER_SOURCE: u32 = 16384;
 
 /// Random ports examined for a finished flow to take over when a TCP pool is exhausted (each probe is one
 /// reply-index lookup).
 const TAKEOVER_PROBES: u32 = 16;
-
-/// Random ports examined for one of its own finished flows when a pod at its quota opens a TCP connection. A
-/// pod at the default quota that only opens short connections toward one server holds about a quarter of the
-/// ports' tuples toward it, so each probe hits with probability ≈ 1/4 and 64 miss with ≈ 1e-8; with 16,
-/// ≈ 1 % of its connections were refused in the end-to-end connection-rate benchmark (`e2e --only conn`).
-const OWN_PROBES: u32 = 64;
 
 /// Table configuration.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -273,7 +265,7 @@ struct Inner {
     orig: Box<[AtomicU32]>,
     reply: Box<[AtomicU32]>,
     eim: Box<[AtomicU32]>,
-    quota: quota::Quota,
+    quota: Arc<quota::Quota>,
     free: CachePadded<AtomicU64>,
     bump: CachePadded<AtomicU32>,
     live: CachePadded<AtomicUsize>,
@@ -328,12 +320,13 @@ impl Table {
         let t = config.timeouts;
         // Keyed apart from the index (which `new` re-keys after this): pods cannot choose their addresses,
         // so a predictable quota key costs at most a shared quota between two pods.
-        let quota = quota::Quota::new(
+        let quota = Arc::new(quota::Quota::new(
             (max / 16).next_power_of_two().max(1024),
             key::HashKey::new(seed.rotate_left(31) ^ 0x51ed_270b_2740_d7b3),
             config.max_per_source,
-        );
+        ));
         let ctx = context::register(context::Context {
+            quota: quota.clone(),
             pool_ips,
             udp_ms: ms(t.udp),
             tcp_est_ms: ms(t.tcp_established),
@@ -792,12 +785,11 @@ impl Inner {
         {
             Some(match self.take_port(pool, proto, now, rng) {
                 Ok(p) => Taken::Fresh(p),
-                // TCP flows start with the pod's SYN (the pipeline creates no TCP flow otherwise). A pod at
-                // its quota would be refused below unless it frees a unit: it may only end its own flow.
-                Err(e) if proto == Proto::Tcp => {
+                // TCP flows start with the pod's SYN (the pipeline creates no TCP flow otherwise)
+                // a pod over its quota would be refused below: do not end another flow for it
+                Err(e) if proto == Proto::Tcp && !self.quota.full(&k.src) => {
                     *retired = true;
-                    let owner = self.quota.full(&k.src).then_some(&k.src);
-                    Taken::Over(self.take_over(&k, pool, owner, now, rng, guard).ok_or(e)?)
+                    Taken::Over(self.take_over(&k, pool, now, rng, guard).ok_or(e)?)
                 }
                 Err(e) => return Err(e),
             })
@@ -812,12 +804,7 @@ impl Inner {
                 return Err(InsertError::Full);
             }
         }
-        let mut quota = self.quota.acquire(&k.src);
-        if !quota && proto == Proto::Tcp && self.end_own_finished(&k, pool, now, rng, guard) {
-            *retired = true;
-            quota = self.quota.acquire(&k.src);
-        }
-        if !quota {
+        if !self.quota.acquire(&k.src) {
             self.live.fetch_sub(1, Ordering::Relaxed);
             give_back(port);
             return Err(InsertError::SourceQuota);
@@ -913,8 +900,7 @@ impl Inner {
     /// or a FIN each way: [`TcpState::Closed`], [`TcpState::TimeWait`]) toward the same remote endpoint, found by
     /// looking up the reply index for the new flow's would-be reply tuple on up to [`TAKEOVER_PROBES`] random
     /// ports (RFC 7857 §3.2 lets a NAT reuse a port in TIME_WAIT for a new SYN; the kernel's nf_nat reuses such
-    /// tuples too). With `owner`, only a flow of that pod address qualifies, on up to [`OWN_PROBES`] ports (a
-    /// pod at its quota may only end its own). The finished flow is removed (claimed LIVE → DEAD like an expiry), and when it held the
+    /// tuples too). The finished flow is removed (claimed LIVE → DEAD like an expiry), and when it held the
     /// last reference on its mapping the port passes to the caller still owned, skipping the reuse delay; a
     /// port whose mapping lives on (the old pod endpoint still talks to others through it) is left alone.
     /// Because the port only ever has one owning mapping, no two live flows share a reply tuple.
@@ -922,20 +908,13 @@ impl Inner {
         self: &Arc<Self>,
         k: &Packed,
         pool: PoolId,
-        owner: Option<&Addr>,
         now: Instant,
         rng: &mut Rng,
         guard: &Guard,
     ) -> Option<u16> {
-        let probes = if owner.is_some() {
-            OWN_PROBES
-        } else {
-            TAKEOVER_PROBES
-        };
-        for _ in 0..probes {
-            let Some(old) = self.claim_finished(k, pool, now, rng, |old| {
-                owner.is_none_or(|o| old.orig_packed().src == *o) && self.sole_user(old)
-            }) else {
+        for _ in 0..TAKEOVER_PROBES {
+            let Some(old) = self.claim_finished(k, pool, now, rng, |old| self.sole_user(old))
+            else {
                 continue;
             };
             let idx = self.index_of(old);
@@ -945,32 +924,6 @@ impl Inner {
             }
         }
         None
-    }
-
-    /// A pod at its quota opens a new TCP connection: end one of its own *finished* flows toward the same
-    /// remote endpoint (found as in [`take_over`](Self::take_over), on up to [`OWN_PROBES`] ports), so that its
-    /// quota unit comes back. The
-    /// ended flow goes as on expiry (its port into the reuse delay unless its mapping lives on). So a pod that
-    /// opens and closes short connections toward one server keeps opening them at any rate, while what it
-    /// holds stays within its quota; a pod whose quota is taken by open connections is still refused.
-    fn end_own_finished(
-        self: &Arc<Self>,
-        k: &Packed,
-        pool: PoolId,
-        now: Instant,
-        rng: &mut Rng,
-        guard: &Guard,
-    ) -> bool {
-        for _ in 0..OWN_PROBES {
-            if let Some(old) =
-                self.claim_finished(k, pool, now, rng, |old| old.orig_packed().src == k.src)
-            {
-                self.finish_removal(self.index_of(old), old, now, true, false, guard);
-                self.takeovers.fetch_add(1, Ordering::Relaxed);
-                return true;
-            }
-        }
-        false
     }
 
     /// One probe for [`take_over`](Self::take_over): the flow, if any, that holds a random port of `pool`
@@ -1184,7 +1137,11 @@ impl Inner {
         f.next_orig.fetch_or(MARK, Ordering::AcqRel);
         f.next_reply.fetch_or(MARK, Ordering::AcqRel);
         let ok = f.orig_packed();
-        self.quota.release(&ok.src);
+        // A finished TCP flow gave its unit back when it finished (`quota.rs`); the phase is DEAD now, so the
+        // TCP state no longer changes.
+        if !flow::tcp_finished(f.ctl.load(Ordering::Acquire)) {
+            self.quota.release(&ok.src);
+        }
         let (keeps_unit, handed) = self.release_mapping(f, now, linked, hand_over, guard);
         if !keeps_unit {
             self.live.fetch_sub(1, Ordering::Relaxed);

@@ -260,7 +260,10 @@ fn run(o: &Options) -> Result<bool> {
         );
     }
     let mut spec = TopologySpec::standard(GatewayMode::Kernel);
-    spec.workers = 0;
+    spec.workers = std::env::var("XW")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0);
     let mut topo = Topology::build(spec)?;
     for pod in topo.pods() {
         // Many short connections: use the whole port range so the client does not wrap quickly.

@@ -27,6 +27,8 @@ pub(crate) const MAX_TABLES: usize = 256;
 /// What flows need to know about their table.
 #[derive(Debug)]
 pub(crate) struct Context {
+    /// The table's per-source quota, which a TCP flow gives back when it finishes (see `quota.rs`).
+    pub(crate) quota: std::sync::Arc<super::quota::Quota>,
     /// Egress IP of each pool, by pool id.
     pub(crate) pool_ips: Box<[IpAddr]>,
     /// Idle timeouts in milliseconds: UDP, TCP established, TCP transitory, ICMP.
@@ -176,6 +178,11 @@ mod tests {
 
     fn ctx(trans: u64) -> Context {
         Context {
+            quota: std::sync::Arc::new(super::super::quota::Quota::new(
+                2,
+                super::super::key::HashKey::new(0),
+                1,
+            )),
             pool_ips: Box::new(["192.0.2.1".parse().expect("ip")]),
             udp_ms: 1,
             tcp_est_ms: 2,
@@ -222,6 +229,11 @@ mod tests {
 
     fn ctx(trans: u64) -> Context {
         Context {
+            quota: std::sync::Arc::new(super::super::quota::Quota::new(
+                2,
+                super::super::key::HashKey::new(0),
+                1,
+            )),
             pool_ips: Box::new([]),
             udp_ms: 1,
             tcp_est_ms: 2,

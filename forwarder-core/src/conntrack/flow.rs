@@ -556,12 +556,25 @@ impl Flow {
         by.store(by.load(Relaxed).wrapping_add(bytes as u64), Relaxed);
     }
 
+    /// Gives the source's quota unit back when the TCP transition `prev` → `next` finishes the connection, and
+    /// takes one again when a new SYN opens a finished one (see `quota.rs`). The caller's CAS made the
+    /// transition, so each is accounted once.
+    fn account_finish(&self, prev: u64, next: u64) {
+        match (tcp_finished(prev), tcp_finished(next)) {
+            (false, true) => self.ctx().quota.release(&self.orig_packed().src),
+            (true, false) => self.ctx().quota.reacquire(&self.orig_packed().src),
+            _ => {}
+        }
+    }
+
     /// Outbound (pod → outside) packet of this flow: refreshes it, follows the TCP state, counts it.
     pub fn on_outbound(&self, tcp: Option<TcpSegment>, bytes: usize, now: Instant) -> Refresh {
         if let (Some(seg), Proto::Tcp) = (tcp, self.proto()) {
-            let _ = self
-                .ctl
-                .fetch_update(Relaxed, Relaxed, |c| Some(tcp_outbound(c, &seg)));
+            if let Ok(prev) = self.ctl.fetch_update(Relaxed, Relaxed, |c| {
+                tracked(c).then(|| tcp_outbound(c, &seg))
+            }) {
+                self.account_finish(prev, tcp_outbound(prev, &seg));
+            }
         }
         self.refresh(now);
         Self::count(&self.pk_out, &self.bytes_out, bytes);
@@ -576,14 +589,20 @@ impl Flow {
     pub fn on_inbound(&self, tcp: Option<TcpSegment>, bytes: usize, now: Instant) -> Refresh {
         let refresh = match (tcp, self.proto()) {
             (Some(seg), Proto::Tcp) => {
-                let mut refresh = false;
+                let (mut refresh, mut next, mut gone) = (false, 0, false);
                 let r = self.ctl.fetch_update(Relaxed, Relaxed, |c| {
-                    let (next, rf) = tcp_inbound(c, &seg)?;
-                    refresh = rf;
+                    gone = !tracked(c);
+                    if gone {
+                        return None;
+                    }
+                    (next, refresh) = tcp_inbound(c, &seg)?;
                     Some(next)
                 });
-                if r.is_err() {
-                    return Refresh::Ignored;
+                match r {
+                    Ok(prev) => self.account_finish(prev, next),
+                    // Being removed: nothing to follow, and the packet is no forgery.
+                    Err(_) if gone => {}
+                    Err(_) => return Refresh::Ignored,
                 }
                 refresh
             }
@@ -596,6 +615,13 @@ impl Flow {
         Self::count(&self.pk_in, &self.bytes_in, bytes);
         Refresh::Ok
     }
+}
+
+/// True while packets may change the TCP state in control word `c`: the flow is being inserted or is live.
+/// Once removal has claimed it (DEAD) the state is frozen, so the removal's quota accounting reads a state no
+/// packet changes after it.
+fn tracked(c: u64) -> bool {
+    matches!(phase_of(c), PHASE_INIT | PHASE_LIVE)
 }
 
 fn tcp_fields(c: u64) -> (u64, u32, u16) {

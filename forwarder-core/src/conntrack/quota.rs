@@ -1,9 +1,18 @@
 //! The per-source flow quota: how many flows one pod address holds, counted in a count-min sketch.
 //!
-//! A flow holds one unit of its source's quota from its insert until it is removed, finished TCP
-//! connections included (they keep their port for the transitory timeout, and the quota is what keeps one pod
-//! from holding more than its share of an egress IP's ports). A pod at its quota that opens a TCP connection
-//! ends one of its own finished connections toward the same server to free a unit (`Table::insert`).
+//! A flow holds one unit of its source's quota from its insert until it finishes or is removed. A TCP flow
+//! that *finishes* (reset, or a FIN each way: `tcp_finished`) gives its unit back at once, although the
+//! entry stays for the transitory timeout; if a new SYN on the same tuple opens it again, it takes a unit
+//! again (unconditionally: it reuses the slot and port it already holds). This is what Linux's connection
+//! limit does: `nf_conncount` stops counting a TCP conntrack entry once it is in `CLOSE` or `TIME_WAIT`
+//! (`already_closed()` in net/netfilter/nf_conncount.c). So a pod that opens and closes short connections
+//! quickly is bounded by the connections it has open, not by how many it closed in the last 240 s, and its
+//! closed connections never keep it from opening a UDP flow. (The port a finished connection keeps is the
+//! pool's business: a new connection takes it over when the pool is exhausted, `Table::take_over`.)
+//!
+//! The transitions happen in `Flow::on_outbound` / `Flow::on_inbound` (through the table's context) and in
+//! the table's removal; each is decided by a CAS on the flow's control word, so exactly one thread accounts
+//! each one, and a flow that is no longer live changes no state (see `flow.rs`).
 
 use std::sync::atomic::{AtomicU32, Ordering};
 
@@ -64,6 +73,13 @@ impl Quota {
             return false;
         }
         true
+    }
+
+    /// Takes a unit whatever the count: a finished flow opened again keeps the slot and port it has.
+    pub(crate) fn reacquire(&self, src: &Addr) {
+        let (a, b) = self.cells(src);
+        a.fetch_add(1, Ordering::Relaxed);
+        b.fetch_add(1, Ordering::Relaxed);
     }
 
     /// True when [`acquire`](Self::acquire) would refuse `src` now.

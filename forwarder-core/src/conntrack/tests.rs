@@ -76,8 +76,10 @@ fn check_invariants(table: &Table, now: Instant) {
     let mut units = 0u64;
     table.for_each(&g, |f| {
         live += 1;
-        // every live flow holds a unit of its source's quota (two counters)
-        units += 2;
+        // every live flow but a finished TCP one holds a unit of its source's quota (two counters)
+        if !flow::tcp_finished(f.ctl.load(Ordering::Acquire)) {
+            units += 2;
+        }
         if f.is_expired(now) {
             return;
         }
@@ -481,58 +483,45 @@ fn endpoint_independent_mapping() {
     assert_eq!(tb.pools().usage()[0].in_use, 1);
 }
 
-/// A pod at its quota that opens a TCP connection ends one of its own finished connections (reset, or a FIN
-/// each way) toward the same server instead of being refused, so short connections toward one server go on at
-/// any rate while what the pod holds stays within its quota. Its open connections, its finished ones toward
-/// other servers and other pods' connections are never ended for it; with the pool exhausted as well, the port
-/// it takes over is its own.
+/// A TCP connection that finishes (reset, or a FIN each way) gives its pod's quota unit back at once, as
+/// Linux's `nf_conncount` stops counting CLOSE and TIME_WAIT entries: the entry itself stays for the
+/// transitory timeout, the pod opens new connections and UDP flows, and a SYN that opens the finished one
+/// again takes a unit again (even over the quota: it reuses its own slot and port). Half-closed connections
+/// still count. Expiry of it all leaves every counter at zero.
 #[test]
-fn a_pod_at_its_quota_ends_its_own_finished_connection() {
+fn finished_connections_give_their_quota_back() {
     let tb = Table::new(
         Config {
             max_entries: 64,
             max_per_source: 2,
             ..Config::default()
         },
-        PortPools::new(
-            &[EGRESS],
-            PortRange {
-                min: 7000,
-                max: 7003,
-            },
-        ),
+        PortPools::new(&[EGRESS], PortRange::default()),
     );
     let mut rng = Rng::new(8);
     let g = tb.pin();
-    let open = |src, port, server, rng: &mut Rng| {
-        let f = tb.insert(
-            new_flow(key(src, port, server, 443, Proto::Tcp)),
-            t(0),
-            rng,
-            &g,
-        )?;
+    let k = |port| key(pod(1), port, remote(1), 443, Proto::Tcp);
+    let open = |port, rng: &mut Rng| {
+        let f = tb.insert(new_flow(k(port)), t(0), rng, &g)?;
         f.on_outbound(seg(TcpSegment::SYN, 100, 0, 1000), 60, t(0));
         Ok::<_, InsertError>(f)
     };
-    let gone = |src, port, server| {
-        tb.lookup_outbound_at(&key(src, port, server, 443, Proto::Tcp), t(1), &g)
-            .is_none()
-    };
-    let a = open(pod(1), 1000, remote(1), &mut rng).expect("a");
-    let b = open(pod(1), 1001, remote(1), &mut rng).expect("b");
-    // both open: refused
+    let udp = key(pod(1), 5353, remote(2), 53, Proto::Udp);
+    let a = open(1000, &mut rng).expect("a");
+    let b = open(1001, &mut rng).expect("b");
+    assert_eq!(open(1002, &mut rng).err(), Some(InsertError::SourceQuota));
     assert_eq!(
-        open(pod(1), 1002, remote(1), &mut rng).err(),
+        tb.insert(new_flow(udp), t(0), &mut rng, &g).err(),
         Some(InsertError::SourceQuota)
     );
-    // a is reset: the next connection toward the same server ends it and is let in
+    // the pod resets a: the entry stays, its unit comes back
     a.on_outbound(seg(TcpSegment::RST, 101, 0, 0), 40, t(1));
     assert_eq!(a.tcp_state(), TcpState::Closed);
-    let c = open(pod(1), 1002, remote(1), &mut rng).expect("a's unit");
-    assert!(gone(pod(1), 1000, remote(1)));
-    assert_eq!(tb.port_takeovers(), 1);
+    assert!(tb.lookup_outbound_at(&k(1000), t(1), &g).is_some());
     check_invariants(&tb, t(1));
-    // b closes with a FIN each way; a connection toward another server does not end it
+    let c = open(1002, &mut rng).expect("a reset connection does not count");
+    assert_eq!(open(1003, &mut rng).err(), Some(InsertError::SourceQuota));
+    // b closes with a FIN each way (the remote's inside the pod's window); half closed, it still counts
     let fin = TcpSegment::FIN | TcpSegment::ACK;
     b.on_inbound(
         seg(TcpSegment::SYN | TcpSegment::ACK, 900, 101, 1000),
@@ -541,39 +530,38 @@ fn a_pod_at_its_quota_ends_its_own_finished_connection() {
     );
     b.on_outbound(seg(TcpSegment::ACK, 101, 901, 1000), 40, t(1));
     b.on_outbound(seg(fin, 101, 901, 1000), 40, t(1));
+    assert_eq!(b.tcp_state(), TcpState::Closing);
+    assert_eq!(open(1003, &mut rng).err(), Some(InsertError::SourceQuota));
     b.on_inbound(seg(fin, 901, 102, 1000), 40, t(1));
     assert_eq!(b.tcp_state(), TcpState::TimeWait);
-    assert_eq!(
-        open(pod(1), 1003, remote(2), &mut rng).err(),
-        Some(InsertError::SourceQuota)
-    );
-    assert!(!gone(pod(1), 1001, remote(1)));
-    // another pod's finished connection is not ended for pod 1 either
-    let e = open(pod(2), 1000, remote(1), &mut rng).expect("pod 2");
-    e.on_outbound(seg(TcpSegment::RST, 101, 0, 0), 40, t(1));
-    let d = open(pod(1), 1003, remote(1), &mut rng).expect("b's unit");
-    assert!(gone(pod(1), 1001, remote(1)));
-    assert!(!gone(pod(2), 1000, remote(1)));
-    assert_eq!(tb.port_takeovers(), 2);
+    tb.insert(new_flow(udp), t(1), &mut rng, &g)
+        .expect("closed connections do not keep the pod from UDP");
     check_invariants(&tb, t(1));
-    // c and d open, the pool has no free port (b's waits out its reuse delay): pod 1 is refused, and
-    // pod 2's finished connection is still not ended for it
-    assert_eq!(
-        open(pod(1), 1004, remote(1), &mut rng).err(),
-        Some(InsertError::PortsExhausted)
+    // a new SYN on a's tuple opens it again: it counts again, so the pod is over its quota
+    a.on_outbound(seg(TcpSegment::SYN, 5000, 0, 1000), 60, t(2));
+    assert_eq!(a.tcp_state(), TcpState::SynSent);
+    check_invariants(&tb, t(2));
+    assert_eq!(open(1003, &mut rng).err(), Some(InsertError::SourceQuota));
+    // c is reset by the remote (in window): one unit back, still at the quota
+    c.on_inbound(
+        seg(TcpSegment::SYN | TcpSegment::ACK, 700, 101, 1000),
+        60,
+        t(2),
     );
-    assert!(!gone(pod(2), 1000, remote(1)));
-    // d is reset: with the pool exhausted and the quota full, pod 1 takes d's port over
-    d.on_outbound(seg(TcpSegment::RST, 101, 0, 0), 40, t(1));
-    let dp = d.external_port();
-    let f = open(pod(1), 1004, remote(1), &mut rng).expect("d's port and unit");
-    assert_eq!(f.external_port(), dp);
-    assert!(!gone(pod(2), 1000, remote(1)));
-    assert_eq!(c.tcp_state(), TcpState::SynSent, "open connections stay");
-    check_invariants(&tb, t(1));
-    assert_eq!(tb.expire(t(1000), 100), 3);
-    check_invariants(&tb, t(1000));
+    c.on_outbound(seg(TcpSegment::ACK, 101, 701, 1000), 40, t(2));
+    assert_eq!(
+        c.on_inbound(seg(TcpSegment::RST, 701, 0, 0), 40, t(2)),
+        Refresh::Ok
+    );
+    assert_eq!(c.tcp_state(), TcpState::Closed);
+    assert_eq!(open(1003, &mut rng).err(), Some(InsertError::SourceQuota));
+    check_invariants(&tb, t(2));
+    // everything expires: no unit is left behind, and the pod has its whole quota again
+    assert_eq!(tb.expire(t(1000), 100), 4);
     assert_eq!(tb.inner.quota.total(), 0);
+    check_invariants(&tb, t(1000));
+    open(2000, &mut rng).expect("e");
+    open(2001, &mut rng).expect("f");
 }
 
 /// A TCP connection `k` through its handshake and closed by a FIN each way (pod first) at `now`.
