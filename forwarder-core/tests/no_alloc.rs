@@ -8,6 +8,9 @@
 //! * `new_flows_allocate_nothing`: first UDP datagrams, first TCP SYNs and first ICMP echo requests of pod
 //!   endpoints never seen before, each creating a conntrack entry and taking a new external port (checked:
 //!   the table and the port pools grow by one per packet), one at a time and in batches: zero allocations.
+//! * `super_packets_allocate_nothing`: TCP super-packets of an established flow both ways: from the node
+//!   (`tunnel_intake`, then `outbound_whole`: translated whole) and from an uplink (`inbound_segmented`: cut
+//!   into the caller's segment buffer and translated segment by segment): zero allocations.
 //! * `drops_allocate_nothing`: every drop reason listed in that test, each checked to be counted under that
 //!   reason exactly once per packet, and none creating state: zero allocations.
 //! * `refused_new_flows_allocate_nothing`: new flows refused because the gateway drains, the table is full,
@@ -38,7 +41,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 
 use common::*;
 use forwarder_core::conntrack;
-use forwarder_core::pipeline::{tunnel_mac, Action, TunnelPacket, UplinkPacket, Worker};
+use forwarder_core::offload::VnetHdr;
+use forwarder_core::pipeline::{tunnel_mac, Action, Intake, TunnelPacket, UplinkPacket, Worker};
 use forwarder_core::ports::PortRange;
 use forwarder_core::{Instant, Reason};
 
@@ -275,6 +279,76 @@ fn established_flows_both_ways_allocate_nothing() {
         n, 0,
         "{n} heap allocations in outbound_batch / inbound_batch"
     );
+    assert_eq!(w.stats().flows_created, created, "no flow was new");
+}
+
+#[test]
+fn super_packets_allocate_nothing() {
+    let mut w = worker();
+    let mut buf = vec![0u8; 4096];
+    let syn = pod_tcp(SERVER, 40000, 443, true, &[]);
+    let tcp_port = open(&mut w, &mut buf, &syn, T0);
+    let syn_ack = outside_tcp(SERVER, DMZ_EGRESS, 443, tcp_port, "SAM", 5000, 1001);
+    assert_eq!(
+        push(&mut w, &mut buf, Dir::In(0), &syn_ack, T0),
+        Did::ToTunnel
+    );
+    // From the node: one VXLAN datagram carrying 20,000 bytes of TCP payload.
+    let up = pod_tcp(SERVER, 40000, 443, false, &[5; 20_000]);
+    let h_up = match w.tunnel_intake(NODE, &mut up.clone(), 1450, 1450) {
+        Intake::Segment(h) => h,
+        other => panic!("not a super-packet: {other:?}"),
+    };
+    // From the uplink: 20,000 bytes from the server in one frame, as GRO hands it over.
+    let down = {
+        let b = etherparse::PacketBuilder::ethernet2(ROUTER_MAC, UPLINK_MAC)
+            .ipv4(SERVER.octets(), DMZ_EGRESS.octets(), 60)
+            .tcp(443, tcp_port, 5001, 65160)
+            .ack(1001);
+        build(|o| b.write(o, &[6; 20_000]))
+    };
+    let h_down = VnetHdr {
+        flags: 0,
+        gso_type: 1, // VIRTIO_NET_HDR_GSO_TCPV4
+        gso_size: 1400,
+        csum_start: 34,
+        csum_offset: 16,
+    };
+    let slot = 2048;
+    let mut segments = vec![0u8; slot * 64];
+    let mut lens = Vec::with_capacity(64);
+    let mut whole = vec![0u8; up.len() + 2048];
+    let mut run = |w: &mut Worker, now: Instant| {
+        whole[..up.len()].copy_from_slice(&up);
+        let (a, vnet) = w.outbound_whole(NODE, &mut whole, up.len(), &h_up, now);
+        assert!(matches!(a, Action::Forward { .. }), "{a:?}");
+        assert!(vnet.is_gso());
+        let mut n = 0;
+        let cut = w
+            .inbound_segmented(
+                0,
+                &down,
+                &h_down,
+                &mut segments,
+                slot,
+                &mut lens,
+                now,
+                |_, a| {
+                    assert!(matches!(a, Action::ToTunnel { .. }), "{a:?}");
+                    n += 1;
+                },
+            )
+            .unwrap();
+        assert_eq!((cut, n), (15, 15));
+    };
+    run(&mut w, T0); // warm-up
+    let created = w.stats().flows_created;
+    let (_, n) = counted(|| {
+        for i in 0..2_000u64 {
+            run(&mut w, Instant::from_millis(2_000 + i));
+        }
+    });
+    assert_eq!(n, 0, "{n} heap allocations for super-packets");
     assert_eq!(w.stats().flows_created, created, "no flow was new");
 }
 
