@@ -655,7 +655,11 @@ impl Worker {
                     node,
                     datagram,
                     segment: None,
-                } => held.hold(Target::Node(node), datagram),
+                } => {
+                    if let Some(d) = held.hold(node, datagram) {
+                        out.out.send_to_tunnel(node, d, None);
+                    }
+                }
                 other => out.act(i, other),
             },
         );
@@ -664,10 +668,7 @@ impl Worker {
             return;
         }
         *gso_segmented += 1;
-        let (target, frames) = held.into_frames();
-        if let Target::Node(node) = target {
-            send_tunnel_segments(&mut out.out, node, frames);
-        }
+        held.send(&mut out.out);
         out.flush();
     }
 
@@ -1068,26 +1069,56 @@ impl<'b> UplinkOut<'_, 'b> {
     }
 }
 
-/// The translated segments of one super-packet, held so that they can leave together.
-#[derive(Debug, Default)]
+/// The translated segments of one super-packet, held so that they can leave together: references into the
+/// worker's segment buffer and their nodes, in fixed arrays (no allocation per super-packet).
+#[derive(Debug)]
 struct Held<'b> {
     target: Target,
-    frames: Vec<&'b mut [u8]>,
+    frames: [&'b [u8]; MAX_SEGMENTS],
+    nodes: [Ipv4Addr; MAX_SEGMENTS],
+    len: usize,
+}
+
+impl Default for Held<'_> {
+    fn default() -> Self {
+        Held {
+            target: Target::None,
+            frames: [&[]; MAX_SEGMENTS],
+            nodes: [Ipv4Addr::UNSPECIFIED; MAX_SEGMENTS],
+            len: 0,
+        }
+    }
 }
 
 impl<'b> Held<'b> {
-    fn hold(&mut self, target: Target, frame: &'b mut [u8]) {
+    /// Holds `frame` for `node`; gives it back when the arrays are full (the caller sends it at once).
+    fn hold(&mut self, node: Ipv4Addr, frame: &'b [u8]) -> Option<&'b [u8]> {
+        if self.len == MAX_SEGMENTS {
+            return Some(frame);
+        }
+        self.frames[self.len] = frame;
+        self.nodes[self.len] = node;
+        self.len += 1;
         self.target = match self.target {
-            Target::None => target,
-            t if t == target => t,
+            Target::None => Target::Node(node),
+            Target::Node(n) if n == node => Target::Node(n),
             _ => Target::Mixed,
         };
-        self.frames.push(frame);
+        None
     }
 
-    /// Where the held frames go, and the frames in order.
-    fn into_frames(self) -> (Target, Vec<&'b mut [u8]>) {
-        (self.target, self.frames)
+    /// Sends what is held: with UDP GSO when it all goes to one node, else one by one.
+    fn send(&self, out: &mut Out<'_, 'b>) {
+        let frames = &self.frames[..self.len];
+        match self.target {
+            Target::None => {}
+            Target::Node(node) => send_tunnel_segments(out, node, frames),
+            Target::Mixed => {
+                for (f, &node) in frames.iter().zip(&self.nodes) {
+                    out.send_to_tunnel(node, f, None);
+                }
+            }
+        }
     }
 }
 
@@ -1103,7 +1134,7 @@ enum Target {
 
 /// Sends translated datagrams for one node with UDP GSO where they have one size (all but the last), in
 /// sends of at most 64 datagrams and 65,000 bytes; otherwise one by one.
-fn send_tunnel_segments<'b>(out: &mut Out<'_, 'b>, node: Ipv4Addr, frames: Vec<&'b mut [u8]>) {
+fn send_tunnel_segments<'b>(out: &mut Out<'_, 'b>, node: Ipv4Addr, frames: &[&'b [u8]]) {
     let Some(first) = frames.first() else { return };
     let size = first.len();
     let uniform = frames
@@ -1121,10 +1152,9 @@ fn send_tunnel_segments<'b>(out: &mut Out<'_, 'b>, node: Ipv4Addr, frames: Vec<&
     let per_send = (65_000 / size).clamp(1, 64);
     let segment = u16::try_from(size).unwrap_or(u16::MAX);
     for group in frames.chunks(per_send) {
-        let parts: Vec<&[u8]> = group.iter().map(|f| &**f).collect();
-        if out.tunnel.send_segments(&to, &parts, segment).is_err() {
+        if out.tunnel.send_segments(&to, group, segment).is_err() {
             out.io_drops[IoDrop::TunnelSendFailed.index()] +=
-                u64::try_from(parts.len()).unwrap_or(0);
+                u64::try_from(group.len()).unwrap_or(0);
         }
     }
 }
