@@ -334,6 +334,9 @@ impl Gateway {
         if let Some((lo, hi)) = topo.ports() {
             yaml.push_str(&format!("ports: {{ min: {lo}, max: {hi} }}\n"));
         }
+        if let Some(n) = topo.max_per_source() {
+            yaml.push_str(&format!("conntrack: {{ max_per_source: {n} }}\n"));
+        }
         std::fs::write(&config, yaml).with_context(|| format!("write {}", config.display()))?;
         let log = topo.dir().join(format!("gw{}.log", self.number));
         let bin = binary.to_string_lossy().into_owned();

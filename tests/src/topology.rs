@@ -217,6 +217,9 @@ pub struct TopologySpec {
     /// 1024..=65535 in userspace mode, the kernel's choice in kernel mode): `ports:` in the userspace
     /// configuration; TCP and UDP SNAT `--to-source IP:min-max` on the DMZ uplink in kernel mode.
     pub ports: Option<(u16, u16)>,
+    /// `conntrack.max_per_source` of the userspace gateways (default: the gateway's own, 16384); nothing in
+    /// kernel mode.
+    pub max_per_source: Option<u32>,
 }
 
 impl TopologySpec {
@@ -238,6 +241,7 @@ impl TopologySpec {
             ipv6: true,
             node_agent: false,
             ports: None,
+            max_per_source: None,
         }
     }
 
@@ -681,6 +685,10 @@ impl Topology {
 
     pub(crate) fn ports(&self) -> Option<(u16, u16)> {
         self.spec.ports
+    }
+
+    pub(crate) fn max_per_source(&self) -> Option<u32> {
+        self.spec.max_per_source
     }
 
     pub(crate) fn workers(&self) -> usize {

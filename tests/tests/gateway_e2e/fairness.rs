@@ -4,6 +4,7 @@
 //! gateway must serve every pod (none starved) and keep its rate (no collapse once the ports have all been
 //! used: finished connections hand their port over, docs/nat.md); the kernel's path (iptables SNAT
 //! `--to-source IP:20000-20255`) runs the same load afterwards and both are printed side by side.
+//! Also: closed connections do not count against a pod's quota of flows.
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
@@ -174,5 +175,82 @@ fn churning_pods_share_a_small_port_range_without_starvation_or_collapse() {
     assert!(
         last * 3.0 >= first,
         "rate collapsed: {first:.0}/s in the first third, {last:.0}/s in the last"
+    );
+}
+
+/// Only open flows count against a pod's quota (`conntrack.max_per_source`, docs/nat.md), as Linux's
+/// `nf_conncount` counts them. With a quota of 32: one pod opens and closes 500 connections toward one server,
+/// one after another, and every one is let in, and a UDP request right after is answered (that UDP flow now
+/// holds one unit); while the pod holds connections open, exactly 31 are let in and the next one and a new
+/// UDP flow are refused; once it has closed them, both get through again.
+#[test]
+fn closed_connections_do_not_count_against_the_quota() {
+    require_netns!();
+    let mode = require_userspace_gateway!();
+    let mut spec = TopologySpec::standard(mode);
+    spec.max_per_source = Some(32);
+    let topo = common::build(spec);
+    let tcp = SocketAddr::from((RED_SERVER, 7310));
+    let udp = SocketAddr::from((RED_SERVER, 7311));
+    let _tcp_server = traffic::tcp_echo_server(&topo.red().ns, tcp).expect("tcp server");
+    let _udp_server = traffic::udp_echo_server(&topo.red().ns, udp).expect("udp server");
+    let pod = &topo.pod(1, 1).ns;
+    let echo = move || -> std::io::Result<TcpStream> {
+        let mut c = TcpStream::connect_timeout(&tcp, Duration::from_secs(2))?;
+        c.set_read_timeout(Some(Duration::from_secs(2)))?;
+        c.write_all(b"x")?;
+        let mut b = [0u8; 1];
+        c.read_exact(&mut b)?;
+        Ok(c)
+    };
+    let refused: Vec<String> = pod
+        .run(Duration::from_secs(120), move || {
+            (0..500)
+                .filter_map(|i| echo().err().map(|e| format!("{i}: {e}")))
+                .collect()
+        })
+        .expect("run in the pod");
+    assert!(
+        refused.is_empty(),
+        "closed connections counted: {} of 500 refused, the first {:?}",
+        refused.len(),
+        refused.first()
+    );
+    assert_eq!(
+        traffic::udp_echo(pod, udp, b"after").expect("UDP after 500 closed connections"),
+        b"after"
+    );
+    // the last connections' FINs from the server are through by now
+    std::thread::sleep(Duration::from_millis(300));
+    let (open, next) = pod
+        .run(Duration::from_secs(120), move || {
+            let mut open = Vec::new();
+            let next = loop {
+                match echo() {
+                    Ok(c) if open.len() < 40 => open.push(c),
+                    other => break other.map(|_| ()),
+                }
+            };
+            (open, next)
+        })
+        .expect("run in the pod");
+    assert_eq!(
+        open.len(),
+        31,
+        "open connections let in (quota 32, one UDP flow)"
+    );
+    assert!(next.is_err(), "the 33rd flow was let in");
+    assert!(
+        traffic::udp_echo(pod, udp, b"over").is_err(),
+        "a new UDP flow over the quota was let in"
+    );
+    drop(open);
+    std::thread::sleep(Duration::from_millis(300));
+    pod.run(Duration::from_secs(30), move || echo().map(|_| ()))
+        .expect("run in the pod")
+        .expect("a connection once the others are closed");
+    assert_eq!(
+        traffic::udp_echo(pod, udp, b"again").expect("UDP once the connections are closed"),
+        b"again"
     );
 }
