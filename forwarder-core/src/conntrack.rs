@@ -35,8 +35,8 @@
 //!   is returned, an expired one is removed first. (2) If the pod endpoint has no live mapping yet, take a
 //!   random port first (so that an exhausted pool refuses before anything else is reserved); then reserve a
 //!   unit of capacity, the source quota (which a TCP flow gives back when it finishes: `conntrack/quota.rs`),
-//!   and a slot (lock-free Treiber free list with a tag against ABA, then
-//!   a bump pointer over never-used slots); fill the slot while it is private. (3) Endpoint-independent
+//!   and a slot (lock-free Treiber free list with a tag against ABA, then a bump pointer over never-used
+//!   slots); fill the slot while it is private. (3) Endpoint-independent
 //!   mapping: walk the EIM list for a live *anchor* of (pod address, pod port, protocol, egress IP) and join
 //!   it (increment its reference count if non-zero; a port taken in (2) goes back unused); otherwise publish
 //!   this slot as the new anchor, with the port of (2) or a new one, by CAS on the EIM bucket head
@@ -50,8 +50,8 @@
 //! * **Removal** (expiry by [`Table::expire`], or replacement of an expired duplicate by insert) is claimed by
 //!   a CAS of the slot's phase LIVE → DEAD — **the linearization point of the removal**; only the claimer
 //!   does the accounting. It then marks the slot's `next_orig` / `next_reply` (the Harris logical deletion),
-//!   releases the source quota (unless the flow is a finished TCP one) and its reference on the mapping (the last reference marks the anchor, puts
-//!   the port into its reuse delay and unlinks the anchor), and unlinks the slot from each list: a walk from
+//!   releases the source quota (unless the flow is a finished TCP one) and its reference on the mapping
+//!   (the last reference marks the anchor, puts the port into its reuse delay and unlinks the anchor), and unlinks the slot from each list: a walk from
 //!   the bucket head CASes each marked node's predecessor to the node's successor, restarting when the
 //!   predecessor turns out to be marked. Any remover helps unlink any marked node it passes, so no thread
 //!   waits for another.
@@ -913,8 +913,7 @@ impl Inner {
         guard: &Guard,
     ) -> Option<u16> {
         for _ in 0..TAKEOVER_PROBES {
-            let Some(old) = self.claim_finished(k, pool, now, rng, |old| self.sole_user(old))
-            else {
+            let Some(old) = self.claim_finished(k, pool, now, rng) else {
                 continue;
             };
             let idx = self.index_of(old);
@@ -927,14 +926,14 @@ impl Inner {
     }
 
     /// One probe for [`take_over`](Self::take_over): the flow, if any, that holds a random port of `pool`
-    /// toward `k`'s remote endpoint; claimed (LIVE → DEAD, its end reported) when it is finished and `fits`.
+    /// toward `k`'s remote endpoint; claimed (LIVE → DEAD, its end reported) when it is finished and the
+    /// only flow on its mapping.
     fn claim_finished(
         &self,
         k: &Packed,
         pool: PoolId,
         now: Instant,
         rng: &mut Rng,
-        fits: impl Fn(&Flow) -> bool,
     ) -> Option<&Flow> {
         let range = self.pools.range();
         let n = range.len();
@@ -954,7 +953,7 @@ impl Inner {
             .bucket(List::Reply, rk.hash(&self.hash_key))
             .load(Ordering::Acquire);
         let old = self.walk_reply(head, &rk, now)?;
-        if !flow::tcp_finished(old.ctl.load(Ordering::Relaxed)) || !fits(old) {
+        if !flow::tcp_finished(old.ctl.load(Ordering::Relaxed)) || !self.sole_user(old) {
             return None;
         }
         old.ctl

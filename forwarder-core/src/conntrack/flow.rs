@@ -570,10 +570,12 @@ impl Flow {
     /// Outbound (pod → outside) packet of this flow: refreshes it, follows the TCP state, counts it.
     pub fn on_outbound(&self, tcp: Option<TcpSegment>, bytes: usize, now: Instant) -> Refresh {
         if let (Some(seg), Proto::Tcp) = (tcp, self.proto()) {
+            let mut next = 0;
             if let Ok(prev) = self.ctl.fetch_update(Relaxed, Relaxed, |c| {
-                tracked(c).then(|| tcp_outbound(c, &seg))
+                next = tcp_outbound(c, &seg);
+                tracked(c).then_some(next)
             }) {
-                self.account_finish(prev, tcp_outbound(prev, &seg));
+                self.account_finish(prev, next);
             }
         }
         self.refresh(now);

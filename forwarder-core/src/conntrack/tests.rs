@@ -67,6 +67,18 @@ fn seg(flags: u8, seq: u32, ack: u32, window: u16) -> Option<TcpSegment> {
 /// Checks the table's invariants at `now`: every visible flow is found by both keys, keys are unique (no two
 /// live flows share a reply tuple: egress IP, external port, protocol, remote address and port), a port
 /// belongs to one pod endpoint, `len` matches.
+/// A table of 64 flows over the default port range, each pod allowed `max_per_source` open flows.
+fn quota_table(max_per_source: u32) -> Table {
+    Table::new(
+        Config {
+            max_entries: 64,
+            max_per_source,
+            ..Config::default()
+        },
+        PortPools::new(&[EGRESS], PortRange::default()),
+    )
+}
+
 fn check_invariants(table: &Table, now: Instant) {
     let g = table.pin();
     let mut live = 0;
@@ -490,14 +502,7 @@ fn endpoint_independent_mapping() {
 /// still count. Expiry of it all leaves every counter at zero.
 #[test]
 fn finished_connections_give_their_quota_back() {
-    let tb = Table::new(
-        Config {
-            max_entries: 64,
-            max_per_source: 2,
-            ..Config::default()
-        },
-        PortPools::new(&[EGRESS], PortRange::default()),
-    );
+    let tb = quota_table(2);
     let mut rng = Rng::new(8);
     let g = tb.pin();
     let k = |port| key(pod(1), port, remote(1), 443, Proto::Tcp);
@@ -887,14 +892,7 @@ fn full_table_refuses_and_keeps_established() {
 
 #[test]
 fn per_source_quota() {
-    let tb = Table::new(
-        Config {
-            max_entries: 64,
-            max_per_source: 3,
-            ..Config::default()
-        },
-        PortPools::new(&[EGRESS], PortRange::default()),
-    );
+    let tb = quota_table(3);
     let mut rng = Rng::new(6);
     let g = tb.pin();
     for i in 0..3 {
