@@ -95,7 +95,15 @@ pub(crate) struct TunnelConfig {
     pub(crate) mtu: u16,
     /// The gateway's IPv6 address inside the tunnel (source of the ICMPv6 errors it sends).
     pub(crate) ipv6_address: Option<Ipv6Addr>,
+    /// How many outer UDP source ports the gateway sends from, each inner flow on one of them chosen by a
+    /// hash of the flow (RFC 7348 §5).
+    pub(crate) source_ports: u16,
 }
+
+/// `tunnel.source_ports` when the file does not say.
+pub(crate) const DEFAULT_SOURCE_PORTS: u16 = 16;
+/// The most `tunnel.source_ports` may ask for (one socket each).
+pub(crate) const MAX_SOURCE_PORTS: u16 = 256;
 
 /// One entry of `uplinks`.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -255,6 +263,10 @@ pub(crate) fn restart_needed(old: &GatewayConfig, new: &GatewayConfig) -> Vec<St
         }
     };
     check("tunnel.listen", old.tunnel.listen != new.tunnel.listen);
+    check(
+        "tunnel.source_ports",
+        old.tunnel.source_ports != new.tunnel.source_ports,
+    );
     if old.uplinks.len() == new.uplinks.len() {
         for (i, (a, b)) in old.uplinks.iter().zip(&new.uplinks).enumerate() {
             check(
@@ -486,6 +498,7 @@ uplinks:
                 vni: 4097,
                 allowed_sources: vec![net("172.18.0.0/16")],
                 pod_cidrs: vec![net("10.244.0.0/16")],
+                source_ports: DEFAULT_SOURCE_PORTS,
                 mtu: 1450,
                 ipv6_address: Some("fd00::3".parse().unwrap()),
             },

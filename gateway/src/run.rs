@@ -25,6 +25,7 @@ use crate::config::{self, GatewayConfig, LogFormat};
 use crate::flowlog::{live_line, FlowFilter, FlowLog, PodNames, WallClock};
 use crate::http::{self, Response};
 use crate::io::packet::{Interface, TxSocket};
+use crate::io::tunnel::TunnelSenders;
 use crate::neighbour;
 use crate::supervisor;
 use crate::telemetry::{self, Telemetry};
@@ -87,12 +88,16 @@ pub(crate) fn run(path: &Path, tunnel_ip: Option<Ipv4Addr>) -> Result<(), RunErr
     } else {
         cfg.workers
     };
+    let tunnel_senders = TunnelSenders::open(cfg.tunnel.listen, cfg.tunnel.source_ports, 8 << 20)
+        .map_err(|e| setup(format!("{}: tunnel: {e}", path.display())))?;
+    tracing::info!(ports = ?tunnel_senders.ports(), "tunnel datagrams leave from these UDP source ports, one per inner flow by its hash");
     let shared = Arc::new(Shared {
         gateway: Mutex::new(Arc::new(gateway)),
         gateway_generation: AtomicU64::new(0),
         neighbours: neighbour::Neighbours::new(uplinks.len()),
         uplinks,
         tunnel_listen: cfg.tunnel.listen,
+        tunnel_senders: Arc::new(tunnel_senders),
         tunnel_mtu: cfg.tunnel.mtu,
         reports: (0..workers).map(|_| Mutex::new(None)).collect(),
         worker_panics: AtomicU64::new(0),

@@ -392,6 +392,10 @@ mod tests {
                 mtu: 1500,
             }],
             tunnel_listen: "172.18.0.3:4790".parse().unwrap(),
+            tunnel_senders: Arc::new(
+                crate::io::tunnel::TunnelSenders::open("127.0.0.1:4790".parse().unwrap(), 1, 4096)
+                    .unwrap(),
+            ),
             tunnel_mtu: 1450,
             reports: vec![Mutex::new(Some(Report {
                 pipeline,

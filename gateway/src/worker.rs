@@ -28,7 +28,7 @@ use mio::{Events, Interest, Poll, Token};
 
 use crate::io::mmsg::{RecvBatch, SendBatch, Sending, SlotLayout};
 use crate::io::packet::{self, GsoTxSocket, Interface, RxSocket, TxSocket, VNET_HDR_LEN};
-use crate::io::tunnel::{self, TunnelSocket};
+use crate::io::tunnel::{self, TunnelSenders, TunnelSocket, TunnelTx};
 use crate::io::IoDrop;
 use crate::neighbour::{self, LocalNeighbours, Neighbours};
 
@@ -95,6 +95,8 @@ pub(crate) struct Shared {
     pub(crate) neighbours: Neighbours,
     pub(crate) uplinks: Vec<UplinkIo>,
     pub(crate) tunnel_listen: SocketAddrV4,
+    /// The sockets every worker sends into the tunnel from.
+    pub(crate) tunnel_senders: Arc<TunnelSenders>,
     pub(crate) tunnel_mtu: u16,
     pub(crate) reports: Vec<Mutex<Option<Report>>>,
     /// Worker panics caught and restarted (see `supervisor`).
@@ -153,7 +155,7 @@ pub(crate) struct Worker {
     gateway_generation: u64,
     tunnel: TunnelSocket,
     tun_rx: RecvBatch<libc::sockaddr_in>,
-    tun_tx: SendBatch<libc::sockaddr_in>,
+    tun_tx: TunnelTx,
     tun_ready: bool,
     ports: Vec<Port>,
     segments: Vec<u8>,
@@ -241,7 +243,7 @@ impl Worker {
             gateway_generation: shared.gateway_generation.load(Ordering::Acquire),
             tunnel,
             tun_rx: RecvBatch::new(BATCH, tun_layout, tunnel::empty_sockaddr_in()),
-            tun_tx: SendBatch::new(BATCH * 4, tunnel::empty_sockaddr_in()),
+            tun_tx: TunnelTx::new(Arc::clone(&shared.tunnel_senders), BATCH * 2),
             tun_ready: true,
             ports,
             segments: vec![0; segment_slot * MAX_SEGMENTS],
@@ -404,7 +406,6 @@ impl Worker {
             waiting,
             io_drops,
             shared,
-            tunnel,
             scratch,
             segments,
             segment_slot,
@@ -445,7 +446,6 @@ impl Worker {
         let port = shared.tunnel_listen.port();
         let mut out = Out {
             tun_tx,
-            tunnel,
             ports,
             neighbours,
             waiting,
@@ -533,7 +533,6 @@ impl Worker {
                 waiting,
                 io_drops,
                 shared,
-                tunnel,
                 scratch,
                 ..
             } = self;
@@ -562,7 +561,6 @@ impl Worker {
             let mut out = UplinkOut {
                 out: Out {
                     tun_tx,
-                    tunnel,
                     ports: &mut [],
                     neighbours,
                     waiting,
@@ -607,7 +605,6 @@ impl Worker {
             waiting,
             io_drops,
             shared,
-            tunnel,
             scratch,
             segments,
             segment_slot,
@@ -622,7 +619,6 @@ impl Worker {
         let mut out = UplinkOut {
             out: Out {
                 tun_tx,
-                tunnel,
                 ports: &mut [],
                 neighbours,
                 waiting,
@@ -718,8 +714,7 @@ fn write_macs(frame: &mut [u8], dst: MacAddr, src: MacAddr) {
 
 /// Where the actions of one batch go; frames live for `'b` (the borrow of the receive or segment buffer).
 struct Out<'w, 'b> {
-    tun_tx: &'w mut SendBatch<libc::sockaddr_in>,
-    tunnel: &'w TunnelSocket,
+    tun_tx: &'w mut TunnelTx,
     ports: &'w mut [Port],
     neighbours: &'w mut LocalNeighbours,
     waiting: &'w mut Vec<Waiting>,
@@ -832,24 +827,22 @@ impl<'b> Out<'_, 'b> {
 
     fn send_to_tunnel(&mut self, node: Ipv4Addr, datagram: &'b [u8], segment: Option<usize>) {
         let to = tunnel::sockaddr_in(node, self.port);
-        let seg = segment.unwrap_or(datagram.len()).max(1);
-        for d in datagram.chunks(seg) {
-            if self.tun_tx.is_full(&self.sending) {
-                self.flush_tunnel();
-            }
-            self.tun_tx.push(&self.sending, to, d);
-        }
+        let failed = match segment {
+            None => self.tun_tx.push(&self.sending, to, datagram),
+            Some(n) => self
+                .tun_tx
+                .push_all(&self.sending, to, datagram.chunks(n.max(1))),
+        };
+        self.count_tunnel_failures(failed);
     }
 
-    fn flush_tunnel(&mut self) {
-        if self.tun_tx.len(&self.sending) > 0 {
-            let f = self.tun_tx.flush(&self.sending, self.tunnel.as_fd());
-            self.io_drops[IoDrop::TunnelSendFailed.index()] += u64::try_from(f.failed).unwrap_or(0);
-        }
+    fn count_tunnel_failures(&mut self, failed: usize) {
+        self.io_drops[IoDrop::TunnelSendFailed.index()] += u64::try_from(failed).unwrap_or(0);
     }
 
     fn flush(&mut self) {
-        self.flush_tunnel();
+        let failed = self.tun_tx.flush(&self.sending);
+        self.count_tunnel_failures(failed);
         for p in self.ports.iter_mut() {
             flush_port(&p.tx, &mut p.tx_batch, &self.sending, self.io_drops);
         }
@@ -1147,14 +1140,8 @@ fn send_tunnel_segments<'b>(out: &mut Out<'_, 'b>, node: Ipv4Addr, frames: &[&'b
         }
         return;
     }
-    out.flush_tunnel();
     let to = tunnel::sockaddr_in(node, out.port);
-    let per_send = (65_000 / size).clamp(1, 64);
     let segment = u16::try_from(size).unwrap_or(u16::MAX);
-    for group in frames.chunks(per_send) {
-        if out.tunnel.send_segments(&to, group, segment).is_err() {
-            out.io_drops[IoDrop::TunnelSendFailed.index()] +=
-                u64::try_from(group.len()).unwrap_or(0);
-        }
-    }
+    let failed = out.tun_tx.send_segments(&out.sending, &to, frames, segment);
+    out.count_tunnel_failures(failed);
 }

@@ -174,6 +174,8 @@ pub struct Frame {
     pub outgoing: bool,
     /// Frame length.
     pub len: usize,
+    /// For VXLAN (UDP to or from port 4790): the inner Ethernet frame, parsed the same way.
+    pub inner: Option<Box<Frame>>,
 }
 
 impl Frame {
@@ -195,6 +197,7 @@ impl Frame {
             ip,
             outgoing,
             len: data.len(),
+            inner: vxlan_inner(data).and_then(|d| Frame::parse(d, outgoing).map(Box::new)),
         })
     }
 
@@ -207,6 +210,18 @@ impl Frame {
     pub fn dst(&self) -> Option<IpAddr> {
         self.ip.as_ref().map(|i| i.dst)
     }
+}
+
+/// The inner Ethernet frame of an IPv4 frame carrying VXLAN on port 4790 (no fragments).
+fn vxlan_inner(data: &[u8]) -> Option<&[u8]> {
+    const VXLAN: u16 = 4790;
+    if be16(data, 12)? != ETHERTYPE_IPV4 || *data.get(23)? != proto::UDP {
+        return None;
+    }
+    let udp = 14 + usize::from(data.get(14)? & 0x0f) * 4;
+    let (sport, dport) = (be16(data, udp)?, be16(data, udp + 2)?);
+    (sport == VXLAN || dport == VXLAN).then_some(())?;
+    data.get(udp + 8 + 8..)
 }
 
 fn be16(b: &[u8], at: usize) -> Option<u16> {

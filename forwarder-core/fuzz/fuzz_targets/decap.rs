@@ -1,10 +1,13 @@
-//! Any bytes as an underlay frame: VXLAN decapsulation and parsing of every inner header must never panic.
+//! Any bytes as an underlay frame: VXLAN decapsulation, parsing of every inner header and the inner flow hash
+//! (the outer source port's entropy) must never panic.
 #![no_main]
 use forwarder_core::nat::meta::{parse_l4, PacketMeta};
 use forwarder_core::wire::{ethernet, vxlan};
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {
+    // Any bytes as a VXLAN datagram (header first), as the gateway hashes what it sends into the tunnel.
+    let _ = vxlan::inner_flow_hash(data);
     if let Ok((_src, _port, _vni, inner)) = vxlan::decapsulate_v4(data) {
         let inner = &data[inner];
         if let Ok(eth) = ethernet::Frame::new_checked(inner) {

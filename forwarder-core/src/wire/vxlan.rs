@@ -140,6 +140,84 @@ pub fn source_port_for(inner_hash: u32) -> u16 {
     SOURCE_PORT_MIN + u16::try_from(offset).unwrap_or(0)
 }
 
+/// A hash of the inner flow of `datagram` (a VXLAN header followed by the inner Ethernet frame), for the
+/// outer UDP source port: RFC 7348 §5 recommends that the source port be "calculated using a hash of fields
+/// from the inner packet", so that routers' ECMP and receivers' RSS spread the tunnel's flows while one
+/// inner flow keeps one path (and one order). The fields are those the kernel's flow dissector takes for
+/// `skb_get_hash()`: the inner addresses and protocol, and the ports of TCP, UDP, UDP-Lite and SCTP.
+/// Fragments (IPv4 MF or offset, an IPv6 fragment header) hash without ports, so every fragment of a
+/// datagram takes the same path as its first. Anything else (ARP, truncated or unknown headers) hashes
+/// what it has; this never panics, whatever the bytes.
+///
+/// Unlike the kernel's, the hash is not keyed: it only chooses among the gateway's own source ports, and
+/// an inner flow's port must not change when the gateway restarts (a stateful middlebox on the underlay
+/// would see a new outer flow).
+pub fn inner_flow_hash(datagram: &[u8]) -> u32 {
+    const ETH: usize = HEADER_LEN;
+    const IP: usize = ETH + ethernet::HEADER_LEN;
+    let at = |r: Range<usize>| datagram.get(r).unwrap_or(&[]);
+    let ethertype = at(ETH + 12..ETH + 14);
+    let mut h = Fold::new();
+    h.add(ethertype);
+    match ethertype {
+        [0x08, 0x00] => {
+            let ihl = datagram.get(IP).map_or(0, |b| usize::from(b & 0x0f) * 4);
+            let proto = datagram.get(IP + 9).copied().unwrap_or(0);
+            h.add(at(IP + 12..IP + 20));
+            h.add(&[proto]);
+            let frag = at(IP + 6..IP + 8);
+            let fragment = frag.len() == 2 && (frag[0] & 0x3f != 0 || frag[1] != 0);
+            if !fragment && ihl >= 20 && has_ports(proto) {
+                h.add(at(IP + ihl..IP + ihl + 4));
+            }
+        }
+        [0x86, 0xdd] => {
+            let next = datagram.get(IP + 6).copied().unwrap_or(0);
+            h.add(at(IP + 8..IP + 40));
+            h.add(&[next]);
+            // Only a transport header right after the fixed header carries ports here; behind extension
+            // headers (or a fragment header) the flow hashes on its addresses alone.
+            if has_ports(next) {
+                h.add(at(IP + 40..IP + 44));
+            }
+        }
+        _ => {}
+    }
+    h.finish()
+}
+
+/// TCP, UDP, SCTP, UDP-Lite: a transport header that starts with the two ports.
+fn has_ports(proto: u8) -> bool {
+    matches!(proto, 6 | 17 | 132 | 136)
+}
+
+/// A small multiply–xorshift fold over bytes (not cryptographic; see [`inner_flow_hash`]).
+struct Fold(u64);
+
+impl Fold {
+    fn new() -> Fold {
+        Fold(0x9E37_79B9_7F4A_7C15)
+    }
+
+    fn add(&mut self, bytes: &[u8]) {
+        for chunk in bytes.chunks(8) {
+            let mut w = [0u8; 8];
+            w[..chunk.len()].copy_from_slice(chunk);
+            let x = (self.0 ^ u64::from_le_bytes(w)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+            self.0 = x ^ (x >> 31);
+        }
+        // The length goes in too, so that a missing field differs from a zero one.
+        self.0 = (self.0 ^ bytes.len() as u64).wrapping_mul(0x94D0_49BB_1331_11EB);
+    }
+
+    fn finish(&self) -> u32 {
+        let x = self.0 ^ (self.0 >> 29);
+        #[allow(clippy::cast_possible_truncation)] // the high half, on purpose
+        let high = (x.wrapping_mul(0xBF58_476D_1CE4_E5B9) >> 32) as u32;
+        high
+    }
+}
+
 /// Parameters of the outer headers written by [`EncapV4::encapsulate_v4`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct EncapV4 {
@@ -637,11 +715,121 @@ mod tests {
         );
     }
 
+    /// A VXLAN datagram around Ethernet + IPv4 (20-byte header) + 8 bytes of transport header + payload.
+    fn v4_datagram(
+        proto: u8,
+        src: [u8; 4],
+        dst: [u8; 4],
+        ports: (u16, u16),
+        frag: u16,
+        ttl: u8,
+    ) -> Vec<u8> {
+        let mut d = vec![0u8; HEADER_LEN + 14 + 20 + 8 + 16];
+        emit_header(&mut d, DEFAULT_VNI);
+        d[8 + 12..8 + 14].copy_from_slice(&[0x08, 0x00]);
+        let ip = 8 + 14;
+        d[ip] = 0x45;
+        d[ip + 6..ip + 8].copy_from_slice(&frag.to_be_bytes());
+        d[ip + 8] = ttl;
+        d[ip + 9] = proto;
+        d[ip + 12..ip + 16].copy_from_slice(&src);
+        d[ip + 16..ip + 20].copy_from_slice(&dst);
+        d[ip + 20..ip + 22].copy_from_slice(&ports.0.to_be_bytes());
+        d[ip + 22..ip + 24].copy_from_slice(&ports.1.to_be_bytes());
+        d[ip + 28..].fill(ttl); // payload differs with the TTL too
+        d
+    }
+
+    #[test]
+    fn one_inner_flow_keeps_one_hash_and_flows_spread() {
+        const SERVER: [u8; 4] = [198, 51, 100, 10];
+        const POD: [u8; 4] = [10, 244, 1, 5];
+        let a = inner_flow_hash(&v4_datagram(17, SERVER, POD, (53, 40000), 0, 64));
+        // TTL, payload and the DF bit are not part of the flow.
+        assert_eq!(
+            a,
+            inner_flow_hash(&v4_datagram(17, SERVER, POD, (53, 40000), 0x4000, 3))
+        );
+        // Ports, addresses and protocol are.
+        assert_ne!(
+            a,
+            inner_flow_hash(&v4_datagram(17, SERVER, POD, (53, 40001), 0, 64))
+        );
+        assert_ne!(
+            a,
+            inner_flow_hash(&v4_datagram(
+                17,
+                SERVER,
+                [10, 244, 1, 6],
+                (53, 40000),
+                0,
+                64
+            ))
+        );
+        assert_ne!(
+            a,
+            inner_flow_hash(&v4_datagram(6, SERVER, POD, (53, 40000), 0, 64))
+        );
+        // ICMP has no ports: its first 4 bytes (type, code, checksum) do not count.
+        assert_eq!(
+            inner_flow_hash(&v4_datagram(1, SERVER, POD, (0x0000, 1), 0, 64)),
+            inner_flow_hash(&v4_datagram(1, SERVER, POD, (0x0300, 2), 0, 64))
+        );
+        // Every fragment of one datagram (first with MF, middle, last) goes the same way.
+        let first = inner_flow_hash(&v4_datagram(17, SERVER, POD, (53, 40000), 0x2000, 64));
+        let middle = inner_flow_hash(&v4_datagram(17, SERVER, POD, (1, 2), 0x2000 | 185, 64));
+        let last = inner_flow_hash(&v4_datagram(17, SERVER, POD, (3, 4), 370, 64));
+        assert_eq!((first, middle), (last, last));
+
+        // 4096 flows of one pod spread over 16 ports about evenly (a port index as the gateway picks it).
+        let mut counts = [0u32; 16];
+        for port in 0..4096u16 {
+            let h = inner_flow_hash(&v4_datagram(6, SERVER, POD, (443, 32768 + port), 0, 64));
+            counts[usize::try_from((u64::from(h) * 16) >> 32).unwrap()] += 1;
+        }
+        assert!(
+            counts.iter().all(|&c| (192..=320).contains(&c)),
+            "{counts:?}"
+        );
+    }
+
+    #[test]
+    fn ipv6_flows_hash_on_addresses_and_ports() {
+        let mut d = vec![0u8; HEADER_LEN + 14 + 40 + 8];
+        d[8 + 12..8 + 14].copy_from_slice(&[0x86, 0xdd]);
+        let ip = 8 + 14;
+        d[ip] = 0x60;
+        d[ip + 6] = 17;
+        d[ip + 8..ip + 24]
+            .copy_from_slice(&[0x20, 0x01, 0x0d, 0xb8, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1]);
+        d[ip + 24..ip + 40].copy_from_slice(&[0xfd, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 5]);
+        d[ip + 40..ip + 44].copy_from_slice(&[0, 53, 0x9c, 0x40]);
+        let a = inner_flow_hash(&d);
+        d[ip + 7] = 1; // hop limit
+        assert_eq!(a, inner_flow_hash(&d));
+        d[ip + 43] ^= 1; // destination port
+        assert_ne!(a, inner_flow_hash(&d));
+        d[ip + 6] = 44; // behind a fragment header: the ports no longer count
+        let f = inner_flow_hash(&d);
+        d[ip + 40] ^= 0xff;
+        assert_eq!(f, inner_flow_hash(&d));
+    }
+
     proptest! {
         #[test]
         fn source_port_in_range(h in any::<u32>()) {
             let p = source_port_for(h);
             prop_assert!((SOURCE_PORT_MIN..SOURCE_PORT_MAX).contains(&p));
+        }
+
+        #[test]
+        fn inner_flow_hash_never_panics(data in proptest::collection::vec(any::<u8>(), 0..120), v6 in any::<bool>(), cut in 0usize..120) {
+            let mut data = data;
+            if data.len() > 21 {
+                data[20..22].copy_from_slice(if v6 { &[0x86, 0xdd] } else { &[0x08, 0x00] });
+            }
+            data.truncate(cut);
+            let _ = inner_flow_hash(&data);
         }
 
         #[test]

@@ -17,7 +17,10 @@ use marked_yaml::Node;
 
 use super::reader::{Reader, Value};
 use super::value;
-use super::{FlowLogConfig, FlowLogOutput, GatewayConfig, LogFormat, TunnelConfig, UplinkSpec};
+use super::{
+    FlowLogConfig, FlowLogOutput, GatewayConfig, LogFormat, TunnelConfig, UplinkSpec,
+    DEFAULT_SOURCE_PORTS, MAX_SOURCE_PORTS,
+};
 
 const ROOT_KEYS: &[&str] = &[
     "tunnel",
@@ -39,6 +42,7 @@ const TUNNEL_KEYS: &[&str] = &[
     "pod_cidrs",
     "mtu",
     "ipv6_address",
+    "source_ports",
 ];
 const UPLINK_KEYS: &[&str] = &[
     "name",
@@ -279,6 +283,14 @@ fn tunnel(r: &mut Reader<'_>, v: &Value<'_>) -> Option<TunnelConfig> {
             )),
         }),
     };
+    let source_ports = match t.get("source_ports") {
+        None => Some(DEFAULT_SOURCE_PORTS),
+        Some(v) => r.integer(
+            &v,
+            1..=u64::from(MAX_SOURCE_PORTS),
+            " (the number of source ports the tunnel's flows are spread over; default 16)",
+        ),
+    };
     Some(TunnelConfig {
         listen: listen?,
         vni: vni?,
@@ -286,6 +298,7 @@ fn tunnel(r: &mut Reader<'_>, v: &Value<'_>) -> Option<TunnelConfig> {
         pod_cidrs: pod_cidrs?,
         mtu: mtu?,
         ipv6_address: ipv6_address?,
+        source_ports: source_ports?,
     })
 }
 

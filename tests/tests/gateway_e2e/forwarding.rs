@@ -152,6 +152,82 @@ fn udp_request_response_from_every_pod() {
     );
 }
 
+/// Replies leave the gateway towards the node from several outer UDP source ports, each inner flow from one
+/// (RFC 7348 §5, as the kernel's vxlan device does): 16 UDP flows of one pod, 3 exchanges each, captured
+/// on the gateway's underlay port.
+#[test]
+fn each_reply_flow_keeps_one_outer_source_port_and_flows_spread() {
+    require_netns!();
+    let mode = require_userspace_gateway!();
+    let topo = common::standard(mode);
+    let gw = topo.gateway(1);
+    let addr = SocketAddr::from((RED_SERVER, 7207));
+    let _server = traffic::udp_echo_server(&topo.red().ns, addr).unwrap();
+    let tunnel_out = Capture::start(&gw.ns, "eth0", |f| {
+        f.outgoing
+            && matches!(
+                f.ip,
+                Some(IpInfo {
+                    l4: L4::Udp {
+                        dst: VXLAN_PORT,
+                        ..
+                    },
+                    ..
+                })
+            )
+    })
+    .unwrap();
+    let pod = &topo.pods()[0];
+    let locals: Vec<SocketAddr> = (0..16)
+        .map(|i| {
+            scenario::udp_exchanges(&pod.ns, addr, 3, &format!("flow {i}"))
+                .unwrap_or_else(|e| panic!("flow {i}: {e}"))
+        })
+        .collect();
+    let frames = tunnel_out.stop().unwrap();
+    // Inner destination port (the pod's socket) -> the outer source ports its replies left from.
+    let mut by_flow: std::collections::BTreeMap<u16, BTreeSet<u16>> = Default::default();
+    for f in &frames {
+        let (
+            Some(IpInfo {
+                l4: L4::Udp { src: outer, .. },
+                ..
+            }),
+            Some(inner),
+        ) = (&f.ip, &f.inner)
+        else {
+            continue;
+        };
+        if let Some(IpInfo {
+            l4: L4::Udp { src: 7207, dst, .. },
+            ..
+        }) = &inner.ip
+        {
+            by_flow.entry(*dst).or_default().insert(*outer);
+        }
+    }
+    for l in &locals {
+        let ports = by_flow
+            .get(&l.port())
+            .unwrap_or_else(|| panic!("no reply of flow {l} captured: {by_flow:?}"));
+        assert_eq!(
+            ports.len(),
+            1,
+            "flow {l}: replies from several source ports {ports:?}"
+        );
+    }
+    let used: BTreeSet<u16> = by_flow.values().flatten().copied().collect();
+    assert!(
+        used.len() >= 4,
+        "16 flows left from only {} outer source port(s): {used:?}",
+        used.len()
+    );
+    assert!(
+        !used.contains(&VXLAN_PORT),
+        "a reply left from the listen port: {used:?}"
+    );
+}
+
 /// Scenario 3: a destination in the internal routes (10.50.0.0/16) leaves by the internal uplink with the
 /// internal egress IP (captured on the internal network), and the DMZ sees no IP packet at all (captured
 /// on the DMZ router's port towards the gateway; the DMZ uplink's counter does not move).
