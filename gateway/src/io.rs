@@ -59,6 +59,12 @@ io_drops! {
     UplinkSendFailed => "uplink_send_failed",
     /// The kernel refused a datagram to a node (`sendmmsg` error).
     TunnelSendFailed => "tunnel_send_failed",
+    /// The kernel dropped a tunnel datagram at the gateway's socket before a worker read it: the receive
+    /// queue was full (more offered than the workers carry).
+    TunnelQueueFull => "tunnel_queue_full",
+    /// The kernel dropped an uplink frame at a worker's packet socket before it was read: the receive
+    /// queue was full.
+    UplinkQueueFull => "uplink_queue_full",
 }
 
 #[cfg(test)]

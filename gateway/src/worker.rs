@@ -154,6 +154,8 @@ pub(crate) struct Worker {
     pipeline: Pipeline,
     gateway_generation: u64,
     tunnel: TunnelSocket,
+    /// The tunnel socket's kernel drop count when last read (it counts from the socket's opening).
+    tunnel_drops_seen: u32,
     tun_rx: RecvBatch<libc::sockaddr_in>,
     tun_tx: TunnelTx,
     tun_ready: bool,
@@ -242,6 +244,7 @@ impl Worker {
             pipeline: Pipeline::new(gateway, seed),
             gateway_generation: shared.gateway_generation.load(Ordering::Acquire),
             tunnel,
+            tunnel_drops_seen: 0,
             tun_rx: RecvBatch::new(BATCH, tun_layout, tunnel::empty_sockaddr_in()),
             tun_tx: TunnelTx::new(Arc::clone(&shared.tunnel_senders), BATCH * 2),
             tun_ready: true,
@@ -338,6 +341,7 @@ impl Worker {
     }
 
     fn publish(&mut self) {
+        self.count_queue_drops();
         let report = Report {
             pipeline: self.pipeline.stats().clone(),
             io_drops: self.io_drops,
@@ -349,6 +353,21 @@ impl Worker {
         };
         if let Some(slot) = self.shared.reports.get(self.id) {
             *slot.lock().unwrap_or_else(PoisonError::into_inner) = Some(report);
+        }
+    }
+
+    /// Adds what the kernel dropped at this worker's sockets since the last call (their receive queues
+    /// were full): the earliest place load is shed, before any work is done on the packet.
+    fn count_queue_drops(&mut self) {
+        if let Ok(total) = self.tunnel.drops() {
+            let new = total.wrapping_sub(self.tunnel_drops_seen);
+            self.tunnel_drops_seen = total;
+            self.io_drops[IoDrop::TunnelQueueFull.index()] += u64::from(new);
+        }
+        for p in &self.ports {
+            if let Ok(n) = p.rx.take_drops() {
+                self.io_drops[IoDrop::UplinkQueueFull.index()] += u64::from(n);
+            }
         }
     }
 

@@ -186,6 +186,31 @@ impl RxSocket {
         set_int(fd.as_fd(), libc::SOL_PACKET, libc::PACKET_FANOUT, fanout)?;
         Ok(RxSocket { fd })
     }
+
+    /// Frames the kernel dropped at this socket since the last call, because its receive queue was full
+    /// (`PACKET_STATISTICS`' `tp_drops`, which the read resets; see packet(7)).
+    pub(crate) fn take_drops(&self) -> io::Result<u32> {
+        let mut st = libc::tpacket_stats {
+            tp_packets: 0,
+            tp_drops: 0,
+        };
+        let mut len =
+            libc::socklen_t::try_from(std::mem::size_of::<libc::tpacket_stats>()).unwrap_or(8);
+        // SAFETY: st is a live tpacket_stats and len its size; the kernel writes at most len bytes.
+        let r = unsafe {
+            libc::getsockopt(
+                self.fd.as_raw_fd(),
+                libc::SOL_PACKET,
+                libc::PACKET_STATISTICS,
+                (&raw mut st).cast(),
+                &raw mut len,
+            )
+        };
+        if r < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(st.tp_drops)
+    }
 }
 
 impl AsFd for RxSocket {

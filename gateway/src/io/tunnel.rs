@@ -293,6 +293,37 @@ fn set_buffers(socket: &Socket, bytes: usize) {
     }
 }
 
+impl TunnelSocket {
+    /// Datagrams the kernel dropped at this socket since it was opened, before the gateway saw them:
+    /// `SK_MEMINFO_DROPS` of `SO_MEMINFO` (`sk_drops`), which grows when the receive queue is full, and
+    /// for the rare datagram with a bad UDP checksum (udp(7), `include/uapi/linux/sock_diag.h`).
+    pub(crate) fn drops(&self) -> io::Result<u32> {
+        use std::os::fd::AsRawFd;
+        const SK_MEMINFO_DROPS: usize = 8;
+        let mut mem = [0u32; 16];
+        let mut len = libc::socklen_t::try_from(std::mem::size_of_val(&mem)).unwrap_or(64);
+        // SAFETY: mem is a live array of len bytes; the kernel writes at most len bytes and sets len.
+        let r = unsafe {
+            libc::getsockopt(
+                self.socket.as_raw_fd(),
+                libc::SOL_SOCKET,
+                libc::SO_MEMINFO,
+                mem.as_mut_ptr().cast(),
+                &raw mut len,
+            )
+        };
+        if r < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        if usize::try_from(len).unwrap_or(0) < (SK_MEMINFO_DROPS + 1) * 4 {
+            return Err(io::Error::other(
+                "SO_MEMINFO too short for SK_MEMINFO_DROPS",
+            ));
+        }
+        Ok(mem[SK_MEMINFO_DROPS])
+    }
+}
+
 impl AsFd for TunnelSocket {
     fn as_fd(&self) -> BorrowedFd<'_> {
         self.socket.as_fd()
@@ -497,5 +528,44 @@ mod tests {
             )
         };
         assert_eq!(r, -1, "a datagram was queued at a sending socket");
+    }
+
+    #[test]
+    fn datagrams_dropped_at_a_full_receive_queue_are_counted() {
+        // The smallest receive buffer the kernel allows: a few datagrams fill it.
+        let rx = TunnelSocket::open(SocketAddrV4::new(Ipv4Addr::LOCALHOST, 0), 1).unwrap();
+        let to = rx.socket.local_addr().unwrap().as_socket_ipv4().unwrap();
+        assert_eq!(rx.drops().unwrap(), 0);
+        let tx = std::net::UdpSocket::bind((Ipv4Addr::LOCALHOST, 0)).unwrap();
+        for _ in 0..500 {
+            tx.send_to(&[0u8; 200], to).unwrap();
+        }
+        let mut received = 0u32;
+        let mut buf = [0u8; 256];
+        loop {
+            // SAFETY: buf is live for its length; MSG_DONTWAIT returns at once when the queue is empty.
+            let n = unsafe {
+                libc::recv(
+                    std::os::fd::AsRawFd::as_raw_fd(&rx.socket),
+                    buf.as_mut_ptr().cast(),
+                    buf.len(),
+                    libc::MSG_DONTWAIT,
+                )
+            };
+            if n <= 0 {
+                break;
+            }
+            received += 1;
+        }
+        let dropped = rx.drops().unwrap();
+        assert!(
+            received > 0 && dropped > 0,
+            "received {received}, dropped {dropped}"
+        );
+        assert_eq!(
+            received + dropped,
+            500,
+            "every datagram was received or counted as dropped"
+        );
     }
 }

@@ -17,4 +17,5 @@ mod icmp;
 mod ipv6;
 mod neighbour;
 mod operations;
+mod overload;
 mod security;
