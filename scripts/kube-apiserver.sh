@@ -413,6 +413,8 @@ cmd_start() {
   #                                  would publish it as the `kubernetes` Service's endpoint. Nothing needs that.
   #  --service-cluster-ip-range      the range the `kubernetes` Service's IP is taken from; nothing routes to it.
   #  --bind-address/--advertise-address=127.0.0.1  loopback only.
+  #  --allow-privileged=true         as kubeadm and every real cluster set it; the default (false) refuses any
+  #                                  privileged container, e.g. the node agents' sysctl init container in deploy/.
   "$BIN/kube-apiserver" \
     --bind-address=127.0.0.1 --advertise-address=127.0.0.1 --secure-port="$api_port" \
     --tls-cert-file="$dir/apiserver.crt" --tls-private-key-file="$dir/apiserver.key" \
@@ -426,6 +428,7 @@ cmd_start() {
     --disable-admission-plugins=ServiceAccount \
     --endpoint-reconciler-type=none \
     --profiling=false \
+    --allow-privileged=true \
     </dev/null >"$dir/kube-apiserver.log" 2>&1 &
   api_pid=$!
   echo "kube-apiserver $api_pid" >>"$dir/pids"

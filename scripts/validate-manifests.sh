@@ -10,7 +10,7 @@
 #      from the rendered ConfigMaps (what the pods will read);
 #   3. that every metric the Grafana dashboard queries is one docs/metrics.md or docs/node-agent.md documents.
 #
-#   K8S_VERSIONS="1.30.0 1.37.0"   Kubernetes versions to validate against (default: the oldest and newest
+#   K8S_VERSIONS="1.31.0 1.37.0"   Kubernetes versions to validate against (default: the oldest and newest
 #                                  that this project supports)
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -18,7 +18,7 @@ cd "$(dirname "$0")/.."
 source scripts/skip.sh
 
 log() { printf '==> %s\n' "$*"; }
-K8S_VERSIONS=${K8S_VERSIONS:-"1.30.0 1.37.0"}
+K8S_VERSIONS=${K8S_VERSIONS:-"1.31.0 1.37.0"}
 KV_VERSION=1.37.0   # kubernetes-validate release (it ships the schemas of 1.25 … 1.37)
 start=$SECONDS
 
