@@ -13,10 +13,11 @@ if [[ "${SKIP_APT:-0}" != 1 ]]; then
     export DEBIAN_FRONTEND=noninteractive
     apt-get update -qq
     # iproute2 (ip, bridge, ss), iptables/nftables, iperf3, ping and ethtool: the network-namespace tests
-    # and the end-to-end benchmark (tests/, bench/src/bin/e2e.rs).
+    # and the end-to-end benchmark (tests/, bench/src/bin/e2e.rs). openssl and python3-venv: the test API
+    # server's certificates and kubectl's venv (scripts/kube-apiserver.sh).
     apt-get install -y -qq --no-install-recommends \
       build-essential pkg-config ca-certificates iproute2 iptables nftables iperf3 procps \
-      iputils-ping ethtool >/dev/null
+      iputils-ping ethtool openssl python3-venv >/dev/null
   fi
 fi
 

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The whole test suite, as CI runs it: formatting, lints, unit/property/integration tests, benchmark smoke
-# runs, the demo, the container image, the manifests, the network-namespace tests and a short fuzz run of
-# every fuzz target. Installs what it needs first.
+# runs, the demo, the container image, the manifests, a real kube-apiserver, the network-namespace tests and
+# a short fuzz run of every fuzz target. Installs what it needs first.
 #
 #   scripts/test.sh                  everything; needs root. Any stage that cannot run prints
 #                                    "SKIPPED: <stage>: <why>", and the run then exits non-zero: a run that
@@ -48,7 +48,7 @@ export EGRESS_SKIP_LOG
 trap 'rm -f "$EGRESS_SKIP_LOG"' EXIT
 
 # --- stages: id, title, and what each ended as -------------------------------------------------------------------
-STAGES=(deps fmt clippy test loom benches demo image manifests netns fuzz)
+STAGES=(deps fmt clippy test loom benches demo image manifests kube netns fuzz)
 declare -A TITLE=(
   [deps]="install dependencies"
   [fmt]="cargo fmt --check"
@@ -59,6 +59,7 @@ declare -A TITLE=(
   [demo]="the demo (README command 1) passes its own checks"
   [image]="container image: static binary, podman build FROM scratch, --version and check from the exported filesystem"
   [manifests]="Kubernetes manifests (deploy/): schemas, egress-gateway check on the ConfigMaps, dashboard metrics"
+  [kube]="a real kube-apiserver v1.37 (built from the Go module proxy once, cached): selftest, kubectl apply -k deploy/, the CRD's server-side validation"
   [netns]="network-namespace tests, the image test, demo-netns, e2e benchmark smoke run"
   [fuzz]="fuzz smoke run: ${FUZZ_SECONDS}s per target"
 )
@@ -127,6 +128,9 @@ plan_test() { [[ $ROOT == 1 ]] || skipped "test: node-agent kernel tests (gatewa
 plan_manifests() {
   command -v kubectl >/dev/null 2>&1 || skipped "manifests: rendering deploy/kustomization.yaml" "no kubectl"
 }
+plan_kube() {
+  command -v go >/dev/null 2>&1 || skipped "kube: a real kube-apiserver" "no Go toolchain"
+}
 plan_fuzz() {
   cargo fuzz --version >/dev/null 2>&1 || skipped "fuzz" "cargo-fuzz not installed yet (the deps stage installs it)"
 }
@@ -156,6 +160,17 @@ unit_tests() {
 }
 
 demo() { cargo run -q --release --locked -p gateway -- demo >/dev/null; }
+
+kube() {
+  if ! command -v go >/dev/null 2>&1; then
+    skipped "kube: a real kube-apiserver" "no Go toolchain to build kube-apiserver and etcd from source"
+    return "$SKIP_STATUS"
+  fi
+  # The first build takes 5-10 minutes on 2 cores (kube-apiserver's compile); later runs find it cached.
+  scripts/kube-apiserver.sh build
+  scripts/kube-apiserver.sh selftest
+  scripts/kube-manifests-test.sh
+}
 
 image() {
   # The exported tree is also run as the gateway, as the image's user, by tests/tests/image.rs (netns stage).
@@ -209,6 +224,7 @@ else
   skip_stage image "$(no_root_why): podman storage and setpriv to uid 65532 need root"
 fi
 run_stage manifests scripts/validate-manifests.sh
+run_stage kube kube
 if [[ $PRIVILEGED == 1 ]]; then
   run_stage netns scripts/namespace-tests.sh
 else
