@@ -214,7 +214,7 @@ impl Frame {
 
 /// The inner Ethernet frame of an IPv4 frame carrying VXLAN on port 4790 (no fragments).
 fn vxlan_inner(data: &[u8]) -> Option<&[u8]> {
-    const VXLAN: u16 = 4790;
+    use crate::topology::VXLAN_PORT as VXLAN;
     if be16(data, 12)? != ETHERTYPE_IPV4 || *data.get(23)? != proto::UDP {
         return None;
     }

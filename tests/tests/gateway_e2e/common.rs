@@ -2,6 +2,8 @@
 
 use std::time::Duration;
 
+use tests::raw::{Frame, IpInfo, L4};
+use tests::topology::VXLAN_PORT;
 use tests::{GatewayMode, Metrics, Topology, TopologySpec};
 
 /// How long a gateway may take to become ready (start-up on a busy shared machine).
@@ -26,4 +28,19 @@ pub(crate) fn build(spec: TopologySpec) -> Topology {
 /// The gateway's current metrics.
 pub(crate) fn metrics(topo: &Topology) -> Metrics {
     topo.gateway(1).metrics().expect("GET /metrics")
+}
+
+/// A capture filter: VXLAN that the capturing interface sends towards a node (UDP to port 4790).
+pub(crate) fn sent_into_tunnel(f: &Frame) -> bool {
+    f.outgoing
+        && matches!(
+            f.ip,
+            Some(IpInfo {
+                l4: L4::Udp {
+                    dst: VXLAN_PORT,
+                    ..
+                },
+                ..
+            })
+        )
 }

@@ -163,20 +163,7 @@ fn each_reply_flow_keeps_one_outer_source_port_and_flows_spread() {
     let gw = topo.gateway(1);
     let addr = SocketAddr::from((RED_SERVER, 7207));
     let _server = traffic::udp_echo_server(&topo.red().ns, addr).unwrap();
-    let tunnel_out = Capture::start(&gw.ns, "eth0", |f| {
-        f.outgoing
-            && matches!(
-                f.ip,
-                Some(IpInfo {
-                    l4: L4::Udp {
-                        dst: VXLAN_PORT,
-                        ..
-                    },
-                    ..
-                })
-            )
-    })
-    .unwrap();
+    let tunnel_out = Capture::start(&gw.ns, "eth0", common::sent_into_tunnel).unwrap();
     let pod = &topo.pods()[0];
     let locals: Vec<SocketAddr> = (0..16)
         .map(|i| {

@@ -3,7 +3,7 @@
 //! that what was offered equals what the gateway received plus what it counts as shed.
 
 use std::net::{SocketAddr, UdpSocket};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use tests::raw;
 use tests::scenario::{self, drop_count, packets};
@@ -19,18 +19,6 @@ struct Resume<'a>(&'a tests::process::Process);
 impl Drop for Resume<'_> {
     fn drop(&mut self) {
         self.0.signal(libc::SIGCONT);
-    }
-}
-
-/// Waits until `done` holds for the gateway's metrics; the last metrics either way.
-fn wait_until(topo: &tests::Topology, done: impl Fn(&Metrics) -> bool) -> Metrics {
-    let deadline = Instant::now() + METRICS;
-    loop {
-        let m = metrics(topo);
-        if done(&m) || Instant::now() > deadline {
-            return m;
-        }
-        std::thread::sleep(Duration::from_millis(100));
     }
 }
 
@@ -82,10 +70,19 @@ fn overload_is_shed_at_the_sockets_and_counted() {
     let uplink_rx = |m: &Metrics| packets(m, "uplink_rx", Some("dmz"));
     let uplink_shed = |m: &Metrics| drop_count(m, "uplink_queue_full");
     let want = EACH as f64;
-    let m = wait_until(&topo, |m| {
-        delta(m, &tunnel_rx) + delta(m, &tunnel_shed) >= want
-            && delta(m, &uplink_rx) + delta(m, &uplink_shed) >= want
-    });
+    // On a timeout the assertions below report the last counts.
+    let m = scenario::poll(
+        METRICS,
+        Duration::from_millis(100),
+        "received + shed = sent",
+        || {
+            let m = metrics(&topo);
+            let done = delta(&m, &tunnel_rx) + delta(&m, &tunnel_shed) >= want
+                && delta(&m, &uplink_rx) + delta(&m, &uplink_shed) >= want;
+            done.then_some(m)
+        },
+    )
+    .unwrap_or_else(|_| metrics(&topo));
     let (t_rx, t_shed) = (delta(&m, &tunnel_rx), delta(&m, &tunnel_shed));
     let (u_rx, u_shed) = (delta(&m, &uplink_rx), delta(&m, &uplink_shed));
     eprintln!("tunnel: {t_rx} received, {t_shed} shed; uplink: {u_rx} received, {u_shed} shed (of {EACH} each)");

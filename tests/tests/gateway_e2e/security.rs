@@ -5,7 +5,7 @@
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::time::Duration;
 
-use tests::raw::{self, Capture, InnerUdp, IpInfo, ETHERTYPE_IPV4, L4};
+use tests::raw::{self, Capture, InnerUdp, ETHERTYPE_IPV4};
 use tests::scenario::{self, drop_count, packets, value};
 use tests::topology::{tunnel_mac, RED_SERVER, VNI, VXLAN_PORT};
 use tests::{require_netns, require_userspace_gateway, traffic, Metrics};
@@ -31,20 +31,7 @@ fn unsolicited_inbound_is_dropped_without_state() {
     let egress = gw.dmz_egress;
     let before = metrics(&topo);
     // The gateway's underlay port: anything it sends towards the nodes.
-    let tunnel_out = Capture::start(&gw.ns, "eth0", |f| {
-        f.outgoing
-            && matches!(
-                f.ip,
-                Some(IpInfo {
-                    l4: L4::Udp {
-                        dst: VXLAN_PORT,
-                        ..
-                    },
-                    ..
-                })
-            )
-    })
-    .unwrap();
+    let tunnel_out = Capture::start(&gw.ns, "eth0", common::sent_into_tunnel).unwrap();
     let mut sent = 0.0;
     for host in [topo.red(), topo.dmz_router()] {
         for port in [22u16, 7600] {
