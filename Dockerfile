@@ -23,7 +23,8 @@ FROM docker.io/library/rust:${RUST_VERSION}-bookworm AS build
 WORKDIR /src
 COPY . .
 # Static glibc (crt-static) needs an explicit --target, so that proc macros and build scripts stay dynamic.
-# The gateway resolves no host names, so static glibc's NSS limitation does not apply. Debug info is dropped
+# Neither command resolves host names (the node agent reaches the API server at the in-cluster service IP,
+# KUBERNETES_SERVICE_HOST), so static glibc's NSS limitation does not apply. Debug info is dropped
 # (the workspace profile keeps it for profiling); symbols stay, so a panic's backtrace names functions.
 ENV RUSTFLAGS="-C target-feature=+crt-static" \
     CARGO_PROFILE_RELEASE_DEBUG=0 \

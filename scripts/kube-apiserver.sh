@@ -8,7 +8,8 @@
 #                                            ~/.cache/egress-gateway/kube); skips what is already built.
 #   scripts/kube-apiserver.sh start DIR      starts etcd and kube-apiserver on 127.0.0.1 (free ports), state
 #                                            and logs in DIR; waits for /readyz; prints DIR/kubeconfig (the
-#                                            only line on stdout). Builds first if needed.
+#                                            only line on stdout). Builds first if needed. Started
+#                                            again after `stop DIR`, it keeps the ports, data and tokens.
 #   scripts/kube-apiserver.sh stop DIR       stops what `start DIR` started (removes no files).
 #   scripts/kube-apiserver.sh selftest       start in a temp dir, check pods with nodeName and status, a
 #                                            field-selected watch, a CRD, RBAC and service-account tokens
@@ -382,7 +383,16 @@ cmd_start() {
   # Static token file, one line: token,user,uid,"groups". system:masters passes every RBAC check.
   (umask 077 && printf '%s,admin,admin-uid,"system:masters"\n' "$token" >"$dir/tokens.csv")
 
-  read -r etcd_port peer_port api_port < <(free_ports 3)
+  # A second start of the same DIR (after stop) keeps its ports, data and credentials: clients' kubeconfigs
+  # stay valid, as across a real API server's restart.
+  if [[ -s $dir/ports ]]; then
+    etcd_port=$(awk '$1 == "etcd" {print $2}' "$dir/ports")
+    peer_port=$(awk '$1 == "etcd-peer" {print $2}' "$dir/ports")
+    api_port=$(awk '$1 == "kube-apiserver" {print $2}' "$dir/ports")
+  fi
+  if [[ -z ${etcd_port:-} || -z ${peer_port:-} || -z ${api_port:-} ]]; then
+    read -r etcd_port peer_port api_port < <(free_ports 3)
+  fi
   printf 'etcd %s\netcd-peer %s\nkube-apiserver %s\n' "$etcd_port" "$peer_port" "$api_port" >"$dir/ports"
 
   # etcd, loopback only. --unsafe-no-fsync: test data is thrown away, and fsync on a shared disk makes

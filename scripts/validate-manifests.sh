@@ -82,8 +82,9 @@ resources = {os.path.join("deploy", r) for r in kust.get("resources", [])}
 files = sorted(f for f in glob.glob("deploy/**/*.yaml", recursive=True) + glob.glob("deploy/**/*.yml", recursive=True)
                if f not in inputs and os.path.basename(f) != "kustomization.yaml")
 for f in files:
-    if f not in resources and not f.startswith("deploy/examples/"):
-        errors.append(f"{f}: not listed in deploy/kustomization.yaml resources (nor an input, nor under examples/)")
+    # Policies and examples are applied on their own (`kubectl apply -f`), after the CRD is installed.
+    if f not in resources and not f.startswith(("deploy/examples/", "deploy/policies/")):
+        errors.append(f"{f}: not listed in deploy/kustomization.yaml resources (nor an input, nor under examples/ or policies/)")
 
 def objects(path):
     with open(path) as fh:
@@ -161,16 +162,16 @@ for obj in rendered_objs:
             # The agent's own configuration: `check` does not read it (the agent validates it at start).
             try:
                 cfg = yaml.safe_load(text)
-                if not isinstance(cfg, dict) or "inputs" not in cfg:
-                    errors.append(f"ConfigMap {obj['metadata']['name']} key {key}: no `inputs`")
-                structural[f"ConfigMap {obj['metadata']['name']} key {key}"] = "node agent configuration (YAML and `inputs` only)"
+                if not isinstance(cfg, dict) or ("inputs" not in cfg and "kubernetes" not in cfg):
+                    errors.append(f"ConfigMap {obj['metadata']['name']} key {key}: neither `inputs` nor `kubernetes`")
+                structural[f"ConfigMap {obj['metadata']['name']} key {key}"] = "node agent configuration (YAML and `inputs` or `kubernetes` only)"
             except yaml.YAMLError as e:
                 errors.append(f"ConfigMap {obj['metadata']['name']} key {key}: not YAML: {e}")
         else:
             checks.append((f"ConfigMap {obj['metadata']['name']} key {key}", path))
 # The example namespace names a policy: with the policies it must check without a "missing policy" warning.
 examples = sorted(glob.glob("deploy/examples/*.yaml"))
-policies = sorted(f for f in inputs if f.startswith("deploy/policies/"))
+policies = sorted(glob.glob("deploy/policies/*.yaml"))
 if examples:
     checks.append(("policies + examples together", " ".join(policies + examples)))
 checked = []

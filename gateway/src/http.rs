@@ -4,6 +4,7 @@
 
 use std::io::{BufRead, BufReader, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -80,8 +81,13 @@ fn percent_decode(s: &str) -> String {
     String::from_utf8_lossy(&out).into_owned()
 }
 
+/// Connections served at once at most (a thread each, 64 KiB of stack); more are refused with `503` at once
+/// rather than queued behind them.
+const MAX_IN_FLIGHT: usize = 512;
+
 /// Binds `addr` (so that a taken port fails at start-up, with the address in the message) and serves
-/// `handler` on a thread.
+/// `handler`: each connection on a thread of its own, so that a client that connects and then stalls (for
+/// up to the 2 s read timeout) holds up no one else — a kubelet probe, a scrape, another node's agent.
 pub(crate) fn serve(
     name: &'static str,
     addr: SocketAddr,
@@ -91,14 +97,31 @@ pub(crate) fn serve(
         std::io::Error::new(e.kind(), format!("cannot listen on {addr} for {name}: {e}"))
     })?;
     let local = listener.local_addr()?;
+    let in_flight = Arc::new(AtomicUsize::new(0));
     std::thread::Builder::new()
         .name(format!("http-{name}"))
         .spawn(move || {
             for conn in listener.incoming() {
                 match conn {
                     Ok(stream) => {
-                        if let Err(e) = answer(stream, &handler) {
-                            tracing::debug!(endpoint = name, error = %e, "http request failed");
+                        if in_flight.fetch_add(1, Ordering::AcqRel) >= MAX_IN_FLIGHT {
+                            in_flight.fetch_sub(1, Ordering::AcqRel);
+                            refuse(stream);
+                            continue;
+                        }
+                        let (handler, done) = (Arc::clone(&handler), Arc::clone(&in_flight));
+                        let spawned = std::thread::Builder::new()
+                            .name(format!("http-{name}-conn"))
+                            .stack_size(64 * 1024)
+                            .spawn(move || {
+                                if let Err(e) = answer(stream, &handler) {
+                                    tracing::debug!(endpoint = name, error = %e, "http request failed");
+                                }
+                                done.fetch_sub(1, Ordering::AcqRel);
+                            });
+                        if let Err(e) = spawned {
+                            tracing::warn!(endpoint = name, error = %e, "http: cannot start a thread");
+                            in_flight.fetch_sub(1, Ordering::AcqRel);
                         }
                     }
                     Err(e) => {
@@ -109,6 +132,17 @@ pub(crate) fn serve(
             }
         })?;
     Ok(local)
+}
+
+/// Answers `503` without reading the request (too many connections in flight).
+fn refuse(mut stream: TcpStream) {
+    let _ = stream.set_write_timeout(Some(Duration::from_millis(100)));
+    let body = "busy: too many connections\n";
+    let _ = write!(
+        stream,
+        "HTTP/1.1 503 Service Unavailable\r\nContent-Type: text/plain\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    );
 }
 
 fn answer(stream: TcpStream, handler: &Handler) -> std::io::Result<()> {
@@ -184,6 +218,31 @@ mod tests {
         assert!(r.ends_with("draining\n"));
         assert!(get(addr, "/livez?verbose=1").starts_with("HTTP/1.1 200 OK"));
         assert!(get(addr, "/nope").starts_with("HTTP/1.1 404"));
+    }
+
+    #[test]
+    fn a_stalled_client_holds_up_no_one_else() {
+        let h: Handler = Arc::new(|_| Response::text(200, "ready\n"));
+        let addr = serve("test", "127.0.0.1:0".parse().unwrap(), h).unwrap();
+        // Connections that send nothing (or half a request) and wait.
+        let stalled: Vec<TcpStream> = (0..10)
+            .map(|i| {
+                let mut s = TcpStream::connect(addr).unwrap();
+                if i % 2 == 1 {
+                    s.write_all(b"GET /readi").unwrap();
+                }
+                s
+            })
+            .collect();
+        let started = std::time::Instant::now();
+        for _ in 0..5 {
+            assert!(get(addr, "/readiness").starts_with("HTTP/1.1 200"));
+        }
+        // Before the change every request queued behind each stalled one's 2 s read timeout. Generous for a
+        // loaded machine, far below one timeout.
+        let took = started.elapsed();
+        assert!(took < Duration::from_millis(1500), "{took:?}");
+        drop(stalled);
     }
 
     #[test]

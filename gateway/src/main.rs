@@ -4,7 +4,8 @@
 //! `run.rs` starts everything and runs the control loop (reload, drain, housekeeping); `worker.rs` is one
 //! data-path thread (receive a batch, hand it to the pipeline, send what comes out); `io/` holds the sockets
 //! (tunnel UDP, uplink AF_PACKET) and the offload repairs; `neighbour.rs` answers and resolves ARP/NDP on
-//! the uplinks; `telemetry.rs` and `http.rs` serve metrics and health; `config.rs` reads the YAML file.
+//! the uplinks; `telemetry.rs` and `http.rs` serve metrics and health, `probe.rs` the node agents' UDP health
+//! probe; `config.rs` reads the YAML file.
 //! `demo` runs the seed scenario through the real pipeline in-process; `check` validates configuration and
 //! inventory files; `explain` (with `inventory.rs`) tells which gateways a pod's traffic uses and why.
 //! `node/` is the node agent (`egress-gateway node`): policies and gateway health in, ip rules, route
@@ -28,6 +29,7 @@ mod inventory;
 mod io;
 mod neighbour;
 mod node;
+mod probe;
 mod run;
 mod supervisor;
 mod telemetry;
@@ -107,8 +109,10 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
-    /// Run the node agent on a client node: it reads EgressGatewayPolicies, Namespaces and Pods from the
-    /// `inputs` files (re-read when they change, or on SIGHUP), probes the gateways' `/readiness`, and keeps
+    /// Run the node agent on a client node: it watches EgressGatewayPolicies, Namespaces and Pods through
+    /// the Kubernetes API (`kubernetes`: this node's pods, the gateway pods, namespaces' metadata) and/or
+    /// reads them from `inputs` files (re-read when they change, or on SIGHUP), probes the gateways'
+    /// `/readiness`, and keeps
     /// the node's kernel programmed through netlink: the vxlan device with static neighbours and FDB entries,
     /// an ip rule per opted-in pod, per-pod tables with throw, unreachable and multipath routes. SIGTERM
     /// leaves routing in place; `--cleanup` removes everything the agent made. Needs CAP_NET_ADMIN (see

@@ -27,6 +27,7 @@ use crate::http::{self, Response};
 use crate::io::packet::{Interface, TxSocket};
 use crate::io::tunnel::TunnelSenders;
 use crate::neighbour;
+use crate::probe;
 use crate::supervisor;
 use crate::telemetry::{self, Telemetry};
 use crate::worker::{Shared, UplinkIo, Worker};
@@ -387,6 +388,20 @@ fn start_http(
             })
         }
     };
+    // The node agents' UDP probe, on the health port: the same answer as /readiness.
+    let state: Arc<dyn Fn() -> probe::State + Send + Sync> = {
+        let telemetry = Arc::clone(telemetry);
+        Arc::new(move || {
+            if telemetry.draining.load(Ordering::Relaxed) {
+                probe::State::Draining
+            } else if telemetry.ready.load(Ordering::Relaxed) {
+                probe::State::Ready
+            } else {
+                probe::State::NotReady
+            }
+        })
+    };
+    probe::serve(cfg.health_listen, state, Arc::clone(&telemetry.probes)).map_err(setup)?;
     let not_found = || Response::text(404, "not found: try /readiness, /livez or /metrics\n");
     if cfg.health_listen == cfg.metrics_listen {
         let h: http::Handler =

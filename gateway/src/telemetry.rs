@@ -147,6 +147,11 @@ pub(crate) const METRICS: &[(&str, &str, &str)] = &[
         "counter",
         "NAT translation log records, by result (queued, dropped, written, failed).",
     ),
+    (
+        "egress_gateway_health_probes_total",
+        "counter",
+        "UDP health probes from node agents, by result (answered, malformed).",
+    ),
 ];
 
 /// The process's metrics state.
@@ -159,6 +164,8 @@ pub(crate) struct Telemetry {
     pub(crate) reloads_refused: AtomicU64,
     /// The translation log writer's counters (zero without `flow_log`).
     pub(crate) flow_log: Arc<crate::flowlog::FlowLogStats>,
+    /// The UDP health probe responder's counters.
+    pub(crate) probes: Arc<crate::probe::Counters>,
 }
 
 impl std::fmt::Debug for Telemetry {
@@ -180,6 +187,7 @@ impl Telemetry {
             reloads_applied: AtomicU64::new(0),
             reloads_refused: AtomicU64::new(0),
             flow_log: Arc::default(),
+            probes: Arc::default(),
         };
         metrics::with_local_recorder(&t.recorder, || {
             for (name, kind, help) in METRICS {
@@ -294,6 +302,10 @@ impl Telemetry {
         counter!("egress_gateway_config_reloads_total", "result" => "refused")
             .absolute(self.reloads_refused.load(Ordering::Relaxed));
         gauge!("egress_gateway_workers").set(f64_of(shared.reports.len()));
+        counter!("egress_gateway_health_probes_total", "result" => "answered")
+            .absolute(self.probes.answered.load(Ordering::Relaxed));
+        counter!("egress_gateway_health_probes_total", "result" => "malformed")
+            .absolute(self.probes.malformed.load(Ordering::Relaxed));
         counter!("egress_gateway_worker_panics_total")
             .absolute(shared.worker_panics.load(Ordering::Relaxed));
         if let Some(events) = table.events() {

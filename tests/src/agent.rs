@@ -30,6 +30,9 @@ pub const POLICY_ANNOTATION: &str = "egress.projectcalico.org/egressGatewayPolic
 pub const GATEWAY_NAMESPACE: &str = "egress";
 /// The label key that gives a gateway pod its "code" (`egress-code: red`).
 pub const CODE_LABEL: &str = "egress-code";
+/// The label (key, value) that marks gateway pods for the agent's Kubernetes watch (its default
+/// `kubernetes.gateway_selector`).
+pub const GATEWAY_LABEL: (&str, &str) = ("egress-gateway/gateway", "true");
 /// The protocol number on every rule and route the agent makes.
 pub const AGENT_PROTO: u8 = 242;
 /// The agent's `listen:` address inside the node namespace (each node has its own loopback).
@@ -256,7 +259,7 @@ impl Inventory {
         self
     }
 
-    /// Gateway pod `k` (`egress/gw<k>`) labelled `egress-code: <code>`: pod IP 172.18.0.(2+k) and, if
+    /// Gateway pod `k` (`egress/gw<k>`) labelled `egress-code: <code>` and [`GATEWAY_LABEL`]: pod IP 172.18.0.(2+k) and, if
     /// `dual_stack`, fd00:18::(2+k) (so that it serves IPv6 destinations), on node `gateway-node<k>`.
     pub fn gateway_pod(&mut self, k: usize, code: &str, dual_stack: bool) -> &mut Self {
         self.namespace_mut(GATEWAY_NAMESPACE);
@@ -268,7 +271,10 @@ impl Inventory {
         self.pods.push(PodObj {
             namespace: GATEWAY_NAMESPACE.to_owned(),
             name: format!("gw{k}"),
-            labels: vec![(CODE_LABEL.to_owned(), code.to_owned())],
+            labels: vec![
+                (CODE_LABEL.to_owned(), code.to_owned()),
+                (GATEWAY_LABEL.0.to_owned(), GATEWAY_LABEL.1.to_owned()),
+            ],
             annotations: Vec::new(),
             node_name: format!("gateway-node{k}"),
             host_ip: IpAddr::V4(ip),
@@ -350,7 +356,7 @@ fn map_yaml(out: &mut String, indent: &str, key: &str, pairs: &[(String, String)
     }
 }
 
-fn namespace_yaml(n: &NamespaceObj) -> String {
+pub(crate) fn namespace_yaml(n: &NamespaceObj) -> String {
     let mut s = String::from("apiVersion: v1\nkind: Namespace\nmetadata:\n");
     let _ = writeln!(s, "  name: {}", q(&n.name));
     map_yaml(&mut s, "  ", "labels", &n.labels);
@@ -358,7 +364,7 @@ fn namespace_yaml(n: &NamespaceObj) -> String {
     s
 }
 
-fn pod_yaml(p: &PodObj) -> String {
+pub(crate) fn pod_yaml(p: &PodObj) -> String {
     let mut s = String::from("apiVersion: v1\nkind: Pod\nmetadata:\n");
     let _ = writeln!(s, "  name: {}", q(&p.name));
     let _ = writeln!(s, "  namespace: {}", q(&p.namespace));
@@ -376,7 +382,7 @@ fn pod_yaml(p: &PodObj) -> String {
     s
 }
 
-fn policy_yaml(p: &Policy) -> String {
+pub(crate) fn policy_yaml(p: &Policy) -> String {
     let mut s =
         String::from("apiVersion: projectcalico.org/v3\nkind: EgressGatewayPolicy\nmetadata:\n");
     let _ = writeln!(s, "  name: {}", q(&p.name));
@@ -459,6 +465,8 @@ pub struct AgentConfig {
     pub cluster_cidrs: Vec<IpNet>,
     /// `inputs`: inventory files or directories.
     pub inputs: Vec<PathBuf>,
+    /// `kubernetes.kubeconfig`: watch this API server (the `kubernetes` section is left out when `None`).
+    pub kubeconfig: Option<PathBuf>,
     /// `health`.
     pub health: HealthProbe,
     /// `listen` (readiness and metrics).
@@ -489,6 +497,7 @@ impl AgentConfig {
                 failures: 2,
             },
             listen: Some(AGENT_LISTEN),
+            kubeconfig: None,
         }
     }
 
@@ -519,7 +528,6 @@ vxlan: {{ device: {}, vni: {}, port: {}, mtu: {} }}
 rule_priority: {}
 tables: {{ first: {}, last: {} }}
 cluster_cidrs: [{cidrs}]
-inputs: [{inputs}]
 health: {{ port: {}, path: {}, interval: {}ms, timeout: {}ms, failures: {} }}
 ",
             q(&self.node_name),
@@ -537,6 +545,16 @@ health: {{ port: {}, path: {}, interval: {}ms, timeout: {}ms, failures: {} }}
             h.timeout.as_millis(),
             h.failures,
         );
+        if !self.inputs.is_empty() || self.kubeconfig.is_none() {
+            let _ = writeln!(s, "inputs: [{inputs}]");
+        }
+        if let Some(k) = &self.kubeconfig {
+            let _ = writeln!(
+                s,
+                "kubernetes: {{ kubeconfig: {} }}",
+                q(&k.to_string_lossy())
+            );
+        }
         if let Some(l) = self.listen {
             let _ = writeln!(s, "listen: {l}");
         }

@@ -12,7 +12,7 @@
 //!   transfers and `ping`.
 //! * [`agent`] drives the node agent (`egress-gateway node`) on a node-agent topology
 //!   ([`TopologySpec::node_agent`]): the Kubernetes inventory it reads, its configuration, the running
-//!   process; [`firewall`] puts an nftables allowlist on an outside server.
+//!   process; [`kube`] runs a real kube-apiserver for it to watch; [`firewall`] puts an nftables allowlist on an outside server.
 //! * [`require_netns!`] skips a test without CAP_NET_ADMIN (fails instead with `EGRESS_REQUIRE_NETNS=1`).
 //!
 //! Names are unique per topology (`eg<pid>-<n>-<role>`), so tests may run in parallel, also from two
@@ -23,6 +23,7 @@ pub mod cmd;
 mod error;
 pub mod firewall;
 pub mod gateway;
+pub mod kube;
 pub mod netns;
 pub mod privilege;
 pub mod process;

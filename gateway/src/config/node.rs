@@ -22,14 +22,17 @@ pub(super) const ROOT_KEYS: &[&str] = &[
     "tables",
     "cluster_cidrs",
     "inputs",
+    "kubernetes",
     "health",
     "resync",
     "listen",
     "log",
 ];
 pub(super) const VXLAN_KEYS: &[&str] = &["device", "vni", "port", "mtu"];
+pub(super) const KUBERNETES_KEYS: &[&str] = &["kubeconfig", "gateway_selector"];
 pub(super) const TABLES_KEYS: &[&str] = &["first", "last"];
 pub(super) const HEALTH_KEYS: &[&str] = &[
+    "protocol",
     "port",
     "path",
     "interval",
@@ -61,8 +64,11 @@ pub(crate) struct NodeConfig {
     pub(crate) tables: RangeInclusive<u32>,
     /// `cluster_cidrs`: destinations never steered to a gateway (pods, services, nodes).
     pub(crate) cluster_cidrs: Vec<IpNet>,
-    /// `inputs`: files or directories of Kubernetes YAML (absolute, or relative to the config file).
+    /// `inputs`: files or directories of Kubernetes YAML (absolute, or relative to the config file); may be
+    /// empty when `kubernetes` is set.
     pub(crate) inputs: Vec<PathBuf>,
+    /// `kubernetes`: watch the API server for pods, namespaces and policies.
+    pub(crate) kubernetes: Option<KubernetesSettings>,
     /// `health`: how gateways are probed.
     pub(crate) health: HealthSettings,
     /// `resync`: how often the kernel is compared with the desired state even when nothing changed.
@@ -86,9 +92,33 @@ pub(crate) struct VxlanSettings {
     pub(crate) mtu: u32,
 }
 
+/// The `kubernetes` section: where the API server is and which pods are gateways.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct KubernetesSettings {
+    /// `kubeconfig`: a kubeconfig file (its current context); `None` means `$KUBECONFIG` or
+    /// `~/.kube/config` when present, else the pod's service account (in-cluster).
+    pub(crate) kubeconfig: Option<PathBuf>,
+    /// `gateway_selector`: the Kubernetes label selector that marks gateway pods, watched cluster-wide.
+    pub(crate) gateway_selector: String,
+}
+
+/// Default `kubernetes.gateway_selector`: the label deploy/gateway's pods carry.
+pub(crate) const DEFAULT_GATEWAY_SELECTOR: &str = "egress-gateway/gateway=true";
+
+/// `health.protocol`: how a gateway is asked whether it is ready.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum ProbeProtocol {
+    /// One 16-byte UDP datagram each way (`gateway/src/probe.rs`).
+    Udp,
+    /// `GET path` over a new TCP connection.
+    Http,
+}
+
 /// The `health` section.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) struct HealthSettings {
+    /// `udp` (default) or `http`.
+    pub(crate) protocol: ProbeProtocol,
     /// Port of the gateways' health endpoint.
     pub(crate) port: u16,
     /// Its path.
@@ -117,6 +147,7 @@ impl Default for VxlanSettings {
 impl Default for HealthSettings {
     fn default() -> Self {
         HealthSettings {
+            protocol: ProbeProtocol::Udp,
             port: 8080,
             path: "/readiness".into(),
             interval: Duration::from_millis(200),
@@ -226,27 +257,36 @@ fn decode(r: &mut Reader<'_>, root: &Node, overrides: &Overrides) -> Option<Node
             .parse_list(&v, value::cidr)
             .map(|l| l.into_iter().map(|(n, _)| n).collect()),
     };
-    let inputs = top.require(r, "inputs").and_then(|v| {
-        let items = r.parse_list(&v, |s| {
-            if s.trim().is_empty() {
-                Err("an empty path".to_string())
-            } else {
-                Ok(PathBuf::from(s))
-            }
-        })?;
-        if items.is_empty() {
+    let kubernetes = match top.get("kubernetes") {
+        None => Some(None),
+        Some(v) => kubernetes(r, &v).map(Some),
+    };
+    let inputs = match top.get("inputs") {
+        None if top.get("kubernetes").is_some() => Some(Vec::new()),
+        None => {
             r.error(
-                v.line(),
-                format!(
-                    "{}: the list is empty, so the agent would know no policy or pod; list the files or directories \
-                     holding the EgressGatewayPolicies, Namespaces and Pods",
-                    v.path()
-                ),
+                top.line(),
+                "missing `inputs` (files or directories of EgressGatewayPolicies, Namespaces and Pods) and \
+                 `kubernetes` (watch the API server): give at least one"
+                    .to_string(),
             );
-            return None;
+            None
         }
-        Some(items.into_iter().map(|(p, _)| p).collect())
-    });
+        Some(v) => inputs(r, &v).and_then(|items| {
+            if items.is_empty() && top.get("kubernetes").is_none() {
+                r.error(
+                    v.line(),
+                    format!(
+                        "{}: the list is empty, so the agent would know no policy or pod; list the files or \
+                         directories holding the EgressGatewayPolicies, Namespaces and Pods, or set `kubernetes`",
+                        v.path()
+                    ),
+                );
+                return None;
+            }
+            Some(items)
+        }),
+    };
     let health = top
         .get("health")
         .map_or(Some(HealthSettings::default()), |v| health(r, &v));
@@ -270,11 +310,72 @@ fn decode(r: &mut Reader<'_>, root: &Node, overrides: &Overrides) -> Option<Node
         tables: tables?,
         cluster_cidrs: cluster_cidrs?,
         inputs: inputs?,
+        kubernetes: kubernetes?,
         health: health?,
         resync: resync?,
         listen: listen?,
         log_format: log_format?,
     })
+}
+
+fn inputs(r: &mut Reader<'_>, v: &Value<'_>) -> Option<Vec<PathBuf>> {
+    let items = r.parse_list(v, |s| {
+        if s.trim().is_empty() {
+            Err("an empty path".to_string())
+        } else {
+            Ok(PathBuf::from(s))
+        }
+    })?;
+    Some(items.into_iter().map(|(p, _)| p).collect())
+}
+
+fn kubernetes(r: &mut Reader<'_>, v: &Value<'_>) -> Option<KubernetesSettings> {
+    let m = r.mapping(v, KUBERNETES_KEYS)?;
+    let kubeconfig = match m.get("kubeconfig") {
+        None => Some(None),
+        Some(v) => r
+            .parse(&v, |s| {
+                if s.trim().is_empty() {
+                    Err(
+                        "an empty path; leave `kubeconfig` out to use the pod's service account"
+                            .into(),
+                    )
+                } else {
+                    Ok(PathBuf::from(s))
+                }
+            })
+            .map(Some),
+    };
+    let gateway_selector = m
+        .get("gateway_selector")
+        .map_or(Some(DEFAULT_GATEWAY_SELECTOR.to_string()), |v| {
+            r.parse(&v, label_selector)
+        });
+    Some(KubernetesSettings {
+        kubeconfig: kubeconfig?,
+        gateway_selector: gateway_selector?,
+    })
+}
+
+/// A Kubernetes label selector (`key=value`, `key!=value`, `key`, `!key`, `key in (a,b)`, comma-separated):
+/// checked for what it may contain; the API server checks the rest when the agent watches with it.
+fn label_selector(s: &str) -> Result<String, String> {
+    let s = s.trim();
+    if s.is_empty() {
+        return Err(format!(
+            "an empty selector would watch every pod of the cluster; use the label the gateway pods carry, e.g. \
+             {DEFAULT_GATEWAY_SELECTOR}"
+        ));
+    }
+    if let Some(c) = s
+        .chars()
+        .find(|c| !(c.is_ascii_alphanumeric() || "-_./=!,() ".contains(*c)))
+    {
+        return Err(format!(
+            "`{s}`: `{c}` cannot appear in a Kubernetes label selector (write e.g. {DEFAULT_GATEWAY_SELECTOR})"
+        ));
+    }
+    Ok(s.to_string())
 }
 
 fn vxlan(r: &mut Reader<'_>, v: &Value<'_>) -> Option<VxlanSettings> {
@@ -338,6 +439,13 @@ fn tables(r: &mut Reader<'_>, v: &Value<'_>) -> Option<RangeInclusive<u32>> {
 fn health(r: &mut Reader<'_>, v: &Value<'_>) -> Option<HealthSettings> {
     let m = r.mapping(v, HEALTH_KEYS)?;
     let d = HealthSettings::default();
+    let protocol = m.get("protocol").map_or(Some(d.protocol), |v| {
+        r.parse(&v, |s| match s {
+            "udp" => Ok(ProbeProtocol::Udp),
+            "http" => Ok(ProbeProtocol::Http),
+            other => Err(format!("`{other}` is not a probe protocol; use udp or http")),
+        })
+    });
     let port = m
         .get("port")
         .map_or(Some(d.port), |v| r.integer(&v, 1..=65_535, ""));
@@ -370,6 +478,7 @@ fn health(r: &mut Reader<'_>, v: &Value<'_>) -> Option<HealthSettings> {
         _ => timeout,
     };
     Some(HealthSettings {
+        protocol: protocol?,
         port: port?,
         path: path?,
         interval,
@@ -485,7 +594,7 @@ health: { port: 8080, path: /readiness, interval: 200ms, failures: 2 }
         let c = parse(
             "node_name: n\nunderlay_ip: 10.0.0.1\nunderlay_device: eth1\ninputs: [/in]\nresync: 30s\n\
              listen: 127.0.0.1:9101\nlog: { format: json }\ncluster_cidrs: [10.244.0.0/16, \"fd00::/8\"]\n\
-             health: { port: 9000, path: /ready, interval: 100ms, timeout: 50ms, failures: 3, successes: 2 }\n",
+             health: { protocol: http, port: 9000, path: /ready, interval: 100ms, timeout: 50ms, failures: 3, successes: 2 }\n",
         )
         .unwrap();
         assert_eq!(c.underlay_device.as_deref(), Some("eth1"));
@@ -496,6 +605,7 @@ health: { port: 8080, path: /readiness, interval: 200ms, failures: 2 }
         assert_eq!(
             c.health,
             HealthSettings {
+                protocol: ProbeProtocol::Http,
                 port: 9000,
                 path: "/ready".into(),
                 interval: Duration::from_millis(100),
@@ -536,11 +646,60 @@ health: { port: 8080, path: /readiness, interval: 200ms, failures: 2 }
 
     /// docs/node-agent.md documents every key the parser knows.
     #[test]
+    fn kubernetes_replaces_or_joins_the_input_files() {
+        let base = "node_name: a\nunderlay_ip: 172.18.0.2\n";
+        let c = parse(&format!("{base}kubernetes: {{}}\n")).expect("kubernetes alone");
+        assert!(c.inputs.is_empty());
+        let k = c.kubernetes.expect("the section");
+        assert_eq!(k.kubeconfig, None);
+        assert_eq!(k.gateway_selector, DEFAULT_GATEWAY_SELECTOR);
+        let c = parse(&format!(
+            "{base}inputs: [p.yaml]\nkubernetes: {{ kubeconfig: /k/config, gateway_selector: 'role in (gw)' }}\n"
+        ))
+        .expect("both");
+        assert_eq!(c.inputs, vec![PathBuf::from("/etc/egress/p.yaml")]);
+        let k = c.kubernetes.expect("the section");
+        assert_eq!(k.kubeconfig, Some(PathBuf::from("/k/config")));
+        assert_eq!(k.gateway_selector, "role in (gw)");
+        let c = parse(&format!("{base}inputs: []\nkubernetes: {{}}\n")).expect("no files");
+        assert!(c.inputs.is_empty());
+    }
+
+    #[test]
+    fn a_source_is_required_and_the_selector_checked() {
+        let base = "node_name: a\nunderlay_ip: 172.18.0.2\n";
+        let e = parse(base).expect_err("no source");
+        assert!(e.contains("`inputs`") && e.contains("`kubernetes`"), "{e}");
+        let e = parse(&format!("{base}inputs: []\n")).expect_err("empty inputs");
+        assert!(
+            e.contains("node.yaml:3:") && e.contains("the list is empty"),
+            "{e}"
+        );
+        let e = parse(&format!("{base}kubernetes: {{ gateway_selector: '' }}\n"))
+            .expect_err("empty selector");
+        assert!(
+            e.contains("node.yaml:3:") && e.contains("every pod of the cluster"),
+            "{e}"
+        );
+        let e = parse(&format!(
+            "{base}kubernetes: {{ gateway_selector: \"a == 'b'\" }}\n"
+        ))
+        .expect_err("a Calico selector");
+        assert!(e.contains("`'` cannot appear"), "{e}");
+        let e =
+            parse(&format!("{base}kubernetes: {{ kubeconfig: '' }}\n")).expect_err("empty path");
+        assert!(e.contains("service account"), "{e}");
+        let e = parse(&format!("{base}kubernetes: {{ server: x }}\n")).expect_err("unknown key");
+        assert!(e.contains("server"), "{e}");
+    }
+
+    #[test]
     fn every_key_is_documented() {
         let docs = include_str!("../../../docs/node-agent.md");
-        let sections: [(&str, &[&str]); 4] = [
+        let sections: [(&str, &[&str]); 5] = [
             ("", ROOT_KEYS),
             ("vxlan.", VXLAN_KEYS),
+            ("kubernetes.", KUBERNETES_KEYS),
             ("tables.", TABLES_KEYS),
             ("health.", HEALTH_KEYS),
         ];

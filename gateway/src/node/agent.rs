@@ -18,6 +18,7 @@ use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
 use tokio::signal::unix::{signal, SignalKind};
 use tokio::sync::mpsc;
 
+use super::cluster::{self, Change, ClusterView, Object, Update, Watch};
 use super::desired::{self, Health, Memory, Settings};
 use super::health::{detection_bound, GatewayState, Probe, Prober};
 use super::kernel::{self, Kernel};
@@ -66,7 +67,9 @@ pub(crate) fn run(
             );
             return Ok(());
         }
-        Agent::start(config, kernel, owned)?.run().await
+        let mut agent = Agent::start(config, kernel, owned)?;
+        agent.connect().await?;
+        agent.run().await
     })
 }
 
@@ -85,13 +88,25 @@ struct Status {
     heartbeat_ms: AtomicU64,
 }
 
+/// The Kubernetes API side of the agent, when `kubernetes` is configured.
+struct Cluster {
+    view: ClusterView,
+    updates: mpsc::UnboundedReceiver<Update>,
+    /// The last error logged per watch (each is logged once, until the watch recovers).
+    logged: BTreeMap<Watch, String>,
+    /// When the agent started waiting for the first complete lists.
+    since: Instant,
+}
+
 struct Agent {
     config: NodeConfig,
     kernel: Kernel,
     owned: Ownership,
     vxlan: VxlanSpec,
     device_index: Option<u32>,
+    /// What the input files hold (the cluster's objects are added at each plan).
     inventory: Inventory,
+    cluster: Option<Cluster>,
     fingerprint: Fingerprint,
     memory: Memory,
     gateways: BTreeMap<Ipv4Addr, GatewayState>,
@@ -159,6 +174,7 @@ impl Agent {
             vxlan,
             device_index: None,
             inventory,
+            cluster: None,
             fingerprint,
             memory: Memory::default(),
             gateways: BTreeMap::new(),
@@ -168,6 +184,29 @@ impl Agent {
             status,
             started: Instant::now(),
         })
+    }
+
+    /// With `kubernetes` configured: a client and the four watches (nothing is asked of the API server
+    /// yet; an unreachable one shows as watch errors, and the agent waits, changing nothing).
+    async fn connect(&mut self) -> Result<(), AgentError> {
+        let Some(settings) = &self.config.kubernetes else {
+            return Ok(());
+        };
+        let client = cluster::client(settings).await.map_err(AgentError::Start)?;
+        let (tx, updates) = mpsc::unbounded_channel();
+        cluster::spawn(&client, &self.config.node_name, settings, &tx);
+        tracing::info!(
+            node = %self.config.node_name,
+            gateway_selector = %settings.gateway_selector,
+            "watching the Kubernetes API: this node's pods, gateway pods, namespaces, EgressGatewayPolicies"
+        );
+        self.cluster = Some(Cluster {
+            view: ClusterView::default(),
+            updates,
+            logged: BTreeMap::new(),
+            since: Instant::now(),
+        });
+        Ok(())
     }
 
     async fn run(mut self) -> Result<(), AgentError> {
@@ -207,6 +246,16 @@ impl Agent {
                     self.heartbeat();
                     if self.inputs_changed() {
                         self.reload("inputs changed").await;
+                    }
+                }
+                Some(update) = next_update(&mut self.cluster) => {
+                    let mut changed = self.cluster_update(update);
+                    // Take every update already queued before planning once.
+                    while let Some(update) = self.cluster.as_mut().and_then(|c| c.updates.try_recv().ok()) {
+                        changed |= self.cluster_update(update);
+                    }
+                    if changed {
+                        self.reconcile("cluster").await;
                     }
                 }
                 _ = resync.tick() => self.reconcile("resync").await,
@@ -260,6 +309,77 @@ impl Agent {
         changed
     }
 
+    /// Applies a watch's report to the view and logs what an operator must see: a watch failing (once per
+    /// distinct error), recovering, the first complete view, invalid policies. Returns whether the plan's
+    /// inputs changed.
+    fn cluster_update(&mut self, update: Update) -> bool {
+        let Some(c) = self.cluster.as_mut() else {
+            return false;
+        };
+        let watch = update.watch;
+        let was_synced = c.view.synced();
+        match &update.change {
+            Change::Failed(message) => {
+                metrics::counter!("egress_node_watch_errors_total", "watch" => watch.name())
+                    .increment(1);
+                if c.logged.get(&watch) != Some(message) {
+                    tracing::error!(
+                        watch = watch.name(),
+                        "Kubernetes API: {message} (retrying with backoff; what is programmed stays)"
+                    );
+                    c.logged.insert(watch, message.clone());
+                }
+            }
+            _ => {
+                if c.logged.remove(&watch).is_some() {
+                    tracing::info!(
+                        watch = watch.name(),
+                        "Kubernetes API: the watch works again"
+                    );
+                }
+            }
+        }
+        let invalid = |change: &Change| -> Vec<(String, String)> {
+            let one = |k: &String, o: &Object| match o {
+                Object::Policy(Err(why)) => Some((k.clone(), why.clone())),
+                _ => None,
+            };
+            match change {
+                Change::Listed(all) => all.iter().filter_map(|(k, o)| one(k, o)).collect(),
+                Change::Applied(k, o) => one(k, o).into_iter().collect(),
+                _ => Vec::new(),
+            }
+        };
+        for (name, why) in invalid(&update.change) {
+            tracing::error!(
+                policy = %name,
+                "EgressGatewayPolicy '{name}' is invalid and not used; pods that name it are blocked until it \
+                 is fixed: {why}"
+            );
+        }
+        let changed = c.view.apply(update);
+        metrics::gauge!("egress_node_invalid_policies").set(c.view.invalid_policies().len() as f64);
+        for (w, n) in c.view.counts() {
+            metrics::gauge!("egress_node_cluster_objects", "watch" => w.name()).set(n as f64);
+        }
+        if !was_synced && c.view.synced() {
+            metrics::gauge!("egress_node_cluster_synced").set(1.0);
+            let counts: Vec<String> = c
+                .view
+                .counts()
+                .iter()
+                .map(|(w, n)| format!("{}={n}", w.name()))
+                .collect();
+            tracing::info!(
+                took_ms = millis(c.since.elapsed()),
+                objects = %counts.join(" "),
+                "Kubernetes API: every watch has listed; planning from the cluster"
+            );
+            return true;
+        }
+        changed && c.view.synced()
+    }
+
     fn inputs_changed(&self) -> bool {
         match input_files(&self.config.inputs) {
             Ok(files) => fingerprint(&files) != self.fingerprint,
@@ -304,8 +424,35 @@ impl Agent {
         }
     }
 
-    /// Plans and writes the kernel.
+    /// Plans and writes the kernel. With the Kubernetes API configured, nothing is written before every
+    /// watch has listed once: a restarted agent (or one whose API server is away) leaves what is
+    /// programmed as it is rather than plan from a partial view.
     async fn reconcile(&mut self, why: &str) {
+        let merged;
+        let inventory = match &self.cluster {
+            None => &self.inventory,
+            Some(c) if c.view.synced() => {
+                merged = c.view.inventory(&self.inventory);
+                &merged
+            }
+            Some(c) => {
+                let waiting: Vec<&str> = c.view.unsynced().iter().map(|w| w.name()).collect();
+                let errors: Vec<String> = c
+                    .view
+                    .errors()
+                    .iter()
+                    .map(|(w, e)| format!("{}: {e}", w.name()))
+                    .collect();
+                tracing::info!(
+                    reason = why,
+                    waiting_for = %waiting.join(","),
+                    errors = %errors.join("; "),
+                    "not planning yet: waiting for the first complete lists from the Kubernetes API"
+                );
+                self.heartbeat();
+                return;
+            }
+        };
         let settings = Settings {
             node: &self.config.node_name,
             rule_priority: self.config.rule_priority,
@@ -313,7 +460,7 @@ impl Agent {
             cluster_cidrs: &self.config.cluster_cidrs,
         };
         let health = |gw: Ipv4Addr| self.gateways.get(&gw).map_or(Health::Unknown, |s| s.health);
-        let plan = desired::plan(&self.inventory, &settings, &health, &self.memory);
+        let plan = desired::plan(inventory, &settings, &health, &self.memory);
 
         self.prober.set_targets(plan.gateways.iter().copied());
         self.gateways.retain(|gw, _| plan.gateways.contains(gw));
@@ -413,6 +560,14 @@ fn start_error(e: std::io::Error) -> AgentError {
     AgentError::Start(format!("cannot install signal handlers: {e}"))
 }
 
+/// The next watch report, or never without the Kubernetes API.
+async fn next_update(cluster: &mut Option<Cluster>) -> Option<Update> {
+    match cluster {
+        Some(c) => c.updates.recv().await,
+        None => std::future::pending().await,
+    }
+}
+
 async fn sleep_until(at: Option<Instant>) {
     match at {
         Some(at) => tokio::time::sleep_until(at.into()).await,
@@ -493,6 +648,26 @@ pub(crate) const METRICS: &[(&str, &str, &str)] = &[
         "egress_node_input_reloads_total",
         "counter",
         "Input reloads, by result.",
+    ),
+    (
+        "egress_node_cluster_synced",
+        "gauge",
+        "1 once every Kubernetes API watch has listed (the agent plans only then).",
+    ),
+    (
+        "egress_node_cluster_objects",
+        "gauge",
+        "Objects each Kubernetes API watch holds, by watch.",
+    ),
+    (
+        "egress_node_watch_errors_total",
+        "counter",
+        "Kubernetes API watch errors (each retried with backoff), by watch.",
+    ),
+    (
+        "egress_node_invalid_policies",
+        "gauge",
+        "EgressGatewayPolicies from the API that are invalid (not used; pods naming them are blocked).",
     ),
 ];
 

@@ -1,4 +1,5 @@
-//! Probing the gateways: `GET <path>` on each gateway's pod IP every `interval`, and the per-gateway state
+//! Probing the gateways: a UDP probe (`crate::probe`: one datagram each way, nothing a slow client can
+//! hold up on the gateway) or `GET <path>` on each gateway's pod IP every `interval`, and the per-gateway state
 //! machine that turns probe results into [`Health`] (`failures` bad probes in a row take a gateway out,
 //! `successes` good ones bring it back; a `503 draining` answer marks it draining at once).
 //!
@@ -9,12 +10,12 @@ use std::net::{Ipv4Addr, SocketAddr};
 use std::time::Duration;
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpStream;
+use tokio::net::{TcpStream, UdpSocket};
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 
 use super::desired::Health;
-use crate::config::node::HealthSettings;
+use crate::config::node::{HealthSettings, ProbeProtocol};
 
 /// What one probe found.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -137,8 +138,46 @@ impl Drop for Prober {
     }
 }
 
-/// One probe: `GET path` over HTTP/1.0 within `settings.timeout`.
+/// One probe, by `settings.protocol`, within `settings.timeout`.
 pub(crate) async fn probe(ip: Ipv4Addr, settings: &HealthSettings) -> Probe {
+    match settings.protocol {
+        ProbeProtocol::Udp => probe_udp(ip, settings).await,
+        ProbeProtocol::Http => probe_http(ip, settings).await,
+    }
+}
+
+/// One UDP probe: a request with a fresh nonce, and its reply (replies to earlier probes are skipped).
+async fn probe_udp(ip: Ipv4Addr, settings: &HealthSettings) -> Probe {
+    let addr = SocketAddr::from((ip, settings.port));
+    let mut nonce = [0u8; 8];
+    if let Err(e) = getrandom::fill(&mut nonce) {
+        return Probe::Failed(format!("no random nonce: {e}"));
+    }
+    let nonce = u64::from_ne_bytes(nonce);
+    let exchange = async {
+        let socket = UdpSocket::bind(SocketAddr::from((Ipv4Addr::UNSPECIFIED, 0))).await?;
+        socket.connect(addr).await?;
+        socket.send(&crate::probe::request(nonce)).await?;
+        let mut buf = [0u8; crate::probe::LEN + 1];
+        loop {
+            let n = socket.recv(&mut buf).await?;
+            if let Some(state) = crate::probe::parse_reply(&buf[..n], nonce) {
+                return Ok::<_, std::io::Error>(state);
+            }
+        }
+    };
+    match tokio::time::timeout(settings.timeout, exchange).await {
+        Err(_) => Probe::Failed(format!("no UDP answer within {:?}", settings.timeout)),
+        // ECONNREFUSED: an ICMP port unreachable came back (nothing listens).
+        Ok(Err(e)) => Probe::Failed(e.to_string()),
+        Ok(Ok(crate::probe::State::Ready)) => Probe::Ready,
+        Ok(Ok(crate::probe::State::Draining)) => Probe::Draining,
+        Ok(Ok(crate::probe::State::NotReady)) => Probe::Failed("not ready".into()),
+    }
+}
+
+/// One probe: `GET path` over HTTP/1.0.
+async fn probe_http(ip: Ipv4Addr, settings: &HealthSettings) -> Probe {
     let addr = SocketAddr::from((ip, settings.port));
     match tokio::time::timeout(settings.timeout, exchange(addr, &settings.path)).await {
         Err(_) => Probe::Failed(format!("no answer within {:?}", settings.timeout)),
@@ -253,6 +292,7 @@ mod tests {
             .build()
             .unwrap();
         let at = |port: u16| HealthSettings {
+            protocol: ProbeProtocol::Http,
             port,
             timeout: Duration::from_millis(300),
             ..HealthSettings::default()
@@ -281,6 +321,73 @@ mod tests {
             assert!(
                 matches!(probe(lo, &at(port)).await, Probe::Failed(e) if e.contains("no answer"))
             );
+            drop(silent);
+        });
+    }
+
+    /// The UDP probe against the gateway's responder (`crate::probe::serve`): ready, draining, not ready,
+    /// a closed port (refused at once), a socket that never answers (the timeout), and a stream of
+    /// well-formed but wrong replies (another probe's nonce) before the right one.
+    #[test]
+    fn udp_probe_reads_real_answers() {
+        use crate::probe::{self, Counters, State};
+        use std::sync::atomic::{AtomicU8, Ordering};
+        use std::sync::Arc;
+        let state = Arc::new(AtomicU8::new(0));
+        let read = {
+            let state = Arc::clone(&state);
+            Arc::new(move || match state.load(Ordering::Relaxed) {
+                0 => State::Ready,
+                1 => State::Draining,
+                _ => State::NotReady,
+            })
+        };
+        let addr = probe::serve("127.0.0.1:0".parse().unwrap(), read, Arc::new(Counters::default()))
+            .unwrap();
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        let at = |port: u16| HealthSettings {
+            port,
+            timeout: Duration::from_millis(300),
+            ..HealthSettings::default()
+        };
+        assert_eq!(at(1).protocol, ProbeProtocol::Udp, "the default");
+        let lo = Ipv4Addr::LOCALHOST;
+        rt.block_on(async {
+            assert_eq!(probe(lo, &at(addr.port())).await, Probe::Ready);
+            state.store(1, Ordering::Relaxed);
+            assert_eq!(probe(lo, &at(addr.port())).await, Probe::Draining);
+            state.store(2, Ordering::Relaxed);
+            assert_eq!(
+                probe(lo, &at(addr.port())).await,
+                Probe::Failed("not ready".into())
+            );
+            let closed = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+            let port = closed.local_addr().unwrap().port();
+            drop(closed);
+            assert!(
+                matches!(probe(lo, &at(port)).await, Probe::Failed(e) if e.contains("refused")),
+                "closed port"
+            );
+            let silent = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+            let port = silent.local_addr().unwrap().port();
+            assert!(
+                matches!(probe(lo, &at(port)).await, Probe::Failed(e) if e.contains("no UDP answer"))
+            );
+            // A responder that first sends a reply to another probe, then the right one.
+            let tricky = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+            let port = tricky.local_addr().unwrap().port();
+            std::thread::spawn(move || {
+                let mut buf = [0u8; 64];
+                let (n, from) = tricky.recv_from(&mut buf).unwrap();
+                let nonce = probe::parse_request(&buf[..n]).unwrap();
+                tricky.send_to(&probe::reply(nonce ^ 1, State::NotReady), from).unwrap();
+                tricky.send_to(b"junk", from).unwrap();
+                tricky.send_to(&probe::reply(nonce, State::Ready), from).unwrap();
+            });
+            assert_eq!(probe(lo, &at(port)).await, Probe::Ready);
             drop(silent);
         });
     }

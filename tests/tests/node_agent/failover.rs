@@ -220,3 +220,120 @@ fn a_draining_gateway_keeps_its_pods_but_gets_no_new_ones() {
         Duration::from_secs(2),
     );
 }
+
+/// Clients that stall at a gateway's health port cannot make the agent fail it: 64 TCP connections to
+/// gateway 1's port 8080 that send nothing or half a request, and a flood of malformed UDP datagrams at the
+/// same port, held for 4 s while the agent probes every 200 ms (UDP, the default). The pod's route must keep
+/// the gateway the whole time, the agent must see no health change, the gateway's own `GET /readiness` must
+/// still answer at once, and the gateway must have counted the malformed datagrams and kept answering probes.
+#[test]
+fn stalled_clients_at_the_health_port_do_not_take_a_gateway_out() {
+    require_netns!();
+    let mode = require_userspace_gateway!();
+    let bin = require_node_agent!();
+    let env = Env::everything_via(&mode, &bin, &["red"], "red", "single", &["client"], 0);
+    let table = env.table_of(env.topo.pod(1, 1));
+    let gw = env.topo.gateway(1);
+    let via_gw = RouteShape::Via(vec![IpAddr::V4(gw.ip)]);
+    env.wait_route(table, Ipv4Net::default(), &via_gw, Duration::from_secs(5));
+    let transitions = |env: &Env| -> f64 {
+        let text = env.agent.metrics_text().or_diag(env, "agent metrics");
+        tests::Metrics::parse(&text)
+            .get("egress_node_health_transitions_total", &[])
+            .unwrap_or(0.0)
+    };
+    let probes = |env: &Env, result: &str| -> f64 {
+        env.topo
+            .gateway(1)
+            .metrics()
+            .or_diag(env, "gateway metrics")
+            .get("egress_gateway_health_probes_total", &[("result", result)])
+            .unwrap_or(0.0)
+    };
+    let (transitions_before, answered_before) = (transitions(&env), probes(&env, "answered"));
+
+    let health = SocketAddr::from((gw.ip, tests::gateway::HEALTH_PORT));
+    let node = &env.topo.node(1).ns;
+    let stalled = node
+        .run(Duration::from_secs(10), move || {
+            (0..64)
+                .map(|i| {
+                    let mut s = std::net::TcpStream::connect(health)?;
+                    if i % 2 == 1 {
+                        std::io::Write::write_all(&mut s, b"GET /readi")?;
+                    }
+                    Ok(s)
+                })
+                .collect::<std::io::Result<Vec<_>>>()
+        })
+        .or_diag(&env, "the stalling connections")
+        .or_diag(&env, "connect to the health port");
+    let flood = node
+        .thread(move || {
+            let s = std::net::UdpSocket::bind("0.0.0.0:0")?;
+            let until = Instant::now() + Duration::from_secs(4);
+            let mut sent = 0u64;
+            while Instant::now() < until {
+                for len in [1usize, 15, 16, 17, 200] {
+                    // 16 bytes of the wrong magic, and every other length: none is a probe request.
+                    let _ = s.send_to(&vec![0x5a; len], health);
+                    sent += 1;
+                }
+                std::thread::sleep(Duration::from_micros(200));
+            }
+            Ok::<u64, std::io::Error>(sent)
+        })
+        .or_diag(&env, "the UDP flood");
+
+    let start = Instant::now();
+    let mut slowest_get = Duration::ZERO;
+    while start.elapsed() < Duration::from_secs(4) {
+        let now = agent_route(&env, table);
+        if now.as_ref() != Some(&via_gw) {
+            env.fail(format!(
+                "after {:?} of stalled clients the pod's route is {now:?}, want {via_gw:?}",
+                start.elapsed()
+            ));
+        }
+        let t = Instant::now();
+        let answer = env.topo.gateway(1).http_get(tests::gateway::HEALTH_PORT, "/readiness");
+        slowest_get = slowest_get.max(t.elapsed());
+        if !matches!(answer, Ok((200, _))) {
+            env.fail(format!("GET /readiness beside the stalled clients: {answer:?}"));
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let sent = flood
+        .join_timeout(Duration::from_secs(5))
+        .or_diag(&env, "the flood thread")
+        .or_diag(&env, "the flood");
+    drop(stalled);
+    let (transitions_after, answered_after, malformed) = (
+        transitions(&env),
+        probes(&env, "answered"),
+        probes(&env, "malformed"),
+    );
+    println!(
+        "stalled: 64 TCP connections + {sent} malformed datagrams for 4 s: slowest GET /readiness {slowest_get:?}, \
+         probes answered {}, malformed counted {malformed}, health transitions {}",
+        answered_after - answered_before,
+        transitions_after - transitions_before
+    );
+    if transitions_after != transitions_before {
+        env.fail("the agent saw a health change of a gateway that never failed");
+    }
+    if answered_after - answered_before < 10.0 {
+        env.fail("the gateway answered fewer than 10 probes in 4 s (one every 200 ms expected)");
+    }
+    if malformed < 1.0 {
+        env.fail("no malformed datagram was counted");
+    }
+    if slowest_get > Duration::from_secs(1) {
+        env.fail(format!("GET /readiness took {slowest_get:?} beside stalled clients"));
+    }
+}
+
+fn agent_route(env: &Env, table: u32) -> Option<RouteShape> {
+    tests::agent::table_route(&env.topo.node(1).ns, table, ipnet::IpNet::V4(Ipv4Net::default()))
+        .unwrap_or(None)
+}

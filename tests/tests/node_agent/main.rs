@@ -9,7 +9,10 @@
 //! * `failover` — ECMP over two replicas, failover time after SIGKILL, the gateway's return; a draining
 //!   gateway keeps its pods and gets no new ones;
 //! * `policy` — a missing policy blocks (fail closed) but not cluster traffic; a live policy edit;
-//! * `lifecycle` — `--cleanup` removes what the agent made and nothing else.
+//! * `lifecycle` — `--cleanup` removes what the agent made and nothing else;
+//! * `kube` — the agent watching a real kube-apiserver: new pod, policy edit, invalid policy, API server
+//!   away (also across an agent restart), gateway deleted, RBAC denied (skips without the API server
+//!   binaries, `scripts/kube-apiserver.sh build`; fails instead with `EGRESS_REQUIRE_KUBE=1`).
 //!
 //! They skip without CAP_NET_ADMIN, without `target/release/egress-gateway` or while it has no `node`
 //! subcommand (they fail instead with `EGRESS_REQUIRE_NETNS=1`):
@@ -21,6 +24,7 @@
 
 mod common;
 mod failover;
+mod kube;
 mod lifecycle;
 mod policy;
 mod routing;

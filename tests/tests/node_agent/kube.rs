@@ -1,0 +1,254 @@
+//! The agent against a real kube-apiserver (`kubernetes.kubeconfig`, no input files), with the service
+//! account and RBAC of deploy/node-agent/rbac.yaml: what it programs follows the cluster through watches —
+//! a new pod, a policy edit, an invalid policy (only its pods blocked), a gateway deleted — it keeps what
+//! is programmed while the API server is away, even across its own restart, and names the missing
+//! permission when RBAC denies a watch.
+
+use std::net::IpAddr;
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use ipnet::{IpNet, Ipv4Net};
+use tests::agent::{self, AgentConfig, RouteShape};
+use tests::kube::ApiServer;
+use tests::topology::{gateway_ip, POD_RULE_PRIORITY};
+use tests::{
+    require_kube, require_netns, require_node_agent, require_userspace_gateway, Inventory,
+    NodeAgent, Policy, PolicyRule, TopologySpec,
+};
+
+use crate::common::{Env, READY};
+
+/// How long a change in the API may take to reach the node's kernel (watch delivery, plan, netlink).
+const CONVERGE: Duration = Duration::from_secs(10);
+
+fn via(k: usize) -> RouteShape {
+    RouteShape::Via(vec![IpAddr::V4(gateway_ip(k))])
+}
+
+fn default4() -> IpNet {
+    IpNet::V4(Ipv4Net::default())
+}
+
+/// Waits until `pod`'s table on node 1 routes 0.0.0.0/0 as `want`; returns how long that took.
+fn wait_pod_route(env: &Env, api: &ApiServer, pod_ip: IpAddr, want: &RouteShape) -> Duration {
+    let start = Instant::now();
+    let node = &env.topo.node(1).ns;
+    loop {
+        let table = agent::rule_table(node, pod_ip, POD_RULE_PRIORITY).unwrap_or(None);
+        let now = match table {
+            Some(t) => agent::table_route(node, t, default4()).unwrap_or(None),
+            None => None,
+        };
+        if now.as_ref() == Some(want) {
+            return start.elapsed();
+        }
+        if start.elapsed() > CONVERGE {
+            env.fail(format!(
+                "pod {pod_ip}: want 0.0.0.0/0 {want:?}, have {now:?} (table {table:?}) after {CONVERGE:?}\n\
+                 ---- kube-apiserver log:\n{}",
+                api.log_tail(10)
+            ));
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// The value of an agent metric line starting with `series` (e.g. `egress_node_pods`).
+fn metric(env: &Env, series: &str) -> Option<f64> {
+    let text = env.agent.metrics_text().ok()?;
+    text.lines()
+        .find(|l| l.starts_with(series) && l[series.len()..].starts_with([' ', '{']))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+}
+
+/// Polls until the agent's log contains `needle`.
+fn wait_log(env: &Env, needle: &str, timeout: Duration) {
+    let start = Instant::now();
+    while !env.agent.log_tail(200).contains(needle) {
+        if start.elapsed() > timeout {
+            env.fail(format!(
+                "the agent never logged `{needle}` within {timeout:?}"
+            ));
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+#[test]
+fn the_agent_follows_the_cluster_through_the_api_server() {
+    require_netns!();
+    let mode = require_userspace_gateway!();
+    let bin = require_node_agent!();
+    let kubectl = require_kube!();
+    let spec = TopologySpec::node_agent(&[3], vec![mode.clone(), mode]);
+    let mut topo = tests::Topology::build(spec).expect("build the node-agent topology");
+    for k in 1..=2 {
+        topo.gateway_mut(k)
+            .wait_ready(READY)
+            .unwrap_or_else(|e| panic!("gateway {k}: {e}"));
+    }
+    let (web, web2, other) = (topo.pod(1, 1).ip, topo.pod(1, 2).ip, topo.pod(1, 3).ip);
+    let mut inventory = Inventory::new();
+    inventory
+        .policy(Policy::new(
+            "red",
+            vec![PolicyRule::via(Ipv4Net::default(), "red")],
+        ))
+        .namespace_with_policy("app", "red")
+        .client_pod("app", "web", topo.pod(1, 1))
+        // On another node: the agent's watch must not even see it.
+        .client_pod_at(
+            "app",
+            "elsewhere",
+            2,
+            vec!["10.244.9.9".parse().expect("ip")],
+        )
+        .gateway_pod(1, "red", false)
+        .gateway_pod(2, "blue", false);
+
+    // The API server runs in node 1's namespace: the agent reaches it on that namespace's loopback.
+    let api_dir = topo.dir().join("kube");
+    let mut api = ApiServer::start(&topo.node(1).ns, &api_dir, &kubectl)
+        .unwrap_or_else(|e| panic!("start kube-apiserver: {e}"));
+    api.apply_inventory(&inventory)
+        .expect("write the inventory to the API");
+    let rbac = Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/node-agent/rbac.yaml");
+    let rbac_yaml = std::fs::read_to_string(&rbac).expect("read deploy/node-agent/rbac.yaml");
+    api.apply(&rbac_yaml).expect("apply the agent's RBAC");
+    let sa_kubeconfig = api
+        .service_account_kubeconfig(
+            "egress",
+            "egress-node-agent",
+            &topo.dir().join("agent.kubeconfig"),
+        )
+        .expect("a kubeconfig for the agent's service account");
+
+    let mut config = AgentConfig::for_node(1, Vec::new());
+    config.kubeconfig = Some(sa_kubeconfig);
+    let mut agent = NodeAgent::start(&topo, &bin, 1, config).expect("start the node agent");
+    if let Err(e) = agent.wait_ready(READY) {
+        panic!("{e}\nnode 1:\n{}", agent::node_state(&topo.node(1).ns));
+    }
+    let mut env = Env {
+        agent,
+        inventory,
+        topo,
+    };
+    let started = wait_pod_route(&env, &api, IpAddr::V4(web), &via(1));
+    println!("first plan from the API: app/web via gateway 1 ({started:?} after ready)");
+    let pods = metric(&env, "egress_node_cluster_objects{watch=\"node_pods\"}");
+    if pods != Some(1.0) {
+        env.fail(format!(
+            "the node-pods watch holds {pods:?} pods; want 1 (app/web; app/elsewhere is on node2)"
+        ));
+    }
+
+    // A new pod in the opted-in namespace.
+    let mut added = Inventory::new();
+    added.client_pod("app", "web2", env.topo.pod(1, 2));
+    // Only the pod: applying the harness's bare namespace `app` would drop its policy annotation.
+    api.apply_pods(&added.pods).expect("create app/web2");
+    let took = wait_pod_route(&env, &api, IpAddr::V4(web2), &via(1));
+    println!("new pod app/web2 routed via gateway 1 in {took:?}");
+
+    // A policy edit: red now goes through the blue gateway.
+    let mut edited = Inventory::new();
+    edited.policy(Policy::new(
+        "red",
+        vec![PolicyRule::via(Ipv4Net::default(), "blue")],
+    ));
+    api.apply_inventory(&edited).expect("edit policy red");
+    let took = wait_pod_route(&env, &api, IpAddr::V4(web), &via(2));
+    wait_pod_route(&env, &api, IpAddr::V4(web2), &via(2));
+    println!("policy edit (red → blue gateway) on the node in {took:?}");
+
+    // An invalid policy (a Calico selector the CRD cannot check): only the pods that name it are blocked.
+    api.apply(
+        "apiVersion: projectcalico.org/v3\nkind: EgressGatewayPolicy\nmetadata:\n  name: broken\nspec:\n  \
+         rules:\n  - gateway:\n      selector: \"egress-code == \"\n",
+    )
+    .expect("create policy broken (the CRD accepts it)");
+    let mut other_ns = Inventory::new();
+    other_ns
+        .namespace_with_policy("other", "broken")
+        .client_pod("other", "x", env.topo.pod(1, 3));
+    api.apply_inventory(&other_ns)
+        .expect("namespace other using broken");
+    wait_pod_route(&env, &api, IpAddr::V4(other), &RouteShape::Unreachable);
+    wait_pod_route(&env, &api, IpAddr::V4(web), &via(2));
+    if metric(&env, "egress_node_invalid_policies") != Some(1.0) {
+        env.fail("egress_node_invalid_policies is not 1");
+    }
+    wait_log(&env, "EgressGatewayPolicy 'broken' is invalid", CONVERGE);
+    println!("invalid policy: other/x blocked, app/* unaffected");
+
+    // The API server goes away: nothing changes on the node, also across an agent restart.
+    api.stop();
+    std::thread::sleep(Duration::from_secs(2));
+    wait_pod_route(&env, &api, IpAddr::V4(web), &via(2));
+    env.agent.restart().expect("restart the agent");
+    std::thread::sleep(Duration::from_secs(3));
+    match env.agent.readiness() {
+        Ok((503, _)) => {}
+        other => env.fail(format!(
+            "readiness without an API server after a restart: {other:?}, want 503"
+        )),
+    }
+    for (ip, want) in [
+        (web, via(2)),
+        (web2, via(2)),
+        (other, RouteShape::Unreachable),
+    ] {
+        wait_pod_route(&env, &api, IpAddr::V4(ip), &want);
+    }
+    println!("API server down, agent restarted: routes kept, agent not ready");
+    api.start_again().expect("start kube-apiserver again");
+    if let Err(e) = env.agent.wait_ready(Duration::from_secs(60)) {
+        env.fail(format!(
+            "the agent did not sync after the API server returned: {e}"
+        ));
+    }
+
+    // A gateway deleted: its clients lose it (blue had only gateway 2: blocked, fail closed). There is no
+    // kubelet to finish a graceful deletion (a terminating gateway keeps its clients while it drains, as
+    // its health says), so the pod is removed at once, as after its node is lost.
+    api.kubectl(&[
+        "delete",
+        "pod",
+        "-n",
+        "egress",
+        "gw2",
+        "--grace-period=0",
+        "--force",
+    ])
+    .expect("delete gw2");
+    let took = wait_pod_route(&env, &api, IpAddr::V4(web), &RouteShape::Unreachable);
+    println!("gateway pod deleted: app/web blocked in {took:?}");
+
+    // RBAC: without `namespaces`, a (re)started agent names what to grant, stays unready, changes nothing.
+    env.agent.stop();
+    let without_ns = rbac_yaml.replace("resources: [namespaces, pods]", "resources: [pods]");
+    assert_ne!(
+        without_ns, rbac_yaml,
+        "rbac.yaml's rule changed shape; update this test"
+    );
+    api.apply(&without_ns).expect("narrow the ClusterRole");
+    env.agent.restart().expect("start the agent again");
+    wait_log(&env, "may not `list` namespaces", Duration::from_secs(20));
+    match env.agent.readiness() {
+        Ok((503, _)) => {}
+        other => env.fail(format!("readiness with RBAC denied: {other:?}, want 503")),
+    }
+    wait_pod_route(&env, &api, IpAddr::V4(web2), &RouteShape::Unreachable);
+    wait_pod_route(&env, &api, IpAddr::V4(other), &RouteShape::Unreachable);
+    api.apply(&rbac_yaml).expect("restore the ClusterRole");
+    if let Err(e) = env.agent.wait_ready(Duration::from_secs(60)) {
+        env.fail(format!(
+            "the agent did not sync after RBAC was restored: {e}"
+        ));
+    }
+    println!("RBAC denied: the log names the verb and resource; restored: ready again");
+    drop(api);
+}
