@@ -52,6 +52,9 @@ pub(crate) struct GatewayConfig {
     pub(crate) log_format: LogFormat,
     /// `flow_log`: the NAT translation log, when enabled.
     pub(crate) flow_log: Option<FlowLogConfig>,
+    /// `kubernetes.kubeconfig`, for `allowed_sources: kubernetes-nodes` (`None`: `$KUBECONFIG`,
+    /// `~/.kube/config`, or the pod's service account).
+    pub(crate) kubeconfig: Option<PathBuf>,
 }
 
 /// The `flow_log` section: one JSON line per flow for the security team's pod ↔ egress IP:port mapping.
@@ -87,8 +90,10 @@ pub(crate) struct TunnelConfig {
     pub(crate) listen: SocketAddrV4,
     /// VXLAN network identifier (24 bits).
     pub(crate) vni: u32,
-    /// Underlay CIDRs of the nodes allowed to send VXLAN (IPv4).
+    /// Underlay CIDRs of the nodes allowed to send VXLAN (IPv4); empty with `allowed_from_nodes`.
     pub(crate) allowed_sources: Vec<IpNet>,
+    /// `allowed_sources: kubernetes-nodes`: the InternalIPs of the cluster's Node objects, watched.
+    pub(crate) allowed_from_nodes: bool,
     /// Inner source CIDRs that may be translated.
     pub(crate) pod_cidrs: Vec<IpNet>,
     /// MTU inside the tunnel.
@@ -102,6 +107,8 @@ pub(crate) struct TunnelConfig {
 
 /// `tunnel.source_ports` when the file does not say.
 pub(crate) const DEFAULT_SOURCE_PORTS: u16 = 16;
+/// `tunnel.allowed_sources: kubernetes-nodes`: admit the InternalIPs of the cluster's Node objects.
+pub(crate) const ALLOWED_FROM_NODES: &str = "kubernetes-nodes";
 /// The most `tunnel.source_ports` may ask for (one socket each).
 pub(crate) const MAX_SOURCE_PORTS: u16 = 256;
 
@@ -267,6 +274,11 @@ pub(crate) fn restart_needed(old: &GatewayConfig, new: &GatewayConfig) -> Vec<St
         "tunnel.source_ports",
         old.tunnel.source_ports != new.tunnel.source_ports,
     );
+    check(
+        "tunnel.allowed_sources (between a list and kubernetes-nodes)",
+        old.tunnel.allowed_from_nodes != new.tunnel.allowed_from_nodes,
+    );
+    check("kubernetes.kubeconfig", old.kubeconfig != new.kubeconfig);
     if old.uplinks.len() == new.uplinks.len() {
         for (i, (a, b)) in old.uplinks.iter().zip(&new.uplinks).enumerate() {
             check(
@@ -497,6 +509,7 @@ uplinks:
                 listen: "172.18.0.3:4790".parse().unwrap(),
                 vni: 4097,
                 allowed_sources: vec![net("172.18.0.0/16")],
+                allowed_from_nodes: false,
                 pod_cidrs: vec![net("10.244.0.0/16")],
                 source_ports: DEFAULT_SOURCE_PORTS,
                 mtu: 1450,
@@ -544,6 +557,7 @@ uplinks:
             drain: Duration::from_secs(30),
             log_format: LogFormat::Text,
             flow_log: None,
+            kubeconfig: None,
         }
     }
 
@@ -973,6 +987,21 @@ uplinks:
             ),
             6,
             "tunnel.mtu: 1200 is below 1280, the smallest MTU IPv6 allows",
+        );
+        let nodes = parse(&edit(
+            "allowed_sources: [172.18.0.0/16]",
+            "allowed_sources: kubernetes-nodes",
+        ))
+        .expect("kubernetes-nodes");
+        assert!(nodes.tunnel.allowed_from_nodes && nodes.tunnel.allowed_sources.is_empty());
+        assert!(
+            nodes.pipeline(None).allowed_nodes.is_empty(),
+            "nothing admitted until listed"
+        );
+        refused(
+            &edit("allowed_sources: [172.18.0.0/16]", "allowed_sources: nodes"),
+            4,
+            "tunnel.allowed_sources: `nodes`: give a list of the nodes' underlay CIDRs, or `kubernetes-nodes`",
         );
         refused(
             &edit(

@@ -29,6 +29,7 @@ mod inventory;
 mod io;
 mod neighbour;
 mod node;
+mod nodes;
 mod probe;
 mod run;
 mod supervisor;

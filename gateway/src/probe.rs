@@ -168,7 +168,11 @@ mod tests {
             assert_eq!(parse_reply(&a, 8), None, "another probe's reply");
             assert_eq!(parse_request(&a), None, "a reply is no request");
         }
-        assert_eq!(parse_reply(&r, 0x0102_0304_0506_0708), None, "a request is no reply");
+        assert_eq!(
+            parse_reply(&r, 0x0102_0304_0506_0708),
+            None,
+            "a request is no reply"
+        );
     }
 
     #[test]
@@ -202,7 +206,9 @@ mod tests {
         let state: Arc<dyn Fn() -> State + Send + Sync> = Arc::new(|| State::Draining);
         let addr = serve("127.0.0.1:0".parse().unwrap(), state, counters.clone()).unwrap();
         let client = UdpSocket::bind("127.0.0.1:0").unwrap();
-        client.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+        client
+            .set_read_timeout(Some(Duration::from_secs(2)))
+            .unwrap();
         client.connect(addr).unwrap();
         client.send(b"GET /readiness HTTP/1.0\r\n\r\n").unwrap();
         client.send(&[0u8; LEN]).unwrap();
@@ -216,7 +222,8 @@ mod tests {
         assert_eq!(parse_reply(&buf[..n], 42), Some(State::Draining));
         // The responder counts after it has sent: wait for the count to land.
         let deadline = std::time::Instant::now() + Duration::from_secs(2);
-        while counters.answered.load(Ordering::Relaxed) == 0 && std::time::Instant::now() < deadline {
+        while counters.answered.load(Ordering::Relaxed) == 0 && std::time::Instant::now() < deadline
+        {
             std::thread::sleep(Duration::from_millis(1));
         }
         assert_eq!(counters.answered.load(Ordering::Relaxed), 1);

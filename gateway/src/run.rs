@@ -12,6 +12,7 @@
 //! forwarding established ones for `drain_seconds`, then stops the workers and exits 0; a second signal
 //! exits at once.
 
+use std::collections::BTreeSet;
 use std::net::{IpAddr, Ipv4Addr};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -20,6 +21,7 @@ use std::time::{Duration, Instant, SystemTime};
 
 use forwarder_core::conntrack::{FlowEvent, FlowEventKind, FlowEvents};
 use forwarder_core::pipeline::Gateway;
+use ipnet::{IpNet, Ipv4Net};
 
 use crate::config::{self, GatewayConfig, LogFormat};
 use crate::flowlog::{live_line, FlowFilter, FlowLog, PodNames, WallClock};
@@ -27,6 +29,7 @@ use crate::http::{self, Response};
 use crate::io::packet::{Interface, TxSocket};
 use crate::io::tunnel::TunnelSenders;
 use crate::neighbour;
+use crate::nodes::{self, NodesUpdate};
 use crate::probe;
 use crate::supervisor;
 use crate::telemetry::{self, Telemetry};
@@ -142,6 +145,14 @@ pub(crate) fn run(path: &Path, tunnel_ip: Option<Ipv4Addr>) -> Result<(), RunErr
         signal_hook::flag::register(sig, Arc::clone(flag)).map_err(setup)?;
     }
 
+    // allowed_sources: kubernetes-nodes: the pipeline starts admitting no node; the watch fills it in.
+    let nodes = if cfg.tunnel.allowed_from_nodes {
+        tracing::info!("tunnel sources: the InternalIPs of the cluster's Nodes (watching; none admitted until listed)");
+        Some(nodes::spawn(cfg.kubeconfig.clone()).map_err(setup)?)
+    } else {
+        None
+    };
+
     let threads = start_workers(&shared, workers)?;
     let control_tx: Vec<TxSocket> = shared
         .uplinks
@@ -159,9 +170,15 @@ pub(crate) fn run(path: &Path, tunnel_ip: Option<Ipv4Addr>) -> Result<(), RunErr
         control_tx,
         watched: file_stamp(path),
         scratch: [0; neighbour::MAX_FRAME],
+        nodes,
+        learned: None,
+        nodes_error: None,
     };
     control.resolve_next_hops();
-    telemetry.ready.store(true, Ordering::Relaxed);
+    // With the Node watch, ready once the nodes are known (poll_nodes).
+    if control.nodes.is_none() {
+        telemetry.ready.store(true, Ordering::Relaxed);
+    }
     tracing::info!(
         config = %path.display(),
         tunnel = %control.cfg.tunnel.listen,
@@ -182,6 +199,7 @@ pub(crate) fn run(path: &Path, tunnel_ip: Option<Ipv4Addr>) -> Result<(), RunErr
             last_neighbours = Instant::now();
             control.neighbours();
         }
+        control.poll_nodes(drain_until.is_some());
         if hup.swap(false, Ordering::Relaxed) {
             control.reload("SIGHUP");
         }
@@ -427,9 +445,92 @@ struct Control {
     control_tx: Vec<TxSocket>,
     watched: Option<(SystemTime, u64)>,
     scratch: [u8; neighbour::MAX_FRAME],
+    /// The Node watch's reports (`allowed_sources: kubernetes-nodes`).
+    nodes: Option<std::sync::mpsc::Receiver<NodesUpdate>>,
+    /// The node addresses last learnt; `None` before the first complete list.
+    learned: Option<BTreeSet<Ipv4Addr>>,
+    /// The Node watch's last error, logged once until it recovers.
+    nodes_error: Option<String>,
 }
 
 impl Control {
+    /// The data plane's configuration for `cfg`, with the learnt node addresses as the allowed tunnel
+    /// sources when they come from the cluster.
+    fn pipeline_config(&self, cfg: &GatewayConfig) -> forwarder_core::pipeline::Config {
+        let mut p = cfg.pipeline(Some(self.seed));
+        if cfg.tunnel.allowed_from_nodes {
+            p.allowed_nodes = self
+                .learned
+                .iter()
+                .flatten()
+                .map(|ip| IpNet::V4(Ipv4Net::from(*ip)))
+                .collect();
+        }
+        p
+    }
+
+    /// Takes the Node watch's reports: a new set of node addresses replaces the pipeline's allowed
+    /// sources (flows kept, as in a reload); the first one makes the gateway ready (unless draining).
+    fn poll_nodes(&mut self, draining: bool) {
+        let Some(rx) = &self.nodes else {
+            return;
+        };
+        let mut latest = None;
+        while let Ok(update) = rx.try_recv() {
+            match update {
+                NodesUpdate::Snapshot(set) => latest = Some(set),
+                NodesUpdate::Failed(e) => {
+                    if self.nodes_error.as_ref() != Some(&e) {
+                        tracing::error!(
+                            "Node watch: {e} (retrying with backoff; the tunnel keeps admitting the nodes it knows)"
+                        );
+                        self.nodes_error = Some(e);
+                    }
+                }
+            }
+        }
+        let Some(set) = latest else {
+            return;
+        };
+        if self.nodes_error.take().is_some() {
+            tracing::info!("Node watch works again");
+        }
+        if self.learned.as_ref() == Some(&set) {
+            return;
+        }
+        let (added, removed) = match &self.learned {
+            Some(old) => (set.difference(old).count(), old.difference(&set).count()),
+            None => (set.len(), 0),
+        };
+        let first = self.learned.is_none();
+        self.learned = Some(set);
+        let table = Arc::clone(self.shared.gateway().table());
+        match Gateway::with_table(self.pipeline_config(&self.cfg), table) {
+            Ok(gw) => {
+                gw.set_draining(self.telemetry.draining.load(Ordering::Relaxed));
+                self.shared.set_gateway(Arc::new(gw));
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "the learnt node addresses were refused by the data plane");
+                return;
+            }
+        }
+        let count = self.learned.as_ref().map_or(0, BTreeSet::len);
+        self.telemetry
+            .allowed_nodes
+            .store(u64::try_from(count).unwrap_or(u64::MAX), Ordering::Relaxed);
+        tracing::info!(
+            nodes = count,
+            added,
+            removed,
+            "tunnel sources: the cluster's node addresses"
+        );
+        if first && !draining {
+            self.telemetry.ready.store(true, Ordering::Relaxed);
+            tracing::info!("ready: the cluster's nodes are known");
+        }
+    }
+
     /// Pins the configured routers in the neighbour cache (never refused or evicted) and asks for the MACs
     /// of those not resolved yet, so that the first packets need not wait.
     fn resolve_next_hops(&mut self) {
@@ -503,7 +604,7 @@ impl Control {
             );
         }
         let table = Arc::clone(self.shared.gateway().table());
-        let gw = match Gateway::with_table(new.pipeline(Some(self.seed)), table) {
+        let gw = match Gateway::with_table(self.pipeline_config(&new), table) {
             Ok(g) => g,
             Err(e) => return refuse(&self.telemetry, e.to_string()),
         };

@@ -148,6 +148,11 @@ pub(crate) const METRICS: &[(&str, &str, &str)] = &[
         "NAT translation log records, by result (queued, dropped, written, failed).",
     ),
     (
+        "egress_gateway_tunnel_allowed_nodes",
+        "gauge",
+        "Node addresses admitted as tunnel sources, learnt from the cluster's Nodes (allowed_sources: kubernetes-nodes).",
+    ),
+    (
         "egress_gateway_health_probes_total",
         "counter",
         "UDP health probes from node agents, by result (answered, malformed).",
@@ -166,6 +171,8 @@ pub(crate) struct Telemetry {
     pub(crate) flow_log: Arc<crate::flowlog::FlowLogStats>,
     /// The UDP health probe responder's counters.
     pub(crate) probes: Arc<crate::probe::Counters>,
+    /// Node addresses admitted as tunnel sources (`allowed_sources: kubernetes-nodes`).
+    pub(crate) allowed_nodes: AtomicU64,
 }
 
 impl std::fmt::Debug for Telemetry {
@@ -188,6 +195,7 @@ impl Telemetry {
             reloads_refused: AtomicU64::new(0),
             flow_log: Arc::default(),
             probes: Arc::default(),
+            allowed_nodes: AtomicU64::new(0),
         };
         metrics::with_local_recorder(&t.recorder, || {
             for (name, kind, help) in METRICS {
@@ -302,6 +310,8 @@ impl Telemetry {
         counter!("egress_gateway_config_reloads_total", "result" => "refused")
             .absolute(self.reloads_refused.load(Ordering::Relaxed));
         gauge!("egress_gateway_workers").set(f64_of(shared.reports.len()));
+        gauge!("egress_gateway_tunnel_allowed_nodes")
+            .set(self.allowed_nodes.load(Ordering::Relaxed) as f64);
         counter!("egress_gateway_health_probes_total", "result" => "answered")
             .absolute(self.probes.answered.load(Ordering::Relaxed));
         counter!("egress_gateway_health_probes_total", "result" => "malformed")

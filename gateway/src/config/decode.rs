@@ -7,6 +7,7 @@
 use std::collections::hash_map::Entry;
 use std::collections::HashMap;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr, SocketAddrV4};
+use std::path::PathBuf;
 use std::time::Duration;
 
 use forwarder_core::conntrack;
@@ -19,7 +20,7 @@ use super::reader::{Reader, Value};
 use super::value;
 use super::{
     FlowLogConfig, FlowLogOutput, GatewayConfig, LogFormat, TunnelConfig, UplinkSpec,
-    DEFAULT_SOURCE_PORTS, MAX_SOURCE_PORTS,
+    ALLOWED_FROM_NODES, DEFAULT_SOURCE_PORTS, MAX_SOURCE_PORTS,
 };
 
 const ROOT_KEYS: &[&str] = &[
@@ -34,7 +35,9 @@ const ROOT_KEYS: &[&str] = &[
     "drain_seconds",
     "log",
     "flow_log",
+    "kubernetes",
 ];
+const KUBERNETES_KEYS: &[&str] = &["kubeconfig"];
 const TUNNEL_KEYS: &[&str] = &[
     "listen",
     "vni",
@@ -154,6 +157,10 @@ pub(super) fn gateway(r: &mut Reader<'_>, root: &Node) -> Option<GatewayConfig> 
         r.parse(&v, value::integer).map(Duration::from_secs)
     });
     let log_format = top.get("log").map_or(Some(LogFormat::Text), |v| log(r, &v));
+    let kubeconfig = match top.get("kubernetes") {
+        None => Some(None),
+        Some(v) => kubernetes(r, &v),
+    };
     let flow_log = match top.get("flow_log") {
         None => Some(None),
         Some(v) => flow_log(r, &v).map(Some),
@@ -171,7 +178,28 @@ pub(super) fn gateway(r: &mut Reader<'_>, root: &Node) -> Option<GatewayConfig> 
         drain: drain?,
         log_format: log_format?,
         flow_log: flow_log?,
+        kubeconfig: kubeconfig?,
     })
+}
+
+/// `kubernetes: { kubeconfig }`: where the API server is, for `allowed_sources: kubernetes-nodes`.
+fn kubernetes(r: &mut Reader<'_>, v: &Value<'_>) -> Option<Option<PathBuf>> {
+    let m = r.mapping(v, KUBERNETES_KEYS)?;
+    match m.get("kubeconfig") {
+        None => Some(None),
+        Some(v) => r
+            .parse(&v, |s| {
+                if s.trim().is_empty() {
+                    Err(
+                        "an empty path; leave `kubeconfig` out to use the pod's service account"
+                            .into(),
+                    )
+                } else {
+                    Ok(PathBuf::from(s))
+                }
+            })
+            .map(Some),
+    }
 }
 
 fn flow_log(r: &mut Reader<'_>, v: &Value<'_>) -> Option<FlowLogConfig> {
@@ -236,7 +264,23 @@ fn tunnel(r: &mut Reader<'_>, v: &Value<'_>) -> Option<TunnelConfig> {
     let vni = t
         .require(r, "vni")
         .and_then(|v| r.integer(&v, 0..=MAX_VNI, " (a VNI has 24 bits; Calico uses 4097)"));
+    let mut from_nodes = false;
     let allowed_sources = t.require(r, "allowed_sources").and_then(|v| {
+        if let Some(word) = v.as_scalar() {
+            if word == ALLOWED_FROM_NODES {
+                from_nodes = true;
+                return Some(Vec::new());
+            }
+            r.error(
+                v.line(),
+                format!(
+                    "{}: `{word}`: give a list of the nodes' underlay CIDRs, or `{ALLOWED_FROM_NODES}` to admit the \
+                     InternalIP of every Node object of the cluster",
+                    v.path()
+                ),
+            );
+            return None;
+        }
         let nets = nonempty_cidrs(r, &v, "no node could send through the tunnel")?;
         let v6: Vec<_> = nets
             .iter()
@@ -295,6 +339,7 @@ fn tunnel(r: &mut Reader<'_>, v: &Value<'_>) -> Option<TunnelConfig> {
         listen: listen?,
         vni: vni?,
         allowed_sources: allowed_sources?,
+        allowed_from_nodes: from_nodes,
         pod_cidrs: pod_cidrs?,
         mtu: mtu?,
         ipv6_address: ipv6_address?,
@@ -789,7 +834,8 @@ mod tests {
     #[test]
     fn every_key_is_documented() {
         let docs = include_str!("../../../docs/configuration.md");
-        let sections: [(&str, &[&str]); 10] = [
+        let sections: [(&str, &[&str]); 11] = [
+            ("kubernetes.", KUBERNETES_KEYS),
             ("", ROOT_KEYS),
             ("tunnel.", TUNNEL_KEYS),
             ("uplinks[].", UPLINK_KEYS),

@@ -443,7 +443,9 @@ fn health(r: &mut Reader<'_>, v: &Value<'_>) -> Option<HealthSettings> {
         r.parse(&v, |s| match s {
             "udp" => Ok(ProbeProtocol::Udp),
             "http" => Ok(ProbeProtocol::Http),
-            other => Err(format!("`{other}` is not a probe protocol; use udp or http")),
+            other => Err(format!(
+                "`{other}` is not a probe protocol; use udp or http"
+            )),
         })
     });
     let port = m

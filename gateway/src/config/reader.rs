@@ -281,6 +281,14 @@ impl<'f> Reader<'f> {
 }
 
 impl<'n> Value<'n> {
+    /// The scalar's text, if the value is a scalar (no error otherwise).
+    pub(super) fn as_scalar(&self) -> Option<&'n str> {
+        match self.node {
+            Node::Scalar(s) => Some(s.as_str()),
+            _ => None,
+        }
+    }
+
     /// The whole file, for the top-level mapping.
     pub(super) fn root(node: &'n Node) -> Value<'n> {
         Value {

@@ -342,8 +342,12 @@ mod tests {
                 _ => State::NotReady,
             })
         };
-        let addr = probe::serve("127.0.0.1:0".parse().unwrap(), read, Arc::new(Counters::default()))
-            .unwrap();
+        let addr = probe::serve(
+            "127.0.0.1:0".parse().unwrap(),
+            read,
+            Arc::new(Counters::default()),
+        )
+        .unwrap();
         let rt = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()

@@ -252,3 +252,132 @@ fn the_agent_follows_the_cluster_through_the_api_server() {
     println!("RBAC denied: the log names the verb and resource; restored: ready again");
     drop(api);
 }
+
+/// `tunnel.allowed_sources: kubernetes-nodes`: the gateway admits VXLAN from exactly the InternalIPs of
+/// the Node objects it watches. With no Node for node 1 its pod's traffic is dropped at the gateway (counted
+/// as `vxlan_source_not_allowed`); once node 1's Node is created it flows, from the gateway's egress IP;
+/// after the Node is deleted it is dropped again — no reload, no restart.
+#[test]
+fn a_gateway_admits_exactly_the_clusters_nodes() {
+    require_netns!();
+    let mode = require_userspace_gateway!();
+    let bin = require_node_agent!();
+    let kubectl = require_kube!();
+    let mut env = Env::everything_via(&mode, &bin, &["red"], "red", "red", &["client"], 0);
+    let table = env.table_of(env.topo.pod(1, 1));
+    env.wait_route(table, default4(), &via(1), Duration::from_secs(5));
+    // The API server in the gateway's namespace (the gateway reaches it on its loopback).
+    let api_dir = env.topo.dir().join("kube-gw");
+    let api = ApiServer::start(&env.topo.gateway(1).ns, &api_dir, &kubectl)
+        .unwrap_or_else(|e| env.fail(format!("start kube-apiserver: {e}")));
+    let config_path = env
+        .topo
+        .gateway(1)
+        .config_path()
+        .expect("a userspace gateway")
+        .to_path_buf();
+    let config = std::fs::read_to_string(&config_path).expect("the gateway's configuration");
+    let allowed = format!("allowed_sources: [{}]", tests::topology::UNDERLAY);
+    assert!(
+        config.contains(&allowed),
+        "the harness's gateway configuration changed shape:\n{config}"
+    );
+    let config = format!(
+        "{}kubernetes: {{ kubeconfig: \"{}\" }}\n",
+        config.replace(&allowed, "allowed_sources: kubernetes-nodes"),
+        api.kubeconfig().display()
+    );
+    std::fs::write(&config_path, config).expect("rewrite the gateway's configuration");
+    env.topo
+        .gateway_mut(1)
+        .respawn()
+        .expect("restart gateway 1");
+    env.topo
+        .gateway_mut(1)
+        .wait_ready(READY)
+        .unwrap_or_else(|e| env.fail(format!("gateway 1 with kubernetes-nodes: {e}")));
+
+    let server = tests::traffic::udp_echo_server(
+        &env.topo.red().ns,
+        std::net::SocketAddr::from((tests::topology::RED_SERVER, 7300)),
+    )
+    .unwrap_or_else(|e| env.fail(e));
+    let pod_ns = &env.topo.pod(1, 1).ns;
+    let answered = |env: &Env| -> bool {
+        tests::scenario::udp_flows(pod_ns, server.addr(), 1).is_ok()
+            && server.last_peer().map(|p| p.ip())
+                == Some(IpAddr::V4(env.topo.gateway(1).dmz_egress))
+    };
+    let gateway_metric = |env: &Env, name: &str, labels: &[(&str, &str)]| -> f64 {
+        env.topo
+            .gateway(1)
+            .metrics()
+            .ok()
+            .and_then(|m| m.get(name, labels))
+            .unwrap_or(0.0)
+    };
+    let refused = || [("reason", "vxlan_source_not_allowed")];
+
+    // No Node objects: nothing admitted.
+    let before = gateway_metric(&env, "egress_gateway_drops_total", &refused());
+    if answered(&env) {
+        env.fail("traffic passed a gateway that knows no node");
+    }
+    let after = gateway_metric(&env, "egress_gateway_drops_total", &refused());
+    if after <= before {
+        env.fail(format!(
+            "no vxlan_source_not_allowed drop counted ({before} → {after})"
+        ));
+    }
+
+    // Node 1 joins.
+    let node_ip = tests::topology::node_ip(1);
+    api.apply("apiVersion: v1\nkind: Node\nmetadata:\n  name: node1\n")
+        .unwrap_or_else(|e| env.fail(e));
+    let status = format!(
+        "{{\"status\":{{\"addresses\":[{{\"type\":\"InternalIP\",\"address\":\"{node_ip}\"}},{{\"type\":\"Hostname\",\"address\":\"node1\"}}]}}}}"
+    );
+    api.kubectl(&[
+        "patch",
+        "node",
+        "node1",
+        "--subresource=status",
+        "--type=merge",
+        "-p",
+        &status,
+    ])
+    .unwrap_or_else(|e| env.fail(e));
+    let start = Instant::now();
+    while !answered(&env) {
+        if start.elapsed() > CONVERGE {
+            env.fail("node 1's Node was created but its pod's traffic still does not pass");
+        }
+    }
+    println!(
+        "Node node1 created: traffic admitted after {:?}",
+        start.elapsed()
+    );
+    if gateway_metric(&env, "egress_gateway_tunnel_allowed_nodes", &[]) != 1.0 {
+        env.fail("egress_gateway_tunnel_allowed_nodes is not 1");
+    }
+
+    // Node 1 leaves.
+    api.kubectl(&["delete", "node", "node1"])
+        .unwrap_or_else(|e| env.fail(e));
+    let start = Instant::now();
+    while gateway_metric(&env, "egress_gateway_tunnel_allowed_nodes", &[]) != 0.0 {
+        if start.elapsed() > CONVERGE {
+            env.fail("node 1's Node was deleted but the gateway still admits it");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    println!(
+        "Node node1 deleted: no longer admitted after {:?}",
+        start.elapsed()
+    );
+    // (A refused exchange takes the client's whole retry time to fail, so it is checked once, after.)
+    if answered(&env) {
+        env.fail("node 1's Node was deleted but its pod's traffic still passes");
+    }
+    drop(api);
+}
