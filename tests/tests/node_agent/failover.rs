@@ -296,10 +296,15 @@ fn stalled_clients_at_the_health_port_do_not_take_a_gateway_out() {
             ));
         }
         let t = Instant::now();
-        let answer = env.topo.gateway(1).http_get(tests::gateway::HEALTH_PORT, "/readiness");
+        let answer = env
+            .topo
+            .gateway(1)
+            .http_get(tests::gateway::HEALTH_PORT, "/readiness");
         slowest_get = slowest_get.max(t.elapsed());
         if !matches!(answer, Ok((200, _))) {
-            env.fail(format!("GET /readiness beside the stalled clients: {answer:?}"));
+            env.fail(format!(
+                "GET /readiness beside the stalled clients: {answer:?}"
+            ));
         }
         std::thread::sleep(Duration::from_millis(100));
     }
@@ -329,11 +334,17 @@ fn stalled_clients_at_the_health_port_do_not_take_a_gateway_out() {
         env.fail("no malformed datagram was counted");
     }
     if slowest_get > Duration::from_secs(1) {
-        env.fail(format!("GET /readiness took {slowest_get:?} beside stalled clients"));
+        env.fail(format!(
+            "GET /readiness took {slowest_get:?} beside stalled clients"
+        ));
     }
 }
 
 fn agent_route(env: &Env, table: u32) -> Option<RouteShape> {
-    tests::agent::table_route(&env.topo.node(1).ns, table, ipnet::IpNet::V4(Ipv4Net::default()))
-        .unwrap_or(None)
+    tests::agent::table_route(
+        &env.topo.node(1).ns,
+        table,
+        ipnet::IpNet::V4(Ipv4Net::default()),
+    )
+    .unwrap_or(None)
 }
