@@ -183,6 +183,17 @@ for verb in get list watch create delete; do
   expect "$sa may $verb egressgatewaypolicies" "$want" \
     "$(k auth can-i "$verb" egressgatewaypolicies.projectcalico.org --as="$sa" 2>"$work/can-i.err" || true)"
 done
+# Pods: the watches, and patch for the gateway maintenance annotations; nothing else is written.
+for verb in get list watch patch create delete; do
+  want=yes
+  [[ $verb == create || $verb == delete ]] && want=no
+  expect "$sa may $verb pods" "$want" "$(k auth can-i "$verb" pods --all-namespaces --as="$sa" 2>/dev/null || true)"
+done
+for verb in get list watch patch; do
+  want=yes
+  [[ $verb == patch ]] && want=no
+  expect "$sa may $verb namespaces" "$want" "$(k auth can-i "$verb" namespaces --as="$sa" 2>/dev/null || true)"
+done
 
 # --- 6. invalid policies ----------------------------------------------------------------------------------------
 step "invalid EgressGatewayPolicies (tests/fixtures/kube/invalid-policies/): each must be rejected"

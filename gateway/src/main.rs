@@ -47,6 +47,8 @@ struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Command {
+    /// Run the gateway (the egress gateway pod's forwarder)
+    ///
     /// Run the gateway: VXLAN from the nodes on `tunnel.listen`, translated traffic out of the uplink
     /// interfaces, replies back through the tunnel. Health on `health.listen` (/readiness, /livez), metrics
     /// on `metrics.listen` (/metrics). SIGHUP or a changed file reloads the configuration (established flows
@@ -60,6 +62,8 @@ enum Command {
         #[arg(long, value_name = "IP")]
         tunnel_ip: Option<std::net::Ipv4Addr>,
     },
+    /// Check gateway configurations and inventory files, start nothing
+    ///
     /// Check files without starting anything: prints `FILE: ok (N uplinks, M routes)` for each valid gateway
     /// configuration and `FILE: ok (N policies, M namespaces, K pods)` for each valid inventory file
     /// (Kubernetes objects: a top-level `kind:`), or every problem as `file:line: problem` on stderr and
@@ -71,6 +75,8 @@ enum Command {
         #[arg(required = true, value_name = "FILE")]
         files: Vec<PathBuf>,
     },
+    /// Explain which gateway (or none) a pod's traffic to a destination uses, and why
+    ///
     /// Explain, offline, what happens to a pod's traffic to one destination: which annotation applies, which
     /// policy and rule, which gateways (name, IP, node), maxNextHops and preference, and what source the
     /// destination sees; or why there is no gateway, or why the traffic is blocked. Exits 1 when an input has
@@ -86,6 +92,8 @@ enum Command {
         #[arg(long, value_name = "IP")]
         dst: IpAddr,
     },
+    /// List a running gateway's live flows (NAT mappings)
+    ///
     /// List the live flows (NAT mappings) of a running gateway: pod address and port, the egress IP and
     /// port the outside sees, destination, protocol, uplink, node, start, packets and bytes each way. Reads
     /// `GET /flows` on the gateway's `admin.listen` (default 127.0.0.1:9095; in Kubernetes run it in the
@@ -110,11 +118,12 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Run the node agent (client nodes: ip rules, route tables, vxlan device)
+    ///
     /// Run the node agent on a client node: it watches EgressGatewayPolicies, Namespaces and Pods through
     /// the Kubernetes API (`kubernetes`: this node's pods, the gateway pods, namespaces' metadata) and/or
     /// reads them from `inputs` files (re-read when they change, or on SIGHUP), probes the gateways'
-    /// `/readiness`, and keeps
-    /// the node's kernel programmed through netlink: the vxlan device with static neighbours and FDB entries,
+    /// `/readiness`, and keeps the node's kernel programmed through netlink: the vxlan device with static neighbours and FDB entries,
     /// an ip rule per opted-in pod, per-pod tables with throw, unreachable and multipath routes. SIGTERM
     /// leaves routing in place; `--cleanup` removes everything the agent made. Needs CAP_NET_ADMIN (see
     /// docs/node-agent.md).
@@ -134,6 +143,8 @@ enum Command {
         #[arg(long)]
         cleanup: bool,
     },
+    /// Run the seed scenario in-process and print what each server saw
+    ///
     /// Run the seed scenario through the forwarding pipeline in-process: client nodes' VXLAN frames (as the
     /// kernel's vxlan device builds them) are translated onto the DMZ and internal uplinks, the outside
     /// servers answer, hostile traffic is fed in, and the result is printed (what each server saw, where

@@ -7,6 +7,7 @@
 //! * [`desired`] — the pure planner (inventory + node + health → desired state);
 //! * [`health`] — probing the gateways' `/readiness` and the up/down state machine;
 //! * [`state`] — the desired kernel state and what the agent owns;
+//! * [`maintenance`] — Calico Enterprise's gateway maintenance annotations on client pods;
 //! * [`kernel`] — reading and writing it through rtnetlink (reconcile by diff).
 
 pub(crate) mod agent;
@@ -14,4 +15,5 @@ pub(crate) mod cluster;
 pub(crate) mod desired;
 pub(crate) mod health;
 pub(crate) mod kernel;
+pub(crate) mod maintenance;
 pub(crate) mod state;

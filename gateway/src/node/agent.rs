@@ -22,6 +22,7 @@ use super::cluster::{self, Change, ClusterView, Object, Update, Watch};
 use super::desired::{self, Health, Memory, Settings};
 use super::health::{detection_bound, GatewayState, Probe, Prober};
 use super::kernel::{self, Kernel};
+use super::maintenance;
 use super::state::{Ownership, VxlanSpec};
 use crate::config::node::{NodeConfig, Overrides};
 use crate::http::{self, Response};
@@ -96,6 +97,11 @@ struct Cluster {
     logged: BTreeMap<Watch, String>,
     /// When the agent started waiting for the first complete lists.
     since: Instant,
+    /// For the maintenance annotations' patches.
+    client: kube::Client,
+    /// The maintenance window last patched onto each pod, and when (not patched again until it changes,
+    /// or until a resync finds the patch still not applied).
+    sent: BTreeMap<desired::PodKey, (Option<maintenance::Window>, Instant)>,
 }
 
 struct Agent {
@@ -205,6 +211,8 @@ impl Agent {
             updates,
             logged: BTreeMap::new(),
             since: Instant::now(),
+            client,
+            sent: BTreeMap::new(),
         });
         Ok(())
     }
@@ -380,6 +388,60 @@ impl Agent {
         changed && c.view.synced()
     }
 
+    /// Sets or removes the gateway maintenance annotations on this node's client pods (`maintenance`):
+    /// one merge patch per pod whose annotations differ from its window, each on a task of its own so
+    /// that a slow API server never holds up routing. Needs `patch` on pods.
+    fn annotate(&mut self, memory: &Memory) {
+        let Some(c) = self.cluster.as_mut() else {
+            return;
+        };
+        let windows = maintenance::windows(memory, &c.view.terminating_gateways());
+        c.sent.retain(|pod, _| windows.contains_key(pod));
+        for (pod, window) in windows {
+            let Some(seen) = c.view.node_pod(&pod) else {
+                continue;
+            };
+            let Some(patch) = maintenance::patch(&seen.annotations, window.as_ref()) else {
+                continue;
+            };
+            if c.sent
+                .get(&pod)
+                .is_some_and(|(w, at)| *w == window && at.elapsed() < self.config.resync)
+            {
+                continue; // sent; the watch has not shown it yet
+            }
+            match &window {
+                Some(w) => tracing::info!(
+                    pod = %format!("{}/{}", pod.0, pod.1),
+                    gateway = %w.gateway,
+                    until = %w.when.finished,
+                    "gateway maintenance: annotating the pod"
+                ),
+                None => tracing::info!(
+                    pod = %format!("{}/{}", pod.0, pod.1),
+                    "gateway maintenance over: removing the pod's annotations"
+                ),
+            }
+            c.sent.insert(pod.clone(), (window, Instant::now()));
+            let api: kube::Api<k8s_openapi::api::core::v1::Pod> =
+                kube::Api::namespaced(c.client.clone(), &pod.0);
+            tokio::spawn(async move {
+                let params = kube::api::PatchParams::default();
+                if let Err(e) = api
+                    .patch(&pod.1, &params, &kube::api::Patch::Merge(&patch))
+                    .await
+                {
+                    metrics::counter!("egress_node_annotation_errors_total").increment(1);
+                    tracing::warn!(
+                        pod = %format!("{}/{}", pod.0, pod.1),
+                        error = %e,
+                        "cannot patch the gateway maintenance annotations (the agent needs `patch` on pods)"
+                    );
+                }
+            });
+        }
+    }
+
     fn inputs_changed(&self) -> bool {
         match input_files(&self.config.inputs) {
             Ok(files) => fingerprint(&files) != self.fingerprint,
@@ -527,6 +589,7 @@ impl Agent {
                 for p in &plan.problems {
                     tracing::warn!("{p}");
                 }
+                self.annotate(&plan.memory);
                 self.memory = plan.memory;
             }
             Err(e) => {
@@ -663,6 +726,11 @@ pub(crate) const METRICS: &[(&str, &str, &str)] = &[
         "egress_node_watch_errors_total",
         "counter",
         "Kubernetes API watch errors (each retried with backoff), by watch.",
+    ),
+    (
+        "egress_node_annotation_errors_total",
+        "counter",
+        "Gateway maintenance annotation patches the API server refused or that failed.",
     ),
     (
         "egress_node_invalid_policies",

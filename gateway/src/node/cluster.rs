@@ -79,11 +79,21 @@ impl Watch {
     }
 }
 
+/// A pod that is terminating: `metadata.deletionTimestamp` is set. RFC 3339 times, as Calico Enterprise
+/// writes them into its maintenance annotations.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+pub(crate) struct Terminating {
+    /// When it started terminating: the deletion time less the grace period.
+    pub(crate) started: String,
+    /// When it will be gone: `deletionTimestamp`.
+    pub(crate) finished: String,
+}
+
 /// One object as the agent keeps it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) enum Object {
-    /// A pod that has (or will have) addresses.
-    Pod(Pod),
+    /// A pod that has (or will have) addresses, and whether it is terminating.
+    Pod(Pod, Option<Box<Terminating>>),
     /// A namespace.
     Namespace(Namespace),
     /// A policy, or why it is invalid.
@@ -186,6 +196,30 @@ impl ClusterView {
             .collect()
     }
 
+    /// Gateway pods that are terminating, by IPv4 address.
+    pub(crate) fn terminating_gateways(&self) -> BTreeMap<std::net::Ipv4Addr, Terminating> {
+        let mut out = BTreeMap::new();
+        for (_, object) in self.objects(Watch::GatewayPods) {
+            if let Object::Pod(p, Some(t)) = object {
+                for ip in &p.ip {
+                    if let IpAddr::V4(a) = ip {
+                        out.insert(*a, Terminating::clone(t));
+                    }
+                }
+            }
+        }
+        out
+    }
+
+    /// This node's pod `namespace/name`, as last seen.
+    pub(crate) fn node_pod(&self, key: &(String, String)) -> Option<&Pod> {
+        let name = format!("{}/{}", key.0, key.1);
+        match self.stores.get(&Watch::NodePods)?.objects.get(&name)? {
+            Object::Pod(p, _) => Some(p),
+            _ => None,
+        }
+    }
+
     /// Invalid policies by name, with the problem.
     pub(crate) fn invalid_policies(&self) -> Vec<(&str, &str)> {
         self.objects(Watch::Policies)
@@ -210,7 +244,7 @@ impl ClusterView {
         for watch in Watch::ALL {
             for (_, object) in self.objects(watch) {
                 match object {
-                    Object::Pod(p) => {
+                    Object::Pod(p, _) => {
                         inventory.insert_pod(p.clone());
                     }
                     Object::Namespace(n) => {
@@ -267,7 +301,25 @@ pub(crate) fn pod(p: &K8sPod) -> (String, Option<Object>) {
             .and_then(|s| s.host_ip.as_deref())
             .and_then(|ip| ip.parse().ok()),
     };
-    (key, Some(Object::Pod(pod)))
+    (
+        key,
+        Some(Object::Pod(pod, terminating(&p.metadata).map(Box::new))),
+    )
+}
+
+/// The terminating window of an object being deleted gracefully.
+fn terminating(
+    meta: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta,
+) -> Option<Terminating> {
+    let finished = meta.deletion_timestamp.as_ref()?.0;
+    let grace = meta.deletion_grace_period_seconds.unwrap_or(0);
+    let started = finished
+        .checked_sub(k8s_openapi::jiff::SignedDuration::from_secs(grace))
+        .unwrap_or(finished);
+    Some(Terminating {
+        started: started.to_string(),
+        finished: finished.to_string(),
+    })
 }
 
 /// A namespace's name and its labels and annotations.

@@ -211,9 +211,79 @@ fn the_agent_follows_the_cluster_through_the_api_server() {
         ));
     }
 
-    // A gateway deleted: its clients lose it (blue had only gateway 2: blocked, fail closed). There is no
-    // kubelet to finish a graceful deletion (a terminating gateway keeps its clients while it drains, as
-    // its health says), so the pod is removed at once, as after its node is lost.
+    // A gateway starts terminating (a graceful delete, which without a kubelet never finishes): the pods
+    // using it get Calico Enterprise's maintenance annotations — its IP, when its termination started and
+    // when it will end.
+    api.kubectl(&[
+        "delete",
+        "pod",
+        "-n",
+        "egress",
+        "gw2",
+        "--grace-period=120",
+        "--wait=false",
+    ])
+    .expect("start deleting gw2");
+    let gw2 = gateway_ip(2).to_string();
+    let start = Instant::now();
+    let annotations = loop {
+        let out = api
+            .kubectl(&[
+                "get",
+                "pod",
+                "-n",
+                "app",
+                "web",
+                "-o",
+                "jsonpath={.metadata.annotations}",
+            ])
+            .unwrap_or_default();
+        if out.contains("gatewayMaintenanceGatewayIP") {
+            break out;
+        }
+        if start.elapsed() > CONVERGE {
+            env.fail(format!("app/web has no maintenance annotations: {out}"));
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    println!(
+        "gateway pod terminating: app/web annotated in {:?}: {annotations}",
+        start.elapsed()
+    );
+    let get = |k: &str| {
+        let path = format!(
+            "jsonpath={{.metadata.annotations.egress\\.projectcalico\\.org/gatewayMaintenance{k}}}"
+        );
+        api.kubectl(&["get", "pod", "-n", "app", "web", "-o", &path])
+            .ok()
+            .map(|s| s.trim().to_owned())
+            .filter(|s| !s.is_empty())
+    };
+    assert_eq!(
+        get("GatewayIP").as_deref(),
+        Some(gw2.as_str()),
+        "{annotations}"
+    );
+    let (started, finished) = (get("StartedTimestamp"), get("FinishedTimestamp"));
+    let deletion = api
+        .kubectl(&[
+            "get",
+            "pod",
+            "-n",
+            "egress",
+            "gw2",
+            "-o",
+            "jsonpath={.metadata.deletionTimestamp}",
+        ])
+        .expect("gw2's deletionTimestamp");
+    assert_eq!(finished.as_deref(), Some(deletion.trim()), "{annotations}");
+    assert!(
+        started.is_some_and(|s| s.as_str() < deletion.trim()),
+        "started before it ends: {annotations}"
+    );
+
+    // Then the gateway is gone (removed at once, as after its node is lost): its clients lose it (blue had
+    // only gateway 2: blocked, fail closed), and the annotations go.
     api.kubectl(&[
         "delete",
         "pod",
@@ -226,10 +296,29 @@ fn the_agent_follows_the_cluster_through_the_api_server() {
     .expect("delete gw2");
     let took = wait_pod_route(&env, &api, IpAddr::V4(web), &RouteShape::Unreachable);
     println!("gateway pod deleted: app/web blocked in {took:?}");
+    let start = Instant::now();
+    while api
+        .kubectl(&[
+            "get",
+            "pod",
+            "-n",
+            "app",
+            "web",
+            "-o",
+            "jsonpath={.metadata.annotations}",
+        ])
+        .unwrap_or_default()
+        .contains("gatewayMaintenance")
+    {
+        if start.elapsed() > CONVERGE {
+            env.fail("app/web's maintenance annotations stayed after the gateway was gone");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
 
     // RBAC: without `namespaces`, a (re)started agent names what to grant, stays unready, changes nothing.
     env.agent.stop();
-    let without_ns = rbac_yaml.replace("resources: [namespaces, pods]", "resources: [pods]");
+    let without_ns = rbac_yaml.replace("resources: [namespaces]", "resources: [configmaps]");
     assert_ne!(
         without_ns, rbac_yaml,
         "rbac.yaml's rule changed shape; update this test"

@@ -109,7 +109,7 @@ fn a_pod_keeps_what_routing_needs() {
     let applied = json!({ "a": "b", "kubectl.kubernetes.io/last-applied-configuration": "{\"kind\":\"Pod\"}" });
     let (key, object) = pod(&client_pod("web", "10.244.1.5", applied));
     assert_eq!(key, "app/web");
-    let Some(Object::Pod(p)) = object else {
+    let Some(Object::Pod(p, None)) = object else {
         panic!("{object:?}")
     };
     assert_eq!(p.namespace, "app");
@@ -142,7 +142,7 @@ fn a_finished_pod_is_gone_and_a_pending_one_has_no_address_yet() {
         "spec": { "nodeName": "node-a", "containers": [] },
         "status": { "phase": "Pending" }
     }));
-    let Some(Object::Pod(p)) = pod(&pending).1 else {
+    let Some(Object::Pod(p, None)) = pod(&pending).1 else {
         panic!("a pending pod is kept")
     };
     assert!(p.ip.is_empty());
@@ -341,4 +341,31 @@ fn errors_name_what_to_grant_or_install() {
     assert!(text.contains("install the CRD"), "{text}");
     let text = describe(Watch::Namespaces, &missing);
     assert!(!text.contains("CRD"), "{text}");
+}
+
+#[test]
+fn a_terminating_gateway_pod_carries_its_window() {
+    let mut gw = gateway_pod("gw-0", "10.244.2.7");
+    gw.metadata.deletion_timestamp = Some(k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(
+        "2026-12-04T08:03:24Z".parse().expect("a timestamp"),
+    ));
+    gw.metadata.deletion_grace_period_seconds = Some(120);
+    let Some(Object::Pod(_, Some(t))) = pod(&gw).1 else {
+        panic!("terminating")
+    };
+    assert_eq!(t.started, "2026-12-04T08:01:24Z");
+    assert_eq!(t.finished, "2026-12-04T08:03:24Z");
+    let mut view = synced_view("red", vec![red_policy("red")]);
+    assert!(view.terminating_gateways().is_empty());
+    let (key, object) = pod(&gw);
+    view.apply(update(
+        Watch::GatewayPods,
+        Change::Applied(key, object.expect("kept while terminating")),
+    ));
+    let terminating = view.terminating_gateways();
+    assert_eq!(terminating.len(), 1);
+    assert_eq!(
+        terminating[&"10.244.2.7".parse().expect("ip")].finished,
+        t.finished
+    );
 }
