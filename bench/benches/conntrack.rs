@@ -8,7 +8,7 @@ use std::hint::black_box;
 use std::time::{Duration, Instant as WallClock};
 
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
-use forwarder_core::conntrack::{Config, NewFlow, Table};
+use forwarder_core::conntrack::{Config, InsertError, NewFlow, Table};
 use forwarder_core::flow::{FlowKey, NodeAddr, Proto};
 use forwarder_core::ports::{PortPools, PortRange, Rng};
 use forwarder_core::Instant;
@@ -225,6 +225,46 @@ fn inserts(c: &mut Criterion) {
                                 .insert(nf, Instant::ZERO, &mut rng, &guard)
                                 .expect("insert"),
                         );
+                    }
+                }
+                total += start.elapsed();
+            }
+            total
+        });
+    });
+    // The same flows in batches of 32: one batched lookup, then one batched insert of the misses.
+    let mut table = make();
+    let mut next: u32 = 0;
+    let mut rng = Rng::new(3);
+    g.bench_function("batch32", |b| {
+        b.iter_custom(|iters| {
+            let mut total = Duration::ZERO;
+            for _ in 0..iters {
+                if next as usize + BATCH > table.capacity() {
+                    table = make();
+                    next = 0;
+                }
+                let start = WallClock::now();
+                let guard = table.pin();
+                for _ in 0..BATCH / 32 {
+                    let news: [NewFlow; 32] =
+                        core::array::from_fn(|j| flow(next + u32::try_from(j).unwrap_or(0), &ips));
+                    next += 32;
+                    let keys = news.map(|n| n.orig);
+                    let mut found = [None; 32];
+                    table.lookup_outbound_batch(&keys, Instant::ZERO, &mut found, &guard);
+                    let mut miss = [news[0]; 32];
+                    let mut n = 0;
+                    for (nf, f) in news.iter().zip(&found) {
+                        if f.is_none() {
+                            miss[n] = *nf;
+                            n += 1;
+                        }
+                    }
+                    let mut res = [Err(InsertError::Full); 32];
+                    table.insert_batch(&miss[..n], Instant::ZERO, &mut rng, &mut res, &guard);
+                    for r in &res[..n] {
+                        black_box(r.expect("insert"));
                     }
                 }
                 total += start.elapsed();

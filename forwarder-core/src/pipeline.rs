@@ -13,7 +13,8 @@
 //! One [`Gateway`] (configuration, routes and the shared lock-free flow table) serves any number of
 //! [`Worker`]s, one per thread. Callers should hold a [`Gateway::pin`] guard across a batch of packets; the
 //! pipeline pins again per packet, which is then nearly free. The batch calls ([`Worker::outbound_batch`],
-//! [`Worker::inbound_batch`]) overlap the flow lookups' cache misses and give the same results.
+//! [`Worker::inbound_batch`]) overlap the flow lookups' cache misses, `outbound_batch` also the inserts of
+//! the new flows of a batch (`Table::insert_batch`), and give the same results.
 //!
 //! Housekeeping is the caller's: expired flows are removed (and their ports start their reuse delay) by
 //! [`Gateway::expire`], which the I/O layer calls regularly from any thread — e.g. every 10 ms with a budget
@@ -33,7 +34,7 @@ use core::net::{IpAddr, Ipv4Addr};
 use core::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
-use crate::conntrack::{self, Flow, Table};
+use crate::conntrack::{self, Flow, NewFlow, Table};
 use crate::flow::{FlowKey, NodeAddr, UplinkId};
 use crate::nat::frag::FragTable;
 use crate::ports::{PortPools, PortRange, Rng};
@@ -491,8 +492,9 @@ pub struct UplinkPacket<'a> {
 
 impl Worker {
     /// [`outbound`](Self::outbound) for a batch: the flow lookups of up to [`BATCH`] datagrams overlap
-    /// their cache misses. `emit(i, action)` is called for every datagram, in order. The result is the
-    /// same as calling `outbound` for each in turn.
+    /// their cache misses, and so do the inserts of the new flows among them (see `insert_new_flows`).
+    /// `emit(i, action)` is called for every datagram, in order. The result is the same as calling
+    /// `outbound` for each in turn.
     ///
     /// A frame that leaves (`Forward`, `ToTunnel`) is handed to `emit` with the buffer's own lifetime `'b`,
     /// moved out of its packet (whose `buf` is empty afterwards), so that the caller can queue it for a
@@ -519,9 +521,17 @@ impl Worker {
             let found = lookup_batch(&keys[..chunk.len()], |k, out| {
                 gw.table.lookup_outbound_batch(k, now, out, &guard);
             });
+            let new = insert_new_flows(gw, st, chunk, &steps, &keys, &found, &guard, now);
             for (i, p) in chunk.iter_mut().enumerate() {
                 let v = match steps[i] {
                     Ok(Step::Done(v)) => Ok(v),
+                    Ok(Step::Lookup(pending)) if new[i].is_some() => match new[i] {
+                        Some(Ok(created)) => {
+                            outbound::complete_new(gw, st, p.buf, &pending, created, now)
+                        }
+                        Some(Err(r)) => outbound::refuse(gw, st, p.buf, &pending, r, now),
+                        None => unreachable!("guarded"),
+                    },
                     Ok(Step::Lookup(pending)) => {
                         let f = match found[i] {
                             // A miss whose key missed earlier in this batch: that packet may have created
@@ -588,6 +598,73 @@ impl Worker {
     }
 }
 
+/// What became of a packet of a batch that needed a new flow: the insert's result, or the refusal decided
+/// before it.
+type NewFlowOutcome<'g> = Result<Result<&'g Flow, conntrack::InsertError>, outbound::Refusal>;
+
+/// The new flows of an outbound chunk, inserted together ([`Table::insert_batch`], which overlaps their cache
+/// misses): `out[i]` is `Some` for each packet whose new flow was planned and inserted (or refused) here;
+/// the caller completes the others as before.
+///
+/// The results are those of one-by-one processing: planning changes no state, the inserts run in packet
+/// order, and the batch stops before the first packet that could make a later insert see something else
+/// than one-by-one processing would — the second packet of a tuple that missed earlier in the chunk (it
+/// must find, or not, the flow the first one created), or a TCP SYN, FIN or RST of an existing flow (it may
+/// take or give back a quota unit, or free a port for a takeover). Later packets take the one-by-one path.
+#[allow(clippy::too_many_arguments)]
+fn insert_new_flows<'g>(
+    gw: &'g Gateway,
+    st: &mut WorkerState,
+    chunk: &mut [TunnelPacket<'_>],
+    steps: &[Result<Step<outbound::Pending>, Reason>; BATCH],
+    keys: &[Option<FlowKey>; BATCH],
+    found: &[Option<&'g Flow>; BATCH],
+    guard: &'g conntrack::Guard,
+    now: Instant,
+) -> [Option<NewFlowOutcome<'g>>; BATCH] {
+    let mut out = [None; BATCH];
+    let mut batch = [NEW_FLOW_NONE; BATCH];
+    let mut at = [0usize; BATCH];
+    let mut n = 0;
+    for (i, p) in chunk.iter_mut().enumerate() {
+        let Ok(Step::Lookup(pending)) = &steps[i] else {
+            continue;
+        };
+        match found[i] {
+            Some(_) if pending.may_change_insert_state() => break,
+            Some(_) => {}
+            None if missed_earlier(keys, found, i) => break,
+            None => match outbound::plan_new(gw, p.buf, pending) {
+                Ok(new) => {
+                    (batch[n], at[n]) = (new, i);
+                    n += 1;
+                }
+                Err(r) => out[i] = Some(Err(r)),
+            },
+        }
+    }
+    if n > 0 {
+        let mut created = [Err(conntrack::InsertError::Full); BATCH];
+        gw.table
+            .insert_batch(&batch[..n], now, &mut st.rng, &mut created[..n], guard);
+        for j in 0..n {
+            out[at[j]] = Some(Ok(created[j]));
+        }
+    }
+    out
+}
+
+/// Filler for unused entries of a batch of new flows.
+const NEW_FLOW_NONE: NewFlow = NewFlow {
+    orig: FlowKey::EMPTY,
+    egress_ip: IpAddr::V4(Ipv4Addr::UNSPECIFIED),
+    node: NodeAddr {
+        ip: Ipv4Addr::UNSPECIFIED,
+        mac: [0; 6],
+    },
+    uplink: 0,
+};
+
 /// Looks up the present keys of a chunk together; `found[i]` answers `keys[i]`.
 fn lookup_batch<'g>(
     keys: &[Option<FlowKey>],
@@ -618,7 +695,12 @@ fn missed_earlier(
     found: &[Option<&Flow>; BATCH],
     i: usize,
 ) -> bool {
-    (0..i).any(|j| keys[j] == keys[i] && found[j].is_none())
+    let Some(k) = keys[i] else {
+        return false;
+    };
+    // the source port first: one compare rejects almost every other key
+    (0..i)
+        .any(|j| keys[j].is_some_and(|o| o.src_port == k.src_port && o == k) && found[j].is_none())
 }
 
 /// [`finish`] for a packet of a batch: a frame that leaves is moved out of `buf` (left empty) with the buffer's

@@ -107,12 +107,69 @@ fn mix(x: u64) -> u64 {
     z ^ (z >> 31)
 }
 
+/// The hasher of the egress-IP index: a multiply-rotate fold (FxHash's), several times cheaper than the
+/// default SipHash on every new flow's pool lookup (measured: SipHash was 2–3 % of a new flow). The keys are
+/// the configured egress IPs, not chosen by pods, so the hash needs no key.
+#[derive(Debug, Clone, Copy, Default)]
+struct BuildIpHasher;
+
+impl core::hash::BuildHasher for BuildIpHasher {
+    type Hasher = IpHasher;
+    fn build_hasher(&self) -> IpHasher {
+        IpHasher(0)
+    }
+}
+
+#[derive(Debug)]
+struct IpHasher(u64);
+
+impl IpHasher {
+    #[inline]
+    fn add(&mut self, w: u64) {
+        self.0 = (self.0.rotate_left(5) ^ w).wrapping_mul(0x517c_c1b7_2722_0a95);
+    }
+}
+
+impl core::hash::Hasher for IpHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+    fn write(&mut self, bytes: &[u8]) {
+        for c in bytes.chunks(8) {
+            let mut w = [0u8; 8];
+            w[..c.len()].copy_from_slice(c);
+            self.add(u64::from_le_bytes(w));
+        }
+    }
+    fn write_u8(&mut self, i: u8) {
+        self.add(u64::from(i));
+    }
+    fn write_u32(&mut self, i: u32) {
+        self.add(u64::from(i));
+    }
+    fn write_u64(&mut self, i: u64) {
+        self.add(i);
+    }
+    #[allow(clippy::cast_possible_truncation)] // folding both halves
+    fn write_u128(&mut self, i: u128) {
+        self.add(i as u64);
+        self.add((i >> 64) as u64);
+    }
+    fn write_usize(&mut self, i: usize) {
+        self.add(i as u64);
+    }
+    #[allow(clippy::cast_sign_loss)] // bits, not a value
+    fn write_isize(&mut self, i: isize) {
+        self.add(i as u64);
+    }
+}
+
 /// The port pools of every egress IP. `Send + Sync`; shared by all workers through the conntrack table.
 #[derive(Debug)]
 pub struct PortPools {
     range: PortRange,
     pools: Vec<Pool>,
-    by_ip: HashMap<IpAddr, PoolId>,
+    by_ip: HashMap<IpAddr, PoolId, BuildIpHasher>,
 }
 
 #[derive(Debug)]
@@ -132,7 +189,7 @@ impl PortPools {
     /// ports from `range`.
     pub fn new(egress_ips: &[IpAddr], range: PortRange) -> PortPools {
         let mut pools = Vec::new();
-        let mut by_ip = HashMap::new();
+        let mut by_ip = HashMap::with_hasher(BuildIpHasher);
         for &ip in egress_ips {
             if by_ip.contains_key(&ip) || pools.len() >= MAX_POOLS {
                 continue;
@@ -212,6 +269,12 @@ impl PortPools {
             prefetch((cell as *const AtomicU16).cast());
         }
         start
+    }
+
+    /// Starts fetching the port state where [`draw_start`](Self::draw_start) with `rng` will start probing,
+    /// without drawing (for a batch of inserts, which draws later, in order).
+    pub(crate) fn prefetch_start(&self, id: PoolId, proto: Proto, rng: &Rng) {
+        self.draw_start(id, proto, &mut rng.clone());
     }
 
     /// Takes an available port of pool `id` for `proto`, probing from offset `start` (random, from
@@ -312,9 +375,10 @@ impl PortPools {
     }
 }
 
-/// Hints the CPU to fetch the cache line holding `p` (no effect on other architectures).
+/// Hints the CPU to fetch the cache line holding `p` (no effect on other architectures). The conntrack
+/// table uses it too.
 #[inline(always)]
-fn prefetch(p: *const u8) {
+pub(crate) fn prefetch(p: *const u8) {
     #[cfg(target_arch = "x86_64")]
     // SAFETY: a prefetch is only a hint: it never dereferences `p` architecturally and never faults.
     unsafe {

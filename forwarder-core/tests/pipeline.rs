@@ -684,6 +684,165 @@ fn batches_give_the_same_results_as_one_by_one() {
     assert_eq!(rgot, want);
 }
 
+/// The batch path inserts the new flows of a chunk together (`Table::insert_batch`): with many new flows per
+/// chunk, refusals inside a chunk (ports exhausted, source quota, no SYN), a second packet of a new flow and
+/// a repeated SYN of an existing flow in the same chunk, the results are still those of one-by-one
+/// processing, byte for byte (the same external ports), and so are the counters and the table.
+#[test]
+fn batched_new_flows_give_the_same_results_as_one_by_one() {
+    use forwarder_core::pipeline::TunnelPacket;
+    let mut inputs: Vec<Vec<u8>> = Vec::new();
+    for i in 0..40u16 {
+        inputs.push(pod_udp(SERVER, 9000 + i, 53, b"q"));
+        if i % 5 == 0 {
+            inputs.push(pod_tcp(SERVER, 9100 + i, 443, true, &[]));
+        }
+        if i % 7 == 3 {
+            inputs.push(pod_udp(SERVER, 9000 + i - 1, 53, b"again")); // a second packet of a new flow
+        }
+        if i % 11 == 5 {
+            inputs.push(pod_tcp(SERVER, 9100 + i, 443, false, b"no SYN")); // refused before its insert
+        }
+        if i % 13 == 12 {
+            inputs.push(pod_tcp(SERVER, 9100, 443, true, &[])); // the SYN of an existing flow again
+        }
+        if i % 4 == 1 {
+            inputs.push(pod_udp(INTERNAL_SERVER, 9000 + i, 53, b"i")); // the other uplink's pool
+        }
+    }
+    // 20 ports per protocol and egress IP, 30 flows per pod: both run out inside chunks
+    let ct = conntrack::Config {
+        max_entries: 64,
+        max_per_source: 30,
+        ..conntrack::Config::default()
+    };
+    let ports = PortRange {
+        min: 2000,
+        max: 2019,
+    };
+    let mut one = Worker::new(gateway_with(ct, ports), 3);
+    let expected: Vec<Out> = inputs.iter().map(|d| out(&mut one, d, T0)).collect();
+
+    let mut batched = Worker::new(gateway_with(ct, ports), 3);
+    let mut bufs: Vec<Vec<u8>> = inputs
+        .iter()
+        .map(|d| {
+            let mut b = d.clone();
+            b.resize(d.len() + 2048, 0);
+            b
+        })
+        .collect();
+    let mut batch: Vec<TunnelPacket<'_>> = bufs
+        .iter_mut()
+        .zip(&inputs)
+        .map(|(b, d)| TunnelPacket {
+            from: NODE,
+            buf: b.as_mut_slice(),
+            len: d.len(),
+        })
+        .collect();
+    let mut got = Vec::new();
+    batched.outbound_batch(&mut batch, T0, |_, a| got.push(owned(a)));
+    assert_eq!(got, expected);
+    let (s1, s2) = (one.stats(), batched.stats());
+    assert_eq!(s2.flows_created, s1.flows_created);
+    assert_eq!(s2.drops, s1.drops);
+    assert_eq!(s2.icmp_originated, s1.icmp_originated);
+    assert_eq!(batched.gateway().table().len(), one.gateway().table().len());
+    assert!(s2.dropped(Reason::PortsExhausted) > 0, "{:?}", s2.drops);
+    assert!(
+        s2.dropped(Reason::SourceQuotaExceeded) > 0,
+        "{:?}",
+        s2.drops
+    );
+    assert!(s2.dropped(Reason::TcpNoSynForNewFlow) > 0);
+}
+
+/// Passes each of `chunks` to `outbound_batch` of one worker, and its packets one by one to `outbound` of
+/// another (same configuration, same seed); checks that both give the same actions and counters.
+fn batched_and_one_by_one(
+    ct: conntrack::Config,
+    ports: PortRange,
+    chunks: &[Vec<Vec<u8>>],
+) -> Worker {
+    use forwarder_core::pipeline::TunnelPacket;
+    let mut one = Worker::new(gateway_with(ct, ports), 3);
+    let mut batched = Worker::new(gateway_with(ct, ports), 3);
+    for chunk in chunks {
+        let expected: Vec<Out> = chunk.iter().map(|d| out(&mut one, d, T0)).collect();
+        let mut bufs: Vec<Vec<u8>> = chunk
+            .iter()
+            .map(|d| {
+                let mut b = d.clone();
+                b.resize(d.len() + 2048, 0);
+                b
+            })
+            .collect();
+        let mut batch: Vec<TunnelPacket<'_>> = bufs
+            .iter_mut()
+            .zip(chunk)
+            .map(|(b, d)| TunnelPacket {
+                from: NODE,
+                buf: b.as_mut_slice(),
+                len: d.len(),
+            })
+            .collect();
+        let mut got = Vec::new();
+        batched.outbound_batch(&mut batch, T0, |_, a| got.push(owned(a)));
+        assert_eq!(got, expected);
+    }
+    let (s1, s2) = (one.stats(), batched.stats());
+    assert_eq!(s2.flows_created, s1.flows_created);
+    assert_eq!(s2.drops, s1.drops);
+    assert_eq!(batched.gateway().table().len(), one.gateway().table().len());
+    batched
+}
+
+/// Where a batch of new flows must not run ahead of the packets before them, it does not: a new flow's
+/// second packet that inserts again after its first was refused (the random port of every later insert
+/// depends on it), and an existing flow's RST that gives its quota unit back to a new flow after it.
+#[test]
+fn batched_new_flows_wait_for_what_one_by_one_would_have_done_first() {
+    let ports = PortRange {
+        min: 2000,
+        max: 2003,
+    };
+    // UDP runs out after 4 ports; the refused flow's second packet tries again before three TCP flows,
+    // whose ports (4 to choose from) depend on how many inserts drew random numbers before them
+    let mut chunk: Vec<Vec<u8>> = (0..5)
+        .map(|i| pod_udp(SERVER, 9000 + i, 53, b"u"))
+        .collect();
+    chunk.push(pod_udp(SERVER, 9004, 53, b"again"));
+    chunk.extend((0..3).map(|i| pod_tcp(SERVER, 9100 + i, 443, true, &[])));
+    let w = batched_and_one_by_one(conntrack::Config::default(), ports, &[chunk]);
+    assert_eq!(w.stats().dropped(Reason::PortsExhausted), 2);
+
+    // two flows per pod: the RST of the first ends it (its unit goes back), so the new flow behind it fits
+    let rst = {
+        let b = etherparse::PacketBuilder::ethernet2(NODE_MAC, tunnel_mac(GW)).ipv4(
+            POD.octets(),
+            SERVER.octets(),
+            64,
+        );
+        vxlan(
+            VNI,
+            &build(|o| b.tcp(9200, 443, 1001, 0).rst().write(o, &[])),
+        )
+    };
+    let ct = conntrack::Config {
+        max_per_source: 2,
+        ..conntrack::Config::default()
+    };
+    let first = vec![
+        pod_tcp(SERVER, 9200, 443, true, &[]),
+        pod_udp(SERVER, 9201, 53, b"u"),
+    ];
+    let second = vec![rst, pod_udp(SERVER, 9202, 53, b"fits after the RST")];
+    let w = batched_and_one_by_one(ct, PortRange::default(), &[first, second]);
+    assert_eq!(w.stats().flows_created, 3);
+    assert_eq!(w.stats().dropped(Reason::SourceQuotaExceeded), 0);
+}
+
 // ---- regressions from the protocol review ---------------------------------------------------------
 
 /// Opens a UDP flow pod:sport → SERVER:53 and returns the external port.

@@ -62,6 +62,13 @@ impl Quota {
         (&self.cells[a], &self.cells[b])
     }
 
+    /// Starts fetching the counters of `src` (for a batch of inserts).
+    pub(crate) fn prefetch(&self, src: &Addr) {
+        let (a, b) = self.cells(src);
+        super::prefetch((a as *const AtomicU32).cast());
+        super::prefetch((b as *const AtomicU32).cast());
+    }
+
     /// Takes a unit for a new flow of `src`; false (and nothing taken) when `src` holds its quota.
     pub(crate) fn acquire(&self, src: &Addr) -> bool {
         let (a, b) = self.cells(src);

@@ -1350,6 +1350,130 @@ mod model {
             check_invariants(&tb, t(now));
         }
     }
+    /// What an insert gave, comparable across tables: the flow's tuples and port, or the refusal.
+    fn outcome(r: Result<&Flow, InsertError>) -> Outcome {
+        r.map(|f| (f.orig(), f.reply_key(), f.external_port()))
+    }
+
+    #[derive(Debug, Clone)]
+    enum BatchOp {
+        /// New flows (pod, pod port, remote, tcp, unconfigured egress IP), inserted together.
+        Insert(Vec<(u8, u16, u8, bool, bool)>),
+        Close {
+            pod: u8,
+            pport: u16,
+            remote: u8,
+            rst: bool,
+        },
+        Advance(u64),
+        /// A whole sweep (a partial one would depend on where each table placed its flows, which the epoch's
+        /// reclamation timing decides).
+        Expire,
+    }
+
+    fn batch_op() -> impl Strategy<Value = BatchOp> {
+        let item = (
+            0u8..3,
+            0u16..3,
+            0u8..3,
+            any::<bool>(),
+            proptest::bool::weighted(0.05),
+        );
+        prop_oneof![
+            4 => proptest::collection::vec(item, 1..40).prop_map(BatchOp::Insert),
+            2 => (0u8..3, 0u16..3, 0u8..3, any::<bool>())
+                .prop_map(|(pod, pport, remote, rst)| BatchOp::Close { pod, pport, remote, rst }),
+            2 => (0u64..200).prop_map(BatchOp::Advance),
+            1 => Just(BatchOp::Expire),
+        ]
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig {
+            cases: if cfg!(miri) { 4 } else { 200 },
+            failure_persistence: None,
+            ..ProptestConfig::default()
+        })]
+        /// `insert_batch` gives exactly what inserting each flow in turn gives (same flows, same ports, same
+        /// refusals; batches of up to 39 flows, duplicates, full table, exhausted pools, quota, takeovers of
+        /// finished TCP flows, expiry), and leaves a table with the same invariants.
+        #[test]
+        fn insert_batch_matches_one_by_one(ops in proptest::collection::vec(batch_op(), 1..30)) {
+            let make = || Table::with_hash_seed(
+                Config { max_entries: 12, max_per_source: 4, ..Config::default() },
+                PortPools::new(&[EGRESS, EGRESS6], PortRange { min: 2000, max: 2005 }),
+                5,
+            );
+            let (one, many) = (make(), make());
+            let (mut r1, mut r2) = (Rng::new(11), Rng::new(11));
+            let mut now = 0u64;
+            for op in ops {
+                match op {
+                    BatchOp::Insert(items) => {
+                        let news: Vec<NewFlow> = items
+                            .iter()
+                            .map(|&(pod, pport, remote, tcp, bad)| {
+                                let mut n = new_flow(k(pod, pport, remote, tcp));
+                                if bad {
+                                    n.egress_ip = remote_addr_unconfigured();
+                                }
+                                n
+                            })
+                            .collect();
+                        let g1 = one.pin();
+                        let want: Vec<_> = news
+                            .iter()
+                            .map(|n| outcome(one.insert(*n, t(now), &mut r1, &g1)))
+                            .collect();
+                        let g2 = many.pin();
+                        let mut res = vec![Err(InsertError::Full); news.len()];
+                        many.insert_batch(&news, t(now), &mut r2, &mut res, &g2);
+                        let got: Vec<_> = res.iter().map(|r| outcome(*r)).collect();
+                        prop_assert_eq!(got, want);
+                        // one flow per tuple: equal tuples of a batch got the same flow
+                        for (i, a) in res.iter().enumerate() {
+                            for b in &res[..i] {
+                                if let (Ok(a), Ok(b)) = (a, b) {
+                                    prop_assert_eq!(core::ptr::eq(*a, *b), a.orig() == b.orig());
+                                }
+                            }
+                        }
+                    }
+                    BatchOp::Close { pod, pport, remote, rst } => {
+                        for tb in [&one, &many] {
+                            let g = tb.pin();
+                            if let Some(f) = tb.lookup_outbound_at(&k(pod, pport, remote, true), t(now), &g) {
+                                if rst {
+                                    f.on_outbound(seg(TcpSegment::RST, 1, 0, 0), 40, t(now));
+                                } else {
+                                    let fin = TcpSegment::FIN | TcpSegment::ACK;
+                                    f.on_outbound(seg(TcpSegment::SYN, 100, 0, 1000), 60, t(now));
+                                    f.on_inbound(seg(TcpSegment::SYN | TcpSegment::ACK, 500, 101, 1000), 60, t(now));
+                                    f.on_outbound(seg(TcpSegment::ACK, 101, 501, 1000), 40, t(now));
+                                    f.on_outbound(seg(fin, 101, 501, 1000), 40, t(now));
+                                    f.on_inbound(seg(fin, 501, 102, 1000), 40, t(now));
+                                }
+                            }
+                        }
+                    }
+                    BatchOp::Advance(s) => now += s,
+                    BatchOp::Expire => {
+                        prop_assert_eq!(one.expire(t(now), 1 << 20), many.expire(t(now), 1 << 20));
+                    }
+                }
+                prop_assert_eq!(one.len(), many.len());
+                prop_assert_eq!(one.refused(), many.refused());
+                prop_assert_eq!(one.port_takeovers(), many.port_takeovers());
+            }
+            check_invariants(&one, t(now));
+            check_invariants(&many, t(now));
+        }
+    }
+
+    /// An egress IP no pool has.
+    fn remote_addr_unconfigured() -> IpAddr {
+        IpAddr::V4(Ipv4Addr::new(192, 0, 2, 99))
+    }
 }
 
 #[test]
@@ -1614,4 +1738,209 @@ fn flow_events_report_start_and_end_and_drop_when_full() {
     assert_eq!(events.dropped(), 2);
     assert_eq!(events.pushed(), 4);
     assert_eq!(events.pop().unwrap().tcp_state, Some(TcpState::SynSent));
+}
+
+/// What an insert gave: the flow's original and reply tuples and its external port, or the refusal.
+type Outcome = Result<(FlowKey, FlowKey, u16), InsertError>;
+
+/// Inserts `news` one by one into a fresh table and in one batch into another (same hash seed, same random
+/// numbers), checks both give the same outcomes, and returns the batch's results and table.
+fn batch_and_one_by_one(
+    config: Config,
+    range: PortRange,
+    news: &[NewFlow],
+) -> (Table, Vec<Outcome>) {
+    let make = || Table::with_hash_seed(config, PortPools::new(&[EGRESS, EGRESS6], range), 3);
+    let (one, many) = (make(), make());
+    let outcome =
+        |r: Result<&Flow, InsertError>| r.map(|f| (f.orig(), f.reply_key(), f.external_port()));
+    let g = one.pin();
+    let mut rng = Rng::new(4);
+    let want: Vec<_> = news
+        .iter()
+        .map(|n| outcome(one.insert(*n, t(1), &mut rng, &g)))
+        .collect();
+    let g2 = many.pin();
+    let mut rng = Rng::new(4);
+    let mut res = vec![Err(InsertError::Full); news.len()];
+    many.insert_batch(news, t(1), &mut rng, &mut res, &g2);
+    let got: Vec<_> = res.iter().map(|r| outcome(*r)).collect();
+    assert_eq!(got, want);
+    assert_eq!(one.len(), many.len());
+    assert_eq!(one.refused(), many.refused());
+    drop((g, g2));
+    check_invariants(&many, t(1));
+    (many, got)
+}
+
+#[test]
+fn insert_batch_of_distinct_flows_equals_one_by_one() {
+    // 100 flows (more than three chunks), IPv4 and IPv6, TCP, UDP and ICMP, several per pod endpoint
+    let news: Vec<NewFlow> = (0..100u16)
+        .map(|i| {
+            let (p, r) = (
+                u8::try_from(i % 7).expect("small"),
+                u8::try_from(i % 5).expect("small"),
+            );
+            let proto = [Proto::Tcp, Proto::Udp, Proto::Icmp][usize::from(i % 3)];
+            let k = if i % 4 == 3 {
+                let src = IpAddr::V6(Ipv6Addr::new(0xfd00, 0, 0, 0, 0, 0, 0, u16::from(p)));
+                let dst = IpAddr::V6(Ipv6Addr::new(0x2001, 0xdb8, 1, 0, 0, 0, 0, u16::from(r)));
+                key(
+                    src,
+                    1000 + i / 10,
+                    dst,
+                    443,
+                    if proto == Proto::Icmp {
+                        Proto::Icmpv6
+                    } else {
+                        proto
+                    },
+                )
+            } else {
+                key(
+                    pod(p),
+                    1000 + i / 10,
+                    remote(r),
+                    if proto == Proto::Icmp {
+                        1000 + i / 10
+                    } else {
+                        443
+                    },
+                    proto,
+                )
+            };
+            new_flow(k)
+        })
+        .collect();
+    let (tb, got) = batch_and_one_by_one(Config::default(), PortRange::default(), &news);
+    assert!(got.iter().all(Result::is_ok));
+    assert_eq!(tb.len(), 100);
+}
+
+/// Two packets of one new flow in one batch make one flow, wherever they sit in the batch.
+#[test]
+fn insert_batch_duplicates_make_one_flow() {
+    let a = new_flow(key(pod(1), 5000, remote(1), 53, Proto::Udp));
+    let b = new_flow(key(pod(1), 5001, remote(1), 53, Proto::Udp));
+    let c = new_flow(key(pod(2), 5000, remote(2), 443, Proto::Tcp));
+    // the same tuple toward another egress IP of its family is still the same flow
+    let tb = Table::new(
+        Config::default(),
+        PortPools::new(&[EGRESS, remote(9)], PortRange::default()),
+    );
+    let a_other_egress = NewFlow {
+        egress_ip: remote(9),
+        ..a
+    };
+    let news = [a, b, a, c, a, b, a_other_egress];
+    let g = tb.pin();
+    let mut rng = Rng::new(1);
+    let mut res = [Err(InsertError::Full); 7];
+    tb.insert_batch(&news, t(1), &mut rng, &mut res, &g);
+    let f: Vec<&Flow> = res.iter().map(|r| r.expect("created")).collect();
+    assert_eq!(tb.len(), 3);
+    assert_eq!(f[6].egress_ip(), EGRESS);
+    for i in [2, 4, 6] {
+        assert!(core::ptr::eq(f[0], f[i]));
+    }
+    assert!(core::ptr::eq(f[1], f[5]));
+    assert!(!core::ptr::eq(f[0], f[1]) && !core::ptr::eq(f[0], f[3]));
+    drop(g);
+    check_invariants(&tb, t(1));
+    batch_and_one_by_one(Config::default(), PortRange::default(), &news);
+}
+
+/// Refusals inside one batch come where one-by-one inserts would have them: the pool runs out after its
+/// ports (a new flow of an endpoint that has a mapping still joins it), the source quota after its flows,
+/// the table when it is full; and nothing is held by a refused flow.
+#[test]
+fn insert_batch_refusals_inside_a_batch() {
+    // 4 ports: the fifth pod endpoint is refused, but a flow of the first endpoint to another remote joins
+    let mut news: Vec<NewFlow> = (0..6u16)
+        .map(|i| new_flow(key(pod(1), 7000 + i, remote(1), 53, Proto::Udp)))
+        .collect();
+    news.push(new_flow(key(pod(1), 7000, remote(2), 53, Proto::Udp)));
+    let (tb, got) = batch_and_one_by_one(
+        Config::default(),
+        PortRange {
+            min: 3000,
+            max: 3003,
+        },
+        &news,
+    );
+    assert!(got[..4].iter().all(Result::is_ok));
+    assert_eq!(got[4], Err(InsertError::PortsExhausted));
+    assert_eq!(got[5], Err(InsertError::PortsExhausted));
+    let (_, _, p0) = got[0].expect("first");
+    assert_eq!(got[6].expect("joined").2, p0, "same endpoint, same port");
+    assert_eq!((tb.len(), tb.refused().ports_exhausted), (5, 2));
+
+    // quota of 3 per pod: the fourth flow of pod 1 is refused, pod 2 is not
+    let news: Vec<NewFlow> = (0..5u16)
+        .map(|i| {
+            new_flow(key(
+                pod(1 + u8::from(i == 4)),
+                7000 + i,
+                remote(1),
+                53,
+                Proto::Udp,
+            ))
+        })
+        .collect();
+    let config = Config {
+        max_per_source: 3,
+        ..Config::default()
+    };
+    let (tb, got) = batch_and_one_by_one(config, PortRange::default(), &news);
+    assert_eq!(got[3], Err(InsertError::SourceQuota));
+    assert!(got[4].is_ok());
+    assert_eq!(tb.len(), 4);
+
+    // a table of 5: the sixth new flow of the batch is refused, the duplicate of the first still found
+    let mut news: Vec<NewFlow> = (0..6u16)
+        .map(|i| {
+            new_flow(key(
+                pod(u8::try_from(i).expect("small")),
+                7000,
+                remote(1),
+                53,
+                Proto::Udp,
+            ))
+        })
+        .collect();
+    news.push(news[0]);
+    let config = Config {
+        max_entries: 5,
+        ..Config::default()
+    };
+    let (tb, got) = batch_and_one_by_one(config, PortRange::default(), &news);
+    assert_eq!(got[5], Err(InsertError::Full));
+    assert_eq!(got[6], got[0]);
+    assert_eq!(tb.len(), 5);
+    assert_eq!(tb.pools().usage().iter().map(|u| u.in_use).sum::<u32>(), 5);
+}
+
+/// A flow whose pool does not exist (egress IP not configured, or of the other family) is refused inside a
+/// batch without disturbing the others.
+#[test]
+fn insert_batch_refuses_flows_without_a_pool() {
+    let good = new_flow(key(pod(1), 6000, remote(1), 53, Proto::Udp));
+    let wrong_family = NewFlow {
+        egress_ip: EGRESS6,
+        ..new_flow(key(pod(1), 6001, remote(1), 53, Proto::Udp))
+    };
+    let unknown = NewFlow {
+        egress_ip: IpAddr::V4(Ipv4Addr::new(192, 0, 2, 77)),
+        ..new_flow(key(pod(1), 6002, remote(1), 53, Proto::Udp))
+    };
+    let (tb, got) = batch_and_one_by_one(
+        Config::default(),
+        PortRange::default(),
+        &[good, wrong_family, unknown, good],
+    );
+    assert_eq!(got[1], Err(InsertError::NoPool));
+    assert_eq!(got[2], Err(InsertError::NoPool));
+    assert_eq!(got[0], got[3]);
+    assert_eq!((tb.len(), tb.refused().no_pool), (1, 2));
 }

@@ -3,7 +3,7 @@
 use core::net::{IpAddr, Ipv4Addr};
 
 use super::{local, Gateway, OutFrag, Step, Verdict, WorkerState, TUNNEL_ETH, TUNNEL_L3};
-use crate::conntrack::{Flow, Guard, NewFlow, Refresh, TcpSegment};
+use crate::conntrack::{Flow, Guard, InsertError, NewFlow, Refresh, TcpSegment};
 use crate::flow::{FlowKey, NodeAddr, Proto};
 use crate::nat::frag::FragKey;
 use crate::nat::icmp::{self, ErrorKind};
@@ -240,6 +240,30 @@ pub(super) fn prepare(
     }))
 }
 
+impl Pending {
+    /// True when the packet, if it belongs to an existing flow, may change state a new flow's insert reads:
+    /// a TCP SYN (reopening a finished flow takes a quota unit again), FIN or RST (finishing one gives its
+    /// unit back and lets its port be taken over).
+    pub(super) fn may_change_insert_state(&self) -> bool {
+        self.tcp_seg
+            .is_some_and(|s| s.flags & (tcp::flags::SYN | tcp::flags::FIN | tcp::flags::RST) != 0)
+    }
+}
+
+/// Why a packet that needs a new flow gets none, decided before any state changes.
+#[derive(Debug, Clone, Copy)]
+pub(super) enum Refusal {
+    /// Dropped for this reason.
+    Drop(Reason),
+    /// Answered with an ICMP error to the pod (dropped for `reason` when none may be sent).
+    Icmp {
+        kind: ErrorKind,
+        reason: Reason,
+        /// The refused packet is itself an ICMP error (never answered with one).
+        is_error: bool,
+    },
+}
+
 /// Everything after the flow lookup (`found`): creation of a new flow, state, MTU, MSS, the rewrite.
 #[inline(always)]
 pub(super) fn complete(
@@ -251,83 +275,135 @@ pub(super) fn complete(
     guard: &Guard,
     now: Instant,
 ) -> Result<Verdict, Reason> {
-    let cfg = &gw.config;
-    let Pending {
-        meta,
-        l4,
-        key,
-        tcp_seg,
-        node,
-        ..
-    } = *p;
-    let reply_to_node = |end: usize| Verdict::Tunnel {
-        node: node.ip,
-        start: 0,
-        end,
-    };
     let flow = match found {
         Some(f) => {
             // A flow belongs to the node that opened it: another node sending the same pod source is spoofing.
-            if f.node().ip != node.ip {
+            if f.node().ip != p.node.ip {
                 return Err(Reason::FlowNodeMismatch);
             }
-            let uplink = cfg
+            let uplink = gw
+                .config
                 .uplinks
                 .get(usize::from(f.uplink()))
                 .ok_or(Reason::NoRoute)?;
-            if let Some(refused) = check_fits(gw, st, buf, p, uplink, now) {
-                return refused.map(reply_to_node);
+            if let Some(r) = check_fits(gw, buf, p, uplink) {
+                return refuse(gw, st, buf, p, r, now);
             }
             f
         }
         None => {
-            if let Some(seg) = tcp_seg {
-                if seg.flags & (tcp::flags::SYN | tcp::flags::ACK | tcp::flags::RST)
-                    != tcp::flags::SYN
-                {
-                    return Err(Reason::TcpNoSynForNewFlow);
-                }
-            }
-            if gw.is_draining() {
-                return Err(Reason::Draining);
-            }
-            let (_, &uplink) = gw.routes.lookup(meta.dst).ok_or(Reason::NoRoute)?;
-            let up = cfg
-                .uplinks
-                .get(usize::from(uplink))
-                .ok_or(Reason::NoRoute)?;
-            let egress_ip = up.egress_for(meta.src).ok_or(Reason::NoRoute)?;
-            // Everything that can refuse the packet is checked before the flow exists.
-            if let Some(refused) = check_fits(gw, st, buf, p, up, now) {
-                return refused.map(reply_to_node);
-            }
-            let new = NewFlow {
-                orig: key,
-                egress_ip,
-                node,
-                uplink,
+            let new = match plan_new(gw, buf, p) {
+                Ok(new) => new,
+                Err(r) => return refuse(gw, st, buf, p, r, now),
             };
-            match gw.table.insert(new, now, &mut st.rng, guard) {
-                Ok(f) => {
-                    st.stats.flows_created += 1;
-                    f
-                }
-                Err(e) => {
-                    // Refused: tell the pod at once (ICMP administratively prohibited) instead of letting it
-                    // retry into the same wall.
-                    let kind = ErrorKind::AdminProhibited;
-                    return originate_to_pod(gw, st, buf, &meta, false, kind, e.reason(), now)
-                        .map(reply_to_node);
-                }
-            }
+            let created = gw.table.insert(new, now, &mut st.rng, guard);
+            return complete_new(gw, st, buf, p, created, now);
         }
     };
+    forward(gw, st, buf, p, flow, now)
+}
 
+/// The checks of a packet that found no flow, up to its insert, which change no state (they may clamp the
+/// MSS of the packet itself): the flow it would create, or why it gets none. The batch path plans the new
+/// flows of a batch first and inserts them together.
+#[inline(always)]
+pub(super) fn plan_new(gw: &Gateway, buf: &mut [u8], p: &Pending) -> Result<NewFlow, Refusal> {
+    if let Some(seg) = p.tcp_seg {
+        if seg.flags & (tcp::flags::SYN | tcp::flags::ACK | tcp::flags::RST) != tcp::flags::SYN {
+            return Err(Refusal::Drop(Reason::TcpNoSynForNewFlow));
+        }
+    }
+    if gw.is_draining() {
+        return Err(Refusal::Drop(Reason::Draining));
+    }
+    let no_route = Refusal::Drop(Reason::NoRoute);
+    let (_, &uplink) = gw.routes.lookup(p.meta.dst).ok_or(no_route)?;
+    let up = gw.config.uplinks.get(usize::from(uplink)).ok_or(no_route)?;
+    let egress_ip = up.egress_for(p.meta.src).ok_or(no_route)?;
+    // Everything that can refuse the packet is checked before the flow exists.
+    if let Some(r) = check_fits(gw, buf, p, up) {
+        return Err(r);
+    }
+    Ok(NewFlow {
+        orig: p.key,
+        egress_ip,
+        node: p.node,
+        uplink,
+    })
+}
+
+/// The rest of a packet whose new flow was inserted (`created`): refused inserts are answered with an ICMP
+/// error, a created flow is counted and the packet translated.
+#[inline(always)]
+pub(super) fn complete_new(
+    gw: &Gateway,
+    st: &mut WorkerState,
+    buf: &mut [u8],
+    p: &Pending,
+    created: Result<&Flow, InsertError>,
+    now: Instant,
+) -> Result<Verdict, Reason> {
+    match created {
+        Ok(f) => {
+            st.stats.flows_created += 1;
+            forward(gw, st, buf, p, f, now)
+        }
+        // Refused: tell the pod at once (ICMP administratively prohibited) instead of letting it retry into
+        // the same wall.
+        Err(e) => {
+            let r = Refusal::Icmp {
+                kind: ErrorKind::AdminProhibited,
+                reason: e.reason(),
+                is_error: false,
+            };
+            refuse(gw, st, buf, p, r, now)
+        }
+    }
+}
+
+/// Carries out a refusal: the drop, or the ICMP error back to the pod through the tunnel.
+pub(super) fn refuse(
+    gw: &Gateway,
+    st: &mut WorkerState,
+    buf: &mut [u8],
+    p: &Pending,
+    r: Refusal,
+    now: Instant,
+) -> Result<Verdict, Reason> {
+    match r {
+        Refusal::Drop(reason) => Err(reason),
+        Refusal::Icmp {
+            kind,
+            reason,
+            is_error,
+        } => originate_to_pod(gw, st, buf, &p.meta, is_error, kind, reason, now).map(|end| {
+            Verdict::Tunnel {
+                node: p.node.ip,
+                start: 0,
+                end,
+            }
+        }),
+    }
+}
+
+/// The packet's flow is known: state, the rewrite, and where it goes.
+#[inline(always)]
+fn forward(
+    gw: &Gateway,
+    st: &mut WorkerState,
+    buf: &mut [u8],
+    p: &Pending,
+    flow: &Flow,
+    now: Instant,
+) -> Result<Verdict, Reason> {
+    let Pending {
+        meta, l4, tcp_seg, ..
+    } = *p;
     if flow.on_outbound(tcp_seg, meta.ip_len(), now) == Refresh::Ignored {
         return Err(Reason::TcpOutOfWindow);
     }
     let uplink_id = flow.uplink();
-    let Some(uplink) = cfg.uplinks.get(usize::from(uplink_id)) else {
+    let Some(uplink) = gw.config.uplinks.get(usize::from(uplink_id)) else {
         return Err(Reason::NoRoute);
     };
     let egress = flow.egress_ip();
@@ -354,39 +430,31 @@ pub(super) fn complete(
 
 /// The checks that can refuse a packet once its uplink is known, done before any flow state changes: the
 /// uplink's MTU (DF: too-big answered to the pod; else refused) and the SYN's MSS option, clamped here to
-/// what the tunnel and the uplink carry. `None` when the packet may go on; `Some(result)` is the refusal.
+/// what the tunnel and the uplink carry. `None` when the packet may go on.
 #[inline(always)]
 fn check_fits(
     gw: &Gateway,
-    st: &mut WorkerState,
     buf: &mut [u8],
     p: &Pending,
     uplink: &super::UplinkConfig,
-    now: Instant,
-) -> Option<Result<usize, Reason>> {
+) -> Option<Refusal> {
     let meta = &p.meta;
     if p.wire_len > usize::from(uplink.mtu) {
         // IPv4 without DF would need fragmenting here; the tunnel MTU (1450) is below any normal uplink
         // MTU, so such packets do not arise from correctly configured nodes. Refused visibly.
         if !meta.dont_frag {
-            return Some(Err(Reason::TooBig));
+            return Some(Refusal::Drop(Reason::TooBig));
         }
-        let kind = ErrorKind::TooBig { mtu: uplink.mtu };
-        return Some(originate_to_pod(
-            gw,
-            st,
-            buf,
-            meta,
-            p.is_error,
-            kind,
-            Reason::TooBig,
-            now,
-        ));
+        return Some(Refusal::Icmp {
+            kind: ErrorKind::TooBig { mtu: uplink.mtu },
+            reason: Reason::TooBig,
+            is_error: p.is_error,
+        });
     }
     if p.tcp_seg.is_some_and(|s| s.flags & tcp::flags::SYN != 0) {
         let mtu = gw.config.tunnel_mtu.min(uplink.mtu);
         if let Err(r) = rewrite::clamp_mss(buf, meta, rewrite::mss_for_mtu(mtu, meta.v6)) {
-            return Some(Err(r));
+            return Some(Refusal::Drop(r));
         }
     }
     None
