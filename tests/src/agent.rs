@@ -521,6 +521,11 @@ impl AgentConfig {
                 .collect(),
         );
         let h = &self.health;
+        let inputs_line = if !self.inputs.is_empty() || self.kubeconfig.is_none() {
+            format!("inputs: [{inputs}]\n")
+        } else {
+            String::new()
+        };
         let mut s = format!(
             "node_name: {}
 underlay_ip: {}
@@ -528,7 +533,7 @@ vxlan: {{ device: {}, vni: {}, port: {}, mtu: {} }}
 rule_priority: {}
 tables: {{ first: {}, last: {} }}
 cluster_cidrs: [{cidrs}]
-health: {{ port: {}, path: {}, interval: {}ms, timeout: {}ms, failures: {} }}
+{inputs_line}health: {{ port: {}, path: {}, interval: {}ms, timeout: {}ms, failures: {} }}
 ",
             q(&self.node_name),
             self.underlay_ip,
@@ -545,9 +550,6 @@ health: {{ port: {}, path: {}, interval: {}ms, timeout: {}ms, failures: {} }}
             h.timeout.as_millis(),
             h.failures,
         );
-        if !self.inputs.is_empty() || self.kubeconfig.is_none() {
-            let _ = writeln!(s, "inputs: [{inputs}]");
-        }
         if let Some(k) = &self.kubeconfig {
             let _ = writeln!(
                 s,
