@@ -102,11 +102,7 @@ pub(crate) fn spawn(kubeconfig: Option<PathBuf>) -> std::io::Result<mpsc::Receiv
 }
 
 async fn watch(kubeconfig: Option<PathBuf>, tx: mpsc::Sender<NodesUpdate>) {
-    let settings = crate::config::node::KubernetesSettings {
-        kubeconfig,
-        gateway_selector: String::new(),
-    };
-    let client = match crate::node::cluster::client(&settings).await {
+    let client = match crate::node::cluster::client(kubeconfig.as_deref()).await {
         Ok(c) => c,
         Err(e) => {
             let _ = tx.send(NodesUpdate::Failed(e));

@@ -198,7 +198,9 @@ impl Agent {
         let Some(settings) = &self.config.kubernetes else {
             return Ok(());
         };
-        let client = cluster::client(settings).await.map_err(AgentError::Start)?;
+        let client = cluster::client(settings.kubeconfig.as_deref())
+            .await
+            .map_err(AgentError::Start)?;
         let (tx, updates) = mpsc::unbounded_channel();
         cluster::spawn(&client, &self.config.node_name, settings, &tx);
         tracing::info!(

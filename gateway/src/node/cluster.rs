@@ -408,10 +408,11 @@ pub(crate) fn describe(watch: Watch, e: &watcher::Error) -> String {
 // The watches (I/O)
 // ---------------------------------------------------------------------------------------------------
 
-/// A client for the API server the settings name. Nothing is sent yet: an unreachable server shows as
-/// watch errors later, not as a failure here.
-pub(crate) async fn client(settings: &KubernetesSettings) -> Result<Client, String> {
-    let config = match &settings.kubeconfig {
+/// A client for the API server `kubeconfig` names (`None`: `$KUBECONFIG`, `~/.kube/config`, or the pod's
+/// service account). Nothing is sent yet: an unreachable server shows as watch errors later, not as a
+/// failure here. The gateway's Node watch uses it too.
+pub(crate) async fn client(kubeconfig: Option<&Path>) -> Result<Client, String> {
+    let config = match kubeconfig {
         Some(path) => {
             let kubeconfig = Kubeconfig::read_from(path)
                 .map_err(|e| format!("kubernetes.kubeconfig {}: {e}", path.display()))?;
