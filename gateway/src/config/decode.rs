@@ -187,18 +187,7 @@ fn kubernetes(r: &mut Reader<'_>, v: &Value<'_>) -> Option<Option<PathBuf>> {
     let m = r.mapping(v, KUBERNETES_KEYS)?;
     match m.get("kubeconfig") {
         None => Some(None),
-        Some(v) => r
-            .parse(&v, |s| {
-                if s.trim().is_empty() {
-                    Err(
-                        "an empty path; leave `kubeconfig` out to use the pod's service account"
-                            .into(),
-                    )
-                } else {
-                    Ok(PathBuf::from(s))
-                }
-            })
-            .map(Some),
+        Some(v) => r.parse(&v, value::kubeconfig).map(Some),
     }
 }
 

@@ -9,6 +9,15 @@ use std::time::Duration;
 
 use ipnet::IpNet;
 
+/// `kubernetes.kubeconfig` (of the gateway and of the node agent): a non-empty path.
+pub(super) fn kubeconfig(s: &str) -> Result<std::path::PathBuf, String> {
+    if s.trim().is_empty() {
+        Err("an empty path; leave `kubeconfig` out to use the pod's service account".into())
+    } else {
+        Ok(std::path::PathBuf::from(s))
+    }
+}
+
 /// A whole number written in decimal.
 pub(super) fn integer(s: &str) -> Result<u64, String> {
     if s.is_empty() || !s.bytes().all(|b| b.is_ascii_digit()) {

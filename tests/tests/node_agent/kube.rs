@@ -11,6 +11,7 @@ use std::time::{Duration, Instant};
 use ipnet::{IpNet, Ipv4Net};
 use tests::agent::{self, AgentConfig, RouteShape};
 use tests::kube::ApiServer;
+use tests::scenario::poll;
 use tests::topology::{gateway_ip, POD_RULE_PRIORITY};
 use tests::{
     require_kube, require_netns, require_node_agent, require_userspace_gateway, Inventory,
@@ -225,27 +226,26 @@ fn the_agent_follows_the_cluster_through_the_api_server() {
     ])
     .expect("start deleting gw2");
     let gw2 = gateway_ip(2).to_string();
-    let start = Instant::now();
-    let annotations = loop {
-        let out = api
-            .kubectl(&[
-                "get",
-                "pod",
-                "-n",
-                "app",
-                "web",
-                "-o",
-                "jsonpath={.metadata.annotations}",
-            ])
-            .unwrap_or_default();
-        if out.contains("gatewayMaintenanceGatewayIP") {
-            break out;
-        }
-        if start.elapsed() > CONVERGE {
-            env.fail(format!("app/web has no maintenance annotations: {out}"));
-        }
-        std::thread::sleep(Duration::from_millis(20));
+    let web_annotations = || {
+        api.kubectl(&[
+            "get",
+            "pod",
+            "-n",
+            "app",
+            "web",
+            "-o",
+            "jsonpath={.metadata.annotations}",
+        ])
+        .unwrap_or_default()
     };
+    let start = Instant::now();
+    let annotations = poll(
+        CONVERGE,
+        Duration::from_millis(20),
+        "app/web's maintenance annotations",
+        || Some(web_annotations()).filter(|a| a.contains("gatewayMaintenanceGatewayIP")),
+    )
+    .unwrap_or_else(|e| env.fail(format!("{e}: {}", web_annotations())));
     println!(
         "gateway pod terminating: app/web annotated in {:?}: {annotations}",
         start.elapsed()
@@ -296,25 +296,17 @@ fn the_agent_follows_the_cluster_through_the_api_server() {
     .expect("delete gw2");
     let took = wait_pod_route(&env, &api, IpAddr::V4(web), &RouteShape::Unreachable);
     println!("gateway pod deleted: app/web blocked in {took:?}");
-    let start = Instant::now();
-    while api
-        .kubectl(&[
-            "get",
-            "pod",
-            "-n",
-            "app",
-            "web",
-            "-o",
-            "jsonpath={.metadata.annotations}",
-        ])
-        .unwrap_or_default()
-        .contains("gatewayMaintenance")
-    {
-        if start.elapsed() > CONVERGE {
-            env.fail("app/web's maintenance annotations stayed after the gateway was gone");
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    poll(
+        CONVERGE,
+        Duration::from_millis(20),
+        "the maintenance annotations to go",
+        || (!web_annotations().contains("gatewayMaintenance")).then_some(()),
+    )
+    .unwrap_or_else(|e| {
+        env.fail(format!(
+            "app/web's annotations stayed after the gateway was gone: {e}"
+        ))
+    });
 
     // RBAC: without `namespaces`, a (re)started agent names what to grant, stays unready, changes nothing.
     env.agent.stop();
