@@ -22,14 +22,14 @@ if [[ "${SKIP_APT:-0}" != 1 ]]; then
 fi
 
 if ! command -v cargo >/dev/null 2>&1; then
-  log "cargo not found. Install a Rust toolchain (rustup, stable >= 1.87) and run this again."
+  log "cargo not found. Install a Rust toolchain (rustup, stable >= 1.89) and run this again."
   exit 1
 fi
 
 # The workspace's rust-version (Cargo.toml); older toolchains fail with confusing errors, so say it plainly.
 have=$(rustc --version | awk '{print $2}')
-if [[ "$(printf '%s\n%s\n' 1.87.0 "${have%%-*}" | sort -V | head -n1)" != 1.87.0 ]]; then
-  log "rustc $have is older than 1.87, the workspace's rust-version: update the toolchain (rustup update stable)"
+if [[ "$(printf '%s\n%s\n' 1.89.0 "${have%%-*}" | sort -V | head -n1)" != 1.89.0 ]]; then
+  log "rustc $have is older than 1.89, the workspace's rust-version: update the toolchain (rustup update stable)"
   exit 1
 fi
 
