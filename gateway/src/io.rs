@@ -7,6 +7,7 @@
 
 pub(crate) mod mmsg;
 pub(crate) mod packet;
+pub(crate) mod steer;
 pub(crate) mod tunnel;
 
 macro_rules! io_drops {

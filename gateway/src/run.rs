@@ -27,13 +27,14 @@ use crate::config::{self, GatewayConfig, LogFormat};
 use crate::flowlog::{live_line, FlowFilter, FlowLog, PodNames, WallClock};
 use crate::http::{self, Response};
 use crate::io::packet::{Interface, TxSocket};
+use crate::io::steer::Steering;
 use crate::io::tunnel::TunnelSenders;
 use crate::neighbour;
 use crate::nodes::{self, NodesUpdate};
 use crate::probe;
 use crate::supervisor;
 use crate::telemetry::{self, Telemetry};
-use crate::worker::{Shared, UplinkIo, Worker};
+use crate::worker::{Receivers, Shared, UplinkIo, Worker};
 
 /// Flow-table slots swept per 10 ms tick: the whole default table (2^20) every ~2.5 s.
 const EXPIRE_BUDGET: usize = 4096;
@@ -104,6 +105,7 @@ pub(crate) fn run(path: &Path, tunnel_ip: Option<Ipv4Addr>) -> Result<(), RunErr
         tunnel_senders: Arc::new(tunnel_senders),
         tunnel_mtu: cfg.tunnel.mtu,
         reports: (0..workers).map(|_| Mutex::new(None)).collect(),
+        steering: Steering::detect(workers).map_err(setup)?,
         worker_panics: AtomicU64::new(0),
         stop: AtomicBool::new(false),
         epoch: Instant::now(),
@@ -324,6 +326,11 @@ fn start_workers(
     let (tx, rx) = mpsc::channel();
     let mut threads = Vec::with_capacity(n);
     for id in 0..n {
+        // Here, one after the other: a socket's index in its group is the order it joined (`io::steer`).
+        let receivers = Receivers::open(shared).map_err(|e| {
+            shared.stop.store(true, Ordering::Relaxed);
+            RunError::Setup(format!("worker {id}: {e}"))
+        })?;
         let shared = Arc::clone(shared);
         let tx = tx.clone();
         let seed = random_u64();
@@ -338,7 +345,7 @@ fn start_workers(
                     || {
                         // A restarted worker draws new random ports from a new seed.
                         restarts += 1;
-                        Worker::open(id, Arc::clone(&shared), seed ^ restarts)
+                        Worker::open(id, Arc::clone(&shared), seed ^ restarts, &receivers)
                     },
                     Worker::run,
                     |r| {

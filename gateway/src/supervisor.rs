@@ -1,6 +1,8 @@
 //! Keeps a worker thread serving when its code panics: the panic is caught, counted and logged, and the
-//! worker is opened again with fresh sockets and buffers. The flow table, the port pools and the neighbour
-//! cache live in the shared gateway and survive, so established flows keep going through the new worker.
+//! worker is opened again with fresh buffers and sending sockets. Its receive sockets are kept (their places
+//! in the kernel's groups are what steers packets to it, `io::steer`; what is queued in them is not lost),
+//! and the flow table, the port pools and the neighbour cache live in the shared gateway and survive, so
+//! established flows keep going through the new worker.
 //!
 //! This is the second line of defence. The first is that no input can make the per-packet code panic (the
 //! parsers check lengths first, and the fuzz targets in `forwarder-core/fuzz/` drive the worker's whole
@@ -56,7 +58,7 @@ pub(crate) fn supervise<W>(
                     worker = id,
                     panic = %panic_message(payload.as_ref()),
                     restart_in_ms = u64::try_from(backoff.as_millis()).unwrap_or(u64::MAX),
-                    "worker panicked: restarting it with new sockets and buffers (flows are kept); \
+                    "worker panicked: restarting it with new buffers (flows and receive sockets are kept); \
                      this is a bug, please report it with this message"
                 );
                 if let Some(s) = started.take() {

@@ -428,6 +428,7 @@ mod tests {
                 wakeups: 0,
                 batches: 0,
             }))],
+            steering: crate::io::steer::Steering::new(vec![0], 1),
             worker_panics: AtomicU64::new(0),
             stop: std::sync::atomic::AtomicBool::new(false),
             epoch: std::time::Instant::now(),

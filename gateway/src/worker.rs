@@ -28,6 +28,7 @@ use mio::{Events, Interest, Poll, Token};
 
 use crate::io::mmsg::{RecvBatch, SendBatch, Sending, SlotLayout};
 use crate::io::packet::{self, GsoTxSocket, Interface, RxSocket, TxSocket, VNET_HDR_LEN};
+use crate::io::steer::Steering;
 use crate::io::tunnel::{self, TunnelSenders, TunnelSocket, TunnelTx};
 use crate::io::IoDrop;
 use crate::neighbour::{self, LocalNeighbours, Neighbours};
@@ -99,6 +100,8 @@ pub(crate) struct Shared {
     pub(crate) tunnel_senders: Arc<TunnelSenders>,
     pub(crate) tunnel_mtu: u16,
     pub(crate) reports: Vec<Mutex<Option<Report>>>,
+    /// Which CPUs each worker runs on, and so which packets its receive sockets get.
+    pub(crate) steering: Steering,
     /// Worker panics caught and restarted (see `supervisor`).
     pub(crate) worker_panics: AtomicU64,
     pub(crate) stop: AtomicBool,
@@ -125,9 +128,41 @@ impl Shared {
     }
 }
 
+/// A worker's receive sockets: opened once per worker, in worker order (their order in the kernel's
+/// groups is what the steering programs answer, see `io::steer`), and kept when the worker restarts.
+#[derive(Debug, Clone)]
+pub(crate) struct Receivers {
+    tunnel: Arc<TunnelSocket>,
+    uplinks: Vec<Arc<RxSocket>>,
+}
+
+impl Receivers {
+    /// The tunnel socket and one packet socket per uplink, each joining its interface's group.
+    pub(crate) fn open(shared: &Shared) -> std::io::Result<Receivers> {
+        let tunnel = TunnelSocket::open(shared.tunnel_listen, 8 << 20, &shared.steering)?;
+        let mut uplinks = Vec::with_capacity(shared.uplinks.len());
+        for (i, u) in shared.uplinks.iter().enumerate() {
+            // One fanout group per interface, unique to this process.
+            let group = u16::try_from((std::process::id() as usize + i) & 0xFFFF).unwrap_or(0);
+            let rx =
+                RxSocket::open(u.link.index, group, 8 << 20, &shared.steering).map_err(|e| {
+                    std::io::Error::new(
+                        e.kind(),
+                        format!("uplink {} ({}): {e}", u.name, u.interface),
+                    )
+                })?;
+            uplinks.push(Arc::new(rx));
+        }
+        Ok(Receivers {
+            tunnel: Arc::new(tunnel),
+            uplinks,
+        })
+    }
+}
+
 /// One uplink's sockets and buffers in a worker.
 struct Port {
-    rx: RxSocket,
+    rx: Arc<RxSocket>,
     tx: TxSocket,
     /// For super-packets, with a virtio-net header.
     gso_tx: GsoTxSocket,
@@ -153,7 +188,7 @@ pub(crate) struct Worker {
     shared: Arc<Shared>,
     pipeline: Pipeline,
     gateway_generation: u64,
-    tunnel: TunnelSocket,
+    tunnel: Arc<TunnelSocket>,
     /// The tunnel socket's kernel drop count when last read (it counts from the socket's opening).
     tunnel_drops_seen: u32,
     tun_rx: RecvBatch<libc::sockaddr_in>,
@@ -189,9 +224,18 @@ fn round_up(n: usize, to: usize) -> usize {
 impl Worker {
     /// Opens the worker's sockets: a tunnel socket on the shared address and, per uplink, a receiving
     /// socket in the uplink's fanout group and a sending socket.
-    pub(crate) fn open(id: usize, shared: Arc<Shared>, seed: u64) -> std::io::Result<Worker> {
+    pub(crate) fn open(
+        id: usize,
+        shared: Arc<Shared>,
+        seed: u64,
+        receivers: &Receivers,
+    ) -> std::io::Result<Worker> {
+        if let Err(e) = shared.steering.pin(id) {
+            tracing::warn!(worker = id, error = %e, cpus = ?shared.steering.cpus_of(id),
+                "cannot pin the worker to its CPUs: its packets' wake-ups cross CPUs");
+        }
         let gateway = shared.gateway();
-        let tunnel = TunnelSocket::open(shared.tunnel_listen, 8 << 20)?;
+        let tunnel = Arc::clone(&receivers.tunnel);
         // A node's kernel hands TCP bursts to its vxlan device as 64 KiB GSO super-packets, and the UDP
         // socket receives them whole: room for the largest, translated whole (see `Out::send_whole`).
         let max_dgram = 8 + MAX_UPLINK_FRAME;
@@ -202,15 +246,8 @@ impl Worker {
             prefix: 0,
         };
         let mut ports = Vec::with_capacity(shared.uplinks.len());
-        for (i, u) in shared.uplinks.iter().enumerate() {
-            // One fanout group per interface, unique to this process.
-            let group = u16::try_from((std::process::id() as usize + i) & 0xFFFF).unwrap_or(0);
-            let rx = RxSocket::open(u.link.index, group, 8 << 20).map_err(|e| {
-                std::io::Error::new(
-                    e.kind(),
-                    format!("uplink {} ({}): {e}", u.name, u.interface),
-                )
-            })?;
+        for (u, rx) in shared.uplinks.iter().zip(&receivers.uplinks) {
+            let rx = Arc::clone(rx);
             let tx = TxSocket::open(u.link.index, 8 << 20)?;
             let gso_tx = GsoTxSocket::open(u.link.index, 8 << 20)?;
             let layout = SlotLayout {

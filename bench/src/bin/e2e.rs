@@ -768,6 +768,7 @@ fn conn_rate(topo: &Topology, o: &Options, clients: usize, port: u16) -> Result<
     }
     let ok = Arc::new(AtomicU64::new(0));
     let failed = Arc::new(AtomicU64::new(0));
+    let drops_before = gateway_drops(topo);
     let start = Instant::now();
     let deadline = start + Duration::from_secs(o.seconds);
     let clients = (0..clients)
@@ -819,8 +820,34 @@ fn conn_rate(topo: &Topology, o: &Options, clients: usize, port: u16) -> Result<
             "e2e: connection rate: {failed} of {} connections failed",
             ok + failed
         );
+        // What the userspace gateway dropped meanwhile, by reason (nothing in kernel mode).
+        let after = gateway_drops(topo);
+        for (reason, n) in &after {
+            let was = drops_before
+                .iter()
+                .find(|(r, _)| r == reason)
+                .map_or(0.0, |d| d.1);
+            if *n > was {
+                eprintln!("e2e:   gateway dropped {} as {reason}", n - was);
+            }
+        }
     }
     Ok(ok as f64 / elapsed)
+}
+
+/// The userspace gateway's `egress_gateway_drops_total` by reason (empty in kernel mode).
+fn gateway_drops(topo: &Topology) -> Vec<(String, f64)> {
+    let Ok(m) = topo.gateway(1).metrics() else {
+        return Vec::new();
+    };
+    m.samples()
+        .iter()
+        .filter(|s| s.name == "egress_gateway_drops_total")
+        .map(|s| {
+            let reason = s.labels.iter().find(|(k, _)| k == "reason");
+            (reason.map_or_else(String::new, |r| r.1.clone()), s.value)
+        })
+        .collect()
 }
 
 fn rr_latency(topo: &Topology, o: &Options) -> Result<Vec<(Metric, f64)>> {

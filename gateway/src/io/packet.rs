@@ -5,7 +5,8 @@
 //! * Receive: `SOCK_RAW`, `ETH_P_ALL`, bound to the interface, with `PACKET_VNET_HDR` (each frame comes with a
 //!   virtio-net header saying whether its checksum is still to be completed and whether it is a GSO
 //!   super-packet — both happen on veth and with GRO), `PACKET_IGNORE_OUTGOING` (our own transmissions are not
-//!   looped back), and `PACKET_FANOUT_HASH` so that each worker receives whole flows.
+//!   looped back), and a `PACKET_FANOUT_CBPF` group that hands each frame to the worker pinned to the CPU
+//!   processing it (`steer.rs`).
 //! * Send: a second socket with `PACKET_QDISC_BYPASS` (the frames go straight to the driver) that receives
 //!   nothing. Frames are addressed to the interface with a `sockaddr_ll` per message.
 //!
@@ -16,6 +17,8 @@ use std::io;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
 
 use forwarder_core::wire::ethernet::MacAddr;
+
+use super::steer::{self, Steering};
 
 const ETH_P_ALL: u16 = 0x0003;
 const PACKET_IGNORE_OUTGOING: libc::c_int = 23;
@@ -147,8 +150,14 @@ pub(crate) struct RxSocket {
 }
 
 impl RxSocket {
-    /// Opens and binds; `fanout_group` joins the workers' sockets on this interface into one hash fanout.
-    pub(crate) fn open(ifindex: i32, fanout_group: u16, rcvbuf: usize) -> io::Result<RxSocket> {
+    /// Opens and binds; `fanout_group` joins the workers' sockets on this interface into one fanout that
+    /// `steering` directs. The socket's index in the group is the order of joining.
+    pub(crate) fn open(
+        ifindex: i32,
+        fanout_group: u16,
+        rcvbuf: usize,
+        steering: &Steering,
+    ) -> io::Result<RxSocket> {
         // Protocol 0 at creation, ETH_P_ALL at bind: nothing from other interfaces slips in before the bind.
         let fd = packet_socket(0)?;
         set_int(fd.as_fd(), libc::SOL_PACKET, libc::PACKET_VNET_HDR, 1)?;
@@ -179,11 +188,27 @@ impl RxSocket {
         if r < 0 {
             return Err(io::Error::last_os_error());
         }
-        let mode =
-            libc::c_int::try_from(libc::PACKET_FANOUT_HASH | libc::PACKET_FANOUT_FLAG_DEFRAG)
-                .unwrap_or(0);
+        // The group picks the worker pinned to the CPU processing the frame (see `steer`); defragmented
+        // first, so that a datagram's fragments reach one worker whole.
+        let mode = steer::PACKET_FANOUT_CBPF
+            | libc::c_int::try_from(libc::PACKET_FANOUT_FLAG_DEFRAG).unwrap_or(0);
         let fanout = libc::c_int::from(fanout_group) | (mode << 16);
         set_int(fd.as_fd(), libc::SOL_PACKET, libc::PACKET_FANOUT, fanout)?;
+        let prog = steering.program(steer::Fallback::RxHash);
+        let fprog = steer::fprog(&prog);
+        // SAFETY: fprog points into prog, which outlives the call; its size is passed.
+        let r = unsafe {
+            libc::setsockopt(
+                fd.as_raw_fd(),
+                libc::SOL_PACKET,
+                steer::PACKET_FANOUT_DATA,
+                (&raw const fprog).cast(),
+                libc::socklen_t::try_from(std::mem::size_of::<libc::sock_fprog>()).unwrap_or(16),
+            )
+        };
+        if r < 0 {
+            return Err(io::Error::last_os_error());
+        }
         Ok(RxSocket { fd })
     }
 

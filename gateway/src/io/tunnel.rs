@@ -1,7 +1,7 @@
 //! The tunnel socket: UDP on the gateway's pod address, port 4790 by default. Every worker opens its own
-//! socket on the same address with `SO_REUSEPORT`; the kernel spreads the nodes' datagrams over them by
-//! their 4-tuple (a node's vxlan device picks the outer source port from a hash of the inner flow, so one
-//! flow stays on one worker).
+//! socket on the same address with `SO_REUSEPORT`; a program on the group hands each datagram to the worker
+//! pinned to the CPU processing it (`steer.rs`), and the kernel's 4-tuple hash takes those processed
+//! elsewhere.
 //!
 //! What the gateway sends into the tunnel leaves from [`TunnelSenders`]: a few more UDP sockets on the same
 //! address, each bound to a port the kernel picks from its ephemeral range, as the kernel's own vxlan device
@@ -10,12 +10,14 @@
 
 use std::io;
 use std::net::{Ipv4Addr, SocketAddrV4};
-use std::os::fd::{AsFd, BorrowedFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd};
 
 use std::sync::Arc;
 
 use forwarder_core::wire::vxlan;
 use socket2::{Domain, Protocol, SockAddr, Socket, Type};
+
+use super::steer::{self, Steering};
 
 use super::mmsg::{SendBatch, Sending};
 
@@ -26,8 +28,13 @@ pub(crate) struct TunnelSocket {
 }
 
 impl TunnelSocket {
-    /// Binds `listen` with `SO_REUSEPORT` and large buffers.
-    pub(crate) fn open(listen: SocketAddrV4, buffer: usize) -> io::Result<TunnelSocket> {
+    /// Binds `listen` with `SO_REUSEPORT` and large buffers, and steers the group with `steering` (the
+    /// socket's index in the group is the order of binding).
+    pub(crate) fn open(
+        listen: SocketAddrV4,
+        buffer: usize,
+        steering: &Steering,
+    ) -> io::Result<TunnelSocket> {
         let socket = Socket::new(Domain::IPV4, Type::DGRAM.cloexec(), Some(Protocol::UDP))?;
         socket.set_reuse_port(true)?;
         set_buffers(&socket, buffer);
@@ -40,6 +47,21 @@ impl TunnelSocket {
                 ),
             )
         })?;
+        let prog = steering.program(steer::Fallback::KernelHash);
+        let fprog = steer::fprog(&prog);
+        // SAFETY: fprog points into prog, which outlives the call; its size is passed.
+        let r = unsafe {
+            libc::setsockopt(
+                socket.as_raw_fd(),
+                libc::SOL_SOCKET,
+                steer::SO_ATTACH_REUSEPORT_CBPF,
+                (&raw const fprog).cast(),
+                libc::socklen_t::try_from(std::mem::size_of::<libc::sock_fprog>()).unwrap_or(16),
+            )
+        };
+        if r < 0 {
+            return Err(io::Error::last_os_error());
+        }
         Ok(TunnelSocket { socket })
     }
 }
@@ -360,6 +382,11 @@ mod tests {
     use super::super::mmsg::{RecvBatch, SlotLayout};
     use super::*;
 
+    /// One socket per group: the steering program answers 0 on CPU 0 and hashes elsewhere.
+    fn one() -> Steering {
+        Steering::new(vec![0], 1)
+    }
+
     #[test]
     fn sockaddr_round_trip() {
         let a = sockaddr_in(Ipv4Addr::new(172, 18, 0, 11), 4790);
@@ -368,9 +395,10 @@ mod tests {
 
     #[test]
     fn two_workers_share_a_port_and_exchange_a_batch() {
-        let a = TunnelSocket::open(SocketAddrV4::new(Ipv4Addr::LOCALHOST, 0), 1 << 20).unwrap();
+        let a =
+            TunnelSocket::open(SocketAddrV4::new(Ipv4Addr::LOCALHOST, 0), 1 << 20, &one()).unwrap();
         let local = a.socket.local_addr().unwrap().as_socket_ipv4().unwrap();
-        let b = TunnelSocket::open(local, 1 << 20).unwrap();
+        let b = TunnelSocket::open(local, 1 << 20, &one()).unwrap();
         drop(b);
         let mut tx = SendBatch::new(4, empty_sockaddr_in());
         let msgs: [&[u8]; 3] = [b"one", b"two", b"three"];
@@ -446,7 +474,7 @@ mod tests {
     #[test]
     fn each_inner_flow_leaves_from_one_source_port_and_flows_spread() {
         let rx_sock =
-            TunnelSocket::open(SocketAddrV4::new(Ipv4Addr::LOCALHOST, 0), 1 << 20).unwrap();
+            TunnelSocket::open(SocketAddrV4::new(Ipv4Addr::LOCALHOST, 0), 1 << 20, &one()).unwrap();
         let local = rx_sock
             .socket
             .local_addr()
@@ -533,7 +561,7 @@ mod tests {
     #[test]
     fn datagrams_dropped_at_a_full_receive_queue_are_counted() {
         // The smallest receive buffer the kernel allows: a few datagrams fill it.
-        let rx = TunnelSocket::open(SocketAddrV4::new(Ipv4Addr::LOCALHOST, 0), 1).unwrap();
+        let rx = TunnelSocket::open(SocketAddrV4::new(Ipv4Addr::LOCALHOST, 0), 1, &one()).unwrap();
         let to = rx.socket.local_addr().unwrap().as_socket_ipv4().unwrap();
         assert_eq!(rx.drops().unwrap(), 0);
         let tx = std::net::UdpSocket::bind((Ipv4Addr::LOCALHOST, 0)).unwrap();

@@ -19,3 +19,4 @@ mod neighbour;
 mod operations;
 mod overload;
 mod security;
+mod steering;
