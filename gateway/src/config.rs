@@ -22,6 +22,7 @@ use ipnet::IpNet;
 
 mod decode;
 pub(crate) mod node;
+mod probes;
 mod reader;
 mod value;
 
@@ -55,6 +56,39 @@ pub(crate) struct GatewayConfig {
     /// `kubernetes.kubeconfig`, for `allowed_sources: kubernetes-nodes` (`None`: `$KUBECONFIG`,
     /// `~/.kube/config`, or the pod's service account).
     pub(crate) kubeconfig: Option<PathBuf>,
+    /// `probes`: outside targets whose reachability through the uplinks gates readiness.
+    pub(crate) probes: Option<ProbesConfig>,
+}
+
+/// The `probes` section: ICMP echo and TCP connect probes sent from an egress IP through the gateway's own
+/// uplinks (see `upstream`). While every target of a kind stays unanswered for `timeout`, the gateway is
+/// not ready.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct ProbesConfig {
+    /// How often each target is probed.
+    pub(crate) interval: Duration,
+    /// A target is down when none of its probes was answered for this long (and until its first answer).
+    pub(crate) timeout: Duration,
+    /// ICMP echo targets (RFC 792, RFC 4443).
+    pub(crate) icmp: Vec<IpAddr>,
+    /// TCP connect targets: a SYN answered by a SYN-ACK (RFC 9293 §3.5).
+    pub(crate) tcp: Vec<SocketAddr>,
+}
+
+/// How many source ports (and ICMP echo identifiers) the probes use, next to the `ports` range.
+pub(crate) const PROBE_PORTS: u16 = 16;
+
+/// The ports (and ICMP identifiers) the probes send from: [`PROBE_PORTS`] just below `ports.min`, or, when
+/// the range starts at 1, just above `ports.max`, so that no NAT mapping can ever take them. `None` when
+/// `ports` covers 1..=65535.
+pub(crate) fn probe_ports(ports: PortRange) -> Option<std::ops::RangeInclusive<u16>> {
+    if ports.min > 1 {
+        Some(ports.min.saturating_sub(PROBE_PORTS).max(1)..=ports.min - 1)
+    } else if ports.max < u16::MAX {
+        Some(ports.max + 1..=ports.max.saturating_add(PROBE_PORTS))
+    } else {
+        None
+    }
 }
 
 /// The `flow_log` section: one JSON line per flow for the security team's pod ↔ egress IP:port mapping.
@@ -321,6 +355,8 @@ pub(crate) fn restart_needed(old: &GatewayConfig, new: &GatewayConfig) -> Vec<St
     check("log.format", old.log_format != new.log_format);
     // The writer thread and the table's event queue are set up at start.
     check("flow_log", old.flow_log != new.flow_log);
+    // The prober's sockets, filters and per-target metrics are set up at start.
+    check("probes", old.probes != new.probes);
     keys
 }
 
@@ -558,6 +594,7 @@ uplinks:
             log_format: LogFormat::Text,
             flow_log: None,
             kubeconfig: None,
+            probes: None,
         }
     }
 
@@ -574,6 +611,134 @@ uplinks:
             GatewayConfig::load_with(path, None).unwrap(),
             GatewayConfig::load(path).unwrap()
         );
+    }
+
+    #[test]
+    fn probes_section() {
+        // BASE is 16 lines; the section starts on line 17.
+        let c = parse(&format!(
+            "{BASE}probes:\n  interval: 1s\n  timeout: 3s\n  icmp: [198.51.100.1, 10.50.0.1]\n  tcp: ['198.51.100.1:443']\n"
+        ))
+        .unwrap();
+        assert_eq!(
+            c.probes,
+            Some(ProbesConfig {
+                interval: Duration::from_secs(1),
+                timeout: Duration::from_secs(3),
+                icmp: vec![
+                    "198.51.100.1".parse().unwrap(),
+                    "10.50.0.1".parse().unwrap()
+                ],
+                tcp: vec!["198.51.100.1:443".parse().unwrap()],
+            })
+        );
+        // Calico Enterprise's ICMP probe defaults.
+        let p = parse(&format!("{BASE}probes: {{ icmp: [198.51.100.1] }}\n"))
+            .unwrap()
+            .probes
+            .unwrap();
+        assert_eq!(
+            (p.interval, p.timeout, p.tcp.len()),
+            (Duration::from_secs(5), Duration::from_secs(15), 0)
+        );
+        assert_eq!(parse(BASE).unwrap().probes, None);
+
+        refused(
+            &format!("{BASE}probes: {{ interval: 2s, timeout: 2s, icmp: [198.51.100.1] }}\n"),
+            17,
+            "probes: timeout (2s) must be longer than interval (2s)",
+        );
+        refused(
+            &format!("{BASE}probes:\n  interval: 20s\n  icmp: [198.51.100.1]\n"),
+            18,
+            "timeout (15s) must be longer than interval (20s)",
+        );
+        refused(
+            &format!("{BASE}probes: {{ interval: 10ms, icmp: [198.51.100.1] }}\n"),
+            17,
+            "probes.interval: 10ms is out of range; use a duration at least 100ms",
+        );
+        refused(
+            &format!("{BASE}probes: {{ interval: 1s }}\n"),
+            17,
+            "probes: no targets",
+        );
+        refused(
+            &format!("{BASE}probes:\n  icmp:\n    - 198.51.100.1\n    - 203.0.113.10\n"),
+            20,
+            "probes.icmp[1]: 203.0.113.10 is one of the gateway's own egress IPs",
+        );
+        refused(
+            &format!("{BASE}probes:\n  icmp: [198.51.100.1]\n  tcp: ['198.51.100.1:443', '198.51.100.1:443']\n"),
+            19,
+            "probes.tcp[1]: tcp 198.51.100.1:443 is listed twice (first on line 19)",
+        );
+        refused(
+            &format!("{BASE}probes: {{ tcp: [198.51.100.1] }}\n"),
+            17,
+            "probes.tcp[0]: `198.51.100.1` has no port",
+        );
+        refused(
+            &format!("{BASE}probes: {{ tcp: ['198.51.100.1:0'] }}\n"),
+            17,
+            "port 0 cannot be connected to",
+        );
+        refused(
+            &format!("{BASE}probes: {{ icmp: [127.0.0.1] }}\n"),
+            17,
+            "127.0.0.1 is a loopback address",
+        );
+        refused(
+            &format!("{BASE}probes: {{ icmp: ['2001:db8::1'] }}\n"),
+            17,
+            "probes.icmp[0]: no uplink routes 2001:db8::1",
+        );
+        refused(
+            &format!("{BASE}probes: {{ icmp: [198.51.100.1], count: 3 }}\n"),
+            17,
+            "unknown key `count` in probes; known keys are interval, timeout, icmp, tcp",
+        );
+        refused(
+            &format!("{BASE}ports: {{ min: 1 }}\nprobes: {{ icmp: [198.51.100.1] }}\n"),
+            18,
+            "probes: `ports` covers every port (1..=65535)",
+        );
+        // Every problem of the section at once.
+        let e = errors(&format!(
+            "{BASE}probes:\n  timeout: 1s\n  interval: 1s\n  icmp: [203.0.113.10]\n"
+        ));
+        assert_eq!(e.len(), 2, "{e:#?}");
+        assert!(
+            e[0].starts_with("gw.yaml:18: probes: timeout (1s)"),
+            "{e:#?}"
+        );
+        assert!(
+            e[1].starts_with("gw.yaml:20: probes.icmp[0]: 203.0.113.10"),
+            "{e:#?}"
+        );
+        // A range starting at 1 leaves the ports above it.
+        let c = parse(&format!(
+            "{BASE}ports: {{ min: 1, max: 60000 }}\nprobes: {{ icmp: [198.51.100.1] }}\n"
+        ))
+        .unwrap();
+        assert_eq!(probe_ports(c.ports), Some(60001..=60016));
+        assert_eq!(probe_ports(PortRange::default()), Some(1008..=1023));
+        assert_eq!(probe_ports(PortRange { min: 5, max: 9 }), Some(1..=4));
+        assert_eq!(
+            probe_ports(PortRange { min: 1, max: 65530 }),
+            Some(65531..=65535)
+        );
+        // Too many targets.
+        let many: Vec<String> = (1..=65).map(|i| format!("198.51.100.{i}")).collect();
+        refused(
+            &format!("{BASE}probes: {{ icmp: [{}] }}\n", many.join(", ")),
+            17,
+            "probes: 65 targets; at most 64 are supported",
+        );
+        // Changing the probes needs a restart.
+        let old = parse(&format!("{BASE}probes: {{ icmp: [198.51.100.1] }}\n")).unwrap();
+        let new = parse(&format!("{BASE}probes: {{ icmp: [198.51.100.2] }}\n")).unwrap();
+        assert_eq!(restart_needed(&old, &new), ["probes"]);
     }
 
     #[test]

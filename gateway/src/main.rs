@@ -5,7 +5,7 @@
 //! data-path thread (receive a batch, hand it to the pipeline, send what comes out); `io/` holds the sockets
 //! (tunnel UDP, uplink AF_PACKET) and the offload repairs; `neighbour.rs` answers and resolves ARP/NDP on
 //! the uplinks; `telemetry.rs` and `http.rs` serve metrics and health, `probe.rs` the node agents' UDP health
-//! probe; `config.rs` reads the YAML file.
+//! probe, `upstream.rs` the probes of outside targets that gate readiness; `config.rs` reads the YAML file.
 //! `demo` runs the seed scenario through the real pipeline in-process; `check` validates configuration and
 //! inventory files; `explain` (with `inventory.rs`) tells which gateways a pod's traffic uses and why.
 //! `node/` is the node agent (`egress-gateway node`): policies and gateway health in, ip rules, route
@@ -34,6 +34,7 @@ mod probe;
 mod run;
 mod supervisor;
 mod telemetry;
+mod upstream;
 mod worker;
 
 /// Userspace egress gateway for Kubernetes: terminates the VXLAN tunnel from client nodes, SNATs pod traffic

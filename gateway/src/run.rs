@@ -33,7 +33,8 @@ use crate::neighbour;
 use crate::nodes::{self, NodesUpdate};
 use crate::probe;
 use crate::supervisor;
-use crate::telemetry::{self, Telemetry};
+use crate::telemetry::{self, Readiness, Telemetry};
+use crate::upstream;
 use crate::worker::{Receivers, Shared, UplinkIo, Worker};
 
 /// Flow-table slots swept per 10 ms tick: the whole default table (2^20) every ~2.5 s.
@@ -110,7 +111,8 @@ pub(crate) fn run(path: &Path, tunnel_ip: Option<Ipv4Addr>) -> Result<(), RunErr
         stop: AtomicBool::new(false),
         epoch: Instant::now(),
     });
-    let telemetry = Arc::new(Telemetry::new());
+    let upstream_status = Arc::new(upstream::Status::new(cfg.probes.as_ref()));
+    let telemetry = Arc::new(Telemetry::new().with_upstream(Arc::clone(&upstream_status)));
     let clock = WallClock::new(shared.epoch);
     let pod_names = Arc::new(PodNames::new(
         cfg.flow_log
@@ -156,6 +158,13 @@ pub(crate) fn run(path: &Path, tunnel_ip: Option<Ipv4Addr>) -> Result<(), RunErr
     };
 
     let threads = start_workers(&shared, workers)?;
+    // The prober asks the workers' neighbour cache for its next hops: after the workers run.
+    if let (Some(p), Some(ports)) = (&cfg.probes, config::probe_ports(cfg.ports)) {
+        upstream::start(p, ports, &shared, &upstream_status).map_err(|e| {
+            shared.stop.store(true, Ordering::Relaxed);
+            setup(e)
+        })?;
+    }
     let control_tx: Vec<TxSocket> = shared
         .uplinks
         .iter()
@@ -382,12 +391,13 @@ fn start_http(
         let heartbeat = Arc::clone(heartbeat);
         move |target: &str| -> Option<Response> {
             match http::split(target).0 {
-                "/readiness" | "/readyz" => Some(if telemetry.draining.load(Ordering::Relaxed) {
-                    Response::text(503, "draining\n")
-                } else if telemetry.ready.load(Ordering::Relaxed) {
-                    Response::text(200, "ready\n")
-                } else {
-                    Response::text(503, "starting\n")
+                "/readiness" | "/readyz" => Some(match telemetry.readiness() {
+                    Readiness::Ready => Response::text(200, "ready\n"),
+                    Readiness::Starting => Response::text(503, "starting\n"),
+                    Readiness::Draining => Response::text(503, "draining\n"),
+                    Readiness::ProbesFailing(why) => {
+                        Response::text(503, format!("probes failing: {why}\n"))
+                    }
                 }),
                 "/livez" | "/healthz" => {
                     let stale = millis_since(shared.epoch)
@@ -416,14 +426,10 @@ fn start_http(
     // The node agents' UDP probe, on the health port: the same answer as /readiness.
     let state: Arc<dyn Fn() -> probe::State + Send + Sync> = {
         let telemetry = Arc::clone(telemetry);
-        Arc::new(move || {
-            if telemetry.draining.load(Ordering::Relaxed) {
-                probe::State::Draining
-            } else if telemetry.ready.load(Ordering::Relaxed) {
-                probe::State::Ready
-            } else {
-                probe::State::NotReady
-            }
+        Arc::new(move || match telemetry.readiness() {
+            Readiness::Ready => probe::State::Ready,
+            Readiness::Draining => probe::State::Draining,
+            Readiness::Starting | Readiness::ProbesFailing(_) => probe::State::NotReady,
         })
     };
     probe::serve(cfg.health_listen, state, Arc::clone(&telemetry.probes)).map_err(setup)?;

@@ -157,7 +157,46 @@ pub(crate) const METRICS: &[(&str, &str, &str)] = &[
         "counter",
         "UDP health probes from node agents, by result (answered, malformed).",
     ),
+    (
+        "egress_gateway_probe_up",
+        "gauge",
+        "1 while an outside probe target answers (probes section), by kind and target.",
+    ),
+    (
+        "egress_gateway_probe_sent_total",
+        "counter",
+        "Probes sent to an outside target, by kind and target.",
+    ),
+    (
+        "egress_gateway_probe_answered_total",
+        "counter",
+        "Probes answered (echo reply, SYN-ACK), by kind and target.",
+    ),
+    (
+        "egress_gateway_probe_refused_total",
+        "counter",
+        "TCP probes refused (RST: host reachable, port closed), by kind and target.",
+    ),
+    (
+        "egress_gateway_probe_rtt_seconds",
+        "gauge",
+        "Round-trip time of the last answered probe, by kind and target.",
+    ),
 ];
+
+/// What `/readiness` answers, and the node agents' UDP probe with it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum Readiness {
+    /// 200: takes new flows.
+    Ready,
+    /// 503 `starting`: the workers are not running yet, or the cluster's nodes are not known yet.
+    Starting,
+    /// 503 `draining`: after SIGTERM (wins over everything else).
+    Draining,
+    /// 503 `probes failing: ...`: every target of a kind of the `probes` section is down; the text names
+    /// them.
+    ProbesFailing(String),
+}
 
 /// The process's metrics state.
 pub(crate) struct Telemetry {
@@ -173,6 +212,8 @@ pub(crate) struct Telemetry {
     pub(crate) probes: Arc<crate::probe::Counters>,
     /// Node addresses admitted as tunnel sources (`allowed_sources: kubernetes-nodes`).
     pub(crate) allowed_nodes: AtomicU64,
+    /// The outside probes' verdicts (no targets without a `probes` section).
+    pub(crate) upstream: Arc<crate::upstream::Status>,
 }
 
 impl std::fmt::Debug for Telemetry {
@@ -196,6 +237,7 @@ impl Telemetry {
             flow_log: Arc::default(),
             probes: Arc::default(),
             allowed_nodes: AtomicU64::new(0),
+            upstream: Arc::default(),
         };
         metrics::with_local_recorder(&t.recorder, || {
             for (name, kind, help) in METRICS {
@@ -207,6 +249,24 @@ impl Telemetry {
             }
         });
         t
+    }
+
+    /// This recorder with the outside probes' verdicts in its readiness and metrics.
+    pub(crate) fn with_upstream(self, upstream: Arc<crate::upstream::Status>) -> Telemetry {
+        Telemetry { upstream, ..self }
+    }
+
+    /// Whether the gateway takes new flows, and if not, why. Draining wins, then starting, then the probes.
+    pub(crate) fn readiness(&self) -> Readiness {
+        if self.draining.load(Ordering::Relaxed) {
+            Readiness::Draining
+        } else if !self.ready.load(Ordering::Relaxed) {
+            Readiness::Starting
+        } else if let Some(failing) = self.upstream.failing() {
+            Readiness::ProbesFailing(failing)
+        } else {
+            Readiness::Ready
+        }
     }
 
     /// Updates every metric from the workers' latest reports and renders the Prometheus text.
@@ -302,7 +362,8 @@ impl Telemetry {
             counter!("egress_gateway_neighbour_updates_total", "outcome" => o.name())
                 .absolute(n.outcomes[o.index()]);
         }
-        gauge!("egress_gateway_ready").set(f64::from(u8::from(self.ready.load(Ordering::Relaxed))));
+        let ready = self.readiness() == Readiness::Ready;
+        gauge!("egress_gateway_ready").set(f64::from(u8::from(ready)));
         gauge!("egress_gateway_draining")
             .set(f64::from(u8::from(self.draining.load(Ordering::Relaxed))));
         counter!("egress_gateway_config_reloads_total", "result" => "applied")
@@ -318,6 +379,23 @@ impl Telemetry {
             .absolute(self.probes.malformed.load(Ordering::Relaxed));
         counter!("egress_gateway_worker_panics_total")
             .absolute(shared.worker_panics.load(Ordering::Relaxed));
+        for t in self.upstream.targets() {
+            let labels = [
+                ("kind", t.kind.name().to_string()),
+                ("target", t.label.clone()),
+            ];
+            gauge!("egress_gateway_probe_up", &labels)
+                .set(f64::from(u8::from(t.up.load(Ordering::Relaxed))));
+            counter!("egress_gateway_probe_sent_total", &labels)
+                .absolute(t.sent.load(Ordering::Relaxed));
+            counter!("egress_gateway_probe_answered_total", &labels)
+                .absolute(t.answered.load(Ordering::Relaxed));
+            counter!("egress_gateway_probe_refused_total", &labels)
+                .absolute(t.refused.load(Ordering::Relaxed));
+            if let Some(rtt) = t.rtt_seconds() {
+                gauge!("egress_gateway_probe_rtt_seconds", &labels).set(rtt);
+            }
+        }
         if let Some(events) = table.events() {
             let w = &self.flow_log;
             for (result, v) in [
@@ -433,7 +511,17 @@ mod tests {
             stop: std::sync::atomic::AtomicBool::new(false),
             epoch: std::time::Instant::now(),
         });
-        let t = Telemetry::new();
+        let probes = crate::config::ProbesConfig {
+            interval: std::time::Duration::from_secs(1),
+            timeout: std::time::Duration::from_secs(3),
+            icmp: vec!["198.51.100.1".parse().unwrap()],
+            tcp: vec!["198.51.100.1:443".parse().unwrap()],
+        };
+        let t =
+            Telemetry::new().with_upstream(Arc::new(crate::upstream::Status::new(Some(&probes))));
+        t.upstream.targets()[0]
+            .rtt_nanos
+            .store(1_000_000, Ordering::Relaxed);
         let text = t.render(&shared);
         for (name, _, _) in METRICS {
             assert!(
@@ -446,6 +534,36 @@ mod tests {
         assert!(text.contains(
             "egress_gateway_drops_total{reason=\"neighbour_unresolved\",worker=\"0\"} 0"
         ));
+        assert!(
+            text.contains("egress_gateway_probe_up{kind=\"tcp\",target=\"198.51.100.1:443\"} 0")
+        );
+        assert!(text.contains(
+            "egress_gateway_probe_rtt_seconds{kind=\"icmp\",target=\"198.51.100.1\"} 0.001"
+        ));
+    }
+
+    #[test]
+    fn draining_wins_then_starting_then_the_probes() {
+        let probes = crate::config::ProbesConfig {
+            interval: std::time::Duration::from_secs(1),
+            timeout: std::time::Duration::from_secs(3),
+            icmp: vec!["198.51.100.1".parse().unwrap()],
+            tcp: vec![],
+        };
+        let t =
+            Telemetry::new().with_upstream(Arc::new(crate::upstream::Status::new(Some(&probes))));
+        assert_eq!(t.readiness(), Readiness::Starting);
+        t.ready.store(true, Ordering::Relaxed);
+        assert_eq!(
+            t.readiness(),
+            Readiness::ProbesFailing("icmp 198.51.100.1".into())
+        );
+        t.upstream.targets()[0].up.store(true, Ordering::Relaxed);
+        assert_eq!(t.readiness(), Readiness::Ready);
+        t.upstream.targets()[0].up.store(false, Ordering::Relaxed);
+        t.draining.store(true, Ordering::Relaxed);
+        assert_eq!(t.readiness(), Readiness::Draining);
+        assert_eq!(Telemetry::new().readiness(), Readiness::Starting);
     }
 
     #[test]

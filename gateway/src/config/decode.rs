@@ -36,6 +36,7 @@ const ROOT_KEYS: &[&str] = &[
     "log",
     "flow_log",
     "kubernetes",
+    "probes",
 ];
 const KUBERNETES_KEYS: &[&str] = &["kubeconfig"];
 const TUNNEL_KEYS: &[&str] = &[
@@ -165,6 +166,10 @@ pub(super) fn gateway(r: &mut Reader<'_>, root: &Node) -> Option<GatewayConfig> 
         None => Some(None),
         Some(v) => flow_log(r, &v).map(Some),
     };
+    let probes = match top.get("probes") {
+        None => Some(None),
+        Some(v) => super::probes::probes(r, &v, uplinks.as_deref(), ports).map(Some),
+    };
     Some(GatewayConfig {
         path: Default::default(),
         tunnel: tunnel?,
@@ -179,6 +184,7 @@ pub(super) fn gateway(r: &mut Reader<'_>, root: &Node) -> Option<GatewayConfig> 
         log_format: log_format?,
         flow_log: flow_log?,
         kubeconfig: kubeconfig?,
+        probes: probes?,
     })
 }
 
@@ -823,7 +829,7 @@ mod tests {
     #[test]
     fn every_key_is_documented() {
         let docs = include_str!("../../../docs/configuration.md");
-        let sections: [(&str, &[&str]); 11] = [
+        let sections: [(&str, &[&str]); 12] = [
             ("kubernetes.", KUBERNETES_KEYS),
             ("", ROOT_KEYS),
             ("tunnel.", TUNNEL_KEYS),
@@ -835,6 +841,7 @@ mod tests {
             ("admin.", LISTEN_KEYS),
             ("log.", LOG_KEYS),
             ("flow_log.", FLOW_LOG_KEYS),
+            ("probes.", super::super::probes::PROBES_KEYS),
         ];
         for (prefix, keys) in sections {
             for key in keys {
