@@ -17,6 +17,6 @@ pub mod selector;
 pub use model::{EgressGatewayPolicy, GatewaySpec, Namespace, Pod, PolicyError, Preference, Rule};
 pub use resolve::{
     AnnotationSource, BlockReason, Decision, Explanation, GatewayMember, Inventory, PodTable,
-    TableEntry,
+    Resolver, TableEntry,
 };
 pub use selector::{Labels, Selector, SelectorError};

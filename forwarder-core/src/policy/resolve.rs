@@ -18,7 +18,13 @@
 //!    that many, chosen per client pod by rendezvous hashing: deterministic, spread across client pods, and a
 //!    gateway leaving only moves the clients that used it. No gateway left → [`Decision::Blocked`]
 //!    (an `unreachable` route: fail closed).
+//!
+//! Step 3 is where the cost is: finding the pods a rule's selectors match means looking at every pod.
+//! [`Resolver`] does that once per (gateway selector, namespace scope) and keeps the answer while it
+//! resolves many pods against an unchanged inventory, as the node agent's plan does for every pod of
+//! its node; [`Inventory`]'s own methods resolve one pod with a fresh [`Resolver`].
 
+use core::cell::RefCell;
 use core::fmt;
 use core::net::IpAddr;
 use std::collections::BTreeMap;
@@ -26,11 +32,13 @@ use std::collections::BTreeMap;
 use ipnet::{IpNet, Ipv4Net, Ipv6Net};
 
 use super::model::{
-    namespace_selector_labels, EgressGatewayPolicy, GatewaySpec, Namespace, Pod, Preference,
-    ANNOTATION_MAX_NEXT_HOPS, ANNOTATION_NAMESPACE_SELECTOR, ANNOTATION_POLICY,
-    ANNOTATION_SELECTOR,
+    EgressGatewayPolicy, GatewaySpec, Namespace, Pod, Preference, ANNOTATION_MAX_NEXT_HOPS,
+    ANNOTATION_NAMESPACE_SELECTOR, ANNOTATION_POLICY, ANNOTATION_SELECTOR,
 };
 use super::selector::{Labels, Selector};
+use candidates::Candidates;
+
+mod candidates;
 
 /// Where a pod's egress configuration came from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -251,6 +259,14 @@ impl Inventory {
         self.policies.values()
     }
 
+    /// A resolver over this inventory, for resolving many pods against it (see [`Resolver`]).
+    pub fn resolver(&self) -> Resolver<'_> {
+        Resolver {
+            inventory: self,
+            candidates: RefCell::new(Candidates::default()),
+        }
+    }
+
     /// The decision for `pod`'s traffic to `dst`, with every gateway considered healthy.
     pub fn resolve(&self, pod: &Pod, dst: IpAddr) -> Decision {
         self.explain(pod, dst).decision
@@ -269,6 +285,75 @@ impl Inventory {
         dst: IpAddr,
         healthy: impl Fn(&GatewayMember) -> bool,
     ) -> Explanation {
+        self.resolver().explain_filtered(pod, dst, healthy)
+    }
+
+    /// The whole egress table of `pod` (see [`Resolver::table`]). `None` when the pod is not opted in.
+    pub fn table(
+        &self,
+        pod: &Pod,
+        healthy: impl Fn(IpNet, &GatewayMember) -> bool,
+    ) -> Option<PodTable> {
+        self.resolver().table(pod, healthy)
+    }
+
+    /// 1. Which configuration applies to `pod`, and where it came from.
+    fn applied(&self, pod: &Pod) -> (AnnotationSource, Applied<'_>) {
+        let ns = self.namespaces.get(&pod.namespace);
+        let empty = Labels::new();
+        let ns_annotations = ns.map_or(&empty, |n| &n.annotations);
+        let get = annotation;
+        let policy_name = match (
+            get(&pod.annotations, ANNOTATION_POLICY),
+            get(ns_annotations, ANNOTATION_POLICY),
+        ) {
+            (Some(name), _) => Some((AnnotationSource::PodPolicy, name)),
+            (None, Some(name)) => Some((AnnotationSource::NamespacePolicy, name)),
+            (None, None) => None,
+        };
+        if let Some((source, name)) = policy_name {
+            return match self.policies.get(name) {
+                Some(policy) => (source, Applied::Policy(policy)),
+                None => (source, Applied::Missing(name.to_string())),
+            };
+        }
+        if get(&pod.annotations, ANNOTATION_SELECTOR).is_some() {
+            (
+                AnnotationSource::PodSelector,
+                Applied::Selector(selector_spec(&pod.annotations)),
+            )
+        } else if get(ns_annotations, ANNOTATION_SELECTOR).is_some() {
+            (
+                AnnotationSource::NamespaceSelector,
+                Applied::Selector(selector_spec(ns_annotations)),
+            )
+        } else {
+            (AnnotationSource::None, Applied::None)
+        }
+    }
+}
+
+/// Resolves pods against one inventory, remembering which pods each gateway selector matches (per
+/// namespace selector, or per client namespace for a rule without one), so that resolving every pod of
+/// a node looks at each pod of the inventory once per distinct selector rather than once per client pod
+/// and destination. The decisions are those of resolving each pod on its own.
+///
+/// What it remembers is only valid for the inventory it borrows, which cannot change while it lives.
+#[derive(Debug)]
+pub struct Resolver<'a> {
+    inventory: &'a Inventory,
+    candidates: RefCell<Candidates<'a>>,
+}
+
+impl Resolver<'_> {
+    /// The decision and why, using only gateways for which `healthy` is true (applied before
+    /// `PreferNodeLocal` and `maxNextHops`, so that a failed gateway is replaced).
+    pub fn explain_filtered(
+        &self,
+        pod: &Pod,
+        dst: IpAddr,
+        healthy: impl Fn(&GatewayMember) -> bool,
+    ) -> Explanation {
         let mut ex = Explanation {
             source: AnnotationSource::None,
             policy: None,
@@ -276,7 +361,7 @@ impl Inventory {
             rule_index: None,
             decision: Decision::NotOptedIn,
         };
-        let (source, applied) = self.applied(pod);
+        let (source, applied) = self.inventory.applied(pod);
         ex.source = source;
         match applied {
             Applied::None => {}
@@ -318,7 +403,7 @@ impl Inventory {
         pod: &Pod,
         healthy: impl Fn(IpNet, &GatewayMember) -> bool,
     ) -> Option<PodTable> {
-        let (source, applied) = self.applied(pod);
+        let (source, applied) = self.inventory.applied(pod);
         let defaults = [IpNet::V4(Ipv4Net::default()), IpNet::V6(Ipv6Net::default())];
         let blocked = |reason: BlockReason| -> Vec<TableEntry> {
             defaults
@@ -385,41 +470,6 @@ impl Inventory {
         })
     }
 
-    /// 1. Which configuration applies to `pod`, and where it came from.
-    fn applied(&self, pod: &Pod) -> (AnnotationSource, Applied<'_>) {
-        let ns = self.namespaces.get(&pod.namespace);
-        let empty = Labels::new();
-        let ns_annotations = ns.map_or(&empty, |n| &n.annotations);
-        let get = annotation;
-        let policy_name = match (
-            get(&pod.annotations, ANNOTATION_POLICY),
-            get(ns_annotations, ANNOTATION_POLICY),
-        ) {
-            (Some(name), _) => Some((AnnotationSource::PodPolicy, name)),
-            (None, Some(name)) => Some((AnnotationSource::NamespacePolicy, name)),
-            (None, None) => None,
-        };
-        if let Some((source, name)) = policy_name {
-            return match self.policies.get(name) {
-                Some(policy) => (source, Applied::Policy(policy)),
-                None => (source, Applied::Missing(name.to_string())),
-            };
-        }
-        if get(&pod.annotations, ANNOTATION_SELECTOR).is_some() {
-            (
-                AnnotationSource::PodSelector,
-                Applied::Selector(selector_spec(&pod.annotations)),
-            )
-        } else if get(ns_annotations, ANNOTATION_SELECTOR).is_some() {
-            (
-                AnnotationSource::NamespaceSelector,
-                Applied::Selector(selector_spec(ns_annotations)),
-            )
-        } else {
-            (AnnotationSource::None, Applied::None)
-        }
-    }
-
     /// 3. Which gateways.
     fn gateways(
         &self,
@@ -429,18 +479,15 @@ impl Inventory {
         preference: Preference,
         healthy: &impl Fn(&GatewayMember) -> bool,
     ) -> Decision {
-        let mut members: Vec<GatewayMember> = self
-            .pods
-            .values()
+        // The pods the selectors match, in the inventory's order (namespace, then name): the order the
+        // `maxNextHops` choice falls back on when two gateways tie.
+        let candidates =
+            self.candidates
+                .borrow_mut()
+                .matching(self.inventory, spec, &client.namespace);
+        let mut members: Vec<GatewayMember> = candidates
+            .iter()
             .filter(|p| !(p.namespace == client.namespace && p.name == client.name))
-            .filter(|p| spec.selector.matches(&p.labels))
-            .filter(|p| match &spec.namespace_selector {
-                Some(sel) => {
-                    let labels = self.namespaces.get(&p.namespace).map(|n| &n.labels);
-                    sel.matches(&namespace_selector_labels(&p.namespace, labels))
-                }
-                None => p.namespace == client.namespace,
-            })
             .filter_map(|p| {
                 let ip = *p.ip.iter().find(|ip| ip.is_ipv4() == dst.is_ipv4())?;
                 Some(GatewayMember {
@@ -544,3 +591,6 @@ fn fnv1a(parts: &[&[u8]]) -> u64 {
 
 #[cfg(test)]
 mod tests;
+
+#[cfg(test)]
+mod differential;

@@ -17,7 +17,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::net::{IpAddr, Ipv4Addr};
 use std::ops::RangeInclusive;
 
-use forwarder_core::policy::{Decision, GatewayMember, Inventory, Pod};
+use forwarder_core::policy::{Decision, GatewayMember, Inventory, Pod, PodTable};
 use ipnet::IpNet;
 
 use super::state::{link_local, tunnel_mac, Desired, RouteKey, RouteKind, RuleSpec};
@@ -113,14 +113,21 @@ pub(crate) fn plan(
         .filter(|p| p.host_ip.is_none_or(|h| !p.ip.contains(&h)))
         .collect();
 
-    // Tables: pods keep theirs; new pods get the lowest free one.
-    let opted_in: Vec<(&Pod, PodKey)> = pods
+    // One resolver for every pod of the node: it finds the pods each gateway selector matches once,
+    // rather than walking the whole inventory per pod and destination (`policy::Resolver` says why).
+    let resolver = inventory.resolver();
+
+    // Tables: pods keep theirs; new pods get the lowest free one. With each opted-in pod, its table with
+    // every gateway the pod could use, healthy or not.
+    let opted_in: Vec<(&Pod, PodKey, PodTable)> = pods
         .iter()
-        .filter(|p| inventory.table(p, |_, _| true).is_some())
-        .map(|p| (*p, (p.namespace.clone(), p.name.clone())))
+        .filter_map(|p| {
+            let all = resolver.table(p, |_, _| true)?;
+            Some((*p, (p.namespace.clone(), p.name.clone()), all))
+        })
         .collect();
     let mut used: BTreeSet<u32> = BTreeSet::new();
-    for (_, key) in &opted_in {
+    for (_, key, _) in &opted_in {
         if let Some(&t) = previous.tables.get(key) {
             if settings.tables.contains(&t) && used.insert(t) {
                 plan.memory.tables.insert(key.clone(), t);
@@ -131,7 +138,7 @@ pub(crate) fn plan(
         .tables
         .clone()
         .filter(|t| !RESERVED_TABLES.contains(t) && !used.contains(t));
-    for (_, key) in &opted_in {
+    for (_, key, _) in &opted_in {
         if plan.memory.tables.contains_key(key) {
             continue;
         }
@@ -157,7 +164,7 @@ pub(crate) fn plan(
         })
     };
 
-    for (pod, key) in &opted_in {
+    for (pod, key, all) in &opted_in {
         let Some(&table) = plan.memory.tables.get(key) else {
             continue;
         };
@@ -173,11 +180,9 @@ pub(crate) fn plan(
             plan.desired.routes.insert((table, *net), RouteKind::Throw);
         }
         // Every gateway the pod could use, healthy or not: probed, and given neighbours and FDB entries.
-        if let Some(all) = inventory.table(pod, |_, _| true) {
-            for entry in &all.entries {
-                if let Decision::Gateways { members, .. } = &entry.decision {
-                    plan.gateways.extend(members.iter().filter_map(tunnel_ip));
-                }
+        for entry in &all.entries {
+            if let Decision::Gateways { members, .. } = &entry.decision {
+                plan.gateways.extend(members.iter().filter_map(tunnel_ip));
             }
         }
         let eligible = |net: IpNet, m: &GatewayMember| -> bool {
@@ -193,7 +198,7 @@ pub(crate) fn plan(
                 Health::Unknown | Health::Down => false,
             }
         };
-        let Some(t) = inventory.table(pod, eligible) else {
+        let Some(t) = resolver.table(pod, eligible) else {
             continue;
         };
         for entry in t.entries {
