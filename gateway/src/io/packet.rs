@@ -194,21 +194,12 @@ impl RxSocket {
             | libc::c_int::try_from(libc::PACKET_FANOUT_FLAG_DEFRAG).unwrap_or(0);
         let fanout = libc::c_int::from(fanout_group) | (mode << 16);
         set_int(fd.as_fd(), libc::SOL_PACKET, libc::PACKET_FANOUT, fanout)?;
-        let prog = steering.program(steer::Fallback::RxHash);
-        let fprog = steer::fprog(&prog);
-        // SAFETY: fprog points into prog, which outlives the call; its size is passed.
-        let r = unsafe {
-            libc::setsockopt(
-                fd.as_raw_fd(),
-                libc::SOL_PACKET,
-                steer::PACKET_FANOUT_DATA,
-                (&raw const fprog).cast(),
-                libc::socklen_t::try_from(std::mem::size_of::<libc::sock_fprog>()).unwrap_or(16),
-            )
-        };
-        if r < 0 {
-            return Err(io::Error::last_os_error());
-        }
+        steer::attach(
+            fd.as_fd(),
+            libc::SOL_PACKET,
+            steer::PACKET_FANOUT_DATA,
+            &steering.program(steer::Fallback::RxHash),
+        )?;
         Ok(RxSocket { fd })
     }
 

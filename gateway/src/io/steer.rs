@@ -26,6 +26,7 @@
 //! lifetime (a restarted worker takes its predecessor's sockets, see `supervisor`).
 
 use std::io;
+use std::os::fd::{AsRawFd, BorrowedFd};
 
 /// The classic BPF instructions used here (`include/uapi/linux/bpf_common.h`, `filter.h`).
 const BPF_LD_W_ABS: u16 = 0x20; // BPF_LD (0) | BPF_W (0) | BPF_ABS
@@ -144,12 +145,32 @@ fn allowed_cpus() -> io::Result<Vec<usize>> {
         .collect())
 }
 
-/// `prog` as the `sock_fprog` that `setsockopt` takes; valid while `prog` lives.
-pub(crate) fn fprog(prog: &[libc::sock_filter]) -> libc::sock_fprog {
-    libc::sock_fprog {
-        len: u16::try_from(prog.len()).unwrap_or(u16::MAX),
+/// Attaches `prog` with `setsockopt(level, name)` (`SO_ATTACH_REUSEPORT_CBPF`, `PACKET_FANOUT_DATA`).
+pub(crate) fn attach(
+    fd: BorrowedFd<'_>,
+    level: libc::c_int,
+    name: libc::c_int,
+    prog: &[libc::sock_filter],
+) -> io::Result<()> {
+    let fprog = libc::sock_fprog {
+        len: u16::try_from(prog.len()).map_err(|_| io::Error::other("BPF program too long"))?,
         filter: prog.as_ptr().cast_mut(),
+    };
+    // SAFETY: fprog points into prog, which outlives the call (the kernel copies the program); its size
+    // is passed.
+    let r = unsafe {
+        libc::setsockopt(
+            fd.as_raw_fd(),
+            level,
+            name,
+            (&raw const fprog).cast(),
+            libc::socklen_t::try_from(std::mem::size_of::<libc::sock_fprog>()).unwrap_or(16),
+        )
+    };
+    if r < 0 {
+        return Err(io::Error::last_os_error());
     }
+    Ok(())
 }
 
 #[cfg(test)]

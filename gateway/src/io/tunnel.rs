@@ -10,7 +10,7 @@
 
 use std::io;
 use std::net::{Ipv4Addr, SocketAddrV4};
-use std::os::fd::{AsFd, AsRawFd, BorrowedFd};
+use std::os::fd::{AsFd, BorrowedFd};
 
 use std::sync::Arc;
 
@@ -47,21 +47,12 @@ impl TunnelSocket {
                 ),
             )
         })?;
-        let prog = steering.program(steer::Fallback::KernelHash);
-        let fprog = steer::fprog(&prog);
-        // SAFETY: fprog points into prog, which outlives the call; its size is passed.
-        let r = unsafe {
-            libc::setsockopt(
-                socket.as_raw_fd(),
-                libc::SOL_SOCKET,
-                steer::SO_ATTACH_REUSEPORT_CBPF,
-                (&raw const fprog).cast(),
-                libc::socklen_t::try_from(std::mem::size_of::<libc::sock_fprog>()).unwrap_or(16),
-            )
-        };
-        if r < 0 {
-            return Err(io::Error::last_os_error());
-        }
+        steer::attach(
+            socket.as_fd(),
+            libc::SOL_SOCKET,
+            steer::SO_ATTACH_REUSEPORT_CBPF,
+            &steering.program(steer::Fallback::KernelHash),
+        )?;
         Ok(TunnelSocket { socket })
     }
 }
