@@ -93,20 +93,33 @@ fn packet_socket(protocol: u16) -> io::Result<OwnedFd> {
     Ok(unsafe { OwnedFd::from_raw_fd(fd) })
 }
 
-fn set_int(
+/// `setsockopt(level, opt)` with an integer value.
+pub(crate) fn set_int(
     fd: BorrowedFd<'_>,
     level: libc::c_int,
     opt: libc::c_int,
     value: libc::c_int,
 ) -> io::Result<()> {
-    // SAFETY: value is a live c_int and its size is passed.
+    set_opt(fd, level, opt, &value)
+}
+
+/// `setsockopt(level, opt)` with `value` (a plain C struct or integer; its size is passed).
+pub(crate) fn set_opt<T>(
+    fd: BorrowedFd<'_>,
+    level: libc::c_int,
+    opt: libc::c_int,
+    value: &T,
+) -> io::Result<()> {
+    let len = libc::socklen_t::try_from(std::mem::size_of::<T>())
+        .map_err(|_| io::Error::other("socket option too large"))?;
+    // SAFETY: value is a live T of len bytes; the kernel only reads it (it copies what it keeps).
     let r = unsafe {
         libc::setsockopt(
             fd.as_raw_fd(),
             level,
             opt,
-            (&raw const value).cast(),
-            libc::socklen_t::try_from(std::mem::size_of::<libc::c_int>()).unwrap_or(4),
+            std::ptr::from_ref(value).cast(),
+            len,
         )
     };
     if r < 0 {
@@ -175,19 +188,12 @@ impl RxSocket {
             mr_alen: 0,
             mr_address: [0; 8],
         };
-        // SAFETY: mr is a live packet_mreq and its size is passed.
-        let r = unsafe {
-            libc::setsockopt(
-                fd.as_raw_fd(),
-                libc::SOL_PACKET,
-                libc::PACKET_ADD_MEMBERSHIP,
-                (&raw const mr).cast(),
-                libc::socklen_t::try_from(std::mem::size_of::<libc::packet_mreq>()).unwrap_or(16),
-            )
-        };
-        if r < 0 {
-            return Err(io::Error::last_os_error());
-        }
+        set_opt(
+            fd.as_fd(),
+            libc::SOL_PACKET,
+            libc::PACKET_ADD_MEMBERSHIP,
+            &mr,
+        )?;
         // The group picks the worker pinned to the CPU processing the frame (see `steer`); defragmented
         // first, so that a datagram's fragments reach one worker whole.
         let mode = steer::PACKET_FANOUT_CBPF

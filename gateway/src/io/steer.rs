@@ -26,7 +26,7 @@
 //! lifetime (a restarted worker takes its predecessor's sockets, see `supervisor`).
 
 use std::io;
-use std::os::fd::{AsRawFd, BorrowedFd};
+use std::os::fd::BorrowedFd;
 
 /// The classic BPF instructions used here (`include/uapi/linux/bpf_common.h`, `filter.h`).
 const BPF_LD_W_ABS: u16 = 0x20; // BPF_LD (0) | BPF_W (0) | BPF_ABS
@@ -156,21 +156,8 @@ pub(crate) fn attach(
         len: u16::try_from(prog.len()).map_err(|_| io::Error::other("BPF program too long"))?,
         filter: prog.as_ptr().cast_mut(),
     };
-    // SAFETY: fprog points into prog, which outlives the call (the kernel copies the program); its size
-    // is passed.
-    let r = unsafe {
-        libc::setsockopt(
-            fd.as_raw_fd(),
-            level,
-            name,
-            (&raw const fprog).cast(),
-            libc::socklen_t::try_from(std::mem::size_of::<libc::sock_fprog>()).unwrap_or(16),
-        )
-    };
-    if r < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    Ok(())
+    // fprog points into prog, which outlives the call (the kernel copies the program).
+    super::packet::set_opt(fd, level, name, &fprog)
 }
 
 #[cfg(test)]

@@ -6,7 +6,7 @@
 //! Sending needs nothing new: probes leave through an `io::packet::TxSocket` of the prober's own.
 
 use std::io::{self, Read};
-use std::os::fd::{AsRawFd, RawFd};
+use std::os::fd::{AsFd, AsRawFd, RawFd};
 
 use socket2::{Domain, Protocol, SockFilter, Socket, Type};
 
@@ -38,20 +38,7 @@ impl Tap {
             .map(|&(code, jt, jf, k)| SockFilter::new(code, jt, jf, k))
             .collect();
         socket.attach_filter(&filter)?;
-        let one: libc::c_int = 1;
-        // SAFETY: `one` is a live c_int and its size is passed; the descriptor is the socket's own.
-        let r = unsafe {
-            libc::setsockopt(
-                socket.as_raw_fd(),
-                libc::SOL_PACKET,
-                PACKET_IGNORE_OUTGOING,
-                (&raw const one).cast(),
-                libc::socklen_t::try_from(std::mem::size_of::<libc::c_int>()).unwrap_or(4),
-            )
-        };
-        if r < 0 {
-            return Err(io::Error::last_os_error());
-        }
+        crate::io::packet::set_int(socket.as_fd(), libc::SOL_PACKET, PACKET_IGNORE_OUTGOING, 1)?;
         let addr = crate::io::packet::link_addr(ifindex, ETH_P_ALL);
         // SAFETY: `addr` is a live sockaddr_ll and its size is passed; the descriptor is the socket's own.
         let r = unsafe {
