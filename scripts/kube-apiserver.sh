@@ -10,6 +10,11 @@
 #                                            and logs in DIR; waits for /readyz; prints DIR/kubeconfig (the
 #                                            only line on stdout). Builds first if needed. Started
 #                                            again after `stop DIR`, it keeps the ports, data and tokens.
+#   scripts/kube-apiserver.sh start DIR --compact
+#                                            the same, but before kube-apiserver starts: one write to etcd,
+#                                            then etcd compacted to its newest revision. A client resuming a
+#                                            watch from a resourceVersion it had before is then answered
+#                                            `410 Gone` (expired) and must list again.
 #   scripts/kube-apiserver.sh stop DIR       stops what `start DIR` started (removes no files).
 #   scripts/kube-apiserver.sh selftest       start in a temp dir, check pods with nodeName and status, a
 #                                            field-selected watch, a CRD, RBAC and service-account tokens
@@ -354,7 +359,9 @@ on_start_exit() {
 }
 
 cmd_start() {
-  [[ $# == 1 ]] || die "usage: $ME start DIR"
+  local compact=0
+  if [[ $# == 2 && $2 == --compact ]]; then compact=1; set -- "$1"; fi
+  [[ $# == 1 ]] || die "usage: $ME start DIR [--compact]"
   local dir token etcd_port peer_port api_port etcd_pid api_pid name pid
   mkdir -p "$1"
   dir=$(cd "$1" && pwd -P) # absolute: it goes into flags, the kubeconfig path and pid_is checks
@@ -408,6 +415,7 @@ cmd_start() {
   echo "etcd $etcd_pid" >>"$dir/pids"
   wait_for "etcd /health" 30 etcd "$etcd_pid" \
     sh -c "curl -fsS http://127.0.0.1:$etcd_port/health | grep '\"health\":\"true\"'"
+  if [[ $compact == 1 ]]; then compact_etcd "$etcd_port"; fi
 
   # kube-apiserver flags, and why:
   #  --authorization-mode=Node,RBAC  RBAC so tests meet real permission checks (the admin token is in
@@ -450,6 +458,20 @@ cmd_start() {
   trap - EXIT INT TERM HUP
   log "kube-apiserver ready on https://127.0.0.1:$api_port (etcd 127.0.0.1:$etcd_port); stop: $ME stop $dir"
   echo "$dir/kubeconfig"
+}
+
+# compact_etcd PORT: one write (so the newest revision is past anything a client saw before), then a
+# compaction to that revision, through etcd's JSON gateway (https://etcd.io/docs/v3.6/dev-guide/api_grpc_gateway/).
+compact_etcd() {
+  local port=$1 revision
+  # key "egress-test/compact", value "1", base64 as the gateway wants them.
+  revision=$(curl -fsS -X POST "http://127.0.0.1:$port/v3/kv/put" \
+    -d '{"key":"ZWdyZXNzLXRlc3QvY29tcGFjdA==","value":"MQ=="}' |
+    sed -n 's/.*"revision":"\([0-9]*\)".*/\1/p')
+  [[ -n $revision ]] || die "etcd: no revision in the answer to a put"
+  curl -fsS -X POST "http://127.0.0.1:$port/v3/kv/compaction" -d "{\"revision\":\"$revision\",\"physical\":true}" \
+    >/dev/null || die "etcd: compaction to revision $revision failed"
+  log "etcd compacted to revision $revision: older resourceVersions are gone"
 }
 
 cmd_stop() {

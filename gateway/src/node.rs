@@ -13,6 +13,7 @@
 pub(crate) mod agent;
 pub(crate) mod cluster;
 pub(crate) mod desired;
+pub(crate) mod events;
 pub(crate) mod health;
 pub(crate) mod kernel;
 pub(crate) mod maintenance;

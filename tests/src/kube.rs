@@ -100,20 +100,21 @@ impl ApiServer {
 
     /// Starts them again after [`stop`](Self::stop): same ports, data and credentials.
     pub fn start_again(&mut self) -> Result<()> {
-        let script = script();
+        self.start_with(&[])
+    }
+
+    /// Like [`start_again`](Self::start_again), with etcd compacted past every resourceVersion handed out
+    /// so far: a client resuming a watch is answered `410 Gone` and must list again.
+    pub fn start_again_compacted(&mut self) -> Result<()> {
+        self.start_with(&["--compact"])
+    }
+
+    fn start_with(&mut self, extra: &[&str]) -> Result<()> {
+        let script = script().to_string_lossy().into_owned();
         let dir = self.dir.to_string_lossy().into_owned();
-        crate::cmd::run(
-            "ip",
-            &[
-                "netns",
-                "exec",
-                &self.ns,
-                &script.to_string_lossy(),
-                "start",
-                &dir,
-            ],
-        )
-        .map_err(|e| {
+        let mut args = vec!["netns", "exec", &self.ns, &script, "start", &dir];
+        args.extend_from_slice(extra);
+        crate::cmd::run("ip", &args).map_err(|e| {
             let log = crate::process::tail(&self.dir.join("kube-apiserver.log"), 20);
             Error::msg(format!("{e}\nkube-apiserver.log:\n{log}"))
         })?;

@@ -22,8 +22,8 @@ use super::cluster::{self, Change, ClusterView, Object, Update, Watch};
 use super::desired::{self, Health, Memory, Settings};
 use super::health::{detection_bound, GatewayState, Probe, Prober};
 use super::kernel::{self, Kernel};
-use super::maintenance;
 use super::state::{Ownership, VxlanSpec};
+use super::{events, maintenance};
 use crate::config::node::{NodeConfig, Overrides};
 use crate::http::{self, Response};
 use crate::inventory::{self, fingerprint, input_files, Fingerprint};
@@ -102,6 +102,8 @@ struct Cluster {
     /// The maintenance window last patched onto each pod, and when (not patched again until it changes,
     /// or until a resync finds the patch still not applied).
     sent: BTreeMap<desired::PodKey, (Option<maintenance::Window>, Instant)>,
+    /// Kubernetes Events on blocked pods and the invalid policies behind them.
+    events: events::Publisher,
 }
 
 struct Agent {
@@ -202,6 +204,7 @@ impl Agent {
             .await
             .map_err(AgentError::Start)?;
         let (tx, updates) = mpsc::unbounded_channel();
+        metrics::gauge!("egress_node_cluster_synced").set(0.0);
         cluster::spawn(&client, &self.config.node_name, settings, &tx);
         tracing::info!(
             node = %self.config.node_name,
@@ -213,6 +216,7 @@ impl Agent {
             updates,
             logged: BTreeMap::new(),
             since: Instant::now(),
+            events: events::Publisher::new(client.clone(), &self.config.node_name),
             client,
             sent: BTreeMap::new(),
         });
@@ -340,6 +344,15 @@ impl Agent {
                     c.logged.insert(watch, message.clone());
                 }
             }
+            Change::Expired(message) => {
+                // Routine (etcd compaction, an API server restart): kube-rs lists again at once.
+                metrics::counter!("egress_node_watch_expired_total", "watch" => watch.name())
+                    .increment(1);
+                tracing::info!(
+                    watch = watch.name(),
+                    "Kubernetes API: {message}; what is programmed stays until the list is complete"
+                );
+            }
             _ => {
                 if c.logged.remove(&watch).is_some() {
                     tracing::info!(
@@ -351,7 +364,7 @@ impl Agent {
         }
         let invalid = |change: &Change| -> Vec<(String, String)> {
             let one = |k: &String, o: &Object| match o {
-                Object::Policy(Err(why)) => Some((k.clone(), why.clone())),
+                Object::Policy(Err(why), _) => Some((k.clone(), why.clone())),
                 _ => None,
             };
             match change {
@@ -592,6 +605,11 @@ impl Agent {
                     tracing::warn!("{p}");
                 }
                 self.annotate(&plan.memory);
+                if let Some(c) = self.cluster.as_mut() {
+                    let reports =
+                        events::reports(&plan.misconfigured, &c.view, &self.config.node_name);
+                    c.events.publish(reports);
+                }
                 self.memory = plan.memory;
             }
             Err(e) => {
@@ -730,9 +748,25 @@ pub(crate) const METRICS: &[(&str, &str, &str)] = &[
         "Kubernetes API watch errors (each retried with backoff), by watch.",
     ),
     (
+        "egress_node_watch_expired_total",
+        "counter",
+        "Kubernetes API watches whose resourceVersion had expired (410 Gone), each followed by a new list, \
+         by watch.",
+    ),
+    (
         "egress_node_annotation_errors_total",
         "counter",
         "Gateway maintenance annotation patches the API server refused or that failed.",
+    ),
+    (
+        "egress_node_events_total",
+        "counter",
+        "Kubernetes Events published, by reason (EgressBlocked on a pod, InvalidPolicy on a policy).",
+    ),
+    (
+        "egress_node_event_errors_total",
+        "counter",
+        "Kubernetes Events the API server refused or that failed (each logged).",
     ),
     (
         "egress_node_invalid_policies",

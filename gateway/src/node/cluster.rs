@@ -89,15 +89,19 @@ pub(crate) struct Terminating {
     pub(crate) finished: String,
 }
 
+/// An object's `metadata.uid`: Events name the object they are about by it (`kubectl describe` finds
+/// them by it).
+pub(crate) type Uid = String;
+
 /// One object as the agent keeps it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) enum Object {
-    /// A pod that has (or will have) addresses, and whether it is terminating.
-    Pod(Pod, Option<Box<Terminating>>),
+    /// A pod that has (or will have) addresses, whether it is terminating, and its uid.
+    Pod(Pod, Option<Box<Terminating>>, Uid),
     /// A namespace.
     Namespace(Namespace),
-    /// A policy, or why it is invalid.
-    Policy(Result<EgressGatewayPolicy, String>),
+    /// A policy, or why it is invalid; and its uid.
+    Policy(Result<EgressGatewayPolicy, String>, Uid),
 }
 
 /// What a watch reports.
@@ -111,6 +115,10 @@ pub(crate) enum Change {
     Deleted(String),
     /// The watch failed and will retry with backoff; what it knew stays in use.
     Failed(String),
+    /// The API server no longer has the watch's resourceVersion (`410 Gone`: its watch cache or etcd has
+    /// moved past it, e.g. after compaction or its own restart). The watch lists again; until that list is
+    /// complete, what it knew stays in use.
+    Expired(String),
 }
 
 /// A watch's report to the agent.
@@ -162,6 +170,7 @@ impl ClusterView {
                 store.error = Some(message);
                 false
             }
+            Change::Expired(_) => false,
         }
     }
 
@@ -200,7 +209,7 @@ impl ClusterView {
     pub(crate) fn terminating_gateways(&self) -> BTreeMap<std::net::Ipv4Addr, Terminating> {
         let mut out = BTreeMap::new();
         for (_, object) in self.objects(Watch::GatewayPods) {
-            if let Object::Pod(p, Some(t)) = object {
+            if let Object::Pod(p, Some(t), _) = object {
                 for ip in &p.ip {
                     if let IpAddr::V4(a) = ip {
                         out.insert(*a, Terminating::clone(t));
@@ -213,9 +222,14 @@ impl ClusterView {
 
     /// This node's pod `namespace/name`, as last seen.
     pub(crate) fn node_pod(&self, key: &(String, String)) -> Option<&Pod> {
+        self.node_pod_uid(key).map(|(p, _)| p)
+    }
+
+    /// This node's pod `namespace/name` and its uid.
+    pub(crate) fn node_pod_uid(&self, key: &(String, String)) -> Option<(&Pod, &str)> {
         let name = format!("{}/{}", key.0, key.1);
         match self.stores.get(&Watch::NodePods)?.objects.get(&name)? {
-            Object::Pod(p, _) => Some(p),
+            Object::Pod(p, _, uid) => Some((p, uid.as_str())),
             _ => None,
         }
     }
@@ -224,10 +238,18 @@ impl ClusterView {
     pub(crate) fn invalid_policies(&self) -> Vec<(&str, &str)> {
         self.objects(Watch::Policies)
             .filter_map(|(name, o)| match o {
-                Object::Policy(Err(why)) => Some((name, why.as_str())),
+                Object::Policy(Err(why), _) => Some((name, why.as_str())),
                 _ => None,
             })
             .collect()
+    }
+
+    /// The policy `name`, if it exists but is invalid: why, and its uid.
+    pub(crate) fn invalid_policy(&self, name: &str) -> Option<(&str, &str)> {
+        match self.stores.get(&Watch::Policies)?.objects.get(name)? {
+            Object::Policy(Err(why), uid) => Some((why.as_str(), uid.as_str())),
+            _ => None,
+        }
     }
 
     fn objects(&self, watch: Watch) -> impl Iterator<Item = (&str, &Object)> {
@@ -244,16 +266,16 @@ impl ClusterView {
         for watch in Watch::ALL {
             for (_, object) in self.objects(watch) {
                 match object {
-                    Object::Pod(p, _) => {
+                    Object::Pod(p, _, _) => {
                         inventory.insert_pod(p.clone());
                     }
                     Object::Namespace(n) => {
                         inventory.insert_namespace(n.clone());
                     }
-                    Object::Policy(Ok(p)) => {
+                    Object::Policy(Ok(p), _) => {
                         inventory.insert_policy(p.clone());
                     }
-                    Object::Policy(Err(_)) => {}
+                    Object::Policy(Err(_), _) => {}
                 }
             }
         }
@@ -303,7 +325,11 @@ pub(crate) fn pod(p: &K8sPod) -> (String, Option<Object>) {
     };
     (
         key,
-        Some(Object::Pod(pod, terminating(&p.metadata).map(Box::new))),
+        Some(Object::Pod(
+            pod,
+            terminating(&p.metadata).map(Box::new),
+            p.metadata.uid.clone().unwrap_or_default(),
+        )),
     )
 }
 
@@ -357,7 +383,8 @@ pub(crate) fn policy(p: &DynamicObject) -> (String, Option<Object>) {
             .collect::<Vec<_>>()
             .join("; ")),
     };
-    (name, Some(Object::Policy(parsed)))
+    let uid = p.metadata.uid.clone().unwrap_or_default();
+    (name, Some(Object::Policy(parsed, uid)))
 }
 
 fn labels(map: Option<&BTreeMap<String, String>>) -> Labels {
@@ -506,6 +533,11 @@ async fn forward<S, K>(
                 (key, None) => Change::Deleted(key),
             },
             Ok(Event::Delete(o)) => Change::Deleted(convert(&o).0),
+            Err(watcher::Error::WatchError(s)) if s.code == 410 => Change::Expired(format!(
+                "{}: {} (410 Gone); listing again",
+                watch.resource(),
+                s.message
+            )),
             Err(e) => Change::Failed(describe(watch, &e)),
         };
         if tx.send(Update { watch, change }).is_err() {

@@ -17,7 +17,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::net::{IpAddr, Ipv4Addr};
 use std::ops::RangeInclusive;
 
-use forwarder_core::policy::{Decision, GatewayMember, Inventory, Pod, PodTable};
+use forwarder_core::policy::{BlockReason, Decision, GatewayMember, Inventory, Pod, PodTable};
 use ipnet::IpNet;
 
 use super::state::{link_local, tunnel_mac, Desired, RouteKey, RouteKind, RuleSpec};
@@ -95,6 +95,10 @@ pub(crate) struct Plan {
     pub(crate) pods: usize,
     /// Things the operator should know (a route inside a cluster CIDR skipped, tables exhausted, ...).
     pub(crate) problems: Vec<String>,
+    /// Opted-in pods whose traffic (to some or all destinations) is blocked by a configuration error — a
+    /// policy that is missing (or invalid, which leaves it out of the inventory), an annotation that does
+    /// not parse — with the errors, each once. Not a gateway's health: only what someone must fix.
+    pub(crate) misconfigured: BTreeMap<PodKey, Vec<BlockReason>>,
 }
 
 /// Plans the node's state. `health` says how each gateway (by tunnel IPv4) is doing.
@@ -181,8 +185,20 @@ pub(crate) fn plan(
         }
         // Every gateway the pod could use, healthy or not: probed, and given neighbours and FDB entries.
         for entry in &all.entries {
-            if let Decision::Gateways { members, .. } = &entry.decision {
-                plan.gateways.extend(members.iter().filter_map(tunnel_ip));
+            match &entry.decision {
+                Decision::Gateways { members, .. } => {
+                    plan.gateways.extend(members.iter().filter_map(tunnel_ip));
+                }
+                Decision::Blocked(
+                    why @ (BlockReason::MissingPolicy { .. }
+                    | BlockReason::InvalidAnnotation { .. }),
+                ) => {
+                    let reasons = plan.misconfigured.entry(key.clone()).or_default();
+                    if !reasons.contains(why) {
+                        reasons.push(why.clone());
+                    }
+                }
+                _ => {}
             }
         }
         let eligible = |net: IpNet, m: &GatewayMember| -> bool {

@@ -117,9 +117,28 @@ impl Prober {
             let task = tokio::spawn(async move {
                 let mut tick = tokio::time::interval(settings.interval);
                 tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+                // Whether the last probe failed: a gateway already failing is probed once per interval.
+                let mut failing = false;
                 loop {
                     tick.tick().await;
-                    let result = probe(ip, &settings).await;
+                    let mut result = probe(ip, &settings).await;
+                    // The first failure is confirmed at once rather than an interval later: the probes
+                    // `failures` asks for go back to back, so a dead gateway is out within one interval
+                    // (plus the probes' own time), and one lost datagram still takes it out only if the
+                    // retries fail too.
+                    let mut failed = 1;
+                    while !failing
+                        && matches!(result, Probe::Failed(_))
+                        && failed < settings.failures
+                    {
+                        if tx.send((ip, result)).is_err() {
+                            return;
+                        }
+                        tokio::time::sleep(RETRY).await;
+                        result = probe(ip, &settings).await;
+                        failed += 1;
+                    }
+                    failing = matches!(result, Probe::Failed(_));
                     if tx.send((ip, result)).is_err() {
                         return;
                     }
@@ -215,9 +234,16 @@ async fn exchange(addr: SocketAddr, path: &str) -> std::io::Result<(u16, String)
     Ok((status, body.to_string()))
 }
 
-/// How long after the first failed probe a dead gateway is taken out, at most: what failover costs.
+/// The pause between the back-to-back probes that confirm a first failure: long enough not to spin on a
+/// port that refuses at once, short against any interval.
+const RETRY: Duration = Duration::from_millis(10);
+
+/// How long after a gateway dies it is taken out, at most: what failover costs. Its next probe starts
+/// within an interval; that one and the `failures - 1` back-to-back retries each fail within the timeout.
 pub(crate) fn detection_bound(settings: &HealthSettings) -> Duration {
-    settings.interval * settings.failures + settings.timeout
+    settings.interval
+        + settings.timeout * settings.failures
+        + RETRY * settings.failures.saturating_sub(1)
 }
 
 #[cfg(test)]
@@ -322,6 +348,54 @@ mod tests {
                 matches!(probe(lo, &at(port)).await, Probe::Failed(e) if e.contains("no answer"))
             );
             drop(silent);
+        });
+    }
+
+    /// A first failure is confirmed by back-to-back probes, not an interval later; a gateway that stays
+    /// down is then probed once per interval.
+    #[test]
+    fn a_first_failure_is_confirmed_at_once() {
+        let closed = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        let port = closed.local_addr().unwrap().port();
+        drop(closed);
+        let settings = HealthSettings {
+            port,
+            interval: Duration::from_secs(3),
+            timeout: Duration::from_millis(300),
+            failures: 3,
+            ..HealthSettings::default()
+        };
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async {
+            let (tx, mut rx) = mpsc::unbounded_channel();
+            let mut prober = Prober::new(settings, tx);
+            prober.set_targets([Ipv4Addr::LOCALHOST]);
+            let mut seen = Vec::new();
+            let window = tokio::time::sleep(Duration::from_millis(1500));
+            tokio::pin!(window);
+            loop {
+                tokio::select! {
+                    r = rx.recv() => seen.push(r.expect("the prober runs")),
+                    () = &mut window => break,
+                }
+            }
+            // Within half the interval: the first probe and its two retries, all refused; no more.
+            assert_eq!(seen.len(), 3, "{seen:?}");
+            assert!(
+                seen.iter().all(|(_, p)| matches!(p, Probe::Failed(_))),
+                "{seen:?}"
+            );
+            // The next interval: one probe, no retries for a gateway already down.
+            let next = tokio::time::timeout(Duration::from_secs(4), rx.recv()).await;
+            assert!(matches!(next, Ok(Some((_, Probe::Failed(_))))), "{next:?}");
+            let more = tokio::time::timeout(Duration::from_millis(1000), rx.recv()).await;
+            assert!(
+                more.is_err(),
+                "a down gateway was probed again at once: {more:?}"
+            );
         });
     }
 

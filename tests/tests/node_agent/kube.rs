@@ -64,6 +64,27 @@ fn metric(env: &Env, series: &str) -> Option<f64> {
         .and_then(|v| v.parse().ok())
 }
 
+/// The sum of an agent metric over all its label sets (0 when absent).
+fn metric_sum(env: &Env, series: &str) -> f64 {
+    let Ok(text) = env.agent.metrics_text() else {
+        return 0.0;
+    };
+    text.lines()
+        .filter(|l| l.starts_with(series) && l[series.len()..].starts_with([' ', '{']))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+/// The agent's four watches, as its metrics label them.
+fn cluster_watches() -> [&'static str; 4] {
+    [
+        "node_pods",
+        "gateway_pods",
+        "namespaces",
+        "egressgatewaypolicies",
+    ]
+}
+
 /// Polls until the agent's log contains `needle`.
 fn wait_log(env: &Env, needle: &str, timeout: Duration) {
     let start = Instant::now();
@@ -183,7 +204,114 @@ fn the_agent_follows_the_cluster_through_the_api_server() {
         env.fail("egress_node_invalid_policies is not 1");
     }
     wait_log(&env, "EgressGatewayPolicy 'broken' is invalid", CONVERGE);
-    println!("invalid policy: other/x blocked, app/* unaffected");
+    // Where an operator looks: `kubectl describe` of the blocked pod and of the policy shows a Warning.
+    for (what, args, want) in [
+        (
+            "pod other/x",
+            ["describe", "pod", "-n", "other", "x"],
+            ["EgressBlocked", "EgressGatewayPolicy 'broken' is invalid"],
+        ),
+        (
+            "policy broken",
+            ["describe", "egressgatewaypolicy", "broken", "", ""],
+            ["InvalidPolicy", "node1"],
+        ),
+    ] {
+        let args: Vec<&str> = args.into_iter().filter(|a| !a.is_empty()).collect();
+        let start = Instant::now();
+        loop {
+            let text = api.kubectl(&args).unwrap_or_else(|e| e.to_string());
+            if want.iter().all(|w| text.contains(w)) {
+                break;
+            }
+            if start.elapsed() > CONVERGE {
+                env.fail(format!(
+                    "`kubectl {}` shows no Event with {want:?} for {what}:\n{text}",
+                    args.join(" ")
+                ));
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+    if metric(&env, "egress_node_events_total{reason=\"EgressBlocked\"}") != Some(1.0) {
+        env.fail("egress_node_events_total{reason=\"EgressBlocked\"} is not 1 (one blocked pod, published once)");
+    }
+    println!("invalid policy: other/x blocked, app/* unaffected; Events on the pod and the policy");
+
+    // The API server goes away while the agent runs: its watches fail (counted), it stays synced and
+    // ready on what it knew. It comes back with etcd compacted past every resourceVersion the agent holds:
+    // each watch is answered 410 Gone and lists again — and nothing is flushed meanwhile.
+    let errors_before = metric_sum(&env, "egress_node_watch_errors_total");
+    let removed_before = metric(&env, "egress_node_kernel_changes_total{op=\"removed\"}");
+    api.stop();
+    let start = Instant::now();
+    while metric_sum(&env, "egress_node_watch_errors_total") <= errors_before {
+        if start.elapsed() > CONVERGE {
+            env.fail("egress_node_watch_errors_total did not grow with the API server gone");
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    if metric(&env, "egress_node_cluster_synced") != Some(1.0) {
+        env.fail("egress_node_cluster_synced left 1 while the API server was away (what it knew is kept)");
+    }
+    api.start_again_compacted()
+        .expect("start kube-apiserver again, etcd compacted");
+    let start = Instant::now();
+    loop {
+        // Routes are sampled throughout: a relist must never show the kernel a half-empty cluster.
+        for (ip, want) in [
+            (web, via(2)),
+            (web2, via(2)),
+            (other, RouteShape::Unreachable),
+        ] {
+            let node = &env.topo.node(1).ns;
+            let table = agent::rule_table(node, IpAddr::V4(ip), POD_RULE_PRIORITY).unwrap_or(None);
+            let now = table.and_then(|t| agent::table_route(node, t, default4()).unwrap_or(None));
+            if now.as_ref() != Some(&want) {
+                env.fail(format!(
+                    "pod {ip} changed to {now:?} (want {want:?}) while the agent relisted after 410"
+                ));
+            }
+        }
+        let expired: Vec<f64> = cluster_watches()
+            .iter()
+            .map(|w| {
+                metric(
+                    &env,
+                    &format!("egress_node_watch_expired_total{{watch=\"{w}\"}}"),
+                )
+                .unwrap_or(0.0)
+            })
+            .collect();
+        if expired.iter().all(|n| *n >= 1.0) && start.elapsed() > Duration::from_secs(2) {
+            break;
+        }
+        if start.elapsed() > Duration::from_secs(30) {
+            env.fail(format!(
+                "egress_node_watch_expired_total by watch {expired:?} after 30 s; want each ≥ 1 (410 Gone \
+                 from the compacted API server)\n---- kube-apiserver log:\n{}",
+                api.log_tail(10)
+            ));
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    if metric(&env, "egress_node_kernel_changes_total{op=\"removed\"}") != removed_before {
+        env.fail("the agent removed kernel state while it relisted after 410");
+    }
+    wait_log(&env, "(410 Gone); listing again", CONVERGE);
+    // The relisted watches carry changes again: red to its own gateway and back.
+    for (gateway, want) in [("red", via(1)), ("blue", via(2))] {
+        let mut edited = Inventory::new();
+        edited.policy(Policy::new(
+            "red",
+            vec![PolicyRule::via(Ipv4Net::default(), gateway)],
+        ));
+        api.apply_inventory(&edited).expect("edit policy red");
+        wait_pod_route(&env, &api, IpAddr::V4(web), &want);
+    }
+    println!(
+        "API server away and back with etcd compacted: every watch relisted after 410 Gone, nothing flushed"
+    );
 
     // The API server goes away: nothing changes on the node, also across an agent restart.
     api.stop();
@@ -196,6 +324,9 @@ fn the_agent_follows_the_cluster_through_the_api_server() {
         other => env.fail(format!(
             "readiness without an API server after a restart: {other:?}, want 503"
         )),
+    }
+    if metric(&env, "egress_node_cluster_synced") != Some(0.0) {
+        env.fail("egress_node_cluster_synced is not 0 after a restart without an API server");
     }
     for (ip, want) in [
         (web, via(2)),

@@ -109,7 +109,7 @@ fn a_pod_keeps_what_routing_needs() {
     let applied = json!({ "a": "b", "kubectl.kubernetes.io/last-applied-configuration": "{\"kind\":\"Pod\"}" });
     let (key, object) = pod(&client_pod("web", "10.244.1.5", applied));
     assert_eq!(key, "app/web");
-    let Some(Object::Pod(p, None)) = object else {
+    let Some(Object::Pod(p, None, _)) = object else {
         panic!("{object:?}")
     };
     assert_eq!(p.namespace, "app");
@@ -142,7 +142,7 @@ fn a_finished_pod_is_gone_and_a_pending_one_has_no_address_yet() {
         "spec": { "nodeName": "node-a", "containers": [] },
         "status": { "phase": "Pending" }
     }));
-    let Some(Object::Pod(p, None)) = pod(&pending).1 else {
+    let Some(Object::Pod(p, None, _)) = pod(&pending).1 else {
         panic!("a pending pod is kept")
     };
     assert!(p.ip.is_empty());
@@ -163,7 +163,7 @@ fn a_namespace_keeps_labels_and_annotations() {
 fn a_policy_is_read_with_the_input_files_checks() {
     let (name, object) = policy(&red_policy("red"));
     assert_eq!(name, "red");
-    let Some(Object::Policy(Ok(p))) = object else {
+    let Some(Object::Policy(Ok(p), _)) = object else {
         panic!("{object:?}")
     };
     assert_eq!(p.name(), "red");
@@ -195,7 +195,7 @@ fn an_invalid_policy_says_which_field_is_wrong() {
     ];
     for (spec, needle) in cases {
         let (_, object) = policy(&k8s_policy("bad", spec.clone()));
-        let Some(Object::Policy(Err(why))) = object else {
+        let Some(Object::Policy(Err(why), _)) = object else {
             panic!("{spec}: accepted: {object:?}")
         };
         assert!(why.contains(needle), "{spec}: {why}");
@@ -350,7 +350,7 @@ fn a_terminating_gateway_pod_carries_its_window() {
         "2026-12-04T08:03:24Z".parse().expect("a timestamp"),
     ));
     gw.metadata.deletion_grace_period_seconds = Some(120);
-    let Some(Object::Pod(_, Some(t))) = pod(&gw).1 else {
+    let Some(Object::Pod(_, Some(t), _)) = pod(&gw).1 else {
         panic!("terminating")
     };
     assert_eq!(t.started, "2026-12-04T08:01:24Z");
