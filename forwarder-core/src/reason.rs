@@ -111,6 +111,9 @@ reasons! {
     // ---- state: flows, ports and fragments -----------------------------------------------------------
     /// Inbound packet that matches no translated flow (unsolicited); no state is created.
     NoFlow => "no_flow",
+    /// Answer to the gateway's own probe of an outside target (to a port of the probe range, no flow): read
+    /// by the prober through its own socket, dropped by the data plane.
+    ProbeAnswer => "probe_answer",
     /// ICMP error whose embedded packet matches no translated flow.
     IcmpErrorNoFlow => "icmp_error_no_flow",
     /// ICMP error whose embedded packet is truncated or malformed.

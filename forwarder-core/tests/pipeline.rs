@@ -5,11 +5,12 @@
 mod common;
 
 use std::net::{IpAddr, Ipv4Addr};
+use std::sync::Arc;
 
 use common::*;
 use forwarder_core::conntrack;
 use forwarder_core::offload;
-use forwarder_core::pipeline::{tunnel_mac, Action, Intake, Worker};
+use forwarder_core::pipeline::{tunnel_mac, Action, Config, Gateway, Intake, Worker};
 use forwarder_core::ports::PortRange;
 use forwarder_core::{Instant, Reason};
 
@@ -345,6 +346,49 @@ fn unsolicited_inbound_is_dropped_without_state() {
             .write(o)
     });
     assert_eq!(inb(&mut w, 0, &arp, T0), Out::Neighbour);
+}
+
+/// The answers to the gateway's own probes of outside targets (sent from ports just outside the NAT range,
+/// the echo identifier the first of them) are told apart from unsolicited traffic; nothing else changes.
+#[test]
+fn answers_to_the_gateways_own_probes_are_counted_apart() {
+    let ports = 1008..=1023;
+    let gateway = |probe_ports: Option<std::ops::RangeInclusive<u16>>| {
+        let config = Config {
+            probe_ports,
+            ..config()
+        };
+        let gw = Gateway::new(config, conntrack::Config::default(), PortRange::default()).unwrap();
+        Worker::new(Arc::new(gw), 7)
+    };
+    let syn_ack = |dport: u16| outside_tcp(SERVER, DMZ_EGRESS, 443, dport, "SA", 1, 2);
+    let echo_reply = |ident: u16| {
+        let b = etherparse::PacketBuilder::ethernet2(ROUTER_MAC, UPLINK_MAC).ipv4(
+            SERVER.octets(),
+            DMZ_EGRESS.octets(),
+            60,
+        );
+        build(|o| b.icmpv4_echo_reply(ident, 1).write(o, b"nonce..."))
+    };
+    let mut w = gateway(Some(ports.clone()));
+    for (frame, want) in [
+        (syn_ack(*ports.start()), Reason::ProbeAnswer),
+        (syn_ack(*ports.end()), Reason::ProbeAnswer),
+        (echo_reply(*ports.start()), Reason::ProbeAnswer),
+        (syn_ack(*ports.end() + 1), Reason::NoFlow),
+        (syn_ack(*ports.start() - 1), Reason::NoFlow),
+        (echo_reply(7), Reason::NoFlow),
+    ] {
+        assert_eq!(inb(&mut w, 0, &frame, T0), Out::Drop(want));
+    }
+    assert_eq!(w.stats().dropped(Reason::ProbeAnswer), 3);
+    assert_eq!(w.gateway().table().len(), 0);
+    // Without probes the same ports are just unsolicited.
+    let mut w = gateway(None);
+    assert_eq!(
+        inb(&mut w, 0, &syn_ack(1010), T0),
+        Out::Drop(Reason::NoFlow)
+    );
 }
 
 #[test]

@@ -262,6 +262,7 @@ impl GatewayConfig {
             uplinks,
             routes,
             hash_seed,
+            probe_ports: self.probes.as_ref().and_then(|_| probe_ports(self.ports)),
             ..pipeline::Config::default()
         }
     }

@@ -98,6 +98,11 @@ pub struct Config {
     /// Key of the flow table's hash. Set it from the OS's randomness (the core reads none) so that pods
     /// cannot aim many flows at one bucket; `None` lets the table derive a weak key from its address.
     pub hash_seed: Option<u64>,
+    /// The local ports (and ICMP echo identifiers) the gateway's prober of outside targets sends from,
+    /// outside the NAT's port range: an inbound packet to one of them that matches no flow is that
+    /// prober's answer, counted as [`Reason::ProbeAnswer`](crate::reason::Reason::ProbeAnswer) rather than
+    /// as unsolicited. `None` without probes.
+    pub probe_ports: Option<core::ops::RangeInclusive<u16>>,
 }
 
 impl Default for Config {
@@ -114,6 +119,7 @@ impl Default for Config {
             frag_capacity: 4096,
             frag_lifetime: Duration::from_secs(30),
             hash_seed: None,
+            probe_ports: None,
             icmp_rate_per_sec: 1000,
             icmp_burst: 50,
         }

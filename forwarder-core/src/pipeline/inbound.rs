@@ -162,7 +162,20 @@ pub(super) fn complete(
         start,
         ..
     } = *p;
-    let flow = found.ok_or(Reason::NoFlow)?;
+    let Some(flow) = found else {
+        // The reply tuple's destination port is the egress side's (for an echo reply, its identifier).
+        let port = p.key.dst_port;
+        let probe = gw
+            .config
+            .probe_ports
+            .as_ref()
+            .is_some_and(|r| r.contains(&port));
+        return Err(if probe {
+            Reason::ProbeAnswer
+        } else {
+            Reason::NoFlow
+        });
+    };
     // Replies come back the way the flow left; the same tuple on another VLAN is spoofed.
     if flow.uplink() != uplink {
         return Err(Reason::WrongUplink);
