@@ -1,46 +1,93 @@
-//! `egress-gateway explain --inputs FILE... --pod NAMESPACE/NAME --dst IP`: what happens to one pod's traffic
-//! to one destination, and why, from Kubernetes objects alone (offline; every gateway counted healthy).
+//! `egress-gateway explain (--inputs FILE... | --kubeconfig [FILE]) --pod NAMESPACE/NAME --dst IP`: what
+//! happens to one pod's traffic to one destination, and why, from Kubernetes objects alone: inventory files
+//! (offline), or the live cluster read once as the node agent reads it (`live.rs`). Every gateway counts as
+//! healthy: only the agent probes them.
 
 use std::fmt::Write as _;
 use std::net::IpAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use forwarder_core::policy::{AnnotationSource, Decision, Inventory, Pod, Preference};
+use forwarder_core::policy::{AnnotationSource, BlockReason, Decision, Inventory, Pod, Preference};
 
 use crate::inventory;
 
-/// Loads the inputs and prints the explanation; exit 1 when an input has errors or the pod is not found.
-pub(crate) fn run(inputs: &[PathBuf], pod: &str, dst: IpAddr) -> ExitCode {
-    let inventory = match inventory::load_files(inputs) {
-        Ok(i) => i,
-        Err(errors) => {
-            for e in errors {
-                eprintln!("{e}");
+mod live;
+
+/// Where the objects come from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum Source {
+    /// Inventory files.
+    Files(Vec<PathBuf>),
+    /// The live cluster.
+    Cluster {
+        /// A kubeconfig (its current context); `None`: `$KUBECONFIG`, `~/.kube/config`, or the pod's
+        /// service account, as kubectl infers it.
+        kubeconfig: Option<PathBuf>,
+        /// The label selector of the gateway pods (the node agent's `kubernetes.gateway_selector`).
+        gateway_selector: String,
+    },
+}
+
+/// Reads the objects and prints the explanation; exit 1 when they cannot be read (an input has errors, the
+/// API server refuses or does not answer) or the pod is not found.
+pub(crate) fn run(source: &Source, pod: &str, dst: IpAddr) -> ExitCode {
+    let fail = |errors: &[String], what: &str| {
+        for e in errors {
+            eprintln!("{e}");
+        }
+        eprintln!("egress-gateway explain: {what}");
+        ExitCode::FAILURE
+    };
+    let view;
+    let (inventory, invalid) = match source {
+        Source::Files(inputs) => match inventory::load_files(inputs) {
+            Ok(i) => (i, Vec::new()),
+            Err(errors) => {
+                let errors: Vec<String> = errors.iter().map(ToString::to_string).collect();
+                return fail(&errors, "the inputs have errors");
             }
-            eprintln!("egress-gateway explain: the inputs have errors");
-            return ExitCode::FAILURE;
+        },
+        Source::Cluster {
+            kubeconfig,
+            gateway_selector,
+        } => {
+            let (namespace, name) = match pod_key(pod) {
+                Ok(key) => key,
+                Err(message) => return fail(&[], &message),
+            };
+            match live::read(kubeconfig.as_deref(), gateway_selector, namespace, name) {
+                Ok(v) => view = v,
+                Err(errors) => return fail(&errors, "cannot read the cluster"),
+            }
+            (view.inventory(&Inventory::new()), view.invalid_policies())
         }
     };
-    match explain(&inventory, pod, dst) {
+    match explain(&inventory, &invalid, pod, dst) {
         Ok(text) => {
             print!("{text}");
             ExitCode::SUCCESS
         }
-        Err(message) => {
-            eprintln!("egress-gateway explain: {message}");
-            ExitCode::FAILURE
-        }
+        Err(message) => fail(&[], &message),
     }
 }
 
-/// The text `explain` prints, or why it cannot say.
-pub(crate) fn explain(inventory: &Inventory, pod: &str, dst: IpAddr) -> Result<String, String> {
-    let Some((namespace, name)) = pod.split_once('/') else {
-        return Err(format!(
-            "--pod {pod}: write NAMESPACE/NAME, e.g. default/client"
-        ));
-    };
+/// `NAMESPACE/NAME` split.
+fn pod_key(pod: &str) -> Result<(&str, &str), String> {
+    pod.split_once('/')
+        .filter(|(namespace, name)| !namespace.is_empty() && !name.is_empty())
+        .ok_or_else(|| format!("--pod {pod}: write NAMESPACE/NAME, e.g. default/client"))
+}
+
+/// The text `explain` prints, or why it cannot say. `invalid` lists the policies that exist but are
+/// invalid (name, problem), left out of `inventory` as the node agent leaves them out.
+pub(crate) fn explain(
+    inventory: &Inventory,
+    invalid: &[(&str, &str)],
+    pod: &str,
+    dst: IpAddr,
+) -> Result<String, String> {
+    let (namespace, name) = pod_key(pod)?;
     let Some(p) = inventory.pod(namespace, name) else {
         return Err(format!(
             "pod {namespace}/{name} is not in the inputs ({} pods read); check the name and the files",
@@ -87,6 +134,18 @@ pub(crate) fn explain(inventory: &Inventory, pod: &str, dst: IpAddr) -> Result<S
             );
         }
         Decision::Blocked(why) => {
+            // As the node agent says it: the policy is there, but invalid, so it is not used.
+            let invalid = match why {
+                BlockReason::MissingPolicy { policy } => invalid.iter().find(|(n, _)| n == policy),
+                _ => None,
+            };
+            let why = match invalid {
+                Some((policy, problem)) => format!(
+                    "EgressGatewayPolicy '{policy}' is invalid and not used (pods that name it are blocked \
+                     until it is fixed): {problem}"
+                ),
+                None => why.to_string(),
+            };
             let _ = writeln!(
                 out,
                 "decision:    Blocked: {why}; nothing reaches the destination"
@@ -183,7 +242,7 @@ items:
 ";
         let contents = inventory::parse(text, Path::new("t.yaml")).unwrap();
         let inv = inventory::merge(&[contents]);
-        let out = explain(&inv, "app/c", "203.0.113.1".parse().unwrap()).unwrap();
+        let out = explain(&inv, &[], "app/c", "203.0.113.1".parse().unwrap()).unwrap();
         assert!(
             out.contains("pod annotation") || out.contains("namespace annotation"),
             "{out}"
@@ -200,7 +259,7 @@ items:
             out.contains("gateway app/gw-a  ip 10.244.1.10  node node-a"),
             "{out}"
         );
-        assert!(explain(&inv, "app", "203.0.113.1".parse().unwrap())
+        assert!(explain(&inv, &[], "app", "203.0.113.1".parse().unwrap())
             .unwrap_err()
             .contains("NAMESPACE/NAME"));
     }

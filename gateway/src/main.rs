@@ -78,14 +78,38 @@ enum Command {
     },
     /// Explain which gateway (or none) a pod's traffic to a destination uses, and why
     ///
-    /// Explain, offline, what happens to a pod's traffic to one destination: which annotation applies, which
-    /// policy and rule, which gateways (name, IP, node), maxNextHops and preference, and what source the
-    /// destination sees; or why there is no gateway, or why the traffic is blocked. Exits 1 when an input has
-    /// errors or the pod is not in the inputs.
+    /// Explain what happens to a pod's traffic to one destination: which annotation applies, which policy
+    /// and rule, which gateways (name, IP, node), maxNextHops and preference, and what source the
+    /// destination sees; or why there is no gateway, or why the traffic is blocked. Every gateway counts as
+    /// healthy. With `--kubeconfig` it reads the live cluster as kubectl does (GET the pod; LIST namespaces,
+    /// EgressGatewayPolicies and the gateway pods) and explains from what the node agent would see, within
+    /// 10 s. Exits 1 when an input has errors, the API server refuses or does not answer, or the pod is not
+    /// found.
     Explain {
-        /// Inventory files: Namespace, Pod and EgressGatewayPolicy objects as `kubectl get -o yaml` prints.
-        #[arg(long, required = true, num_args = 1.., value_name = "FILE")]
+        /// Inventory files: Namespace, Pod and EgressGatewayPolicy objects as `kubectl get -o yaml` prints
+        /// (or --kubeconfig).
+        #[arg(
+            long,
+            num_args = 1..,
+            value_name = "FILE",
+            required_unless_present = "kubeconfig",
+            conflicts_with = "kubeconfig"
+        )]
         inputs: Vec<PathBuf>,
+        /// Read the live cluster instead of files: this kubeconfig's current context; without FILE,
+        /// $KUBECONFIG, ~/.kube/config or the pod's service account, as kubectl does.
+        #[arg(long, num_args = 0..=1, value_name = "FILE")]
+        kubeconfig: Option<Option<PathBuf>>,
+        /// With --kubeconfig: the label selector of the gateway pods (the node agent's
+        /// `kubernetes.gateway_selector`).
+        #[arg(
+            long,
+            value_name = "SELECTOR",
+            default_value = config::node::DEFAULT_GATEWAY_SELECTOR,
+            value_parser = config::node::label_selector,
+            conflicts_with = "inputs"
+        )]
+        gateway_selector: String,
         /// The client pod.
         #[arg(long, value_name = "NAMESPACE/NAME")]
         pod: String,
@@ -220,7 +244,17 @@ fn main() -> ExitCode {
             },
             json,
         ),
-        Command::Explain { inputs, pod, dst } => explain::run(&inputs, &pod, dst),
+        Command::Explain {
+            inputs,
+            kubeconfig,
+            gateway_selector,
+            pod,
+            dst,
+        } => explain::run(
+            &explain_source(inputs, kubeconfig, gateway_selector),
+            &pod,
+            dst,
+        ),
         Command::Demo { verbose } => match demo::run(verbose) {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {
@@ -228,5 +262,112 @@ fn main() -> ExitCode {
                 ExitCode::FAILURE
             }
         },
+    }
+}
+
+/// Where `explain` reads from: clap has checked that exactly one of `--inputs` and `--kubeconfig` is given.
+fn explain_source(
+    inputs: Vec<PathBuf>,
+    kubeconfig: Option<Option<PathBuf>>,
+    gateway_selector: String,
+) -> explain::Source {
+    match kubeconfig {
+        Some(kubeconfig) => explain::Source::Cluster {
+            kubeconfig,
+            gateway_selector,
+        },
+        None => explain::Source::Files(inputs),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::path::Path;
+
+    use clap::CommandFactory as _;
+
+    use super::*;
+
+    /// The source `egress-gateway explain <args> --pod app/web --dst 192.0.2.1` reads, or clap's error.
+    fn explain_args(args: &[&str]) -> Result<explain::Source, clap::Error> {
+        let mut all = vec!["egress-gateway", "explain"];
+        all.extend_from_slice(args);
+        all.extend_from_slice(&["--pod", "app/web", "--dst", "192.0.2.1"]);
+        match Cli::try_parse_from(all)?.command {
+            Command::Explain {
+                inputs,
+                kubeconfig,
+                gateway_selector,
+                ..
+            } => Ok(explain_source(inputs, kubeconfig, gateway_selector)),
+            other => panic!("parsed as {other:?}"),
+        }
+    }
+
+    #[test]
+    fn the_cli_is_consistent() {
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn explain_reads_files_or_the_cluster() {
+        assert_eq!(
+            explain_args(&["--inputs", "a.yaml", "b.yaml"]).unwrap(),
+            explain::Source::Files(vec!["a.yaml".into(), "b.yaml".into()])
+        );
+        assert_eq!(
+            explain_args(&["--kubeconfig"]).unwrap(),
+            explain::Source::Cluster {
+                kubeconfig: None,
+                gateway_selector: config::node::DEFAULT_GATEWAY_SELECTOR.to_owned(),
+            }
+        );
+        assert_eq!(
+            explain_args(&[
+                "--kubeconfig",
+                "/k/config",
+                "--gateway-selector",
+                "role in (gw)"
+            ])
+            .unwrap(),
+            explain::Source::Cluster {
+                kubeconfig: Some("/k/config".into()),
+                gateway_selector: "role in (gw)".to_owned(),
+            }
+        );
+        // `--kubeconfig=FILE` and the flag last.
+        let last = Cli::try_parse_from([
+            "egress-gateway",
+            "explain",
+            "--pod",
+            "app/web",
+            "--dst",
+            "192.0.2.1",
+            "--kubeconfig=/k/config",
+        ])
+        .unwrap();
+        assert!(
+            matches!(last.command, Command::Explain { kubeconfig: Some(Some(ref k)), .. } if k == Path::new("/k/config")),
+            "{last:?}"
+        );
+    }
+
+    #[test]
+    fn explain_wants_exactly_one_source() {
+        let neither = explain_args(&[]).unwrap_err();
+        assert_eq!(
+            neither.kind(),
+            clap::error::ErrorKind::MissingRequiredArgument
+        );
+        let both = explain_args(&["--inputs", "a.yaml", "--kubeconfig"]).unwrap_err();
+        assert_eq!(both.kind(), clap::error::ErrorKind::ArgumentConflict);
+        let both = explain_args(&["--kubeconfig", "k", "--inputs", "a.yaml"]).unwrap_err();
+        assert_eq!(both.kind(), clap::error::ErrorKind::ArgumentConflict);
+        // The selector only means something with --kubeconfig, and is checked as the agent checks it.
+        let alone = explain_args(&["--inputs", "a.yaml", "--gateway-selector", "x=y"]).unwrap_err();
+        assert_eq!(alone.kind(), clap::error::ErrorKind::ArgumentConflict);
+        let bad = explain_args(&["--kubeconfig", "--gateway-selector", "a=b;c"]).unwrap_err();
+        assert_eq!(bad.kind(), clap::error::ErrorKind::ValueValidation);
+        assert!(bad.to_string().contains("cannot appear"), "{bad}");
     }
 }

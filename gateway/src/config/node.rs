@@ -348,7 +348,7 @@ fn kubernetes(r: &mut Reader<'_>, v: &Value<'_>) -> Option<KubernetesSettings> {
 
 /// A Kubernetes label selector (`key=value`, `key!=value`, `key`, `!key`, `key in (a,b)`, comma-separated):
 /// checked for what it may contain; the API server checks the rest when the agent watches with it.
-fn label_selector(s: &str) -> Result<String, String> {
+pub(crate) fn label_selector(s: &str) -> Result<String, String> {
     let s = s.trim();
     if s.is_empty() {
         return Err(format!(

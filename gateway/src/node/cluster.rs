@@ -70,7 +70,7 @@ impl Watch {
     }
 
     /// The API resource behind it, as RBAC names it.
-    fn resource(self) -> &'static str {
+    pub(crate) fn resource(self) -> &'static str {
         match self {
             Watch::NodePods | Watch::GatewayPods => "pods",
             Watch::Namespaces => "namespaces",
@@ -439,22 +439,42 @@ pub(crate) fn describe(watch: Watch, e: &watcher::Error) -> String {
 /// service account). Nothing is sent yet: an unreachable server shows as watch errors later, not as a
 /// failure here. The gateway's Node watch uses it too.
 pub(crate) async fn client(kubeconfig: Option<&Path>) -> Result<Client, String> {
+    client_for(kubeconfig, "kubernetes.kubeconfig")
+        .await
+        .map(|(client, _)| client)
+}
+
+/// [`client`], and the API server's URL; messages name `setting` as where `kubeconfig` came from
+/// (`egress-gateway explain` gives `--kubeconfig`).
+pub(crate) async fn client_for(
+    kubeconfig: Option<&Path>,
+    setting: &str,
+) -> Result<(Client, String), String> {
     let config = match kubeconfig {
         Some(path) => {
             let kubeconfig = Kubeconfig::read_from(path)
-                .map_err(|e| format!("kubernetes.kubeconfig {}: {e}", path.display()))?;
+                .map_err(|e| format!("{setting} {}: {e}", path.display()))?;
             Config::from_custom_kubeconfig(kubeconfig, &KubeConfigOptions::default())
                 .await
-                .map_err(|e| format!("kubernetes.kubeconfig {}: {e}", path.display()))?
+                .map_err(|e| format!("{setting} {}: {e}", path.display()))?
         }
         None => Config::infer().await.map_err(|e| {
             format!(
                 "no Kubernetes API configuration: no usable $KUBECONFIG or ~/.kube/config, and not in a pod \
-                 with a service account ({e}); set kubernetes.kubeconfig"
+                 with a service account ({e}); set {setting}"
             )
         })?,
     };
-    Client::try_from(config).map_err(|e| format!("cannot make a Kubernetes client: {e}"))
+    let server = config.cluster_url.to_string();
+    let client =
+        Client::try_from(config).map_err(|e| format!("cannot make a Kubernetes client: {e}"))?;
+    Ok((client, server))
+}
+
+/// EgressGatewayPolicies as the API serves them (deploy/crds/egressgatewaypolicies.yaml): cluster-scoped.
+pub(crate) fn policies_resource() -> ApiResource {
+    let gvk = GroupVersionKind::gvk("projectcalico.org", "v3", "EgressGatewayPolicy");
+    ApiResource::from_gvk_with_plural(&gvk, "egressgatewaypolicies")
 }
 
 /// Starts the four watches on the current runtime; each sends its [`Update`]s to `tx` until the receiver
@@ -491,9 +511,7 @@ pub(crate) fn spawn(
         tx.clone(),
         namespace,
     ));
-    let gvk = GroupVersionKind::gvk("projectcalico.org", "v3", "EgressGatewayPolicy");
-    let resource = ApiResource::from_gvk_with_plural(&gvk, "egressgatewaypolicies");
-    let policies: Api<DynamicObject> = Api::all_with(client.clone(), &resource);
+    let policies: Api<DynamicObject> = Api::all_with(client.clone(), &policies_resource());
     tokio::spawn(forward(
         watcher(policies, config()).default_backoff(),
         Watch::Policies,

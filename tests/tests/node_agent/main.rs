@@ -23,6 +23,7 @@
 //! ```
 
 mod common;
+mod explain;
 mod failover;
 mod kube;
 mod lifecycle;
