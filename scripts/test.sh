@@ -61,7 +61,7 @@ declare -A TITLE=(
   [image]="container image: static binary, podman build FROM scratch, --version and check from the exported filesystem"
   [manifests]="Kubernetes manifests (deploy/): schemas, egress-gateway check on the ConfigMaps, dashboard metrics"
   [kube]="a real kube-apiserver v1.37 (built from the Go module proxy once, cached): selftest, kubectl apply -k deploy/, the CRD's server-side validation"
-  [netns]="network-namespace tests, the image test, demo-netns, e2e benchmark smoke run"
+  [netns]="network-namespace tests, the image test, demo-netns, demo-kube, e2e benchmark smoke run"
   [fuzz]="fuzz smoke run: ${FUZZ_SECONDS}s per target"
 )
 declare -A RESULT=()
@@ -141,7 +141,12 @@ plan_fmt() { :; }
 plan_clippy() { :; }
 plan_demo() { :; }
 plan_image() { :; }
-plan_netns() { :; }
+plan_netns() {
+  local KUBE_BIN KUBECTL
+  eval "$(scripts/kube-apiserver.sh env)"
+  command -v go >/dev/null 2>&1 || [[ -x $KUBE_BIN/kube-apiserver && -x $KUBE_BIN/etcd && -x $KUBECTL ]] ||
+    skipped "netns: demo-kube" "no Go toolchain to build kube-apiserver, etcd and kubectl"
+}
 
 # --- the stages ----------------------------------------------------------------------------------------------------
 deps() {

@@ -12,7 +12,9 @@
 //!   transfers and `ping`.
 //! * [`agent`] drives the node agent (`egress-gateway node`) on a node-agent topology
 //!   ([`TopologySpec::node_agent`]): the Kubernetes inventory it reads, its configuration, the running
-//!   process; [`kube`] runs a real kube-apiserver for it to watch; [`firewall`] puts an nftables allowlist on an outside server.
+//!   process; [`kube`] runs a real kube-apiserver for it to watch ([`relay`] carries another namespace's
+//!   connections to it); [`firewall`] puts an nftables allowlist on an outside server.
+//! * [`demo`] holds what the two namespace demos (`demo-netns`, `demo-kube`) share.
 //! * [`require_netns!`] skips a test without CAP_NET_ADMIN (fails instead with `EGRESS_REQUIRE_NETNS=1`).
 //!
 //! Names are unique per topology (`eg<pid>-<n>-<role>`), so tests may run in parallel, also from two
@@ -20,6 +22,7 @@
 
 pub mod agent;
 pub mod cmd;
+pub mod demo;
 mod error;
 pub mod firewall;
 pub mod gateway;
@@ -28,6 +31,7 @@ pub mod netns;
 pub mod privilege;
 pub mod process;
 pub mod raw;
+pub mod relay;
 pub mod scenario;
 pub mod topology;
 pub mod traffic;

@@ -10,221 +10,20 @@
 //! Exit status: 0 when every check passed, 1 when one failed, 2 without root or without the gateway binary,
 //! 130 when interrupted.
 
-use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::net::{Ipv4Addr, SocketAddr};
+use std::ops::ControlFlow;
 use std::process::ExitCode;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use tests::agent::{AgentConfig, NodeAgent};
-use tests::raw::{self, proto, Capture, Frame, InnerUdp, IpInfo, L4};
+use tests::demo::{self, interrupted, Path, Proto, UDP_PORT};
+use tests::raw::{self, InnerUdp};
 use tests::scenario::{self, drops, packets, value};
 use tests::topology::{
-    tunnel_mac, Host, Topology, BLUE_NET, INTERNAL_NET, LOCAL_NET, NODE_VXLAN_DEV, RED_NET, VNI,
+    tunnel_mac, Topology, BLUE_NET, INTERNAL_NET, LOCAL_NET, NODE_VXLAN_DEV, RED_NET, VNI,
     VXLAN_PORT,
 };
-use tests::{traffic, GatewayMode, Inventory, Metrics, Policy, PolicyRule, TopologySpec};
-
-const TCP_PORT: u16 = 8000;
-const UDP_PORT: u16 = 8001;
-
-static INTERRUPTED: AtomicBool = AtomicBool::new(false);
-
-extern "C" fn on_interrupt(_: libc::c_int) {
-    INTERRUPTED.store(true, Ordering::Relaxed);
-}
-
-/// Ctrl-C (SIGINT) and SIGTERM set a flag: the demo stops at the next step and removes the topology.
-fn catch_interrupts() {
-    let handler = on_interrupt as extern "C" fn(libc::c_int);
-    for sig in [libc::SIGINT, libc::SIGTERM] {
-        // SAFETY: the handler only stores to an atomic, which is async-signal-safe.
-        unsafe {
-            libc::signal(sig, handler as libc::sighandler_t);
-        }
-    }
-}
-
-fn interrupted() -> bool {
-    INTERRUPTED.load(Ordering::Relaxed)
-}
-
-/// CAP_NET_ADMIN (bit 12) in CapEff of /proc/self/status.
-fn has_cap_net_admin() -> bool {
-    std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find_map(|l| l.strip_prefix("CapEff:"))
-                .and_then(|hex| u64::from_str_radix(hex.trim(), 16).ok())
-        })
-        .is_some_and(|caps| caps & (1 << 12) != 0)
-}
-
-/// One server of the scenario.
-struct Server<'a> {
-    name: &'static str,
-    host: &'a Host,
-    tcp: traffic::Server,
-    udp: traffic::Server,
-    pings: Capture,
-}
-
-/// How traffic from a pod to a server should leave, and so which source the server should see.
-#[derive(Clone, Copy, PartialEq, Eq, Debug)]
-enum Path {
-    /// Through gateway k's DMZ uplink.
-    Dmz(usize),
-    /// Through gateway k's internal uplink.
-    Internal(usize),
-    /// Not through a gateway: the node routes it (masqueraded to the node's address).
-    Node,
-}
-
-#[derive(Clone, Copy, PartialEq, Eq)]
-enum Proto {
-    Ping,
-    Tcp,
-    Udp,
-}
-
-impl Proto {
-    fn name(self) -> &'static str {
-        match self {
-            Self::Ping => "ping",
-            Self::Tcp => "tcp",
-            Self::Udp => "udp",
-        }
-    }
-}
-
-/// One line of the table.
-struct Row {
-    pod: String,
-    pod_ip: Ipv4Addr,
-    dest: String,
-    proto: Proto,
-    saw: String,
-    via: String,
-    problems: Vec<String>,
-}
-
-/// The source a server sees for `path` from a pod on node `n`.
-fn expected_source(topo: &Topology, path: Path, node: usize) -> Ipv4Addr {
-    match path {
-        Path::Dmz(k) => topo.gateway(k).dmz_egress,
-        Path::Internal(k) => topo.gateway(k).internal_egress,
-        Path::Node => topo.node(node).ip,
-    }
-}
-
-/// What a source address says about the path: which gateway and uplink, or the node.
-fn describe_source(topo: &Topology, src: Option<IpAddr>) -> String {
-    let Some(IpAddr::V4(src)) = src else {
-        return "-".into();
-    };
-    for gw in topo.gateways() {
-        let name = if gw.number == 1 { "red" } else { "blue" };
-        if src == gw.dmz_egress {
-            return format!("gw{} {name}, dmz", gw.number);
-        }
-        if src == gw.internal_egress {
-            return format!("gw{} {name}, internal", gw.number);
-        }
-    }
-    if topo.nodes().iter().any(|n| n.ip == src) {
-        return "node (no gateway)".into();
-    }
-    "?".into()
-}
-
-fn is_echo_request_to(dst: Ipv4Addr) -> impl Fn(&Frame) -> bool {
-    move |f| {
-        !f.outgoing
-            && f.dst() == Some(IpAddr::V4(dst))
-            && matches!(
-                f.ip,
-                Some(IpInfo {
-                    proto: proto::ICMP,
-                    l4: L4::Icmp { ty: 8, .. },
-                    ..
-                })
-            )
-    }
-}
-
-fn probe(topo: &Topology, pod: &tests::Pod, server: &Server<'_>, path: Path, p: Proto) -> Row {
-    let dst = server.host.ip;
-    let expected_src = expected_source(topo, path, pod.node);
-    let mut problems = Vec::new();
-    let tag = format!("demo {} {} {}", pod.ip, server.name, p.name());
-    let (saw, saw_ip) = match p {
-        Proto::Ping => {
-            let seen_before = server.pings.frames().len();
-            if let Err(e) = traffic::ping(&pod.ns, IpAddr::V4(dst), 2) {
-                problems.push(format!("ping failed: {e}"));
-            }
-            let frames = server.pings.frames();
-            match frames.get(seen_before..).and_then(|f| f.first()) {
-                Some(f) => {
-                    let id = match f.ip.as_ref().map(|i| &i.l4) {
-                        Some(L4::Icmp { rest, .. }) => rest >> 16,
-                        _ => 0,
-                    };
-                    let src = f.src();
-                    (
-                        format!(
-                            "{} (icmp id {id})",
-                            src.map_or("?".into(), |s| s.to_string())
-                        ),
-                        src,
-                    )
-                }
-                None => ("nothing".into(), None),
-            }
-        }
-        Proto::Tcp | Proto::Udp => {
-            let (server_side, port) = if p == Proto::Tcp {
-                (&server.tcp, TCP_PORT)
-            } else {
-                (&server.udp, UDP_PORT)
-            };
-            let seen_before = server_side.peers().len();
-            let addr = SocketAddr::from((dst, port));
-            let result = if p == Proto::Tcp {
-                traffic::tcp_echo(&pod.ns, addr, tag.as_bytes())
-            } else {
-                traffic::udp_echo(&pod.ns, addr, tag.as_bytes())
-            };
-            match result {
-                Ok(back) if back == tag.as_bytes() => {}
-                Ok(back) => {
-                    problems.push(format!("wrong echo: {:?}", String::from_utf8_lossy(&back)))
-                }
-                Err(e) => problems.push(format!("{e}")),
-            }
-            match server_side
-                .peers()
-                .get(seen_before..)
-                .and_then(|p| p.first())
-            {
-                Some(peer) => (peer.to_string(), Some(peer.ip())),
-                None => ("nothing".into(), None),
-            }
-        }
-    };
-    if saw_ip != Some(IpAddr::V4(expected_src)) {
-        problems.push(format!("the server should see {expected_src}"));
-    }
-    Row {
-        pod: format!("n{}p{}", pod.node, pod.number),
-        pod_ip: pod.ip,
-        dest: format!("{} {dst}", server.name),
-        proto: p,
-        saw,
-        via: describe_source(topo, saw_ip),
-        problems,
-    }
-}
+use tests::{GatewayMode, Inventory, Metrics, Policy, PolicyRule, TopologySpec};
 
 /// Hostile input: each must be dropped and counted under its reason.
 fn hostile(topo: &Topology) -> tests::Result<Vec<(String, &'static str, bool)>> {
@@ -396,17 +195,7 @@ fn run(mode: GatewayMode, agent_binary: &std::path::Path) -> tests::Result<bool>
         topo.prefix(),
         started.elapsed().as_secs_f64()
     );
-    for k in 1..=2 {
-        let gw = topo.gateway(k);
-        println!(
-            "gateway gw{k} ({}): pod IP {} (tunnel MAC {}), egress dmz {} / internal {}",
-            if k == 1 { "red" } else { "blue" },
-            gw.ip,
-            tunnel_mac(gw.ip),
-            gw.dmz_egress,
-            gw.internal_egress
-        );
-    }
+    demo::print_gateways(&topo);
     println!("EgressGatewayPolicy red-blue (namespace `app` opted in; namespace `other` not):");
     for r in &seed_policy().rules {
         let dst = r.destination.map_or("0.0.0.0/0".into(), |d| d.to_string());
@@ -429,22 +218,7 @@ fn run(mode: GatewayMode, agent_binary: &std::path::Path) -> tests::Result<bool>
     }
     println!();
 
-    // The internal server's address is on its bridge; the others' on their eth0.
-    let mut servers = Vec::new();
-    for (name, host, dev) in [
-        ("legacy-fw", topo.blue(), "eth0"),
-        ("partner", topo.red(), "eth0"),
-        ("internal", topo.internal(), "br0"),
-        ("on-prem", topo.local(), "eth0"),
-    ] {
-        servers.push(Server {
-            name,
-            host,
-            tcp: traffic::tcp_echo_server(&host.ns, SocketAddr::from((host.ip, TCP_PORT)))?,
-            udp: traffic::udp_echo_server(&host.ns, SocketAddr::from((host.ip, UDP_PORT)))?,
-            pings: Capture::start(&host.ns, dev, is_echo_request_to(host.ip))?,
-        });
-    }
+    let servers = demo::start_servers(&topo)?;
     let path = |pod: &tests::Pod, server: &str| -> Option<Path> {
         let opted_in = !(pod.node == 1 && pod.number == 2);
         match (opted_in, server) {
@@ -458,40 +232,7 @@ fn run(mode: GatewayMode, agent_binary: &std::path::Path) -> tests::Result<bool>
             _ => None,
         }
     };
-
-    println!(
-        "{:<6} {:<12} {:<24} {:<6} {:<30} {:<22} result",
-        "pod", "pod IP", "destination", "proto", "server saw source", "path"
-    );
-    let mut rows = Vec::new();
-    'probes: for pod in topo.pods() {
-        for server in &servers {
-            let Some(expected) = path(pod, server.name) else {
-                continue;
-            };
-            for p in [Proto::Ping, Proto::Tcp, Proto::Udp] {
-                if interrupted() {
-                    break 'probes;
-                }
-                let row = probe(&topo, pod, server, expected, p);
-                println!(
-                    "{:<6} {:<12} {:<24} {:<6} {:<30} {:<22} {}",
-                    row.pod,
-                    row.pod_ip.to_string(),
-                    row.dest,
-                    row.proto.name(),
-                    row.saw,
-                    row.via,
-                    if row.problems.is_empty() {
-                        "ok".to_owned()
-                    } else {
-                        format!("FAILED: {}", row.problems.join("; "))
-                    }
-                );
-                rows.push(row);
-            }
-        }
-    }
+    let rows = demo::probe_all(&topo, &servers, &Proto::ALL, path);
     let mut ok = rows.iter().all(|r| r.problems.is_empty());
 
     if !interrupted() {
@@ -541,54 +282,16 @@ fn run(mode: GatewayMode, agent_binary: &std::path::Path) -> tests::Result<bool>
 }
 
 fn main() -> ExitCode {
-    if let Some(arg) = std::env::args().nth(1) {
-        let help = arg == "-h" || arg == "--help";
-        let text = "usage: demo-netns (as root; no arguments)\n\nBuilds the seed scenario in network namespaces \
-                    with the real node agent and two real gateways (build them first: cargo build --release -p \
-                    gateway), sends ping, TCP and UDP from every pod to every server and some hostile input, \
-                    prints what each server saw and through which gateway and uplink, and the gateways' \
-                    counters, and removes everything. Exit status 0 when every \
-                    check passed, 1 when one failed, 2 without root or the gateway binary, 130 on Ctrl-C.";
-        if help {
-            println!("{text}");
-            return ExitCode::SUCCESS;
-        }
-        eprintln!("demo-netns: unexpected argument `{arg}`\n\n{text}");
-        return ExitCode::from(2);
-    }
-    if !has_cap_net_admin() {
-        eprintln!(
-            "demo-netns needs root (CAP_NET_ADMIN) to build network namespaces: run it as root, e.g. \
-             `sudo $(command -v cargo) run -p tests --release --bin demo-netns`, or `./scripts/demo.sh` as root. \
-             Without root, `egress-gateway demo` runs the same scenario in-process."
-        );
-        return ExitCode::from(2);
-    }
-    // Also sweeps namespaces left by an earlier run that was killed.
-    if tests::require_netns("demo-netns").is_none() {
-        eprintln!("demo-netns: cannot create network namespaces here (see above)");
-        return ExitCode::from(2);
-    }
-    let binary = match tests::gateway::userspace_binary_with_run() {
-        Ok(b) => b,
-        Err(e) => {
-            eprintln!("demo-netns: {e}");
-            return ExitCode::from(2);
-        }
+    let usage = "usage: demo-netns (as root; no arguments)\n\nBuilds the seed scenario in network namespaces \
+                 with the real node agent and two real gateways (build them first: cargo build --release -p \
+                 gateway), sends ping, TCP and UDP from every pod to every server and some hostile input, \
+                 prints what each server saw and through which gateway and uplink, and the gateways' \
+                 counters, and removes everything. Exit status 0 when every \
+                 check passed, 1 when one failed, 2 without root or the gateway binary, 130 on Ctrl-C.";
+    let binary = match demo::prepare("demo-netns", usage) {
+        ControlFlow::Continue(binary) => binary,
+        ControlFlow::Break(status) => return status,
     };
-    catch_interrupts();
     let agent = binary.clone();
-    match run(GatewayMode::Userspace { binary }, &agent) {
-        Ok(true) => ExitCode::SUCCESS,
-        Ok(false) if interrupted() => ExitCode::from(130),
-        Ok(false) => ExitCode::FAILURE,
-        Err(e) => {
-            eprintln!("demo-netns: {e}");
-            if interrupted() {
-                ExitCode::from(130)
-            } else {
-                ExitCode::FAILURE
-            }
-        }
-    }
+    demo::exit_status("demo-netns", run(GatewayMode::Userspace { binary }, &agent))
 }
