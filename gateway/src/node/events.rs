@@ -6,12 +6,14 @@
 //! cluster: an invalid policy nobody on this node names costs this agent nothing (its log and the
 //! `egress_node_invalid_policies` gauge still say it). Each Event is published once per distinct note, and
 //! again every [`REFRESH`] while the problem lasts (the API server drops Events after `--event-ttl`, one hour
-//! by default). Publishing runs on its own task: a slow or refusing API server never holds up routing.
+//! by default), or after [`RETRY`] when the API server refused it. Publishing runs on its own task: a slow or
+//! refusing API server never holds up routing.
 //!
 //! Events use the `events.k8s.io/v1` API through kube-rs's [`Recorder`], which needs `create` and `patch` on
 //! `events.events.k8s.io` (deploy/node-agent/rbac.yaml).
 
 use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use forwarder_core::policy::BlockReason;
@@ -138,15 +140,27 @@ fn clip(mut note: String) -> String {
     note
 }
 
-/// Publishes [`Report`]s as Events, each once per note and again every [`REFRESH`]. Each publication is
-/// a new Event: a [`Recorder`] kept across them would turn a changed note into a repeat of the old one (it
-/// deduplicates by subject and reason, and keeps the first note).
+/// Publishes [`Report`]s as Events, each once per note and again every [`REFRESH`]; one the API server
+/// refused or did not take is tried again after [`RETRY`]. Each publication is a new Event: a [`Recorder`]
+/// kept across them would turn a changed note into a repeat of the old one (it deduplicates by subject and
+/// reason, and keeps the first note).
 pub(crate) struct Publisher {
     client: kube::Client,
     reporter: Reporter,
-    /// What was last published per subject, and when.
-    sent: BTreeMap<Subject, (String, Instant)>,
+    /// What was last published (or tried) per subject, and when it is due again. Shared with the
+    /// publishing tasks, which move a failed one's time forward.
+    sent: Arc<Mutex<BTreeMap<Subject, Sent>>>,
 }
+
+/// One subject's last publication.
+#[derive(Debug)]
+struct Sent {
+    note: String,
+    due: Instant,
+}
+
+/// How long after a failed publication it is tried again.
+pub(crate) const RETRY: Duration = Duration::from_secs(60);
 
 impl Publisher {
     /// A publisher reporting as [`CONTROLLER`], instance `node`.
@@ -158,29 +172,39 @@ impl Publisher {
         Self {
             client,
             reporter,
-            sent: BTreeMap::new(),
+            sent: Arc::default(),
         }
     }
 
-    /// Publishes what is new, changed or due for a refresh; forgets the subjects no longer reported, so a
-    /// problem that comes back is reported again.
+    /// Publishes what is new, changed or due; forgets the subjects no longer reported, so a problem that
+    /// comes back is reported again.
     pub(crate) fn publish(&mut self, reports: Vec<Report>) {
         let wanted: BTreeMap<Subject, Report> = reports
             .into_iter()
             .map(|r| (r.subject.clone(), r))
             .collect();
-        self.sent.retain(|s, _| wanted.contains_key(s));
+        let mut sent = self
+            .sent
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        sent.retain(|s, _| wanted.contains_key(s));
+        let now = Instant::now();
         for (subject, report) in wanted {
-            if self
-                .sent
+            if sent
                 .get(&subject)
-                .is_some_and(|(note, at)| *note == report.note && at.elapsed() < REFRESH)
+                .is_some_and(|s| s.note == report.note && now < s.due)
             {
                 continue;
             }
-            self.sent
-                .insert(subject, (report.note.clone(), Instant::now()));
+            sent.insert(
+                subject,
+                Sent {
+                    note: report.note.clone(),
+                    due: now + REFRESH,
+                },
+            );
             let recorder = Recorder::new(self.client.clone(), self.reporter.clone());
+            let sent = Arc::clone(&self.sent);
             tokio::spawn(async move {
                 let event = Event {
                     type_: EventType::Warning,
@@ -200,8 +224,17 @@ impl Publisher {
                             about = ?report.subject,
                             error = %e,
                             "cannot publish a Kubernetes Event (the agent needs `create` and `patch` on \
-                             events.events.k8s.io); the problem is still logged"
+                             events.events.k8s.io); the problem is still logged; trying again in {} s",
+                            RETRY.as_secs()
                         );
+                        let mut sent = sent
+                            .lock()
+                            .unwrap_or_else(std::sync::PoisonError::into_inner);
+                        if let Some(s) = sent.get_mut(&report.subject) {
+                            if s.note == report.note {
+                                s.due = Instant::now() + RETRY;
+                            }
+                        }
                     }
                 }
             });
@@ -277,6 +310,63 @@ mod tests {
             ],
         ));
         view
+    }
+
+    /// A publication the API server does not take is due again after RETRY, not after REFRESH; an
+    /// unchanged report is not sent again before then, a changed one is.
+    #[test]
+    fn a_failed_publication_is_tried_again_soon() {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async {
+            // Nothing listens on port 1 of loopback: every request is refused.
+            let config = kube::Config::new("http://127.0.0.1:1".parse().unwrap());
+            let client = kube::Client::try_from(config).unwrap();
+            let mut publisher = Publisher::new(client, "node-a");
+            let report = |note: &str| Report {
+                subject: Subject::Pod("app".into(), "web".into()),
+                uid: "uid-web".into(),
+                reason: "EgressBlocked",
+                note: note.into(),
+            };
+            let due = |p: &Publisher| {
+                let sent = p.sent.lock().unwrap();
+                sent.values().next().map(|s| (s.note.clone(), s.due))
+            };
+            let start = Instant::now();
+            publisher.publish(vec![report("one")]);
+            let (_, first) = due(&publisher).expect("recorded");
+            assert!(
+                first >= start + REFRESH,
+                "due after a refresh while in flight"
+            );
+            // The task fails (connection refused) and moves the time forward to a retry.
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while due(&publisher).is_some_and(|(_, d)| d == first) {
+                assert!(
+                    Instant::now() < deadline,
+                    "the failed publication never came back"
+                );
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+            let (note, retry) = due(&publisher).expect("still recorded");
+            assert_eq!(note, "one");
+            assert!(
+                retry < start + REFRESH && retry >= start + RETRY,
+                "{:?}",
+                retry - start
+            );
+            // The same report is not sent again before then; a changed one is.
+            publisher.publish(vec![report("one")]);
+            assert_eq!(due(&publisher).map(|(_, d)| d), Some(retry));
+            publisher.publish(vec![report("two")]);
+            assert_eq!(due(&publisher).map(|(n, _)| n).as_deref(), Some("two"));
+            // A subject no longer reported is forgotten.
+            publisher.publish(Vec::new());
+            assert!(due(&publisher).is_none());
+        });
     }
 
     #[test]
