@@ -91,7 +91,18 @@ impl Checks {
         self.0.push((what, ok));
     }
 
-    /// One check for a step's probes.
+    /// One check for a step's probes; the rows are kept in `steps` for the summary.
+    fn step<'s>(
+        &mut self,
+        steps: &mut Vec<(&'s str, Vec<Row>)>,
+        step: &'s str,
+        rows: Vec<Row>,
+        expect: &str,
+    ) {
+        self.probes(step, &rows, expect);
+        steps.push((step, rows));
+    }
+
     fn probes(&mut self, step: &str, rows: &[Row], expect: &str) {
         let failed = rows.iter().filter(|r| !r.problems.is_empty()).count();
         let what = if failed == 0 {
@@ -399,12 +410,12 @@ fn run(binary: &FsPath, kubectl: &FsPath) -> tests::Result<bool> {
     let rows = demo::probe_all(&topo, &servers, &Proto::ALL, |_, s| {
         outside(s).then_some(Path::Node)
     });
-    checks.probes(
+    checks.step(
+        &mut steps,
         "3 before opt-in",
-        &rows,
+        rows,
         "every server saw the node's address",
     );
-    steps.push(("3 before opt-in", rows));
     if interrupted() {
         return stopped();
     }
@@ -449,12 +460,12 @@ fn run(binary: &FsPath, kubectl: &FsPath) -> tests::Result<bool> {
         s if outside(s) => Some(Path::Node),
         _ => None,
     });
-    checks.probes(
+    checks.step(
+        &mut steps,
         "4 app opted in",
-        &rows,
+        rows,
         "app's pods through red (legacy-fw) and blue (partner), other/batch and on-prem by the node",
     );
-    steps.push(("4 app opted in", rows));
     if interrupted() {
         return stopped();
     }
@@ -487,12 +498,12 @@ fn run(binary: &FsPath, kubectl: &FsPath) -> tests::Result<bool> {
         "legacy-fw" => Some(Path::Node),
         _ => None,
     });
-    checks.probes(
+    checks.step(
+        &mut steps,
         "5 policy edited",
-        &rows,
+        rows,
         "legacy-fw saw the blue gateway from app's pods",
     );
-    steps.push(("5 policy edited", rows));
     if interrupted() {
         return stopped();
     }
@@ -541,12 +552,12 @@ fn run(binary: &FsPath, kubectl: &FsPath) -> tests::Result<bool> {
         "partner" => Some(Path::Node),
         _ => None,
     });
-    checks.probes(
+    checks.step(
+        &mut steps,
         "6 gw2 deleted",
-        &rows,
+        rows,
         "app's pods refused at once, never sent out with the node's address; other/batch unaffected",
     );
-    steps.push(("6 gw2 deleted", rows));
     if interrupted() {
         return stopped();
     }

@@ -14,7 +14,7 @@ use tests::kube::ApiServer;
 use tests::scenario::poll;
 use tests::topology::{gateway_ip, POD_RULE_PRIORITY};
 use tests::{
-    require_kube, require_netns, require_node_agent, require_userspace_gateway, Inventory,
+    require_kube, require_netns, require_node_agent, require_userspace_gateway, Inventory, Metrics,
     NodeAgent, Policy, PolicyRule, TopologySpec,
 };
 
@@ -55,24 +55,10 @@ fn wait_pod_route(env: &Env, api: &ApiServer, pod_ip: IpAddr, want: &RouteShape)
     }
 }
 
-/// The value of an agent metric line starting with `series` (e.g. `egress_node_pods`).
-fn metric(env: &Env, series: &str) -> Option<f64> {
-    let text = env.agent.metrics_text().ok()?;
-    text.lines()
-        .find(|l| l.starts_with(series) && l[series.len()..].starts_with([' ', '{']))
-        .and_then(|l| l.rsplit(' ').next())
-        .and_then(|v| v.parse().ok())
-}
-
-/// The sum of an agent metric over all its label sets (0 when absent).
-fn metric_sum(env: &Env, series: &str) -> f64 {
-    let Ok(text) = env.agent.metrics_text() else {
-        return 0.0;
-    };
-    text.lines()
-        .filter(|l| l.starts_with(series) && l[series.len()..].starts_with([' ', '{']))
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-        .sum()
+/// The agent's metric `name`, summed over the samples whose labels include `labels`; `None` when there
+/// is none (or no answer).
+fn metric(env: &Env, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
+    Metrics::parse(&env.agent.metrics_text().ok()?).get(name, labels)
 }
 
 /// The agent's four watches, as its metrics label them.
@@ -160,7 +146,11 @@ fn the_agent_follows_the_cluster_through_the_api_server() {
     };
     let started = wait_pod_route(&env, &api, IpAddr::V4(web), &via(1));
     println!("first plan from the API: app/web via gateway 1 ({started:?} after ready)");
-    let pods = metric(&env, "egress_node_cluster_objects{watch=\"node_pods\"}");
+    let pods = metric(
+        &env,
+        "egress_node_cluster_objects",
+        &[("watch", "node_pods")],
+    );
     if pods != Some(1.0) {
         env.fail(format!(
             "the node-pods watch holds {pods:?} pods; want 1 (app/web; app/elsewhere is on node2)"
@@ -200,7 +190,7 @@ fn the_agent_follows_the_cluster_through_the_api_server() {
         .expect("namespace other using broken");
     wait_pod_route(&env, &api, IpAddr::V4(other), &RouteShape::Unreachable);
     wait_pod_route(&env, &api, IpAddr::V4(web), &via(2));
-    if metric(&env, "egress_node_invalid_policies") != Some(1.0) {
+    if metric(&env, "egress_node_invalid_policies", &[]) != Some(1.0) {
         env.fail("egress_node_invalid_policies is not 1");
     }
     wait_log(&env, "EgressGatewayPolicy 'broken' is invalid", CONVERGE);
@@ -233,7 +223,12 @@ fn the_agent_follows_the_cluster_through_the_api_server() {
             std::thread::sleep(Duration::from_millis(200));
         }
     }
-    if metric(&env, "egress_node_events_total{reason=\"EgressBlocked\"}") != Some(1.0) {
+    if metric(
+        &env,
+        "egress_node_events_total",
+        &[("reason", "EgressBlocked")],
+    ) != Some(1.0)
+    {
         env.fail("egress_node_events_total{reason=\"EgressBlocked\"} is not 1 (one blocked pod, published once)");
     }
     println!("invalid policy: other/x blocked, app/* unaffected; Events on the pod and the policy");
@@ -241,17 +236,21 @@ fn the_agent_follows_the_cluster_through_the_api_server() {
     // The API server goes away while the agent runs: its watches fail (counted), it stays synced and
     // ready on what it knew. It comes back with etcd compacted past every resourceVersion the agent holds:
     // each watch is answered 410 Gone and lists again — and nothing is flushed meanwhile.
-    let errors_before = metric_sum(&env, "egress_node_watch_errors_total");
-    let removed_before = metric(&env, "egress_node_kernel_changes_total{op=\"removed\"}");
+    let errors_before = metric(&env, "egress_node_watch_errors_total", &[]).unwrap_or(0.0);
+    let removed_before = metric(
+        &env,
+        "egress_node_kernel_changes_total",
+        &[("op", "removed")],
+    );
     api.stop();
     let start = Instant::now();
-    while metric_sum(&env, "egress_node_watch_errors_total") <= errors_before {
+    while metric(&env, "egress_node_watch_errors_total", &[]).unwrap_or(0.0) <= errors_before {
         if start.elapsed() > CONVERGE {
             env.fail("egress_node_watch_errors_total did not grow with the API server gone");
         }
         std::thread::sleep(Duration::from_millis(100));
     }
-    if metric(&env, "egress_node_cluster_synced") != Some(1.0) {
+    if metric(&env, "egress_node_cluster_synced", &[]) != Some(1.0) {
         env.fail("egress_node_cluster_synced left 1 while the API server was away (what it knew is kept)");
     }
     api.start_again_compacted()
@@ -276,11 +275,7 @@ fn the_agent_follows_the_cluster_through_the_api_server() {
         let expired: Vec<f64> = cluster_watches()
             .iter()
             .map(|w| {
-                metric(
-                    &env,
-                    &format!("egress_node_watch_expired_total{{watch=\"{w}\"}}"),
-                )
-                .unwrap_or(0.0)
+                metric(&env, "egress_node_watch_expired_total", &[("watch", w)]).unwrap_or(0.0)
             })
             .collect();
         if expired.iter().all(|n| *n >= 1.0) && start.elapsed() > Duration::from_secs(2) {
@@ -295,7 +290,12 @@ fn the_agent_follows_the_cluster_through_the_api_server() {
         }
         std::thread::sleep(Duration::from_millis(20));
     }
-    if metric(&env, "egress_node_kernel_changes_total{op=\"removed\"}") != removed_before {
+    if metric(
+        &env,
+        "egress_node_kernel_changes_total",
+        &[("op", "removed")],
+    ) != removed_before
+    {
         env.fail("the agent removed kernel state while it relisted after 410");
     }
     wait_log(&env, "(410 Gone); listing again", CONVERGE);
@@ -325,7 +325,7 @@ fn the_agent_follows_the_cluster_through_the_api_server() {
             "readiness without an API server after a restart: {other:?}, want 503"
         )),
     }
-    if metric(&env, "egress_node_cluster_synced") != Some(0.0) {
+    if metric(&env, "egress_node_cluster_synced", &[]) != Some(0.0) {
         env.fail("egress_node_cluster_synced is not 0 after a restart without an API server");
     }
     for (ip, want) in [
