@@ -71,6 +71,10 @@
 //!   into a thread-local bag that crossbeam hands over only when it holds 64 functions, so every path that
 //!   retires slots flushes it afterwards ([`Table::expire`], and an insert that replaced an expired duplicate,
 //!   swept inline or lost its race).
+//! * **Port takeover**: a new TCP connection whose pool is exhausted ends a *finished* flow (reset, or a FIN
+//!   each way) that is the only user of its mapping and takes its port (`Inner::take_over`). Such a flow is
+//!   the anchor of its mapping, so the candidates come from walking the mapping index from a random bucket;
+//!   nothing is recorded for it on the insert path.
 //! * **Expiry** is an incremental sweep: a shared cursor hands out disjoint ranges of `budget` slots to
 //!   callers, so several workers can sweep concurrently without stopping the world.
 //! * **Capacity** counts entries, not only live flows: an expired flow that still anchors a live mapping
@@ -141,9 +145,12 @@ impl Default for Timeouts {
 /// `nf_conncount` does (see `conntrack/quota.rs` and `docs/nat.md`).
 pub const DEFAULT_MAX_PER_SOURCE: u32 = 16384;
 
-/// Random ports examined for a finished flow to take over when a TCP pool is exhausted (each probe is one
-/// reply-index lookup).
-const TAKEOVER_PROBES: u32 = 16;
+/// Anchors of the exhausted pool examined for a finished flow to take over (each one random slot read).
+/// With a fraction `f` of the pool's mappings held by finished flows the search fails with probability
+/// (1 − f)³²: below 10⁻⁶ at f = 0.35.
+const TAKEOVER_CANDIDATES: u32 = 32;
+/// Mapping-index buckets walked at most for one takeover (4 KiB of bucket heads, read in order).
+const TAKEOVER_BUCKETS: usize = 1024;
 
 /// Table configuration.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -264,7 +271,7 @@ struct Filled {
 enum Taken {
     /// Allocated from the pool.
     Fresh(u16),
-    /// Taken over from a finished TCP flow toward the same remote endpoint.
+    /// Taken over from a finished TCP flow.
     Over(u16),
 }
 
@@ -580,8 +587,8 @@ impl Table {
         }
     }
 
-    /// External TCP ports taken over from finished flows (reset, or a FIN each way) by new connections toward
-    /// the same remote endpoint while the pool was exhausted, since the table was created.
+    /// External TCP ports taken over from finished flows (reset, or a FIN each way) by new connections while
+    /// the pool was exhausted, since the table was created.
     pub fn port_takeovers(&self) -> u64 {
         self.inner.takeovers.load(Ordering::Relaxed)
     }
@@ -878,7 +885,7 @@ impl Inner {
                 // a pod over its quota would be refused below: do not end another flow for it
                 Err(e) if proto == Proto::Tcp && !self.quota.full(&k.src) => {
                     *retired = true;
-                    Taken::Over(self.take_over(k, pool, now, rng, guard).ok_or(e)?)
+                    Taken::Over(self.take_over(pool, now, rng, guard).ok_or(e)?)
                 }
                 Err(e) => return Err(e),
             })
@@ -1167,93 +1174,77 @@ impl Inner {
     }
 
     /// The pool of a new TCP connection is exhausted: take over the external port of a *finished* flow (reset,
-    /// or a FIN each way: [`TcpState::Closed`], [`TcpState::TimeWait`]) toward the same remote endpoint, found by
-    /// looking up the reply index for the new flow's would-be reply tuple on up to [`TAKEOVER_PROBES`] random
-    /// ports (RFC 7857 §3.2 lets a NAT reuse a port in TIME_WAIT for a new SYN; the kernel's nf_nat reuses such
-    /// tuples too). The finished flow is removed (claimed LIVE → DEAD like an expiry), and when it held the
-    /// last reference on its mapping the port passes to the caller still owned, skipping the reuse delay; a
-    /// port whose mapping lives on (the old pod endpoint still talks to others through it) is left alone.
-    /// Because the port only ever has one owning mapping, no two live flows share a reply tuple.
+    /// or a FIN each way: [`TcpState::Closed`], [`TcpState::TimeWait`]) toward any remote endpoint. A port
+    /// that can be taken over belongs to a mapping with one flow, which is then the mapping's anchor, so the
+    /// candidates are found by walking the mapping index from a random bucket: [`TAKEOVER_BUCKETS`] buckets
+    /// at most (sequential reads), and at most [`TAKEOVER_CANDIDATES`] anchors of this pool examined (one
+    /// random slot read each). RFC 7857 §3.2 lets a NAT reuse a port in TIME_WAIT for a new SYN; the kernel's
+    /// nf_nat goes further and shares a port between remote endpoints all the time. The finished flow is
+    /// removed (claimed LIVE → DEAD like an expiry) and, as it held the only reference on its mapping, the
+    /// port passes to the caller still owned, skipping the reuse delay; a port whose mapping lives on (the old
+    /// pod endpoint still talks to others through it) is left alone. Because the port only ever has one
+    /// owning mapping, no two live flows share a reply tuple. Nothing is recorded for this on the insert
+    /// path: the search costs only when the pool is exhausted.
     fn take_over(
         self: &Arc<Self>,
-        k: &Packed,
         pool: PoolId,
         now: Instant,
         rng: &mut Rng,
         guard: &Guard,
     ) -> Option<u16> {
-        for _ in 0..TAKEOVER_PROBES {
-            let Some(old) = self.claim_finished(k, pool, now, rng) else {
-                continue;
-            };
-            let idx = self.index_of(old);
-            if let Some(p) = self.finish_removal(idx, old, now, true, true, guard) {
-                self.takeovers.fetch_add(1, Ordering::Relaxed);
-                return Some(p);
+        let n = self.eim.len();
+        #[allow(clippy::cast_possible_truncation)] // n = max_entries / 2 < 2³¹
+        let start = rng.below(n as u32) as usize;
+        let mut examined = 0;
+        for i in 0..n.min(TAKEOVER_BUCKETS) {
+            let mut cur = self.eim[(start + i) % n].load(Ordering::Acquire);
+            while cur != NIL {
+                let idx = (cur & !MARK) - 1;
+                let a = self.slot(cur);
+                let next = a.next_eim.load(Ordering::Acquire);
+                cur = next & !MARK;
+                if next & MARK != 0 || a.pool() != pool || a.proto() != Proto::Tcp {
+                    continue;
+                }
+                let port = a.external_port();
+                if self.claim_finished(a, pool, port, now).is_some() {
+                    if let Some(p) = self.finish_removal(idx, a, now, true, true, guard) {
+                        self.takeovers.fetch_add(1, Ordering::Relaxed);
+                        return Some(p);
+                    }
+                }
+                examined += 1;
+                if examined == TAKEOVER_CANDIDATES {
+                    return None;
+                }
             }
         }
         None
     }
 
-    /// One probe for [`take_over`](Self::take_over): the flow, if any, that holds a random port of `pool`
-    /// toward `k`'s remote endpoint; claimed (LIVE → DEAD, its end reported) when it is finished and the
-    /// only flow on its mapping.
-    fn claim_finished(
-        &self,
-        k: &Packed,
-        pool: PoolId,
-        now: Instant,
-        rng: &mut Rng,
-    ) -> Option<&Flow> {
-        let range = self.pools.range();
-        let n = range.len();
-        if n == 0 {
+    /// One candidate of [`take_over`](Self::take_over): claims `f` (LIVE → DEAD, its end reported) when it is a
+    /// finished TCP flow that anchors the mapping of `port` in `pool` and is its only user (a flow may still
+    /// join the mapping until it ends: then the removal hands no port over). The claim checks again that the
+    /// flow is live and finished.
+    fn claim_finished(&self, f: &Flow, pool: PoolId, port: u16, now: Instant) -> Option<()> {
+        let c = f.ctl.load(Ordering::Acquire);
+        if phase_of(c) != PHASE_LIVE
+            || !flow::tcp_finished(c)
+            || !f.is_tcp_on(pool, port)
+            || f.map_refs.load(Ordering::Acquire) != 1
+        {
             return None;
         }
-        #[allow(clippy::cast_possible_truncation)] // below(n) < n ≤ 65536 and min + it ≤ max
-        let port = range.min.wrapping_add(rng.below(n) as u16);
-        let rk = Packed {
-            src: k.dst,
-            dst: self.pool_addrs[usize::from(pool)],
-            sport: k.dport,
-            dport: port,
-            tag: k.tag,
-        };
-        let head = self
-            .bucket(List::Reply, rk.hash(&self.hash_key))
-            .load(Ordering::Acquire);
-        let old = self.walk_reply(head, &rk, now)?;
-        if !flow::tcp_finished(old.ctl.load(Ordering::Relaxed)) || !self.sole_user(old) {
-            return None;
-        }
-        old.ctl
+        f.ctl
             .fetch_update(Ordering::AcqRel, Ordering::Acquire, |c| {
                 (phase_of(c) == PHASE_LIVE && flow::tcp_finished(c))
                     .then(|| flow::with_phase(c, PHASE_DEAD))
             })
             .ok()?;
         if let Some(events) = &self.events {
-            events.push(FlowEvent::of(old, FlowEventKind::End, now));
+            events.push(FlowEvent::of(f, FlowEventKind::End, now));
         }
-        Some(old)
-    }
-
-    /// True when `f` is the only flow on its mapping (a hint: a flow may join until the mapping ends).
-    fn sole_user(&self, f: &Flow) -> bool {
-        let ek = f.eim_key();
-        let head = self
-            .bucket(List::Eim, ek.hash(&self.hash_key))
-            .load(Ordering::Acquire);
-        self.find_anchor(head, &ek, false)
-            .is_some_and(|a| a.map_refs.load(Ordering::Acquire) == 1)
-    }
-
-    /// The arena index of a slot.
-    fn index_of(&self, f: &Flow) -> u32 {
-        let off = (f as *const Flow as usize) - (self.slots.as_ptr() as usize);
-        #[allow(clippy::cast_possible_truncation)] // slots.len() < 2³¹
-        let idx = (off / core::mem::size_of::<Flow>()) as u32;
-        idx
+        Some(())
     }
 
     /// Joins the live mapping of the flow's pod endpoint or creates one (this slot becomes its anchor), with

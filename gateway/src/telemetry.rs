@@ -99,7 +99,7 @@ pub(crate) const METRICS: &[(&str, &str, &str)] = &[
     (
         "egress_gateway_port_takeovers_total",
         "counter",
-        "New TCP connections that took over the port of a finished connection to the same remote endpoint (pool exhausted; see docs/nat.md).",
+        "New TCP connections that took over the port of a finished connection (pool exhausted; see docs/nat.md).",
     ),
     (
         "egress_gateway_ports_in_use",

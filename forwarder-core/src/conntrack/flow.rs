@@ -49,8 +49,7 @@ pub enum TcpState {
     Closed,
     /// A FIN was seen in each direction (the inbound one inside the pod's window): the connection is over and
     /// the end that closed first waits out TIME-WAIT. The entry stays for the transitory timeout, but a new
-    /// connection toward the same remote endpoint may take its external port over when the pool is exhausted
-    /// (see the table's module docs).
+    /// connection may take its external port over when the pool is exhausted (see `docs/nat.md`).
     TimeWait,
 }
 
@@ -318,6 +317,11 @@ impl Flow {
 
     pub(crate) fn pool(&self) -> PoolId {
         self.port_field(48) & POOL_MASK
+    }
+
+    /// True for a TCP flow translated to `port` of pool `pool`.
+    pub(crate) fn is_tcp_on(&self, pool: PoolId, port: u16) -> bool {
+        self.proto() == Proto::Tcp && self.pool() == pool && self.external_port() == port
     }
 
     fn is_v6(&self) -> bool {

@@ -588,10 +588,10 @@ fn open_and_close(tb: &Table, k: FlowKey, now: Instant, rng: &mut Rng, g: &Guard
 }
 
 /// With the TCP pool exhausted, a new connection takes over the port of a finished flow (a FIN each way, or
-/// reset) toward the same remote endpoint, at once; a flow still open, a finished flow whose mapping other
-/// flows still use, another remote endpoint and UDP never lose their port.
+/// reset) at once, toward the same remote endpoint or any other; a flow still open, a finished flow whose
+/// mapping other flows still use, and UDP never lose their port.
 #[test]
-fn exhausted_tcp_pool_takes_over_a_finished_flow_to_the_same_remote() {
+fn exhausted_tcp_pool_takes_over_a_finished_flow() {
     let tb = table(
         64,
         PortRange {
@@ -602,26 +602,22 @@ fn exhausted_tcp_pool_takes_over_a_finished_flow_to_the_same_remote() {
     let mut rng = Rng::new(21);
     let g = tb.pin();
     let server = (remote(1), 443);
-    let k1 = key(pod(1), 40000, server.0, server.1, Proto::Tcp);
-    let p1 = open_and_close(&tb, k1, t(0), &mut rng, &g);
-    // the other port: an open connection
     let k2 = key(pod(2), 40000, server.0, server.1, Proto::Tcp);
     let f2 = tb.insert(new_flow(k2), t(0), &mut rng, &g).expect("tcp");
     f2.on_outbound(seg(TcpSegment::FIN | TcpSegment::ACK, 1, 0, 1000), 40, t(0));
     assert_eq!(f2.tcp_state(), TcpState::Closing, "half closed: still open");
-    // another remote endpoint, and UDP: no finished flow toward them, refused as before
-    for k in [
-        key(pod(3), 40000, remote(2), 443, Proto::Tcp),
-        key(pod(3), 40000, server.0, 80, Proto::Tcp),
-    ] {
-        assert_eq!(
-            tb.insert(new_flow(k), t(1), &mut rng, &g).err(),
-            Some(InsertError::PortsExhausted)
-        );
-    }
+    // the other port: nothing finished yet, refused
+    let k1 = key(pod(1), 40000, server.0, server.1, Proto::Tcp);
+    let f1 = tb.insert(new_flow(k1), t(0), &mut rng, &g).expect("tcp");
+    let p1 = f1.external_port();
+    let k3 = key(pod(3), 50000, remote(2), 80, Proto::Tcp);
+    assert_eq!(
+        tb.insert(new_flow(k3), t(0), &mut rng, &g).err(),
+        Some(InsertError::PortsExhausted)
+    );
+    assert_eq!(open_and_close(&tb, k1, t(0), &mut rng, &g), p1);
     assert_eq!(tb.port_takeovers(), 0);
-    // the same remote endpoint: takes over pod 1's port, and pod 1's flow is gone
-    let k3 = key(pod(3), 50000, server.0, server.1, Proto::Tcp);
+    // another remote endpoint: takes over pod 1's port, and pod 1's flow is gone
     let f3 = tb
         .insert(new_flow(k3), t(1), &mut rng, &g)
         .expect("takeover");
@@ -632,13 +628,16 @@ fn exhausted_tcp_pool_takes_over_a_finished_flow_to_the_same_remote() {
         .lookup_inbound_at(&f3.reply_key(), t(1), &g)
         .expect("reply");
     assert!(core::ptr::eq(back, f3));
+    // a late segment of the old connection finds no flow (dropped as unsolicited, not sent to pod 3)
+    let mut old_reply = f3.reply_key();
+    old_reply.src = server.0;
+    old_reply.src_port = server.1;
+    assert!(tb.lookup_inbound_at(&old_reply, t(1), &g).is_none());
     assert!(tb.lookup_outbound_at(&k2, t(1), &g).is_some());
     assert_eq!(tb.len(), 2);
     check_invariants(&tb, t(1));
-    // a reset flow is finished too
-    f3.on_inbound(seg(TcpSegment::RST, 0, 0, 0), 40, t(2));
-    assert!(tb.lookup_outbound_at(&k3, t(2), &g).is_some());
-    let k4 = key(pod(4), 50000, server.0, server.1, Proto::Tcp);
+    // a reset flow is finished too; the same remote endpoint takes it over as well
+    let k4 = key(pod(4), 50000, remote(2), 80, Proto::Tcp);
     // SynSent: an RST must acknowledge the SYN (the flow's ISN + 1 was never set: 0 + 1 = 1)
     assert_eq!(f3.tcp_state(), TcpState::SynSent);
     f3.on_outbound(seg(TcpSegment::RST, 1, 0, 0), 40, t(2));
@@ -687,6 +686,62 @@ fn exhausted_tcp_pool_takes_over_a_finished_flow_to_the_same_remote() {
         Some(InsertError::PortsExhausted)
     );
     assert_eq!(tu.port_takeovers(), 0);
+}
+
+/// A takeover only ever takes a port of the exhausted pool: finished flows of another egress IP are left
+/// alone, and they are found for their own pool among the other pool's open flows.
+#[test]
+fn takeover_stays_within_the_exhausted_pool() {
+    let tb = table(
+        64,
+        PortRange {
+            min: 7000,
+            max: 7001,
+        },
+    );
+    let mut rng = Rng::new(23);
+    let g = tb.pin();
+    let v6 = |i: u16| IpAddr::V6(Ipv6Addr::new(0xfd00, 0, 0, 0, 0, 0, 0, i));
+    let server6 = IpAddr::V6(Ipv6Addr::new(0x2001, 0xdb8, 1, 0, 0, 0, 0, 1));
+    // the IPv6 pool: both ports held by finished flows
+    let finished: Vec<u16> = (1..=2)
+        .map(|i| {
+            open_and_close(
+                &tb,
+                key(v6(i), 40000, server6, 443, Proto::Tcp),
+                t(0),
+                &mut rng,
+                &g,
+            )
+        })
+        .collect();
+    // the IPv4 pool: both ports held by open flows
+    for i in 1..=2 {
+        tb.insert(
+            new_flow(key(pod(i), 40000, remote(1), 443, Proto::Tcp)),
+            t(0),
+            &mut rng,
+            &g,
+        )
+        .expect("tcp");
+    }
+    let k4 = key(pod(3), 40000, remote(2), 443, Proto::Tcp);
+    assert_eq!(
+        tb.insert(new_flow(k4), t(1), &mut rng, &g).err(),
+        Some(InsertError::PortsExhausted)
+    );
+    assert_eq!((tb.port_takeovers(), tb.len()), (0, 4));
+    let f6 = tb
+        .insert(
+            new_flow(key(v6(3), 40000, server6, 80, Proto::Tcp)),
+            t(1),
+            &mut rng,
+            &g,
+        )
+        .expect("takeover");
+    assert!(finished.contains(&f6.external_port()));
+    assert_eq!((tb.port_takeovers(), tb.len()), (1, 4));
+    check_invariants(&tb, t(1));
 }
 
 /// Without exhaustion a finished flow keeps its port for the transitory timeout (TIME-WAIT protection stays
@@ -1262,8 +1317,8 @@ mod model {
                                 if let Some((_, port, _)) = model.get(&key) {
                                     prop_assert_eq!(*port, f.external_port());
                                 } else {
-                                    // at most one finished TCP flow toward the same remote endpoint, on the
-                                    // port the new flow got, may have been taken over; nothing else went
+                                    // at most one finished TCP flow, on the port the new flow got, may have
+                                    // been taken over; nothing else went
                                     let gone: Vec<FlowKey> = model
                                         .keys()
                                         .filter(|m| tb.lookup_outbound_at(m, t(now), &g).is_none())
@@ -1273,7 +1328,6 @@ mod model {
                                     for m in gone {
                                         let (_, port, finished) = model.remove(&m).expect("model");
                                         prop_assert!(finished && m.proto == Proto::Tcp && key.proto == Proto::Tcp);
-                                        prop_assert_eq!((m.dst, m.dst_port), (key.dst, key.dst_port));
                                         prop_assert_eq!(port, f.external_port());
                                     }
                                     model.insert(key, (now, f.external_port(), false));
