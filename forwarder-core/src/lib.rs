@@ -16,6 +16,7 @@
 //! | offload | [`offload`] | virtio-net headers: partial checksums, GSO validation, segmentation, and preparation of super-packets left whole |
 //! | policy | [`policy`] | Calico selectors, EgressGatewayPolicy, (pod, destination) → gateways |
 //! | pipeline | [`pipeline`] | `outbound` (tunnel → uplink) and `inbound` (uplink → tunnel), returning an [`Action`](pipeline::Action) |
+//! | replication | [`sync`] | the state-sync protocol between the replicas of a gateway set |
 #![warn(missing_docs)]
 
 pub mod conntrack;
@@ -27,6 +28,7 @@ pub mod policy;
 pub mod ports;
 pub mod reason;
 pub mod route;
+pub mod sync;
 pub mod time;
 pub mod wire;
 
