@@ -75,6 +75,10 @@
 //!   each way) that is the only user of its mapping and takes its port (`Inner::take_over`). Such a flow is
 //!   the anchor of its mapping, so the candidates come from walking the mapping index from a random bucket;
 //!   nothing is recorded for it on the insert path.
+//! * **Install** ([`Table::install`], for state sync between replicas) is an insert with the external port
+//!   given instead of drawn: step (2) claims that port (free or cooling; refused when another mapping owns
+//!   it or the pod endpoint has a mapping on another port), the rest is the insert above; then the TCP
+//!   tracking and the times are set from the image. [`Flow::image`] is the other end.
 //! * **Expiry** is an incremental sweep: a shared cursor hands out disjoint ranges of `budget` slots to
 //!   callers, so several workers can sweep concurrently without stopping the world.
 //! * **Capacity** counts entries, not only live flows: an expired flow that still anchors a live mapping
@@ -103,7 +107,7 @@ use crossbeam_utils::CachePadded;
 
 pub use crossbeam_epoch::Guard;
 pub use events::{FlowEvent, FlowEventKind, FlowEvents};
-pub use flow::{Flow, FlowCounters, Refresh, TcpSegment, TcpState};
+pub use flow::{Flow, FlowCounters, Refresh, TcpSegment, TcpState, TcpTracking};
 
 use crate::flow::{FlowKey, NodeAddr, Proto, UplinkId};
 use crate::ports::{prefetch, PoolId, PortPools, Rng};
@@ -191,6 +195,22 @@ pub struct NewFlow {
     pub uplink: UplinkId,
 }
 
+/// A flow as another table has it, for [`Table::install`]: state sync between the replicas of a gateway
+/// set carries flows this way (`crate::sync`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FlowImage {
+    /// The tuple, egress IP, node and uplink, as for a new flow.
+    pub new: NewFlow,
+    /// The external port (ICMP: identifier) the flow is translated to.
+    pub ext_port: u16,
+    /// TCP tracking (default for UDP and ICMP).
+    pub tcp: TcpTracking,
+    /// Time since the flow was created.
+    pub age: Duration,
+    /// Time since the flow last saw a packet.
+    pub idle: Duration,
+}
+
 /// Why a new flow was refused.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum InsertError {
@@ -202,6 +222,9 @@ pub enum InsertError {
     PortsExhausted,
     /// Egress IP / protocol not configured (or address families differ).
     NoPool,
+    /// [`Table::install`] only: the external port asked for belongs to another mapping, or the pod endpoint
+    /// already has a mapping on another port.
+    PortInUse,
 }
 
 impl InsertError {
@@ -210,7 +233,9 @@ impl InsertError {
         match self {
             InsertError::Full => Reason::ConntrackFull,
             InsertError::SourceQuota => Reason::SourceQuotaExceeded,
-            InsertError::PortsExhausted | InsertError::NoPool => Reason::PortsExhausted,
+            InsertError::PortsExhausted | InsertError::NoPool | InsertError::PortInUse => {
+                Reason::PortsExhausted
+            }
         }
     }
 
@@ -220,6 +245,7 @@ impl InsertError {
             InsertError::SourceQuota => 1,
             InsertError::PortsExhausted => 2,
             InsertError::NoPool => 3,
+            InsertError::PortInUse => 4,
         }
     }
 }
@@ -235,6 +261,8 @@ pub struct Refused {
     pub ports_exhausted: u64,
     /// [`InsertError::NoPool`].
     pub no_pool: u64,
+    /// [`InsertError::PortInUse`].
+    pub port_in_use: u64,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -309,7 +337,7 @@ struct Inner {
     live: CachePadded<AtomicUsize>,
     cursor: CachePadded<AtomicUsize>,
     clock: CachePadded<AtomicU64>,
-    refused: [AtomicU64; 4],
+    refused: [AtomicU64; 5],
     takeovers: AtomicU64,
     max_entries: usize,
     reuse_delay: Duration,
@@ -501,11 +529,69 @@ impl Table {
         // Each insert draws from its own generator, seeded here, so that a batch can draw for all its flows
         // first and still pick the ports one-by-one inserts would (see `insert_batch`).
         let mut own = Rng::new(rng.next_u64());
-        let r = self.inner.insert(&new, now, &mut own, guard);
+        let r = self.inner.insert(&new, now, &mut own, None, guard);
         if let Err(e) = r {
             self.inner.refused[e.index()].fetch_add(1, Ordering::Relaxed);
         }
         r
+    }
+
+    /// Installs a flow as another table has it — a peer replica's flow kept as a passive copy, or a
+    /// restarted replica's own flow given back by its peers — with the image's external port, TCP tracking
+    /// and times. A live flow of the same tuple on the same port is updated to the image (the image's owner
+    /// is authoritative). The port is claimed even while it cools after an earlier release: its owner chose
+    /// it. Refused with [`InsertError::PortInUse`] when the port belongs to another pod endpoint's mapping,
+    /// or the pod endpoint (or a live flow of the tuple) is on another port; a flow that joined, under a race,
+    /// a mapping created meanwhile on another port stays there and the install is refused the same way.
+    /// Other refusals as for [`insert`](Self::insert) (a TCP flow needs no SYN here).
+    pub fn install<'g>(
+        &'g self,
+        image: &FlowImage,
+        now: Instant,
+        guard: &'g Guard,
+    ) -> Result<&'g Flow, InsertError> {
+        let mut rng = Rng::new(0); // an exact port draws nothing
+        let r = self
+            .inner
+            .insert(&image.new, now, &mut rng, Some(image.ext_port), guard)
+            .and_then(|f| {
+                if f.external_port() != image.ext_port {
+                    return Err(InsertError::PortInUse);
+                }
+                let ago = |d: Duration| {
+                    let ms = u64::try_from(d.as_millis()).unwrap_or(u64::MAX);
+                    Instant::from_millis(now.as_millis().saturating_sub(ms))
+                };
+                f.restore(image.tcp, ago(image.age), ago(image.idle));
+                Ok(f)
+            });
+        if let Err(e) = r {
+            self.inner.refused[e.index()].fetch_add(1, Ordering::Relaxed);
+        }
+        r
+    }
+
+    /// Removes the live flow whose reply tuple is `reply` (state sync: the owner reported its end); false when
+    /// there is none. Its port goes into the reuse delay if it ended its mapping.
+    pub fn remove(&self, reply: &FlowKey, now: Instant, guard: &Guard) -> bool {
+        let Some(f) = self.lookup_inbound_at(reply, now, guard) else {
+            return false;
+        };
+        let inner = &self.inner;
+        let claimed = f
+            .ctl
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |c| {
+                (phase_of(c) == PHASE_LIVE).then(|| flow::with_phase(c, PHASE_DEAD))
+            })
+            .is_ok();
+        if claimed {
+            if let Some(events) = &inner.events {
+                events.push(FlowEvent::of(f, FlowEventKind::End, now));
+            }
+            inner.finish_removal(inner.index_of(f), f, now, true, false, guard);
+            guard.flush();
+        }
+        claimed
     }
 
     /// [`insert`](Self::insert) for a batch (`out[i]` for `new[i]`; `out` at least as long as `new`), with the
@@ -584,6 +670,7 @@ impl Table {
             source_quota: r(1),
             ports_exhausted: r(2),
             no_pool: r(3),
+            port_in_use: r(4),
         }
     }
 
@@ -790,11 +877,12 @@ impl Inner {
         new: &NewFlow,
         now: Instant,
         rng: &mut Rng,
+        exact: Option<u16>,
         guard: &'g Guard,
     ) -> Result<&'g Flow, InsertError> {
         let mut retired = false;
         self.advance_clock(now);
-        let r = self.insert_flow(new, now, rng, guard, &mut retired);
+        let r = self.insert_flow(new, now, rng, exact, guard, &mut retired);
         if retired {
             // Slots retired on this path (an expired duplicate replaced, the inline sweep, a lost race) were
             // deferred into this thread's local bag, which crossbeam only hands over when it holds 64 of them:
@@ -804,11 +892,14 @@ impl Inner {
         r
     }
 
+    /// One insert, both halves; with `exact`, the flow gets that external port or is refused
+    /// ([`Table::install`]).
     fn insert_flow<'g>(
         self: &'g Arc<Self>,
         new: &NewFlow,
         now: Instant,
         rng: &mut Rng,
+        exact: Option<u16>,
         guard: &'g Guard,
         retired: &mut bool,
     ) -> Result<&'g Flow, InsertError> {
@@ -823,7 +914,7 @@ impl Inner {
         let eh = ek.hash(&self.hash_key);
         // start fetching the mapping's bucket while the orig list is walked
         prefetch((self.bucket(List::Eim, eh) as *const AtomicU32).cast());
-        match self.insert_begin(new, &k, h, &ek, eh, now, rng, guard, retired)? {
+        match self.insert_begin(new, &k, h, &ek, eh, now, rng, exact, guard, retired)? {
             Begun::Found(f) => Ok(f),
             Begun::Filled(b) => self.insert_end(&b, now, guard, retired),
         }
@@ -858,6 +949,7 @@ impl Inner {
         eh: u64,
         now: Instant,
         rng: &mut Rng,
+        exact: Option<u16>,
         guard: &'g Guard,
         retired: &mut bool,
     ) -> Result<Begun<'g>, InsertError> {
@@ -875,10 +967,16 @@ impl Inner {
         // (2) a port first when the endpoint has no mapping yet, so that an exhausted pool refuses before
         // anything else is reserved; then capacity, quota, slot
         let proto = new.orig.proto;
-        let port = if self
-            .find_anchor(eb.load(Ordering::Acquire), ek, false)
-            .is_none()
-        {
+        let anchor = self.find_anchor(eb.load(Ordering::Acquire), ek, false);
+        let port = if let Some(want) = exact {
+            // an installed flow keeps the port its owner chose (see `Table::install`)
+            match anchor {
+                Some(a) if a.external_port() != want => return Err(InsertError::PortInUse),
+                Some(_) => None,
+                None if self.pools.claim(pool, proto, want) => Some(Taken::Fresh(want)),
+                None => return Err(InsertError::PortInUse),
+            }
+        } else if anchor.is_none() {
             Some(match self.take_port(pool, proto, now, rng) {
                 Ok(p) => Taken::Fresh(p),
                 // TCP flows start with the pod's SYN (the pipeline creates no TCP flow otherwise)
@@ -1120,7 +1218,7 @@ impl Inner {
                     }
                 }
                 pending = i + 1..i + 1;
-                out[i] = self.insert_flow(&new[i], now, &mut rngs[i], guard, retired);
+                out[i] = self.insert_flow(&new[i], now, &mut rngs[i], None, guard, retired);
                 continue;
             }
             let (h, eh) = hashes[i];
@@ -1133,6 +1231,7 @@ impl Inner {
                 eh,
                 now,
                 &mut rngs[i],
+                None,
                 guard,
                 retired,
             ) {
@@ -1245,6 +1344,14 @@ impl Inner {
             events.push(FlowEvent::of(f, FlowEventKind::End, now));
         }
         Some(())
+    }
+
+    /// The arena index of a slot.
+    fn index_of(&self, f: &Flow) -> u32 {
+        let off = (f as *const Flow as usize) - (self.slots.as_ptr() as usize);
+        #[allow(clippy::cast_possible_truncation)] // slots.len() < 2³¹
+        let idx = (off / core::mem::size_of::<Flow>()) as u32;
+        idx
     }
 
     /// Joins the live mapping of the flow's pod endpoint or creates one (this slot becomes its anchor), with

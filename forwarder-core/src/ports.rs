@@ -184,6 +184,14 @@ struct Lane {
     in_use: AtomicU32,
 }
 
+impl Lane {
+    /// The port states, allocated (all free) on first use.
+    fn cells(&self, n: u32) -> &[AtomicU16] {
+        self.ports
+            .get_or_init(|| (0..n).map(|_| AtomicU16::new(FREE)).collect())
+    }
+}
+
 impl PortPools {
     /// Pools for `egress_ips` (duplicates are ignored; at most 8191 IPs, more are ignored), each handing out
     /// ports from `range`.
@@ -295,12 +303,7 @@ impl PortPools {
         if n == 0 || lane.in_use.load(Ordering::Relaxed) >= n {
             return None;
         }
-        let ports = lane.ports.get_or_init(|| {
-            (0..n)
-                .map(|_| AtomicU16::new(FREE))
-                .collect::<Vec<_>>()
-                .into_boxed_slice()
-        });
+        let ports = lane.cells(n);
         let now_s = now.as_secs();
         let delay_s = reuse_delay.as_secs() + u64::from(reuse_delay.subsec_nanos() > 0);
         let (runs, run_len) = if n <= MAX_PROBES {
@@ -331,6 +334,31 @@ impl PortPools {
             }
         }
         None
+    }
+
+    /// Takes port `port` of pool `id` for `proto` whether it is free or cooling: for a flow whose port was
+    /// chosen by another table (state sync; its owner honoured the reuse delay). False when the port is
+    /// owned already, or outside the range.
+    pub(crate) fn claim(&self, id: PoolId, proto: Proto, port: u16) -> bool {
+        let Some(lane) = self.lane(id, proto) else {
+            return false;
+        };
+        let n = self.range.len();
+        let off = u32::from(port.wrapping_sub(self.range.min));
+        if port < self.range.min || off >= n {
+            return false;
+        }
+        let ports = lane.cells(n);
+        let cell = &ports[off as usize];
+        let won = cell
+            .fetch_update(Ordering::AcqRel, Ordering::Relaxed, |v| {
+                (v != OWNED).then_some(OWNED)
+            })
+            .is_ok();
+        if won {
+            lane.in_use.fetch_add(1, Ordering::Relaxed);
+        }
+        won
     }
 
     /// Gives back a port taken with [`allocate`](Self::allocate): it becomes available again after the reuse

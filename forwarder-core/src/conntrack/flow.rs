@@ -63,6 +63,8 @@ const S_CLOSED: u64 = 4;
 const S_FIN_IN: u64 = 5;
 const S_FIN_BOTH: u64 = 6;
 
+const _: () = assert!(TcpTracking::MAX_STATE as u64 == S_FIN_BOTH);
+
 impl TcpState {
     const fn from_bits(b: u64) -> TcpState {
         match b {
@@ -80,6 +82,28 @@ impl TcpState {
 /// each way. Only such a flow may hand its external port over to a new connection.
 pub(crate) const fn tcp_finished(c: u64) -> bool {
     matches!((c >> STATE_SHIFT) & 7, S_CLOSED | S_FIN_BOTH)
+}
+
+/// A TCP flow's tracking state as carried from one table to another (state sync between replicas): the state
+/// code, the reference sequence number and the pod's window. Zero for UDP and ICMP flows.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct TcpTracking {
+    /// The state code (0..=[`TcpTracking::MAX_STATE`]); [`TcpTracking::state`] names it.
+    pub code: u8,
+    /// In `SynSent` the pod's ISN + 1, afterwards the pod's last acknowledgement number.
+    pub reference: u32,
+    /// The pod's last advertised window, unscaled.
+    pub window: u16,
+}
+
+impl TcpTracking {
+    /// Highest state code.
+    pub const MAX_STATE: u8 = 6;
+
+    /// The state the code stands for.
+    pub const fn state(&self) -> TcpState {
+        TcpState::from_bits(self.code as u64)
+    }
 }
 
 /// What the caller knows of a TCP segment.
@@ -536,6 +560,54 @@ impl Flow {
     pub(crate) fn expired_at(&self, ctl: u64, now: Instant) -> bool {
         let last = u64::from(self.last_seen.load(Relaxed)) + 1;
         now.as_millis() >= (last << TICK_SHIFT).saturating_add(self.timeout_ms(ctl))
+    }
+
+    /// The TCP tracking state, to carry this flow to another table ([`TcpTracking::default`] for UDP and
+    /// ICMP).
+    pub fn tcp_tracking(&self) -> TcpTracking {
+        if self.proto() != Proto::Tcp {
+            return TcpTracking::default();
+        }
+        let (s, reference, window) = tcp_fields(self.ctl.load(Relaxed));
+        #[allow(clippy::cast_possible_truncation)] // a 3-bit field
+        let code = s as u8;
+        TcpTracking {
+            code,
+            reference,
+            window,
+        }
+    }
+
+    /// The flow as [`Table::install`](super::Table::install) takes it, to carry it to another table (state
+    /// sync); ages are counted to `now` (64 ms granularity).
+    pub fn image(&self, now: Instant) -> super::FlowImage {
+        super::FlowImage {
+            new: super::NewFlow {
+                orig: self.orig(),
+                egress_ip: self.egress_ip(),
+                node: self.node(),
+                uplink: self.uplink(),
+            },
+            ext_port: self.external_port(),
+            tcp: self.tcp_tracking(),
+            age: now.saturating_since(self.created()),
+            idle: now.saturating_since(self.last_seen()),
+        }
+    }
+
+    /// Sets the TCP tracking state and the times of a flow carried from another table
+    /// ([`Table::install`](super::Table::install)); the source quota follows the state as for a packet.
+    pub(crate) fn restore(&self, tcp: TcpTracking, created: Instant, last_seen: Instant) {
+        if self.proto() == Proto::Tcp {
+            let code = u64::from(tcp.code.min(TcpTracking::MAX_STATE));
+            if let Ok(prev) = self.ctl.fetch_update(Relaxed, Relaxed, |c| {
+                tracked(c).then(|| with_tcp(c, code, tcp.reference, tcp.window))
+            }) {
+                self.account_finish(prev, with_tcp(prev, code, tcp.reference, tcp.window));
+            }
+        }
+        self.created.store(tick(created), Relaxed);
+        self.last_seen.store(tick(last_seen), Relaxed);
     }
 
     /// Packets and bytes each way.

@@ -1998,3 +1998,120 @@ fn insert_batch_refuses_flows_without_a_pool() {
     assert_eq!(got[0], got[3]);
     assert_eq!((tb.len(), tb.refused().no_pool), (1, 2));
 }
+
+/// A flow carried from one table to another (state sync) keeps its tuple, external port, TCP tracking and
+/// ages; installing it again updates it in place; its removal by reply key ends it and cools its port.
+#[test]
+fn installed_flow_is_the_owners_flow() {
+    let owner = table(64, PortRange::default());
+    let copy = table(64, PortRange::default());
+    let mut rng = Rng::new(31);
+    let (go, gc) = (owner.pin(), copy.pin());
+    let k = key(pod(1), 40000, remote(1), 443, Proto::Tcp);
+    let f = owner
+        .insert(new_flow(k), t(10), &mut rng, &go)
+        .expect("tcp");
+    f.on_outbound(seg(TcpSegment::SYN, 100, 0, 1000), 60, t(10));
+    f.on_inbound(
+        seg(TcpSegment::SYN | TcpSegment::ACK, 900, 101, 1000),
+        60,
+        t(10),
+    );
+    f.on_outbound(seg(TcpSegment::ACK, 101, 901, 2000), 40, t(11));
+    assert_eq!(f.tcp_state(), TcpState::Established);
+    let image = f.image(t(20));
+    // times are kept in 64 ms ticks
+    let near = |a: Duration, b: Duration| a.abs_diff(b) < Duration::from_millis(64);
+    let near_t = |a: Instant, b: Instant| near(a.saturating_since(b), b.saturating_since(a));
+    assert!(near(image.age, Duration::from_secs(10)), "{:?}", image.age);
+    assert!(near(image.idle, Duration::from_secs(9)), "{:?}", image.idle);
+    let c = copy.install(&image, t(100), &gc).expect("installed");
+    assert_eq!(c.orig(), k);
+    assert_eq!(c.reply_key(), f.reply_key());
+    assert_eq!(c.tcp_tracking(), f.tcp_tracking());
+    assert!(near_t(c.created(), t(90)) && near_t(c.last_seen(), t(91)));
+    assert!(core::ptr::eq(
+        copy.lookup_inbound_at(&f.reply_key(), t(100), &gc)
+            .expect("reply"),
+        c
+    ));
+    assert_eq!(copy.pools().usage()[0].in_use, 1);
+    // the same flow again, finished: updated in place, and the quota unit goes back as for a packet
+    let fin = TcpSegment::FIN | TcpSegment::ACK;
+    f.on_outbound(seg(fin, 101, 901, 2000), 40, t(30));
+    f.on_inbound(seg(fin, 901, 102, 1000), 40, t(30));
+    assert_eq!(f.tcp_state(), TcpState::TimeWait);
+    let again = copy.install(&f.image(t(30)), t(110), &gc).expect("updated");
+    assert!(core::ptr::eq(again, c));
+    assert_eq!(c.tcp_state(), TcpState::TimeWait);
+    assert!(near_t(c.last_seen(), t(110)));
+    assert_eq!(copy.inner.quota.total(), 0);
+    assert_eq!(copy.len(), 1);
+    check_invariants(&copy, t(110));
+    // removal by the reply key: gone, and its port cools
+    assert!(copy.remove(&f.reply_key(), t(111), &gc));
+    assert!(!copy.remove(&f.reply_key(), t(111), &gc));
+    assert!(copy.lookup_outbound_at(&k, t(111), &gc).is_none());
+    assert_eq!((copy.len(), copy.pools().usage()[0].in_use), (0, 0));
+    // installed again at once: the owner chose the port, so the reuse delay does not refuse it
+    copy.install(&image, t(112), &gc)
+        .expect("port cooling, claimed anyway");
+    check_invariants(&copy, t(112));
+}
+
+/// An install never takes a port from another mapping, nor puts a pod endpoint on two ports: the table's
+/// own invariants (one owner per port, one mapping per endpoint) hold whatever the images say.
+#[test]
+fn install_refuses_a_port_or_mapping_in_use() {
+    let tb = table(64, PortRange::default());
+    let mut rng = Rng::new(32);
+    let g = tb.pin();
+    let f1 = tb
+        .insert(
+            new_flow(key(pod(1), 40000, remote(1), 443, Proto::Udp)),
+            t(0),
+            &mut rng,
+            &g,
+        )
+        .expect("udp");
+    let image = |src: IpAddr, sport: u16, dst: IpAddr, port: u16| FlowImage {
+        new: new_flow(key(src, sport, dst, 53, Proto::Udp)),
+        ext_port: port,
+        tcp: TcpTracking::default(),
+        age: Duration::ZERO,
+        idle: Duration::ZERO,
+    };
+    let p1 = f1.external_port();
+    let other = if p1 == 2000 { 2001 } else { 2000 };
+    // another pod endpoint on pod 1's port
+    assert_eq!(
+        tb.install(&image(pod(2), 40000, remote(2), p1), t(1), &g)
+            .err(),
+        Some(InsertError::PortInUse)
+    );
+    // pod 1's endpoint on another port
+    assert_eq!(
+        tb.install(&image(pod(1), 40000, remote(2), other), t(1), &g)
+            .err(),
+        Some(InsertError::PortInUse)
+    );
+    // pod 1's endpoint toward another remote on its own port: joins the mapping
+    let f2 = tb
+        .install(&image(pod(1), 40000, remote(2), p1), t(1), &g)
+        .expect("joins");
+    assert_eq!(f2.external_port(), p1);
+    // outside the range, or an egress IP the table does not have
+    assert_eq!(
+        tb.install(&image(pod(3), 1, remote(2), 80), t(1), &g).err(),
+        Some(InsertError::PortInUse)
+    );
+    let mut foreign = image(pod(3), 1, remote(2), 3000);
+    foreign.new.egress_ip = IpAddr::V4(Ipv4Addr::new(192, 0, 2, 99));
+    assert_eq!(
+        tb.install(&foreign, t(1), &g).err(),
+        Some(InsertError::NoPool)
+    );
+    assert_eq!(tb.refused().port_in_use, 3);
+    assert_eq!(tb.pools().usage()[1].in_use, 1);
+    check_invariants(&tb, t(1));
+}

@@ -290,8 +290,8 @@ pub struct FlowRecord {
     pub idle_ms: u32,
 }
 
-/// Highest TCP state code a record may carry (the table's codes are 0..=6).
-pub const MAX_TCP_STATE: u8 = 6;
+/// Highest TCP state code a record may carry (the table's).
+pub const MAX_TCP_STATE: u8 = crate::conntrack::TcpTracking::MAX_STATE;
 
 /// Why a flow ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
