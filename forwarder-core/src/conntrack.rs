@@ -657,6 +657,44 @@ impl Table {
         }
     }
 
+    /// Calls `f` with the slot index and flow of each live flow among up to `budget` slots from slot `from`,
+    /// and returns where the next call should start (0 after the last slot in use): an incremental scan,
+    /// for work that must visit every flow now and then without stopping the workers (state sync's
+    /// refresh).
+    pub fn scan_slots(
+        &self,
+        from: usize,
+        budget: usize,
+        _guard: &Guard,
+        mut f: impl FnMut(usize, &Flow),
+    ) -> usize {
+        let inner = &*self.inner;
+        let hwm = inner.hwm();
+        let from = if from >= hwm { 0 } else { from };
+        let end = from.saturating_add(budget).min(hwm);
+        for (i, slot) in inner.slots[from..end].iter().enumerate() {
+            // acquire: pairs with the release of `flow::publish`, as in `for_each`
+            if phase_of(slot.ctl.load(Ordering::Acquire)) == PHASE_LIVE {
+                f(from + i, slot);
+            }
+        }
+        if end >= hwm {
+            0
+        } else {
+            end
+        }
+    }
+
+    /// The slot index of a flow of this table (as [`scan_slots`](Self::scan_slots) numbers them).
+    pub fn slot_of(&self, f: &Flow) -> usize {
+        self.inner.index_of(f) as usize
+    }
+
+    /// The number of slots (what [`scan_slots`](Self::scan_slots) may number).
+    pub fn slots(&self) -> usize {
+        self.inner.slots.len()
+    }
+
     /// The port pools.
     pub fn pools(&self) -> &PortPools {
         &self.inner.pools

@@ -12,10 +12,12 @@
 //!
 //! * [`wire`]: the datagram — header, sections, records; parsing of untrusted bytes and building into a
 //!   caller's buffer.
+//! * [`outbox`]: what a replica still has to tell its peers, coalesced, and the resend ring for NACKs.
 //! * [`peer`]: what a replica tracks of each peer's stream — epoch, sequence numbers, gaps to ask again
 //!   for, liveness.
 //! * Here: a flow of the table ([`FlowImage`]) as a record and back.
 
+pub mod outbox;
 pub mod peer;
 pub mod wire;
 

@@ -1,0 +1,284 @@
+//! What a replica still has to tell its peers, coalesced, and what it told them, for answering a NACK.
+//!
+//! As pfsync and conntrackd do, a flow is queued at most once however often it changes, and its *current*
+//! state is read from the table when a datagram is built (OpenBSD `pfsync_q_ins`, conntrackd's cache
+//! objects): a connection opened and closed within one flush interval costs one record. A NACK re-queues
+//! the flows the lost datagrams carried, again to be sent as they are by then, under new sequence numbers,
+//! so a receiver never applies an old copy over a newer one (see [`super::peer`]).
+//!
+//! Sent are:
+//! * a flow record when a flow starts ([`Outbox::flow_started`], from the table's flow events), and again
+//!   by the refresh scan ([`Outbox::scan`]) when its TCP state changed since it was last sent, or it has been
+//!   refreshed by traffic for `refresh` since (so a peer's copy does not expire while the flow lives);
+//! * a delete record when a flow ends ([`Outbox::flow_ended`]).
+//!
+//! Idle flows send nothing: their copies expire by the same timeouts. Deletes go first, then flows in the
+//! order they were queued. Memory: a mark of 16 bytes per table slot, plus the queues and the resend ring,
+//! both bounded.
+
+use core::time::Duration;
+use std::collections::{HashSet, VecDeque};
+
+use super::wire::{DeleteReason, FlowId, FlowRecord, Record, Writer};
+use crate::conntrack::{Guard, Table};
+use crate::time::Instant;
+
+/// What the refresh scan last sent for a slot.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+struct Mark {
+    /// The flow's creation (64 ms ticks, + 1; 0 = nothing sent): a new flow in the same slot differs.
+    created: u32,
+    /// Its TCP state code when sent.
+    state: u8,
+    /// Its last packet when sent (ms).
+    last_seen: u64,
+}
+
+impl Mark {
+    fn of(f: &crate::conntrack::Flow) -> Mark {
+        Mark {
+            created: u32::try_from(f.created().as_millis() >> 6).unwrap_or(u32::MAX - 1) + 1,
+            state: f.tcp_tracking().code,
+            last_seen: f.last_seen().as_millis(),
+        }
+    }
+}
+
+/// One entry of the resend ring: a record a datagram carried.
+#[derive(Debug, Clone, Copy)]
+enum Sent {
+    Flow(FlowId),
+    Delete(FlowId, DeleteReason),
+}
+
+/// Counters of the outbox.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct OutboxStats {
+    /// Flow records written.
+    pub flows: u64,
+    /// Delete records written.
+    pub deletes: u64,
+    /// Queued flows that were gone when their datagram was built (their delete follows).
+    pub vanished: u64,
+    /// Records queued again for a NACK.
+    pub resent: u64,
+    /// NACKs for datagrams no longer in the resend ring (the peer needs a bulk transfer).
+    pub too_old: u64,
+    /// Events dropped because a queue was full: a dropped flow goes out with the refresh scan's next change
+    /// or refresh of it; a dropped delete leaves the peers' copy to expire by its timeout.
+    pub overflow: u64,
+}
+
+/// The outbox of one replica.
+#[derive(Debug)]
+pub struct Outbox {
+    owner: u16,
+    refresh: Duration,
+    queued: HashSet<FlowId>,
+    flows: VecDeque<FlowId>,
+    deletes: VecDeque<(FlowId, DeleteReason)>,
+    limit: usize,
+    marks: Vec<Mark>,
+    cursor: usize,
+    /// Per sequence number (oldest first): where its records start in `records`, and how many.
+    ring: VecDeque<(u32, usize)>,
+    records: VecDeque<Sent>,
+    /// Records dropped from the front of `records` so far (so ring positions stay absolute).
+    dropped: usize,
+    ring_len: usize,
+    stats: OutboxStats,
+}
+
+impl Outbox {
+    /// An outbox for the flows of a table of `slots` slots owned by ordinal `owner`; flows refreshed by
+    /// traffic are sent again every `refresh`; at most `queue` flows and `queue` deletes wait; the records
+    /// of the last `ring` datagrams are kept for NACKs.
+    pub fn new(owner: u16, slots: usize, refresh: Duration, queue: usize, ring: usize) -> Outbox {
+        Outbox {
+            owner,
+            refresh,
+            queued: HashSet::new(),
+            flows: VecDeque::new(),
+            deletes: VecDeque::new(),
+            limit: queue.max(1),
+            marks: vec![Mark::default(); slots],
+            cursor: 0,
+            ring: VecDeque::new(),
+            records: VecDeque::new(),
+            dropped: 0,
+            ring_len: ring.max(1),
+            stats: OutboxStats::default(),
+        }
+    }
+
+    /// A flow started (or changed and must reach the peers soon).
+    pub fn flow_started(&mut self, id: FlowId) {
+        if self.queued.contains(&id) {
+            return;
+        }
+        if self.flows.len() >= self.limit {
+            self.stats.overflow += 1;
+            return;
+        }
+        self.queued.insert(id);
+        self.flows.push_back(id);
+    }
+
+    /// A flow ended.
+    pub fn flow_ended(&mut self, id: FlowId, why: DeleteReason) {
+        if self.queued.remove(&id) {
+            self.flows.retain(|f| *f != id);
+        }
+        if self.deletes.len() >= self.limit {
+            self.stats.overflow += 1;
+            return;
+        }
+        self.deletes.push_back((id, why));
+    }
+
+    /// Scans up to `budget` slots of `table` from where the last scan stopped, queueing each live flow whose
+    /// TCP state changed, or whose last packet advanced by `refresh` or more, since it was last sent (a flow
+    /// not sent yet by the scan counts as sent at its creation, by [`flow_started`](Self::flow_started)).
+    /// Returns how many flows it queued.
+    pub fn scan(&mut self, table: &Table, budget: usize, now: Instant, guard: &Guard) -> usize {
+        let mut queued = 0;
+        let refresh = u64::try_from(self.refresh.as_millis()).unwrap_or(u64::MAX);
+        let next = table.scan_slots(self.cursor, budget, guard, |i, f| {
+            let Some(mark) = self.marks.get_mut(i) else {
+                return;
+            };
+            let now_mark = Mark::of(f);
+            if mark.created != now_mark.created {
+                // not sent since this flow took the slot: count it as sent, at its creation, in the state a
+                // flow starts in (SYN sent for TCP), by `flow_started`
+                *mark = Mark {
+                    state: 0,
+                    last_seen: f.created().as_millis(),
+                    ..now_mark
+                };
+            }
+            if mark.state != now_mark.state
+                || now_mark.last_seen.saturating_sub(mark.last_seen) >= refresh
+            {
+                *mark = now_mark;
+                let id = FlowRecord::from_image(&f.image(now), 0, 0).id;
+                if !self.queued.contains(&id) && self.flows.len() < self.limit {
+                    self.queued.insert(id);
+                    self.flows.push_back(id);
+                    queued += 1;
+                }
+            }
+        });
+        self.cursor = next;
+        queued
+    }
+
+    /// True when nothing waits.
+    pub fn is_empty(&self) -> bool {
+        self.flows.is_empty() && self.deletes.is_empty()
+    }
+
+    /// Fills the datagram being written as sequence number `seq`: deletes first, then flows as `table` has
+    /// them at `now`. Stops at the first record that does not fit (it stays queued). Returns the records
+    /// written.
+    pub fn fill(
+        &mut self,
+        w: &mut Writer<'_>,
+        seq: u32,
+        table: &Table,
+        now: Instant,
+        guard: &Guard,
+    ) -> usize {
+        let start = self.dropped + self.records.len();
+        let mut n = 0;
+        while let Some(&(id, why)) = self.deletes.front() {
+            if w.push(&Record::Delete(id, why)).is_err() {
+                break;
+            }
+            self.deletes.pop_front();
+            self.records.push_back(Sent::Delete(id, why));
+            self.stats.deletes += 1;
+            n += 1;
+        }
+        while self.deletes.is_empty() {
+            let Some(&id) = self.flows.front() else {
+                break;
+            };
+            let Some(f) = table.lookup_inbound_at(&id.reply_key(), now, guard) else {
+                self.flows.pop_front();
+                self.queued.remove(&id);
+                self.stats.vanished += 1;
+                continue;
+            };
+            let rec = FlowRecord::from_image(&f.image(now), self.owner, 0);
+            if w.push(&Record::Flow(rec)).is_err() {
+                break;
+            }
+            // what the peers now have: the refresh scan sends it again only when it changes
+            if let Some(mark) = self.marks.get_mut(table.slot_of(f)) {
+                *mark = Mark::of(f);
+            }
+            self.flows.pop_front();
+            self.queued.remove(&id);
+            self.records.push_back(Sent::Flow(id));
+            self.stats.flows += 1;
+            n += 1;
+        }
+        if n > 0 {
+            self.ring.push_back((seq, start));
+            while self.ring.len() > self.ring_len {
+                self.ring.pop_front();
+                let keep_from = self.ring.front().map_or(start + n, |&(_, s)| s);
+                while self.dropped < keep_from && self.records.pop_front().is_some() {
+                    self.dropped += 1;
+                }
+            }
+        }
+        n
+    }
+
+    /// A peer missed the datagrams `from..=to`: their records are queued again (flows to be sent as they
+    /// are now). False when some of them are no longer in the resend ring: the peer then needs a bulk
+    /// transfer.
+    pub fn nack(&mut self, from: u32, to: u32) -> bool {
+        let end = self.dropped + self.records.len();
+        let mut complete = self
+            .ring
+            .front()
+            .is_some_and(|&(oldest, _)| !super::peer::seq_after(oldest, from));
+        if !complete {
+            self.stats.too_old += 1;
+        }
+        let mut again = Vec::new();
+        for (i, &(seq, start)) in self.ring.iter().enumerate() {
+            let in_range = !super::peer::seq_after(from, seq) && !super::peer::seq_after(seq, to);
+            if !in_range {
+                continue;
+            }
+            let stop = self.ring.get(i + 1).map_or(end, |&(_, s)| s);
+            for at in start..stop {
+                if let Some(&r) = self.records.get(at - self.dropped) {
+                    again.push(r);
+                } else {
+                    complete = false;
+                }
+            }
+        }
+        for r in again {
+            self.stats.resent += 1;
+            match r {
+                Sent::Flow(id) => self.flow_started(id),
+                Sent::Delete(id, why) => self.flow_ended(id, why),
+            }
+        }
+        complete
+    }
+
+    /// The counters.
+    pub fn stats(&self) -> OutboxStats {
+        self.stats
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,208 @@
+use core::net::{IpAddr, Ipv4Addr};
+
+use super::*;
+use crate::conntrack::{Config, Flow, NewFlow, TcpSegment};
+use crate::flow::{FlowKey, NodeAddr, Proto};
+use crate::ports::{PortPools, PortRange, Rng};
+use crate::sync::wire::{Datagram, Header};
+
+const EGRESS: IpAddr = IpAddr::V4(Ipv4Addr::new(198, 51, 100, 1));
+
+fn table() -> Table {
+    Table::new(
+        Config {
+            max_entries: 64,
+            ..Config::default()
+        },
+        PortPools::new(&[EGRESS], PortRange::default()),
+    )
+}
+
+fn t(ms: u64) -> Instant {
+    Instant::from_millis(ms)
+}
+
+fn open<'g>(tb: &'g Table, port: u16, proto: Proto, g: &'g Guard) -> &'g Flow {
+    let new = NewFlow {
+        orig: FlowKey {
+            src: IpAddr::V4(Ipv4Addr::new(10, 244, 1, 5)),
+            dst: IpAddr::V4(Ipv4Addr::new(203, 0, 113, 10)),
+            src_port: port,
+            dst_port: 443,
+            proto,
+        },
+        egress_ip: EGRESS,
+        node: NodeAddr {
+            ip: Ipv4Addr::new(172, 18, 0, 11),
+            mac: [2, 0, 0, 0, 0, 0x11],
+        },
+        uplink: 0,
+    };
+    tb.insert(new, t(0), &mut Rng::new(u64::from(port)), g)
+        .expect("flow")
+}
+
+fn id(f: &Flow) -> FlowId {
+    FlowRecord::from_image(&f.image(t(0)), 0, 0).id
+}
+
+/// Fills one datagram of `size` bytes as sequence number `seq`; returns its records.
+fn send(o: &mut Outbox, tb: &Table, seq: u32, size: usize, now: Instant) -> Vec<Record> {
+    let g = tb.pin();
+    let mut buf = vec![0u8; size];
+    let mut w = Writer::new(&mut buf, &Header::default()).expect("room");
+    o.fill(&mut w, seq, tb, now, &g);
+    let n = w.finish();
+    let dg = Datagram::new_checked(&buf[..n]).expect("valid");
+    dg.records().map(|r| r.expect("record")).collect()
+}
+
+fn tcp_state(recs: &[Record]) -> Vec<u8> {
+    recs.iter()
+        .filter_map(|r| match r {
+            Record::Flow(f) => Some(f.tcp_state),
+            _ => None,
+        })
+        .collect()
+}
+
+/// A flow queued several times is sent once, as it is when the datagram is built; a flow that ended
+/// before it was sent costs only its delete.
+#[test]
+fn changes_are_coalesced_and_read_at_send_time() {
+    let tb = table();
+    let g = tb.pin();
+    let mut o = Outbox::new(2, tb.slots(), Duration::from_secs(10), 100, 8);
+    let a = open(&tb, 1000, Proto::Tcp, &g);
+    o.flow_started(id(a));
+    o.flow_started(id(a));
+    a.on_outbound(
+        Some(TcpSegment {
+            flags: TcpSegment::SYN,
+            seq: 1,
+            ack: 0,
+            window: 100,
+            payload_len: 0,
+        }),
+        60,
+        t(1),
+    );
+    let recs = send(&mut o, &tb, 1, 1400, t(2));
+    assert_eq!(recs.len(), 1);
+    let Record::Flow(r) = recs[0] else {
+        panic!("{recs:?}")
+    };
+    assert_eq!(
+        (r.owner, r.tcp_ref),
+        (2, 2),
+        "read when sent: the SYN's ISN + 1"
+    );
+    assert!(o.is_empty());
+    assert!(send(&mut o, &tb, 2, 1400, t(3)).is_empty());
+    let b = open(&tb, 1001, Proto::Udp, &g);
+    o.flow_started(id(b));
+    o.flow_ended(id(b), DeleteReason::Expired);
+    let recs = send(&mut o, &tb, 2, 1400, t(4));
+    assert_eq!(recs, vec![Record::Delete(id(b), DeleteReason::Expired)]);
+    // a flow gone from the table by the time its datagram is built is skipped
+    let c = open(&tb, 1002, Proto::Udp, &g);
+    o.flow_started(id(c));
+    assert!(tb.remove(&c.reply_key(), t(5), &g));
+    assert!(send(&mut o, &tb, 3, 1400, t(5)).is_empty());
+    assert_eq!(o.stats().vanished, 1);
+}
+
+/// The refresh scan re-sends a flow whose TCP state changed or whose traffic advanced by the refresh
+/// interval since it was last sent, and leaves idle flows alone.
+#[test]
+fn the_scan_sends_changes_and_refreshes_only() {
+    let tb = table();
+    let g = tb.pin();
+    let mut o = Outbox::new(0, tb.slots(), Duration::from_secs(10), 100, 8);
+    let tcp = open(&tb, 1000, Proto::Tcp, &g);
+    let udp = open(&tb, 1001, Proto::Udp, &g);
+    for f in [tcp, udp] {
+        o.flow_started(id(f));
+    }
+    assert_eq!(send(&mut o, &tb, 1, 1400, t(0)).len(), 2);
+    assert_eq!(o.scan(&tb, 1000, t(100), &g), 0, "nothing changed");
+    let seg = |flags, seq, ack| {
+        Some(TcpSegment {
+            flags,
+            seq,
+            ack,
+            window: 100,
+            payload_len: 0,
+        })
+    };
+    tcp.on_outbound(seg(TcpSegment::SYN, 1, 0), 60, t(200));
+    tcp.on_inbound(seg(TcpSegment::SYN | TcpSegment::ACK, 9, 2), 60, t(200));
+    tcp.on_outbound(seg(TcpSegment::ACK, 2, 10), 40, t(200));
+    udp.on_outbound(None, 60, t(5_000));
+    assert_eq!(o.scan(&tb, 1000, t(5_000), &g), 1, "TCP established");
+    assert_eq!(tcp_state(&send(&mut o, &tb, 2, 1400, t(5_000))), vec![2]);
+    assert_eq!(o.scan(&tb, 1000, t(6_000), &g), 0);
+    // UDP traffic 10 s after it was last sent: a refresh
+    udp.on_outbound(None, 60, t(10_100));
+    assert_eq!(o.scan(&tb, 1000, t(10_100), &g), 1);
+    // a scan in small steps visits every slot and comes back to the start
+    let mut queued = 0;
+    udp.on_outbound(None, 60, t(20_200));
+    for _ in 0..10 {
+        queued += o.scan(&tb, 1, t(20_200), &g);
+    }
+    assert_eq!(queued, 0, "already queued");
+    assert_eq!(send(&mut o, &tb, 3, 1400, t(20_200)).len(), 1);
+}
+
+/// A datagram that is full stops the fill; the rest goes in the next one.
+#[test]
+fn a_full_datagram_leaves_the_rest_queued() {
+    let tb = table();
+    let g = tb.pin();
+    let mut o = Outbox::new(0, tb.slots(), Duration::from_secs(10), 100, 8);
+    for p in 0..5 {
+        o.flow_started(id(open(&tb, 2000 + p, Proto::Udp, &g)));
+    }
+    // header 40 + section 4 + 2 × 48
+    assert_eq!(send(&mut o, &tb, 1, 140, t(0)).len(), 2);
+    assert_eq!(send(&mut o, &tb, 2, 1400, t(0)).len(), 3);
+    assert!(o.is_empty());
+}
+
+/// A NACK queues the lost datagrams' records again, flows as they are now; one older than the ring says
+/// so (the peer needs a bulk transfer), and re-queues what is still there.
+#[test]
+fn a_nack_requeues_what_the_lost_datagrams_carried() {
+    let tb = table();
+    let g = tb.pin();
+    let mut o = Outbox::new(0, tb.slots(), Duration::from_secs(10), 100, 2);
+    let flows: Vec<FlowId> = (0..4)
+        .map(|p| id(open(&tb, 3000 + p, Proto::Udp, &g)))
+        .collect();
+    o.flow_started(flows[0]);
+    send(&mut o, &tb, 10, 1400, t(0));
+    o.flow_started(flows[1]);
+    o.flow_ended(flows[2], DeleteReason::Expired);
+    send(&mut o, &tb, 11, 1400, t(0));
+    assert!(o.nack(11, 11));
+    assert_eq!(
+        send(&mut o, &tb, 12, 1400, t(1)),
+        vec![
+            Record::Delete(flows[2], DeleteReason::Expired),
+            Record::Flow(FlowRecord::from_image(
+                &tb.lookup_inbound_at(&flows[1].reply_key(), t(1), &g)
+                    .expect("flow")
+                    .image(t(1)),
+                0,
+                0
+            ))
+        ]
+    );
+    // the ring keeps 2 datagrams (11 and 12): 10 is gone
+    assert!(!o.nack(10, 11));
+    assert_eq!(o.stats().too_old, 1);
+    let again = send(&mut o, &tb, 13, 1400, t(2));
+    assert_eq!(again.len(), 2, "11's records again: {again:?}");
+    assert_eq!(o.stats().resent, 4);
+}
