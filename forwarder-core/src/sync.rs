@@ -12,11 +12,13 @@
 //!
 //! * [`wire`]: the datagram — header, sections, records; parsing of untrusted bytes and building into a
 //!   caller's buffer.
+//! * [`inbox`]: a peer's datagram applied to the table of its passive copies.
 //! * [`outbox`]: what a replica still has to tell its peers, coalesced, and the resend ring for NACKs.
 //! * [`peer`]: what a replica tracks of each peer's stream — epoch, sequence numbers, gaps to ask again
 //!   for, liveness.
 //! * Here: a flow of the table ([`FlowImage`]) as a record and back.
 
+pub mod inbox;
 pub mod outbox;
 pub mod peer;
 pub mod wire;
@@ -107,6 +109,9 @@ impl FlowId {
         }
     }
 }
+
+#[cfg(test)]
+mod convergence;
 
 #[cfg(test)]
 mod tests {

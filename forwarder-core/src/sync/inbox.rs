@@ -1,0 +1,102 @@
+//! Applying a peer's datagram: its flows go into the table that holds that peer's passive copies, its
+//! control records go back to the caller.
+//!
+//! A datagram reaches [`apply`] only after the caller checked its source and MAC. Its header is judged by the
+//! peer's [`PeerStream`] first (stale and old-epoch datagrams change nothing). Then each record, on its own:
+//!
+//! * a flow is installed ([`Table::install`]) when the sender says it owns it (`owner` = the sender's
+//!   ordinal) and the caller's `accept` agrees (e.g. the pod address is in the cluster's pod CIDRs, the node
+//!   is a node). The copy table's pools hold only the peer's egress IPs, so a flow translated to any other
+//!   address is refused by the table itself (`NoPool`): a peer can only ever speak for its own egress IPs —
+//!   a forged flow would otherwise open an inbound path to a pod (the warning of OpenBSD's pfsync(4));
+//! * a delete removes the copy;
+//! * NACK, bulk and heartbeat records are handed back in [`Applied`].
+
+use core::net::IpAddr;
+
+use super::peer::{PeerStream, Verdict};
+use super::wire::{Datagram, FlowRecord, Hello, Record};
+use crate::conntrack::{Guard, Table};
+use crate::flow::UplinkId;
+use crate::time::Instant;
+
+/// What one datagram did, and what the caller has to answer.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Applied {
+    /// The stream's verdict on the datagram.
+    pub verdict: Verdict,
+    /// Flow records installed or updated.
+    pub installed: u32,
+    /// Flows removed by delete records.
+    pub removed: u32,
+    /// Records refused: not decodable, not the sender's, refused by `accept` or by the table.
+    pub refused: u32,
+    /// The peer missed these of *our* datagrams: answer with [`Outbox::nack`](super::outbox::Outbox::nack).
+    pub nacks: Vec<(u32, u32)>,
+    /// The peer asks for a bulk transfer with this id.
+    pub bulk_request: Option<u32>,
+    /// A bulk transfer to us started: (id, flows announced).
+    pub bulk_start: Option<(u32, u32)>,
+    /// A bulk transfer to us ended: (id, flows sent).
+    pub bulk_end: Option<(u32, u32)>,
+    /// The peer's heartbeat.
+    pub hello: Option<Hello>,
+}
+
+/// Applies datagram `dg` from the peer of ordinal `sender` (already authenticated) to `copies`, the table of
+/// that peer's flows. `uplink` gives the local uplink of an egress IP (refused when `None`); `accept` vets
+/// each flow record before it is installed.
+#[allow(clippy::too_many_arguments)] // the peer's context, each a separate concern of the caller
+pub fn apply<T: AsRef<[u8]>>(
+    dg: &Datagram<T>,
+    sender: u16,
+    stream: &mut PeerStream,
+    copies: &Table,
+    uplink: impl Fn(IpAddr) -> Option<UplinkId>,
+    accept: impl Fn(&FlowRecord) -> bool,
+    now: Instant,
+    guard: &Guard,
+) -> Applied {
+    let verdict = stream.accept(&dg.header(), now);
+    let mut out = Applied {
+        verdict,
+        installed: 0,
+        removed: 0,
+        refused: 0,
+        nacks: Vec::new(),
+        bulk_request: None,
+        bulk_start: None,
+        bulk_end: None,
+        hello: None,
+    };
+    if matches!(verdict, Verdict::Stale | Verdict::OldEpoch) {
+        return out;
+    }
+    for rec in dg.records() {
+        match rec {
+            Ok(Record::Flow(f)) => {
+                let ok = f.owner == sender
+                    && accept(&f)
+                    && uplink(f.id.egress)
+                        .is_some_and(|u| copies.install(&f.to_image(u), now, guard).is_ok());
+                if ok {
+                    out.installed += 1;
+                } else {
+                    out.refused += 1;
+                }
+            }
+            Ok(Record::Delete(id, _)) => {
+                if copies.remove(&id.reply_key(), now, guard) {
+                    out.removed += 1;
+                }
+            }
+            Ok(Record::Nack { from, to }) => out.nacks.push((from, to)),
+            Ok(Record::BulkRequest { id }) => out.bulk_request = Some(id),
+            Ok(Record::BulkStart { id, count }) => out.bulk_start = Some((id, count)),
+            Ok(Record::BulkEnd { id, count }) => out.bulk_end = Some((id, count)),
+            Ok(Record::Hello(h)) => out.hello = Some(h),
+            Err(_) => out.refused += 1,
+        }
+    }
+    out
+}
