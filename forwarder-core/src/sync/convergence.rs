@@ -187,3 +187,102 @@ fn copies_converge_over_a_lossy_link() {
     assert!(delivered > 100);
     assert_eq!(state(&a).len(), a.len());
 }
+
+/// A peer that (re)starts with nothing asks for a bulk transfer when it first hears the replica, and gets
+/// every flow over the same lossy link, announced and closed by the bulk records; flows that change
+/// meanwhile reach it too.
+#[test]
+fn a_new_peer_gets_everything_by_bulk_transfer() {
+    let a = table();
+    let copies = table();
+    let mut outbox = Outbox::new(0, a.slots(), Duration::from_secs(10), 10_000, 256);
+    let mut stream = PeerStream::new();
+    let mut rng = Rng::new(2);
+    let node = NodeAddr {
+        ip: Ipv4Addr::new(172, 18, 0, 11),
+        mac: [2, 0, 0, 0, 0, 0x11],
+    };
+    let now = Instant::from_secs(5);
+    let g = a.pin();
+    for n in 0..1000u16 {
+        let orig = FlowKey {
+            src: IpAddr::V4(Ipv4Addr::new(
+                10,
+                244,
+                2,
+                u8::try_from(n % 250).expect("small"),
+            )),
+            dst: IpAddr::V4(Ipv4Addr::new(203, 0, 113, 20)),
+            src_port: 30_000 + n,
+            dst_port: 53,
+            proto: Proto::Udp,
+        };
+        let new = crate::conntrack::NewFlow {
+            orig,
+            egress_ip: EGRESS_A,
+            node,
+            uplink: 0,
+        };
+        a.insert(new, now, &mut rng, &g).expect("flow");
+    }
+    drop(g);
+    let (mut seq, mut sent) = (1u32, 0u32);
+    let (mut announced, mut ended) = (None, None);
+    let mut asked = false;
+    for step in 0..10_000 {
+        let mut buf = [0u8; 1400];
+        let n = {
+            let g = a.pin();
+            let header = Header {
+                epoch: 0xA,
+                seq,
+                ..Header::default()
+            };
+            let mut w = Writer::new(&mut buf, &header).expect("room");
+            if outbox.fill(&mut w, seq, &a, now, &g) == 0 {
+                if asked && outbox.is_empty() && ended.is_some() {
+                    break;
+                }
+                w.push(&Record::Hello(Hello {
+                    state: PeerState::Ready,
+                    served: 1,
+                    flows: 1000,
+                    passive: 0,
+                    started_ms: 0,
+                    features: 0,
+                }))
+                .expect("fits");
+            }
+            w.finish()
+        };
+        seq += 1;
+        sent += 1;
+        if sent.is_multiple_of(4) {
+            continue; // lost
+        }
+        let dg = Datagram::new_checked(&buf[..n]).expect("valid");
+        let g = copies.pin();
+        let out = apply(&dg, 0, &mut stream, &copies, |_| Some(0), |_| true, now, &g);
+        match out.verdict {
+            Verdict::NewEpoch => {
+                // the peer's answer, a bulk request, reaches the replica
+                assert!(!asked, "one epoch");
+                asked = true;
+                outbox.start_bulk(77);
+            }
+            Verdict::Apply {
+                nack: Some((from, to)),
+            } => {
+                assert!(outbox.nack(from, to));
+            }
+            _ => {}
+        }
+        announced = announced.or(out.bulk_start);
+        ended = ended.or(out.bulk_end);
+        assert!(step < 9_999, "never converged");
+    }
+    assert_eq!(announced, Some((77, 1000)));
+    assert_eq!(ended, Some((77, 1000)));
+    assert_eq!(state(&copies), state(&a));
+    assert!(outbox.stats().resent > 0, "losses were repaired");
+}

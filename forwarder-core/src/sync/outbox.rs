@@ -4,7 +4,8 @@
 //! state is read from the table when a datagram is built (OpenBSD `pfsync_q_ins`, conntrackd's cache
 //! objects): a connection opened and closed within one flush interval costs one record. A NACK re-queues
 //! the flows the lost datagrams carried, again to be sent as they are by then, under new sequence numbers,
-//! so a receiver never applies an old copy over a newer one (see [`super::peer`]).
+//! so a receiver never applies an old copy over a newer one (see [`super::peer`]); their bulk start and
+//! end records go again after those flows, so a bulk end never arrives before the flows it closes.
 //!
 //! Sent are:
 //! * a flow record when a flow starts ([`Outbox::flow_started`], from the table's flow events), and again
@@ -19,7 +20,7 @@
 use core::time::Duration;
 use std::collections::{HashSet, VecDeque};
 
-use super::wire::{DeleteReason, FlowId, FlowRecord, Record, Writer};
+use super::wire::{flow_flags, DeleteReason, FlowId, FlowRecord, Record, Writer};
 use crate::conntrack::{Guard, Table};
 use crate::time::Instant;
 
@@ -49,6 +50,8 @@ impl Mark {
 enum Sent {
     Flow(FlowId),
     Delete(FlowId, DeleteReason),
+    /// A bulk start or end record.
+    Bulk(Record),
 }
 
 /// Counters of the outbox.
@@ -77,6 +80,8 @@ pub struct Outbox {
     queued: HashSet<FlowId>,
     flows: VecDeque<FlowId>,
     deletes: VecDeque<(FlowId, DeleteReason)>,
+    /// Bulk records of lost datagrams, sent again after the queued flows.
+    controls: VecDeque<Record>,
     limit: usize,
     marks: Vec<Mark>,
     cursor: usize,
@@ -86,7 +91,22 @@ pub struct Outbox {
     /// Records dropped from the front of `records` so far (so ring positions stay absolute).
     dropped: usize,
     ring_len: usize,
+    bulk: Option<Bulk>,
     stats: OutboxStats,
+}
+
+/// A bulk transfer under way.
+#[derive(Debug, Clone, Copy)]
+struct Bulk {
+    id: u32,
+    /// The next slot to send.
+    cursor: usize,
+    /// Its start record was written.
+    started: bool,
+    /// Every slot was visited: its end record is next.
+    done: bool,
+    /// Flow records written.
+    sent: u32,
 }
 
 impl Outbox {
@@ -100,6 +120,7 @@ impl Outbox {
             queued: HashSet::new(),
             flows: VecDeque::new(),
             deletes: VecDeque::new(),
+            controls: VecDeque::new(),
             limit: queue.max(1),
             marks: vec![Mark::default(); slots],
             cursor: 0,
@@ -107,6 +128,7 @@ impl Outbox {
             records: VecDeque::new(),
             dropped: 0,
             ring_len: ring.max(1),
+            bulk: None,
             stats: OutboxStats::default(),
         }
     }
@@ -173,14 +195,17 @@ impl Outbox {
         queued
     }
 
-    /// True when nothing waits.
+    /// True when nothing waits (no queued change, no bulk transfer).
     pub fn is_empty(&self) -> bool {
-        self.flows.is_empty() && self.deletes.is_empty()
+        self.flows.is_empty()
+            && self.deletes.is_empty()
+            && self.controls.is_empty()
+            && self.bulk.is_none()
     }
 
     /// Fills the datagram being written as sequence number `seq`: deletes first, then flows as `table` has
-    /// them at `now`. Stops at the first record that does not fit (it stays queued). Returns the records
-    /// written.
+    /// them at `now`, then the bulk transfer under way. Stops at the first record that does not fit (it stays
+    /// queued). Returns the records written.
     pub fn fill(
         &mut self,
         w: &mut Writer<'_>,
@@ -224,6 +249,20 @@ impl Outbox {
             self.stats.flows += 1;
             n += 1;
         }
+        while self.deletes.is_empty() && self.flows.is_empty() {
+            let Some(&r) = self.controls.front() else {
+                break;
+            };
+            if w.push(&r).is_err() {
+                break;
+            }
+            self.controls.pop_front();
+            self.records.push_back(Sent::Bulk(r));
+            n += 1;
+        }
+        if self.controls.is_empty() {
+            n += self.fill_bulk(w, table, now, guard);
+        }
         if n > 0 {
             self.ring.push_back((seq, start));
             while self.ring.len() > self.ring_len {
@@ -232,6 +271,88 @@ impl Outbox {
                 while self.dropped < keep_from && self.records.pop_front().is_some() {
                     self.dropped += 1;
                 }
+            }
+        }
+        n
+    }
+
+    /// A peer asked for all flows (it started, or lost too much): after what is queued, every live flow is
+    /// sent between a bulk start and a bulk end record carrying `id`, walking the table as it is while the
+    /// transfer runs. A transfer under way starts over with the new id.
+    pub fn start_bulk(&mut self, id: u32) {
+        self.bulk = Some(Bulk {
+            id,
+            cursor: 0,
+            started: false,
+            done: false,
+            sent: 0,
+        });
+    }
+
+    /// True while a bulk transfer is under way.
+    pub fn bulk_active(&self) -> bool {
+        self.bulk.is_some()
+    }
+
+    /// The bulk transfer's part of a datagram: its start record, then flows from its cursor, then its end.
+    fn fill_bulk(
+        &mut self,
+        w: &mut Writer<'_>,
+        table: &Table,
+        now: Instant,
+        guard: &Guard,
+    ) -> usize {
+        let mut n = 0;
+        let owner = self.owner;
+        while self.deletes.is_empty() && self.flows.is_empty() {
+            let Some(b) = self.bulk.as_mut() else {
+                break;
+            };
+            if !b.started {
+                let count = u32::try_from(table.len()).unwrap_or(u32::MAX);
+                let r = Record::BulkStart { id: b.id, count };
+                if w.push(&r).is_err() {
+                    break;
+                }
+                self.records.push_back(Sent::Bulk(r));
+                b.started = true;
+                n += 1;
+                continue;
+            }
+            if b.done {
+                let r = Record::BulkEnd {
+                    id: b.id,
+                    count: b.sent,
+                };
+                if w.push(&r).is_ok() {
+                    self.records.push_back(Sent::Bulk(r));
+                    self.bulk = None;
+                    n += 1;
+                }
+                break;
+            }
+            let (mut full, mut sent) = (false, None);
+            let next = table.scan_slots(b.cursor, 1, guard, |_, f| {
+                let rec = FlowRecord::from_image(&f.image(now), owner, flow_flags::BULK);
+                if w.push(&Record::Flow(rec)).is_ok() {
+                    sent = Some(rec.id);
+                } else {
+                    full = true;
+                }
+            });
+            if full {
+                break;
+            }
+            if let Some(id) = sent {
+                b.sent += 1;
+                self.records.push_back(Sent::Flow(id));
+                self.stats.flows += 1;
+                n += 1;
+            }
+            if next == 0 {
+                b.done = true;
+            } else {
+                b.cursor = next;
             }
         }
         n
@@ -269,6 +390,7 @@ impl Outbox {
             match r {
                 Sent::Flow(id) => self.flow_started(id),
                 Sent::Delete(id, why) => self.flow_ended(id, why),
+                Sent::Bulk(r) => self.controls.push_back(r),
             }
         }
         complete
