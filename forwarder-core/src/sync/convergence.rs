@@ -166,7 +166,17 @@ fn copies_converge_over_a_lossy_link() {
             for _ in 0..copies_of {
                 let dg = Datagram::new_checked(&buf[..n]).expect("valid");
                 let g = copies.pin();
-                let out = apply(&dg, 0, &mut stream, &copies, |_| Some(0), |_| true, now, &g);
+                let out = apply(
+                    &dg,
+                    1,
+                    0,
+                    &mut stream,
+                    &copies,
+                    |_| Some(0),
+                    |_| true,
+                    now,
+                    &g,
+                );
                 assert_eq!(out.refused, 0);
                 delivered += 1;
                 if let Verdict::Apply {
@@ -262,13 +272,23 @@ fn a_new_peer_gets_everything_by_bulk_transfer() {
         }
         let dg = Datagram::new_checked(&buf[..n]).expect("valid");
         let g = copies.pin();
-        let out = apply(&dg, 0, &mut stream, &copies, |_| Some(0), |_| true, now, &g);
+        let out = apply(
+            &dg,
+            1,
+            0,
+            &mut stream,
+            &copies,
+            |_| Some(0),
+            |_| true,
+            now,
+            &g,
+        );
         match out.verdict {
             Verdict::NewEpoch => {
                 // the peer's answer, a bulk request, reaches the replica
                 assert!(!asked, "one epoch");
                 asked = true;
-                outbox.start_bulk(77);
+                outbox.start_bulk(1, 77);
             }
             Verdict::Apply {
                 nack: Some((from, to)),

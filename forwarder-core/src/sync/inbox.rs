@@ -10,7 +10,8 @@
 //!   address is refused by the table itself (`NoPool`): a peer can only ever speak for its own egress IPs —
 //!   a forged flow would otherwise open an inbound path to a pod (the warning of OpenBSD's pfsync(4));
 //! * a delete removes the copy;
-//! * NACK, bulk and heartbeat records are handed back in [`Applied`].
+//! * NACK and bulk records addressed to this replica, and heartbeats, are handed back in [`Applied`];
+//!   those addressed to another peer of the set are skipped.
 
 use core::net::IpAddr;
 
@@ -44,11 +45,12 @@ pub struct Applied {
 }
 
 /// Applies datagram `dg` from the peer of ordinal `sender` (already authenticated) to `copies`, the table of
-/// that peer's flows. `uplink` gives the local uplink of an egress IP (refused when `None`); `accept` vets
+/// that peer's flows, at the replica of ordinal `me`. `uplink` gives the local uplink of an egress IP (refused when `None`); `accept` vets
 /// each flow record before it is installed.
 #[allow(clippy::too_many_arguments)] // the peer's context, each a separate concern of the caller
 pub fn apply<T: AsRef<[u8]>>(
     dg: &Datagram<T>,
+    me: u16,
     sender: u16,
     stream: &mut PeerStream,
     copies: &Table,
@@ -90,10 +92,17 @@ pub fn apply<T: AsRef<[u8]>>(
                     out.removed += 1;
                 }
             }
-            Ok(Record::Nack { from, to }) => out.nacks.push((from, to)),
-            Ok(Record::BulkRequest { id }) => out.bulk_request = Some(id),
-            Ok(Record::BulkStart { id, count }) => out.bulk_start = Some((id, count)),
-            Ok(Record::BulkEnd { id, count }) => out.bulk_end = Some((id, count)),
+            // records for another peer of the set are not ours to answer
+            Ok(Record::Nack { peer, from, to }) if peer == me => out.nacks.push((from, to)),
+            Ok(Record::BulkRequest { peer, id }) if peer == me => out.bulk_request = Some(id),
+            Ok(Record::BulkStart { peer, id, count }) if peer == me => {
+                out.bulk_start = Some((id, count));
+            }
+            Ok(Record::BulkEnd { peer, id, count }) if peer == me => {
+                out.bulk_end = Some((id, count));
+            }
+            Ok(Record::Nack { .. } | Record::BulkRequest { .. })
+            | Ok(Record::BulkStart { .. } | Record::BulkEnd { .. }) => {}
             Ok(Record::Hello(h)) => out.hello = Some(h),
             Err(_) => out.refused += 1,
         }

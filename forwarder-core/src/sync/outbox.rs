@@ -98,6 +98,7 @@ pub struct Outbox {
 /// A bulk transfer under way.
 #[derive(Debug, Clone, Copy)]
 struct Bulk {
+    peer: u16,
     id: u32,
     /// The next slot to send.
     cursor: usize,
@@ -276,11 +277,12 @@ impl Outbox {
         n
     }
 
-    /// A peer asked for all flows (it started, or lost too much): after what is queued, every live flow is
-    /// sent between a bulk start and a bulk end record carrying `id`, walking the table as it is while the
+    /// Peer `peer` asked for all flows (it started, or lost too much): after what is queued, every live flow
+    /// is sent between a bulk start and a bulk end record carrying `id`, walking the table as it is while the
     /// transfer runs. A transfer under way starts over with the new id.
-    pub fn start_bulk(&mut self, id: u32) {
+    pub fn start_bulk(&mut self, peer: u16, id: u32) {
         self.bulk = Some(Bulk {
+            peer,
             id,
             cursor: 0,
             started: false,
@@ -310,7 +312,11 @@ impl Outbox {
             };
             if !b.started {
                 let count = u32::try_from(table.len()).unwrap_or(u32::MAX);
-                let r = Record::BulkStart { id: b.id, count };
+                let r = Record::BulkStart {
+                    peer: b.peer,
+                    id: b.id,
+                    count,
+                };
                 if w.push(&r).is_err() {
                     break;
                 }
@@ -321,6 +327,7 @@ impl Outbox {
             }
             if b.done {
                 let r = Record::BulkEnd {
+                    peer: b.peer,
                     id: b.id,
                     count: b.sent,
                 };

@@ -40,8 +40,12 @@
 //!   changed). Identity is the reply key [`FlowId`] (egress IP, external port, remote address and port,
 //!   protocol): the owner never has two live flows on one external port toward one remote endpoint.
 //! * 6 / 7 delete IPv4 (16) / IPv6 (40): a [`FlowId`] and why the flow ended.
-//! * 10 NACK (8): the receiver missed the sequence numbers `from..=to`.
-//! * 12 / 13 / 14 bulk request / start / end (12): a full resynchronisation of the sender's flows.
+//! * 10 NACK (12): the sender missed the addressee's sequence numbers `from..=to`.
+//! * 12 / 13 / 14 bulk request / start / end (12): a full resynchronisation of the addressee's (request)
+//!   or the sender's (start, end) flows.
+//!
+//! A datagram goes to every peer alike (only the acknowledgement fields differ), so the records meant for
+//! one peer — NACK and bulk — name it by ordinal; the others skip them.
 //!
 //! Parsing ([`Datagram::new_checked`]) checks every length before any field is read: once it succeeds no
 //! getter panics, and each record is decoded on its own ([`Datagram::records`]) so that one bad record
@@ -116,7 +120,7 @@ pub const fn record_len(kind: u8) -> Option<usize> {
         kind::FLOW6 => Some(84),
         kind::DELETE4 => Some(16),
         kind::DELETE6 => Some(40),
-        kind::NACK => Some(8),
+        kind::NACK => Some(12),
         kind::BULK_REQUEST | kind::BULK_START | kind::BULK_END => Some(12),
         _ => None,
     }
@@ -334,6 +338,8 @@ pub enum Record {
     Delete(FlowId, DeleteReason),
     /// The sender missed the addressee's datagrams `from..=to` (inclusive, modulo 2³²).
     Nack {
+        /// The addressee's ordinal.
+        peer: u16,
         /// First missing sequence number.
         from: u32,
         /// Last missing sequence number.
@@ -341,18 +347,25 @@ pub enum Record {
     },
     /// The sender asks the addressee for all its flows.
     BulkRequest {
+        /// The addressee's ordinal.
+        peer: u16,
         /// Chosen by the requester; echoed in start and end.
         id: u32,
     },
-    /// A bulk transfer of `count` flows begins with the next flow record.
+    /// A bulk transfer of `count` flows to the requester `peer` begins (flows of the transfer carry
+    /// [`flow_flags::BULK`]).
     BulkStart {
+        /// The requester's ordinal.
+        peer: u16,
         /// The request's id.
         id: u32,
-        /// Flow records the transfer will carry.
+        /// Flows in the sender's table when the transfer started.
         count: u32,
     },
-    /// The bulk transfer is complete.
+    /// The bulk transfer to `peer` is complete.
     BulkEnd {
+        /// The requester's ordinal.
+        peer: u16,
         /// The request's id.
         id: u32,
         /// Flow records it carried.
@@ -611,15 +624,21 @@ fn decode(kind: u8, r: &[u8]) -> Result<Record, Error> {
         kind::NACK => Ok(Record::Nack {
             from: be32(r, 0),
             to: be32(r, 4),
+            peer: be16(r, 8),
         }),
-        kind::BULK_REQUEST => Ok(Record::BulkRequest { id: be32(r, 0) }),
+        kind::BULK_REQUEST => Ok(Record::BulkRequest {
+            id: be32(r, 0),
+            peer: be16(r, 4),
+        }),
         kind::BULK_START => Ok(Record::BulkStart {
             id: be32(r, 0),
             count: be32(r, 4),
+            peer: be16(r, 8),
         }),
         _ => Ok(Record::BulkEnd {
             id: be32(r, 0),
             count: be32(r, 4),
+            peer: be16(r, 8),
         }),
     }
 }
@@ -728,14 +747,19 @@ fn encode(rec: &Record, r: &mut [u8]) {
             encode_id(r, id);
             r[1] = reason.code();
         }
-        Record::Nack { from, to } => {
+        Record::Nack { peer, from, to } => {
             put32(r, 0, *from);
             put32(r, 4, *to);
+            put16(r, 8, *peer);
         }
-        Record::BulkRequest { id } => put32(r, 0, *id),
-        Record::BulkStart { id, count } | Record::BulkEnd { id, count } => {
+        Record::BulkRequest { peer, id } => {
+            put32(r, 0, *id);
+            put16(r, 4, *peer);
+        }
+        Record::BulkStart { peer, id, count } | Record::BulkEnd { peer, id, count } => {
             put32(r, 0, *id);
             put32(r, 4, *count);
+            put16(r, 8, *peer);
         }
     }
 }

@@ -95,15 +95,19 @@ fn sections_group_records_and_the_mac_is_a_trailer() {
             ..flow4()
         }),
         del,
-        Record::Nack { from: 3, to: 4 },
+        Record::Nack {
+            peer: 2,
+            from: 3,
+            to: 4,
+        },
     ];
     let mut d = build(&h, &recs);
-    assert_eq!(d.len(), HEADER_LEN + 4 + 2 * 48 + 4 + 16 + 4 + 8 + MAC_LEN);
+    assert_eq!(d.len(), HEADER_LEN + 4 + 2 * 48 + 4 + 16 + 4 + 12 + MAC_LEN);
     let mut dg = Datagram::new_checked(&mut d[..]).expect("valid");
     let kinds: Vec<_> = dg.sections().map(|(k, _, b)| (k, b.len())).collect();
     assert_eq!(
         kinds,
-        vec![(kind::FLOW4, 96), (kind::DELETE4, 16), (kind::NACK, 8)]
+        vec![(kind::FLOW4, 96), (kind::DELETE4, 16), (kind::NACK, 12)]
     );
     dg.mac_mut().expect("mac").fill(0x5A);
     dg.set_ack(9, 1);
@@ -119,39 +123,19 @@ fn sections_group_records_and_the_mac_is_a_trailer() {
 /// fields this version knows (a later version appends fields).
 #[test]
 fn unknown_sections_and_longer_records_are_tolerated() {
-    let mut d = build(&header(), &[Record::Nack { from: 1, to: 2 }]);
-    // append an unknown section (type 99, 2 words, 1 record) and a NACK section with 3-word records
+    let nack = |from, to| Record::Nack { peer: 1, from, to };
+    let mut d = build(&header(), &[nack(1, 2)]);
+    // append an unknown section (type 99, 2 words, 1 record) and a NACK section with 4-word records
     d.extend_from_slice(&[99, 2, 0, 1, 1, 2, 3, 4, 5, 6, 7, 8]);
-    d.extend_from_slice(&[
-        kind::NACK,
-        3,
-        0,
-        1,
-        0,
-        0,
-        0,
-        8,
-        0,
-        0,
-        0,
-        9,
-        0xFF,
-        0xFF,
-        0xFF,
-        0xFF,
-    ]);
+    d.extend_from_slice(&[kind::NACK, 4, 0, 1]);
+    d.extend_from_slice(&[0, 0, 0, 8, 0, 0, 0, 9, 0, 1, 0, 0]);
+    d.extend_from_slice(&[0xFF; 4]);
     let payload = u16::try_from(d.len() - HEADER_LEN).expect("small");
     d[36..38].copy_from_slice(&payload.to_be_bytes());
     d[38..40].copy_from_slice(&3u16.to_be_bytes());
     let dg = Datagram::new_checked(&d[..]).expect("valid");
     let got: Vec<_> = dg.records().collect();
-    assert_eq!(
-        got,
-        vec![
-            Ok(Record::Nack { from: 1, to: 2 }),
-            Ok(Record::Nack { from: 8, to: 9 })
-        ]
-    );
+    assert_eq!(got, vec![Ok(nack(1, 2)), Ok(nack(8, 9))]);
 }
 
 /// Every structural fault is refused by name, before any field is read.
@@ -233,7 +217,12 @@ fn writer_refuses_bad_records_and_fills_up() {
     // a new section would need its header too: 20 bytes left, 4 + 16 fit a delete
     w.push(&Record::Delete(flow4().id, DeleteReason::Replaced))
         .expect("fits exactly");
-    assert_eq!(w.push(&Record::Nack { from: 0, to: 0 }), Err(Error::Full));
+    let nack = Record::Nack {
+        peer: 0,
+        from: 0,
+        to: 0,
+    };
+    assert_eq!(w.push(&nack), Err(Error::Full));
     let n = w.finish();
     assert_eq!(n, buf.len());
     let dg = Datagram::new_checked(&buf[..]).expect("valid");
@@ -333,10 +322,14 @@ fn any_record() -> impl Strategy<Value = Record> {
         flow,
         del,
         hello,
-        any::<(u32, u32)>().prop_map(|(from, to)| Record::Nack { from, to }),
-        any::<u32>().prop_map(|id| Record::BulkRequest { id }),
-        any::<(u32, u32)>().prop_map(|(id, count)| Record::BulkStart { id, count }),
-        any::<(u32, u32)>().prop_map(|(id, count)| Record::BulkEnd { id, count }),
+        any::<(u16, u32, u32)>().prop_map(|(peer, from, to)| Record::Nack { peer, from, to }),
+        any::<(u16, u32)>().prop_map(|(peer, id)| Record::BulkRequest { peer, id }),
+        any::<(u16, u32, u32)>().prop_map(|(peer, id, count)| Record::BulkStart {
+            peer,
+            id,
+            count
+        }),
+        any::<(u16, u32, u32)>().prop_map(|(peer, id, count)| Record::BulkEnd { peer, id, count }),
     ]
 }
 
