@@ -16,11 +16,13 @@
 //! * [`outbox`]: what a replica still has to tell its peers, coalesced, and the resend ring for NACKs.
 //! * [`peer`]: what a replica tracks of each peer's stream — epoch, sequence numbers, gaps to ask again
 //!   for, liveness.
+//! * [`replica`]: one replica's side of the protocol, without I/O: what to send when, what arrived.
 //! * Here: a flow of the table ([`FlowImage`]) as a record and back.
 
 pub mod inbox;
 pub mod outbox;
 pub mod peer;
+pub mod replica;
 pub mod wire;
 
 use core::time::Duration;

@@ -34,6 +34,8 @@ pub struct Applied {
     pub refused: u32,
     /// The peer missed these of *our* datagrams: answer with [`Outbox::nack`](super::outbox::Outbox::nack).
     pub nacks: Vec<(u32, u32)>,
+    /// The peer queued again what these of *its* datagrams carried: stop asking for them.
+    pub repaired: Vec<(u32, u32)>,
     /// The peer asks for a bulk transfer with this id.
     pub bulk_request: Option<u32>,
     /// A bulk transfer to us started: (id, flows announced).
@@ -66,6 +68,7 @@ pub fn apply<T: AsRef<[u8]>>(
         removed: 0,
         refused: 0,
         nacks: Vec::new(),
+        repaired: Vec::new(),
         bulk_request: None,
         bulk_start: None,
         bulk_end: None,
@@ -94,6 +97,7 @@ pub fn apply<T: AsRef<[u8]>>(
             }
             // records for another peer of the set are not ours to answer
             Ok(Record::Nack { peer, from, to }) if peer == me => out.nacks.push((from, to)),
+            Ok(Record::Repaired { peer, from, to }) if peer == me => out.repaired.push((from, to)),
             Ok(Record::BulkRequest { peer, id }) if peer == me => out.bulk_request = Some(id),
             Ok(Record::BulkStart { peer, id, count }) if peer == me => {
                 out.bulk_start = Some((id, count));
@@ -101,7 +105,7 @@ pub fn apply<T: AsRef<[u8]>>(
             Ok(Record::BulkEnd { peer, id, count }) if peer == me => {
                 out.bulk_end = Some((id, count));
             }
-            Ok(Record::Nack { .. } | Record::BulkRequest { .. })
+            Ok(Record::Nack { .. } | Record::Repaired { .. } | Record::BulkRequest { .. })
             | Ok(Record::BulkStart { .. } | Record::BulkEnd { .. }) => {}
             Ok(Record::Hello(h)) => out.hello = Some(h),
             Err(_) => out.refused += 1,

@@ -40,7 +40,8 @@
 //!   changed). Identity is the reply key [`FlowId`] (egress IP, external port, remote address and port,
 //!   protocol): the owner never has two live flows on one external port toward one remote endpoint.
 //! * 6 / 7 delete IPv4 (16) / IPv6 (40): a [`FlowId`] and why the flow ended.
-//! * 10 NACK (12): the sender missed the addressee's sequence numbers `from..=to`.
+//! * 10 NACK (12): the sender missed the addressee's sequence numbers `from..=to`; it asks again until:
+//! * 11 repaired (12): what the sender's datagrams `from..=to` carried is queued again.
 //! * 12 / 13 / 14 bulk request / start / end (12): a full resynchronisation of the addressee's (request)
 //!   or the sender's (start, end) flows.
 //!
@@ -103,6 +104,8 @@ pub mod kind {
     pub const DELETE6: u8 = 7;
     /// [`super::Record::Nack`].
     pub const NACK: u8 = 10;
+    /// [`super::Record::Repaired`].
+    pub const REPAIRED: u8 = 11;
     /// [`super::Record::BulkRequest`].
     pub const BULK_REQUEST: u8 = 12;
     /// [`super::Record::BulkStart`].
@@ -120,7 +123,7 @@ pub const fn record_len(kind: u8) -> Option<usize> {
         kind::FLOW6 => Some(84),
         kind::DELETE4 => Some(16),
         kind::DELETE6 => Some(40),
-        kind::NACK => Some(12),
+        kind::NACK | kind::REPAIRED => Some(12),
         kind::BULK_REQUEST | kind::BULK_START | kind::BULK_END => Some(12),
         _ => None,
     }
@@ -345,6 +348,16 @@ pub enum Record {
         /// Last missing sequence number.
         to: u32,
     },
+    /// Answer to a NACK: what the sender's datagrams `from..=to` carried is queued again (sent as it is now,
+    /// under new sequence numbers); the addressee stops asking for them.
+    Repaired {
+        /// The addressee's ordinal (the one that sent the NACK).
+        peer: u16,
+        /// First sequence number of the NACK.
+        from: u32,
+        /// Last sequence number of the NACK.
+        to: u32,
+    },
     /// The sender asks the addressee for all its flows.
     BulkRequest {
         /// The addressee's ordinal.
@@ -383,6 +396,7 @@ impl Record {
             Record::Delete(id, _) if id.egress.is_ipv4() => kind::DELETE4,
             Record::Delete(..) => kind::DELETE6,
             Record::Nack { .. } => kind::NACK,
+            Record::Repaired { .. } => kind::REPAIRED,
             Record::BulkRequest { .. } => kind::BULK_REQUEST,
             Record::BulkStart { .. } => kind::BULK_START,
             Record::BulkEnd { .. } => kind::BULK_END,
@@ -626,6 +640,11 @@ fn decode(kind: u8, r: &[u8]) -> Result<Record, Error> {
             to: be32(r, 4),
             peer: be16(r, 8),
         }),
+        kind::REPAIRED => Ok(Record::Repaired {
+            from: be32(r, 0),
+            to: be32(r, 4),
+            peer: be16(r, 8),
+        }),
         kind::BULK_REQUEST => Ok(Record::BulkRequest {
             id: be32(r, 0),
             peer: be16(r, 4),
@@ -747,7 +766,7 @@ fn encode(rec: &Record, r: &mut [u8]) {
             encode_id(r, id);
             r[1] = reason.code();
         }
-        Record::Nack { peer, from, to } => {
+        Record::Nack { peer, from, to } | Record::Repaired { peer, from, to } => {
             put32(r, 0, *from);
             put32(r, 4, *to);
             put16(r, 8, *peer);

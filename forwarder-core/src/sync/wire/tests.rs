@@ -323,6 +323,7 @@ fn any_record() -> impl Strategy<Value = Record> {
         del,
         hello,
         any::<(u16, u32, u32)>().prop_map(|(peer, from, to)| Record::Nack { peer, from, to }),
+        any::<(u16, u32, u32)>().prop_map(|(peer, from, to)| Record::Repaired { peer, from, to }),
         any::<(u16, u32)>().prop_map(|(peer, id)| Record::BulkRequest { peer, id }),
         any::<(u16, u32, u32)>().prop_map(|(peer, id, count)| Record::BulkStart {
             peer,
