@@ -44,7 +44,14 @@ fn state(t: &Table) -> BTreeMap<String, (u16, u8)> {
 fn copies_converge_over_a_lossy_link() {
     let a = table();
     let copies = table();
-    let mut outbox = Outbox::new(0, a.slots(), Duration::from_secs(10), 10_000, 64);
+    let mut outbox = Outbox::new(
+        0,
+        a.slots(),
+        Duration::from_secs(10),
+        Duration::ZERO,
+        10_000,
+        64,
+    );
     let mut stream = PeerStream::new();
     let mut rng = Rng::new(1);
     let mut seq = 100u32;
@@ -102,7 +109,7 @@ fn copies_converge_over_a_lossy_link() {
                     &g,
                 )
                 .expect("flow");
-            outbox.flow_started(FlowRecord::from_image(&f.image(now), 0, 0).id);
+            outbox.flow_started(FlowRecord::from_image(&f.image(now), 0, 0).id, now);
             if proto == Proto::Tcp && n % 2 == 0 {
                 f.on_outbound(seg(TcpSegment::SYN, 1, 0), 60, now);
                 f.on_inbound(seg(TcpSegment::SYN | TcpSegment::ACK, 9, 2), 60, now);
@@ -205,7 +212,14 @@ fn copies_converge_over_a_lossy_link() {
 fn a_new_peer_gets_everything_by_bulk_transfer() {
     let a = table();
     let copies = table();
-    let mut outbox = Outbox::new(0, a.slots(), Duration::from_secs(10), 10_000, 256);
+    let mut outbox = Outbox::new(
+        0,
+        a.slots(),
+        Duration::from_secs(10),
+        Duration::ZERO,
+        10_000,
+        256,
+    );
     let mut stream = PeerStream::new();
     let mut rng = Rng::new(2);
     let node = NodeAddr {

@@ -8,7 +8,8 @@
 //! end records go again after those flows, so a bulk end never arrives before the flows it closes.
 //!
 //! Sent are:
-//! * a flow record when a flow starts ([`Outbox::flow_started`], from the table's flow events), and again
+//! * a flow record `hold` after a flow starts ([`Outbox::flow_started`], from the table's flow events; a
+//!   short connection has usually finished by then, and costs one record), and again
 //!   by the refresh scan ([`Outbox::scan`]) when its TCP state changed since it was last sent, or it has been
 //!   refreshed by traffic for `refresh` since (so a peer's copy does not expire while the flow lives);
 //! * a delete record when a flow ends ([`Outbox::flow_ended`]).
@@ -78,7 +79,10 @@ pub struct Outbox {
     owner: u16,
     refresh: Duration,
     queued: HashSet<FlowId>,
-    flows: VecDeque<FlowId>,
+    /// Flows to send, each with when it may go (queued + hold, in queue order; resends go first, at once).
+    flows: VecDeque<(FlowId, Instant)>,
+    /// How long a queued flow waits before it is sent (its changes of that time go in one record).
+    hold: Duration,
     deletes: VecDeque<(FlowId, DeleteReason)>,
     /// Bulk records of lost datagrams, sent again after the queued flows.
     controls: VecDeque<Record>,
@@ -112,12 +116,21 @@ struct Bulk {
 
 impl Outbox {
     /// An outbox for the flows of a table of `slots` slots owned by ordinal `owner`; flows refreshed by
-    /// traffic are sent again every `refresh`; at most `queue` flows and `queue` deletes wait; the records
-    /// of the last `ring` datagrams are kept for NACKs.
-    pub fn new(owner: u16, slots: usize, refresh: Duration, queue: usize, ring: usize) -> Outbox {
+    /// traffic are sent again every `refresh`; a flow is sent `hold` after it was queued (a short
+    /// connection's handshake and close then go in one record); at most `queue` flows and `queue` deletes
+    /// wait; the records of the last `ring` datagrams are kept for NACKs.
+    pub fn new(
+        owner: u16,
+        slots: usize,
+        refresh: Duration,
+        hold: Duration,
+        queue: usize,
+        ring: usize,
+    ) -> Outbox {
         Outbox {
             owner,
             refresh,
+            hold,
             queued: HashSet::new(),
             flows: VecDeque::new(),
             deletes: VecDeque::new(),
@@ -134,8 +147,8 @@ impl Outbox {
         }
     }
 
-    /// A flow started (or changed and must reach the peers soon).
-    pub fn flow_started(&mut self, id: FlowId) {
+    /// A flow started (or changed and must reach the peers soon), at `now`.
+    pub fn flow_started(&mut self, id: FlowId, now: Instant) {
         if self.queued.contains(&id) {
             return;
         }
@@ -144,13 +157,18 @@ impl Outbox {
             return;
         }
         self.queued.insert(id);
-        self.flows.push_back(id);
+        self.flows.push_back((id, self.after_hold(now)));
+    }
+
+    fn after_hold(&self, now: Instant) -> Instant {
+        let hold = u64::try_from(self.hold.as_millis()).unwrap_or(u64::MAX);
+        Instant::from_millis(now.as_millis().saturating_add(hold))
     }
 
     /// A flow ended.
     pub fn flow_ended(&mut self, id: FlowId, why: DeleteReason) {
         if self.queued.remove(&id) {
-            self.flows.retain(|f| *f != id);
+            self.flows.retain(|f| f.0 != id);
         }
         if self.deletes.len() >= self.limit {
             self.stats.overflow += 1;
@@ -166,6 +184,7 @@ impl Outbox {
     pub fn scan(&mut self, table: &Table, budget: usize, now: Instant, guard: &Guard) -> usize {
         let mut queued = 0;
         let refresh = u64::try_from(self.refresh.as_millis()).unwrap_or(u64::MAX);
+        let due = self.after_hold(now);
         let next = table.scan_slots(self.cursor, budget, guard, |i, f| {
             let Some(mark) = self.marks.get_mut(i) else {
                 return;
@@ -187,13 +206,22 @@ impl Outbox {
                 let id = FlowRecord::from_image(&f.image(now), 0, 0).id;
                 if !self.queued.contains(&id) && self.flows.len() < self.limit {
                     self.queued.insert(id);
-                    self.flows.push_back(id);
+                    self.flows.push_back((id, due));
                     queued += 1;
                 }
             }
         });
         self.cursor = next;
         queued
+    }
+
+    /// When the next record may be sent: now for deletes, bulk records and a bulk transfer, else when the
+    /// oldest queued flow has waited out its hold; `None` when nothing waits.
+    pub fn due_at(&self) -> Option<Instant> {
+        if !self.deletes.is_empty() || !self.controls.is_empty() || self.bulk.is_some() {
+            return Some(Instant::ZERO);
+        }
+        self.flows.iter().map(|&(_, due)| due).min()
     }
 
     /// True when nothing waits (no queued change, no bulk transfer).
@@ -226,10 +254,14 @@ impl Outbox {
             self.stats.deletes += 1;
             n += 1;
         }
-        while self.deletes.is_empty() {
-            let Some(&id) = self.flows.front() else {
+        let mut full = !self.deletes.is_empty();
+        while !full {
+            let Some(&(id, due)) = self.flows.front() else {
                 break;
             };
+            if due > now {
+                break;
+            }
             let Some(f) = table.lookup_inbound_at(&id.reply_key(), now, guard) else {
                 self.flows.pop_front();
                 self.queued.remove(&id);
@@ -238,6 +270,7 @@ impl Outbox {
             };
             let rec = FlowRecord::from_image(&f.image(now), self.owner, 0);
             if w.push(&Record::Flow(rec)).is_err() {
+                full = true;
                 break;
             }
             // what the peers now have: the refresh scan sends it again only when it changes
@@ -250,18 +283,19 @@ impl Outbox {
             self.stats.flows += 1;
             n += 1;
         }
-        while self.deletes.is_empty() && self.flows.is_empty() {
+        while !full {
             let Some(&r) = self.controls.front() else {
                 break;
             };
             if w.push(&r).is_err() {
+                full = true;
                 break;
             }
             self.controls.pop_front();
             self.records.push_back(Sent::Bulk(r));
             n += 1;
         }
-        if self.controls.is_empty() {
+        if !full && self.controls.is_empty() {
             n += self.fill_bulk(w, table, now, guard);
         }
         if n > 0 {
@@ -306,10 +340,7 @@ impl Outbox {
     ) -> usize {
         let mut n = 0;
         let owner = self.owner;
-        while self.deletes.is_empty() && self.flows.is_empty() {
-            let Some(b) = self.bulk.as_mut() else {
-                break;
-            };
+        while let Some(b) = self.bulk.as_mut() {
             if !b.started {
                 let count = u32::try_from(table.len()).unwrap_or(u32::MAX);
                 let r = Record::BulkStart {
@@ -395,7 +426,12 @@ impl Outbox {
         for r in again {
             self.stats.resent += 1;
             match r {
-                Sent::Flow(id) => self.flow_started(id),
+                Sent::Flow(id) => {
+                    // sent again at once, ahead of the flows still waiting out their hold
+                    if self.queued.insert(id) {
+                        self.flows.push_front((id, Instant::ZERO));
+                    }
+                }
                 Sent::Delete(id, why) => self.flow_ended(id, why),
                 Sent::Bulk(r) => self.controls.push_back(r),
             }

@@ -155,6 +155,8 @@ pub struct ReplicaStats {
     pub bulk_requests: u64,
     /// Bulk transfers served.
     pub bulk_served: u64,
+    /// Ends of finished TCP connections not sent (the copies expire by themselves).
+    pub deletes_skipped: u64,
 }
 
 /// One replica's state sync.
@@ -165,8 +167,6 @@ pub struct Replica {
     peers: Vec<Peer>,
     seq: u32,
     last_sent: Option<Instant>,
-    /// When the oldest change still waiting was queued.
-    waiting_since: Option<Instant>,
     next_bulk_id: u32,
     /// Answers to peers' NACKs to send: (peer, from, to).
     repairs: Vec<(u16, u32, u32)>,
@@ -181,7 +181,7 @@ impl Replica {
     /// ignored).
     pub fn new(s: Settings, slots: usize, peers: &[u16]) -> Replica {
         Replica {
-            outbox: Outbox::new(s.ordinal, slots, s.refresh, s.queue, s.ring),
+            outbox: Outbox::new(s.ordinal, slots, s.refresh, s.flush, s.queue, s.ring),
             peers: peers
                 .iter()
                 .filter(|&&p| p != s.ordinal)
@@ -197,7 +197,6 @@ impl Replica {
                 .collect(),
             seq: 1,
             last_sent: None,
-            waiting_since: None,
             next_bulk_id: 1,
             repairs: Vec::new(),
             stats: ReplicaStats::default(),
@@ -207,14 +206,18 @@ impl Replica {
 
     /// A flow of the own table started (from its flow events).
     pub fn flow_started(&mut self, id: FlowId, now: Instant) {
-        self.outbox.flow_started(id);
-        self.waiting_since.get_or_insert(now);
+        self.outbox.flow_started(id, now);
     }
 
-    /// A flow of the own table ended.
-    pub fn flow_ended(&mut self, id: FlowId, why: DeleteReason, now: Instant) {
+    /// A flow of the own table ended. A finished TCP connection (reset, or a FIN each way) that expired
+    /// costs no record: the peers' copies are finished too (the refresh scan sent the change) and expire by
+    /// the same transitory timeout.
+    pub fn flow_ended(&mut self, id: FlowId, why: DeleteReason, tcp_finished: bool) {
+        if why == DeleteReason::Expired && tcp_finished {
+            self.stats.deletes_skipped += 1;
+            return;
+        }
         self.outbox.flow_ended(id, why);
-        self.waiting_since.get_or_insert(now);
     }
 
     /// Applies a datagram that peer `from` sent (the caller checked its source address and, with a key, its
@@ -313,18 +316,13 @@ impl Replica {
             self.outbox.start_bulk(from, id);
             self.stats.bulk_served += 1;
         }
-        if !out.nacks.is_empty() || out.bulk_request.is_some() {
-            self.waiting_since.get_or_insert(now);
-        }
         Ok(out)
     }
 
     /// Housekeeping at `now`: the refresh scan of `own` (a slice of it per call) and bulk requests that went
     /// unanswered. Call it whenever [`poll_timeout`](Self::poll_timeout) says.
     pub fn tick(&mut self, own: &Table, now: Instant, guard: &Guard) {
-        if self.outbox.scan(own, self.s.scan_budget, now, guard) > 0 {
-            self.waiting_since.get_or_insert(now);
-        }
+        self.outbox.scan(own, self.s.scan_budget, now, guard);
         for p in &mut self.peers {
             if let Some((_, at, started)) = p.asked {
                 let silent = p
@@ -339,7 +337,6 @@ impl Replica {
                     p.asked = Some((id, now, false));
                     p.request = Some(id);
                     self.stats.bulk_requests += 1;
-                    self.waiting_since.get_or_insert(now);
                 }
             }
         }
@@ -364,9 +361,7 @@ impl Replica {
                 .peers
                 .iter()
                 .any(|p| p.request.is_some() || p.gaps.iter().any(|g| due(g.2)));
-        let changes = self
-            .waiting_since
-            .is_some_and(|t| now.saturating_since(t) >= self.s.flush);
+        let changes = self.outbox.due_at().is_some_and(|t| t <= now);
         let heartbeat = self
             .last_sent
             .is_none_or(|t| now.saturating_since(t) >= self.s.heartbeat);
@@ -421,9 +416,6 @@ impl Replica {
         if controls || changes || !self.outbox.is_empty() {
             n += self.outbox.fill(&mut w, self.seq, own, now, guard);
         }
-        if self.outbox.is_empty() {
-            self.waiting_since = None;
-        }
         if n == 0 {
             if !heartbeat {
                 return None;
@@ -460,8 +452,8 @@ impl Replica {
             })
         };
         let mut next = at(self.last_sent, self.s.heartbeat);
-        if self.waiting_since.is_some() {
-            next = next.min(at(self.waiting_since, self.s.flush));
+        if let Some(t) = self.outbox.due_at() {
+            next = next.min(t.max(now));
         }
         if !self.repairs.is_empty() || self.peers.iter().any(|p| p.request.is_some()) {
             next = now;

@@ -72,10 +72,17 @@ fn tcp_state(recs: &[Record]) -> Vec<u8> {
 fn changes_are_coalesced_and_read_at_send_time() {
     let tb = table();
     let g = tb.pin();
-    let mut o = Outbox::new(2, tb.slots(), Duration::from_secs(10), 100, 8);
+    let mut o = Outbox::new(
+        2,
+        tb.slots(),
+        Duration::from_secs(10),
+        Duration::ZERO,
+        100,
+        8,
+    );
     let a = open(&tb, 1000, Proto::Tcp, &g);
-    o.flow_started(id(a));
-    o.flow_started(id(a));
+    o.flow_started(id(a), t(0));
+    o.flow_started(id(a), t(0));
     a.on_outbound(
         Some(TcpSegment {
             flags: TcpSegment::SYN,
@@ -100,13 +107,13 @@ fn changes_are_coalesced_and_read_at_send_time() {
     assert!(o.is_empty());
     assert!(send(&mut o, &tb, 2, 1400, t(3)).is_empty());
     let b = open(&tb, 1001, Proto::Udp, &g);
-    o.flow_started(id(b));
+    o.flow_started(id(b), t(0));
     o.flow_ended(id(b), DeleteReason::Expired);
     let recs = send(&mut o, &tb, 2, 1400, t(4));
     assert_eq!(recs, vec![Record::Delete(id(b), DeleteReason::Expired)]);
     // a flow gone from the table by the time its datagram is built is skipped
     let c = open(&tb, 1002, Proto::Udp, &g);
-    o.flow_started(id(c));
+    o.flow_started(id(c), t(0));
     assert!(tb.remove(&c.reply_key(), t(5), &g));
     assert!(send(&mut o, &tb, 3, 1400, t(5)).is_empty());
     assert_eq!(o.stats().vanished, 1);
@@ -118,11 +125,18 @@ fn changes_are_coalesced_and_read_at_send_time() {
 fn the_scan_sends_changes_and_refreshes_only() {
     let tb = table();
     let g = tb.pin();
-    let mut o = Outbox::new(0, tb.slots(), Duration::from_secs(10), 100, 8);
+    let mut o = Outbox::new(
+        0,
+        tb.slots(),
+        Duration::from_secs(10),
+        Duration::ZERO,
+        100,
+        8,
+    );
     let tcp = open(&tb, 1000, Proto::Tcp, &g);
     let udp = open(&tb, 1001, Proto::Udp, &g);
     for f in [tcp, udp] {
-        o.flow_started(id(f));
+        o.flow_started(id(f), t(0));
     }
     assert_eq!(send(&mut o, &tb, 1, 1400, t(0)).len(), 2);
     assert_eq!(o.scan(&tb, 1000, t(100), &g), 0, "nothing changed");
@@ -160,9 +174,16 @@ fn the_scan_sends_changes_and_refreshes_only() {
 fn a_full_datagram_leaves_the_rest_queued() {
     let tb = table();
     let g = tb.pin();
-    let mut o = Outbox::new(0, tb.slots(), Duration::from_secs(10), 100, 8);
+    let mut o = Outbox::new(
+        0,
+        tb.slots(),
+        Duration::from_secs(10),
+        Duration::ZERO,
+        100,
+        8,
+    );
     for p in 0..5 {
-        o.flow_started(id(open(&tb, 2000 + p, Proto::Udp, &g)));
+        o.flow_started(id(open(&tb, 2000 + p, Proto::Udp, &g)), t(0));
     }
     // header 40 + section 4 + 2 × 48
     assert_eq!(send(&mut o, &tb, 1, 140, t(0)).len(), 2);
@@ -176,13 +197,20 @@ fn a_full_datagram_leaves_the_rest_queued() {
 fn a_nack_requeues_what_the_lost_datagrams_carried() {
     let tb = table();
     let g = tb.pin();
-    let mut o = Outbox::new(0, tb.slots(), Duration::from_secs(10), 100, 2);
+    let mut o = Outbox::new(
+        0,
+        tb.slots(),
+        Duration::from_secs(10),
+        Duration::ZERO,
+        100,
+        2,
+    );
     let flows: Vec<FlowId> = (0..4)
         .map(|p| id(open(&tb, 3000 + p, Proto::Udp, &g)))
         .collect();
-    o.flow_started(flows[0]);
+    o.flow_started(flows[0], t(0));
     send(&mut o, &tb, 10, 1400, t(0));
-    o.flow_started(flows[1]);
+    o.flow_started(flows[1], t(0));
     o.flow_ended(flows[2], DeleteReason::Expired);
     send(&mut o, &tb, 11, 1400, t(0));
     assert!(o.nack(11, 11));
@@ -205,4 +233,41 @@ fn a_nack_requeues_what_the_lost_datagrams_carried() {
     let again = send(&mut o, &tb, 13, 1400, t(2));
     assert_eq!(again.len(), 2, "11's records again: {again:?}");
     assert_eq!(o.stats().resent, 4);
+}
+
+/// A queued flow waits out the hold, so what happens to it meanwhile goes in its one record; a NACK's
+/// resend does not wait.
+#[test]
+fn a_flow_waits_out_the_hold_and_a_resend_does_not() {
+    let tb = table();
+    let g = tb.pin();
+    let mut o = Outbox::new(
+        0,
+        tb.slots(),
+        Duration::from_secs(10),
+        Duration::from_millis(5),
+        100,
+        8,
+    );
+    let f = open(&tb, 4000, Proto::Tcp, &g);
+    o.flow_started(id(f), t(0));
+    assert_eq!(o.due_at(), Some(t(5)));
+    assert!(send(&mut o, &tb, 1, 1400, t(3)).is_empty());
+    f.on_outbound(
+        Some(TcpSegment {
+            flags: TcpSegment::RST,
+            seq: 1,
+            ack: 0,
+            window: 0,
+            payload_len: 0,
+        }),
+        40,
+        t(4),
+    );
+    let recs = send(&mut o, &tb, 2, 1400, t(5));
+    assert_eq!(tcp_state(&recs), vec![4], "sent once, reset: {recs:?}");
+    assert_eq!(o.due_at(), None);
+    assert!(o.nack(2, 2));
+    assert_eq!(o.due_at(), Some(Instant::ZERO));
+    assert_eq!(send(&mut o, &tb, 3, 1400, t(6)).len(), 1);
 }
