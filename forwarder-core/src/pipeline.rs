@@ -123,8 +123,12 @@ pub struct Stats {
     pub icmp_originated: u64,
     /// ARP requests and pings for the gateway's tunnel address answered.
     pub local_replies: u64,
-    /// ICMP errors not sent because of the rate limit (the packet is counted under its drop reason).
+    /// ICMP errors and TCP resets not sent because of the rate limit (the packet is counted under its drop
+    /// reason).
     pub icmp_suppressed: u64,
+    /// TCP resets sent to pods for segments of connections with no state here
+    /// ([`Config::reset_unknown_tcp`]).
+    pub tcp_resets_sent: u64,
 }
 
 impl Stats {
@@ -139,6 +143,7 @@ impl Stats {
             icmp_originated: 0,
             local_replies: 0,
             icmp_suppressed: 0,
+            tcp_resets_sent: 0,
         }
     }
 
@@ -345,9 +350,16 @@ impl WorkerState {
     /// Accounts for an ICMP error about to be originated instead of a packet dropped for `reason`: false
     /// (and the suppression counted) when the rate limit says no. The drop itself is counted by the caller.
     fn allow_icmp(&mut self, now: Instant, reason: Reason) -> bool {
+        self.allow_answer(now, reason)
+            .then(|| self.stats.icmp_originated += 1)
+            .is_some()
+    }
+
+    /// Whether an answer the gateway originates (ICMP error, TCP reset) may go now; counts the packet under
+    /// `reason` when it may, and a suppression when it may not.
+    fn allow_answer(&mut self, now: Instant, reason: Reason) -> bool {
         if self.icmp.take(now) {
             self.stats.drops[reason.index()] += 1;
-            self.stats.icmp_originated += 1;
             true
         } else {
             self.stats.icmp_suppressed += 1;

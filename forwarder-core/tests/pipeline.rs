@@ -280,11 +280,11 @@ fn hostile_tunnel_input_is_dropped_and_counted() {
         out(&mut w, &multicast, T0),
         Out::Drop(Reason::MartianAddress)
     );
-    // A mid-stream ACK cannot open a flow.
-    assert_eq!(
+    // A mid-stream ACK cannot open a flow (it is answered with a reset: see below).
+    assert!(matches!(
         out(&mut w, &pod_tcp(SERVER, 40001, 443, false, b"data"), T0),
-        Out::Drop(Reason::TcpNoSynForNewFlow)
-    );
+        Out::Tun { .. }
+    ));
     let mut bad_csum = good.clone();
     bad_csum[8 + 14 + 10] ^= 0xff;
     assert_eq!(
@@ -310,6 +310,95 @@ fn hostile_tunnel_input_is_dropped_and_counted() {
     ] {
         assert_eq!(s.dropped(r), 1, "{r} counted once");
     }
+}
+
+/// A pod's TCP segment with no flow here and no SYN (its connection went through a replica that died, or
+/// its state was lost) is answered with a reset from the server's address and port (RFC 9293 §3.10.7.1),
+/// so the pod fails at once instead of retransmitting for minutes; a reset from the pod is never answered,
+/// and with `reset_unknown_tcp` off the segment is only dropped. No state either way.
+#[test]
+fn mid_stream_segments_without_a_flow_get_a_reset() {
+    let mut w = worker();
+    // an ACK with data, seq 1000 ack 5000: <SEQ=SEG.ACK><CTL=RST>
+    let (node, r) = out(&mut w, &pod_tcp(SERVER, 40001, 443, false, b"data"), T0).tun();
+    assert_eq!(node, NODE);
+    assert_eq!(&r[8..14], &NODE_MAC);
+    let ip = &r[22..];
+    assert_eq!((ip4_src(ip), ip4_dst(ip)), (SERVER, POD));
+    assert_eq!(
+        u16::from_be_bytes([ip[2], ip[3]]),
+        40,
+        "IPv4 + TCP headers, no payload"
+    );
+    let tcp = &ip[20..];
+    assert_eq!(l4_ports(ip), (443, 40001));
+    assert_eq!(&tcp[4..8], &5000u32.to_be_bytes());
+    assert_eq!(&tcp[8..12], &[0; 4]);
+    assert_eq!(tcp[13], 0x04, "RST only");
+    assert_checksums(ip);
+    // a FIN without ACK: <SEQ=0><ACK=SEG.SEQ+SEG.LEN><CTL=RST,ACK>, the FIN counting one
+    let b = etherparse::PacketBuilder::ethernet2(NODE_MAC, tunnel_mac(GW)).ipv4(
+        POD.octets(),
+        SERVER.octets(),
+        64,
+    );
+    let fin = vxlan(
+        VNI,
+        &build(|o| b.tcp(40002, 443, 7000, 100).fin().write(o, b"xyz")),
+    );
+    let (_, r) = out(&mut w, &fin, T0).tun();
+    let tcp = &r[22 + 20..];
+    assert_eq!(&tcp[4..8], &[0; 4]);
+    assert_eq!(&tcp[8..12], &7004u32.to_be_bytes());
+    assert_eq!(tcp[13], 0x14, "RST and ACK");
+    assert_checksums(&r[22..]);
+    // a reset is never answered
+    let b = etherparse::PacketBuilder::ethernet2(NODE_MAC, tunnel_mac(GW)).ipv4(
+        POD.octets(),
+        SERVER.octets(),
+        64,
+    );
+    let rst = vxlan(VNI, &build(|o| b.tcp(40003, 443, 1, 0).rst().write(o, &[])));
+    assert_eq!(out(&mut w, &rst, T0), Out::Drop(Reason::TcpNoSynForNewFlow));
+    let s = w.stats();
+    assert_eq!(s.tcp_resets_sent, 2);
+    assert_eq!(s.dropped(Reason::TcpNoSynForNewFlow), 3);
+    assert_eq!(w.gateway().table().len(), 0);
+    // switched off: dropped only
+    let mut cfg = config();
+    cfg.reset_unknown_tcp = false;
+    let gw = Arc::new(
+        Gateway::new(cfg, conntrack::Config::default(), PortRange::default()).expect("gateway"),
+    );
+    let mut quiet = Worker::new(gw, 7);
+    assert_eq!(
+        out(&mut quiet, &pod_tcp(SERVER, 40001, 443, false, b"data"), T0),
+        Out::Drop(Reason::TcpNoSynForNewFlow)
+    );
+    assert_eq!(quiet.stats().tcp_resets_sent, 0);
+}
+
+#[test]
+fn mid_stream_ipv6_segments_without_a_flow_get_a_reset() {
+    let mut w = worker();
+    let b = etherparse::PacketBuilder::ethernet2(NODE_MAC, tunnel_mac(GW)).ipv6(
+        POD6.octets(),
+        SERVER6.octets(),
+        64,
+    );
+    let ack = vxlan(
+        VNI,
+        &build(|o| b.tcp(40004, 443, 10, 100).ack(77).write(o, b"v6")),
+    );
+    let (_, r) = out(&mut w, &ack, T0).tun();
+    let ip = &r[22..];
+    assert_eq!(ip[0] >> 4, 6);
+    assert_eq!(&ip[8..24], &SERVER6.octets());
+    assert_eq!(&ip[24..40], &POD6.octets());
+    assert_eq!(u16::from_be_bytes([ip[4], ip[5]]), 20, "TCP header only");
+    assert_eq!(l4_ports(ip), (443, 40004));
+    assert_eq!(&ip[40 + 4..40 + 8], &77u32.to_be_bytes());
+    assert_checksums(ip);
 }
 
 #[test]

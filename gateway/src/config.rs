@@ -37,6 +37,9 @@ pub(crate) struct GatewayConfig {
     pub(crate) uplinks: Vec<UplinkSpec>,
     /// `conntrack`: table size, per-pod quota and timeouts.
     pub(crate) conntrack: conntrack::Config,
+    /// `conntrack.reset_unknown_tcp`: answer a pod's TCP segment that has no flow and cannot open one with a
+    /// reset (`pipeline::Config::reset_unknown_tcp`).
+    pub(crate) reset_unknown_tcp: bool,
     /// `ports`: the external ports handed out per egress IP.
     pub(crate) ports: PortRange,
     /// `health.listen`: `GET /readiness`, `GET /livez`.
@@ -263,6 +266,7 @@ impl GatewayConfig {
             routes,
             hash_seed,
             probe_ports: self.probes.as_ref().and_then(|_| probe_ports(self.ports)),
+            reset_unknown_tcp: self.reset_unknown_tcp,
             ..pipeline::Config::default()
         }
     }
@@ -583,6 +587,7 @@ uplinks:
                 },
                 port_reuse_delay: Duration::from_secs(120),
             },
+            reset_unknown_tcp: true,
             ports: PortRange {
                 min: 1024,
                 max: 65535,
@@ -875,6 +880,23 @@ uplinks:
             &format!("{BASE}conntrack:\n  icmp_timeout: 0s\n"),
             18,
             "conntrack.icmp_timeout: 0s is too short",
+        );
+    }
+
+    #[test]
+    fn resets_for_unknown_tcp_are_on_unless_switched_off() {
+        assert!(
+            parse(&format!("{BASE}conntrack: {{}}\n"))
+                .unwrap()
+                .reset_unknown_tcp
+        );
+        let off = parse(&format!("{BASE}conntrack:\n  reset_unknown_tcp: false\n")).unwrap();
+        assert!(!off.reset_unknown_tcp);
+        assert!(!off.pipeline(None).reset_unknown_tcp);
+        refused(
+            &format!("{BASE}conntrack:\n  reset_unknown_tcp: no\n"),
+            18,
+            "conntrack.reset_unknown_tcp: `no` is not true or false",
         );
     }
 

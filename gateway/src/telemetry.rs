@@ -44,7 +44,12 @@ pub(crate) const METRICS: &[(&str, &str, &str)] = &[
     (
         "egress_gateway_icmp_errors_suppressed_total",
         "counter",
-        "ICMP errors not sent because of the rate limit.",
+        "ICMP errors and TCP resets not sent because of the rate limit.",
+    ),
+    (
+        "egress_gateway_tcp_resets_sent_total",
+        "counter",
+        "TCP resets sent to pods for segments of connections with no state here (conntrack.reset_unknown_tcp).",
     ),
     (
         "egress_gateway_local_replies_total",
@@ -326,6 +331,7 @@ impl Telemetry {
             counter!("egress_gateway_icmp_errors_suppressed_total", &wl)
                 .absolute(s.icmp_suppressed);
             counter!("egress_gateway_local_replies_total", &wl).absolute(s.local_replies);
+            counter!("egress_gateway_tcp_resets_sent_total", &wl).absolute(s.tcp_resets_sent);
             counter!("egress_gateway_gso_whole_total", &wl).absolute(r.gso_whole);
             counter!("egress_gateway_gso_segmented_total", &wl).absolute(r.gso_segmented);
             counter!("egress_gateway_checksums_completed_total", &wl)

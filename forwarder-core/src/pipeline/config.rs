@@ -95,6 +95,12 @@ pub struct Config {
     pub icmp_rate_per_sec: u32,
     /// Burst of ICMP errors allowed above the rate.
     pub icmp_burst: u32,
+    /// Answer a pod's TCP segment that belongs to no flow here and cannot open one (not a SYN; not itself a
+    /// reset) with a TCP reset (RFC 9293 §3.10.7.1), so the pod's connection fails at once instead of
+    /// retransmitting into silence: what a connection through a replica that died, or whose state was lost,
+    /// sees. Rate-limited with the ICMP errors; otherwise the segment is only dropped. Counted under
+    /// `tcp_no_syn_for_new_flow` either way.
+    pub reset_unknown_tcp: bool,
     /// Key of the flow table's hash. Set it from the OS's randomness (the core reads none) so that pods
     /// cannot aim many flows at one bucket; `None` lets the table derive a weak key from its address.
     pub hash_seed: Option<u64>,
@@ -119,6 +125,7 @@ impl Default for Config {
             frag_capacity: 4096,
             frag_lifetime: Duration::from_secs(30),
             hash_seed: None,
+            reset_unknown_tcp: true,
             probe_ports: None,
             icmp_rate_per_sec: 1000,
             icmp_burst: 50,

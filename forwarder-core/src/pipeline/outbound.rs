@@ -8,6 +8,7 @@ use crate::flow::{FlowKey, NodeAddr, Proto};
 use crate::nat::frag::FragKey;
 use crate::nat::icmp::{self, ErrorKind};
 use crate::nat::meta::{parse_l4, PacketMeta, L4};
+use crate::nat::reset;
 use crate::nat::rewrite::{self, Side};
 use crate::wire::{ethernet, tcp, vxlan};
 use crate::{Instant, Reason};
@@ -255,6 +256,8 @@ impl Pending {
 pub(super) enum Refusal {
     /// Dropped for this reason.
     Drop(Reason),
+    /// A TCP segment answered with a reset to the pod (dropped for this reason when none may be sent).
+    Reset(Reason),
     /// Answered with an ICMP error to the pod (dropped for `reason` when none may be sent).
     Icmp {
         kind: ErrorKind,
@@ -310,7 +313,12 @@ pub(super) fn complete(
 pub(super) fn plan_new(gw: &Gateway, buf: &mut [u8], p: &Pending) -> Result<NewFlow, Refusal> {
     if let Some(seg) = p.tcp_seg {
         if seg.flags & (tcp::flags::SYN | tcp::flags::ACK | tcp::flags::RST) != tcp::flags::SYN {
-            return Err(Refusal::Drop(Reason::TcpNoSynForNewFlow));
+            let r = Reason::TcpNoSynForNewFlow;
+            return Err(if gw.config.reset_unknown_tcp {
+                Refusal::Reset(r)
+            } else {
+                Refusal::Drop(r)
+            });
         }
     }
     if gw.is_draining() {
@@ -372,6 +380,21 @@ pub(super) fn refuse(
 ) -> Result<Verdict, Reason> {
     match r {
         Refusal::Drop(reason) => Err(reason),
+        Refusal::Reset(reason) => {
+            let seg = p.tcp_seg.ok_or(reason)?;
+            let end = reset::originate(buf, &p.meta, p.key.src_port, p.key.dst_port, &seg)
+                .ok_or(reason)?;
+            if !st.allow_answer(now, reason) {
+                return Err(reason);
+            }
+            st.stats.tcp_resets_sent += 1;
+            local::turn_around(gw, buf);
+            Ok(Verdict::Tunnel {
+                node: p.node.ip,
+                start: 0,
+                end,
+            })
+        }
         Refusal::Icmp {
             kind,
             reason,

@@ -76,6 +76,7 @@ const CONNTRACK_KEYS: &[&str] = &[
     "tcp_transitory_timeout",
     "icmp_timeout",
     "port_reuse_delay",
+    "reset_unknown_tcp",
 ];
 
 /// Largest VXLAN network identifier (24 bits).
@@ -120,7 +121,9 @@ pub(super) fn gateway(r: &mut Reader<'_>, root: &Node) -> Option<GatewayConfig> 
         .map_or(Some(PortRange::default()), |v| ports(r, &v));
     let conntrack = top
         .get("conntrack")
-        .map_or(Some(Default::default()), |v| conntrack(r, &v, ports));
+        .map_or(Some((Default::default(), true)), |v| {
+            conntrack(r, &v, ports)
+        });
     let health = listen(r, top.get("health"), DEFAULT_HEALTH);
     let metrics = listen(r, top.get("metrics"), DEFAULT_METRICS);
     let admin = listen(r, top.get("admin"), DEFAULT_ADMIN);
@@ -174,7 +177,8 @@ pub(super) fn gateway(r: &mut Reader<'_>, root: &Node) -> Option<GatewayConfig> 
         path: Default::default(),
         tunnel: tunnel?,
         uplinks: uplinks?,
-        conntrack: conntrack?,
+        conntrack: conntrack?.0,
+        reset_unknown_tcp: conntrack?.1,
         ports: ports?,
         health_listen: health?.0,
         metrics_listen: metrics?.0,
@@ -624,12 +628,13 @@ fn routes(
     ok.then(|| strip(routes))
 }
 
-/// The `conntrack` section; `ports` (when valid) bounds an explicit `max_per_source`.
+/// The `conntrack` section, and its `reset_unknown_tcp`; `ports` (when valid) bounds an explicit
+/// `max_per_source`.
 fn conntrack(
     r: &mut Reader<'_>,
     v: &Value<'_>,
     ports: Option<PortRange>,
-) -> Option<conntrack::Config> {
+) -> Option<(conntrack::Config, bool)> {
     let c = r.mapping(v, CONNTRACK_KEYS)?;
     let defaults = conntrack::Config::default();
     let max_entries = c
@@ -726,17 +731,27 @@ fn conntrack(
         Duration::ZERO,
         "",
     );
-    Some(conntrack::Config {
-        max_entries: max_entries?,
-        max_per_source: per_source?,
-        timeouts: conntrack::Timeouts {
-            udp: udp?,
-            tcp_established: tcp_established?,
-            tcp_transitory: tcp_transitory?,
-            icmp: icmp?,
+    let reset_unknown_tcp = c.get("reset_unknown_tcp").map_or(Some(true), |v| {
+        r.parse(&v, |s| match s {
+            "true" => Ok(true),
+            "false" => Ok(false),
+            _ => Err(format!("`{s}` is not true or false")),
+        })
+    });
+    Some((
+        conntrack::Config {
+            max_entries: max_entries?,
+            max_per_source: per_source?,
+            timeouts: conntrack::Timeouts {
+                udp: udp?,
+                tcp_established: tcp_established?,
+                tcp_transitory: tcp_transitory?,
+                icmp: icmp?,
+            },
+            port_reuse_delay: port_reuse_delay?,
         },
-        port_reuse_delay: port_reuse_delay?,
-    })
+        reset_unknown_tcp?,
+    ))
 }
 
 fn human(d: Duration) -> String {

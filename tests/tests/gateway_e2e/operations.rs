@@ -1,6 +1,7 @@
 //! Operations (scenario 6): a reload during a TCP stream keeps it and changes where new flows go; an
 //! invalid file is refused and changes nothing; SIGTERM drains (readiness off at once, established
-//! streams go on, new flows refused, exit 0 after `drain_seconds`).
+//! streams go on, new flows refused, exit 0 after `drain_seconds`); a connection whose state was lost is
+//! reset at the pod's next segment.
 
 use std::net::{IpAddr, SocketAddr};
 use std::time::{Duration, Instant};
@@ -267,4 +268,66 @@ fn sigterm_drains_established_flows_and_refuses_new_ones() {
     );
     let log = own.process.log_text();
     assert!(log.contains("drain"), "{log}");
+}
+
+/// A connection whose state the gateway lost — its process restarted, as when a pod's traffic lands on a
+/// replica that never saw the connection — is reset at the pod's next segment
+/// (`conntrack.reset_unknown_tcp`, RFC 9293 §3.10.7.1): the pod's read fails with ECONNRESET within a
+/// second, where before it retransmitted into silence for minutes. `egress_gateway_tcp_resets_sent_total`
+/// counts it.
+#[test]
+fn a_connection_whose_state_was_lost_is_reset_at_once() {
+    require_netns!();
+    let mode = require_userspace_gateway!();
+    let mut topo = common::standard(mode);
+    let echo_addr = SocketAddr::from((RED_SERVER, 7820));
+    let _echo = traffic::tcp_echo_server(&topo.red().ns, echo_addr).unwrap();
+    let (established, wait_established) = std::sync::mpsc::channel::<()>();
+    let (restarted, wait_restart) = std::sync::mpsc::channel::<()>();
+    let client = topo
+        .pod(1, 1)
+        .ns
+        .thread(move || -> tests::Result<(Duration, std::io::ErrorKind)> {
+            use std::io::{Read, Write};
+            let mut s = traffic::connect(echo_addr)?;
+            s.write_all(b"one")?;
+            let mut b = [0u8; 3];
+            s.read_exact(&mut b)?;
+            established.send(()).ok();
+            wait_restart.recv_timeout(Duration::from_secs(60)).ok();
+            s.set_read_timeout(Some(Duration::from_secs(20)))?;
+            let t = Instant::now();
+            s.write_all(b"two")?;
+            let kind = match s.read(&mut b) {
+                Ok(n) => panic!("read {n} bytes after the gateway lost the connection"),
+                Err(e) => e.kind(),
+            };
+            Ok((t.elapsed(), kind))
+        })
+        .unwrap();
+    wait_established
+        .recv_timeout(Duration::from_secs(30))
+        .expect("the connection is established through gateway 1");
+    let gw = topo.gateway_mut(1);
+    gw.respawn().expect("restart gateway 1");
+    gw.wait_ready(READY).expect("gateway 1 ready again");
+    restarted.send(()).unwrap();
+    let (took, kind) = client
+        .join_timeout(Duration::from_secs(40))
+        .expect("the client thread")
+        .expect("the client");
+    eprintln!("reset after {took:?} ({kind:?})");
+    assert_eq!(kind, std::io::ErrorKind::ConnectionReset);
+    assert!(took < Duration::from_secs(1), "reset after {took:?}");
+    let gw = topo.gateway(1);
+    for (name, labels) in [
+        ("egress_gateway_tcp_resets_sent_total", &[][..]),
+        (
+            "egress_gateway_drops_total",
+            &[("reason", "tcp_no_syn_for_new_flow")][..],
+        ),
+    ] {
+        scenario::wait_metric(gw, name, labels, METRICS, |v| v >= 1.0)
+            .unwrap_or_else(|e| panic!("{name}: {e}"));
+    }
 }
