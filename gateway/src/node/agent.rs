@@ -79,6 +79,7 @@ fn ownership(config: &NodeConfig) -> Ownership {
         device: config.vxlan.device.clone(),
         rule_priority: config.rule_priority,
         tables: config.tables.clone(),
+        nexthops: super::state::NEXTHOP_IDS,
     }
 }
 
@@ -619,6 +620,15 @@ impl Agent {
                 self.device_index = None;
             }
         }
+        if let Some(mode) = self.kernel.current_mode() {
+            for m in [kernel::Mode::Resilient, kernel::Mode::Multipath] {
+                metrics::gauge!("egress_node_nexthop_mode", "mode" => m.name()).set(if m == mode {
+                    1.0
+                } else {
+                    0.0
+                });
+            }
+        }
         metrics::gauge!("egress_node_pods").set(plan.pods as f64);
         metrics::gauge!("egress_node_problems").set(plan.problems.len() as f64);
         for (gw, s) in &self.gateways {
@@ -721,6 +731,11 @@ pub(crate) const METRICS: &[(&str, &str, &str)] = &[
         "egress_node_kernel_changes_total",
         "counter",
         "Rules, routes, neighbours and FDB entries written, by op.",
+    ),
+    (
+        "egress_node_nexthop_mode",
+        "gauge",
+        "1 for how routes via gateways are written: resilient (nexthop groups) or multipath.",
     ),
     (
         "egress_node_reconcile_seconds",

@@ -2,27 +2,42 @@
 //! of the per-pod tables, static neighbours and FDB entries. What the agent owns — and so may change or
 //! delete — is defined in [`super::state`]; nothing else is ever touched.
 //!
+//! Routes via gateways point at **resilient nexthop groups** ([`groups`]; Linux ≥ 5.13): when a replica
+//! leaves, only its hash buckets move, so the other replicas' flows stay where their NAT state is. Where
+//! the kernel has no such groups (found once, by a probe before the first apply: [`Kernel::mode`]), they
+//! are multipath routes (`RTA_MULTIPATH`, hash-threshold) as before.
+//!
 //! Reconcile by diff. [`Kernel::apply`] dumps what the agent owns (one dump per object type), compares it
 //! with the desired state and sends only the requests that close the gap, in an order that never lets a
-//! pod's rule point at a table that is not written yet, nor a route at a neighbour that is gone:
+//! pod's rule point at a table that is not written yet, a route at a group that is not there, nor a route
+//! at a neighbour that is gone:
 //!
 //! 1. rules that are no longer wanted are removed (before their tables empty);
 //! 2. neighbours and FDB entries are added or replaced (before routes use them);
-//! 3. routes are added or replaced — a replace is one `NLM_F_CREATE | NLM_F_REPLACE` request, atomic also when
-//!    the route changes kind (via → unreachable), so a failover is a single swap per table;
-//! 4. routes that are no longer wanted are removed, then the neighbours and FDB entries;
-//! 5. new rules are added — except those whose table could not be fully written: a pod whose table is
+//! 3. member nexthops are added (before the groups that hold them), then groups are added or replaced — a
+//!    group whose members change is one `NLM_F_REPLACE` of the group, whatever the number of pod tables
+//!    using it: that is the failover;
+//! 4. routes are added or replaced — a replace is one `NLM_F_CREATE | NLM_F_REPLACE` request, atomic also when
+//!    the route changes kind (group → unreachable);
+//! 5. routes that are no longer wanted are removed; then the groups no route uses (the kernel would delete
+//!    the routes of a group it deletes, so this waits for them to move off — and is skipped altogether in
+//!    an apply in which a route could not be written), the members no group uses, and the neighbours and
+//!    FDB entries;
+//! 6. new rules are added — except those whose table could not be fully written: a pod whose table is
 //!    incomplete keeps no rule rather than falling through to normal routing.
 //!
 //! A failed request does not stop the others; [`Kernel::apply`] then returns [`KernelError::Partial`] with the
 //! first failure, and the next apply retries what is still missing.
 //!
 //! The pure parts (building messages, reading what the kernel reports, the diff) live in [`route`], [`rule`],
-//! [`neighbour`] and [`link`]; this file does the I/O. [`set_sysctls`] ([`sysctl`]) is the one part that does
-//! not speak netlink.
+//! [`neighbour`], [`nexthop`], [`groups`] and [`link`]; this file does the I/O. Nexthop messages, which
+//! netlink-packet-route does not have, go over a netlink socket of their own. [`set_sysctls`] ([`sysctl`])
+//! is the one part that does not speak netlink.
 
+mod groups;
 mod link;
 mod neighbour;
+mod nexthop;
 mod route;
 mod rule;
 mod sysctl;
@@ -32,6 +47,8 @@ mod tests;
 use std::collections::{BTreeMap, BTreeSet};
 use std::io;
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::{Arc, Mutex};
 
 use futures_util::StreamExt;
 use ipnet::IpNet;
@@ -41,6 +58,7 @@ use rtnetlink::packet_core::{
     NetlinkMessage, NetlinkPayload, NLM_F_ACK, NLM_F_CREATE, NLM_F_DUMP, NLM_F_DUMP_INTR,
     NLM_F_EXCL, NLM_F_REQUEST,
 };
+use rtnetlink::sys::{AsyncSocket, AsyncSocketExt, SocketAddr, TokioSocket};
 use rtnetlink::Handle;
 
 use super::state::{ApplyReport, Desired, Ownership, VxlanSpec, DEVICE_ALIAS};
@@ -160,13 +178,45 @@ enum Effect {
     Removed,
 }
 
+/// A request: an rtnetlink message of netlink-packet-route, or a nexthop message ([`nexthop`]).
+#[derive(Debug, Clone)]
+enum Message {
+    Rtnl(RouteNetlinkMessage),
+    Nexthop(nexthop::Request),
+}
+
+impl From<RouteNetlinkMessage> for Message {
+    fn from(message: RouteNetlinkMessage) -> Self {
+        Message::Rtnl(message)
+    }
+}
+
+/// How the agent writes routes via several gateways.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Mode {
+    /// Resilient nexthop groups (`nhid`).
+    Resilient,
+    /// Multipath routes (`RTA_MULTIPATH`, hash-threshold): the kernel has no resilient groups.
+    Multipath,
+}
+
+impl Mode {
+    /// `resilient` or `multipath` (the metric's label).
+    pub(crate) fn name(self) -> &'static str {
+        match self {
+            Mode::Resilient => "resilient",
+            Mode::Multipath => "multipath",
+        }
+    }
+}
+
 /// One planned request: built by the pure planners in the submodules, sent by [`Kernel`].
 #[derive(Debug, Clone)]
 struct Change {
     /// Verb and object, for errors and logs: `add route 10.0.0.0/8 table 201`.
     what: String,
     /// The request.
-    message: RouteNetlinkMessage,
+    message: Message,
     /// Netlink flags besides `NLM_F_REQUEST | NLM_F_ACK`: `NLM_F_CREATE | NLM_F_REPLACE`, ...
     flags: u16,
     /// How it counts.
@@ -211,9 +261,23 @@ impl Progress {
 }
 
 /// The rtnetlink connection through which the agent reads and writes the kernel's state.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub(crate) struct Kernel {
     handle: Handle,
+    /// The socket for nexthop messages; one exchange at a time.
+    nexthops: Arc<tokio::sync::Mutex<TokioSocket>>,
+    /// Sequence numbers of the nexthop socket.
+    sequence: Arc<AtomicU32>,
+    /// Groups or multipath, once probed.
+    mode: Arc<Mutex<Option<Mode>>>,
+}
+
+impl std::fmt::Debug for Kernel {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Kernel")
+            .field("mode", &self.current_mode())
+            .finish_non_exhaustive()
+    }
 }
 
 impl Kernel {
@@ -232,7 +296,131 @@ impl Kernel {
             }
         };
         runtime.spawn(connection);
-        Ok(Kernel { handle })
+        let mut socket =
+            TokioSocket::new(libc::NETLINK_ROUTE as isize).map_err(KernelError::Socket)?;
+        socket
+            .socket_mut()
+            .bind_auto()
+            .and_then(|_| socket.socket_ref().connect(&SocketAddr::new(0, 0)))
+            .map_err(KernelError::Socket)?;
+        Ok(Kernel {
+            handle,
+            nexthops: Arc::new(tokio::sync::Mutex::new(socket)),
+            sequence: Arc::new(AtomicU32::new(1)),
+            mode: Arc::new(Mutex::new(None)),
+        })
+    }
+
+    /// The mode found by the probe, if it ran.
+    pub(crate) fn current_mode(&self) -> Option<Mode> {
+        self.mode.lock().ok().and_then(|m| *m)
+    }
+
+    /// How routes via gateways are written: [`Mode::Resilient`] when the kernel accepts a resilient nexthop
+    /// group, else [`Mode::Multipath`] (logged once, at warn). Probed once, with the vxlan device
+    /// `device_index` (up): a member nexthop (`via 192.0.2.1 dev <vxlan> onlink`) and a resilient group of it, at the top two ids of
+    /// `owned.nexthops`, both deleted again. A kernel without nexthop objects (< 5.3) answers
+    /// `EOPNOTSUPP`, one without resilient groups (< 5.13) `EINVAL`; any other error is returned and the
+    /// probe runs again at the next apply.
+    pub(crate) async fn mode(
+        &self,
+        device_index: u32,
+        owned: &Ownership,
+    ) -> Result<Mode, KernelError> {
+        if let Some(mode) = self.current_mode() {
+            return Ok(mode);
+        }
+        let mode = match self.probe(device_index, owned).await {
+            Ok(()) => {
+                tracing::info!("routes via gateways use resilient nexthop groups");
+                Mode::Resilient
+            }
+            Err(KernelError::Netlink { what, source })
+                if matches!(
+                    source.raw_os_error(),
+                    Some(libc::EOPNOTSUPP | libc::EINVAL | libc::EAFNOSUPPORT)
+                ) =>
+            {
+                tracing::warn!(
+                    probe = %what,
+                    error = %source,
+                    "the kernel has no resilient nexthop groups (Linux >= 5.13); routes via several gateways \
+                     are multipath routes, and when a gateway leaves or comes back some flows of the other \
+                     gateways move too"
+                );
+                Mode::Multipath
+            }
+            Err(e) => return Err(e),
+        };
+        if let Ok(mut m) = self.mode.lock() {
+            *m = Some(mode);
+        }
+        Ok(mode)
+    }
+
+    /// Sets the mode without probing (tests of the multipath path).
+    #[cfg(test)]
+    pub(crate) fn force_mode(&self, mode: Mode) {
+        if let Ok(mut m) = self.mode.lock() {
+            *m = Some(mode);
+        }
+    }
+
+    async fn probe(&self, device_index: u32, owned: &Ownership) -> Result<(), KernelError> {
+        let (member, group) = groups::probe_ids(&owned.nexthops);
+        let replace = NLM_F_CREATE | rtnetlink::packet_core::NLM_F_REPLACE;
+        let member_request = nexthop::Request::new(&nexthop::Nexthop {
+            id: member,
+            protocol: super::state::RTPROT_EGRESS,
+            kind: nexthop::Kind::Member {
+                // A documentation address (RFC 5737), onlink: valid on any device that is up.
+                gateway: std::net::IpAddr::V4(std::net::Ipv4Addr::new(192, 0, 2, 1)),
+                device: device_index,
+                onlink: true,
+            },
+        });
+        let group_request = nexthop::Request::new(&nexthop::Nexthop {
+            id: group,
+            protocol: super::state::RTPROT_EGRESS,
+            kind: nexthop::Kind::Group {
+                entries: vec![nexthop::Entry {
+                    id: member,
+                    weight: 1,
+                }],
+                resilient: Some(nexthop::RESILIENT),
+            },
+        });
+        let (Some(member_request), Some(group_request)) = (member_request, group_request) else {
+            return Ok(());
+        };
+        self.nexthop_change(
+            member_request,
+            replace,
+            &format!("probe: add nexthop {member}"),
+        )
+        .await?;
+        let grouped = self
+            .nexthop_change(
+                group_request,
+                replace,
+                &format!("probe: add resilient nexthop group {group}"),
+            )
+            .await;
+        if grouped.is_ok() {
+            self.nexthop_change(
+                nexthop::Request::delete(group),
+                0,
+                &format!("probe: delete nexthop group {group}"),
+            )
+            .await?;
+        }
+        self.nexthop_change(
+            nexthop::Request::delete(member),
+            0,
+            &format!("probe: delete nexthop {member}"),
+        )
+        .await?;
+        grouped
     }
 
     /// Creates the vxlan device if it is missing (`type vxlan id <vni> dstport <port> local <local> dev
@@ -310,8 +498,31 @@ impl Kernel {
             device_index,
         );
 
+        let groups = match self.mode(device_index, owned).await? {
+            Mode::Resilient => {
+                let dumped = self.dump_nexthops().await?;
+                let taken: BTreeSet<u32> = dumped.iter().map(|n| n.id).collect();
+                let shapes = desired
+                    .routes
+                    .iter()
+                    .filter_map(|(&(table, dst), kind)| {
+                        let shape = route::Shape::desired(dst, kind, device_index).ok()?;
+                        Some(((table, dst), shape))
+                    })
+                    .collect();
+                groups::plan(
+                    &groups::owned(&dumped, owned),
+                    &taken,
+                    &shapes,
+                    &groups::current(&routes),
+                    &owned.nexthops,
+                )
+            }
+            Mode::Multipath => groups::Plan::default(),
+        };
+
         let rules = rule::plan(&rules, &desired.rules, owned)?;
-        let routes = route::plan(routes, &desired.routes, device_index, owned)?;
+        let routes = route::plan(routes, &desired.routes, device_index, owned, &groups.routes)?;
         let name = &owned.device;
         let neighbours = neighbour::plan(&neighbours, &desired.neighbours, device_index, name);
         let fdb = neighbour::plan_fdb(&fdb, &desired.fdb, device_index, name);
@@ -320,8 +531,15 @@ impl Kernel {
         self.run(&mut progress, rules.remove).await;
         self.run(&mut progress, neighbours.upsert).await;
         self.run(&mut progress, fdb.upsert).await;
+        self.run(&mut progress, groups.add_members).await;
+        self.run(&mut progress, groups.upsert_groups).await;
         self.run(&mut progress, routes.upsert).await;
         self.run(&mut progress, routes.remove).await;
+        if progress.broken_tables.is_empty() {
+            // Deleting a group deletes the routes still on it: only once every route has moved.
+            self.run(&mut progress, groups.remove_groups).await;
+            self.run(&mut progress, groups.remove_members).await;
+        }
         self.run(&mut progress, neighbours.remove).await;
         self.run(&mut progress, fdb.remove).await;
         self.run(&mut progress, rules.add).await;
@@ -338,11 +556,29 @@ impl Kernel {
         let rules = rule::owned(&self.dump(rule::dump_request(), "dump rules").await?, owned);
         let routes = self.owned_routes(owned).await?;
         let rules = rule::plan(&rules, &BTreeSet::new(), owned)?;
-        let routes = route::plan(routes, &BTreeMap::new(), 0, owned)?;
+        let routes = route::plan(routes, &BTreeMap::new(), 0, owned, &BTreeMap::new())?;
+        // Every owned nexthop, groups first. A kernel without nexthop objects has none to dump.
+        let nexthops = match self.dump_nexthops().await {
+            Ok(dumped) => groups::plan(
+                &groups::owned(&dumped, owned),
+                &BTreeSet::new(),
+                &BTreeMap::new(),
+                &BTreeMap::new(),
+                &owned.nexthops,
+            ),
+            Err(KernelError::Netlink { source, .. })
+                if source.raw_os_error() == Some(libc::EOPNOTSUPP) =>
+            {
+                groups::Plan::default()
+            }
+            Err(e) => return Err(e),
+        };
 
         let mut progress = Progress::default();
         self.run(&mut progress, rules.remove).await;
         self.run(&mut progress, routes.remove).await;
+        self.run(&mut progress, nexthops.remove_groups).await;
+        self.run(&mut progress, nexthops.remove_members).await;
 
         if let Some(existing) = self.link_by_name(&owned.device).await? {
             let found = link::Observed::read(&existing);
@@ -387,13 +623,117 @@ impl Kernel {
         Ok(routes)
     }
 
+    /// Every nexthop object of the namespace (the agent's and anyone's).
+    async fn dump_nexthops(&self) -> Result<Vec<nexthop::Nexthop>, KernelError> {
+        for _ in 0..DUMP_ATTEMPTS {
+            let (answers, interrupted) = self
+                .nexthop_exchange(
+                    nexthop::Request::dump(),
+                    NLM_F_REQUEST | NLM_F_DUMP,
+                    "dump nexthops",
+                )
+                .await?;
+            if !interrupted {
+                return Ok(answers);
+            }
+        }
+        Err(KernelError::Interrupted {
+            what: "dump nexthops".to_owned(),
+        })
+    }
+
+    /// Sends one acknowledged nexthop change.
+    async fn nexthop_change(
+        &self,
+        request: nexthop::Request,
+        flags: u16,
+        what: &str,
+    ) -> Result<(), KernelError> {
+        self.nexthop_exchange(request, NLM_F_REQUEST | NLM_F_ACK | flags, what)
+            .await
+            .map(|_| ())
+    }
+
+    /// Sends one nexthop request on the nexthop socket and reads the answers up to its acknowledgement or
+    /// the end of its dump. Answers to other sequence numbers (left by an exchange that was cancelled) are
+    /// skipped; anything that does not parse is an error.
+    async fn nexthop_exchange(
+        &self,
+        request: nexthop::Request,
+        flags: u16,
+        what: &str,
+    ) -> Result<(Vec<nexthop::Nexthop>, bool), KernelError> {
+        let netlink = |source: io::Error| KernelError::Netlink {
+            what: what.to_owned(),
+            source,
+        };
+        let socket = self.nexthops.lock().await;
+        let sequence = self.sequence.fetch_add(1, Ordering::Relaxed);
+        let mut message = NetlinkMessage::new(
+            rtnetlink::packet_core::NetlinkHeader::default(),
+            NetlinkPayload::InnerMessage(request),
+        );
+        message.header.flags = flags;
+        message.header.sequence_number = sequence;
+        message.finalize();
+        let mut bytes = vec![0; message.buffer_len()];
+        message.serialize(&mut bytes);
+        socket.send(&bytes).await.map_err(netlink)?;
+        let mut found = Vec::new();
+        let mut interrupted = false;
+        loop {
+            let (datagram, _) = socket.recv_from_full().await.map_err(netlink)?;
+            let mut offset = 0;
+            while offset < datagram.len() {
+                let rest = &datagram[offset..];
+                let answer = NetlinkMessage::<nexthop::Reply>::deserialize(rest).map_err(|e| {
+                    netlink(io::Error::new(io::ErrorKind::InvalidData, e.to_string()))
+                })?;
+                let length = usize::try_from(answer.header.length).unwrap_or(usize::MAX);
+                if length == 0 {
+                    return Err(netlink(io::Error::new(
+                        io::ErrorKind::InvalidData,
+                        "a netlink message of length 0",
+                    )));
+                }
+                offset = offset.saturating_add(length.next_multiple_of(4));
+                if answer.header.sequence_number != sequence {
+                    continue;
+                }
+                interrupted |= answer.header.flags & NLM_F_DUMP_INTR != 0;
+                match answer.payload {
+                    NetlinkPayload::InnerMessage(nexthop::Reply(Some(n))) => found.push(n),
+                    NetlinkPayload::InnerMessage(nexthop::Reply(None)) | NetlinkPayload::Noop => {}
+                    NetlinkPayload::Error(error) => match error.code {
+                        Some(_) => return Err(netlink(error.to_io())),
+                        // The acknowledgement.
+                        None => return Ok((found, interrupted)),
+                    },
+                    NetlinkPayload::Done(_) => return Ok((found, interrupted)),
+                    NetlinkPayload::Overrun(_) => {
+                        return Err(netlink(io::Error::other(
+                            "netlink overrun: the kernel dropped answers",
+                        )))
+                    }
+                    _ => {}
+                }
+            }
+        }
+    }
+
     /// Sends `changes` in order, recording what went through and what failed. A rule is not added when a
     /// route of its table failed.
     async fn run(&self, progress: &mut Progress, changes: Vec<Change>) {
         for change in changes {
             progress.attempted += 1;
-            let writes_route = matches!(change.message, RouteNetlinkMessage::NewRoute(_));
-            let adds_rule = matches!(change.message, RouteNetlinkMessage::NewRule(_));
+            let writes_route = matches!(
+                change.message,
+                Message::Rtnl(RouteNetlinkMessage::NewRoute(_))
+            );
+            let adds_rule = matches!(
+                change.message,
+                Message::Rtnl(RouteNetlinkMessage::NewRule(_))
+            );
             if let (true, Some(table)) = (adds_rule, change.table) {
                 if progress.broken_tables.contains(&table) {
                     progress.fail(KernelError::Netlink {
@@ -406,10 +746,14 @@ impl Kernel {
                 }
             }
             tracing::debug!(change = %change.what, "kernel change");
-            match self
-                .change(change.message, change.flags, &change.what)
-                .await
-            {
+            let sent = match change.message {
+                Message::Rtnl(message) => self.change(message, change.flags, &change.what).await,
+                Message::Nexthop(request) => {
+                    self.nexthop_change(request, change.flags, &change.what)
+                        .await
+                }
+            };
+            match sent {
                 Ok(()) => match change.effect {
                     Effect::Added => progress.done.added += change.objects,
                     Effect::Replaced => progress.done.replaced += change.objects,

@@ -4,6 +4,7 @@
 //! Ownership: the agent only ever reads, changes or deletes
 //! * rules and routes whose protocol is [`RTPROT_EGRESS`] (and, for rules, whose priority and table are
 //!   the configured ones),
+//! * nexthop objects whose protocol is [`RTPROT_EGRESS`] and whose id is in [`NEXTHOP_IDS`],
 //! * the vxlan device it created (its `ifalias` is [`DEVICE_ALIAS`]) and the neighbours and FDB entries
 //!   on that device.
 //!
@@ -19,6 +20,14 @@ use ipnet::IpNet;
 pub(crate) const RTPROT_EGRESS: u8 = 242;
 /// The `ifalias` of a vxlan device the agent created.
 pub(crate) const DEVICE_ALIAS: &str = "egress-gateway node agent";
+
+/// The ids of the agent's nexthop objects (`ip nexthop show proto 242`): 0xf2f2_0000 to 0xf2f2_ffff
+/// (242 is [`RTPROT_EGRESS`]). Nexthop ids are one namespace per network namespace, shared with every
+/// routing daemon on the node (FRR's zebra, for one, numbers its own from the bottom up), so the agent keeps
+/// to a fixed block high in the space rather than one derived from its tables: groups are per set of
+/// gateways, not per pod, and a block of 65,536 needs no configuration. An id in the block that another
+/// program uses (another protocol) is left alone and skipped.
+pub(crate) const NEXTHOP_IDS: RangeInclusive<u32> = 0xf2f2_0000..=0xf2f2_ffff;
 
 /// A MAC address.
 pub(crate) type Mac = [u8; 6];
@@ -49,6 +58,8 @@ pub(crate) struct Ownership {
     pub(crate) rule_priority: u32,
     /// Route tables the agent may use.
     pub(crate) tables: RangeInclusive<u32>,
+    /// Nexthop ids the agent may use ([`NEXTHOP_IDS`]).
+    pub(crate) nexthops: RangeInclusive<u32>,
 }
 
 /// One `ip rule`: `from <src> lookup <table> priority <p> proto 242`.

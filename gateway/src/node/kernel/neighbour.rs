@@ -162,7 +162,7 @@ pub(super) fn plan(
                 "{verb} neighbour {ip} lladdr {} dev {name}",
                 mac_to_string(mac)
             ),
-            message: RouteNetlinkMessage::NewNeighbour(message(device, ip, mac)),
+            message: RouteNetlinkMessage::NewNeighbour(message(device, ip, mac)).into(),
             flags: NLM_F_CREATE | NLM_F_REPLACE,
             effect,
             objects: 1,
@@ -175,7 +175,7 @@ pub(super) fn plan(
             message.attributes = vec![NeighbourAttribute::Destination(n.ip.into())];
             plan.remove.push(Change {
                 what: format!("delete neighbour {} dev {name}", n.ip),
-                message: RouteNetlinkMessage::DelNeighbour(message),
+                message: RouteNetlinkMessage::DelNeighbour(message).into(),
                 flags: 0,
                 effect: Effect::Removed,
                 objects: 1,
@@ -260,7 +260,7 @@ pub(super) fn plan_fdb(
     }
     let delete = |mac: Mac, rows: usize| Change {
         what: format!("delete FDB entry {} dev {name}", mac_to_string(mac)),
-        message: RouteNetlinkMessage::DelNeighbour(fdb_base(device, mac)),
+        message: RouteNetlinkMessage::DelNeighbour(fdb_base(device, mac)).into(),
         flags: 0,
         effect: Effect::Removed,
         objects: rows,
@@ -276,7 +276,7 @@ pub(super) fn plan_fdb(
             },
             mac_to_string(mac)
         ),
-        message: RouteNetlinkMessage::NewNeighbour(fdb_message(device, mac, dst)),
+        message: RouteNetlinkMessage::NewNeighbour(fdb_message(device, mac, dst)).into(),
         flags: NLM_F_CREATE | NLM_F_REPLACE,
         effect,
         objects: 1,

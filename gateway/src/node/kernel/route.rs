@@ -7,7 +7,10 @@
 //! * IPv4 via several: one route with `RTA_MULTIPATH`, `nexthop via GW dev <vxlan> weight 1 onlink` each;
 //! * IPv6: the same with the gateways' link-local addresses and without `onlink` (the neighbours are static).
 //!   The kernel reports an IPv6 multipath route as one message with `RTA_MULTIPATH` (as IPv4), so both are
-//!   compared the same way: as the sorted set of their next hops.
+//!   compared the same way: as the sorted set of their next hops;
+//! * where the kernel has resilient nexthop groups, routes via gateways instead point at a group:
+//!   `DST nhid N proto 242` (`RTA_NH_ID`; [`super::groups`] says which group). The kernel also reports the
+//!   group's members in the dump (`nexthop_compat_mode`); only the id is compared.
 //!
 //! All carry protocol [`RTPROT_EGRESS`] and scope universe; the table goes in `RTA_TABLE` (tables > 255 do not
 //! fit the header). No `RTA_PRIORITY` is sent, so IPv4 routes get metric 0 and IPv6 routes metric 1024.
@@ -24,6 +27,8 @@ use netlink_packet_route::route::{
 use netlink_packet_route::{AddressFamily, RouteNetlinkMessage};
 use rtnetlink::packet_core::{NLM_F_CREATE, NLM_F_EXCL, NLM_F_REPLACE};
 
+#[cfg(test)]
+use super::Message;
 use super::{Change, Effect, KernelError};
 use crate::node::state::{link_local, tunnel_mac, Ownership, RouteKey, RouteKind, RTPROT_EGRESS};
 
@@ -69,8 +74,10 @@ pub(super) enum Shape {
     Unreachable,
     /// Via these next hops, sorted (one = a plain route, several = `RTA_MULTIPATH`).
     Via(Vec<Hop>),
-    /// Anything else (another type or scope, a nexthop object, an encapsulation, a source prefix, a TOS, a
-    /// preferred source, ...): never what the agent wants.
+    /// Via the nexthop object (a group) with this id.
+    Group(u32),
+    /// Anything else (another type or scope, an encapsulation, a source prefix, a TOS, a preferred source,
+    /// ...): never what the agent wants.
     Other,
 }
 
@@ -128,13 +135,14 @@ impl Shape {
         let mut gateway = None;
         let mut device = None;
         let mut multipath = None;
+        let mut group = None;
         for attribute in &message.attributes {
             match attribute {
                 RouteAttribute::Gateway(address) => gateway = ip(address),
                 RouteAttribute::Oif(index) => device = Some(*index),
                 RouteAttribute::MultiPath(hops) => multipath = Some(hops),
-                RouteAttribute::NhId(_)
-                | RouteAttribute::Encap(_)
+                RouteAttribute::NhId(id) => group = Some(*id),
+                RouteAttribute::Encap(_)
                 | RouteAttribute::EncapType(_)
                 | RouteAttribute::Via(_)
                 | RouteAttribute::PrefSource(_)
@@ -145,6 +153,7 @@ impl Shape {
         match header.kind {
             RouteType::Throw => Shape::Throw,
             RouteType::Unreachable => Shape::Unreachable,
+            RouteType::Unicast if group.is_some() => group.map_or(Shape::Other, Shape::Group),
             RouteType::Unicast => {
                 let hops = match multipath {
                     Some(hops) => hops.iter().map(observed_hop).collect::<Option<Vec<_>>>(),
@@ -176,6 +185,7 @@ impl fmt::Display for Shape {
             Shape::Throw => f.write_str("throw"),
             Shape::Unreachable => f.write_str("unreachable"),
             Shape::Other => f.write_str("(another kind of route)"),
+            Shape::Group(id) => write!(f, "nhid {id}"),
             Shape::Via(hops) => {
                 for (i, hop) in hops.iter().enumerate() {
                     if i > 0 {
@@ -237,7 +247,7 @@ pub(super) fn message(table: u32, dst: IpNet, shape: &Shape) -> RouteMessage {
     header.kind = match shape {
         Shape::Throw => RouteType::Throw,
         Shape::Unreachable => RouteType::Unreachable,
-        Shape::Via(_) | Shape::Other => RouteType::Unicast,
+        Shape::Via(_) | Shape::Group(_) | Shape::Other => RouteType::Unicast,
     };
     message.attributes.push(RouteAttribute::Table(table));
     message
@@ -271,6 +281,7 @@ pub(super) fn message(table: u32, dst: IpNet, shape: &Shape) -> RouteMessage {
                 .collect();
             message.attributes.push(RouteAttribute::MultiPath(hops));
         }
+        Shape::Group(id) => message.attributes.push(RouteAttribute::NhId(*id)),
         Shape::Throw | Shape::Unreachable | Shape::Other => {}
     }
     message
@@ -402,12 +413,14 @@ pub(super) struct Plan {
     pub(super) remove: Vec<Change>,
 }
 
-/// What turns the `observed` owned routes into `desired` (routes via `device`).
+/// What turns the `observed` owned routes into `desired` (routes via `device`; a route in `groups` via that
+/// nexthop group instead of its own next hops).
 pub(super) fn plan(
     observed: Vec<Owned>,
     desired: &BTreeMap<RouteKey, RouteKind>,
     device: u32,
     owned: &Ownership,
+    groups: &BTreeMap<RouteKey, u32>,
 ) -> Result<Plan, KernelError> {
     let mut by_key: BTreeMap<RouteKey, Vec<Owned>> = BTreeMap::new();
     for route in observed {
@@ -422,7 +435,10 @@ pub(super) fn plan(
         if dst.trunc() != dst {
             return Err(invalid("the destination has host bits set"));
         }
-        let want = Shape::desired(dst, kind, device).map_err(invalid)?;
+        let mut want = Shape::desired(dst, kind, device).map_err(invalid)?;
+        if let (Shape::Via(_), Some(&group)) = (&want, groups.get(&(table, dst))) {
+            want = Shape::Group(group);
+        }
         let mut existing = by_key.remove(&(table, dst)).unwrap_or_default();
         let primary = existing
             .iter()
@@ -432,7 +448,7 @@ pub(super) fn plan(
             Some(route) if route.shape == want => {}
             Some(_) => plan.upsert.push(Change {
                 what: format!("replace route {dst} table {table}"),
-                message: RouteNetlinkMessage::NewRoute(message(table, dst, &want)),
+                message: RouteNetlinkMessage::NewRoute(message(table, dst, &want)).into(),
                 flags: NLM_F_CREATE | NLM_F_REPLACE,
                 effect: Effect::Replaced,
                 objects: 1,
@@ -440,7 +456,7 @@ pub(super) fn plan(
             }),
             None => plan.upsert.push(Change {
                 what: format!("add route {dst} table {table}"),
-                message: RouteNetlinkMessage::NewRoute(message(table, dst, &want)),
+                message: RouteNetlinkMessage::NewRoute(message(table, dst, &want)).into(),
                 flags: NLM_F_CREATE | NLM_F_EXCL,
                 effect: Effect::Added,
                 objects: 1,
@@ -458,7 +474,7 @@ fn remove(route: &Owned) -> Change {
     let (table, dst) = route.key;
     Change {
         what: format!("delete route {dst} table {table}"),
-        message: RouteNetlinkMessage::DelRoute(delete_message(&route.message)),
+        message: RouteNetlinkMessage::DelRoute(delete_message(&route.message)).into(),
         flags: 0,
         effect: Effect::Removed,
         objects: 1,
@@ -477,6 +493,7 @@ mod tests {
             device: "egress.calico".into(),
             rule_priority: 100,
             tables: 300..=399,
+            nexthops: crate::node::state::NEXTHOP_IDS,
         }
     }
 
@@ -600,14 +617,14 @@ mod tests {
         );
         let mut desired = BTreeMap::new();
         desired.insert((300, net("10.1.2.3/8")), RouteKind::Throw);
-        let e = plan(vec![], &desired, 1, &owned_tables()).unwrap_err();
+        let e = plan(vec![], &desired, 1, &owned_tables(), &BTreeMap::new()).unwrap_err();
         assert_eq!(
             e.to_string(),
             "route 10.1.2.3/8 table 300: the destination has host bits set"
         );
         let mut desired = BTreeMap::new();
         desired.insert((254, net("10.0.0.0/8")), RouteKind::Throw);
-        let e = plan(vec![], &desired, 1, &owned_tables()).unwrap_err();
+        let e = plan(vec![], &desired, 1, &owned_tables(), &BTreeMap::new()).unwrap_err();
         assert!(e.to_string().contains("outside the agent's tables"), "{e}");
     }
 
@@ -732,7 +749,7 @@ mod tests {
         desired.insert((302, net("::/0")), RouteKind::Unreachable);
         desired.insert((303, net("::/0")), RouteKind::Throw);
 
-        let p = plan(observed, &desired, 9, &owned_tables()).unwrap();
+        let p = plan(observed, &desired, 9, &owned_tables(), &BTreeMap::new()).unwrap();
         let whats: Vec<_> = p.upsert.iter().map(|c| c.what.as_str()).collect();
         assert_eq!(
             whats,
@@ -745,7 +762,7 @@ mod tests {
         assert_eq!(p.upsert[1].flags, NLM_F_CREATE | NLM_F_EXCL);
         let whats: Vec<_> = p.remove.iter().map(|c| c.what.as_str()).collect();
         assert_eq!(whats, ["delete route 0.0.0.0/0 table 301"]);
-        let RouteNetlinkMessage::DelRoute(del) = &p.remove[0].message else {
+        let Message::Rtnl(RouteNetlinkMessage::DelRoute(del)) = &p.remove[0].message else {
             panic!("not a delete")
         };
         assert_eq!(u8::from(del.header.protocol), 242);
@@ -756,11 +773,11 @@ mod tests {
         let observed = dumped_owned(300, "0.0.0.0/0", &via);
         let mut desired = BTreeMap::new();
         desired.insert((300, net("0.0.0.0/0")), via.clone());
-        let p = plan(observed, &desired, 9, &owned_tables()).unwrap();
+        let p = plan(observed, &desired, 9, &owned_tables(), &BTreeMap::new()).unwrap();
         assert!(p.upsert.is_empty() && p.remove.is_empty());
         // Another device: replace.
         let observed = dumped_owned(300, "0.0.0.0/0", &via);
-        let p = plan(observed, &desired, 10, &owned_tables()).unwrap();
+        let p = plan(observed, &desired, 10, &owned_tables(), &BTreeMap::new()).unwrap();
         assert_eq!(p.upsert.len(), 1);
         assert_eq!(p.upsert[0].effect, Effect::Replaced);
     }
@@ -773,7 +790,7 @@ mod tests {
         observed.push(extra);
         let mut desired = BTreeMap::new();
         desired.insert((302, net("::/0")), RouteKind::Unreachable);
-        let p = plan(observed, &desired, 9, &owned_tables()).unwrap();
+        let p = plan(observed, &desired, 9, &owned_tables(), &BTreeMap::new()).unwrap();
         assert!(p.upsert.is_empty());
         assert_eq!(p.remove.len(), 1);
     }

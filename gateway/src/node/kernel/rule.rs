@@ -186,7 +186,7 @@ pub(super) fn plan(
             Some(spec) if desired.contains(&spec) && present.insert(spec) => {}
             _ => plan.remove.push(Change {
                 what: format!("delete rule {}", describe(&rule.message)),
-                message: RouteNetlinkMessage::DelRule(rule.message.clone()),
+                message: RouteNetlinkMessage::DelRule(rule.message.clone()).into(),
                 flags: 0,
                 effect: Effect::Removed,
                 objects: 1,
@@ -201,7 +201,7 @@ pub(super) fn plan(
                 "add rule from {} lookup {} priority {}",
                 spec.src, spec.table, spec.priority
             ),
-            message: RouteNetlinkMessage::NewRule(message(spec)),
+            message: RouteNetlinkMessage::NewRule(message(spec)).into(),
             flags: NLM_F_CREATE | NLM_F_EXCL,
             effect: Effect::Added,
             objects: 1,
@@ -234,6 +234,7 @@ mod tests {
             device: "egress.calico".into(),
             rule_priority: 100,
             tables: 300..=399,
+            nexthops: crate::node::state::NEXTHOP_IDS,
         }
     }
 

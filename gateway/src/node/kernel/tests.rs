@@ -19,7 +19,7 @@ use netlink_packet_route::route::RouteAttribute;
 use netlink_packet_route::{AddressFamily, RouteNetlinkMessage};
 use rtnetlink::{LinkUnspec, LinkVeth};
 
-use super::{route, Kernel, KernelError};
+use super::{route, Kernel, KernelError, Mode};
 use crate::node::state::{
     link_local, tunnel_mac, ApplyReport, Desired, Mac, Ownership, RouteKind, RuleSpec, VxlanSpec,
 };
@@ -172,6 +172,7 @@ fn owned() -> Ownership {
         device: DEVICE.into(),
         rule_priority: 100,
         tables: 300..=399,
+        nexthops: crate::node::state::NEXTHOP_IDS,
     }
 }
 
@@ -462,6 +463,7 @@ fn ensure_vxlan_creates_fixes_recreates_and_refuses_a_foreign_device() {
     });
 }
 
+/// The multipath path (kernels without resilient nexthop groups).
 #[test]
 fn apply_reconciles_and_cleanup_removes_only_what_the_agent_owns() {
     in_netns("apply_and_cleanup", || async {
@@ -469,6 +471,7 @@ fn apply_reconciles_and_cleanup_removes_only_what_the_agent_owns() {
         add_foreign_objects();
         assert_eq!(foreign_objects(), FOREIGN);
         let kernel = Kernel::connect().unwrap();
+        kernel.force_mode(Mode::Multipath);
         let index = kernel.ensure_vxlan(&spec()).await.unwrap();
 
         // 4 rules, 9 routes, 4 neighbours, 2 FDB entries.
@@ -620,11 +623,13 @@ fn desired_at_scale(pods: u32, flip: bool) -> Desired {
     d
 }
 
+/// With multipath routes a failover replaces one route per pod table; here one pod's route flips.
 #[test]
 fn apply_time_of_a_failover() {
     in_netns("apply_time", || async {
         underlay().await;
         let kernel = Kernel::connect().unwrap();
+        kernel.force_mode(Mode::Multipath);
         let mut index = kernel.ensure_vxlan(&spec()).await.unwrap();
         let owned = Ownership {
             tables: 1000..=1999,
@@ -661,6 +666,195 @@ fn apply_time_of_a_failover() {
             kernel.cleanup(&owned).await.unwrap();
             index = kernel.ensure_vxlan(&spec()).await.unwrap();
         }
+    });
+}
+
+/// The agent's nexthops (`ip -o nexthop show proto 242`), their ids shown relative to the range's start
+/// (`#0`, `#1`, ...) so that the expectations read.
+fn nexthop_state() -> Vec<String> {
+    let base = *crate::node::state::NEXTHOP_IDS.start();
+    let relative = |word: &str| -> String {
+        word.split('/')
+            .map(|id| match id.parse::<u32>() {
+                Ok(id) if id >= base => format!("#{}", id - base),
+                _ => id.to_owned(),
+            })
+            .collect::<Vec<_>>()
+            .join("/")
+    };
+    let mut lines: Vec<String> = run("ip -o nexthop show proto 242")
+        .lines()
+        .map(|line| {
+            let words: Vec<&str> = line.split(' ').collect();
+            words
+                .iter()
+                .enumerate()
+                .map(|(i, w)| match i.checked_sub(1).map(|p| words[p]) {
+                    Some("id" | "group") => relative(w),
+                    _ => (*w).to_owned(),
+                })
+                .collect::<Vec<_>>()
+                .join(" ")
+        })
+        .collect();
+    lines.sort();
+    lines
+}
+
+/// The group id a route uses (`nhid N` of `ip -o route show table T DST`).
+fn nhid(family: &str, table: u32, dst: &str) -> Option<u32> {
+    let line = run(&format!("ip -o {family} route show table {table} {dst}"));
+    let words: Vec<&str> = line.split_whitespace().collect();
+    let at = words.iter().position(|w| *w == "nhid")?;
+    words.get(at + 1)?.parse().ok()
+}
+
+/// The default: resilient nexthop groups. Members and groups are made before the routes that use them;
+/// when a gateway goes, each group it was in is replaced in place (the routes on it are not touched); a
+/// restarted agent adopts what is there; cleanup removes the nexthops too.
+#[test]
+fn resilient_groups_are_replaced_in_place_adopted_and_cleaned_up() {
+    in_netns("resilient_groups", || async {
+        underlay().await;
+        add_foreign_objects();
+        // Someone else's nexthops: one outside the range, one inside with another protocol.
+        run("ip nexthop add id 7 via 10.9.0.7 dev u0 proto static");
+        let foreign_in_range = crate::node::state::NEXTHOP_IDS.start() + 1;
+        run(&format!(
+            "ip nexthop add id {foreign_in_range} via 10.9.0.8 dev u0 proto static"
+        ));
+        let kernel = Kernel::connect().unwrap();
+        let index = kernel.ensure_vxlan(&spec()).await.unwrap();
+
+        // 4 rules, 9 routes, 4 neighbours, 2 FDB entries; 4 groups ({gw1}, {gw1,gw2} for each family,
+        // numbered first) and 4 members (two gateways, two families).
+        let first = desired_first();
+        let done = kernel.apply(index, &first, &owned()).await.unwrap();
+        assert_eq!(kernel.current_mode(), Some(Mode::Resilient));
+        assert_eq!(done, report(19 + 8, 0, 0));
+        let groups = nexthop_state();
+        assert_eq!(
+            groups,
+            expect(&[
+                "id #0 group #5 type resilient buckets 64 idle_timer 120 unbalanced_timer 0 unbalanced_time 0 proto 242",
+                "id #2 group #5/#6 type resilient buckets 64 idle_timer 120 unbalanced_timer 0 unbalanced_time 0 proto 242",
+                "id #3 group #7 type resilient buckets 64 idle_timer 120 unbalanced_timer 0 unbalanced_time 0 proto 242",
+                "id #4 group #7/#8 type resilient buckets 64 idle_timer 120 unbalanced_timer 0 unbalanced_time 0 proto 242",
+                "id #5 via 10.244.1.5 dev egress.calico scope link proto 242 onlink",
+                "id #6 via 10.244.2.9 dev egress.calico scope link proto 242 onlink",
+                "id #7 via fe80::a02a:aff:fef4:105 dev egress.calico scope link proto 242",
+                "id #8 via fe80::a02a:aff:fef4:209 dev egress.calico scope link proto 242",
+            ]),
+            "id #1 is someone else's"
+        );
+        let shared_v4 = nhid("-4", 301, "default").unwrap();
+        assert_eq!(nhid("-4", 303, "default"), Some(shared_v4));
+        let shared_v6 = nhid("-6", 302, "2001:db8::/32").unwrap();
+        // Again, and from a new connection (a restarted agent): nothing to do.
+        assert_eq!(
+            kernel.apply(index, &first, &owned()).await.unwrap(),
+            ApplyReport::default()
+        );
+        let restarted = Kernel::connect().unwrap();
+        assert_eq!(
+            restarted.apply(index, &first, &owned()).await.unwrap(),
+            ApplyReport::default()
+        );
+
+        // gw1 gone (see desired_second): the two shared groups lose it in place — their routes stay —, the
+        // {gw1} groups and gw1's members go. Replaced: 2 groups, routes 300 default and 302 ::/0 (to
+        // unreachable); removed: rule and route of 301, 3 neighbour/FDB, 2 groups, 2 members.
+        let second = desired_second();
+        let routes_before = run("ip -o -4 route show table 303");
+        let done = restarted.apply(index, &second, &owned()).await.unwrap();
+        assert_eq!(done, report(0, 4, 9));
+        assert_eq!(nhid("-4", 303, "default"), Some(shared_v4));
+        assert_eq!(nhid("-6", 302, "2001:db8::/32"), Some(shared_v6));
+        assert_eq!(
+            nexthop_state(),
+            expect(&[
+                "id #2 group #6 type resilient buckets 64 idle_timer 120 unbalanced_timer 0 unbalanced_time 0 proto 242",
+                "id #4 group #8 type resilient buckets 64 idle_timer 120 unbalanced_timer 0 unbalanced_time 0 proto 242",
+                "id #6 via 10.244.2.9 dev egress.calico scope link proto 242 onlink",
+                "id #8 via fe80::a02a:aff:fef4:209 dev egress.calico scope link proto 242",
+            ])
+        );
+        assert_ne!(
+            run("ip -o -4 route show table 303"),
+            routes_before,
+            "the dump shows the members"
+        );
+        assert_eq!(
+            restarted.apply(index, &second, &owned()).await.unwrap(),
+            ApplyReport::default()
+        );
+
+        // And back: gw1 rejoins the shared groups in place; the single-gateway routes get new groups.
+        let done = restarted.apply(index, &first, &owned()).await.unwrap();
+        assert_eq!(nhid("-4", 303, "default"), Some(shared_v4));
+        assert_eq!(nhid("-4", 301, "default"), Some(shared_v4));
+        // Added: rule + route 301, 3 neighbour/FDB, 2 members, 2 groups; replaced: 2 groups and the two
+        // routes that were unreachable.
+        assert_eq!(done, report(2 + 3 + 2 + 2, 4, 0));
+
+        // Cleanup: 4 rules + 9 routes + 4 neighbours + 2 FDB entries + the device + 8 nexthops; the
+        // foreign nexthops stay.
+        let done = restarted.cleanup(&owned()).await.unwrap();
+        assert_eq!(done, report(0, 0, 20 + 8));
+        assert_eq!(run("ip -o nexthop show proto 242"), "");
+        assert_eq!(
+            run("ip -o nexthop show"),
+            format!(
+                "id 7 via 10.9.0.7 dev u0 scope link proto static\n\
+                 id {foreign_in_range} via 10.9.0.8 dev u0 scope link proto static"
+            )
+        );
+        assert_eq!(foreign_objects(), FOREIGN);
+    });
+}
+
+/// With resilient groups a failover is one group replace, whatever the number of pod tables.
+#[test]
+fn apply_time_of_a_failover_with_groups() {
+    in_netns("apply_time_groups", || async {
+        underlay().await;
+        let kernel = Kernel::connect().unwrap();
+        let index = kernel.ensure_vxlan(&spec()).await.unwrap();
+        let owned = Ownership {
+            tables: 1000..=1999,
+            ..owned()
+        };
+        let pods = 300;
+        let steady = desired_at_scale(pods, false);
+        let mut failed = steady.clone();
+        for kind in failed.routes.values_mut() {
+            if *kind == RouteKind::Via(vec![IpAddr::V4(gw1()), IpAddr::V4(gw2())]) {
+                *kind = RouteKind::Via(vec![IpAddr::V4(gw2())]);
+            }
+        }
+        kernel.apply(index, &steady, &owned).await.unwrap();
+        let mut flips = Vec::new();
+        for i in 0..20 {
+            let (target, want) = if i % 2 == 0 {
+                // The group loses gw1; then gw1's IPv4 member, which no group holds, goes.
+                (&failed, report(0, 1, 1))
+            } else {
+                (&steady, report(1, 1, 0))
+            };
+            let began = Instant::now();
+            let done = kernel.apply(index, target, &owned).await.unwrap();
+            flips.push(began.elapsed());
+            assert_eq!(done, want, "one group replace (and the member)");
+        }
+        flips.sort();
+        let mean = flips.iter().sum::<Duration>() / u32::try_from(flips.len()).unwrap();
+        println!(
+            "apply with {pods} pods on resilient groups: a gateway leaving or returning (one group \
+             replace): mean {mean:?}, min {:?}, max {:?}",
+            flips[0],
+            flips[flips.len() - 1]
+        );
+        kernel.cleanup(&owned).await.unwrap();
     });
 }
 
