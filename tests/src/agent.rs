@@ -905,6 +905,23 @@ fn parse_route(text: &str, dst: IpNet) -> Option<RouteShape> {
     None
 }
 
+/// The nexthop group the route to `dst` in `table` of `ns` points at (`nhid N`), if it does.
+pub fn route_nhid(ns: &Netns, table: u32, dst: IpNet) -> Result<Option<u32>> {
+    let family = if matches!(dst, IpNet::V4(_)) {
+        "-4"
+    } else {
+        "-6"
+    };
+    let out = ns.ip(&format!("-o {family} route show table {table} {dst}"))?;
+    Ok(parse_nhid(&out))
+}
+
+fn parse_nhid(text: &str) -> Option<u32> {
+    let words: Vec<&str> = text.split_whitespace().collect();
+    let at = words.iter().position(|w| *w == "nhid")?;
+    words.get(at + 1)?.parse().ok()
+}
+
 fn via_addrs(words: &[&str]) -> Vec<IpAddr> {
     let mut out = Vec::new();
     for (i, w) in words.iter().enumerate() {
@@ -933,6 +950,7 @@ pub fn node_state(ns: &Netns) -> String {
         "-6 route show table all proto 242",
         "-d link show dev egress.calico",
         "neigh show dev egress.calico",
+        "nexthop show",
     ] {
         let out = ns.ip(args).unwrap_or_else(|e| e.to_string());
         let _ = writeln!(s, "$ ip {args}\n{}", out.trim_end());
@@ -1137,5 +1155,13 @@ listen: 127.0.0.1:9101
             Some(RouteShape::Via(vec![ip("172.18.0.4")]))
         );
         assert_eq!(parse_route(routes, net("203.0.113.0/24")), None);
+        // A route on a resilient group: `ip` prints the group's members under it.
+        let group = "default nhid 4076994566 proto 242 \n\tnexthop via 172.18.0.3 dev egress.calico weight 1 onlink \n\tnexthop via 172.18.0.4 dev egress.calico weight 1 onlink \n";
+        assert_eq!(
+            parse_route(group, net("0.0.0.0/0")),
+            Some(RouteShape::Via(vec![ip("172.18.0.3"), ip("172.18.0.4")]))
+        );
+        assert_eq!(parse_nhid(group), Some(4_076_994_566));
+        assert_eq!(parse_nhid(routes), None);
     }
 }

@@ -721,3 +721,79 @@ mod tests {
         assert_eq!(drop_count(&m, "draining"), 0.0);
     }
 }
+
+/// Long-lived UDP flows from a pod: `n` sockets (so `n` source ports) opened in its namespace and kept open,
+/// each asking a [`traffic::udp_whoami_server`] where it sees the flow from — after SNAT, the egress IP of
+/// the gateway that carries it. Closed on drop.
+#[derive(Debug)]
+pub struct UdpFlows {
+    sockets: Vec<UdpSocket>,
+    server: SocketAddr,
+    round: AtomicU64,
+}
+
+impl UdpFlows {
+    /// Opens the `n` sockets in `ns`.
+    pub fn open(ns: &Netns, server: SocketAddr, n: usize) -> Result<Self> {
+        let sockets = ns.run(Duration::from_secs(10), move || {
+            (0..n)
+                .map(|_| {
+                    let s = UdpSocket::bind(SocketAddr::from((Ipv4Addr::UNSPECIFIED, 0)))?;
+                    s.set_nonblocking(true)?;
+                    Ok(s)
+                })
+                .collect::<std::io::Result<Vec<_>>>()
+        })??;
+        Ok(Self {
+            sockets,
+            server,
+            round: AtomicU64::new(0),
+        })
+    }
+
+    /// The number of flows.
+    pub fn len(&self) -> usize {
+        self.sockets.len()
+    }
+
+    /// Whether there are none.
+    pub fn is_empty(&self) -> bool {
+        self.sockets.is_empty()
+    }
+
+    /// One exchange per flow: the source address the server saw for each flow, `None` for a flow that got
+    /// no answer within `wait` (requests are resent every 100 ms).
+    pub fn sources(&self, wait: Duration) -> Vec<Option<SocketAddr>> {
+        let round = self.round.fetch_add(1, Ordering::Relaxed);
+        let requests: Vec<String> = (0..self.sockets.len())
+            .map(|i| format!("flow {i} round {round}"))
+            .collect();
+        let mut seen: Vec<Option<SocketAddr>> = vec![None; self.sockets.len()];
+        let deadline = Instant::now() + wait;
+        let mut resend = Instant::now();
+        let mut buf = [0u8; 2048];
+        while Instant::now() < deadline && seen.iter().any(Option::is_none) {
+            if Instant::now() >= resend {
+                for (i, sock) in self.sockets.iter().enumerate() {
+                    if seen[i].is_none() {
+                        let _ = sock.send_to(requests[i].as_bytes(), self.server);
+                    }
+                }
+                resend = Instant::now() + Duration::from_millis(100);
+            }
+            for (i, sock) in self.sockets.iter().enumerate() {
+                while let Ok((len, from)) = sock.recv_from(&mut buf) {
+                    let text = String::from_utf8_lossy(&buf[..len]);
+                    if from != self.server {
+                        continue;
+                    }
+                    if let Some(peer) = text.strip_prefix(requests[i].as_str()) {
+                        seen[i] = peer.trim().parse().ok();
+                    }
+                }
+            }
+            std::thread::sleep(Duration::from_millis(2));
+        }
+        seen
+    }
+}

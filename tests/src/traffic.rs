@@ -88,6 +88,23 @@ where
     })
 }
 
+/// A UDP "who am I" server in `ns` on `addr`: answers every datagram with the datagram followed by a space
+/// and the sender's address as the server sees it (after SNAT: `<egress IP>:<port>`).
+pub fn udp_whoami_server(ns: &Netns, addr: SocketAddr) -> Result<Server> {
+    start_server(ns, addr, UdpSocket::bind, |sock, peers, stop| {
+        let _ = sock.set_read_timeout(Some(Duration::from_millis(100)));
+        let mut buf = [0u8; 2048];
+        while !stop.load(Ordering::Relaxed) {
+            if let Ok((n, peer)) = sock.recv_from(&mut buf) {
+                record(&peers, peer);
+                let mut answer = buf[..n].to_vec();
+                answer.extend_from_slice(format!(" {peer}").as_bytes());
+                let _ = sock.send_to(&answer, peer);
+            }
+        }
+    })
+}
+
 /// Waits until `fd` is readable or 100 ms pass; true if readable.
 fn readable(fd: &impl AsRawFd) -> bool {
     let mut pfd = libc::pollfd {

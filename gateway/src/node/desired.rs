@@ -6,7 +6,8 @@
 //! * a `throw` route per cluster CIDR (pods, services, nodes are never steered to a gateway) and for the
 //!   link-local networks (the pod's ARP for its gateway 169.254.1.1 must keep working when the table blocks),
 //! * one route per prefix of the pod's configuration ([`Inventory::table`]): `throw` (no gateway),
-//!   `unreachable` (blocked, or no healthy gateway: fail closed), or via the gateways (multipath).
+//!   `unreachable` (blocked, or no healthy gateway: fail closed), or via the gateways (the kernel module
+//!   turns these into resilient nexthop groups, or multipath routes on older kernels).
 //!
 //! A gateway is a next hop while it is healthy. One that answers 503 `draining` stays in the routes that
 //! already use it (their flows keep going until it exits) but is not added anywhere new. The tunnel is

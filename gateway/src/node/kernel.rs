@@ -914,7 +914,7 @@ impl Kernel {
 }
 
 /// Writes `net.ipv4.fib_multipath_hash_policy=1` and `net.ipv6.fib_multipath_hash_policy=1` (multipath
-/// routes hash flows on their layer-4 ports, so one pod's flows spread over the gateways), and
+/// routes and nexthop groups hash flows on their layer-4 ports, so one pod's flows spread over the gateways), and
 /// `net.ipv4.conf.<device>.rp_filter=0` on the vxlan device, whose return traffic comes from the internet.
 ///
 /// The sysctl key of a device with a '.' in its name spells it with '/' (`net.ipv4.conf.egress/calico`), but

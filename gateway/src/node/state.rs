@@ -80,7 +80,8 @@ pub(crate) enum RouteKind {
     Throw,
     /// `unreachable`: the pod's traffic is refused (fail closed).
     Unreachable,
-    /// Via these gateways over the vxlan device (several = one multipath route, equal weights). IPv4
+    /// Via these gateways over the vxlan device, with equal weights: a resilient nexthop group of them, or
+    /// (a kernel without such groups) a plain or multipath route. IPv4
     /// next hops are the gateways' pod IPs, `onlink`; IPv6 next hops are the link-local addresses of the
     /// gateways' tunnel MACs. Sorted, not empty.
     Via(Vec<IpAddr>),

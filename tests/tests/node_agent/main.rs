@@ -8,6 +8,8 @@
 //!   single exit (DMZ and internal uplinks of one gateway);
 //! * `failover` — ECMP over two replicas, failover time after SIGKILL, the gateway's return; a draining
 //!   gateway keeps its pods and gets no new ones;
+//! * `resilient` — three replicas on a resilient nexthop group: a dead one moves only its own flows, and
+//!   its return moves no busy flow;
 //! * `policy` — a missing policy blocks (fail closed) but not cluster traffic; a live policy edit;
 //! * `lifecycle` — `--cleanup` removes what the agent made and nothing else;
 //! * `kube` — the agent watching a real kube-apiserver: new pod, policy edit, invalid policy, API server
@@ -28,4 +30,5 @@ mod failover;
 mod kube;
 mod lifecycle;
 mod policy;
+mod resilient;
 mod routing;
