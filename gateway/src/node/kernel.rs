@@ -335,15 +335,9 @@ impl Kernel {
                 tracing::info!("routes via gateways use resilient nexthop groups");
                 Mode::Resilient
             }
-            Err(KernelError::Netlink { what, source })
-                if matches!(
-                    source.raw_os_error(),
-                    Some(libc::EOPNOTSUPP | libc::EINVAL | libc::EAFNOSUPPORT)
-                ) =>
-            {
+            Err(e) if unsupported(&e) => {
                 tracing::warn!(
-                    probe = %what,
-                    error = %source,
+                    error = %e,
                     "the kernel has no resilient nexthop groups (Linux >= 5.13); routes via several gateways \
                      are multipath routes, and when a gateway leaves or comes back some flows of the other \
                      gateways move too"
@@ -911,6 +905,19 @@ impl Kernel {
         }
         Ok((collected, interrupted))
     }
+}
+
+/// Whether the probe's failure says the kernel has no resilient nexthop groups (`EOPNOTSUPP`: no nexthop
+/// objects, Linux < 5.3; `EINVAL`: no resilient type or `NHA_RES_GROUP`, < 5.13; `EAFNOSUPPORT`), rather
+/// than something to retry (`EPERM`, a closed socket, ...).
+fn unsupported(error: &KernelError) -> bool {
+    matches!(
+        error,
+        KernelError::Netlink { source, .. } if matches!(
+            source.raw_os_error(),
+            Some(libc::EOPNOTSUPP | libc::EINVAL | libc::EAFNOSUPPORT)
+        )
+    )
 }
 
 /// Writes `net.ipv4.fib_multipath_hash_policy=1` and `net.ipv6.fib_multipath_hash_policy=1` (multipath

@@ -203,12 +203,14 @@ pub(super) fn plan(
         if !members.contains_key(key) {
             let Some(id) = ids.next() else { continue };
             members.insert(*key, id);
-            plan.add_members.push(change(
-                format!("add nexthop {id} {}", describe_member(key)),
-                member(id, key),
-                NLM_F_CREATE | NLM_F_EXCL,
-                Effect::Added,
-            ));
+            if let Some(request) = member(id, key) {
+                plan.add_members.push(change(
+                    format!("add nexthop {id} {}", describe_member(key)),
+                    request,
+                    NLM_F_CREATE | NLM_F_EXCL,
+                    Effect::Added,
+                ));
+            }
         }
     }
 
@@ -303,7 +305,7 @@ fn one_family(set: &Set) -> bool {
     set.windows(2).all(|w| w[0].0.is_ipv4() == w[1].0.is_ipv4()) && !set.is_empty()
 }
 
-fn member(id: u32, key: &MemberKey) -> Request {
+fn member(id: u32, key: &MemberKey) -> Option<Request> {
     let (gateway, device, onlink) = *key;
     let nexthop = Nexthop {
         id,
@@ -314,8 +316,7 @@ fn member(id: u32, key: &MemberKey) -> Request {
             onlink,
         },
     };
-    // A member is never `Kind::Other`.
-    Request::new(&nexthop).unwrap_or_else(|| Request::delete(id))
+    Request::new(&nexthop)
 }
 
 fn group(id: u32, set: &Set, members: &BTreeMap<MemberKey, u32>) -> Option<Request> {

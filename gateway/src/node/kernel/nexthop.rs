@@ -241,18 +241,6 @@ impl NetlinkDeserializable for Reply {
     }
 }
 
-impl NetlinkSerializable for Reply {
-    fn message_type(&self) -> u16 {
-        RTM_NEWNEXTHOP
-    }
-
-    fn buffer_len(&self) -> usize {
-        0
-    }
-
-    fn serialize(&self, _buffer: &mut [u8]) {}
-}
-
 fn header(body: &mut Vec<u8>, family: u8, protocol: u8, flags: u32) {
     body.extend_from_slice(&[family, 0, protocol, 0]);
     body.extend_from_slice(&flags.to_ne_bytes());

@@ -891,3 +891,20 @@ fn partial_failure_says_what_went_through_and_the_first_error() {
         ApplyReport::default()
     );
 }
+
+#[test]
+fn only_an_unsupported_answer_to_the_probe_falls_back_to_multipath() {
+    let netlink = |errno| KernelError::Netlink {
+        what: "probe: add resilient nexthop group 4076011518".into(),
+        source: io::Error::from_raw_os_error(errno),
+    };
+    for errno in [libc::EOPNOTSUPP, libc::EINVAL, libc::EAFNOSUPPORT] {
+        assert!(super::unsupported(&netlink(errno)), "{errno}");
+    }
+    for errno in [libc::EPERM, libc::ENETDOWN, libc::EEXIST] {
+        assert!(!super::unsupported(&netlink(errno)), "{errno}");
+    }
+    assert!(!super::unsupported(&KernelError::Closed {
+        what: "probe".into()
+    }));
+}
