@@ -7,6 +7,7 @@
 //! Without the privilege to make a namespace (not root), a test prints `SKIPPED` and the reason and passes;
 //! with `EGRESS_REQUIRE_NETNS=1` it fails instead.
 
+use std::collections::BTreeSet;
 use std::future::Future;
 use std::io;
 use std::net::{IpAddr, Ipv4Addr};
@@ -855,6 +856,101 @@ fn apply_time_of_a_failover_with_groups() {
             flips[flips.len() - 1]
         );
         kernel.cleanup(&owned).await.unwrap();
+    });
+}
+
+/// The gateway the kernel picks for each of 128 UDP flows from pod 10.0.1.1 (source ports 20000..20128)
+/// to 192.0.2.10:7000: `ip route get` runs the real path selection (rule, table, multipath hash on the
+/// ports, group bucket).
+fn chosen_gateways() -> Vec<String> {
+    (20000..20128)
+        .map(|sport| {
+            let out = run(&format!(
+                "ip -4 route get 192.0.2.10 from 10.0.1.1 ipproto udp sport {sport} dport 7000"
+            ));
+            let words: Vec<&str> = out.split_whitespace().collect();
+            let at = words
+                .iter()
+                .position(|w| *w == "via")
+                .unwrap_or_else(|| panic!("{out}"));
+            words[at + 1].to_owned()
+        })
+        .collect()
+}
+
+/// Why the groups: three gateways, and the first one leaves (under hash-threshold the first next hop's
+/// removal shifts every other range), then comes back. With a resilient group no flow of the two others
+/// changes gateway when it leaves, and no (busy) flow when it returns; with a multipath route (the
+/// fallback) some do, both times.
+#[test]
+fn when_a_gateway_leaves_only_its_flows_move_with_groups_not_with_multipath() {
+    in_netns("only_its_flows_move", || async {
+        underlay().await;
+        // The pod's address, local here so that `ip route get ... from` it works.
+        run("ip addr add 10.0.1.1/32 dev u0");
+        let gw3 = v4("10.244.3.7");
+        let desired = |gateways: &[Ipv4Addr]| {
+            let mut d = Desired::default();
+            d.rules.insert(rule("10.0.1.1", 300));
+            d.routes.insert(
+                (300, net("0.0.0.0/0")),
+                RouteKind::Via(gateways.iter().map(|g| IpAddr::V4(*g)).collect()),
+            );
+            add_gateways(&mut d, &[gw1(), gw2(), gw3]);
+            d
+        };
+        for mode in [Mode::Resilient, Mode::Multipath] {
+            let kernel = Kernel::connect().unwrap();
+            kernel.force_mode(mode);
+            let index = kernel.ensure_vxlan(&spec()).await.unwrap();
+            // Hash on the ports (fib_multipath_hash_policy=1), as on a node.
+            super::set_sysctls(DEVICE).unwrap();
+            kernel
+                .apply(index, &desired(&[gw1(), gw2(), gw3]), &owned())
+                .await
+                .unwrap();
+            let before = chosen_gateways();
+            let spread: BTreeSet<&String> = before.iter().collect();
+            assert_eq!(spread.len(), 3, "{mode:?}: {before:?}");
+            kernel
+                .apply(index, &desired(&[gw2(), gw3]), &owned())
+                .await
+                .unwrap();
+            let after = chosen_gateways();
+            let gone = gw1().to_string();
+            let (mut theirs, mut moved) = (0, 0);
+            for (was, now) in before.iter().zip(&after) {
+                assert_ne!(*now, gone);
+                if *was != gone {
+                    theirs += 1;
+                    if now != was {
+                        moved += 1;
+                    }
+                }
+            }
+            println!(
+                "{mode:?}: gateway 1 of 3 leaves: {moved} of the other gateways' {theirs} flows change gateway"
+            );
+            // Gateway 1 comes back. `ip route get` marks the bucket it picks as used, so every bucket of
+            // these flows is busy: with a group none moves (only idle buckets go to gateway 1).
+            kernel
+                .apply(index, &desired(&[gw1(), gw2(), gw3]), &owned())
+                .await
+                .unwrap();
+            let back = chosen_gateways();
+            let moved_back = after.iter().zip(&back).filter(|(a, b)| a != b).count();
+            println!(
+                "{mode:?}: gateway 1 back: {moved_back} of the {} flows change gateway",
+                back.len()
+            );
+            match mode {
+                Mode::Resilient => assert_eq!((moved, moved_back), (0, 0)),
+                Mode::Multipath => {
+                    assert!(moved > 0 && moved_back > 0, "hash-threshold moved nothing?")
+                }
+            }
+            kernel.cleanup(&owned()).await.unwrap();
+        }
     });
 }
 
