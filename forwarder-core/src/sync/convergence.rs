@@ -16,6 +16,22 @@ use crate::ports::{PortPools, PortRange, Rng};
 use crate::time::Instant;
 
 const EGRESS_A: IpAddr = IpAddr::V4(Ipv4Addr::new(198, 51, 100, 1));
+const NODE: NodeAddr = NodeAddr {
+    ip: Ipv4Addr::new(172, 18, 0, 11),
+    mac: [2, 0, 0, 0, 0, 0x11],
+};
+
+/// The replica's outbox, sending every queued flow at once (no hold), remembering the last `ring` datagrams.
+fn outbox(a: &Table, ring: usize) -> Outbox {
+    Outbox::new(
+        0,
+        a.slots(),
+        Duration::from_secs(10),
+        Duration::ZERO,
+        10_000,
+        ring,
+    )
+}
 
 fn table() -> Table {
     Table::new(
@@ -44,14 +60,7 @@ fn state(t: &Table) -> BTreeMap<String, (u16, u8)> {
 fn copies_converge_over_a_lossy_link() {
     let a = table();
     let copies = table();
-    let mut outbox = Outbox::new(
-        0,
-        a.slots(),
-        Duration::from_secs(10),
-        Duration::ZERO,
-        10_000,
-        64,
-    );
+    let mut outbox = outbox(&a, 64);
     let mut stream = PeerStream::new();
     let mut rng = Rng::new(1);
     let mut seq = 100u32;
@@ -63,10 +72,7 @@ fn copies_converge_over_a_lossy_link() {
         seq,
         ..Header::default()
     };
-    let node = NodeAddr {
-        ip: Ipv4Addr::new(172, 18, 0, 11),
-        mac: [2, 0, 0, 0, 0, 0x11],
-    };
+    let node = NODE;
     let seg = |flags, seq, ack| {
         Some(TcpSegment {
             flags,
@@ -212,20 +218,10 @@ fn copies_converge_over_a_lossy_link() {
 fn a_new_peer_gets_everything_by_bulk_transfer() {
     let a = table();
     let copies = table();
-    let mut outbox = Outbox::new(
-        0,
-        a.slots(),
-        Duration::from_secs(10),
-        Duration::ZERO,
-        10_000,
-        256,
-    );
+    let mut outbox = outbox(&a, 256);
     let mut stream = PeerStream::new();
     let mut rng = Rng::new(2);
-    let node = NodeAddr {
-        ip: Ipv4Addr::new(172, 18, 0, 11),
-        mac: [2, 0, 0, 0, 0, 0x11],
-    };
+    let node = NODE;
     let now = Instant::from_secs(5);
     let g = a.pin();
     for n in 0..1000u16 {

@@ -136,6 +136,21 @@ struct Peer {
     hello: Option<Hello>,
 }
 
+impl Peer {
+    /// Asks the peer for a bulk transfer with `id` (the request goes with the next datagram).
+    fn ask_bulk(&mut self, id: u32, now: Instant) {
+        self.asked = Some((id, now, false));
+        self.request = Some(id);
+    }
+}
+
+/// The next bulk request id.
+fn take_id(next: &mut u32) -> u32 {
+    let id = *next;
+    *next = next.wrapping_add(1);
+    id
+}
+
 /// Counters of a replica's sync.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct ReplicaStats {
@@ -261,10 +276,7 @@ impl Replica {
                 // a new incarnation (or first contact): what it had before is unknown until its bulk ends
                 peer.synced = false;
                 peer.gaps.clear();
-                let id = self.next_bulk_id;
-                self.next_bulk_id = self.next_bulk_id.wrapping_add(1);
-                peer.asked = Some((id, now, false));
-                peer.request = Some(id);
+                peer.ask_bulk(take_id(&mut self.next_bulk_id), now);
                 self.stats.bulk_requests += 1;
             }
             Verdict::Apply { nack: Some((a, b)) } if peer.gaps.len() < MAX_GAPS => {
@@ -273,10 +285,7 @@ impl Replica {
             Verdict::Apply { nack: Some(_) } => {
                 // too much lost to ask for piece by piece: take everything again
                 peer.gaps.clear();
-                let id = self.next_bulk_id;
-                self.next_bulk_id = self.next_bulk_id.wrapping_add(1);
-                peer.asked = Some((id, now, false));
-                peer.request = Some(id);
+                peer.ask_bulk(take_id(&mut self.next_bulk_id), now);
                 self.stats.bulk_requests += 1;
             }
             Verdict::Apply { nack: None } | Verdict::Stale | Verdict::OldEpoch => {}
@@ -332,10 +341,7 @@ impl Replica {
                 // a transfer under way is asked for again only if the peer went silent meanwhile
                 let lost = !started || silent;
                 if now.saturating_since(at) >= self.s.bulk_retry && lost && !silent {
-                    let id = self.next_bulk_id;
-                    self.next_bulk_id = self.next_bulk_id.wrapping_add(1);
-                    p.asked = Some((id, now, false));
-                    p.request = Some(id);
+                    p.ask_bulk(take_id(&mut self.next_bulk_id), now);
                     self.stats.bulk_requests += 1;
                 }
             }

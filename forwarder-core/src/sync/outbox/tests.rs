@@ -42,6 +42,16 @@ fn open<'g>(tb: &'g Table, port: u16, proto: Proto, g: &'g Guard) -> &'g Flow {
         .expect("flow")
 }
 
+fn seg(flags: u8, seq: u32, ack: u32) -> Option<TcpSegment> {
+    Some(TcpSegment {
+        flags,
+        seq,
+        ack,
+        window: 100,
+        payload_len: 0,
+    })
+}
+
 fn id(f: &Flow) -> FlowId {
     FlowRecord::from_image(&f.image(t(0)), 0, 0).id
 }
@@ -83,17 +93,7 @@ fn changes_are_coalesced_and_read_at_send_time() {
     let a = open(&tb, 1000, Proto::Tcp, &g);
     o.flow_started(id(a), t(0));
     o.flow_started(id(a), t(0));
-    a.on_outbound(
-        Some(TcpSegment {
-            flags: TcpSegment::SYN,
-            seq: 1,
-            ack: 0,
-            window: 100,
-            payload_len: 0,
-        }),
-        60,
-        t(1),
-    );
+    a.on_outbound(seg(TcpSegment::SYN, 1, 0), 60, t(1));
     let recs = send(&mut o, &tb, 1, 1400, t(2));
     assert_eq!(recs.len(), 1);
     let Record::Flow(r) = recs[0] else {
@@ -140,15 +140,6 @@ fn the_scan_sends_changes_and_refreshes_only() {
     }
     assert_eq!(send(&mut o, &tb, 1, 1400, t(0)).len(), 2);
     assert_eq!(o.scan(&tb, 1000, t(100), &g), 0, "nothing changed");
-    let seg = |flags, seq, ack| {
-        Some(TcpSegment {
-            flags,
-            seq,
-            ack,
-            window: 100,
-            payload_len: 0,
-        })
-    };
     tcp.on_outbound(seg(TcpSegment::SYN, 1, 0), 60, t(200));
     tcp.on_inbound(seg(TcpSegment::SYN | TcpSegment::ACK, 9, 2), 60, t(200));
     tcp.on_outbound(seg(TcpSegment::ACK, 2, 10), 40, t(200));
@@ -253,17 +244,7 @@ fn a_flow_waits_out_the_hold_and_a_resend_does_not() {
     o.flow_started(id(f), t(0));
     assert_eq!(o.due_at(), Some(t(5)));
     assert!(send(&mut o, &tb, 1, 1400, t(3)).is_empty());
-    f.on_outbound(
-        Some(TcpSegment {
-            flags: TcpSegment::RST,
-            seq: 1,
-            ack: 0,
-            window: 0,
-            payload_len: 0,
-        }),
-        40,
-        t(4),
-    );
+    f.on_outbound(seg(TcpSegment::RST, 1, 0), 40, t(4));
     let recs = send(&mut o, &tb, 2, 1400, t(5));
     assert_eq!(tcp_state(&recs), vec![4], "sent once, reset: {recs:?}");
     assert_eq!(o.due_at(), None);
