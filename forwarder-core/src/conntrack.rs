@@ -541,9 +541,10 @@ impl Table {
     /// and times. A live flow of the same tuple on the same port is updated to the image (the image's owner
     /// is authoritative). The port is claimed even while it cools after an earlier release: its owner chose
     /// it. Refused with [`InsertError::PortInUse`] when the port belongs to another pod endpoint's mapping,
-    /// or the pod endpoint (or a live flow of the tuple) is on another port; a flow that joined, under a race,
-    /// a mapping created meanwhile on another port stays there and the install is refused the same way.
-    /// Other refusals as for [`insert`](Self::insert) (a TCP flow needs no SYN here).
+    /// or the pod endpoint is on another port. A live flow of the tuple on another port (a copy that missed
+    /// a change), or one that a race put on another port (its mapping ended or appeared between the check and
+    /// the attach), is removed and the install refused the same way, so that the next install of the image
+    /// succeeds. Other refusals as for [`insert`](Self::insert) (a TCP flow needs no SYN here).
     pub fn install<'g>(
         &'g self,
         image: &FlowImage,
@@ -556,6 +557,7 @@ impl Table {
             .insert(&image.new, now, &mut rng, Some(image.ext_port), guard)
             .and_then(|f| {
                 if f.external_port() != image.ext_port {
+                    self.remove(&f.reply_key(), now, guard);
                     return Err(InsertError::PortInUse);
                 }
                 let ago = |d: Duration| {

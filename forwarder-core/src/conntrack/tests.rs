@@ -2114,4 +2114,26 @@ fn install_refuses_a_port_or_mapping_in_use() {
     assert_eq!(tb.refused().port_in_use, 3);
     assert_eq!(tb.pools().usage()[1].in_use, 1);
     check_invariants(&tb, t(1));
+    // a live flow of the tuple on another port (a copy that missed a change): removed, and the next install
+    // puts the flow on the image's port
+    let k = key(pod(5), 7000, remote(3), 53, Proto::Udp);
+    let stale = tb.insert(new_flow(k), t(2), &mut rng, &g).expect("udp");
+    let wanted = if stale.external_port() == 5000 {
+        5001
+    } else {
+        5000
+    };
+    let mut img = image(pod(5), 7000, remote(3), wanted);
+    img.new.orig = k;
+    assert_eq!(
+        tb.install(&img, t(2), &g).err(),
+        Some(InsertError::PortInUse)
+    );
+    assert!(
+        tb.lookup_outbound_at(&k, t(2), &g).is_none(),
+        "the stale flow is gone"
+    );
+    let f = tb.install(&img, t(2), &g).expect("installed");
+    assert_eq!(f.external_port(), wanted);
+    check_invariants(&tb, t(2));
 }

@@ -102,14 +102,17 @@ fn the_worker_on_the_packets_cpu_serves_it() {
             delta("uplink_rx", cpu),
             delta("uplink_rx", other)
         );
-        // Everything from the pinned pod reached worker `cpu`; the other worker saw none of it (a stray
-        // neighbour message may reach either).
+        // Everything from the pinned pod reached worker `cpu`; the other worker saw none of it. A stray
+        // neighbour message may reach either: up to 7 on the uplink in one round during a full parallel run
+        // (`scripts/test.sh`, 2026-12-04), so the slack is a tenth of the round; hash steering splits a round
+        // about evenly, and the previous binary gave the other worker all of it.
+        let slack = rounds / 10.0;
         assert!(
             delta("tunnel_rx", cpu) >= rounds,
             "worker {cpu} missed the pod's datagrams"
         );
         assert!(
-            delta("tunnel_rx", other) < 5.0,
+            delta("tunnel_rx", other) < slack,
             "worker {other} served the pod's datagrams"
         );
         assert!(
@@ -117,7 +120,7 @@ fn the_worker_on_the_packets_cpu_serves_it() {
             "worker {cpu} missed the replies"
         );
         assert!(
-            delta("uplink_rx", other) < 5.0,
+            delta("uplink_rx", other) < slack,
             "worker {other} served the replies"
         );
     }
