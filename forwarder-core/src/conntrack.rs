@@ -73,7 +73,8 @@
 //!   swept inline or lost its race).
 //! * **Port takeover**: a new TCP connection whose pool is exhausted ends a *finished* flow (reset, or a FIN
 //!   each way) that is the only user of its mapping and takes its port (`Inner::take_over`). Such a flow is
-//!   the anchor of its mapping, so the candidates come from walking the mapping index from a random bucket;
+//!   the anchor of its mapping. Candidates come first from reply-index lookups toward the new connection's
+//!   remote endpoint on random ports, then from walking the mapping index from a random bucket (any remote);
 //!   nothing is recorded for it on the insert path.
 //! * **Install** ([`Table::install`], for state sync between replicas) is an insert with the external port
 //!   given instead of drawn: step (2) claims that port (free or cooling; refused when another mapping owns
@@ -149,6 +150,9 @@ impl Default for Timeouts {
 /// `nf_conncount` does (see `conntrack/quota.rs` and `docs/nat.md`).
 pub const DEFAULT_MAX_PER_SOURCE: u32 = 16384;
 
+/// Random ports whose reply tuple toward the new connection's remote endpoint is looked up first when a TCP
+/// pool is exhausted (each probe is one reply-index lookup).
+const TAKEOVER_PROBES: u32 = 16;
 /// Anchors of the exhausted pool examined for a finished flow to take over (each one random slot read).
 /// With a fraction `f` of the pool's mappings held by finished flows the search fails with probability
 /// (1 − f)³²: below 10⁻⁶ at f = 0.35.
@@ -1023,7 +1027,7 @@ impl Inner {
                 // a pod over its quota would be refused below: do not end another flow for it
                 Err(e) if proto == Proto::Tcp && !self.quota.full(&k.src) => {
                     *retired = true;
-                    Taken::Over(self.take_over(pool, now, rng, guard).ok_or(e)?)
+                    Taken::Over(self.take_over(k, pool, now, rng, guard).ok_or(e)?)
                 }
                 Err(e) => return Err(e),
             })
@@ -1313,9 +1317,10 @@ impl Inner {
     }
 
     /// The pool of a new TCP connection is exhausted: take over the external port of a *finished* flow (reset,
-    /// or a FIN each way: [`TcpState::Closed`], [`TcpState::TimeWait`]) toward any remote endpoint. A port
-    /// that can be taken over belongs to a mapping with one flow, which is then the mapping's anchor, so the
-    /// candidates are found by walking the mapping index from a random bucket: [`TAKEOVER_BUCKETS`] buckets
+    /// or a FIN each way: [`TcpState::Closed`], [`TcpState::TimeWait`]). First toward the new connection's
+    /// remote endpoint, by [`TAKEOVER_PROBES`] reply-index lookups on random ports; then toward any remote
+    /// endpoint: a port that can be taken over belongs to a mapping with one flow, which is then the
+    /// mapping's anchor, so the candidates are found by walking the mapping index from a random bucket: [`TAKEOVER_BUCKETS`] buckets
     /// at most (sequential reads), and at most [`TAKEOVER_CANDIDATES`] anchors of this pool examined (one
     /// random slot read each). RFC 7857 §3.2 lets a NAT reuse a port in TIME_WAIT for a new SYN; the kernel's
     /// nf_nat goes further and shares a port between remote endpoints all the time. The finished flow is
@@ -1326,11 +1331,43 @@ impl Inner {
     /// path: the search costs only when the pool is exhausted.
     fn take_over(
         self: &Arc<Self>,
+        k: &Packed,
         pool: PoolId,
         now: Instant,
         rng: &mut Rng,
         guard: &Guard,
     ) -> Option<u16> {
+        // First the cheap case: a finished flow toward the new connection's own remote endpoint, found by
+        // looking up the reply index for its would-be reply tuple on random ports. It finds one wherever
+        // connections toward one server fill the pool, however large the table.
+        let range = self.pools.range();
+        for _ in 0..TAKEOVER_PROBES {
+            #[allow(clippy::cast_possible_truncation)] // below(n) < n ≤ 65536 and min + it ≤ max
+            let port = range.min.wrapping_add(rng.below(range.len().max(1)) as u16);
+            let rk = Packed {
+                src: k.dst,
+                dst: self.pool_addrs[usize::from(pool)],
+                sport: k.dport,
+                dport: port,
+                tag: k.tag,
+            };
+            let head = self
+                .bucket(List::Reply, rk.hash(&self.hash_key))
+                .load(Ordering::Acquire);
+            let Some(old) = self.walk_reply(head, &rk, now) else {
+                continue;
+            };
+            if self.claim_finished(old, pool, port, now).is_some() {
+                if let Some(p) =
+                    self.finish_removal(self.index_of(old), old, now, true, true, guard)
+                {
+                    self.takeovers.fetch_add(1, Ordering::Relaxed);
+                    return Some(p);
+                }
+            }
+        }
+        // Then any remote endpoint: the anchors of the mapping index. With few ports in a large table the
+        // anchors are sparse there, which is why the probes above come first.
         let n = self.eim.len();
         #[allow(clippy::cast_possible_truncation)] // n = max_entries / 2 < 2³¹
         let start = rng.below(n as u32) as usize;
