@@ -584,16 +584,8 @@ impl Table {
             return false;
         };
         let inner = &self.inner;
-        let claimed = f
-            .ctl
-            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |c| {
-                (phase_of(c) == PHASE_LIVE).then(|| flow::with_phase(c, PHASE_DEAD))
-            })
-            .is_ok();
+        let claimed = inner.claim(f, now, |_| true);
         if claimed {
-            if let Some(events) = &inner.events {
-                events.push(FlowEvent::of(f, FlowEventKind::End, now));
-            }
             inner.finish_removal(inner.index_of(f), f, now, true, false, guard);
             guard.flush();
         }
@@ -1411,16 +1403,7 @@ impl Inner {
         {
             return None;
         }
-        f.ctl
-            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |c| {
-                (phase_of(c) == PHASE_LIVE && flow::tcp_finished(c))
-                    .then(|| flow::with_phase(c, PHASE_DEAD))
-            })
-            .ok()?;
-        if let Some(events) = &self.events {
-            events.push(FlowEvent::of(f, FlowEventKind::End, now));
-        }
-        Some(())
+        self.claim(f, now, flow::tcp_finished).then_some(())
     }
 
     /// The arena index of a slot.
@@ -1550,11 +1533,21 @@ impl Inner {
     /// Removes slot `idx` if it is live and expired at `now`. True if this call removed it.
     fn kill(self: &Arc<Self>, idx: u32, now: Instant, guard: &Guard) -> bool {
         let f = &self.slots[idx as usize];
+        let claimed = self.claim(f, now, |c| f.expired_at(c, now));
+        if claimed {
+            self.finish_removal(idx, f, now, true, false, guard);
+        }
+        claimed
+    }
+
+    /// Claims live flow `f` for removal when `also` holds for its control word: the CAS LIVE → DEAD, the
+    /// linearization point of a removal (only the claimer does the accounting), and its end reported. True
+    /// if this call claimed it; the caller then calls [`finish_removal`](Self::finish_removal).
+    fn claim(&self, f: &Flow, now: Instant, also: impl Fn(u64) -> bool) -> bool {
         let claimed = f
             .ctl
             .fetch_update(Ordering::AcqRel, Ordering::Acquire, |c| {
-                (phase_of(c) == PHASE_LIVE && f.expired_at(c, now))
-                    .then(|| flow::with_phase(c, PHASE_DEAD))
+                (phase_of(c) == PHASE_LIVE && also(c)).then(|| flow::with_phase(c, PHASE_DEAD))
             })
             .is_ok();
         if claimed {
@@ -1562,7 +1555,6 @@ impl Inner {
                 // Before the removal: the slot's fields stay valid until it is retired.
                 events.push(FlowEvent::of(f, FlowEventKind::End, now));
             }
-            self.finish_removal(idx, f, now, true, false, guard);
         }
         claimed
     }

@@ -93,6 +93,18 @@ impl FlowRecord {
 }
 
 impl FlowId {
+    /// The identity of a flow of the table (its reply key), without building its whole record.
+    pub fn of(f: &crate::conntrack::Flow) -> FlowId {
+        let o = f.orig();
+        FlowId {
+            proto: o.proto,
+            egress: f.egress_ip(),
+            ext_port: f.external_port(),
+            remote: o.dst,
+            remote_port: o.dst_port,
+        }
+    }
+
     /// The reply tuple of the flow (what [`Table::remove`](crate::conntrack::Table::remove) takes; for ICMP
     /// the identifier is the external one both ways, as [`Flow::reply_key`](crate::conntrack::Flow::reply_key)
     /// has it).
@@ -177,6 +189,7 @@ mod tests {
                 .expect("flow");
             let rec = FlowRecord::from_image(&f.image(now), 3, 0);
             assert_eq!(rec.id.reply_key(), f.reply_key(), "{proto:?}");
+            assert_eq!(FlowId::of(f), rec.id, "{proto:?}");
             assert_eq!(rec.owner, 3);
             let img = rec.to_image(1);
             assert_eq!(img, f.image(now), "{proto:?}");

@@ -203,7 +203,7 @@ impl Outbox {
                 || now_mark.last_seen.saturating_sub(mark.last_seen) >= refresh
             {
                 *mark = now_mark;
-                let id = FlowRecord::from_image(&f.image(now), 0, 0).id;
+                let id = FlowId::of(f);
                 if !self.queued.contains(&id) && self.flows.len() < self.limit {
                     self.queued.insert(id);
                     self.flows.push_back((id, due));
