@@ -353,6 +353,8 @@ struct Inner {
     pool_addrs: Box<[Addr]>,
     hash_key: key::HashKey,
     events: Option<Arc<FlowEvents>>,
+    /// The second consumer: state sync (the same records, its own queue, so that neither starves the other).
+    sync_events: Option<Arc<FlowEvents>>,
 }
 
 fn ms(d: Duration) -> u64 {
@@ -425,6 +427,7 @@ impl Table {
                 pool_addrs,
                 hash_key: key::HashKey::new(seed),
                 events: None,
+                sync_events: None,
             }),
         }
     }
@@ -444,6 +447,23 @@ impl Table {
     /// The event queue given to [`set_events`](Self::set_events).
     pub fn events(&self) -> Option<&Arc<FlowEvents>> {
         self.inner.events.as_ref()
+    }
+
+    /// Sends the same records to a second queue, `events`, for state sync (`sync::replica`). Only before
+    /// the table is shared, as [`set_events`](Self::set_events).
+    pub fn set_sync_events(&mut self, events: Arc<FlowEvents>) -> bool {
+        match Arc::get_mut(&mut self.inner) {
+            Some(inner) => {
+                inner.sync_events = Some(events);
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// The queue given to [`set_sync_events`](Self::set_sync_events).
+    pub fn sync_events(&self) -> Option<&Arc<FlowEvents>> {
+        self.inner.sync_events.as_ref()
     }
 
     /// Pins the current thread for epoch-based reclamation ([`crossbeam_epoch::pin`]). Flows returned under a
@@ -1112,9 +1132,7 @@ impl Inner {
             }
         }
         flow::publish(&f.ctl);
-        if let Some(events) = &self.events {
-            events.push(FlowEvent::of(f, FlowEventKind::Start, now));
-        }
+        self.emit(f, FlowEventKind::Start, now);
         Ok(f)
     }
 
@@ -1551,12 +1569,21 @@ impl Inner {
             })
             .is_ok();
         if claimed {
-            if let Some(events) = &self.events {
-                // Before the removal: the slot's fields stay valid until it is retired.
-                events.push(FlowEvent::of(f, FlowEventKind::End, now));
-            }
+            // Before the removal: the slot's fields stay valid until it is retired.
+            self.emit(f, FlowEventKind::End, now);
         }
         claimed
+    }
+
+    /// Sends the record of `f` to the event queues there are.
+    fn emit(&self, f: &Flow, kind: FlowEventKind, now: Instant) {
+        if self.events.is_none() && self.sync_events.is_none() {
+            return;
+        }
+        let event = FlowEvent::of(f, kind, now);
+        for q in [&self.events, &self.sync_events].into_iter().flatten() {
+            q.push(event);
+        }
     }
 
     /// Accounting and unlinking after a claim (phase now DEAD). With `hand_over`, the port of a mapping this

@@ -188,6 +188,18 @@ impl Gateway {
         ports: PortRange,
         events: Option<Arc<conntrack::FlowEvents>>,
     ) -> Result<Gateway, ConfigError> {
+        Gateway::with_event_queues(config, conntrack, ports, events, None)
+    }
+
+    /// [`with_events`](Self::with_events), and the same records to `sync_events` for state sync
+    /// ([`Table::set_sync_events`]).
+    pub fn with_event_queues(
+        config: Config,
+        conntrack: conntrack::Config,
+        ports: PortRange,
+        events: Option<Arc<conntrack::FlowEvents>>,
+        sync_events: Option<Arc<conntrack::FlowEvents>>,
+    ) -> Result<Gateway, ConfigError> {
         let mut egress: Vec<IpAddr> = Vec::new();
         for ip in config.uplinks.iter().flat_map(UplinkConfig::egress_ips) {
             if egress.contains(&ip) {
@@ -202,6 +214,9 @@ impl Gateway {
         };
         if let Some(events) = events {
             table.set_events(events);
+        }
+        if let Some(events) = sync_events {
+            table.set_sync_events(events);
         }
         Gateway::with_table(config, Arc::new(table))
     }

@@ -1794,6 +1794,31 @@ fn flow_events_report_start_and_end_and_drop_when_full() {
     assert_eq!(events.pop().unwrap().tcp_state, Some(TcpState::SynSent));
 }
 
+#[test]
+fn sync_events_get_the_same_records_in_their_own_queue() {
+    let mut table = table(64, PortRange::default());
+    let log = Arc::new(FlowEvents::new(1));
+    let sync = Arc::new(FlowEvents::new(16));
+    assert!(table.set_events(log.clone()));
+    assert!(table.set_sync_events(sync.clone()));
+    let mut rng = Rng::new(7);
+    let g = table.pin();
+    for i in 0..3 {
+        let k = key(pod(1), 40000 + i, remote(1), 53, Proto::Udp);
+        table.insert(new_flow(k), t(10), &mut rng, &g).unwrap();
+    }
+    drop(g);
+    // The log's full queue does not cost the sync queue a record.
+    assert_eq!((log.len(), log.dropped()), (1, 2));
+    assert_eq!((sync.len(), sync.dropped()), (3, 0));
+    assert_eq!(table.expire(t(10 + 301), 1024), 3);
+    let kinds: Vec<_> = std::iter::from_fn(|| sync.pop()).map(|e| e.kind).collect();
+    assert_eq!(
+        kinds,
+        [[FlowEventKind::Start; 3], [FlowEventKind::End; 3]].concat()
+    );
+}
+
 /// What an insert gave: the flow's original and reply tuples and its external port, or the refusal.
 type Outcome = Result<(FlowKey, FlowKey, u16), InsertError>;
 
