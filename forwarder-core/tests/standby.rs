@@ -308,6 +308,29 @@ fn icmp_errors_about_a_served_flow_are_translated() {
     assert_eq!((s.standby_out, s.standby_in), (2, 1));
 }
 
+/// Fragments of a served copy's datagrams follow their first fragment both ways: out with A's address,
+/// back to the pod through the node.
+#[test]
+fn fragments_of_a_served_flow_follow_their_first() {
+    let (images, _, udp_port) = flows_of_a();
+    let (mut b, standby) = replica_b(&images);
+    standby.set_serving(A, true);
+    let (first, later) = ipv4_fragments(&pod_udp(SERVER, 7100, 53, &[0xab; 2000]), 22, 1008, 0x55);
+    for f in [first, later] {
+        let (uplink, _, frame) = out(&mut b, &f, T1).fwd();
+        assert_eq!((uplink, ip4_src(&frame[14..])), (0, A_EGRESS));
+    }
+    let reply = outside_udp(SERVER, A_EGRESS, 53, udp_port, &[0xcd; 2000]);
+    let (first, later) = ipv4_fragments(&reply, 14, 1008, 0x66);
+    for f in [first, later] {
+        let (node, d) = inb(&mut b, 0, &f, T1).tun();
+        assert_eq!((node, ip4_dst(&d[22..])), (NODE, POD));
+    }
+    // the first fragments looked the copy up; the later ones followed them
+    assert_eq!((b.stats().standby_out, b.stats().standby_in), (1, 1));
+    assert_eq!(b.gateway().table().len(), 0);
+}
+
 /// The pod's packets of one chunk, and the replies to them, through the batch calls and one by one while
 /// B serves A: the same actions and counters. The chunk mixes A's connection, a reset of it followed by a
 /// SYN of its tuple (a new local flow), new flows with data right behind their SYN, and A's UDP flow.
