@@ -6,6 +6,8 @@
 //! * [`Worker::inbound`] takes an Ethernet frame from an uplink (uplink → tunnel): find the flow by the reply
 //!   tuple (or the tuple quoted in an ICMP error), DNAT, and hand back the VXLAN datagram for the node the
 //!   flow came from.
+//! * A packet that finds no flow in the gateway's own table, while this replica serves a dead peer
+//!   ([`Standby`]), is translated through that peer's passive copy of its flow when there is one.
 //!
 //! Both return an [`Action`] that borrows the caller's buffer: the packet is rewritten in place and nothing
 //! is allocated. Every drop is counted in the worker's [`Stats`] by [`Reason`].
@@ -26,9 +28,11 @@ mod inbound;
 mod intake;
 mod local;
 mod outbound;
+mod standby;
 
 pub use config::{Config, ConfigError, UplinkConfig};
 pub use intake::Intake;
+pub use standby::{Standby, StandbyPeer};
 
 use core::net::{IpAddr, Ipv4Addr};
 use core::sync::atomic::{AtomicBool, Ordering};
@@ -129,6 +133,13 @@ pub struct Stats {
     /// TCP resets sent to pods for segments of connections with no state here
     /// ([`Config::reset_unknown_tcp`]).
     pub tcp_resets_sent: u64,
+    /// Packets (and ICMP errors about them) from pods translated through a served peer's copy of their flow
+    /// ([`Standby`]). The later fragments of a datagram follow its first without a lookup and are not
+    /// counted here.
+    pub standby_out: u64,
+    /// Packets (and ICMP errors about them) from outside translated through a served peer's copy of their
+    /// flow ([`Standby`]); later fragments as for `standby_out`.
+    pub standby_in: u64,
 }
 
 impl Stats {
@@ -144,6 +155,8 @@ impl Stats {
             local_replies: 0,
             icmp_suppressed: 0,
             tcp_resets_sent: 0,
+            standby_out: 0,
+            standby_in: 0,
         }
     }
 
@@ -168,6 +181,7 @@ pub struct Gateway {
     routes: RouteTable<UplinkId>,
     table: Arc<Table>,
     draining: AtomicBool,
+    standby: Option<Arc<Standby>>,
 }
 
 impl Gateway {
@@ -258,7 +272,20 @@ impl Gateway {
             routes,
             table,
             draining: AtomicBool::new(false),
+            standby: None,
         })
+    }
+
+    /// The gateway with `standby`'s copies consulted for the peers it serves (see [`Standby`]). A reload
+    /// builds the new gateway with [`with_table`](Self::with_table) and gives it the same `standby` again.
+    pub fn with_standby(mut self, standby: Arc<Standby>) -> Gateway {
+        self.standby = Some(standby);
+        self
+    }
+
+    /// The peers' copies, when the gateway has them.
+    pub fn standby(&self) -> Option<&Arc<Standby>> {
+        self.standby.as_ref()
     }
 
     /// The configuration.
@@ -637,7 +664,10 @@ type NewFlowOutcome<'g> = Result<Result<&'g Flow, conntrack::InsertError>, outbo
 /// order, and the batch stops before the first packet that could make a later insert see something else
 /// than one-by-one processing would — the second packet of a tuple that missed earlier in the chunk (it
 /// must find, or not, the flow the first one created), or a TCP SYN, FIN or RST of an existing flow (it may
-/// take or give back a quota unit, or free a port for a takeover). Later packets take the one-by-one path.
+/// take or give back a quota unit, or free a port for a takeover; for a served peer's copy, finish it or
+/// open it again, which decides whether a later SYN of its tuple gets a new flow). Later packets take the
+/// one-by-one path. A packet that misses the local table but has a served peer's copy gets no new flow;
+/// `outbound::complete` looks the copy up again.
 #[allow(clippy::too_many_arguments)]
 fn insert_new_flows<'g>(
     gw: &'g Gateway,
@@ -657,7 +687,7 @@ fn insert_new_flows<'g>(
         let Ok(Step::Lookup(pending)) = &steps[i] else {
             continue;
         };
-        match found[i] {
+        match found[i].or_else(|| pending.copy(gw, now, guard)) {
             Some(_) if pending.may_change_insert_state() => break,
             Some(_) => {}
             None if missed_earlier(keys, found, i) => break,

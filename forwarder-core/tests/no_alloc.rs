@@ -15,6 +15,9 @@
 //!   reason exactly once per packet, and none creating state: zero allocations.
 //! * `refused_new_flows_allocate_nothing`: new flows refused because the gateway drains, the table is full,
 //!   the source's quota is used up or the port pool is exhausted: zero allocations.
+//! * `flows_through_served_copies_allocate_nothing`: a dead peer's TCP and UDP flows, served from their
+//!   passive copies ([`Standby`](forwarder_core::pipeline::Standby)), both ways, one at a time and in
+//!   batches: zero allocations.
 //!
 //! Warm-up: before counting, each test pushes every kind of packet it counts through the same worker on the
 //! same thread. That lets lazily initialised state settle; measured with `NO_ALLOC_BACKTRACE=1` on a fresh
@@ -797,4 +800,141 @@ fn replacing_an_expired_flow_allocates_at_most_once_in_the_epoch_flush() {
         n <= usize::from(N),
         "{n} allocations replacing {N} expired flows"
     );
+}
+
+#[test]
+fn flows_through_served_copies_allocate_nothing() {
+    use forwarder_core::conntrack::{FlowImage, NewFlow, Table, TcpTracking};
+    use forwarder_core::flow::{FlowKey, NodeAddr, Proto};
+    use forwarder_core::pipeline::{Gateway, Standby, StandbyPeer};
+    use forwarder_core::ports::PortPools;
+    use std::net::IpAddr;
+    use std::sync::Arc;
+    use std::time::Duration;
+
+    // the peer's egress address, its copies of an established TCP connection and a UDP flow
+    let peer = Ipv4Addr::new(203, 0, 113, 11);
+    let ct = conntrack::Config {
+        max_entries: 1024,
+        ..conntrack::Config::default()
+    };
+    let copies = Table::new(
+        ct,
+        PortPools::new(&[IpAddr::V4(peer)], PortRange::default()),
+    );
+    let image = |sport, dport, proto, ext_port, tcp| FlowImage {
+        new: NewFlow {
+            orig: FlowKey {
+                src: any_ip(POD),
+                dst: any_ip(SERVER),
+                src_port: sport,
+                dst_port: dport,
+                proto,
+            },
+            egress_ip: IpAddr::V4(peer),
+            node: NodeAddr {
+                ip: NODE,
+                mac: NODE_MAC,
+            },
+            uplink: 0,
+        },
+        ext_port,
+        tcp,
+        age: Duration::from_secs(5),
+        idle: Duration::ZERO,
+    };
+    let established = TcpTracking {
+        code: 2,
+        reference: 5000,
+        window: 64240,
+    };
+    {
+        let g = copies.pin();
+        copies
+            .install(&image(40000, 443, Proto::Tcp, 30000, established), T0, &g)
+            .unwrap();
+        let udp = image(4000, 53, Proto::Udp, 30001, TcpTracking::default());
+        copies.install(&udp, T0, &g).unwrap();
+    }
+    let standby = Arc::new(Standby::new(vec![StandbyPeer::new(
+        1,
+        vec![IpAddr::V4(peer)],
+        Arc::new(copies),
+    )]));
+    standby.set_serving(1, true);
+    let gw = Gateway::new(config(), ct, PortRange::default()).unwrap();
+    let mut w = Worker::new(Arc::new(gw.with_standby(standby)), 7);
+
+    let tcp_out = pod_tcp(SERVER, 40000, 443, false, b"GET / HTTP/1.1\r\n");
+    let tcp_in = outside_tcp(SERVER, peer, 443, 30000, "A", 5001, 1017);
+    let udp_out = pod_udp(SERVER, 4000, 53, &[7; 18]);
+    let udp_in = outside_udp(SERVER, peer, 53, 30001, &[9; 18]);
+    let mut buf = vec![0u8; 4096];
+    let cases = [
+        (Dir::Out(NODE), &tcp_out, Did::Forward),
+        (Dir::In(0), &tcp_in, Did::ToTunnel),
+        (Dir::Out(NODE), &udp_out, Did::Forward),
+        (Dir::In(0), &udp_in, Did::ToTunnel),
+    ];
+    for (i, (dir, pkt, want)) in cases.iter().enumerate() {
+        assert_eq!(push(&mut w, &mut buf, *dir, pkt, T0), *want, "case {i}");
+    }
+    let (_, n) = counted(|| {
+        for i in 0..2_000u64 {
+            let now = Instant::from_millis(2_000 + i);
+            for (dir, pkt, want) in &cases {
+                assert_eq!(push(&mut w, &mut buf, *dir, pkt, now), *want);
+            }
+        }
+    });
+    assert_eq!(n, 0, "{n} heap allocations for served copies");
+
+    let mut out_bufs: Vec<Vec<u8>> = (0..32).map(|_| vec![0u8; 2048]).collect();
+    let mut in_bufs: Vec<Vec<u8>> = (0..32).map(|_| vec![0u8; 2048]).collect();
+    let outs = [&tcp_out, &udp_out];
+    let ins = [&tcp_in, &udp_in];
+    let (_, n) = counted(|| {
+        for round in 0..200u64 {
+            let now = Instant::from_millis(30_000 + round);
+            for (b, p) in out_bufs.iter_mut().zip(outs.iter().cycle()) {
+                b[..p.len()].copy_from_slice(p);
+            }
+            let mut it = out_bufs.iter_mut().zip(outs.iter().cycle());
+            let mut arr: [TunnelPacket<'_>; 32] = core::array::from_fn(|_| {
+                let (b, p) = it.next().unwrap();
+                TunnelPacket {
+                    from: NODE,
+                    buf: b.as_mut_slice(),
+                    len: p.len(),
+                }
+            });
+            w.outbound_batch(&mut arr, now, |_, a| {
+                assert!(matches!(a, Action::Forward { .. }), "{a:?}");
+            });
+            for (b, p) in in_bufs.iter_mut().zip(ins.iter().cycle()) {
+                b[HEADROOM..HEADROOM + p.len()].copy_from_slice(p);
+            }
+            let mut it = in_bufs.iter_mut().zip(ins.iter().cycle());
+            let mut arr: [UplinkPacket<'_>; 32] = core::array::from_fn(|_| {
+                let (b, p) = it.next().unwrap();
+                UplinkPacket {
+                    buf: b.as_mut_slice(),
+                    start: HEADROOM,
+                    len: p.len(),
+                }
+            });
+            w.inbound_batch(0, &mut arr, now, |_, a| {
+                assert!(matches!(a, Action::ToTunnel { .. }), "{a:?}");
+            });
+        }
+    });
+    assert_eq!(
+        n, 0,
+        "{n} heap allocations in the batch calls through copies"
+    );
+    let s = w.stats();
+    assert_eq!(s.flows_created, 0);
+    assert_eq!(s.standby_out, 2 + 2 * 2_000 + 32 * 200);
+    assert_eq!(s.standby_in, s.standby_out);
+    assert_eq!(w.gateway().table().len(), 0);
 }

@@ -10,90 +10,9 @@ use std::sync::Arc;
 use common::*;
 use forwarder_core::conntrack;
 use forwarder_core::offload;
-use forwarder_core::pipeline::{tunnel_mac, Action, Config, Gateway, Intake, Worker};
+use forwarder_core::pipeline::{tunnel_mac, Config, Gateway, Intake, Worker};
 use forwarder_core::ports::PortRange;
 use forwarder_core::{Instant, Reason};
-
-/// An action, owned, so tests can keep it.
-#[derive(Debug, Clone, PartialEq, Eq)]
-enum Out {
-    Fwd {
-        uplink: u8,
-        next_hop: IpAddr,
-        frame: Vec<u8>,
-    },
-    Tun {
-        node: Ipv4Addr,
-        dgram: Vec<u8>,
-        segment: Option<usize>,
-    },
-    Neighbour,
-    Drop(Reason),
-}
-
-impl Out {
-    fn fwd(self) -> (u8, IpAddr, Vec<u8>) {
-        match self {
-            Out::Fwd {
-                uplink,
-                next_hop,
-                frame,
-            } => (uplink, next_hop, frame),
-            other => panic!("expected a forward, got {other:?}"),
-        }
-    }
-    fn tun(self) -> (Ipv4Addr, Vec<u8>) {
-        match self {
-            Out::Tun {
-                node,
-                dgram,
-                segment: None,
-            } => (node, dgram),
-            other => panic!("expected a tunnel datagram, got {other:?}"),
-        }
-    }
-}
-
-fn owned(a: Action<'_>) -> Out {
-    match a {
-        Action::Forward {
-            uplink,
-            next_hop,
-            frame,
-        } => Out::Fwd {
-            uplink,
-            next_hop,
-            frame: frame.to_vec(),
-        },
-        Action::ToTunnel {
-            node,
-            datagram,
-            segment,
-        } => Out::Tun {
-            node,
-            dgram: datagram.to_vec(),
-            segment,
-        },
-        Action::Neighbour => Out::Neighbour,
-        Action::Drop(r) => Out::Drop(r),
-    }
-}
-
-fn out_from(w: &mut Worker, from: Ipv4Addr, d: &[u8], now: Instant) -> Out {
-    let mut buf = vec![0u8; d.len() + 2048];
-    buf[..d.len()].copy_from_slice(d);
-    owned(w.outbound(from, &mut buf, d.len(), now))
-}
-
-fn out(w: &mut Worker, d: &[u8], now: Instant) -> Out {
-    out_from(w, NODE, d, now)
-}
-
-fn inb(w: &mut Worker, uplink: u8, f: &[u8], now: Instant) -> Out {
-    let mut buf = vec![0u8; HEADROOM + f.len() + 2048];
-    buf[HEADROOM..HEADROOM + f.len()].copy_from_slice(f);
-    owned(w.inbound(uplink, &mut buf, HEADROOM, f.len(), now))
-}
 
 const T0: Instant = Instant::from_secs(100);
 

@@ -3,7 +3,7 @@
 use core::net::IpAddr;
 
 use super::outbound::{flow_key, frag_key, is_martian, is_tiny_tcp_fragment};
-use super::{Gateway, InFrag, Step, Verdict, WorkerState};
+use super::{standby, Gateway, InFrag, Step, Verdict, WorkerState};
 use crate::conntrack::{Flow, Refresh, TcpSegment};
 use crate::flow::{FlowKey, NodeAddr, Proto, UplinkId};
 use crate::nat::fragment;
@@ -129,7 +129,7 @@ pub(super) fn prepare(
         }
         L4::IcmpError { msg_type, code } => {
             let at = Arrival { uplink, start };
-            return translate_error(gw, buf, at, &meta, msg_type, code, now).map(Step::Done);
+            return translate_error(gw, st, buf, at, &meta, msg_type, code, now).map(Step::Done);
         }
         // Unsolicited: echo requests and anything else aimed at an egress address.
         L4::IcmpQuery { request: true, .. } => return Err(Reason::NoFlow),
@@ -144,7 +144,8 @@ pub(super) fn prepare(
     }))
 }
 
-/// Everything after the flow lookup (`found`): TTL, TCP state, then delivery to the pod.
+/// Everything after the flow lookup in the gateway's own table (`found`): on a miss, the served peers'
+/// copies; TTL, TCP state, then delivery to the pod.
 #[inline(always)]
 pub(super) fn complete(
     gw: &Gateway,
@@ -155,14 +156,20 @@ pub(super) fn complete(
     found: Option<&Flow>,
     now: Instant,
 ) -> Result<Verdict, Reason> {
-    let Pending {
-        meta,
-        l4,
-        tcp_seg,
-        start,
-        ..
-    } = *p;
     let Some(flow) = found else {
+        if let Some(s) = gw.standby.as_deref().filter(|s| s.serving_any()) {
+            let guard = gw.table.pin();
+            if let Some(copy) = s.lookup_inbound_at(&p.key, now, &guard) {
+                let v = existing(gw, st, uplink, buf, p, copy, now);
+                if matches!(
+                    v,
+                    Ok(Verdict::Tunnel { .. } | Verdict::TunnelSegments { .. })
+                ) {
+                    st.stats.standby_in += 1;
+                }
+                return v;
+            }
+        }
         // The reply tuple's destination port is the egress side's (for an echo reply, its identifier).
         let port = p.key.dst_port;
         let probe = gw
@@ -176,6 +183,28 @@ pub(super) fn complete(
             Reason::NoFlow
         });
     };
+    existing(gw, st, uplink, buf, p, flow, now)
+}
+
+/// A packet of a flow that exists (here, or as a served peer's copy): TTL, TCP state, then delivery to the
+/// pod.
+#[inline(always)]
+fn existing(
+    gw: &Gateway,
+    st: &mut WorkerState,
+    uplink: UplinkId,
+    buf: &mut [u8],
+    p: &Pending,
+    flow: &Flow,
+    now: Instant,
+) -> Result<Verdict, Reason> {
+    let Pending {
+        meta,
+        l4,
+        tcp_seg,
+        start,
+        ..
+    } = *p;
     // Replies come back the way the flow left; the same tuple on another VLAN is spoofed.
     if flow.uplink() != uplink {
         return Err(Reason::WrongUplink);
@@ -333,9 +362,11 @@ fn answer_sender(
 
 /// An ICMP error from outside about a packet we sent: the quoted packet went egress → remote, so its reverse
 /// is the flow's reply tuple. The quote and the outer destination are turned back to the pod; the error never
-/// refreshes the flow.
+/// refreshes the flow. The flow may be a served peer's copy.
+#[allow(clippy::too_many_arguments)]
 fn translate_error(
     gw: &Gateway,
+    st: &mut WorkerState,
     buf: &mut [u8],
     at: Arrival,
     meta: &PacketMeta,
@@ -348,10 +379,14 @@ fn translate_error(
     }
     let emb = icmp::parse_embedded(buf, meta)?;
     let guard = gw.table.pin();
-    let flow = gw
-        .table
-        .lookup_inbound_at(&emb.key.reversed(), now, &guard)
-        .ok_or(Reason::IcmpErrorNoFlow)?;
+    let key = emb.key.reversed();
+    let (flow, copy) = match gw.table.lookup_inbound_at(&key, now, &guard) {
+        Some(f) => (f, false),
+        None => {
+            let f = standby::inbound_copy(gw.standby.as_deref(), &key, now, &guard);
+            (f.ok_or(Reason::IcmpErrorNoFlow)?, true)
+        }
+    };
     if flow.uplink() != at.uplink {
         return Err(Reason::WrongUplink);
     }
@@ -365,6 +400,9 @@ fn translate_error(
         clamp_reported_mtu(buf, meta, gw.config.tunnel_mtu);
     }
     rewrite::decrement_ttl(buf, meta);
+    if copy {
+        st.stats.standby_in += 1;
+    }
     encapsulate(gw, buf, at.start, meta, flow.node())
 }
 

@@ -2,7 +2,7 @@
 
 use core::net::{IpAddr, Ipv4Addr};
 
-use super::{local, Gateway, OutFrag, Step, Verdict, WorkerState, TUNNEL_ETH, TUNNEL_L3};
+use super::{local, standby, Gateway, OutFrag, Step, Verdict, WorkerState, TUNNEL_ETH, TUNNEL_L3};
 use crate::conntrack::{Flow, Guard, InsertError, NewFlow, Refresh, TcpSegment};
 use crate::flow::{FlowKey, NodeAddr, Proto};
 use crate::nat::frag::FragKey;
@@ -222,7 +222,9 @@ pub(super) fn prepare(
             (flow_key(&meta, p, ident, ident), None)
         }
         L4::IcmpQuery { request: false, .. } => return Err(Reason::NoFlow),
-        L4::IcmpError { .. } => return translate_error(gw, buf, &meta, from, now).map(Step::Done),
+        L4::IcmpError { .. } => {
+            return translate_error(gw, st, buf, &meta, from, now).map(Step::Done)
+        }
         L4::IcmpOther { .. } => return Err(Reason::UnsupportedIcmpType),
         L4::Fragment => return Err(Reason::FragmentNoFlow),
     };
@@ -249,6 +251,18 @@ impl Pending {
         self.tcp_seg
             .is_some_and(|s| s.flags & (tcp::flags::SYN | tcp::flags::FIN | tcp::flags::RST) != 0)
     }
+
+    /// The served peer's copy this packet is translated through when the gateway's own table has no flow
+    /// for it ([`standby::outbound_copy`]).
+    #[inline]
+    pub(super) fn copy<'g>(
+        &self,
+        gw: &'g Gateway,
+        now: Instant,
+        guard: &'g Guard,
+    ) -> Option<&'g Flow> {
+        standby::outbound_copy(gw.standby.as_deref(), &self.key, self.tcp_seg, now, guard)
+    }
 }
 
 /// Why a packet that needs a new flow gets none, decided before any state changes.
@@ -267,7 +281,8 @@ pub(super) enum Refusal {
     },
 }
 
-/// Everything after the flow lookup (`found`): creation of a new flow, state, MTU, MSS, the rewrite.
+/// Everything after the flow lookup in the gateway's own table (`found`): on a miss, the served peers'
+/// copies, then creation of a new flow; state, MTU, MSS, the rewrite.
 #[inline(always)]
 pub(super) fn complete(
     gw: &Gateway,
@@ -278,32 +293,47 @@ pub(super) fn complete(
     guard: &Guard,
     now: Instant,
 ) -> Result<Verdict, Reason> {
-    let flow = match found {
-        Some(f) => {
-            // A flow belongs to the node that opened it: another node sending the same pod source is spoofing.
-            if f.node().ip != p.node.ip {
-                return Err(Reason::FlowNodeMismatch);
+    let Some(flow) = found else {
+        if let Some(copy) = p.copy(gw, now, guard) {
+            let v = existing(gw, st, buf, p, copy, now);
+            if matches!(v, Ok(Verdict::Forward { .. })) {
+                st.stats.standby_out += 1;
             }
-            let uplink = gw
-                .config
-                .uplinks
-                .get(usize::from(f.uplink()))
-                .ok_or(Reason::NoRoute)?;
-            if let Some(r) = check_fits(gw, buf, p, uplink) {
-                return refuse(gw, st, buf, p, r, now);
-            }
-            f
+            return v;
         }
-        None => {
-            let new = match plan_new(gw, buf, p) {
-                Ok(new) => new,
-                Err(r) => return refuse(gw, st, buf, p, r, now),
-            };
-            let created = gw.table.insert(new, now, &mut st.rng, guard);
-            return complete_new(gw, st, buf, p, created, now);
-        }
+        let new = match plan_new(gw, buf, p) {
+            Ok(new) => new,
+            Err(r) => return refuse(gw, st, buf, p, r, now),
+        };
+        let created = gw.table.insert(new, now, &mut st.rng, guard);
+        return complete_new(gw, st, buf, p, created, now);
     };
-    forward(gw, st, buf, p, flow, now)
+    existing(gw, st, buf, p, flow, now)
+}
+
+/// A packet of a flow that exists (here, or as a served peer's copy): the checks, then [`forward`].
+#[inline(always)]
+fn existing(
+    gw: &Gateway,
+    st: &mut WorkerState,
+    buf: &mut [u8],
+    p: &Pending,
+    f: &Flow,
+    now: Instant,
+) -> Result<Verdict, Reason> {
+    // A flow belongs to the node that opened it: another node sending the same pod source is spoofing.
+    if f.node().ip != p.node.ip {
+        return Err(Reason::FlowNodeMismatch);
+    }
+    let uplink = gw
+        .config
+        .uplinks
+        .get(usize::from(f.uplink()))
+        .ok_or(Reason::NoRoute)?;
+    if let Some(r) = check_fits(gw, buf, p, uplink) {
+        return refuse(gw, st, buf, p, r, now);
+    }
+    forward(gw, st, buf, p, f, now)
 }
 
 /// The checks of a packet that found no flow, up to its insert, which change no state (they may clamp the
@@ -512,9 +542,10 @@ pub(super) fn frag_key(meta: &PacketMeta) -> FragKey {
 
 /// An ICMP error from a pod about a packet it received through a flow (e.g. port unreachable): the quoted
 /// packet went outside → pod, so the flow is found by its reverse, and the pod's address in the quote and in
-/// the outer source become the egress address.
+/// the outer source become the egress address. The flow may be a served peer's copy.
 fn translate_error(
     gw: &Gateway,
+    st: &mut WorkerState,
     buf: &mut [u8],
     meta: &PacketMeta,
     from: Ipv4Addr,
@@ -529,10 +560,15 @@ fn translate_error(
         return Err(Reason::IcmpErrorNotFromPeer);
     }
     let guard = gw.table.pin();
-    let flow = gw
-        .table
-        .lookup_outbound_at(&emb.key.reversed(), now, &guard)
-        .ok_or(Reason::IcmpErrorNoFlow)?;
+    let key = emb.key.reversed();
+    let (flow, copy) = match gw.table.lookup_outbound_at(&key, now, &guard) {
+        Some(f) => (f, false),
+        None => {
+            let standby = gw.standby.as_deref();
+            let f = standby::outbound_copy(standby, &key, None, now, &guard);
+            (f.ok_or(Reason::IcmpErrorNoFlow)?, true)
+        }
+    };
     if flow.node().ip != from {
         return Err(Reason::FlowNodeMismatch);
     }
@@ -545,6 +581,9 @@ fn translate_error(
     let egress = flow.egress_ip();
     icmp::translate_error(buf, meta, &emb, Side::Dst, egress, flow.external_port());
     rewrite::decrement_ttl(buf, meta);
+    if copy {
+        st.stats.standby_out += 1;
+    }
     Ok(Verdict::Forward {
         uplink: uplink_id,
         next_hop: uplink.next_hop(meta.dst),
