@@ -24,6 +24,7 @@ mod decode;
 pub(crate) mod node;
 mod probes;
 mod reader;
+mod sync;
 mod value;
 
 /// A validated gateway configuration.
@@ -61,6 +62,44 @@ pub(crate) struct GatewayConfig {
     pub(crate) kubeconfig: Option<PathBuf>,
     /// `probes`: outside targets whose reachability through the uplinks gates readiness.
     pub(crate) probes: Option<ProbesConfig>,
+    /// `sync`: state sync with the other replicas of the gateway set.
+    pub(crate) sync: Option<SyncConfig>,
+}
+
+/// The `sync` section: this replica's place in its gateway set, and its peers.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct SyncConfig {
+    /// The set's name: replicas of another set are not listened to.
+    pub(crate) set: String,
+    /// This replica's ordinal.
+    pub(crate) ordinal: u16,
+    /// UDP port of the sync socket, on the tunnel address.
+    pub(crate) port: u16,
+    /// The shared key (HMAC-SHA256) every datagram is authenticated with; `None`: peers are told apart by
+    /// their addresses alone.
+    pub(crate) key_file: Option<PathBuf>,
+    /// The other replicas.
+    pub(crate) peers: Vec<SyncPeer>,
+}
+
+impl SyncConfig {
+    /// The set's id on the wire: FNV-1a (32 bits) of its name, so that two sets on one network never mix.
+    pub(crate) fn set_id(&self) -> u32 {
+        self.set.bytes().fold(0x811c_9dc5_u32, |h, b| {
+            (h ^ u32::from(b)).wrapping_mul(0x0100_0193)
+        })
+    }
+}
+
+/// One entry of `sync.peers`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct SyncPeer {
+    /// Its ordinal.
+    pub(crate) ordinal: u16,
+    /// Its sync socket.
+    pub(crate) address: SocketAddrV4,
+    /// Its egress IPs, each with the index of the uplink (here) it is on.
+    pub(crate) egress: Vec<(usize, IpAddr)>,
 }
 
 /// The `probes` section: ICMP echo and TCP connect probes sent from an egress IP through the gateway's own
@@ -362,6 +401,8 @@ pub(crate) fn restart_needed(old: &GatewayConfig, new: &GatewayConfig) -> Vec<St
     check("flow_log", old.flow_log != new.flow_log);
     // The prober's sockets, filters and per-target metrics are set up at start.
     check("probes", old.probes != new.probes);
+    // The sync thread, its socket, key and the peers' tables of copies are set up at start.
+    check("sync", old.sync != new.sync);
     keys
 }
 
@@ -601,6 +642,7 @@ uplinks:
             flow_log: None,
             kubeconfig: None,
             probes: None,
+            sync: None,
         }
     }
 

@@ -37,6 +37,7 @@ const ROOT_KEYS: &[&str] = &[
     "flow_log",
     "kubernetes",
     "probes",
+    "sync",
 ];
 const KUBERNETES_KEYS: &[&str] = &["kubeconfig"];
 const TUNNEL_KEYS: &[&str] = &[
@@ -173,6 +174,10 @@ pub(super) fn gateway(r: &mut Reader<'_>, root: &Node) -> Option<GatewayConfig> 
         None => Some(None),
         Some(v) => super::probes::probes(r, &v, uplinks.as_deref(), ports).map(Some),
     };
+    let sync = match top.get("sync") {
+        None => Some(None),
+        Some(v) => super::sync::sync(r, &v, uplinks.as_deref()).map(Some),
+    };
     Some(GatewayConfig {
         path: Default::default(),
         tunnel: tunnel?,
@@ -189,6 +194,7 @@ pub(super) fn gateway(r: &mut Reader<'_>, root: &Node) -> Option<GatewayConfig> 
         flow_log: flow_log?,
         kubeconfig: kubeconfig?,
         probes: probes?,
+        sync: sync?,
     })
 }
 
