@@ -33,6 +33,7 @@ mod nodes;
 mod probe;
 mod run;
 mod supervisor;
+mod sync;
 mod telemetry;
 mod upstream;
 mod worker;

@@ -33,6 +33,7 @@ use crate::neighbour;
 use crate::nodes::{self, NodesUpdate};
 use crate::probe;
 use crate::supervisor;
+use crate::sync;
 use crate::telemetry::{self, Readiness, Telemetry};
 use crate::upstream;
 use crate::worker::{Receivers, Shared, UplinkIo, Worker};
@@ -42,6 +43,9 @@ const EXPIRE_BUDGET: usize = 4096;
 const TICK: Duration = Duration::from_millis(10);
 const NEIGHBOUR_EVERY: Duration = Duration::from_millis(200);
 const WATCH_EVERY: Duration = Duration::from_secs(1);
+/// Flow events waiting for the sync thread; more are dropped and counted, and the refresh scan sends those
+/// flows later.
+const SYNC_EVENTS: usize = 65_536;
 
 /// Why the gateway could not start.
 #[derive(Debug, thiserror::Error)]
@@ -82,13 +86,31 @@ pub(crate) fn run(path: &Path, tunnel_ip: Option<Ipv4Addr>) -> Result<(), RunErr
         .flow_log
         .as_ref()
         .map(|f| Arc::new(FlowEvents::new(f.queue)));
-    let gateway = Gateway::with_events(
+    let sync_events = cfg
+        .sync
+        .as_ref()
+        .map(|_| Arc::new(FlowEvents::new(SYNC_EVENTS)));
+    let sync_key = match cfg.sync.as_ref().and_then(|s| s.key_file.as_deref()) {
+        Some(file) => Some(sync::read_key(file).map_err(setup)?),
+        None => None,
+    };
+    let standby = cfg
+        .sync
+        .as_ref()
+        .map(|sc| Arc::new(sync::standby(sc, cfg.conntrack, cfg.ports)));
+    let gateway = Gateway::with_event_queues(
         cfg.pipeline(Some(seed)),
         cfg.conntrack,
         cfg.ports,
         events.clone(),
+        sync_events.clone(),
     )
     .map_err(|e| setup(format!("{}: {e}", path.display())))?;
+    let gateway = match &standby {
+        Some(s) => gateway.with_standby(Arc::clone(s)),
+        None => gateway,
+    };
+    let own_table = Arc::clone(gateway.table());
     let workers = if cfg.workers == 0 {
         std::thread::available_parallelism().map_or(1, std::num::NonZero::get)
     } else {
@@ -111,8 +133,33 @@ pub(crate) fn run(path: &Path, tunnel_ip: Option<Ipv4Addr>) -> Result<(), RunErr
         stop: AtomicBool::new(false),
         epoch: Instant::now(),
     });
+    let sync_status = match (&cfg.sync, sync_events, &standby) {
+        (Some(sc), Some(queue), Some(standby)) => {
+            let vetting = sync::Vetting {
+                pod_cidrs: cfg.tunnel.pod_cidrs.clone(),
+                nodes: (!cfg.tunnel.allowed_from_nodes).then(|| cfg.tunnel.allowed_sources.clone()),
+            };
+            let (status, _thread) = sync::start(
+                sc,
+                *cfg.tunnel.listen.ip(),
+                sync_key,
+                standby,
+                own_table,
+                queue,
+                vetting,
+                Arc::clone(&shared),
+            )
+            .map_err(setup)?;
+            status
+        }
+        _ => Arc::new(sync::SyncStatus::disabled()),
+    };
     let upstream_status = Arc::new(upstream::Status::new(cfg.probes.as_ref()));
-    let telemetry = Arc::new(Telemetry::new().with_upstream(Arc::clone(&upstream_status)));
+    let telemetry = Arc::new(
+        Telemetry::new()
+            .with_upstream(Arc::clone(&upstream_status))
+            .with_sync(sync_status),
+    );
     let clock = WallClock::new(shared.epoch);
     let pod_names = Arc::new(PodNames::new(
         cfg.flow_log
@@ -394,6 +441,7 @@ fn start_http(
                 "/readiness" | "/readyz" => Some(match telemetry.readiness() {
                     Readiness::Ready => Response::text(200, "ready\n"),
                     Readiness::Starting => Response::text(503, "starting\n"),
+                    Readiness::Syncing => Response::text(503, "syncing\n"),
                     Readiness::Draining => Response::text(503, "draining\n"),
                     Readiness::ProbesFailing(why) => {
                         Response::text(503, format!("probes failing: {why}\n"))
@@ -429,7 +477,9 @@ fn start_http(
         Arc::new(move || match telemetry.readiness() {
             Readiness::Ready => probe::State::Ready,
             Readiness::Draining => probe::State::Draining,
-            Readiness::Starting | Readiness::ProbesFailing(_) => probe::State::NotReady,
+            Readiness::Starting | Readiness::Syncing | Readiness::ProbesFailing(_) => {
+                probe::State::NotReady
+            }
         })
     };
     probe::serve(cfg.health_listen, state, Arc::clone(&telemetry.probes)).map_err(setup)?;
@@ -482,6 +532,20 @@ impl Control {
         p
     }
 
+    /// The data plane for `cfg` over the running one's flow table and peers' copies (a reload keeps every
+    /// flow).
+    fn next_gateway(
+        &self,
+        cfg: &GatewayConfig,
+    ) -> Result<Gateway, forwarder_core::pipeline::ConfigError> {
+        let old = self.shared.gateway();
+        let gw = Gateway::with_table(self.pipeline_config(cfg), Arc::clone(old.table()))?;
+        Ok(match old.standby() {
+            Some(s) => gw.with_standby(Arc::clone(s)),
+            None => gw,
+        })
+    }
+
     /// Takes the Node watch's reports: a new set of node addresses replaces the pipeline's allowed
     /// sources (flows kept, as in a reload); the first one makes the gateway ready (unless draining).
     fn poll_nodes(&mut self, draining: bool) {
@@ -517,8 +581,7 @@ impl Control {
         };
         let first = self.learned.is_none();
         self.learned = Some(set);
-        let table = Arc::clone(self.shared.gateway().table());
-        match Gateway::with_table(self.pipeline_config(&self.cfg), table) {
+        match self.next_gateway(&self.cfg) {
             Ok(gw) => {
                 gw.set_draining(self.telemetry.draining.load(Ordering::Relaxed));
                 self.shared.set_gateway(Arc::new(gw));
@@ -616,8 +679,7 @@ impl Control {
                 ),
             );
         }
-        let table = Arc::clone(self.shared.gateway().table());
-        let gw = match Gateway::with_table(self.pipeline_config(&new), table) {
+        let gw = match self.next_gateway(&new) {
             Ok(g) => g,
             Err(e) => return refuse(&self.telemetry, e.to_string()),
         };
@@ -646,7 +708,7 @@ fn millis_since(t: Instant) -> u64 {
     u64::try_from(t.elapsed().as_millis()).unwrap_or(u64::MAX)
 }
 
-fn random_u64() -> u64 {
+pub(crate) fn random_u64() -> u64 {
     let mut b = [0u8; 8];
     // Without the OS's randomness, fall back to the clock: worse port randomness, not a failure.
     if getrandom::fill(&mut b).is_err() {

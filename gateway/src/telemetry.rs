@@ -187,6 +187,51 @@ pub(crate) const METRICS: &[(&str, &str, &str)] = &[
         "gauge",
         "Round-trip time of the last answered probe, by kind and target.",
     ),
+    (
+        "egress_gateway_sync_datagrams_total",
+        "counter",
+        "State sync datagrams, by direction (tx: one per peer; rx: every datagram that arrived, refused ones too).",
+    ),
+    (
+        "egress_gateway_sync_bytes_total",
+        "counter",
+        "State sync UDP payload bytes, by direction.",
+    ),
+    (
+        "egress_gateway_sync_refused_total",
+        "counter",
+        "State sync datagrams refused before anything in them was applied, by reason (unknown_source, bad_mac, other_set, wrong_sender, and the wire errors).",
+    ),
+    (
+        "egress_gateway_sync_records_total",
+        "counter",
+        "State sync records, by kind and result: flows and deletes sent (sent), flows installed into copies, deletes applied (removed), records refused (refused), flows queued again for a peer's NACK (resent).",
+    ),
+    (
+        "egress_gateway_sync_events_dropped_total",
+        "counter",
+        "Flow events state sync could not queue (the refresh scan sends those flows later).",
+    ),
+    (
+        "egress_gateway_sync_bulk_total",
+        "counter",
+        "Bulk transfers of every flow, by role (requested from peers, served to peers).",
+    ),
+    (
+        "egress_gateway_sync_peer_phase",
+        "gauge",
+        "1 for the phase each peer is in (unknown, syncing, in_sync, silent), by peer ordinal.",
+    ),
+    (
+        "egress_gateway_sync_copies",
+        "gauge",
+        "Passive copies of each peer's flows held here, by peer ordinal.",
+    ),
+    (
+        "egress_gateway_sync_missed_total",
+        "counter",
+        "Sequence numbers of a peer's stream found missing (asked for again), by peer ordinal.",
+    ),
 ];
 
 /// What `/readiness` answers, and the node agents' UDP probe with it.
@@ -196,6 +241,9 @@ pub(crate) enum Readiness {
     Ready,
     /// 503 `starting`: the workers are not running yet, or the cluster's nodes are not known yet.
     Starting,
+    /// 503 `syncing`: a peer of the gateway set is still sending its flows (`sync`), so this replica could
+    /// not yet carry the connections of a peer that dies, nor has its own back after a restart.
+    Syncing,
     /// 503 `draining`: after SIGTERM (wins over everything else).
     Draining,
     /// 503 `probes failing: ...`: every target of a kind of the `probes` section is down; the text names
@@ -219,6 +267,8 @@ pub(crate) struct Telemetry {
     pub(crate) allowed_nodes: AtomicU64,
     /// The outside probes' verdicts (no targets without a `probes` section).
     pub(crate) upstream: Arc<crate::upstream::Status>,
+    /// State sync's progress and counters (always synced without a `sync` section).
+    pub(crate) sync: Arc<crate::sync::SyncStatus>,
 }
 
 impl std::fmt::Debug for Telemetry {
@@ -243,6 +293,7 @@ impl Telemetry {
             probes: Arc::default(),
             allowed_nodes: AtomicU64::new(0),
             upstream: Arc::default(),
+            sync: Arc::new(crate::sync::SyncStatus::disabled()),
         };
         metrics::with_local_recorder(&t.recorder, || {
             for (name, kind, help) in METRICS {
@@ -261,12 +312,20 @@ impl Telemetry {
         Telemetry { upstream, ..self }
     }
 
-    /// Whether the gateway takes new flows, and if not, why. Draining wins, then starting, then the probes.
+    /// This recorder with state sync's progress in its readiness and its counters in the metrics.
+    pub(crate) fn with_sync(self, sync: Arc<crate::sync::SyncStatus>) -> Telemetry {
+        Telemetry { sync, ..self }
+    }
+
+    /// Whether the gateway takes new flows, and if not, why. Draining wins, then starting, then syncing,
+    /// then the probes.
     pub(crate) fn readiness(&self) -> Readiness {
         if self.draining.load(Ordering::Relaxed) {
             Readiness::Draining
         } else if !self.ready.load(Ordering::Relaxed) {
             Readiness::Starting
+        } else if !self.sync.is_synced() {
+            Readiness::Syncing
         } else if let Some(failing) = self.upstream.failing() {
             Readiness::ProbesFailing(failing)
         } else {
@@ -402,6 +461,9 @@ impl Telemetry {
                 gauge!("egress_gateway_probe_rtt_seconds", &labels).set(rtt);
             }
         }
+        if let Some(snap) = self.sync.snapshot() {
+            update_sync(&snap);
+        }
         if let Some(events) = table.events() {
             let w = &self.flow_log;
             for (result, v) in [
@@ -413,6 +475,50 @@ impl Telemetry {
                 counter!("egress_gateway_flow_log_records_total", "result" => result).absolute(v);
             }
         }
+    }
+}
+
+/// The sync thread's counters as metrics.
+fn update_sync(snap: &crate::sync::Snapshot) {
+    use forwarder_core::sync::replica::PeerPhase;
+    for (dir, datagrams, bytes) in [
+        ("tx", snap.tx_datagrams, snap.tx_bytes),
+        ("rx", snap.rx_datagrams, snap.rx_bytes),
+    ] {
+        counter!("egress_gateway_sync_datagrams_total", "direction" => dir).absolute(datagrams);
+        counter!("egress_gateway_sync_bytes_total", "direction" => dir).absolute(bytes);
+    }
+    for &(reason, n) in &snap.refused {
+        counter!("egress_gateway_sync_refused_total", "reason" => reason).absolute(n);
+    }
+    let (r, o) = (&snap.replica, &snap.outbox);
+    for (kind, result, n) in [
+        ("flow", "sent", o.flows),
+        ("delete", "sent", o.deletes),
+        ("flow", "resent", o.resent),
+        ("flow", "installed", r.installed),
+        ("delete", "removed", r.removed),
+        ("any", "refused", r.refused),
+    ] {
+        counter!("egress_gateway_sync_records_total", "kind" => kind, "result" => result)
+            .absolute(n);
+    }
+    counter!("egress_gateway_sync_events_dropped_total").absolute(snap.events_dropped + o.overflow);
+    counter!("egress_gateway_sync_bulk_total", "role" => "requested").absolute(r.bulk_requests);
+    counter!("egress_gateway_sync_bulk_total", "role" => "served").absolute(r.bulk_served);
+    for p in &snap.peers {
+        let peer = p.ordinal.to_string();
+        for (name, phase) in [
+            ("unknown", PeerPhase::Unknown),
+            ("syncing", PeerPhase::Syncing),
+            ("in_sync", PeerPhase::InSync),
+            ("silent", PeerPhase::Silent),
+        ] {
+            gauge!("egress_gateway_sync_peer_phase", "peer" => peer.clone(), "phase" => name)
+                .set(f64::from(u8::from(p.phase == phase)));
+        }
+        gauge!("egress_gateway_sync_copies", "peer" => peer.clone()).set(f64_of(p.copies));
+        counter!("egress_gateway_sync_missed_total", "peer" => peer).absolute(p.stream.missed);
     }
 }
 

@@ -10,9 +10,9 @@ use crate::error::{Context, Error, Result};
 use crate::netns::Netns;
 use crate::process::Process;
 use crate::topology::{
-    dmz_egress_ip, dmz_egress_ip6, internal_egress_ip, internal_egress_ip6, link_local, tunnel_mac,
-    Topology, DMZ_NET6, DMZ_ROUTER, DMZ_ROUTER6, INTERNAL_NET, INTERNAL_NET6, POD_CIDR, POD_CIDR6,
-    TUNNEL_MTU, UNDERLAY, VNI, VXLAN_PORT,
+    dmz_egress_ip, dmz_egress_ip6, gateway_ip, internal_egress_ip, internal_egress_ip6, link_local,
+    tunnel_mac, Topology, DMZ_NET6, DMZ_ROUTER, DMZ_ROUTER6, INTERNAL_NET, INTERNAL_NET6, POD_CIDR,
+    POD_CIDR6, TUNNEL_MTU, UNDERLAY, VNI, VXLAN_PORT,
 };
 
 /// The gateway's health port (`GET /readiness`).
@@ -93,6 +93,36 @@ pub fn workspace_root() -> PathBuf {
     let here = Path::new(env!("CARGO_MANIFEST_DIR"));
     here.parent().unwrap_or(here).to_path_buf()
 }
+
+/// The `sync` section of gateway `k` in `set`: ordinal k − 1, the others as peers with their egress IPs.
+pub fn sync_yaml(k: usize, set: &[usize], key: &Path, ipv6: bool) -> String {
+    let mut y = format!(
+        "sync:\n  set: red\n  ordinal: {}\n  port: {SYNC_PORT}\n  key_file: {}\n  peers:\n",
+        k - 1,
+        key.display()
+    );
+    for &j in set.iter().filter(|&&j| j != k) {
+        let (mut dmz, mut int) = (
+            vec![dmz_egress_ip(j).to_string()],
+            vec![internal_egress_ip(j).to_string()],
+        );
+        if ipv6 {
+            dmz.push(dmz_egress_ip6(j).to_string());
+            int.push(internal_egress_ip6(j).to_string());
+        }
+        y.push_str(&format!(
+            "    - ordinal: {}\n      address: {}:{SYNC_PORT}\n      uplinks:\n        - {{ name: dmz, egress_ips: [{}] }}\n        - {{ name: internal, egress_ips: [{}] }}\n",
+            j - 1,
+            gateway_ip(j),
+            dmz.join(", "),
+            int.join(", ")
+        ));
+    }
+    y
+}
+
+/// The UDP port of the gateways' state sync.
+pub const SYNC_PORT: u16 = 4792;
 
 /// A gateway pod namespace: `eth0` on the underlay (its pod IP), uplinks `gwdmz` and `gwint`.
 #[derive(Debug)]
@@ -336,6 +366,23 @@ impl Gateway {
         }
         if let Some(n) = topo.max_per_source() {
             yaml.push_str(&format!("conntrack: {{ max_per_source: {n} }}\n"));
+        }
+        if let Some(set) = topo.sync_set(self.number) {
+            let key = topo.dir().join("sync.key");
+            if !key.exists() {
+                // 32 bytes, the same for the whole set (tests need no secrecy, only a shared key)
+                std::fs::write(
+                    &key,
+                    format!("{:032x}", topo.prefix().len() * 7919 + set.len()),
+                )
+                .with_context(|| format!("write {}", key.display()))?;
+            }
+            yaml.push_str(&sync_yaml(
+                self.number,
+                set,
+                &key,
+                self.dmz_egress6.is_some(),
+            ));
         }
         std::fs::write(&config, yaml).with_context(|| format!("write {}", config.display()))?;
         let log = topo.dir().join(format!("gw{}.log", self.number));

@@ -220,6 +220,10 @@ pub struct TopologySpec {
     /// `conntrack.max_per_source` of the userspace gateways (default: the gateway's own, 16384); nothing in
     /// kernel mode.
     pub max_per_source: Option<u32>,
+    /// Gateway sets that sync their flows (`sync:` in the userspace configuration), each a list of gateway
+    /// numbers; gateway k is ordinal k − 1, and every member lists the others as peers, with one shared key
+    /// (`sync.key` in the topology's directory).
+    pub sync_sets: Vec<Vec<usize>>,
 }
 
 impl TopologySpec {
@@ -242,6 +246,7 @@ impl TopologySpec {
             node_agent: false,
             ports: None,
             max_per_source: None,
+            sync_sets: Vec::new(),
         }
     }
 
@@ -685,6 +690,15 @@ impl Topology {
 
     pub(crate) fn ports(&self) -> Option<(u16, u16)> {
         self.spec.ports
+    }
+
+    /// The members of gateway `k`'s sync set, if it is in one.
+    pub(crate) fn sync_set(&self, k: usize) -> Option<&[usize]> {
+        self.spec
+            .sync_sets
+            .iter()
+            .find(|set| set.contains(&k))
+            .map(Vec::as_slice)
     }
 
     pub(crate) fn max_per_source(&self) -> Option<u32> {

@@ -1,0 +1,552 @@
+//! State sync's I/O: one thread with one UDP socket on the tunnel address drives
+//! [`forwarder_core::sync::replica::Replica`] — the flow table's events in, the peers' datagrams in, the
+//! datagrams it builds out to every peer — and keeps one table of passive copies per peer
+//! (`docs/failover.md`).
+//!
+//! Every datagram that arrives is hostile until proven otherwise. With `sync.key_file`, it must carry a
+//! valid HMAC-SHA256 (truncated to 128 bits, RFC 2104 §5) under the set's key; a peer is then whoever holds
+//! the key, and its address is learnt from its datagrams (a restarted pod has a new IP). Without a key, only
+//! the configured peer addresses are listened to, each for its own ordinal. Either way each flow record is
+//! vetted (pod address in `tunnel.pod_cidrs`, node among the allowed tunnel sources, egress IP one of that
+//! peer's) before it is installed, and the copies' tables hold only that peer's egress IPs, so a peer can
+//! only ever speak for its own. Refused datagrams are counted by reason.
+
+use std::io::ErrorKind;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr, SocketAddrV4};
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::{Duration, SystemTime};
+
+use forwarder_core::conntrack::{self, FlowEventKind, FlowEvents, Table, TcpState};
+use forwarder_core::pipeline::{Standby, StandbyPeer};
+use forwarder_core::ports::{PortPools, PortRange};
+use forwarder_core::sync::outbox::OutboxStats;
+use forwarder_core::sync::peer::StreamStats;
+use forwarder_core::sync::replica::{PeerPhase, Replica, ReplicaStats, Settings};
+use forwarder_core::sync::wire::{self, Datagram, DeleteReason, FlowId};
+use forwarder_core::Instant;
+use ipnet::IpNet;
+use mio::net::UdpSocket;
+use mio::{Events, Interest, Poll, Token};
+use ring::hmac;
+
+use crate::config::SyncConfig;
+use crate::worker::Shared;
+
+/// Shortest key accepted: as long as the HMAC-SHA256 output (RFC 2104 §3 recommends at least that).
+pub(crate) const MIN_KEY_LEN: usize = 32;
+/// Until this long after start, a peer not heard yet may still be about to send its flows: not synced.
+const STARTUP_WAIT: Duration = Duration::from_secs(1);
+/// After this long, synced whatever the peers did (a peer that never finishes its bulk transfer must not
+/// keep this replica out of service).
+const SYNC_DEADLINE: Duration = Duration::from_secs(30);
+/// Copies' slots swept per pass (every 10 ms), as the own table's sweep.
+const EXPIRE_BUDGET: usize = 4096;
+const EXPIRE_EVERY: Duration = Duration::from_millis(10);
+/// How often the counters are published.
+const PUBLISH_EVERY: Duration = Duration::from_millis(100);
+/// Longest sleep between two looks at the flow events (a new flow waits `flush`, 5 ms, anyway).
+const MAX_WAIT: Duration = Duration::from_millis(2);
+/// Largest datagram accepted (the sender's `datagram` is 1400).
+const MAX_DATAGRAM: usize = 2048;
+
+/// Why a datagram was refused before anything in it was applied.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Refusal {
+    /// Without a key: not from a configured peer address.
+    UnknownSource,
+    /// With a key: no MAC, or a MAC that does not verify.
+    BadMac,
+    /// Not a valid datagram, from another set, or from an ordinal that is not that peer's.
+    Protocol(&'static str),
+}
+
+impl Refusal {
+    fn label(self) -> &'static str {
+        match self {
+            Refusal::UnknownSource => "unknown_source",
+            Refusal::BadMac => "bad_mac",
+            Refusal::Protocol(l) => l,
+        }
+    }
+}
+
+/// One peer, as the metrics show it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct PeerView {
+    pub(crate) ordinal: u16,
+    pub(crate) address: SocketAddrV4,
+    pub(crate) phase: PeerPhase,
+    pub(crate) copies: usize,
+    pub(crate) stream: StreamStats,
+}
+
+/// The sync thread's counters, published every 100 ms.
+#[derive(Debug, Clone, Default)]
+pub(crate) struct Snapshot {
+    pub(crate) replica: ReplicaStats,
+    pub(crate) outbox: OutboxStats,
+    pub(crate) peers: Vec<PeerView>,
+    pub(crate) tx_datagrams: u64,
+    pub(crate) tx_bytes: u64,
+    pub(crate) tx_errors: u64,
+    pub(crate) rx_datagrams: u64,
+    pub(crate) rx_bytes: u64,
+    /// Refused datagrams by label.
+    pub(crate) refused: Vec<(&'static str, u64)>,
+    /// Flow events the queue dropped (the refresh scan sends those flows later).
+    pub(crate) events_dropped: u64,
+}
+
+/// What the rest of the gateway sees of sync: whether this replica has its peers' flows, and the counters.
+#[derive(Debug)]
+pub(crate) struct SyncStatus {
+    enabled: bool,
+    synced: AtomicBool,
+    snapshot: Mutex<Snapshot>,
+}
+
+impl SyncStatus {
+    /// Without a `sync` section: always synced, nothing to show.
+    pub(crate) fn disabled() -> SyncStatus {
+        SyncStatus {
+            enabled: false,
+            synced: AtomicBool::new(true),
+            snapshot: Mutex::default(),
+        }
+    }
+
+    fn enabled() -> SyncStatus {
+        SyncStatus {
+            enabled: true,
+            synced: AtomicBool::new(false),
+            snapshot: Mutex::default(),
+        }
+    }
+
+    /// True once every peer heard has sent all its flows (or it is not configured).
+    pub(crate) fn is_synced(&self) -> bool {
+        self.synced.load(Ordering::Relaxed)
+    }
+
+    /// The counters, `None` without sync.
+    pub(crate) fn snapshot(&self) -> Option<Snapshot> {
+        self.enabled.then(|| {
+            self.snapshot
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .clone()
+        })
+    }
+}
+
+/// The tables of copies for `cfg`'s peers, none of them served yet. Their timeouts are the own table's
+/// plus the refresh period: a copy outlives a lost delete by at most that, and never expires while its
+/// owner refreshes it.
+pub(crate) fn standby(cfg: &SyncConfig, own: conntrack::Config, ports: PortRange) -> Standby {
+    let grace = Settings::new(0, 0, 0, 0).refresh;
+    let mut c = own;
+    c.timeouts.udp += grace;
+    c.timeouts.tcp_established += grace;
+    c.timeouts.tcp_transitory += grace;
+    c.timeouts.icmp += grace;
+    // the owner enforced its quotas; a copy is never refused for them
+    c.max_per_source = c.max_entries;
+    Standby::new(
+        cfg.peers
+            .iter()
+            .map(|p| {
+                let ips: Vec<IpAddr> = p.egress.iter().map(|&(_, ip)| ip).collect();
+                let table = Arc::new(Table::new(c, PortPools::new(&ips, ports)));
+                StandbyPeer::new(p.ordinal, ips, table)
+            })
+            .collect(),
+    )
+}
+
+/// Reads the shared key: at least [`MIN_KEY_LEN`] bytes, used as they are (a trailing newline included: a
+/// Secret made with `--from-file` keeps the file's bytes).
+pub(crate) fn read_key(path: &Path) -> Result<hmac::Key, String> {
+    let bytes = std::fs::read(path)
+        .map_err(|e| format!("sync.key_file {}: cannot read it: {e}", path.display()))?;
+    if bytes.len() < MIN_KEY_LEN {
+        return Err(format!(
+            "sync.key_file {}: {} bytes; the key needs at least {MIN_KEY_LEN} random bytes (e.g. `head -c 32 \
+             /dev/urandom > key`), the same on every replica of the set",
+            path.display(),
+            bytes.len()
+        ));
+    }
+    Ok(hmac::Key::new(hmac::HMAC_SHA256, &bytes))
+}
+
+/// What the thread needs to vet flow records.
+#[derive(Debug, Clone)]
+pub(crate) struct Vetting {
+    pub(crate) pod_cidrs: Vec<IpNet>,
+    /// The allowed tunnel sources; `None` when they come from the cluster's Nodes (not known here).
+    pub(crate) nodes: Option<Vec<IpNet>>,
+}
+
+struct Peer {
+    ordinal: u16,
+    address: SocketAddrV4,
+    /// (egress IP, uplink index here).
+    egress: Vec<(IpAddr, usize)>,
+    /// The table of its copies (in `standby`).
+    copies: Arc<Table>,
+}
+
+/// The running sync thread.
+pub(crate) struct Sync {
+    socket: UdpSocket,
+    poll: Poll,
+    key: Option<hmac::Key>,
+    replica: Replica,
+    peers: Vec<Peer>,
+    own: Arc<Table>,
+    events: Arc<FlowEvents>,
+    vetting: Vetting,
+    status: Arc<SyncStatus>,
+    snapshot: Snapshot,
+    refused: Vec<(&'static str, u64)>,
+}
+
+/// Binds the sync socket on `ip`:`cfg.port` and starts the thread; it stops when `shared.stop` is set.
+#[allow(clippy::too_many_arguments)] // the pieces of the gateway sync touches, each its own concern
+pub(crate) fn start(
+    cfg: &SyncConfig,
+    ip: Ipv4Addr,
+    key: Option<hmac::Key>,
+    standby: &Standby,
+    own: Arc<Table>,
+    events: Arc<FlowEvents>,
+    vetting: Vetting,
+    shared: Arc<Shared>,
+) -> Result<(Arc<SyncStatus>, std::thread::JoinHandle<()>), String> {
+    let listen = SocketAddrV4::new(ip, cfg.port);
+    let mut socket = UdpSocket::bind(SocketAddr::V4(listen))
+        .map_err(|e| format!("sync: cannot bind {listen}: {e}"))?;
+    let poll = Poll::new().map_err(|e| format!("sync: {e}"))?;
+    poll.registry()
+        .register(&mut socket, Token(0), Interest::READABLE)
+        .map_err(|e| format!("sync: {e}"))?;
+    let started_ms = SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX));
+    let mut settings = Settings::new(
+        cfg.set_id(),
+        cfg.ordinal,
+        crate::run::random_u64(),
+        started_ms,
+    );
+    settings.mac = key.is_some();
+    let ordinals: Vec<u16> = cfg.peers.iter().map(|p| p.ordinal).collect();
+    let replica = Replica::new(settings, own.slots(), &ordinals);
+    let peers = cfg
+        .peers
+        .iter()
+        .map(|p| {
+            let copies = standby
+                .peer(p.ordinal)
+                .map(|s| Arc::clone(s.table()))
+                .ok_or_else(|| format!("sync: peer {} has no table of copies", p.ordinal))?;
+            Ok(Peer {
+                ordinal: p.ordinal,
+                address: p.address,
+                egress: p.egress.iter().map(|&(u, ip)| (ip, u)).collect(),
+                copies,
+            })
+        })
+        .collect::<Result<_, String>>()?;
+    let status = Arc::new(SyncStatus::enabled());
+    let s = Sync {
+        socket,
+        poll,
+        key,
+        replica,
+        peers,
+        own,
+        events,
+        vetting,
+        status: Arc::clone(&status),
+        snapshot: Snapshot::default(),
+        refused: Vec::new(),
+    };
+    tracing::info!(
+        listen = %listen,
+        set = %cfg.set,
+        ordinal = cfg.ordinal,
+        peers = ?cfg.peers.iter().map(|p| format!("{}={}", p.ordinal, p.address)).collect::<Vec<_>>(),
+        authenticated = s.key.is_some(),
+        "state sync"
+    );
+    if s.key.is_none() {
+        tracing::warn!("sync.key_file is not set: sync datagrams are told apart by their source address alone; set a key on a network where pods can spoof addresses");
+    }
+    let thread = std::thread::Builder::new()
+        .name("sync".into())
+        .spawn(move || s.run(&shared))
+        .map_err(|e| format!("sync: cannot start its thread: {e}"))?;
+    Ok((status, thread))
+}
+
+impl Sync {
+    fn run(mut self, shared: &Shared) {
+        let start = shared.now();
+        let mut next_expire = start;
+        let mut next_publish = start;
+        let mut buf = vec![0u8; MAX_DATAGRAM];
+        let mut out = vec![0u8; MAX_DATAGRAM];
+        let mut events = Events::with_capacity(4);
+        while !shared.stop.load(Ordering::Relaxed) {
+            let now = shared.now();
+            self.take_events(now);
+            self.receive(&mut buf, now);
+            let guard = self.own.pin();
+            self.replica.tick(&self.own, now, &guard);
+            while let Some(len) = self.replica.poll_transmit(&self.own, now, &guard, &mut out) {
+                self.send(&mut out[..len]);
+            }
+            drop(guard);
+            if now >= next_expire {
+                next_expire = now + EXPIRE_EVERY;
+                for p in &self.peers {
+                    p.copies.expire(now, EXPIRE_BUDGET);
+                }
+            }
+            if now >= next_publish {
+                next_publish = now + PUBLISH_EVERY;
+                self.publish(now, now.saturating_since(start));
+            }
+            let wait = self
+                .replica
+                .poll_timeout(now)
+                .saturating_since(now)
+                .min(MAX_WAIT);
+            // readable or not, the next round reads until the socket would block
+            if let Err(e) = self.poll.poll(&mut events, Some(wait)) {
+                if e.kind() != ErrorKind::Interrupted {
+                    tracing::warn!(error = %e, "sync: poll");
+                    std::thread::sleep(wait);
+                }
+            }
+        }
+    }
+
+    /// The own table's flow events, to the outbox.
+    fn take_events(&mut self, now: Instant) {
+        while let Some(e) = self.events.pop() {
+            let id = FlowId {
+                proto: e.proto,
+                egress: e.egress.0,
+                ext_port: e.egress.1,
+                remote: e.dst.0,
+                remote_port: e.dst.1,
+            };
+            match e.kind {
+                FlowEventKind::Start => self.replica.flow_started(id, now),
+                FlowEventKind::End => {
+                    let finished =
+                        matches!(e.tcp_state, Some(TcpState::Closed | TcpState::TimeWait));
+                    self.replica.flow_ended(id, DeleteReason::Expired, finished);
+                }
+            }
+        }
+    }
+
+    /// Every datagram waiting on the socket.
+    fn receive(&mut self, buf: &mut [u8], now: Instant) {
+        loop {
+            let (n, from) = match self.socket.recv_from(buf) {
+                Ok(x) => x,
+                Err(e) if e.kind() == ErrorKind::WouldBlock => return,
+                Err(e) if e.kind() == ErrorKind::Interrupted => continue,
+                Err(e) => {
+                    tracing::debug!(error = %e, "sync: receive");
+                    return;
+                }
+            };
+            self.snapshot.rx_datagrams += 1;
+            self.snapshot.rx_bytes += n as u64;
+            if let Err(r) = self.accept(&buf[..n], from, now) {
+                let label = r.label();
+                match self.refused.iter_mut().find(|(l, _)| *l == label) {
+                    Some((_, c)) => *c += 1,
+                    None => self.refused.push((label, 1)),
+                }
+            }
+        }
+    }
+
+    /// One datagram from `from`: authenticated, attributed to a peer, applied to its copies.
+    fn accept(&mut self, bytes: &[u8], from: SocketAddr, now: Instant) -> Result<(), Refusal> {
+        let SocketAddr::V4(from) = from else {
+            return Err(Refusal::UnknownSource);
+        };
+        let dg = Datagram::new_checked(bytes).map_err(|e| Refusal::Protocol(e.label()))?;
+        let index = if let Some(key) = &self.key {
+            let mac = dg.mac().ok_or(Refusal::BadMac)?;
+            if !mac_matches(key, dg.authenticated(), mac) {
+                return Err(Refusal::BadMac);
+            }
+            let ordinal = dg.header().ordinal;
+            let i = self
+                .peers
+                .iter()
+                .position(|p| p.ordinal == ordinal)
+                .ok_or(Refusal::Protocol("wrong_sender"))?;
+            if self.peers[i].address != from {
+                tracing::info!(peer = ordinal, old = %self.peers[i].address, new = %from, "sync: peer moved");
+                self.peers[i].address = from;
+            }
+            i
+        } else {
+            if dg.mac().is_some() {
+                // a keyed peer talking to a replica without the key: a configuration mismatch
+                return Err(Refusal::BadMac);
+            }
+            self.peers
+                .iter()
+                .position(|p| p.address == from)
+                .ok_or(Refusal::UnknownSource)?
+        };
+        let peer = &self.peers[index];
+        let egress = &peer.egress;
+        let vetting = &self.vetting;
+        let uplink = |ip: IpAddr| {
+            egress
+                .iter()
+                .find(|(e, _)| *e == ip)
+                .and_then(|&(_, u)| forwarder_core::flow::UplinkId::try_from(u).ok())
+        };
+        let accept = |f: &wire::FlowRecord| {
+            vetting.pod_cidrs.iter().any(|n| n.contains(&f.pod))
+                && vetting
+                    .nodes
+                    .as_ref()
+                    .is_none_or(|ns| ns.iter().any(|n| n.contains(&IpAddr::V4(f.node))))
+        };
+        let guard = peer.copies.pin();
+        self.replica
+            .receive(
+                peer.ordinal,
+                bytes,
+                &peer.copies,
+                uplink,
+                accept,
+                now,
+                &guard,
+            )
+            .map(|_| ())
+            .map_err(|e| Refusal::Protocol(e.label()))
+    }
+
+    /// Sends the datagram in `buf` to every peer, each with its acknowledgement and MAC.
+    fn send(&mut self, buf: &mut [u8]) {
+        for p in &self.peers {
+            self.replica.stamp(p.ordinal, buf);
+            if let Some(key) = &self.key {
+                let n = buf.len() - wire::MAC_LEN;
+                let tag = mac_of(key, &buf[..n]);
+                buf[n..].copy_from_slice(&tag);
+            }
+            match self.socket.send_to(buf, SocketAddr::V4(p.address)) {
+                Ok(n) => {
+                    self.snapshot.tx_datagrams += 1;
+                    self.snapshot.tx_bytes += n as u64;
+                }
+                Err(e) => {
+                    self.snapshot.tx_errors += 1;
+                    tracing::debug!(peer = p.ordinal, error = %e, "sync: send");
+                }
+            }
+        }
+    }
+
+    /// Publishes the counters and decides whether this replica is synced.
+    fn publish(&mut self, now: Instant, up: Duration) {
+        let phases: Vec<PeerPhase> = self
+            .peers
+            .iter()
+            .map(|p| {
+                self.replica
+                    .peer_phase(p.ordinal, now)
+                    .unwrap_or(PeerPhase::Unknown)
+            })
+            .collect();
+        // Synced: every peer heard has sent all its flows, or went silent; one not heard yet may still be
+        // starting, so wait for it a little.
+        let synced = up >= SYNC_DEADLINE
+            || phases.iter().all(|p| match p {
+                PeerPhase::InSync | PeerPhase::Silent => true,
+                PeerPhase::Unknown => up >= STARTUP_WAIT,
+                PeerPhase::Syncing => false,
+            });
+        if synced && !self.status.is_synced() {
+            tracing::info!(
+                after_ms = up.as_millis(),
+                peers = ?self.peers.iter().zip(&phases).map(|(p, ph)| format!("{}:{ph:?}", p.ordinal)).collect::<Vec<_>>(),
+                "sync: this replica has its peers' flows"
+            );
+        }
+        self.status.synced.store(synced, Ordering::Relaxed);
+        self.snapshot.replica = self.replica.stats();
+        self.snapshot.outbox = self.replica.outbox_stats();
+        self.snapshot.refused.clone_from(&self.refused);
+        self.snapshot.events_dropped = self.events.dropped();
+        self.snapshot.peers = self
+            .peers
+            .iter()
+            .zip(phases)
+            .map(|(p, phase)| PeerView {
+                ordinal: p.ordinal,
+                address: p.address,
+                phase,
+                copies: p.copies.len(),
+                stream: self.replica.peer_stats(p.ordinal).unwrap_or_default(),
+            })
+            .collect();
+        *self
+            .status
+            .snapshot
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner) = self.snapshot.clone();
+    }
+}
+
+/// The MAC of `data`: HMAC-SHA256 truncated to its first [`wire::MAC_LEN`] bytes (RFC 2104 §5).
+fn mac_of(key: &hmac::Key, data: &[u8]) -> [u8; wire::MAC_LEN] {
+    let mut out = [0u8; wire::MAC_LEN];
+    out.copy_from_slice(&hmac::sign(key, data).as_ref()[..wire::MAC_LEN]);
+    out
+}
+
+/// Whether `mac` is the MAC of `data`, compared in constant time (ring's `hmac::verify` wants the whole
+/// 32-byte tag).
+fn mac_matches(key: &hmac::Key, data: &[u8], mac: &[u8]) -> bool {
+    let expected = mac_of(key, data);
+    mac.len() == expected.len()
+        && expected
+            .iter()
+            .zip(mac)
+            .fold(0u8, |acc, (a, b)| acc | (a ^ b))
+            == 0
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_mac_verifies_only_under_its_key_and_over_its_bytes() {
+        let key = hmac::Key::new(hmac::HMAC_SHA256, &[7; 32]);
+        let other = hmac::Key::new(hmac::HMAC_SHA256, &[8; 32]);
+        let mac = mac_of(&key, b"datagram");
+        assert!(mac_matches(&key, b"datagram", &mac));
+        assert!(!mac_matches(&other, b"datagram", &mac));
+        assert!(!mac_matches(&key, b"datagrab", &mac));
+        assert!(!mac_matches(&key, b"datagram", &mac[..15]));
+    }
+}
