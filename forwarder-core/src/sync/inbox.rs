@@ -10,6 +10,8 @@
 //!   address is refused by the table itself (`NoPool`): a peer can only ever speak for its own egress IPs —
 //!   a forged flow would otherwise open an inbound path to a pod (the warning of OpenBSD's pfsync(4));
 //! * a delete removes the copy;
+//! * the first datagram of a new incarnation of the peer (a new epoch: it restarted) removes every copy of
+//!   the previous one — its flows died with it;
 //! * NACK and bulk records addressed to this replica, and heartbeats, are handed back in [`Applied`];
 //!   those addressed to another peer of the set are skipped.
 
@@ -77,6 +79,11 @@ pub fn apply<T: AsRef<[u8]>>(
     if matches!(verdict, Verdict::Stale | Verdict::OldEpoch) {
         return out;
     }
+    if verdict == Verdict::NewEpoch {
+        // A new incarnation of the peer: what its previous one had is gone with it, and a copy of it must
+        // not keep a connection alive that no replica can carry on (its pod gets a reset instead).
+        out.removed += forget(copies, now, guard);
+    }
     for rec in dg.records() {
         match rec {
             Ok(Record::Flow(f)) => {
@@ -112,4 +119,17 @@ pub fn apply<T: AsRef<[u8]>>(
         }
     }
     out
+}
+
+/// Removes every copy in `copies`; returns how many.
+fn forget(copies: &Table, now: Instant, guard: &Guard) -> u32 {
+    let mut keys = Vec::new();
+    copies.for_each(guard, |f| keys.push(f.reply_key()));
+    let mut n = 0;
+    for k in &keys {
+        if copies.remove(k, now, guard) {
+            n += 1;
+        }
+    }
+    n
 }

@@ -163,8 +163,9 @@ fn two_replicas_converge_and_stay_in_sync() {
     );
 }
 
-/// A peer that stops is reported silent after `dead_after`; restarted (a new epoch, empty tables) it asks
-/// for a bulk transfer and gets every flow back, while the copies the survivor holds of it stay.
+/// A peer that stops is reported silent after `dead_after`, and the survivor keeps its copies (to carry
+/// its flows on); restarted (a new epoch, empty tables) it asks for a bulk transfer and gets every flow
+/// back, and the survivor drops the copies of its previous incarnation.
 #[test]
 fn a_silent_peer_is_reported_and_a_restarted_one_resyncs() {
     let mut nodes = [Node::new(0, 0xA), Node::new(1, 0xB)];
@@ -193,6 +194,12 @@ fn a_silent_peer_is_reported_and_a_restarted_one_resyncs() {
     );
     assert_eq!(nodes[1].sync.peer_phase(0, now), Some(PeerPhase::InSync));
     assert_eq!(nodes[0].sync.peer_phase(1, now), Some(PeerPhase::InSync));
+    same(
+        &nodes[0].copies,
+        &nodes[1].own,
+        "the previous incarnation's copies are gone",
+    );
+    assert!(nodes[0].sync.stats().removed >= 50);
     assert!(
         nodes[0].sync.stats().bulk_served >= 2,
         "{:?}",
