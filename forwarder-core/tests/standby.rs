@@ -138,8 +138,9 @@ fn pod_tcp_flags(sport: u16, flags: &str) -> Vec<u8> {
 }
 
 /// B does nothing for A's flows while it does not serve A — a segment of A's connection from the pod is
-/// answered with a reset, a reply to A's address is unsolicited — and translates them as A did once it
-/// serves A: out with A's egress address and external port, back to the pod through the node.
+/// dropped, without the reset a connection nobody knows gets (A may be taken over any moment), and a reply
+/// to A's address is unsolicited — and translates them as A did once it serves A: out with A's egress
+/// address and external port, back to the pod through the node.
 #[test]
 fn a_peers_flows_are_translated_only_while_served() {
     let (images, port, _) = flows_of_a();
@@ -149,9 +150,20 @@ fn a_peers_flows_are_translated_only_while_served() {
 
     // not served: as today
     assert!(!standby.serving_any());
-    assert!(matches!(out(&mut b, &data, T1), Out::Tun { .. }), "a reset");
-    assert_eq!(b.stats().tcp_resets_sent, 1);
+    assert_eq!(
+        out(&mut b, &data, T1),
+        Out::Drop(Reason::TcpNoSynForNewFlow),
+        "no reset: a peer holds the flow"
+    );
+    assert_eq!(b.stats().tcp_resets_sent, 0);
     assert_eq!(b.stats().dropped(Reason::TcpNoSynForNewFlow), 1);
+    // a connection no replica knows still gets its reset
+    let unknown = pod_tcp(SERVER, 40999, 443, false, b"more");
+    assert!(
+        matches!(out(&mut b, &unknown, T1), Out::Tun { .. }),
+        "a reset"
+    );
+    assert_eq!(b.stats().tcp_resets_sent, 1);
     assert_eq!(inb(&mut b, 0, &reply, T1), Out::Drop(Reason::NoFlow));
     assert_eq!(b.stats().dropped(Reason::NoFlow), 1);
     assert_eq!((b.stats().standby_out, b.stats().standby_in), (0, 0));
@@ -221,7 +233,7 @@ fn new_connections_while_serving_get_the_replicas_own_address() {
     assert_eq!(ip4_src(&f[14..]), DMZ_EGRESS);
 }
 
-/// Serving stops again: A's connections are answered as before it started.
+/// Serving stops again: A's connections are treated as before it started.
 #[test]
 fn unserving_stops_the_translation() {
     let (images, port, udp_port) = flows_of_a();
@@ -236,7 +248,11 @@ fn unserving_stops_the_translation() {
     assert!(!standby.set_serving(A, false));
     assert!(!standby.serving_any() && !standby.is_serving(A));
     assert!(standby.served_addresses().is_empty());
-    assert!(matches!(out(&mut b, &data, T1), Out::Tun { .. }), "a reset");
+    assert_eq!(
+        out(&mut b, &data, T1),
+        Out::Drop(Reason::TcpNoSynForNewFlow),
+        "dropped, not reset: A holds it"
+    );
     assert_eq!(inb(&mut b, 0, &reply, T1), Out::Drop(Reason::NoFlow));
     let tcp_reply = outside_tcp(SERVER, A_EGRESS, 443, port, "A", 5000, 1005);
     assert_eq!(inb(&mut b, 0, &tcp_reply, T1), Out::Drop(Reason::NoFlow));

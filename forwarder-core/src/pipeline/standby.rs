@@ -159,6 +159,19 @@ impl Standby {
             .find_map(|p| p.table.lookup_outbound_at(key, now, guard))
     }
 
+    /// Whether any peer — served or not — holds a copy of the outbound flow `key`. A TCP segment of such a
+    /// flow that finds no flow here is not answered with a reset: its owner may be about to be taken over
+    /// (it went silent, and the node agents moved its traffic here before this replica adopted it).
+    pub fn holds_outbound(&self, key: &FlowKey) -> bool {
+        let Some(first) = self.peers.first() else {
+            return false;
+        };
+        let guard = first.table.pin();
+        self.peers
+            .iter()
+            .any(|p| p.table.lookup_outbound(key, &guard).is_some())
+    }
+
     /// The copy of an inbound packet's flow, by the tuple as received (dst = the peer's egress address), in
     /// the tables of the served peers whose egress addresses hold `key.dst`; `None` for anything else, so an
     /// unsolicited packet to a peer's address is dropped as before while that peer is not served.
