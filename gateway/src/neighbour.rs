@@ -340,6 +340,39 @@ pub(crate) fn request(
     }
 }
 
+/// Builds an announcement that `ip` is at `our_mac` into `out` (at least [`MAX_FRAME`]); returns its length.
+/// IPv4: a gratuitous ARP request with sender and target address `ip`, broadcast (RFC 5227 §2.3 explains
+/// why a request; Linux replaces an existing entry on it whatever `arp_accept` says). IPv6: an unsolicited
+/// Neighbor Advertisement to all-nodes with the Override flag and the target link-layer address
+/// (RFC 4861 §7.2.6).
+pub(crate) fn announce(ip: IpAddr, our_mac: MacAddr, out: &mut [u8]) -> usize {
+    match ip {
+        IpAddr::V4(a) => {
+            let n = ethernet::emit(
+                &ethernet::BROADCAST,
+                &our_mac,
+                ethernet::ethertype::ARP,
+                out,
+            );
+            n + arp::emit(arp::OP_REQUEST, &our_mac, a, &[0; 6], a, &mut out[n..])
+        }
+        IpAddr::V6(a) => {
+            let all_nodes = Ipv6Addr::new(0xff02, 0, 0, 0, 0, 0, 0, 1);
+            emit_ndp(
+                ICMPV6_NA,
+                our_mac,
+                multicast_mac(&all_nodes),
+                a,
+                all_nodes,
+                a,
+                NA_OVERRIDE,
+                OPT_TARGET_LL,
+                out,
+            )
+        }
+    }
+}
+
 #[cfg(test)]
 #[allow(clippy::unwrap_used)]
 mod tests {
@@ -467,6 +500,21 @@ mod tests {
     }
 
     /// Only a reply to our address and MAC, or a solicited advertisement to our address, can answer us.
+    #[test]
+    fn an_announcement_is_heard_as_an_unsolicited_claim_of_the_address() {
+        let mut frame = [0u8; MAX_FRAME];
+        let theirs = [2, 0, 0, 0, 0, 9];
+        for ip in ["203.0.113.77", "2001:db8:113::77"] {
+            let ip: IpAddr = ip.parse().unwrap();
+            let n = announce(ip, theirs, &mut frame);
+            let heard = handle(&frame[..n], OUR_MAC, &ours(), &mut [0u8; MAX_FRAME]);
+            let claim = heard.claim.expect("a claim");
+            assert_eq!((claim.ip, claim.mac), (ip, theirs), "{ip}");
+            assert_eq!(claim.kind, ClaimKind::Unsolicited, "{ip}");
+            assert!(heard.reply_len.is_none(), "{ip}: not answered");
+        }
+    }
+
     #[test]
     fn tells_answers_from_unsolicited_claims() {
         const EVIL: MacAddr = [2, 0xe, 0xe, 0xe, 0xe, 0xe];
