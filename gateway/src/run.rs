@@ -66,7 +66,7 @@ pub(crate) fn run(path: &Path, tunnel_ip: Option<Ipv4Addr>) -> Result<(), RunErr
     telemetry::init_logs(cfg.log_format == LogFormat::Json);
 
     let mut uplinks = Vec::with_capacity(cfg.uplinks.len());
-    for u in &cfg.uplinks {
+    for (index, u) in cfg.uplinks.iter().enumerate() {
         let link = Interface::by_name(&u.interface)
             .map_err(|e| setup(format!("{}: uplink {}: {e}", path.display(), u.name)))?;
         if u32::from(u.mtu) > link.mtu {
@@ -78,6 +78,14 @@ pub(crate) fn run(path: &Path, tunnel_ip: Option<Ipv4Addr>) -> Result<(), RunErr
             interface: u.interface.clone(),
             link,
             egress: u.egress_ips.clone(),
+            peer_egress: cfg
+                .sync
+                .iter()
+                .flat_map(|s| &s.peers)
+                .flat_map(|p| p.egress.iter().map(move |&(i, ip)| (p.ordinal, i, ip)))
+                .filter(|&(_, i, _)| i == index)
+                .map(|(o, _, ip)| (o, ip))
+                .collect(),
             mtu: u.mtu,
         });
     }
@@ -143,7 +151,8 @@ pub(crate) fn run(path: &Path, tunnel_ip: Option<Ipv4Addr>) -> Result<(), RunErr
                 sc,
                 *cfg.tunnel.listen.ip(),
                 sync_key,
-                standby,
+                Arc::clone(standby),
+                cfg.health_listen.port(),
                 own_table,
                 queue,
                 vetting,
@@ -231,6 +240,7 @@ pub(crate) fn run(path: &Path, tunnel_ip: Option<Ipv4Addr>) -> Result<(), RunErr
         nodes,
         learned: None,
         nodes_error: None,
+        announcer: Announcer::default(),
     };
     control.resolve_next_hops();
     // With the Node watch, ready once the nodes are known (poll_nodes).
@@ -258,6 +268,7 @@ pub(crate) fn run(path: &Path, tunnel_ip: Option<Ipv4Addr>) -> Result<(), RunErr
             control.neighbours();
         }
         control.poll_nodes(drain_until.is_some());
+        control.announce();
         if hup.swap(false, Ordering::Relaxed) {
             control.reload("SIGHUP");
         }
@@ -514,6 +525,55 @@ struct Control {
     learned: Option<BTreeSet<Ipv4Addr>>,
     /// The Node watch's last error, logged once until it recovers.
     nodes_error: Option<String>,
+    /// Addresses to announce on the uplinks (sync: peers' addresses adopted, our own after a restart).
+    announcer: Announcer,
+}
+
+/// When an address is announced after it was taken over: at once, twice more 100 ms apart, and again at
+/// 1 s and 3 s (keepalived sends 5 gratuitous ARPs at once and 5 more after 5 s; fewer, sooner, is enough
+/// for a Linux router, which replaces its entry on the first — see `neighbour::announce`).
+const ANNOUNCE_AT: [Duration; 5] = [
+    Duration::ZERO,
+    Duration::from_millis(100),
+    Duration::from_millis(200),
+    Duration::from_secs(1),
+    Duration::from_secs(3),
+];
+
+/// The addresses this replica has claimed on its uplinks and the announcements still due.
+#[derive(Debug, Default)]
+struct Announcer {
+    /// (uplink, address) announced as ours now.
+    claimed: BTreeSet<(usize, IpAddr)>,
+    /// (when, uplink, address).
+    due: Vec<(Instant, usize, IpAddr)>,
+}
+
+impl Announcer {
+    /// Makes `now_ours` the claimed set: newly claimed addresses get their announcements scheduled, ones
+    /// given up lose theirs. Returns how many were newly claimed.
+    fn claim(&mut self, now_ours: BTreeSet<(usize, IpAddr)>, now: Instant) -> usize {
+        let new: Vec<(usize, IpAddr)> = now_ours.difference(&self.claimed).copied().collect();
+        self.due.retain(|(_, u, ip)| now_ours.contains(&(*u, *ip)));
+        for &(u, ip) in &new {
+            self.due
+                .extend(ANNOUNCE_AT.iter().map(|d| (now + *d, u, ip)));
+        }
+        self.claimed = now_ours;
+        new.len()
+    }
+
+    /// The announcements due at `now`, removed from the schedule.
+    fn take_due(&mut self, now: Instant) -> Vec<(usize, IpAddr)> {
+        let due: Vec<(usize, IpAddr)> = self
+            .due
+            .iter()
+            .filter(|(t, ..)| *t <= now)
+            .map(|&(_, u, ip)| (u, ip))
+            .collect();
+        self.due.retain(|(t, ..)| *t > now);
+        due
+    }
 }
 
 impl Control {
@@ -641,6 +701,42 @@ impl Control {
             let to = crate::io::packet::link_addr(up.link.index, 0);
             if let Err(e) = tx.send_one(&to, &self.scratch[..n]) {
                 tracing::warn!(uplink = %up.name, %ip, error = %e, "cannot send a neighbour request");
+            }
+        }
+    }
+
+    /// Claims the addresses this replica answers for beyond the configured ones: with `sync`, its own once
+    /// it has its peers' flows (a peer may have adopted them while this replica was away) and the served
+    /// peers' while it serves them; sends the announcements due.
+    fn announce(&mut self) {
+        let now = Instant::now();
+        if self.cfg.sync.is_some() {
+            let mut ours = BTreeSet::new();
+            if self.telemetry.sync.is_synced() {
+                for (i, u) in self.shared.uplinks.iter().enumerate() {
+                    ours.extend(u.egress.iter().map(|ip| (i, *ip)));
+                }
+            }
+            if let Some(s) = self.shared.gateway().standby() {
+                for (i, u) in self.shared.uplinks.iter().enumerate() {
+                    ours.extend(
+                        u.peer_egress
+                            .iter()
+                            .filter(|(o, _)| s.is_serving(*o))
+                            .map(|&(_, ip)| (i, ip)),
+                    );
+                }
+            }
+            self.announcer.claim(ours, now);
+        }
+        for (u, ip) in self.announcer.take_due(now) {
+            let (Some(up), Some(tx)) = (self.shared.uplinks.get(u), self.control_tx.get(u)) else {
+                continue;
+            };
+            let n = neighbour::announce(ip, up.link.mac, &mut self.scratch);
+            let to = crate::io::packet::link_addr(up.link.index, 0);
+            if let Err(e) = tx.send_one(&to, &self.scratch[..n]) {
+                tracing::warn!(uplink = %up.name, %ip, error = %e, "cannot announce an address");
             }
         }
     }

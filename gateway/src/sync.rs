@@ -50,6 +50,11 @@ const PUBLISH_EVERY: Duration = Duration::from_millis(100);
 const MAX_WAIT: Duration = Duration::from_millis(2);
 /// Largest datagram accepted (the sender's `datagram` is 1400).
 const MAX_DATAGRAM: usize = 2048;
+/// Health probes a silent peer must leave unanswered before it is declared dead, and their spacing.
+const FENCE_PROBES: u32 = 3;
+const FENCE_GAP: Duration = Duration::from_millis(50);
+/// A silent peer that still answers its health probe is probed again this often.
+const FENCE_RECHECK: Duration = Duration::from_secs(1);
 
 /// Why a datagram was refused before anything in it was applied.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -78,6 +83,8 @@ pub(crate) struct PeerView {
     pub(crate) ordinal: u16,
     pub(crate) address: SocketAddrV4,
     pub(crate) phase: PeerPhase,
+    /// This replica carries its addresses and flows now.
+    pub(crate) serving: bool,
     pub(crate) copies: usize,
     pub(crate) stream: StreamStats,
 }
@@ -97,6 +104,8 @@ pub(crate) struct Snapshot {
     pub(crate) refused: Vec<(&'static str, u64)>,
     /// Flow events the queue dropped (the refresh scan sends those flows later).
     pub(crate) events_dropped: u64,
+    /// Dead peers taken over.
+    pub(crate) takeovers: u64,
 }
 
 /// What the rest of the gateway sees of sync: whether this replica has its peers' flows, and the counters.
@@ -122,6 +131,16 @@ impl SyncStatus {
             enabled: true,
             synced: AtomicBool::new(false),
             snapshot: Mutex::default(),
+        }
+    }
+
+    /// A status with `snapshot`, synced (for tests of what is rendered from it).
+    #[cfg(test)]
+    pub(crate) fn with_snapshot(snapshot: Snapshot) -> SyncStatus {
+        SyncStatus {
+            enabled: true,
+            synced: AtomicBool::new(true),
+            snapshot: Mutex::new(snapshot),
         }
     }
 
@@ -196,11 +215,31 @@ struct Peer {
     egress: Vec<(IpAddr, usize)>,
     /// The table of its copies (in `standby`).
     copies: Arc<Table>,
+    fence: Fence,
+}
+
+/// The check that a silent peer is really dead before its addresses are taken over: its health probe (the
+/// one the node agents send, `probe.rs`) must go unanswered too. A peer cut off only from sync still
+/// answers it, and keeps its addresses.
+#[derive(Debug, Clone, Copy, Default)]
+struct Fence {
+    /// Probes sent since it went silent.
+    sent: u32,
+    last_sent: Option<Instant>,
+    nonce: u64,
+    /// It answered a probe since it went silent.
+    answered: bool,
 }
 
 /// The running sync thread.
 pub(crate) struct Sync {
     socket: UdpSocket,
+    /// Health probes to silent peers (their UDP health port is `health_port`, as ours).
+    probe: UdpSocket,
+    health_port: u16,
+    ordinal: u16,
+    standby: Arc<Standby>,
+    takeovers: u64,
     poll: Poll,
     key: Option<hmac::Key>,
     replica: Replica,
@@ -219,7 +258,8 @@ pub(crate) fn start(
     cfg: &SyncConfig,
     ip: Ipv4Addr,
     key: Option<hmac::Key>,
-    standby: &Standby,
+    standby: Arc<Standby>,
+    health_port: u16,
     own: Arc<Table>,
     events: Arc<FlowEvents>,
     vetting: Vetting,
@@ -228,9 +268,14 @@ pub(crate) fn start(
     let listen = SocketAddrV4::new(ip, cfg.port);
     let mut socket = UdpSocket::bind(SocketAddr::V4(listen))
         .map_err(|e| format!("sync: cannot bind {listen}: {e}"))?;
+    let mut probe = UdpSocket::bind(SocketAddr::V4(SocketAddrV4::new(ip, 0)))
+        .map_err(|e| format!("sync: cannot bind the health probe socket on {ip}: {e}"))?;
     let poll = Poll::new().map_err(|e| format!("sync: {e}"))?;
     poll.registry()
         .register(&mut socket, Token(0), Interest::READABLE)
+        .map_err(|e| format!("sync: {e}"))?;
+    poll.registry()
+        .register(&mut probe, Token(1), Interest::READABLE)
         .map_err(|e| format!("sync: {e}"))?;
     let started_ms = SystemTime::now()
         .duration_since(SystemTime::UNIX_EPOCH)
@@ -257,12 +302,18 @@ pub(crate) fn start(
                 address: p.address,
                 egress: p.egress.iter().map(|&(u, ip)| (ip, u)).collect(),
                 copies,
+                fence: Fence::default(),
             })
         })
         .collect::<Result<_, String>>()?;
     let status = Arc::new(SyncStatus::enabled());
     let s = Sync {
         socket,
+        probe,
+        health_port,
+        ordinal: cfg.ordinal,
+        standby,
+        takeovers: 0,
         poll,
         key,
         replica,
@@ -304,6 +355,7 @@ impl Sync {
             let now = shared.now();
             self.take_events(now);
             self.receive(&mut buf, now);
+            self.watch(&mut buf, now);
             let guard = self.own.pin();
             self.replica.tick(&self.own, now, &guard);
             while let Some(len) = self.replica.poll_transmit(&self.own, now, &guard, &mut out) {
@@ -465,6 +517,91 @@ impl Sync {
         }
     }
 
+    /// Takes over the addresses and flows of a peer that is dead — silent on sync for `dead_after` and
+    /// not answering its health probe — when this replica is the lowest ordinal alive; gives them up when
+    /// the peer is heard again.
+    fn watch(&mut self, buf: &mut [u8], now: Instant) {
+        loop {
+            let (n, from) = match self.probe.recv_from(buf) {
+                Ok(x) => x,
+                Err(e) if e.kind() == ErrorKind::Interrupted => continue,
+                Err(_) => break,
+            };
+            for p in &mut self.peers {
+                if IpAddr::V4(*p.address.ip()) == from.ip()
+                    && crate::probe::parse_reply(&buf[..n], p.fence.nonce).is_some()
+                {
+                    p.fence.answered = true;
+                }
+            }
+        }
+        let phases: Vec<PeerPhase> = self
+            .peers
+            .iter()
+            .map(|p| {
+                self.replica
+                    .peer_phase(p.ordinal, now)
+                    .unwrap_or(PeerPhase::Unknown)
+            })
+            .collect();
+        // The lowest ordinal among the replicas heard (and this one) takes over (split brain: docs/failover.md).
+        let lowest = self
+            .peers
+            .iter()
+            .zip(&phases)
+            .filter(|(_, ph)| matches!(ph, PeerPhase::InSync | PeerPhase::Syncing))
+            .map(|(p, _)| p.ordinal)
+            .fold(self.ordinal, u16::min);
+        for (p, phase) in self.peers.iter_mut().zip(phases) {
+            let serving = self.standby.is_serving(p.ordinal);
+            if phase != PeerPhase::Silent {
+                p.fence = Fence::default();
+                if serving && phase != PeerPhase::Unknown {
+                    self.standby.set_serving(p.ordinal, false);
+                    tracing::warn!(
+                        peer = p.ordinal,
+                        "sync: peer is back; its addresses and flows are its own again"
+                    );
+                }
+                continue;
+            }
+            if serving {
+                continue;
+            }
+            let f = &mut p.fence;
+            let since = f.last_sent.map(|t| now.saturating_since(t));
+            if f.answered {
+                // alive, only cut off from sync: no takeover; ask again now and then
+                if since.is_none_or(|d| d >= FENCE_RECHECK) {
+                    *f = Fence::default();
+                }
+                continue;
+            }
+            if f.sent >= FENCE_PROBES && since.is_some_and(|d| d >= FENCE_GAP) {
+                if lowest == self.ordinal {
+                    self.standby.set_serving(p.ordinal, true);
+                    self.takeovers += 1;
+                    tracing::warn!(
+                        peer = p.ordinal,
+                        addresses = ?p.egress.iter().map(|(ip, _)| ip.to_string()).collect::<Vec<_>>(),
+                        copies = p.copies.len(),
+                        "sync: peer is dead (silent, health probe unanswered); taking over its addresses and flows"
+                    );
+                }
+                continue;
+            }
+            if since.is_none_or(|d| d >= FENCE_GAP) {
+                if f.sent == 0 {
+                    f.nonce = crate::run::random_u64();
+                }
+                let to = SocketAddr::from((*p.address.ip(), self.health_port));
+                let _ = self.probe.send_to(&crate::probe::request(f.nonce), to);
+                f.sent += 1;
+                f.last_sent = Some(now);
+            }
+        }
+    }
+
     /// Publishes the counters and decides whether this replica is synced.
     fn publish(&mut self, now: Instant, up: Duration) {
         let phases: Vec<PeerPhase> = self
@@ -496,6 +633,7 @@ impl Sync {
         self.snapshot.outbox = self.replica.outbox_stats();
         self.snapshot.refused.clone_from(&self.refused);
         self.snapshot.events_dropped = self.events.dropped();
+        self.snapshot.takeovers = self.takeovers;
         self.snapshot.peers = self
             .peers
             .iter()
@@ -504,6 +642,7 @@ impl Sync {
                 ordinal: p.ordinal,
                 address: p.address,
                 phase,
+                serving: self.standby.is_serving(p.ordinal),
                 copies: p.copies.len(),
                 stream: self.replica.peer_stats(p.ordinal).unwrap_or_default(),
             })

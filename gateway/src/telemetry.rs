@@ -228,6 +228,21 @@ pub(crate) const METRICS: &[(&str, &str, &str)] = &[
         "Passive copies of each peer's flows held here, by peer ordinal.",
     ),
     (
+        "egress_gateway_sync_takeovers_total",
+        "counter",
+        "Dead peers whose egress IPs and flows this replica took over.",
+    ),
+    (
+        "egress_gateway_sync_serving",
+        "gauge",
+        "1 while this replica carries a dead peer's egress IPs and flows, by peer ordinal.",
+    ),
+    (
+        "egress_gateway_standby_packets_total",
+        "counter",
+        "Packets translated with a dead peer's flows (its egress IP and port), by direction (outbound, inbound).",
+    ),
+    (
         "egress_gateway_sync_missed_total",
         "counter",
         "Sequence numbers of a peer's stream found missing (asked for again), by peer ordinal.",
@@ -391,6 +406,10 @@ impl Telemetry {
                 .absolute(s.icmp_suppressed);
             counter!("egress_gateway_local_replies_total", &wl).absolute(s.local_replies);
             counter!("egress_gateway_tcp_resets_sent_total", &wl).absolute(s.tcp_resets_sent);
+            for (dir, n) in [("outbound", s.standby_out), ("inbound", s.standby_in)] {
+                let labels = [("direction", dir.to_string()), ("worker", worker.clone())];
+                counter!("egress_gateway_standby_packets_total", &labels).absolute(n);
+            }
             counter!("egress_gateway_gso_whole_total", &wl).absolute(r.gso_whole);
             counter!("egress_gateway_gso_segmented_total", &wl).absolute(r.gso_segmented);
             counter!("egress_gateway_checksums_completed_total", &wl)
@@ -506,6 +525,7 @@ fn update_sync(snap: &crate::sync::Snapshot) {
     counter!("egress_gateway_sync_events_dropped_total").absolute(snap.events_dropped + o.overflow);
     counter!("egress_gateway_sync_bulk_total", "role" => "requested").absolute(r.bulk_requests);
     counter!("egress_gateway_sync_bulk_total", "role" => "served").absolute(r.bulk_served);
+    counter!("egress_gateway_sync_takeovers_total").absolute(snap.takeovers);
     for p in &snap.peers {
         let peer = p.ordinal.to_string();
         for (name, phase) in [
@@ -518,6 +538,8 @@ fn update_sync(snap: &crate::sync::Snapshot) {
                 .set(f64::from(u8::from(p.phase == phase)));
         }
         gauge!("egress_gateway_sync_copies", "peer" => peer.clone()).set(f64_of(p.copies));
+        gauge!("egress_gateway_sync_serving", "peer" => peer.clone())
+            .set(f64::from(u8::from(p.serving)));
         counter!("egress_gateway_sync_missed_total", "peer" => peer).absolute(p.stream.missed);
     }
 }
@@ -601,6 +623,7 @@ mod tests {
                     mtu: 1500,
                 },
                 egress: vec!["203.0.113.10".parse().unwrap()],
+                peer_egress: Vec::new(),
                 mtu: 1500,
             }],
             tunnel_listen: "172.18.0.3:4790".parse().unwrap(),
@@ -629,8 +652,21 @@ mod tests {
             icmp: vec!["198.51.100.1".parse().unwrap()],
             tcp: vec!["198.51.100.1:443".parse().unwrap()],
         };
-        let t =
-            Telemetry::new().with_upstream(Arc::new(crate::upstream::Status::new(Some(&probes))));
+        let sync = crate::sync::Snapshot {
+            peers: vec![crate::sync::PeerView {
+                ordinal: 1,
+                address: "172.18.0.4:4792".parse().unwrap(),
+                phase: forwarder_core::sync::replica::PeerPhase::InSync,
+                serving: false,
+                copies: 3,
+                stream: Default::default(),
+            }],
+            refused: vec![("bad_mac", 1)],
+            ..Default::default()
+        };
+        let t = Telemetry::new()
+            .with_upstream(Arc::new(crate::upstream::Status::new(Some(&probes))))
+            .with_sync(Arc::new(crate::sync::SyncStatus::with_snapshot(sync)));
         t.upstream.targets()[0]
             .rtt_nanos
             .store(1_000_000, Ordering::Relaxed);
@@ -662,8 +698,21 @@ mod tests {
             icmp: vec!["198.51.100.1".parse().unwrap()],
             tcp: vec![],
         };
-        let t =
-            Telemetry::new().with_upstream(Arc::new(crate::upstream::Status::new(Some(&probes))));
+        let sync = crate::sync::Snapshot {
+            peers: vec![crate::sync::PeerView {
+                ordinal: 1,
+                address: "172.18.0.4:4792".parse().unwrap(),
+                phase: forwarder_core::sync::replica::PeerPhase::InSync,
+                serving: false,
+                copies: 3,
+                stream: Default::default(),
+            }],
+            refused: vec![("bad_mac", 1)],
+            ..Default::default()
+        };
+        let t = Telemetry::new()
+            .with_upstream(Arc::new(crate::upstream::Status::new(Some(&probes))))
+            .with_sync(Arc::new(crate::sync::SyncStatus::with_snapshot(sync)));
         assert_eq!(t.readiness(), Readiness::Starting);
         t.ready.store(true, Ordering::Relaxed);
         assert_eq!(

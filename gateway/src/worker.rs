@@ -56,6 +56,9 @@ pub(crate) struct UplinkIo {
     pub(crate) link: Interface,
     /// Egress addresses, for answering ARP/NDP and as the source of our requests.
     pub(crate) egress: Vec<IpAddr>,
+    /// The sync peers' egress addresses on this uplink, with the peer's ordinal: answered for only while
+    /// this replica serves that peer (`pipeline::Standby`).
+    pub(crate) peer_egress: Vec<(u16, IpAddr)>,
     /// The MTU the pipeline uses for this uplink.
     pub(crate) mtu: u16,
 }
@@ -1087,11 +1090,30 @@ impl<'b> UplinkOut<'_, 'b> {
             return;
         };
         let now = Instant::now();
+        // The addresses of peers this replica serves now are answered for too (rare: a slow path).
+        let adopted: Vec<IpAddr>;
+        let ours = match self.out.shared.gateway().standby() {
+            Some(s) if s.serving_any() && !u.peer_egress.is_empty() => {
+                adopted = u
+                    .egress
+                    .iter()
+                    .copied()
+                    .chain(
+                        u.peer_egress
+                            .iter()
+                            .filter(|(o, _)| s.is_serving(*o))
+                            .map(|&(_, ip)| ip),
+                    )
+                    .collect();
+                &adopted[..]
+            }
+            _ => &u.egress[..],
+        };
         for (p, _) in batch.iter().zip(self.neighbour_frames).filter(|(_, f)| *f) {
             let Some(frame) = p.buf.get(p.start..p.start + p.len) else {
                 continue;
             };
-            let heard = neighbour::handle(frame, self.this_mac, &u.egress, self.out.scratch);
+            let heard = neighbour::handle(frame, self.this_mac, ours, self.out.scratch);
             if let Some(claim) = heard.claim {
                 self.out.shared.neighbours.heard(self.uplink, claim, now);
             }

@@ -8,12 +8,24 @@
 use std::net::{IpAddr, SocketAddr};
 use std::time::{Duration, Instant};
 
+use std::io::{Read, Write};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
 use forwarder_core::sync::wire::{Header, Hello, PeerState, Record, Writer};
+use ipnet::Ipv4Net;
+use tests::agent::RouteShape;
 use tests::gateway::SYNC_PORT;
 use tests::scenario::{self, UdpFlows};
 use tests::topology::RED_SERVER;
-use tests::{require_netns, require_userspace_gateway, traffic};
-use tests::{GatewayMode, Topology, TopologySpec};
+use tests::{require_netns, require_node_agent, require_userspace_gateway, traffic};
+use tests::{GatewayMode, Inventory, Topology, TopologySpec};
+
+// The node agent's scenarios' setup: the agent on node 1 steering the pods over the two replicas.
+#[allow(dead_code)]
+#[path = "node_agent/common.rs"]
+mod common;
+use common::{Env, OrDiag};
 
 /// How long a gateway may take to become ready (start-up on a busy shared machine).
 const READY: Duration = Duration::from_secs(30);
@@ -250,4 +262,275 @@ fn sync_datagrams_without_the_key_are_refused_and_counted() {
         ),
         1.0
     );
+}
+
+/// What the interactive stream saw: exchanges completed, the longest wait for an echo, and how it ended.
+#[derive(Debug)]
+struct Stream {
+    exchanges: u64,
+    longest: Duration,
+    error: Option<String>,
+}
+
+/// An interactive TCP session from the pod: a numbered 64-byte line every 10 ms, each echoed back by the
+/// server and checked byte for byte, until `stop`.
+fn interactive(
+    env: &Env,
+    server: SocketAddr,
+    stop: Arc<AtomicBool>,
+    started: std::sync::mpsc::Sender<()>,
+) -> tests::NsThread<Stream> {
+    env.topo
+        .pod(1, 1)
+        .ns
+        .thread(move || {
+            let mut s = Stream {
+                exchanges: 0,
+                longest: Duration::ZERO,
+                error: None,
+            };
+            let run = |s: &mut Stream| -> std::io::Result<()> {
+                let mut c = traffic::connect(server).map_err(std::io::Error::other)?;
+                c.set_nodelay(true)?;
+                c.set_read_timeout(Some(Duration::from_secs(20)))?;
+                let mut last = Instant::now();
+                while !stop.load(Ordering::Relaxed) {
+                    let line = format!("{:063}\n", s.exchanges);
+                    c.write_all(line.as_bytes())?;
+                    let mut back = [0u8; 64];
+                    c.read_exact(&mut back)?;
+                    if back != line.as_bytes() {
+                        return Err(std::io::Error::other(format!(
+                            "exchange {}: echoed {:?}",
+                            s.exchanges,
+                            String::from_utf8_lossy(&back)
+                        )));
+                    }
+                    s.longest = s.longest.max(last.elapsed());
+                    last = Instant::now();
+                    if s.exchanges == 0 {
+                        let _ = started.send(());
+                    }
+                    s.exchanges += 1;
+                    std::thread::sleep(Duration::from_millis(10));
+                }
+                Ok(())
+            };
+            if let Err(e) = run(&mut s) {
+                s.error = Some(format!("{} ({:?})", e, e.kind()));
+            }
+            s
+        })
+        .expect("start the stream")
+}
+
+/// Two replicas of one set behind the node agent's resilient group, syncing. An interactive TCP session
+/// and a UDP flow from the pod go through replica X; X is SIGKILLed mid-stream. The survivor declares X
+/// dead (silent on sync, health probe unanswered), announces X's egress IP on the DMZ and translates X's
+/// flows with X's address and ports, while the agent moves X's traffic to it: the session goes on with
+/// every byte echoed intact, no reset, the server sees the same source address and port throughout (one
+/// connection), and the UDP flow keeps its source too. The longest stall is printed (`stall: NNN ms`).
+#[test]
+fn a_tcp_session_survives_the_death_of_its_replica() {
+    require_netns!();
+    let mode = require_userspace_gateway!();
+    let bin = require_node_agent!();
+    let mut spec = TopologySpec::node_agent(&[1], vec![mode.clone(); 2]);
+    spec.sync_sets = vec![vec![1, 2]];
+    let env = Env::start(spec, &bin, |topo| {
+        let mut inv = Inventory::new();
+        inv.policy(tests::Policy::new(
+            "replicas",
+            vec![tests::PolicyRule::via(Ipv4Net::default(), "red")],
+        ))
+        .namespace_with_policy("app", "replicas");
+        inv.client_pod("app", "client", topo.pod(1, 1));
+        for k in 1..=2 {
+            inv.gateway_pod(k, "red", topo.spec().ipv6);
+        }
+        inv
+    });
+    let mut env = env;
+    let table = env.table_of(env.topo.pod(1, 1));
+    let both = RouteShape::Via(vec![
+        IpAddr::V4(env.topo.gateway(1).ip),
+        IpAddr::V4(env.topo.gateway(2).ip),
+    ]);
+    env.wait_route(table, Ipv4Net::default(), &both, Duration::from_secs(5));
+
+    let server = SocketAddr::from((RED_SERVER, 7910));
+    let echo = traffic::tcp_echo_server(&env.topo.red().ns, server).or_diag(&env, "echo server");
+    let stop = Arc::new(AtomicBool::new(false));
+    let (started, wait_started) = std::sync::mpsc::channel();
+    let stream = interactive(&env, server, Arc::clone(&stop), started);
+    wait_started
+        .recv_timeout(Duration::from_secs(20))
+        .or_diag(&env, "the session's first exchange");
+    let via = echo
+        .last_peer()
+        .or_diag(&env, "the session's source at the server");
+    let x = (1..=2)
+        .find(|&k| IpAddr::V4(env.topo.gateway(k).dmz_egress) == via.ip())
+        .or_diag(&env, "the session's gateway");
+    let other = 3 - x;
+    eprintln!("the session {via} goes through gateway {x}");
+    // its copy is on the other replica
+    scenario::wait_metric(
+        env.topo.gateway(other),
+        "egress_gateway_sync_copies",
+        &[("peer", &(x - 1).to_string())],
+        METRICS,
+        |v| v >= 1.0,
+    )
+    .or_diag(&env, "the session's copy on the other replica");
+    std::thread::sleep(Duration::from_millis(500));
+
+    let killed = Instant::now();
+    match env.topo.gateway_mut(x).process_mut() {
+        Some(p) => p.signal(libc::SIGKILL),
+        None => env.fail(format!("gateway {x} has no process")),
+    }
+    // 3 s of the session after the kill
+    std::thread::sleep(Duration::from_secs(3));
+    stop.store(true, Ordering::Relaxed);
+    let s = stream
+        .join_timeout(Duration::from_secs(30))
+        .or_diag(&env, "the session thread");
+    eprintln!(
+        "stall: {} ms ({} exchanges; {:?} after the kill)",
+        s.longest.as_millis(),
+        s.exchanges,
+        killed.elapsed()
+    );
+    if let Some(e) = &s.error {
+        env.fail(format!(
+            "the session broke after {} exchanges: {e}",
+            s.exchanges
+        ));
+    }
+    let peers = echo.peers();
+    assert_eq!(
+        peers,
+        vec![via],
+        "one connection, one source address and port"
+    );
+    let survivor = env.topo.gateway(other);
+    for (name, labels) in [
+        ("egress_gateway_sync_takeovers_total", &[][..]),
+        (
+            "egress_gateway_standby_packets_total",
+            &[("direction", "outbound")][..],
+        ),
+        (
+            "egress_gateway_standby_packets_total",
+            &[("direction", "inbound")][..],
+        ),
+    ] {
+        scenario::wait_metric(survivor, name, labels, METRICS, |v| v >= 1.0).or_diag(&env, name);
+    }
+    assert!(
+        s.longest < Duration::from_secs(3),
+        "the session stalled {:?}",
+        s.longest
+    );
+
+    // X comes back: the survivor gives its address up, X announces it again, and flows through X work.
+    env.topo
+        .gateway_mut(x)
+        .respawn()
+        .or_diag(&env, "restart gateway X");
+    env.topo
+        .gateway_mut(x)
+        .wait_ready(common::READY)
+        .or_diag(&env, "gateway X ready again");
+    scenario::wait_metric(
+        env.topo.gateway(other),
+        "egress_gateway_sync_serving",
+        &[("peer", &(x - 1).to_string())],
+        METRICS,
+        |v| v == 0.0,
+    )
+    .or_diag(&env, "the survivor gives X's address up");
+    env.wait_route(table, Ipv4Net::default(), &both, Duration::from_secs(5));
+    let flows_addr = SocketAddr::from((RED_SERVER, 7911));
+    let _whoami =
+        traffic::udp_whoami_server(&env.topo.red().ns, flows_addr).or_diag(&env, "flow server");
+    let flows = UdpFlows::open(&env.topo.pod(1, 1).ns, flows_addr, 32).or_diag(&env, "flows");
+    let sources = flows.sources(Duration::from_secs(10));
+    let via_x = sources
+        .iter()
+        .flatten()
+        .filter(|a| a.ip() == IpAddr::V4(env.topo.gateway(x).dmz_egress))
+        .count();
+    if sources.iter().any(Option::is_none) || via_x == 0 {
+        env.fail(format!(
+            "after X's return every flow answers, some through X: {sources:?}"
+        ));
+    }
+}
+
+/// The sync link between two live replicas is cut for 2 s (their sync datagrams dropped both ways): each
+/// sees the other silent, but its health probe answers, so neither takes the other's address — no two
+/// owners on one address — and the flows through both keep their source; the link restored, they are in
+/// sync again.
+#[test]
+fn a_cut_sync_link_takes_nothing_over() {
+    require_netns!();
+    let mode = require_userspace_gateway!();
+    let topo = pair(mode);
+    let server = SocketAddr::from((RED_SERVER, 7912));
+    let _whoami = traffic::udp_whoami_server(&topo.red().ns, server).unwrap();
+    let flows = UdpFlows::open(&topo.pod(1, 1).ns, server, 16).unwrap();
+    let before = flows.sources(Duration::from_secs(10));
+    assert!(before.iter().all(Option::is_some), "{before:?}");
+    let port = SYNC_PORT.to_string();
+    let rule = |op: &str| {
+        for k in 1..=2 {
+            topo.gateway(k)
+                .ns
+                .exec_args(&[
+                    "iptables", "-w", op, "INPUT", "-p", "udp", "--dport", &port, "-j", "DROP",
+                ])
+                .unwrap();
+        }
+    };
+    rule("-A");
+    std::thread::sleep(Duration::from_secs(2));
+    for k in 1..=2 {
+        let peer = (2 - k).to_string();
+        assert_eq!(
+            value(
+                &topo,
+                k,
+                "egress_gateway_sync_peer_phase",
+                &[("peer", &peer), ("phase", "silent")]
+            ),
+            1.0,
+            "gateway {k} hears nothing from its peer\n{}",
+            sync_metrics(&topo)
+        );
+        assert_eq!(
+            value(&topo, k, "egress_gateway_sync_takeovers_total", &[]),
+            0.0
+        );
+        assert_eq!(value(&topo, k, "egress_gateway_sync_serving", &[]), 0.0);
+    }
+    let during = flows.sources(Duration::from_secs(10));
+    assert_eq!(during, before, "the flows keep their source addresses");
+    rule("-D");
+    for k in 1..=2 {
+        let peer = (2 - k).to_string();
+        scenario::wait_metric(
+            topo.gateway(k),
+            "egress_gateway_sync_peer_phase",
+            &[("peer", &peer), ("phase", "in_sync")],
+            METRICS,
+            |v| v == 1.0,
+        )
+        .unwrap_or_else(|e| panic!("gateway {k} in sync again: {e}"));
+        assert_eq!(
+            value(&topo, k, "egress_gateway_sync_takeovers_total", &[]),
+            0.0
+        );
+    }
 }
