@@ -661,6 +661,89 @@ uplinks:
         );
     }
 
+    /// A `sync` section for BASE: this replica ordinal 0, one peer (lines 17 to 24).
+    const SYNC: &str = "sync:
+  set: egress-red
+  ordinal: 0
+  key_file: /etc/egress/sync/key
+  peers:
+    - ordinal: 1
+      address: 172.18.0.4:4792
+      uplinks: [{ name: dmz, egress_ips: [203.0.113.11, '2001:db8:113::11'] }, { name: internal, egress_ips: [10.50.0.11] }]
+";
+
+    #[test]
+    fn sync_section() {
+        let c = parse(&format!("{BASE}{SYNC}")).unwrap();
+        let s = c.sync.as_ref().unwrap();
+        assert_eq!(
+            (s.set.as_str(), s.ordinal, s.port),
+            ("egress-red", 0, 4792)
+        );
+        assert_eq!(s.key_file, Some(PathBuf::from("/etc/egress/sync/key")));
+        assert_eq!(s.peers.len(), 1);
+        let p = &s.peers[0];
+        assert_eq!(
+            (p.ordinal, p.address),
+            (1, "172.18.0.4:4792".parse().unwrap())
+        );
+        let ip = |t: &str| t.parse::<IpAddr>().unwrap();
+        assert_eq!(
+            p.egress,
+            vec![
+                (0, ip("203.0.113.11")),
+                (0, ip("2001:db8:113::11")),
+                (1, ip("10.50.0.11"))
+            ]
+        );
+        // FNV-1a 32 of the name, as every replica computes it
+        assert_eq!(s.set_id(), 0xeead_d8f8);
+        assert_ne!(s.set_id(), SyncConfig { set: "egress-blue".into(), ..s.clone() }.set_id());
+        // a change needs a restart
+        let mut other = c.clone();
+        other.sync.as_mut().unwrap().peers[0].address = "172.18.0.5:4792".parse().unwrap();
+        assert_eq!(restart_needed(&c, &other), vec!["sync"]);
+    }
+
+    #[test]
+    fn sync_section_errors() {
+        refused(
+            &format!("{BASE}{}", SYNC.replace("ordinal: 1", "ordinal: 0")),
+            22,
+            "sync.peers[0].ordinal: 0 is this replica's own ordinal",
+        );
+        refused(
+            &format!("{BASE}{}", SYNC.replace("name: internal", "name: inside")),
+            24,
+            "no uplink here is named `inside` (uplinks: dmz, internal)",
+        );
+        refused(
+            &format!("{BASE}{}", SYNC.replace("203.0.113.11", "203.0.113.10")),
+            24,
+            "egress IP 203.0.113.10 already belongs to this replica",
+        );
+        refused(
+            &format!("{BASE}{}", SYNC.replace("172.18.0.4:4792", "172.18.0.4")),
+            23,
+            "`172.18.0.4` is not a peer address",
+        );
+        refused(
+            &format!("{BASE}{}", SYNC.replace("set: egress-red", "set: 'egress red'")),
+            18,
+            "`egress red` is not a set name",
+        );
+        refused(
+            &format!("{BASE}{}", SYNC.replace("  ordinal: 0\n", "  ordinal: 64\n")),
+            19,
+            "sync.ordinal: 64 is out of range",
+        );
+        refused(
+            &format!("{BASE}sync: {{ set: red, ordinal: 0, peers: [] }}\n"),
+            17,
+            "sync.peers: the list is empty",
+        );
+    }
+
     #[test]
     fn probes_section() {
         // BASE is 16 lines; the section starts on line 17.

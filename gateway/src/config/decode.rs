@@ -850,7 +850,7 @@ mod tests {
     #[test]
     fn every_key_is_documented() {
         let docs = include_str!("../../../docs/configuration.md");
-        let sections: [(&str, &[&str]); 12] = [
+        let sections: [(&str, &[&str]); 15] = [
             ("kubernetes.", KUBERNETES_KEYS),
             ("", ROOT_KEYS),
             ("tunnel.", TUNNEL_KEYS),
@@ -863,6 +863,9 @@ mod tests {
             ("log.", LOG_KEYS),
             ("flow_log.", FLOW_LOG_KEYS),
             ("probes.", super::super::probes::PROBES_KEYS),
+            ("sync.", super::super::sync::SYNC_KEYS),
+            ("sync.peers[].", super::super::sync::PEER_KEYS),
+            ("sync.peers[].uplinks[].", super::super::sync::PEER_UPLINK_KEYS),
         ];
         for (prefix, keys) in sections {
             for key in keys {

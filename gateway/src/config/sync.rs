@@ -13,8 +13,8 @@ use super::reader::{Reader, Value};
 use super::{value, SyncConfig, SyncPeer, UplinkSpec};
 
 pub(super) const SYNC_KEYS: &[&str] = &["set", "ordinal", "port", "key_file", "peers"];
-const PEER_KEYS: &[&str] = &["ordinal", "address", "uplinks"];
-const PEER_UPLINK_KEYS: &[&str] = &["name", "egress_ips"];
+pub(super) const PEER_KEYS: &[&str] = &["ordinal", "address", "uplinks"];
+pub(super) const PEER_UPLINK_KEYS: &[&str] = &["name", "egress_ips"];
 
 /// Default `sync.port` (4789 is VXLAN, 4790 the gateway's tunnel).
 pub(super) const DEFAULT_PORT: u16 = 4792;
