@@ -4,7 +4,8 @@
 //! `run.rs` starts everything and runs the control loop (reload, drain, housekeeping); `worker.rs` is one
 //! data-path thread (receive a batch, hand it to the pipeline, send what comes out); `io/` holds the sockets
 //! (tunnel UDP, uplink AF_PACKET) and the offload repairs; `neighbour.rs` answers and resolves ARP/NDP on
-//! the uplinks; `telemetry.rs` and `http.rs` serve metrics and health, `probe.rs` the node agents' UDP health
+//! the uplinks; `sync.rs` streams the flows to the other replicas of the set and takes a dead one over;
+//! `telemetry.rs` and `http.rs` serve metrics and health, `probe.rs` the node agents' UDP health
 //! probe, `upstream.rs` the probes of outside targets that gate readiness; `config.rs` reads the YAML file.
 //! `demo` runs the seed scenario through the real pipeline in-process; `check` validates configuration and
 //! inventory files; `explain` (with `inventory.rs`) tells which gateways a pod's traffic uses and why.
@@ -54,7 +55,9 @@ enum Command {
     /// Run the gateway: VXLAN from the nodes on `tunnel.listen`, translated traffic out of the uplink
     /// interfaces, replies back through the tunnel. Health on `health.listen` (/readiness, /livez), metrics
     /// on `metrics.listen` (/metrics). SIGHUP or a changed file reloads the configuration (established flows
-    /// are kept); SIGTERM drains for `drain_seconds`, then exits 0. Needs CAP_NET_RAW and CAP_NET_ADMIN.
+    /// are kept); SIGTERM drains for `drain_seconds`, then exits 0. With `sync`, the replicas of a set keep
+    /// copies of each other's flows and a survivor carries a dead replica's connections on (docs/failover.md).
+    /// Needs CAP_NET_RAW and CAP_NET_ADMIN.
     Run {
         /// The configuration file (YAML; see docs/configuration.md).
         #[arg(long, short, value_name = "FILE")]
