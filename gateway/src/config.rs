@@ -676,10 +676,7 @@ uplinks:
     fn sync_section() {
         let c = parse(&format!("{BASE}{SYNC}")).unwrap();
         let s = c.sync.as_ref().unwrap();
-        assert_eq!(
-            (s.set.as_str(), s.ordinal, s.port),
-            ("egress-red", 0, 4792)
-        );
+        assert_eq!((s.set.as_str(), s.ordinal, s.port), ("egress-red", 0, 4792));
         assert_eq!(s.key_file, Some(PathBuf::from("/etc/egress/sync/key")));
         assert_eq!(s.peers.len(), 1);
         let p = &s.peers[0];
@@ -698,7 +695,14 @@ uplinks:
         );
         // FNV-1a 32 of the name, as every replica computes it
         assert_eq!(s.set_id(), 0xeead_d8f8);
-        assert_ne!(s.set_id(), SyncConfig { set: "egress-blue".into(), ..s.clone() }.set_id());
+        assert_ne!(
+            s.set_id(),
+            SyncConfig {
+                set: "egress-blue".into(),
+                ..s.clone()
+            }
+            .set_id()
+        );
         // a change needs a restart
         let mut other = c.clone();
         other.sync.as_mut().unwrap().peers[0].address = "172.18.0.5:4792".parse().unwrap();
@@ -728,12 +732,18 @@ uplinks:
             "`172.18.0.4` is not a peer address",
         );
         refused(
-            &format!("{BASE}{}", SYNC.replace("set: egress-red", "set: 'egress red'")),
+            &format!(
+                "{BASE}{}",
+                SYNC.replace("set: egress-red", "set: 'egress red'")
+            ),
             18,
             "`egress red` is not a set name",
         );
         refused(
-            &format!("{BASE}{}", SYNC.replace("  ordinal: 0\n", "  ordinal: 64\n")),
+            &format!(
+                "{BASE}{}",
+                SYNC.replace("  ordinal: 0\n", "  ordinal: 64\n")
+            ),
             19,
             "sync.ordinal: 64 is out of range",
         );

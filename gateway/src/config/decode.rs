@@ -865,7 +865,10 @@ mod tests {
             ("probes.", super::super::probes::PROBES_KEYS),
             ("sync.", super::super::sync::SYNC_KEYS),
             ("sync.peers[].", super::super::sync::PEER_KEYS),
-            ("sync.peers[].uplinks[].", super::super::sync::PEER_UPLINK_KEYS),
+            (
+                "sync.peers[].uplinks[].",
+                super::super::sync::PEER_UPLINK_KEYS,
+            ),
         ];
         for (prefix, keys) in sections {
             for key in keys {
