@@ -144,6 +144,11 @@ impl Peer {
     }
 }
 
+/// Bit `ordinal` of a served mask (0 for ordinals beyond 63).
+fn bit(ordinal: u16) -> u64 {
+    1u64.checked_shl(u32::from(ordinal)).unwrap_or(0)
+}
+
 /// The next bulk request id.
 fn take_id(next: &mut u32) -> u32 {
     let id = *next;
@@ -186,6 +191,8 @@ pub struct Replica {
     /// Answers to peers' NACKs to send: (peer, from, to).
     repairs: Vec<(u16, u32, u32)>,
     stats: ReplicaStats,
+    /// Ordinals of dead peers this replica serves now (bit `i` = ordinal `i`), for its heartbeats.
+    served: u64,
 }
 
 /// Gaps of one peer's stream asked for at once; more, and a bulk transfer is cheaper.
@@ -215,6 +222,7 @@ impl Replica {
             next_bulk_id: 1,
             repairs: Vec::new(),
             stats: ReplicaStats::default(),
+            served: 0,
             s,
         }
     }
@@ -497,6 +505,20 @@ impl Replica {
         )
     }
 
+    /// Says in this replica's heartbeats that it serves the dead peers `ordinals` now (besides itself), so
+    /// that a peer taken over by mistake — alive but cut off — learns it when it hears this replica again.
+    pub fn set_served(&mut self, ordinals: impl IntoIterator<Item = u16>) {
+        self.served = ordinals.into_iter().fold(0, |m, o| m | bit(o));
+    }
+
+    /// Whether peer `ordinal`'s last heartbeat says it serves replica `served` (not itself).
+    pub fn peer_serves(&self, ordinal: u16, served: u16) -> bool {
+        ordinal != served
+            && self
+                .peer_hello(ordinal)
+                .is_some_and(|h| h.served & bit(served) != 0)
+    }
+
     /// This replica's counters.
     pub fn stats(&self) -> ReplicaStats {
         self.stats
@@ -518,7 +540,7 @@ impl Replica {
             } else {
                 PeerState::Syncing
             },
-            served: 1u64.checked_shl(u32::from(self.s.ordinal)).unwrap_or(0),
+            served: self.served | bit(self.s.ordinal),
             flows: u32::try_from(own.len()).unwrap_or(u32::MAX),
             passive: 0,
             started_ms: self.s.started_ms,

@@ -270,3 +270,19 @@ fn converges_under_random_loss_both_ways() {
         );
     }
 }
+
+/// A replica's heartbeats say which dead peers it serves; its peer learns it from them, and learns when it
+/// stops.
+#[test]
+fn heartbeats_say_whom_a_replica_serves() {
+    let mut nodes = [Node::new(0, 0xA), Node::new(1, 0xB)];
+    let t = run(&mut nodes, 0, 300, &|_| false, [true, true]);
+    assert!(!nodes[1].sync.peer_serves(0, 1));
+    nodes[0].sync.set_served([1]);
+    let t = run(&mut nodes, t, 300, &|_| false, [true, true]);
+    assert!(nodes[1].sync.peer_serves(0, 1), "0 serves 1");
+    assert!(!nodes[1].sync.peer_serves(0, 0), "itself does not count");
+    nodes[0].sync.set_served([]);
+    run(&mut nodes, t, 300, &|_| false, [true, true]);
+    assert!(!nodes[1].sync.peer_serves(0, 1), "no longer");
+}
