@@ -547,6 +547,8 @@ struct Announcer {
     claimed: BTreeSet<(usize, IpAddr)>,
     /// (when, uplink, address).
     due: Vec<(Instant, usize, IpAddr)>,
+    /// The sync status's reclaim count last acted on.
+    reclaims: u64,
 }
 
 impl Announcer {
@@ -561,6 +563,16 @@ impl Announcer {
         }
         self.claimed = now_ours;
         new.len()
+    }
+
+    /// Announces `addresses` (claimed already) again, on the same schedule as a new claim.
+    fn again(&mut self, addresses: impl IntoIterator<Item = (usize, IpAddr)>, now: Instant) {
+        for (u, ip) in addresses {
+            if self.claimed.contains(&(u, ip)) {
+                self.due
+                    .extend(ANNOUNCE_AT.iter().map(|d| (now + *d, u, ip)));
+            }
+        }
     }
 
     /// The announcements due at `now`, removed from the schedule.
@@ -728,6 +740,20 @@ impl Control {
                 }
             }
             self.announcer.claim(ours, now);
+            // A peer took this replica for dead and announced its addresses, or stopped serving them: the
+            // neighbours may hold that peer's MAC for them, so tell them again (RFC 5227 §2.4's defence).
+            let reclaims = self.telemetry.sync.reclaims();
+            if reclaims != self.announcer.reclaims {
+                self.announcer.reclaims = reclaims;
+                let own: Vec<(usize, IpAddr)> = self
+                    .shared
+                    .uplinks
+                    .iter()
+                    .enumerate()
+                    .flat_map(|(i, u)| u.egress.iter().map(move |ip| (i, *ip)))
+                    .collect();
+                self.announcer.again(own, now);
+            }
         }
         for (u, ip) in self.announcer.take_due(now) {
             let (Some(up), Some(tx)) = (self.shared.uplinks.get(u), self.control_tx.get(u)) else {
@@ -815,4 +841,36 @@ pub(crate) fn random_u64() -> u64 {
         return t as u64 ^ u64::from(std::process::id());
     }
     u64::from_ne_bytes(b)
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    fn ip(s: &str) -> IpAddr {
+        s.parse().unwrap()
+    }
+
+    #[test]
+    fn a_claimed_address_is_announced_on_its_schedule_and_again_on_demand() {
+        let t0 = Instant::now();
+        let mut a = Announcer::default();
+        let mine = (0, ip("203.0.113.10"));
+        let adopted = (0, ip("203.0.113.11"));
+        assert_eq!(a.claim([mine, adopted].into(), t0), 2);
+        let at = |d: u64| t0 + Duration::from_millis(d);
+        assert_eq!(a.take_due(at(0)), vec![mine, adopted]);
+        assert!(a.take_due(at(50)).is_empty());
+        assert_eq!(a.take_due(at(250)).len(), 4, "at 100 and 200 ms");
+        // the adopted address given up: its announcements stop; the claim of one already claimed adds none
+        assert_eq!(a.claim([mine].into(), at(300)), 0);
+        assert_eq!(a.take_due(at(1000)), vec![mine]);
+        assert_eq!(a.take_due(at(3000)), vec![mine]);
+        assert!(a.take_due(at(10_000)).is_empty());
+        // announced again on demand, only what is claimed
+        a.again([mine, adopted], at(10_000));
+        assert_eq!(a.take_due(at(10_000)), vec![mine]);
+        assert_eq!(a.take_due(at(14_000)).len(), 4);
+    }
 }

@@ -14,7 +14,7 @@
 use std::io::ErrorKind;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr, SocketAddrV4};
 use std::path::Path;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, SystemTime};
 
@@ -48,6 +48,8 @@ const EXPIRE_EVERY: Duration = Duration::from_millis(10);
 const PUBLISH_EVERY: Duration = Duration::from_millis(100);
 /// Longest sleep between two looks at the flow events (a new flow waits `flush`, 5 ms, anyway).
 const MAX_WAIT: Duration = Duration::from_millis(2);
+/// Shortest: everything due was sent before the wait, so a zero wait would only spin.
+const MIN_WAIT: Duration = Duration::from_millis(1);
 /// Largest datagram accepted (the sender's `datagram` is 1400).
 const MAX_DATAGRAM: usize = 2048;
 /// Health probes a silent peer must leave unanswered before it is declared dead, and their spacing.
@@ -113,6 +115,9 @@ pub(crate) struct Snapshot {
 pub(crate) struct SyncStatus {
     enabled: bool,
     synced: AtomicBool,
+    /// Counts the times a peer was seen starting or stopping to serve this replica's addresses (it took
+    /// this replica for dead): each time, this replica announces its addresses again.
+    reclaims: AtomicU64,
     snapshot: Mutex<Snapshot>,
 }
 
@@ -122,6 +127,7 @@ impl SyncStatus {
         SyncStatus {
             enabled: false,
             synced: AtomicBool::new(true),
+            reclaims: AtomicU64::new(0),
             snapshot: Mutex::default(),
         }
     }
@@ -130,6 +136,7 @@ impl SyncStatus {
         SyncStatus {
             enabled: true,
             synced: AtomicBool::new(false),
+            reclaims: AtomicU64::new(0),
             snapshot: Mutex::default(),
         }
     }
@@ -140,8 +147,14 @@ impl SyncStatus {
         SyncStatus {
             enabled: true,
             synced: AtomicBool::new(true),
+            reclaims: AtomicU64::new(0),
             snapshot: Mutex::new(snapshot),
         }
+    }
+
+    /// How many times a peer started or stopped serving this replica's addresses (see `reclaims`).
+    pub(crate) fn reclaims(&self) -> u64 {
+        self.reclaims.load(Ordering::Relaxed)
     }
 
     /// True once every peer heard has sent all its flows (or it is not configured).
@@ -216,6 +229,8 @@ struct Peer {
     /// The table of its copies (in `standby`).
     copies: Arc<Table>,
     fence: Fence,
+    /// Its heartbeats say it serves this replica's addresses (it took this replica for dead).
+    serves_us: bool,
 }
 
 /// The check that a silent peer is really dead before its addresses are taken over: its health probe (the
@@ -303,6 +318,7 @@ pub(crate) fn start(
                 egress: p.egress.iter().map(|&(u, ip)| (ip, u)).collect(),
                 copies,
                 fence: Fence::default(),
+                serves_us: false,
             })
         })
         .collect::<Result<_, String>>()?;
@@ -356,6 +372,13 @@ impl Sync {
             self.take_events(now);
             self.receive(&mut buf, now);
             self.watch(&mut buf, now);
+            let standby = &self.standby;
+            self.replica.set_served(
+                self.peers
+                    .iter()
+                    .map(|p| p.ordinal)
+                    .filter(|&o| standby.is_serving(o)),
+            );
             let guard = self.own.pin();
             self.replica.tick(&self.own, now, &guard);
             while let Some(len) = self.replica.poll_transmit(&self.own, now, &guard, &mut out) {
@@ -376,7 +399,7 @@ impl Sync {
                 .replica
                 .poll_timeout(now)
                 .saturating_since(now)
-                .min(MAX_WAIT);
+                .clamp(MIN_WAIT, MAX_WAIT);
             // readable or not, the next round reads until the socket would block
             if let Err(e) = self.poll.poll(&mut events, Some(wait)) {
                 if e.kind() != ErrorKind::Interrupted {
@@ -552,6 +575,18 @@ impl Sync {
             .filter(|(_, ph)| matches!(ph, PeerPhase::InSync | PeerPhase::Syncing))
             .map(|(p, _)| p.ordinal)
             .fold(self.ordinal, u16::min);
+        for p in &mut self.peers {
+            let serves_us = self.replica.peer_serves(p.ordinal, self.ordinal);
+            if serves_us != p.serves_us {
+                p.serves_us = serves_us;
+                self.status.reclaims.fetch_add(1, Ordering::Relaxed);
+                tracing::warn!(
+                    peer = p.ordinal,
+                    serving = serves_us,
+                    "sync: a peer took this replica for dead and serves its addresses; announcing them again"
+                );
+            }
+        }
         for (p, phase) in self.peers.iter_mut().zip(phases) {
             let serving = self.standby.is_serving(p.ordinal);
             if phase != PeerPhase::Silent {
