@@ -55,6 +55,8 @@ const MAX_DATAGRAM: usize = 2048;
 /// Health probes a silent peer must leave unanswered before it is declared dead, and their spacing.
 const FENCE_PROBES: u32 = 3;
 const FENCE_GAP: Duration = Duration::from_millis(50);
+/// How long heartbeats go on saying that a peer is served after it was given back.
+const SERVED_LINGER: Duration = Duration::from_secs(1);
 /// A silent peer that still answers its health probe is probed again this often.
 const FENCE_RECHECK: Duration = Duration::from_secs(1);
 
@@ -231,6 +233,9 @@ struct Peer {
     fence: Fence,
     /// Its heartbeats say it serves this replica's addresses (it took this replica for dead).
     serves_us: bool,
+    /// When this replica last stopped serving it: its heartbeats still say so for [`SERVED_LINGER`], so
+    /// that the peer hears it whichever of the two heard the other first.
+    released: Option<Instant>,
 }
 
 /// The check that a silent peer is really dead before its addresses are taken over: its health probe (the
@@ -319,6 +324,7 @@ pub(crate) fn start(
                 copies,
                 fence: Fence::default(),
                 serves_us: false,
+                released: None,
             })
         })
         .collect::<Result<_, String>>()?;
@@ -376,8 +382,12 @@ impl Sync {
             self.replica.set_served(
                 self.peers
                     .iter()
-                    .map(|p| p.ordinal)
-                    .filter(|&o| standby.is_serving(o)),
+                    .filter(|p| {
+                        standby.is_serving(p.ordinal)
+                            || p.released
+                                .is_some_and(|t| now.saturating_since(t) < SERVED_LINGER)
+                    })
+                    .map(|p| p.ordinal),
             );
             let guard = self.own.pin();
             self.replica.tick(&self.own, now, &guard);
@@ -593,6 +603,7 @@ impl Sync {
                 p.fence = Fence::default();
                 if serving && phase != PeerPhase::Unknown {
                     self.standby.set_serving(p.ordinal, false);
+                    p.released = Some(now);
                     tracing::warn!(
                         peer = p.ordinal,
                         "sync: peer is back; its addresses and flows are its own again"
