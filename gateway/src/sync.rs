@@ -568,15 +568,7 @@ impl Sync {
                 }
             }
         }
-        let phases: Vec<PeerPhase> = self
-            .peers
-            .iter()
-            .map(|p| {
-                self.replica
-                    .peer_phase(p.ordinal, now)
-                    .unwrap_or(PeerPhase::Unknown)
-            })
-            .collect();
+        let phases = self.phases(now);
         // The lowest ordinal among the replicas heard (and this one) takes over (split brain: docs/failover.md).
         let lowest = self
             .peers
@@ -648,17 +640,21 @@ impl Sync {
         }
     }
 
-    /// Publishes the counters and decides whether this replica is synced.
-    fn publish(&mut self, now: Instant, up: Duration) {
-        let phases: Vec<PeerPhase> = self
-            .peers
+    /// Where each peer stands, in `peers` order.
+    fn phases(&self, now: Instant) -> Vec<PeerPhase> {
+        self.peers
             .iter()
             .map(|p| {
                 self.replica
                     .peer_phase(p.ordinal, now)
                     .unwrap_or(PeerPhase::Unknown)
             })
-            .collect();
+            .collect()
+    }
+
+    /// Publishes the counters and decides whether this replica is synced.
+    fn publish(&mut self, now: Instant, up: Duration) {
+        let phases = self.phases(now);
         // Synced: every peer heard has sent all its flows, or went silent; one not heard yet may still be
         // starting, so wait for it a little.
         let synced = up >= SYNC_DEADLINE

@@ -698,21 +698,8 @@ mod tests {
             icmp: vec!["198.51.100.1".parse().unwrap()],
             tcp: vec![],
         };
-        let sync = crate::sync::Snapshot {
-            peers: vec![crate::sync::PeerView {
-                ordinal: 1,
-                address: "172.18.0.4:4792".parse().unwrap(),
-                phase: forwarder_core::sync::replica::PeerPhase::InSync,
-                serving: false,
-                copies: 3,
-                stream: Default::default(),
-            }],
-            refused: vec![("bad_mac", 1)],
-            ..Default::default()
-        };
-        let t = Telemetry::new()
-            .with_upstream(Arc::new(crate::upstream::Status::new(Some(&probes))))
-            .with_sync(Arc::new(crate::sync::SyncStatus::with_snapshot(sync)));
+        let t =
+            Telemetry::new().with_upstream(Arc::new(crate::upstream::Status::new(Some(&probes))));
         assert_eq!(t.readiness(), Readiness::Starting);
         t.ready.store(true, Ordering::Relaxed);
         assert_eq!(
