@@ -618,6 +618,13 @@ impl Topology {
         Ok(())
     }
 
+    /// Replaces the sync sets ([`TopologySpec::sync_sets`]). Running gateways are not touched: the
+    /// change takes effect for a gateway when its configuration is next written, i.e. on
+    /// [`set_gateway_mode`](Self::set_gateway_mode).
+    pub fn set_sync_sets(&mut self, sets: Vec<Vec<usize>>) {
+        self.spec.sync_sets = sets;
+    }
+
     /// Replaces the egress table of pod (n, m) on its node (the pod becomes opted in if it was not).
     pub fn set_pod_routes(&mut self, n: usize, m: usize, routes: &[PodRoute]) -> Result<()> {
         let gateway_ips: Vec<Ipv4Addr> = (1..=self.spec.gateways.len()).map(gateway_ip).collect();

@@ -1,9 +1,20 @@
 //! End-to-end benchmark: the kernel's own gateway path against the userspace gateway, on the same
 //! namespace topology (the harness's standard scenario), with the same load, in one run.
 //!
-//! Usage (as root): `cargo run -p bench --release --bin e2e -- [--quick] [--modes kernel,userspace]
+//! Usage (as root): `cargo run -p bench --release --bin e2e -- [--quick]
+//! [--modes kernel,userspace,userspace-sync]
 //! [--seconds N] [--rounds N] [--senders N] [--clients N] [--many-clients N]
 //! [--only tcp,tcp4,iperf,flood,conn,conn-many,latency] [--strict]`
+//!
+//! Modes (default `kernel,userspace`), measured in alternating rounds on gateway 1, the only one pod
+//! traffic goes through:
+//! * `kernel`: the kernel's own forwarding and SNAT;
+//! * `userspace`: the userspace gateway, without state sync;
+//! * `userspace-sync`: the userspace gateway in a sync set with a second userspace gateway (gateway 2,
+//!   which carries no pod traffic and only receives gateway 1's flows), so that the cost of state sync
+//!   shows. With this mode the topology has two gateways; in the other modes gateway 2 is in kernel mode
+//!   (no process) and idle. For this mode the benchmark also prints the sync bytes gateway 1 sent per new
+//!   flow during the connection-rate measurements and the copies gateway 2 holds afterwards.
 //!
 //! Per mode it measures, with the gateway pod switched between modes (its namespace rebuilt identically;
 //! nodes, pods and servers stay):
@@ -19,8 +30,9 @@
 //!   1 byte each way, close with RST);
 //! * UDP 1-byte request/response latency, p50 and p99.
 //!
-//! The table's ratio is userspace / kernel for rates and kernel / userspace for latency and CPU, so ≥ 1.0
-//! always means "userspace at least as good". A mode that cannot run (binary missing, not ready) shows an
+//! The table's ratios are userspace / kernel for rates and kernel / userspace for latency and CPU, so ≥ 1.0
+//! always means "userspace at least as good"; likewise userspace-sync against kernel and against plain
+//! userspace when those columns are there. A mode that cannot run (binary missing, not ready) shows an
 //! error per line instead of numbers. Exit status: non-zero if a kernel-mode measurement failed (with
 //! `--strict`: if any failed).
 
@@ -137,6 +149,18 @@ impl Metric {
 enum ModeArg {
     Kernel,
     Userspace,
+    /// Userspace, in a sync set with gateway 2.
+    UserspaceSync,
+}
+
+impl ModeArg {
+    fn label(self) -> &'static str {
+        match self {
+            ModeArg::Kernel => "kernel",
+            ModeArg::Userspace => "userspace",
+            ModeArg::UserspaceSync => "userspace-sync",
+        }
+    }
 }
 
 #[derive(Debug)]
@@ -160,7 +184,8 @@ impl Options {
     }
 }
 
-const USAGE: &str = "usage: e2e [--quick] [--modes kernel,userspace] [--seconds N] [--rounds N] \
+const USAGE: &str =
+    "usage: e2e [--quick] [--modes kernel,userspace,userspace-sync] [--seconds N] [--rounds N] \
 [--senders N] [--clients N] [--many-clients N] [--wait-idle SECONDS] \
 [--only tcp,tcp4,iperf,flood,conn,conn-many,latency] [--strict]";
 
@@ -221,7 +246,10 @@ fn parse_args() -> std::result::Result<Options, String> {
                     .map(|m| match m.trim() {
                         "kernel" => Ok(ModeArg::Kernel),
                         "userspace" => Ok(ModeArg::Userspace),
-                        other => Err(format!("unknown mode {other:?} (kernel or userspace)")),
+                        "userspace-sync" => Ok(ModeArg::UserspaceSync),
+                        other => Err(format!(
+                            "unknown mode {other:?} (kernel, userspace or userspace-sync)"
+                        )),
                     })
                     .collect::<std::result::Result<_, _>>()?;
                 if o.modes.is_empty() {
@@ -287,6 +315,11 @@ fn run(o: &Options) -> Result<bool> {
         );
     }
     let mut spec = TopologySpec::standard(GatewayMode::Kernel);
+    if o.modes.contains(&ModeArg::UserspaceSync) {
+        // The sync peer. The pods' routes name gateway 1 only: gateway 2 carries no pod traffic. It
+        // stays in kernel mode (no process, idle) except for the userspace-sync columns.
+        spec.gateways.push(GatewayMode::Kernel);
+    }
     spec.workers = std::env::var("XW")
         .ok()
         .and_then(|v| v.parse().ok())
@@ -306,15 +339,22 @@ fn run(o: &Options) -> Result<bool> {
     );
     let mut columns: Vec<Column> = vec![Column::new(); o.modes.len()];
     let mut first = true;
+    let mut notes = Vec::new();
     for round in 1..=o.rounds {
         for (col, mode_arg) in o.modes.iter().enumerate() {
             eprintln!("e2e: round {round}, {mode_arg:?} mode");
-            let values = measure_mode(&mut topo, *mode_arg, first, o);
+            let values = measure_mode(&mut topo, *mode_arg, first, o, &mut notes);
             first = false;
             record(o, &mut columns[col], values);
         }
     }
     print_table(o, &columns);
+    if !notes.is_empty() {
+        println!();
+        for n in &notes {
+            println!("{n}");
+        }
+    }
     let kernel_failed = o.modes.iter().zip(&columns).any(|(m, c)| {
         *m == ModeArg::Kernel && c.values().flatten().any(std::result::Result::is_err)
     });
@@ -339,25 +379,50 @@ fn record(o: &Options, column: &mut Column, values: std::result::Result<Values, 
 
 /// Puts gateway 1 into `mode` and runs all measurements. An error that stops the whole mode (binary
 /// missing, gateway not ready, no path) is returned as `Err`; one failing measurement marks its own lines.
+/// In userspace-sync mode, lines about the sync traffic are added to `notes`.
 fn measure_mode(
     topo: &mut Topology,
-    mode: ModeArg,
+    mode_arg: ModeArg,
     first: bool,
     o: &Options,
+    notes: &mut Vec<String>,
 ) -> std::result::Result<Values, String> {
-    let mode = match mode {
+    let sync = mode_arg == ModeArg::UserspaceSync;
+    let mode = match mode_arg {
         ModeArg::Kernel => GatewayMode::Kernel,
-        ModeArg::Userspace => GatewayMode::userspace().map_err(|e| e.to_string())?,
+        ModeArg::Userspace | ModeArg::UserspaceSync => {
+            GatewayMode::userspace().map_err(|e| e.to_string())?
+        }
     };
+    // Gateway 2 (present when userspace-sync is among the modes) runs the userspace gateway in the sync
+    // set only for userspace-sync; otherwise it is in kernel mode: no process, no CPU, no sync traffic.
+    if topo.gateways().len() >= 2 {
+        topo.set_sync_sets(if sync { vec![vec![1, 2]] } else { Vec::new() });
+        let want2 = if sync {
+            mode.clone()
+        } else {
+            GatewayMode::Kernel
+        };
+        if *topo.gateway(2).mode() != want2 || sync {
+            topo.set_gateway_mode(2, want2)
+                .map_err(|e| format!("switch gateway 2 (sync peer): {e}"))?;
+        }
+        if sync {
+            topo.gateway_mut(2)
+                .wait_ready(Duration::from_secs(30))
+                .map_err(|e| format!("gateway 2 (sync peer): {e}"))?;
+        }
+    }
     // The topology was built in kernel mode; every other column rebuilds the gateway namespace.
     if !(first && mode == GatewayMode::Kernel) {
         topo.set_gateway_mode(1, mode.clone())
-            .map_err(|e| format!("switch to {} mode: {e}", mode.label()))?;
+            .map_err(|e| format!("switch to {} mode: {e}", mode_arg.label()))?;
     }
     topo.gateway_mut(1)
         .wait_ready(Duration::from_secs(30))
         .map_err(|e| e.to_string())?;
-    check_path(topo).map_err(|e| format!("no path through the {} gateway: {e}", mode.label()))?;
+    check_path(topo)
+        .map_err(|e| format!("no path through the {} gateway: {e}", mode_arg.label()))?;
 
     let mut values = Values::new();
     type Measure = fn(&Topology, &Options) -> Result<Vec<(Metric, f64)>>;
@@ -377,12 +442,57 @@ fn measure_mode(
         if o.wait_idle > 0 {
             wait_idle(Duration::from_secs(o.wait_idle));
         }
+        let conn = sync && (short == "conn" || short == "conn-many");
+        let before = if conn { sync_counters(topo).ok() } else { None };
         match measure(topo, o) {
             Ok(v) => values.extend(v),
-            Err(e) => eprintln!("e2e: {} mode, {name}: {e}", mode.label()),
+            Err(e) => eprintln!("e2e: {} mode, {name}: {e}", mode_arg.label()),
+        }
+        if conn {
+            notes.push(sync_note(topo, name, before));
         }
     }
     Ok(values)
+}
+
+/// Gateway 1's sync bytes sent and flows created so far, from its `/metrics`.
+fn sync_counters(topo: &Topology) -> Result<(f64, f64)> {
+    let m = topo.gateway(1).metrics()?;
+    let tx = m
+        .get("egress_gateway_sync_bytes_total", &[("direction", "tx")])
+        .ok_or_else(|| Error::msg("no egress_gateway_sync_bytes_total{direction=\"tx\"}"))?;
+    let flows = m
+        .get("egress_gateway_flows_created_total", &[])
+        .ok_or_else(|| Error::msg("no egress_gateway_flows_created_total"))?;
+    Ok((tx, flows))
+}
+
+/// A line on the sync traffic of one connection-rate measurement in userspace-sync mode: gateway 1's sync
+/// bytes sent per flow created (deltas since `before`), and the copies gateway 2 holds.
+fn sync_note(topo: &Topology, name: &str, before: Option<(f64, f64)>) -> String {
+    let sent = match (before, sync_counters(topo)) {
+        (Some((tx0, f0)), Ok((tx1, f1))) => {
+            let (bytes, flows) = (tx1 - tx0, f1 - f0);
+            if flows > 0.0 {
+                format!(
+                    "{:.0} sync bytes sent per new flow ({bytes:.0} B, {flows:.0} flows)",
+                    bytes / flows
+                )
+            } else {
+                format!("{bytes:.0} sync bytes sent, no new flows")
+            }
+        }
+        (None, _) => "sync counters not readable before".to_owned(),
+        (_, Err(e)) => format!("sync counters: {e}"),
+    };
+    let copies = match topo.gateway(2).metrics() {
+        Ok(m) => match m.get("egress_gateway_sync_copies", &[]) {
+            Some(c) => format!("gateway 2 holds {c:.0} sync copies"),
+            None => "gateway 2 shows no egress_gateway_sync_copies".to_owned(),
+        },
+        Err(e) => format!("gateway 2 metrics: {e}"),
+    };
+    format!("userspace-sync, {name}: {sent}; {copies}")
 }
 
 /// One TCP echo from each pod to the red server (resolves neighbours, proves the path).
@@ -953,36 +1063,64 @@ fn cell(
 }
 
 fn print_table(o: &Options, columns: &[Column]) {
-    let labels: Vec<&str> = o
-        .modes
-        .iter()
-        .map(|m| match m {
-            ModeArg::Kernel => "kernel",
-            ModeArg::Userspace => "userspace",
-        })
-        .collect();
+    let labels: Vec<&str> = o.modes.iter().map(|m| m.label()).collect();
     let width = Metric::ALL
         .iter()
         .map(|m| m.label(o).chars().count())
         .max()
         .unwrap_or(10);
+    let widths: Vec<usize> = labels.iter().map(|l| l.len().max(10)).collect();
     let mut header = format!("{:width$}", "metric");
-    for l in &labels {
-        header.push_str(&format!(" | {l:>10}"));
+    for (l, w) in labels.iter().zip(&widths) {
+        header.push_str(&format!(" | {l:>w$}"));
     }
-    let ratio = labels.len() == 2;
-    if ratio {
-        header.push_str(" | ratio");
+    // Ratio columns (candidate, baseline): each userspace column against kernel, userspace-sync
+    // against plain userspace; with two columns and no such pair, the second against the first.
+    let find = |m: ModeArg| o.modes.iter().position(|x| *x == m);
+    let mut pairs = Vec::new();
+    if let Some(k) = find(ModeArg::Kernel) {
+        for m in [ModeArg::Userspace, ModeArg::UserspaceSync] {
+            if let Some(c) = find(m) {
+                pairs.push((c, k));
+            }
+        }
+    }
+    if let (Some(c), Some(u)) = (find(ModeArg::UserspaceSync), find(ModeArg::Userspace)) {
+        pairs.push((c, u));
+    }
+    if pairs.is_empty() && labels.len() == 2 {
+        pairs.push((1, 0));
+    }
+    let short = |m: ModeArg| match m {
+        ModeArg::Kernel => "kernel",
+        ModeArg::Userspace => "us",
+        ModeArg::UserspaceSync => "sync",
+    };
+    let ratio_names: Vec<String> = if pairs.len() == 1 {
+        vec!["ratio".to_owned()]
+    } else {
+        pairs
+            .iter()
+            .map(|(c, b)| format!("{}/{}", short(o.modes[*c]), short(o.modes[*b])))
+            .collect()
+    };
+    for n in &ratio_names {
+        header.push_str(&format!(" | {n}"));
     }
     println!();
     println!(
         "End-to-end, {} s per measurement, median of {} round(s){}",
         o.seconds,
         o.rounds,
-        if ratio {
-            "; ratio ≥ 1.0 means the second column is at least as good"
-        } else {
-            ""
+        match pairs.len() {
+            0 => String::new(),
+            1 => format!(
+                "; ratio ≥ 1.0 means {} is at least as good as {}",
+                labels[pairs[0].0], labels[pairs[0].1]
+            ),
+            _ => "; a ratio a/b ≥ 1.0 means a is at least as good as b \
+                  (us = userspace, sync = userspace-sync)"
+                .to_owned(),
         }
     );
     println!("{header}");
@@ -992,10 +1130,11 @@ fn print_table(o: &Options, columns: &[Column]) {
         let mut line = format!("{:width$}", m.label(o));
         let cells: Vec<_> = columns.iter().map(|c| cell(c.get(&m))).collect();
         for (col, c) in cells.iter().enumerate() {
+            let w = widths[col];
             match c {
-                Ok(v) => line.push_str(&format!(" | {:>10}", m.format(*v))),
+                Ok(v) => line.push_str(&format!(" | {:>w$}", m.format(*v))),
                 Err(e) => {
-                    line.push_str(&format!(" | {:>10}", "error"));
+                    line.push_str(&format!(" | {:>w$}", "error"));
                     errors.push((
                         format!("{} / {}", labels[col], m.label(o).trim()),
                         e.clone(),
@@ -1003,13 +1142,14 @@ fn print_table(o: &Options, columns: &[Column]) {
                 }
             }
         }
-        if ratio {
-            match (&cells[0], &cells[1]) {
+        for ((c, b), name) in pairs.iter().zip(&ratio_names) {
+            let w = name.len();
+            match (&cells[*b], &cells[*c]) {
                 (Ok(a), Ok(b)) if *a > 0.0 && *b > 0.0 => {
                     let r = if m.lower_is_better() { a / b } else { b / a };
-                    line.push_str(&format!(" | {r:.2}"));
+                    line.push_str(&format!(" | {:>w$}", format!("{r:.2}")));
                 }
-                _ => line.push_str(" | -"),
+                _ => line.push_str(&format!(" | {:>w$}", "-")),
             }
         }
         println!("{line}");
