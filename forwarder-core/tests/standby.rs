@@ -137,27 +137,24 @@ fn pod_tcp_flags(sport: u16, flags: &str) -> Vec<u8> {
     vxlan(VNI, &build(|o| t.write(o, &[])))
 }
 
-/// B does nothing for A's flows while it does not serve A — a segment of A's connection from the pod is
-/// dropped, without the reset a connection nobody knows gets (A may be taken over any moment), and a reply
-/// to A's address is unsolicited — and translates them as A did once it serves A: out with A's egress
-/// address and external port, back to the pod through the node.
+/// While B does not serve A, a pod's packet of A's connection that reaches B (the node agents moved it
+/// before B declared A dead, or A is alive but not ready) goes out as A sends it — A's egress address and
+/// external port — and A, which owns the address, gets the reply: a reply to A's address reaching B is
+/// unsolicited. Once B serves A, it translates both ways: back to the pod through the node.
 #[test]
-fn a_peers_flows_are_translated_only_while_served() {
+fn a_peers_flows_go_out_as_the_peer_and_come_back_only_while_served() {
     let (images, port, _) = flows_of_a();
     let (mut b, standby) = replica_b(&images);
     let data = pod_tcp(SERVER, 40000, 443, false, b"more");
     let reply = outside_tcp(SERVER, A_EGRESS, 443, port, "A", 5000, 1005);
 
-    // not served: as today
+    // not served: out as A sends it; the reply is A's business
     assert!(!standby.serving_any());
-    assert_eq!(
-        out(&mut b, &data, T1),
-        Out::Drop(Reason::TcpNoSynForNewFlow),
-        "no reset: a peer holds the flow"
-    );
+    let (_, _, frame) = out(&mut b, &data, T1).fwd();
+    assert_eq!(ip4_src(&frame[14..]), A_EGRESS, "out as A sends it");
+    assert_eq!(l4_ports(&frame[14..]), (port, 443));
     assert_eq!(b.stats().tcp_resets_sent, 0);
-    assert_eq!(b.stats().dropped(Reason::TcpNoSynForNewFlow), 1);
-    // a connection no replica knows still gets its reset
+    // a connection no replica knows gets its reset
     let unknown = pod_tcp(SERVER, 40999, 443, false, b"more");
     assert!(
         matches!(out(&mut b, &unknown, T1), Out::Tun { .. }),
@@ -166,7 +163,7 @@ fn a_peers_flows_are_translated_only_while_served() {
     assert_eq!(b.stats().tcp_resets_sent, 1);
     assert_eq!(inb(&mut b, 0, &reply, T1), Out::Drop(Reason::NoFlow));
     assert_eq!(b.stats().dropped(Reason::NoFlow), 1);
-    assert_eq!((b.stats().standby_out, b.stats().standby_in), (0, 0));
+    assert_eq!((b.stats().standby_out, b.stats().standby_in), (1, 0));
     assert!(standby.served_addresses().is_empty());
 
     // served
@@ -193,7 +190,7 @@ fn a_peers_flows_are_translated_only_while_served() {
     assert_eq!(inb(&mut b, 1, &reply, T1), Out::Drop(Reason::WrongUplink));
 
     let s = b.stats();
-    assert_eq!((s.standby_out, s.standby_in), (1, 1));
+    assert_eq!((s.standby_out, s.standby_in), (2, 1));
     assert_eq!(s.flows_created, 0);
     assert_eq!(
         b.gateway().table().len(),
@@ -203,7 +200,7 @@ fn a_peers_flows_are_translated_only_while_served() {
     assert_eq!(copies(&standby).len(), 2);
     let g = copies(&standby).pin();
     let f = copies(&standby).lookup_outbound_at(&tcp_key(40000), T1, &g);
-    assert_eq!(f.unwrap().counters().packets_out, 1, "counted on the copy");
+    assert_eq!(f.unwrap().counters().packets_out, 2, "counted on the copy");
 }
 
 /// While B serves A, a new connection of the pod gets a flow of B's own, with B's egress address; a SYN
@@ -233,7 +230,8 @@ fn new_connections_while_serving_get_the_replicas_own_address() {
     assert_eq!(ip4_src(&f[14..]), DMZ_EGRESS);
 }
 
-/// Serving stops again: A's connections are treated as before it started.
+/// Serving stops again: replies to A's address are A's business again; the pod's packets still go out as
+/// A sends them.
 #[test]
 fn unserving_stops_the_translation() {
     let (images, port, udp_port) = flows_of_a();
@@ -249,14 +247,14 @@ fn unserving_stops_the_translation() {
     assert!(!standby.serving_any() && !standby.is_serving(A));
     assert!(standby.served_addresses().is_empty());
     assert_eq!(
-        out(&mut b, &data, T1),
-        Out::Drop(Reason::TcpNoSynForNewFlow),
-        "dropped, not reset: A holds it"
+        ip4_src(&out(&mut b, &data, T1).fwd().2[14..]),
+        A_EGRESS,
+        "still out as A sends it"
     );
     assert_eq!(inb(&mut b, 0, &reply, T1), Out::Drop(Reason::NoFlow));
     let tcp_reply = outside_tcp(SERVER, A_EGRESS, 443, port, "A", 5000, 1005);
     assert_eq!(inb(&mut b, 0, &tcp_reply, T1), Out::Drop(Reason::NoFlow));
-    assert_eq!(b.stats().standby_out, 1);
+    assert_eq!(b.stats().standby_out, 2);
     assert_eq!(b.stats().standby_in, 1);
     // unknown peers change nothing
     assert!(!standby.set_serving(9, true));
@@ -474,10 +472,10 @@ proptest! {
     #![proptest_config(ProptestConfig::with_cases(48))]
 
     /// Whatever the pod and the outside send, and however serving is switched on and off, the data path
-    /// never creates a flow in the copies' table, never translates to A's address while A is not served,
-    /// and never translates a reply to A's address that matches no copy.
+    /// never creates a flow in the copies' table, translates to A's address only A's flows, and translates
+    /// a reply to A's address only while A is served and only when it matches a copy.
     #[test]
-    fn packets_never_create_copies_nor_use_them_unserved(
+    fn packets_never_create_copies_and_replies_use_them_only_served(
         steps in prop::collection::vec(step(), 1..40),
     ) {
         let (images, _, udp_port) = flows_of_a();
@@ -492,14 +490,13 @@ proptest! {
                 Step::PodTcp { copy, flags } => {
                     let sport = if copy { 40000 } else { 42000 + i as u16 };
                     if let Out::Fwd { frame, .. } = out(&mut b, &pod_tcp_flags(sport, flags), now) {
-                        prop_assert!(serving || ip4_src(&frame[14..]) != A_EGRESS);
+                        prop_assert!(copy || ip4_src(&frame[14..]) != A_EGRESS);
                     }
                 }
                 Step::PodUdp { copy } => {
                     let sport = if copy { 7100 } else { 43000 + i as u16 };
-                    // (a local flow made for A's tuple while A was not served stays first)
                     let (_, _, f) = out(&mut b, &pod_udp(SERVER, sport, 53, b"q"), now).fwd();
-                    prop_assert!(ip4_src(&f[14..]) != A_EGRESS || (serving && copy));
+                    prop_assert_eq!(ip4_src(&f[14..]) == A_EGRESS, copy, "A's flow out as A sends it");
                 }
                 Step::Reply { copy } => {
                     let port = if copy { udp_port } else { udp_port ^ 0x4000 };

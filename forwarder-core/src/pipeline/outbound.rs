@@ -344,8 +344,7 @@ pub(super) fn plan_new(gw: &Gateway, buf: &mut [u8], p: &Pending) -> Result<NewF
     if let Some(seg) = p.tcp_seg {
         if seg.flags & (tcp::flags::SYN | tcp::flags::ACK | tcp::flags::RST) != tcp::flags::SYN {
             let r = Reason::TcpNoSynForNewFlow;
-            let a_peers = || gw.standby().is_some_and(|s| s.holds_outbound(&p.key));
-            return Err(if gw.config.reset_unknown_tcp && !a_peers() {
+            return Err(if gw.config.reset_unknown_tcp {
                 Refusal::Reset(r)
             } else {
                 Refusal::Drop(r)

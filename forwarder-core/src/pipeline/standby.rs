@@ -4,17 +4,21 @@
 //! State sync (`crate::sync`) keeps each peer replica's flows in a table of their own, built with port
 //! pools of that peer's egress addresses only. While a peer is alive nothing here is on the data path: its
 //! copies are only kept up to date. When it dies, the I/O layer takes its egress addresses over on the
-//! uplink (ARP/NDP) and calls [`Standby::set_serving`]: from then on a packet that finds no flow in the
-//! gateway's own table is looked up in the copies of the served peers and, when found there, translated
-//! exactly as the peer did — its egress address and external port, its uplink — so that the peer's
-//! established connections survive (the failover pfsync(4) gives OpenBSD firewall pairs, and conntrackd's
-//! FTFW mode Linux ones). Copies are never moved into the local table, and the data path never creates a
-//! flow in them: new connections get local flows with this replica's own egress addresses.
+//! uplink (ARP/NDP) and calls [`Standby::set_serving`]: from then on a reply to its addresses that finds no
+//! flow in the gateway's own table is looked up in the copies of the served peers and, when found there,
+//! translated exactly as the peer did, so that the peer's established connections survive (the failover
+//! pfsync(4) gives OpenBSD firewall pairs, and conntrackd's FTFW mode Linux ones). A pod's packet that
+//! finds no flow in the own table is looked up in every peer's copies, served or not, and goes out as the
+//! peer sends it — its egress address and external port, its uplink — whether the peer is dead or only
+//! not ready (see [`Standby::lookup_outbound_at`]). Copies are never moved into the local table, and the
+//! data path never creates a flow in them: new connections get local flows with this replica's own egress
+//! addresses.
 //!
 //! Uplink ids in the copies are this replica's: the sync receiver picks the local uplink of each flow's
 //! egress address when it installs the copy ([`FlowRecord::to_image`](crate::sync::wire::FlowRecord)).
 //!
-//! The cost while no peer is served is one relaxed atomic load, on a miss of the local table only.
+//! The cost: on a miss of the local table only, one lookup per peer for a pod's packet, one relaxed atomic
+//! load for a reply while no peer is served.
 
 use core::net::IpAddr;
 use core::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
@@ -142,34 +146,35 @@ impl Standby {
                 .any(|p| p.is_serving() && p.egress.contains(&addr))
     }
 
-    /// The copy of an outbound packet's flow, by the pod's original tuple, in the served peers' tables (in
-    /// the order of [`peers`](Self::peers)); `None` when no peer is served.
+    /// The copy of an outbound packet's flow, by the pod's original tuple, in any peer's table, served or
+    /// not (in the order of [`peers`](Self::peers)). A pod's packet that reaches this replica for a flow
+    /// a live peer owns — the node agents moved it here because the peer is not ready, or faster than this
+    /// replica declared the peer dead — goes out as the peer sends it, with its egress address and port,
+    /// and the peer, which owns the address, gets the replies: the flow keeps its identity either way. A
+    /// new mapping of this replica's own for it would change the source the server sees.
     pub fn lookup_outbound_at<'g>(
         &'g self,
         key: &FlowKey,
         now: Instant,
         guard: &'g Guard,
     ) -> Option<&'g Flow> {
-        if !self.serving_any() {
-            return None;
-        }
-        self.peers
-            .iter()
-            .filter(|p| p.is_serving())
-            .find_map(|p| p.table.lookup_outbound_at(key, now, guard))
-    }
-
-    /// Whether any peer — served or not — holds a copy of the outbound flow `key`. A TCP segment of such a
-    /// flow that finds no flow here is not answered with a reset: its owner may be about to be taken over
-    /// (it went silent, and the node agents moved its traffic here before this replica adopted it).
-    pub fn holds_outbound(&self, key: &FlowKey) -> bool {
-        let Some(first) = self.peers.first() else {
-            return false;
+        // served peers first: after a pod's flow moved between replicas, its tuple may be in two tables
+        let served = || {
+            self.peers
+                .iter()
+                .filter(|p| p.is_serving())
+                .find_map(|p| p.table.lookup_outbound_at(key, now, guard))
         };
-        let guard = first.table.pin();
-        self.peers
-            .iter()
-            .any(|p| p.table.lookup_outbound(key, &guard).is_some())
+        let any = || {
+            self.peers
+                .iter()
+                .find_map(|p| p.table.lookup_outbound_at(key, now, guard))
+        };
+        if self.serving_any() {
+            served().or_else(any)
+        } else {
+            any()
+        }
     }
 
     /// The copy of an inbound packet's flow, by the tuple as received (dst = the peer's egress address), in
@@ -210,8 +215,7 @@ pub(super) fn outbound_copy<'g>(
     now: Instant,
     guard: &'g Guard,
 ) -> Option<&'g Flow> {
-    let s = standby.filter(|s| s.serving_any())?;
-    let f = s.lookup_outbound_at(key, now, guard)?;
+    let f = standby?.lookup_outbound_at(key, now, guard)?;
     if is_opening_syn(tcp) && matches!(f.tcp_state(), TcpState::Closed | TcpState::TimeWait) {
         return None;
     }
@@ -280,8 +284,8 @@ mod tests {
         f.reply_key()
     }
 
-    /// The count behind `serving_any` follows every change and only changes, and only served peers are
-    /// looked in, inbound only those whose addresses hold the destination.
+    /// The count behind `serving_any` follows every change and only changes; inbound only served peers
+    /// whose addresses hold the destination are looked in, outbound served peers first, then any.
     #[test]
     fn serving_is_counted_and_limits_the_lookups() {
         let (a, c) = (peer(1, A), peer(3, C));
@@ -294,7 +298,9 @@ mod tests {
             .map(Flow::orig);
         let orig = orig.expect("copy");
         assert!(!s.serving_any());
-        assert!(s.lookup_outbound_at(&orig, NOW, &g).is_none());
+        // a pod's packet finds a copy served or not (the first peer's), a reply only a served one's
+        let f = s.lookup_outbound_at(&orig, NOW, &g).expect("A's copy");
+        assert_eq!(f.egress_ip(), A);
         assert!(s.lookup_inbound_at(&reply_a, NOW, &g).is_none());
 
         assert!(s.set_serving(3, true));
@@ -302,7 +308,7 @@ mod tests {
         assert!(s.serving_any() && s.is_serving(3) && !s.is_serving(1));
         assert_eq!(s.served_addresses(), vec![C]);
         assert!(s.serves_address(C) && !s.serves_address(A));
-        // the pod's tuple is the same in both copies: only the served peer's is found
+        // the pod's tuple is the same in both copies: the served peer's is found first
         let f = s.lookup_outbound_at(&orig, NOW, &g).expect("C's copy");
         assert_eq!(f.egress_ip(), C);
         assert!(s.lookup_inbound_at(&reply_a, NOW, &g).is_none());
