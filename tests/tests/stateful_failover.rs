@@ -264,6 +264,71 @@ fn sync_datagrams_without_the_key_are_refused_and_counted() {
     );
 }
 
+/// The node agent's topology for the failover tests: node 1 with one pod (`app/client`), two userspace
+/// replicas labelled red in one sync set, the pod's default route over both (a resilient group).
+struct Replicas {
+    env: Env,
+    /// The pod's table on node 1.
+    table: u32,
+    /// The pod's route through both replicas.
+    both: RouteShape,
+}
+
+fn replicas(mode: &GatewayMode, bin: &std::path::Path) -> Replicas {
+    let mut spec = TopologySpec::node_agent(&[1], vec![mode.clone(); 2]);
+    spec.sync_sets = vec![vec![1, 2]];
+    let env = Env::start(spec, bin, |topo| {
+        let mut inv = Inventory::new();
+        inv.policy(tests::Policy::new(
+            "replicas",
+            vec![tests::PolicyRule::via(Ipv4Net::default(), "red")],
+        ))
+        .namespace_with_policy("app", "replicas");
+        inv.client_pod("app", "client", topo.pod(1, 1));
+        for k in 1..=2 {
+            inv.gateway_pod(k, "red", topo.spec().ipv6);
+        }
+        inv
+    });
+    let table = env.table_of(env.topo.pod(1, 1));
+    let both = RouteShape::Via(vec![
+        IpAddr::V4(env.topo.gateway(1).ip),
+        IpAddr::V4(env.topo.gateway(2).ip),
+    ]);
+    env.wait_route(table, Ipv4Net::default(), &both, Duration::from_secs(5));
+    Replicas { env, table, both }
+}
+
+/// The replica whose DMZ egress IP is `ip`.
+fn gateway_of(env: &Env, ip: IpAddr) -> usize {
+    (1..=2)
+        .find(|&k| IpAddr::V4(env.topo.gateway(k).dmz_egress) == ip)
+        .unwrap_or_else(|| env.fail(format!("{ip} is no replica's egress IP")))
+}
+
+/// Waits until the replica other than `x` holds at least `n` copies of `x`'s flows.
+fn wait_copies(env: &Env, x: usize, n: usize, what: &str) {
+    let n = n as f64;
+    scenario::wait_metric(
+        env.topo.gateway(3 - x),
+        "egress_gateway_sync_copies",
+        &[("peer", &(x - 1).to_string())],
+        METRICS,
+        |v| v >= n,
+    )
+    .or_diag(env, what);
+}
+
+/// SIGKILLs replica `x`; returns when.
+fn kill(env: &mut Env, x: usize) -> Instant {
+    let at = Instant::now();
+    match env.topo.gateway_mut(x).process_mut() {
+        Some(p) => p.signal(libc::SIGKILL),
+        None => env.fail(format!("gateway {x} has no process")),
+    }
+    at
+}
+
 /// What the interactive stream saw: exchanges completed, the longest wait for an echo, and how it ended.
 #[derive(Debug)]
 struct Stream {
@@ -335,28 +400,11 @@ fn a_tcp_session_survives_the_death_of_its_replica() {
     require_netns!();
     let mode = require_userspace_gateway!();
     let bin = require_node_agent!();
-    let mut spec = TopologySpec::node_agent(&[1], vec![mode.clone(); 2]);
-    spec.sync_sets = vec![vec![1, 2]];
-    let env = Env::start(spec, &bin, |topo| {
-        let mut inv = Inventory::new();
-        inv.policy(tests::Policy::new(
-            "replicas",
-            vec![tests::PolicyRule::via(Ipv4Net::default(), "red")],
-        ))
-        .namespace_with_policy("app", "replicas");
-        inv.client_pod("app", "client", topo.pod(1, 1));
-        for k in 1..=2 {
-            inv.gateway_pod(k, "red", topo.spec().ipv6);
-        }
-        inv
-    });
-    let mut env = env;
-    let table = env.table_of(env.topo.pod(1, 1));
-    let both = RouteShape::Via(vec![
-        IpAddr::V4(env.topo.gateway(1).ip),
-        IpAddr::V4(env.topo.gateway(2).ip),
-    ]);
-    env.wait_route(table, Ipv4Net::default(), &both, Duration::from_secs(5));
+    let Replicas {
+        mut env,
+        table,
+        both,
+    } = replicas(&mode, &bin);
 
     let server = SocketAddr::from((RED_SERVER, 7910));
     let echo = traffic::tcp_echo_server(&env.topo.red().ns, server).or_diag(&env, "echo server");
@@ -369,27 +417,14 @@ fn a_tcp_session_survives_the_death_of_its_replica() {
     let via = echo
         .last_peer()
         .or_diag(&env, "the session's source at the server");
-    let x = (1..=2)
-        .find(|&k| IpAddr::V4(env.topo.gateway(k).dmz_egress) == via.ip())
-        .or_diag(&env, "the session's gateway");
+    let x = gateway_of(&env, via.ip());
     let other = 3 - x;
     eprintln!("the session {via} goes through gateway {x}");
     // its copy is on the other replica
-    scenario::wait_metric(
-        env.topo.gateway(other),
-        "egress_gateway_sync_copies",
-        &[("peer", &(x - 1).to_string())],
-        METRICS,
-        |v| v >= 1.0,
-    )
-    .or_diag(&env, "the session's copy on the other replica");
+    wait_copies(&env, x, 1, "the session's copy on the other replica");
     std::thread::sleep(Duration::from_millis(500));
 
-    let killed = Instant::now();
-    match env.topo.gateway_mut(x).process_mut() {
-        Some(p) => p.signal(libc::SIGKILL),
-        None => env.fail(format!("gateway {x} has no process")),
-    }
+    let killed = kill(&mut env, x);
     // 3 s of the session after the kill
     std::thread::sleep(Duration::from_secs(3));
     stop.store(true, Ordering::Relaxed);
@@ -533,4 +568,443 @@ fn a_cut_sync_link_takes_nothing_over() {
             0.0
         );
     }
+}
+
+/// Concurrent connections of [`many_connections_survive_the_death_of_their_replica`].
+const CONNECTIONS: usize = 1000;
+
+/// One exchange on every connection at once: a unique line written to each first, then each echo read
+/// back and checked, all within 10 s. The outcome per connection.
+fn exchange_all(conns: &mut [std::net::TcpStream], round: &str) -> Vec<Result<(), String>> {
+    let lines: Vec<String> = (0..conns.len())
+        .map(|i| format!("{round} {i:06}\n"))
+        .collect();
+    let mut out: Vec<Result<(), String>> = conns
+        .iter_mut()
+        .zip(&lines)
+        .map(|(c, line)| {
+            c.write_all(line.as_bytes())
+                .map_err(|e| format!("write: {e} ({:?})", e.kind()))
+        })
+        .collect();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    for ((c, line), r) in conns.iter_mut().zip(&lines).zip(&mut out) {
+        if r.is_err() {
+            continue;
+        }
+        let wait = deadline
+            .saturating_duration_since(Instant::now())
+            .max(Duration::from_millis(10));
+        let mut back = vec![0u8; line.len()];
+        *r = c
+            .set_read_timeout(Some(wait))
+            .and_then(|()| c.read_exact(&mut back))
+            .map_err(|e| format!("read: {e} ({:?})", e.kind()))
+            .and_then(|()| {
+                if back == line.as_bytes() {
+                    Ok(())
+                } else {
+                    Err(format!("echoed {:?}", String::from_utf8_lossy(&back)))
+                }
+            });
+    }
+    out
+}
+
+/// 1,000 TCP connections from the pod to an echo server behind the DMZ, spread over the two syncing replicas
+/// by the agent's resilient group (each must carry some). Once the other replica holds copies of all of
+/// replica X's connections, X is SIGKILLed; then every connection does one exchange at once (a unique line,
+/// echoed back within 10 s): every one of them survives — no reset, the echo intact — and the server sees no
+/// new connection. Prints how many were on X and how many of those survived.
+#[test]
+fn many_connections_survive_the_death_of_their_replica() {
+    require_netns!();
+    let mode = require_userspace_gateway!();
+    let bin = require_node_agent!();
+    let Replicas { mut env, .. } = replicas(&mode, &bin);
+    let server = SocketAddr::from((RED_SERVER, 7920));
+    let echo = traffic::tcp_echo_server(&env.topo.red().ns, server).or_diag(&env, "echo server");
+
+    // One after another, each with a first exchange: the server accepts connection i before connection i+1
+    // is opened, so its i-th peer is connection i's source after SNAT.
+    let t = Instant::now();
+    let mut conns = env
+        .topo
+        .pod(1, 1)
+        .ns
+        .run(Duration::from_secs(120), move || {
+            (0..CONNECTIONS)
+                .map(|i| -> Result<std::net::TcpStream, String> {
+                    let mut c = traffic::connect(server).map_err(|e| e.to_string())?;
+                    c.set_nodelay(true).map_err(|e| e.to_string())?;
+                    let hello = format!("hello {i:06}\n");
+                    let mut back = vec![0u8; hello.len()];
+                    c.write_all(hello.as_bytes())
+                        .and_then(|()| c.read_exact(&mut back))
+                        .map_err(|e| format!("connection {i}: {e}"))?;
+                    if back != hello.as_bytes() {
+                        return Err(format!("connection {i}: echoed {back:?}"));
+                    }
+                    Ok(c)
+                })
+                .collect::<Result<Vec<_>, String>>()
+        })
+        .or_diag(&env, "the connecting thread")
+        .or_diag(&env, "open the connections");
+    let peers = echo.peers();
+    if peers.len() != CONNECTIONS {
+        env.fail(format!(
+            "{} connections at the server for {CONNECTIONS}",
+            peers.len()
+        ));
+    }
+    let carrier: Vec<usize> = peers.iter().map(|p| gateway_of(&env, p.ip())).collect();
+    let x = carrier[0];
+    let on_x: Vec<bool> = carrier.iter().map(|&k| k == x).collect();
+    let n_x = on_x.iter().filter(|&&b| b).count();
+    eprintln!(
+        "{CONNECTIONS} connections open in {:?}: {n_x} through gateway {x}, {} through gateway {}",
+        t.elapsed(),
+        CONNECTIONS - n_x,
+        3 - x
+    );
+    if n_x < CONNECTIONS / 10 || CONNECTIONS - n_x < CONNECTIONS / 10 {
+        env.fail(format!(
+            "the resilient group spreads connections over both replicas: {n_x} of {CONNECTIONS} on gateway {x}"
+        ));
+    }
+    wait_copies(
+        &env,
+        x,
+        n_x,
+        "copies of every connection of X on the other replica",
+    );
+    // A round just before the kill: every connection works, and none is idle long enough for the echo
+    // server's 10 s read timeout to close it before the round after the kill.
+    let before = exchange_all(&mut conns, "before");
+    if let Some((i, e)) = before
+        .iter()
+        .enumerate()
+        .find_map(|(i, r)| r.as_ref().err().map(|e| (i, e)))
+    {
+        env.fail(format!("connection {i} before the kill: {e}"));
+    }
+    std::thread::sleep(Duration::from_millis(500));
+
+    let killed = kill(&mut env, x);
+    let after = exchange_all(&mut conns, "after");
+    let took = killed.elapsed();
+    let failed: Vec<(usize, &String)> = after
+        .iter()
+        .enumerate()
+        .filter_map(|(i, r)| r.as_ref().err().map(|e| (i, e)))
+        .collect();
+    let failed_x = failed.iter().filter(|(i, _)| on_x[*i]).count();
+    let survived_x = n_x - failed_x;
+    eprintln!(
+        "killed gateway {x}: {n_x} connections on it, {survived_x} survived ({:.1} %); {} of {} on gateway {} failed; round after the kill took {took:?}",
+        survived_x as f64 * 100.0 / n_x as f64,
+        failed.len() - failed_x,
+        CONNECTIONS - n_x,
+        3 - x
+    );
+    if !failed.is_empty() {
+        let first: Vec<String> = failed
+            .iter()
+            .take(5)
+            .map(|(i, e)| format!("connection {i} (gateway {}): {e}", carrier[*i]))
+            .collect();
+        env.fail(format!(
+            "{} of {CONNECTIONS} connections broke, {failed_x} of them on the killed replica; first: {first:#?}",
+            failed.len()
+        ));
+    }
+    let peers_after = echo.peers().len();
+    if peers_after != CONNECTIONS {
+        env.fail(format!(
+            "the server saw {peers_after} connections, not {CONNECTIONS}: the failover opened new ones"
+        ));
+    }
+    scenario::wait_metric(
+        env.topo.gateway(3 - x),
+        "egress_gateway_sync_takeovers_total",
+        &[],
+        METRICS,
+        |v| v >= 1.0,
+    )
+    .or_diag(&env, "the survivor took X over");
+}
+
+/// ICMP echo requests from each replica's DMZ egress IP counted at the red server (iptables counters in
+/// its INPUT chain, installed by [`count_pings`]): `[gateway 1, gateway 2]`.
+fn pings_at_server(env: &Env) -> [u64; 2] {
+    let text = env
+        .topo
+        .red()
+        .ns
+        .exec_args(&["iptables", "-w", "-n", "-v", "-x", "-L", "INPUT"])
+        .or_diag(env, "iptables counters at the red server");
+    let mut out = [0u64; 2];
+    for (k, n) in out.iter_mut().enumerate() {
+        let ip = env.topo.gateway(k + 1).dmz_egress.to_string();
+        *n = text
+            .lines()
+            .filter(|l| l.split_whitespace().any(|w| w == ip))
+            .filter_map(|l| l.split_whitespace().next()?.parse::<u64>().ok())
+            .sum();
+    }
+    out
+}
+
+/// Installs the counters of [`pings_at_server`].
+fn count_pings(env: &Env) {
+    for k in 1..=2 {
+        let ip = env.topo.gateway(k).dmz_egress.to_string();
+        env.topo
+            .red()
+            .ns
+            .exec_args(&[
+                "iptables",
+                "-w",
+                "-A",
+                "INPUT",
+                "-p",
+                "icmp",
+                "--icmp-type",
+                "echo-request",
+                "-s",
+                &ip,
+                "-j",
+                "ACCEPT",
+            ])
+            .or_diag(env, "iptables counter at the red server");
+    }
+}
+
+/// What `ping -D` printed: requests sent, and the wall-clock times (Unix seconds) of the replies.
+fn parse_ping(log: &str) -> (u64, Vec<f64>) {
+    let sent = log
+        .lines()
+        .find(|l| l.contains("packets transmitted"))
+        .and_then(|l| l.split_whitespace().next()?.parse().ok())
+        .unwrap_or(0);
+    let replies = log
+        .lines()
+        .filter(|l| l.contains("bytes from"))
+        .filter_map(|l| l.strip_prefix('[')?.split(']').next()?.parse().ok())
+        .collect();
+    (sent, replies)
+}
+
+/// How long the ping of [`a_udp_flow_and_a_ping_keep_going_through_a_replicas_death`] runs.
+const PING_SECONDS: u64 = 6;
+
+/// A UDP request/response flow (every 10 ms) and a ping (every 10 ms) from the pod, through the two syncing
+/// replicas; X is the replica carrying the UDP flow (the ping hashes where it hashes: printed). X is
+/// SIGKILLed: the UDP flow is answered again within 2 s of the kill (`udp loss window: NNN ms`) and the
+/// server sees it from the same source address and port before and after — X's, kept by the survivor —
+/// where without sync it would come from the survivor's. The ping gets replies again after the kill; the
+/// replies it lost are printed.
+#[test]
+fn a_udp_flow_and_a_ping_keep_going_through_a_replicas_death() {
+    require_netns!();
+    let mode = require_userspace_gateway!();
+    let bin = require_node_agent!();
+    let Replicas { mut env, .. } = replicas(&mode, &bin);
+    let server = SocketAddr::from((RED_SERVER, 7921));
+    let whoami =
+        traffic::udp_whoami_server(&env.topo.red().ns, server).or_diag(&env, "whoami server");
+    let probe =
+        scenario::UdpProbe::start(&env.topo.pod(1, 1).ns, server, Duration::from_millis(10))
+            .or_diag(&env, "UDP probe");
+    probe
+        .wait_answer_after(Instant::now(), Duration::from_secs(10))
+        .or_diag(&env, "the UDP flow before the kill");
+    let via = whoami
+        .last_peer()
+        .or_diag(&env, "the flow's source at the server");
+    let x = gateway_of(&env, via.ip());
+    eprintln!(
+        "UDP flow {} → {via} goes through gateway {x}",
+        probe.local_addr()
+    );
+
+    count_pings(&env);
+    let log = env.topo.dir().join("ping.log");
+    let secs = PING_SECONDS.to_string();
+    let red = RED_SERVER.to_string();
+    let mut ping = env
+        .topo
+        .pod(1, 1)
+        .ns
+        .spawn(&["ping", "-n", "-D", "-i", "0.01", "-w", &secs, &red], log)
+        .or_diag(&env, "start ping");
+    let at_server = scenario::poll(
+        Duration::from_secs(5),
+        Duration::from_millis(20),
+        "pings at the server",
+        || {
+            let n = pings_at_server(&env);
+            (n[0] + n[1] >= 20).then_some(n)
+        },
+    )
+    .or_diag(&env, "ping before the kill");
+    let ping_via = if at_server[0] >= at_server[1] { 1 } else { 2 };
+    eprintln!(
+        "ping goes through gateway {ping_via} ({} X, the UDP flow's); at the server from [gw1, gw2]: {at_server:?}",
+        if ping_via == x { "=" } else { "≠" }
+    );
+    wait_copies(
+        &env,
+        x,
+        if ping_via == x { 2 } else { 1 },
+        "copies of X's flows on the other replica",
+    );
+    std::thread::sleep(Duration::from_millis(500));
+
+    let peers_before = whoami.peers().len();
+    let wall = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs_f64())
+        .unwrap_or(0.0);
+    let pings_before = pings_at_server(&env);
+    let killed = kill(&mut env, x);
+    let window = probe
+        .wait_answer_after(killed, Duration::from_secs(10))
+        .or_diag(&env, "the UDP flow after the kill");
+    eprintln!("udp loss window: {} ms", window.as_millis());
+    ping.wait_timeout(Duration::from_secs(PING_SECONDS + 5))
+        .or_diag(&env, "ping's end");
+    let (sent, replies) = parse_ping(&ping.log_text());
+    let lost = sent.saturating_sub(replies.len() as u64);
+    let after_kill = replies.iter().filter(|&&t| t > wall).count();
+    let last_gap = replies
+        .last()
+        .map_or(f64::INFINITY, |t| wall + PING_SECONDS as f64 - t);
+    let pings_after = pings_at_server(&env);
+    eprintln!(
+        "ping through gateway {ping_via}: {sent} sent, {} replies, {lost} lost, {after_kill} replies after the kill; requests at the server from [gw1, gw2] after the kill: [{}, {}]",
+        replies.len(),
+        pings_after[0] - pings_before[0],
+        pings_after[1] - pings_before[1]
+    );
+    let (sent_udp, answered_udp) = probe.counts();
+    eprintln!("udp probe: {sent_udp} sent, {answered_udp} answered");
+    probe.stop().or_diag(&env, "the probe thread");
+
+    let peers = whoami.peers();
+    let changed: Vec<&SocketAddr> = peers.iter().filter(|p| **p != via).collect();
+    if !changed.is_empty() || peers.len() <= peers_before {
+        env.fail(format!(
+            "the server sees the flow from {via} before the kill and from {:?} after ({} datagrams after the kill)",
+            changed.first(),
+            peers.len().saturating_sub(peers_before)
+        ));
+    }
+    if window >= Duration::from_secs(2) {
+        env.fail(format!("the UDP flow was cut for {window:?} (limit 2 s)"));
+    }
+    if after_kill < 50 || last_gap > 2.0 {
+        env.fail(format!(
+            "ping: {after_kill} replies after the kill, the last one {last_gap:.1} s before its end"
+        ));
+    }
+    if lost > 300 {
+        env.fail(format!("ping lost {lost} of {sent} replies"));
+    }
+}
+
+/// Replica 1 cut off from the pod network (its sync and health ports dropped both ways) long enough to be
+/// taken for dead: replica 2 takes its address and carries its flows — which keep their source all along —
+/// and when the cut heals, gives them back; replica 1, reading in replica 2's heartbeats that it was served,
+/// announces its address again, and its flows answer through it.
+#[test]
+fn a_replica_taken_for_dead_by_mistake_gets_its_address_back() {
+    require_netns!();
+    let mode = require_userspace_gateway!();
+    let topo = pair(mode);
+    let server = SocketAddr::from((RED_SERVER, 7913));
+    let _whoami = traffic::udp_whoami_server(&topo.red().ns, server).unwrap();
+    let flows = UdpFlows::open(&topo.pod(1, 1).ns, server, 16).unwrap();
+    let before = flows.sources(Duration::from_secs(10));
+    let gw1 = IpAddr::V4(topo.gateway(1).dmz_egress);
+    assert!(
+        before.iter().all(|s| s.is_some_and(|a| a.ip() == gw1)),
+        "{before:?}"
+    );
+    scenario::wait_metric(
+        topo.gateway(2),
+        "egress_gateway_sync_copies",
+        &[("peer", "0")],
+        METRICS,
+        |v| v >= 16.0,
+    )
+    .expect("gateway 2 holds the flows");
+    let sync = SYNC_PORT.to_string();
+    let health = tests::gateway::HEALTH_PORT.to_string();
+    let rules = |op: &str| {
+        for (chain, port) in [("INPUT", &sync), ("OUTPUT", &sync), ("INPUT", &health)] {
+            topo.gateway(1)
+                .ns
+                .exec_args(&[
+                    "iptables", "-w", op, chain, "-p", "udp", "--dport", port, "-j", "DROP",
+                ])
+                .unwrap();
+        }
+    };
+    rules("-A");
+    scenario::wait_metric(
+        topo.gateway(2),
+        "egress_gateway_sync_takeovers_total",
+        &[],
+        METRICS,
+        |v| v >= 1.0,
+    )
+    .unwrap_or_else(|e| {
+        panic!(
+            "gateway 2 takes gateway 1 for dead: {e}\n{}",
+            sync_metrics(&topo)
+        )
+    });
+    let during = flows.sources(Duration::from_secs(10));
+    assert_eq!(
+        during, before,
+        "the flows keep their source while gateway 2 carries them"
+    );
+    rules("-D");
+    scenario::wait_metric(
+        topo.gateway(2),
+        "egress_gateway_sync_serving",
+        &[("peer", "0")],
+        METRICS,
+        |v| v == 0.0,
+    )
+    .expect("gateway 2 gives the address back");
+    // past the announcements gateway 2 had scheduled (3 s)
+    std::thread::sleep(Duration::from_secs(4));
+    let after = flows.sources(Duration::from_secs(10));
+    assert_eq!(
+        after,
+        before,
+        "the flows answer through gateway 1 again\n{}",
+        sync_metrics(&topo)
+    );
+    let served = value(
+        &topo,
+        2,
+        "egress_gateway_standby_packets_total",
+        &[("direction", "inbound")],
+    );
+    std::thread::sleep(Duration::from_millis(300));
+    flows.sources(Duration::from_secs(5));
+    assert_eq!(
+        value(
+            &topo,
+            2,
+            "egress_gateway_standby_packets_total",
+            &[("direction", "inbound")]
+        ),
+        served,
+        "no reply reaches gateway 2 any more"
+    );
 }
