@@ -239,12 +239,26 @@ fn established_flows_both_ways_allocate_nothing() {
     assert_eq!(w.stats().flows_created, created, "no flow was new");
 
     // The batch calls: 32 packets of each established flow per call.
+    let n = batch_rounds(
+        &mut w,
+        &[&udp_out, &tcp_out, &ping],
+        &[&udp_in, &tcp_in, &pong],
+        300,
+    );
+    assert_eq!(
+        n, 0,
+        "{n} heap allocations in outbound_batch / inbound_batch"
+    );
+    assert_eq!(w.stats().flows_created, created, "no flow was new");
+}
+
+/// `rounds` rounds of one `outbound_batch` of 32 datagrams cycling through `outs` and one `inbound_batch` of
+/// 32 frames cycling through `ins`, every packet forwarded; returns the heap allocations they made.
+fn batch_rounds(w: &mut Worker, outs: &[&Vec<u8>], ins: &[&Vec<u8>], rounds: u64) -> usize {
     let mut out_bufs: Vec<Vec<u8>> = (0..32).map(|_| vec![0u8; 2048]).collect();
     let mut in_bufs: Vec<Vec<u8>> = (0..32).map(|_| vec![0u8; 2048]).collect();
-    let outs = [&udp_out, &tcp_out, &ping];
-    let ins = [&udp_in, &tcp_in, &pong];
     let (_, n) = counted(|| {
-        for round in 0..300u64 {
+        for round in 0..rounds {
             let now = Instant::from_millis(30_000 + round);
             for (b, p) in out_bufs.iter_mut().zip(outs.iter().cycle()) {
                 b[..p.len()].copy_from_slice(p);
@@ -278,11 +292,7 @@ fn established_flows_both_ways_allocate_nothing() {
             });
         }
     });
-    assert_eq!(
-        n, 0,
-        "{n} heap allocations in outbound_batch / inbound_batch"
-    );
-    assert_eq!(w.stats().flows_created, created, "no flow was new");
+    n
 }
 
 #[test]
@@ -889,45 +899,7 @@ fn flows_through_served_copies_allocate_nothing() {
     });
     assert_eq!(n, 0, "{n} heap allocations for served copies");
 
-    let mut out_bufs: Vec<Vec<u8>> = (0..32).map(|_| vec![0u8; 2048]).collect();
-    let mut in_bufs: Vec<Vec<u8>> = (0..32).map(|_| vec![0u8; 2048]).collect();
-    let outs = [&tcp_out, &udp_out];
-    let ins = [&tcp_in, &udp_in];
-    let (_, n) = counted(|| {
-        for round in 0..200u64 {
-            let now = Instant::from_millis(30_000 + round);
-            for (b, p) in out_bufs.iter_mut().zip(outs.iter().cycle()) {
-                b[..p.len()].copy_from_slice(p);
-            }
-            let mut it = out_bufs.iter_mut().zip(outs.iter().cycle());
-            let mut arr: [TunnelPacket<'_>; 32] = core::array::from_fn(|_| {
-                let (b, p) = it.next().unwrap();
-                TunnelPacket {
-                    from: NODE,
-                    buf: b.as_mut_slice(),
-                    len: p.len(),
-                }
-            });
-            w.outbound_batch(&mut arr, now, |_, a| {
-                assert!(matches!(a, Action::Forward { .. }), "{a:?}");
-            });
-            for (b, p) in in_bufs.iter_mut().zip(ins.iter().cycle()) {
-                b[HEADROOM..HEADROOM + p.len()].copy_from_slice(p);
-            }
-            let mut it = in_bufs.iter_mut().zip(ins.iter().cycle());
-            let mut arr: [UplinkPacket<'_>; 32] = core::array::from_fn(|_| {
-                let (b, p) = it.next().unwrap();
-                UplinkPacket {
-                    buf: b.as_mut_slice(),
-                    start: HEADROOM,
-                    len: p.len(),
-                }
-            });
-            w.inbound_batch(0, &mut arr, now, |_, a| {
-                assert!(matches!(a, Action::ToTunnel { .. }), "{a:?}");
-            });
-        }
-    });
+    let n = batch_rounds(&mut w, &[&tcp_out, &udp_out], &[&tcp_in, &udp_in], 200);
     assert_eq!(
         n, 0,
         "{n} heap allocations in the batch calls through copies"
