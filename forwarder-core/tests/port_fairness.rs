@@ -123,6 +123,22 @@ fn simulate(rates: &[u32], minutes: usize, range: PortRange, servers: u32) -> (V
     (pods, table)
 }
 
+/// Every pod of `pods` got at least `percent` % of the connections it wanted in every one of `minutes`,
+/// the last ones included: no starvation, no collapse.
+fn every_minute(pods: &[Pod], minutes: usize, percent: u64) {
+    for p in pods {
+        for m in 0..minutes {
+            let wanted = u64::from(p.rate) * 60;
+            assert!(
+                p.ok[m] * 100 >= wanted * percent,
+                "{} minute {m}: {} of {wanted}",
+                p.ip,
+                p.ok[m]
+            );
+        }
+    }
+}
+
 fn report(name: &str, pods: &[Pod], table: &Table) {
     println!(
         "{name}: successful connections per pod and minute (refused in brackets); takeovers {}",
@@ -149,18 +165,7 @@ fn equal_pods_share_one_egress_ip_without_starvation_or_collapse() {
     let total: u64 = pods.iter().map(|p| p.ok.iter().sum::<u64>()).sum();
     assert!(total > 4 * 64_512, "more connections than ports: {total}");
     assert!(table.port_takeovers() > 0, "the pool was exhausted");
-    for p in &pods {
-        for m in 0..minutes {
-            let wanted = u64::from(p.rate) * 60;
-            // every minute, including the last ones: no collapse
-            assert!(
-                p.ok[m] * 100 >= wanted * 99,
-                "{} minute {m}: {} of {wanted}",
-                p.ip,
-                p.ok[m]
-            );
-        }
-    }
+    every_minute(&pods, minutes, 99);
     let per_pod: Vec<u64> = pods.iter().map(|p| p.ok.iter().sum()).collect();
     let (lo, hi) = (
         per_pod.iter().min().expect("pods"),
@@ -180,17 +185,7 @@ fn a_greedy_pod_does_not_starve_the_others() {
     };
     let (pods, table) = simulate(&[600, 30, 30, 30], minutes, range, 1);
     report("greedy pod", &pods, &table);
-    for p in &pods[1..] {
-        for m in 0..minutes {
-            let wanted = u64::from(p.rate) * 60;
-            assert!(
-                p.ok[m] * 100 >= wanted * 95,
-                "{} minute {m}: {} of {wanted}",
-                p.ip,
-                p.ok[m]
-            );
-        }
-    }
+    every_minute(&pods[1..], minutes, 95);
     // the greedy pod is served too, not shut out (it takes over finished flows like everyone else)
     let greedy_last = pods[0].ok[minutes - 1];
     assert!(
@@ -209,17 +204,7 @@ fn connections_toward_many_servers_share_one_egress_ip() {
     let (pods, table) = simulate(&[60; 8], minutes, PortRange::default(), 1000);
     report("many servers", &pods, &table);
     assert!(table.port_takeovers() > 0, "the pool was exhausted");
-    for p in &pods {
-        for m in 0..minutes {
-            let wanted = u64::from(p.rate) * 60;
-            assert!(
-                p.ok[m] * 100 >= wanted * 99,
-                "{} minute {m}: {} of {wanted}",
-                p.ip,
-                p.ok[m]
-            );
-        }
-    }
+    every_minute(&pods, minutes, 99);
 }
 
 /// A small range (256 ports) in a table sized for 262,144 flows, every connection toward one server: the
@@ -235,15 +220,5 @@ fn a_small_range_in_a_large_table_still_takes_over() {
     };
     let (pods, table) = simulate(&[60; 4], minutes, range, 1);
     report("small range", &pods, &table);
-    for p in &pods {
-        for m in 0..minutes {
-            let wanted = u64::from(p.rate) * 60;
-            assert!(
-                p.ok[m] * 100 >= wanted * 99,
-                "{} minute {m}: {} of {wanted}",
-                p.ip,
-                p.ok[m]
-            );
-        }
-    }
+    every_minute(&pods, minutes, 99);
 }
