@@ -711,42 +711,47 @@ uplinks:
 
     #[test]
     fn sync_section_errors() {
-        refused(
-            &format!("{BASE}{}", SYNC.replace("ordinal: 1", "ordinal: 0")),
-            22,
-            "sync.peers[0].ordinal: 0 is this replica's own ordinal",
-        );
-        refused(
-            &format!("{BASE}{}", SYNC.replace("name: internal", "name: inside")),
-            24,
-            "no uplink here is named `inside` (uplinks: dmz, internal)",
-        );
-        refused(
-            &format!("{BASE}{}", SYNC.replace("203.0.113.11", "203.0.113.10")),
-            24,
-            "egress IP 203.0.113.10 already belongs to this replica",
-        );
-        refused(
-            &format!("{BASE}{}", SYNC.replace("172.18.0.4:4792", "172.18.0.4")),
-            23,
-            "`172.18.0.4` is not a peer address",
-        );
-        refused(
-            &format!(
-                "{BASE}{}",
-                SYNC.replace("set: egress-red", "set: 'egress red'")
+        // (in SYNC, replaced by, line, message)
+        for (from, to, line, message) in [
+            (
+                "ordinal: 1",
+                "ordinal: 0",
+                22,
+                "sync.peers[0].ordinal: 0 is this replica's own ordinal",
             ),
-            18,
-            "`egress red` is not a set name",
-        );
-        refused(
-            &format!(
-                "{BASE}{}",
-                SYNC.replace("  ordinal: 0\n", "  ordinal: 64\n")
+            (
+                "name: internal",
+                "name: inside",
+                24,
+                "no uplink here is named `inside` (uplinks: dmz, internal)",
             ),
-            19,
-            "sync.ordinal: 64 is out of range",
-        );
+            (
+                "203.0.113.11",
+                "203.0.113.10",
+                24,
+                "egress IP 203.0.113.10 already belongs to this replica",
+            ),
+            (
+                "172.18.0.4:4792",
+                "172.18.0.4",
+                23,
+                "`172.18.0.4` is not a peer address",
+            ),
+            (
+                "set: egress-red",
+                "set: 'egress red'",
+                18,
+                "`egress red` is not a set name",
+            ),
+            (
+                "  ordinal: 0\n",
+                "  ordinal: 64\n",
+                19,
+                "sync.ordinal: 64 is out of range",
+            ),
+        ] {
+            refused(&format!("{BASE}{}", SYNC.replace(from, to)), line, message);
+        }
         refused(
             &format!("{BASE}sync: {{ set: red, ordinal: 0, peers: [] }}\n"),
             17,
