@@ -21,10 +21,11 @@ use std::time::{Duration, SystemTime};
 use forwarder_core::conntrack::{self, FlowEventKind, FlowEvents, Table, TcpState};
 use forwarder_core::pipeline::{Standby, StandbyPeer};
 use forwarder_core::ports::{PortPools, PortRange};
+use forwarder_core::sync::inbox::Tables;
 use forwarder_core::sync::outbox::OutboxStats;
 use forwarder_core::sync::peer::StreamStats;
 use forwarder_core::sync::replica::{PeerPhase, Replica, ReplicaStats, Settings};
-use forwarder_core::sync::wire::{self, Datagram, DeleteReason, FlowId};
+use forwarder_core::sync::wire::{self, Datagram, DeleteReason, FlowId, PeerState};
 use forwarder_core::Instant;
 use ipnet::IpNet;
 use mio::net::UdpSocket;
@@ -265,6 +266,8 @@ pub(crate) struct Sync {
     replica: Replica,
     peers: Vec<Peer>,
     own: Arc<Table>,
+    /// This replica's egress IPs, each with its uplink index (for the flows peers hand back).
+    own_egress: Vec<(IpAddr, usize)>,
     events: Arc<FlowEvents>,
     vetting: Vetting,
     status: Arc<SyncStatus>,
@@ -329,6 +332,12 @@ pub(crate) fn start(
         })
         .collect::<Result<_, String>>()?;
     let status = Arc::new(SyncStatus::enabled());
+    let own_egress = shared
+        .uplinks
+        .iter()
+        .enumerate()
+        .flat_map(|(i, u)| u.egress.iter().map(move |ip| (*ip, i)))
+        .collect();
     let s = Sync {
         socket,
         probe,
@@ -341,6 +350,7 @@ pub(crate) fn start(
         replica,
         peers,
         own,
+        own_egress,
         events,
         vetting,
         status: Arc::clone(&status),
@@ -389,9 +399,22 @@ impl Sync {
                     })
                     .map(|p| p.ordinal),
             );
+            self.replica.set_state(if self.status.is_synced() {
+                PeerState::Ready
+            } else {
+                PeerState::Syncing
+            });
             let guard = self.own.pin();
             self.replica.tick(&self.own, now, &guard);
-            while let Some(len) = self.replica.poll_transmit(&self.own, now, &guard, &mut out) {
+            loop {
+                let peers = &self.peers;
+                let copies = |o: u16| peers.iter().find(|p| p.ordinal == o).map(|p| &*p.copies);
+                let Some(len) = self
+                    .replica
+                    .poll_transmit(&self.own, copies, now, &guard, &mut out)
+                else {
+                    break;
+                };
                 self.send(&mut out[..len]);
             }
             drop(guard);
@@ -498,9 +521,16 @@ impl Sync {
                 .ok_or(Refusal::UnknownSource)?
         };
         let peer = &self.peers[index];
-        let egress = &peer.egress;
+        let (me, own_egress) = (self.ordinal, &self.own_egress);
         let vetting = &self.vetting;
-        let uplink = |ip: IpAddr| {
+        // the uplink here of egress IP `ip` of replica `owner`: the sender's for its copies, ours for the
+        // flows it hands back
+        let uplink = |owner: u16, ip: IpAddr| {
+            let egress = if owner == me {
+                own_egress
+            } else {
+                &peer.egress
+            };
             egress
                 .iter()
                 .find(|(e, _)| *e == ip)
@@ -514,16 +544,12 @@ impl Sync {
                     .is_none_or(|ns| ns.iter().any(|n| n.contains(&IpAddr::V4(f.node))))
         };
         let guard = peer.copies.pin();
+        let tables = Tables {
+            copies: &peer.copies,
+            own: &self.own,
+        };
         self.replica
-            .receive(
-                peer.ordinal,
-                bytes,
-                &peer.copies,
-                uplink,
-                accept,
-                now,
-                &guard,
-            )
+            .receive(peer.ordinal, bytes, tables, uplink, accept, now, &guard)
             .map(|_| ())
             .map_err(|e| Refusal::Protocol(e.label()))
     }
@@ -593,7 +619,13 @@ impl Sync {
             let serving = self.standby.is_serving(p.ordinal);
             if phase != PeerPhase::Silent {
                 p.fence = Fence::default();
-                if serving && phase != PeerPhase::Unknown {
+                // Back, but its flows come back to it with our bulk transfer: it carries them on once it
+                // says it is ready (it announces its addresses then); until then they are still ours.
+                let ready = self
+                    .replica
+                    .peer_hello(p.ordinal)
+                    .is_some_and(|h| h.state == PeerState::Ready);
+                if serving && phase != PeerPhase::Unknown && ready {
                     self.standby.set_serving(p.ordinal, false);
                     p.released = Some(now);
                     tracing::warn!(

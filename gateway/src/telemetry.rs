@@ -205,7 +205,7 @@ pub(crate) const METRICS: &[(&str, &str, &str)] = &[
     (
         "egress_gateway_sync_records_total",
         "counter",
-        "State sync records, by kind and result: flows and deletes sent (sent), flows installed into copies, deletes applied (removed), records refused (refused), flows queued again for a peer's NACK (resent).",
+        "State sync records, by kind and result: flows and deletes sent (sent), flows installed into copies, deletes applied (removed), records refused (refused), flows queued again for a peer's NACK (resent), flows of this replica a peer handed back and it carries on again (returned), flows handed back that it could not take and deleted at its peers (disowned).",
     ),
     (
         "egress_gateway_sync_events_dropped_total",
@@ -518,6 +518,8 @@ fn update_sync(snap: &crate::sync::Snapshot) {
         ("flow", "installed", r.installed),
         ("delete", "removed", r.removed),
         ("any", "refused", r.refused),
+        ("flow", "returned", r.returned),
+        ("flow", "disowned", r.disowned),
     ] {
         counter!("egress_gateway_sync_records_total", "kind" => kind, "result" => result)
             .absolute(n);

@@ -17,6 +17,7 @@ use std::time::Instant as WallClock;
 use forwarder_core::conntrack::{Config, NewFlow, Table, TcpSegment};
 use forwarder_core::flow::{FlowKey, NodeAddr, Proto};
 use forwarder_core::ports::{PortPools, PortRange, Rng};
+use forwarder_core::sync::inbox::Tables;
 use forwarder_core::sync::replica::{Replica, Settings};
 use forwarder_core::sync::wire::FlowRecord;
 use forwarder_core::Instant;
@@ -81,6 +82,7 @@ fn main() {
     // 1. bytes per connection
     let own = table(max);
     let copies = table(max);
+    let b_own = table(16); // the receiving replica's own flows: none
     let mut a = Replica::new(Settings::new(1, 0, 0xA, 0), own.slots(), &[0, 1]);
     let mut b = Replica::new(Settings::new(1, 1, 0xB, 0), copies.slots(), &[0, 1]);
     let mut rng = Rng::new(9);
@@ -128,20 +130,28 @@ fn main() {
             true
         });
         a.tick(&own, now, &g);
-        while let Some(len) = a.poll_transmit(&own, now, &g, &mut buf) {
+        while let Some(len) = a.poll_transmit(&own, |_| None, now, &g, &mut buf) {
             a.stamp(1, &mut buf[..len]);
             bytes += len as u64 + 28; // IPv4 + UDP headers
             datagrams += 1;
             let gb = copies.pin();
-            b.receive(0, &buf[..len], &copies, |_| Some(0), |_| true, now, &gb)
+            let tables = Tables {
+                copies: &copies,
+                own: &b_own,
+            };
+            b.receive(0, &buf[..len], tables, |_, _| Some(0), |_| true, now, &gb)
                 .expect("valid");
         }
         drop(g);
         let gb = copies.pin();
-        b.tick(&copies, now, &gb);
-        while let Some(len) = b.poll_transmit(&copies, now, &gb, &mut buf) {
+        b.tick(&b_own, now, &gb);
+        while let Some(len) = b.poll_transmit(&b_own, |_| None, now, &gb, &mut buf) {
             let g = own.pin();
-            a.receive(1, &buf[..len], &table(16), |_| Some(0), |_| true, now, &g)
+            let tables = Tables {
+                copies: &table(16),
+                own: &own,
+            };
+            a.receive(1, &buf[..len], tables, |_, _| Some(0), |_| true, now, &g)
                 .expect("valid");
         }
     }
@@ -175,25 +185,34 @@ fn main() {
     let mut s = Replica::new(Settings::new(1, 0, 0xC, 0), src.slots(), &[0, 1]);
     let mut d = Replica::new(Settings::new(1, 1, 0xD, 0), dst.slots(), &[0, 1]);
     let mut datagrams = Vec::new();
+    let (d_own, s_copies) = (table(16), table(16));
     let mut t = 0;
     // first contact: the peer asks for a bulk; collect what the owner sends until the bulk is done
     while dst.len() < usize::try_from(bulk).unwrap_or(usize::MAX) && t < 600_000 {
         let now = Instant::from_millis(10_000 + t);
         let gs = src.pin();
-        while let Some(len) = s.poll_transmit(&src, now, &gs, &mut buf) {
+        while let Some(len) = s.poll_transmit(&src, |_| Some(&s_copies), now, &gs, &mut buf) {
             datagrams.push(buf[..len].to_vec());
         }
         drop(gs);
         let started = WallClock::now();
         let gd = dst.pin();
         for dgm in datagrams.drain(..) {
-            d.receive(0, &dgm, &dst, |_| Some(0), |_| true, now, &gd)
+            let tables = Tables {
+                copies: &dst,
+                own: &d_own,
+            };
+            d.receive(0, &dgm, tables, |_, _| Some(0), |_| true, now, &gd)
                 .expect("valid");
         }
         INSTALL_NS.with(|c| c.set(c.get() + started.elapsed().as_nanos()));
-        while let Some(len) = d.poll_transmit(&dst, now, &gd, &mut buf) {
+        while let Some(len) = d.poll_transmit(&d_own, |_| None, now, &gd, &mut buf) {
             let gs = src.pin();
-            s.receive(1, &buf[..len], &table(16), |_| Some(0), |_| true, now, &gs)
+            let tables = Tables {
+                copies: &s_copies,
+                own: &src,
+            };
+            s.receive(1, &buf[..len], tables, |_, _| Some(0), |_| true, now, &gs)
                 .expect("valid");
         }
         t += 1;

@@ -6,7 +6,7 @@ use core::net::{IpAddr, Ipv4Addr};
 use core::time::Duration;
 use std::collections::BTreeMap;
 
-use super::inbox::apply;
+use super::inbox::{apply, Tables};
 use super::outbox::Outbox;
 use super::peer::{PeerStream, Verdict};
 use super::wire::{Datagram, DeleteReason, FlowRecord, Header, Hello, PeerState, Record, Writer};
@@ -60,6 +60,7 @@ fn state(t: &Table) -> BTreeMap<String, (u16, u8)> {
 fn copies_converge_over_a_lossy_link() {
     let a = table();
     let copies = table();
+    let own = table(); // the receiver's own table: nothing is handed back to it here
     let mut outbox = outbox(&a, 64);
     let mut stream = PeerStream::new();
     let mut rng = Rng::new(1);
@@ -149,7 +150,7 @@ fn copies_converge_over_a_lossy_link() {
             let n = {
                 let g = a.pin();
                 let mut w = Writer::new(&mut buf, &header(seq)).expect("room");
-                let records = outbox.fill(&mut w, seq, &a, now, &g);
+                let records = outbox.fill(&mut w, seq, &a, |_| None, now, &g);
                 if records == 0 {
                     if heartbeat {
                         break;
@@ -184,8 +185,11 @@ fn copies_converge_over_a_lossy_link() {
                     1,
                     0,
                     &mut stream,
-                    &copies,
-                    |_| Some(0),
+                    Tables {
+                        copies: &copies,
+                        own: &own,
+                    },
+                    |_, _| Some(0),
                     |_| true,
                     now,
                     &g,
@@ -218,6 +222,7 @@ fn copies_converge_over_a_lossy_link() {
 fn a_new_peer_gets_everything_by_bulk_transfer() {
     let a = table();
     let copies = table();
+    let own = table(); // the receiver's own table: nothing is handed back to it here
     let mut outbox = outbox(&a, 256);
     let mut stream = PeerStream::new();
     let mut rng = Rng::new(2);
@@ -259,7 +264,7 @@ fn a_new_peer_gets_everything_by_bulk_transfer() {
                 ..Header::default()
             };
             let mut w = Writer::new(&mut buf, &header).expect("room");
-            if outbox.fill(&mut w, seq, &a, now, &g) == 0 {
+            if outbox.fill(&mut w, seq, &a, |_| None, now, &g) == 0 {
                 if asked && outbox.is_empty() && ended.is_some() {
                     break;
                 }
@@ -287,8 +292,11 @@ fn a_new_peer_gets_everything_by_bulk_transfer() {
             1,
             0,
             &mut stream,
-            &copies,
-            |_| Some(0),
+            Tables {
+                copies: &copies,
+                own: &own,
+            },
+            |_, _| Some(0),
             |_| true,
             now,
             &g,

@@ -1,5 +1,5 @@
-//! Applying a peer's datagram: its flows go into the table that holds that peer's passive copies, its
-//! control records go back to the caller.
+//! Applying a peer's datagram: its flows go into the table that holds that peer's passive copies, the flows
+//! it hands back go into this replica's own table, its control records go back to the caller.
 //!
 //! A datagram reaches [`apply`] only after the caller checked its source and MAC. Its header is judged by the
 //! peer's [`PeerStream`] first (stale and old-epoch datagrams change nothing). Then each record, on its own:
@@ -9,16 +9,26 @@
 //!   is a node). The copy table's pools hold only the peer's egress IPs, so a flow translated to any other
 //!   address is refused by the table itself (`NoPool`): a peer can only ever speak for its own egress IPs —
 //!   a forged flow would otherwise open an inbound path to a pod (the warning of OpenBSD's pfsync(4));
+//! * a flow of a bulk transfer whose owner is *this* replica is handed back: the sender held a copy of it
+//!   while this replica was gone (restarted, or taken for dead), and this replica carries it on again with
+//!   its address and port — installed into the own table, whose pools hold only this replica's egress IPs
+//!   (the same guard as above). Pfsync's bulk update gives a rebooted firewall its states back the same way.
+//!   A flow this replica already has is left as it is (its own state is newer); one it cannot take (the
+//!   port went to a new flow meanwhile, the address is no longer its own) is reported in
+//!   [`Applied::disowned`], so that the peers drop their copies of it instead of carrying a connection
+//!   nobody answers for;
+//! * a flow handed back to another replica of the set is skipped (every peer receives every datagram);
 //! * a delete removes the copy;
-//! * the first datagram of a new incarnation of the peer (a new epoch: it restarted) removes every copy of
-//!   the previous one — its flows died with it;
 //! * NACK and bulk records addressed to this replica, and heartbeats, are handed back in [`Applied`];
 //!   those addressed to another peer of the set are skipped.
+//!
+//! A peer's new incarnation (a new epoch) does not clear its copies: its previous incarnation's flows are
+//! handed back to it by the bulk transfer it asks for, and those it does not take back are deleted by it.
 
 use core::net::IpAddr;
 
 use super::peer::{PeerStream, Verdict};
-use super::wire::{Datagram, FlowRecord, Hello, Record};
+use super::wire::{flow_flags, Datagram, FlowId, FlowRecord, Hello, Record};
 use crate::conntrack::{Guard, Table};
 use crate::flow::UplinkId;
 use crate::time::Instant;
@@ -34,6 +44,11 @@ pub struct Applied {
     pub removed: u32,
     /// Records refused: not decodable, not the sender's, refused by `accept` or by the table.
     pub refused: u32,
+    /// Flows of this replica handed back by the sender, installed into the own table.
+    pub returned: u32,
+    /// Flows of this replica handed back that it cannot take (counted in `refused` too): the peers are to
+    /// forget them.
+    pub disowned: Vec<FlowId>,
     /// The peer missed these of *our* datagrams: answer with [`Outbox::nack`](super::outbox::Outbox::nack).
     pub nacks: Vec<(u32, u32)>,
     /// The peer queued again what these of *its* datagrams carried: stop asking for them.
@@ -48,17 +63,27 @@ pub struct Applied {
     pub hello: Option<Hello>,
 }
 
-/// Applies datagram `dg` from the peer of ordinal `sender` (already authenticated) to `copies`, the table of
-/// that peer's flows, at the replica of ordinal `me`. `uplink` gives the local uplink of an egress IP (refused when `None`); `accept` vets
-/// each flow record before it is installed.
+/// The tables a peer's flow records go into at this replica.
+#[derive(Debug, Clone, Copy)]
+pub struct Tables<'a> {
+    /// The sender's passive copies.
+    pub copies: &'a Table,
+    /// This replica's own flows (what the sender hands back).
+    pub own: &'a Table,
+}
+
+/// Applies datagram `dg` from the peer of ordinal `sender` (already authenticated) at the replica of ordinal
+/// `me`: its flows to `tables.copies`, the flows it hands back to `tables.own`. `uplink(owner, ip)` gives the
+/// local uplink of egress IP `ip` of replica `owner` (refused when `None`); `accept` vets each flow record
+/// before it is installed.
 #[allow(clippy::too_many_arguments)] // the peer's context, each a separate concern of the caller
 pub fn apply<T: AsRef<[u8]>>(
     dg: &Datagram<T>,
     me: u16,
     sender: u16,
     stream: &mut PeerStream,
-    copies: &Table,
-    uplink: impl Fn(IpAddr) -> Option<UplinkId>,
+    tables: Tables<'_>,
+    uplink: impl Fn(u16, IpAddr) -> Option<UplinkId>,
     accept: impl Fn(&FlowRecord) -> bool,
     now: Instant,
     guard: &Guard,
@@ -69,6 +94,8 @@ pub fn apply<T: AsRef<[u8]>>(
         installed: 0,
         removed: 0,
         refused: 0,
+        returned: 0,
+        disowned: Vec::new(),
         nacks: Vec::new(),
         repaired: Vec::new(),
         bulk_request: None,
@@ -79,26 +106,43 @@ pub fn apply<T: AsRef<[u8]>>(
     if matches!(verdict, Verdict::Stale | Verdict::OldEpoch) {
         return out;
     }
-    if verdict == Verdict::NewEpoch {
-        // A new incarnation of the peer: what its previous one had is gone with it, and a copy of it must
-        // not keep a connection alive that no replica can carry on (its pod gets a reset instead).
-        out.removed += forget(copies, now, guard);
-    }
     for rec in dg.records() {
         match rec {
-            Ok(Record::Flow(f)) => {
-                let ok = f.owner == sender
-                    && accept(&f)
-                    && uplink(f.id.egress)
-                        .is_some_and(|u| copies.install(&f.to_image(u), now, guard).is_ok());
+            Ok(Record::Flow(f)) if f.owner == sender => {
+                let ok = accept(&f)
+                    && uplink(sender, f.id.egress)
+                        .is_some_and(|u| tables.copies.install(&f.to_image(u), now, guard).is_ok());
                 if ok {
                     out.installed += 1;
                 } else {
                     out.refused += 1;
                 }
             }
+            Ok(Record::Flow(f)) if f.owner == me && f.flags & flow_flags::BULK != 0 => {
+                match take_back(&f, me, tables.own, &uplink, &accept, now, guard) {
+                    TakeBack::Installed => out.returned += 1,
+                    TakeBack::Held => {}
+                    TakeBack::Refused => {
+                        out.refused += 1;
+                        // unless the id is now a newer flow's of this replica, which the peers must keep
+                        if tables
+                            .own
+                            .lookup_inbound_at(&f.id.reply_key(), now, guard)
+                            .is_none()
+                        {
+                            out.disowned.push(f.id);
+                        }
+                    }
+                }
+            }
+            // handed back to another replica of the set, or not a flow the sender may send
+            Ok(Record::Flow(f)) => {
+                if f.owner == sender || f.owner == me {
+                    out.refused += 1;
+                }
+            }
             Ok(Record::Delete(id, _)) => {
-                if copies.remove(&id.reply_key(), now, guard) {
+                if tables.copies.remove(&id.reply_key(), now, guard) {
                     out.removed += 1;
                 }
             }
@@ -121,15 +165,40 @@ pub fn apply<T: AsRef<[u8]>>(
     out
 }
 
-/// Removes every copy in `copies`; returns how many.
-fn forget(copies: &Table, now: Instant, guard: &Guard) -> u32 {
-    let mut keys = Vec::new();
-    copies.for_each(guard, |f| keys.push(f.reply_key()));
-    let mut n = 0;
-    for k in &keys {
-        if copies.remove(k, now, guard) {
-            n += 1;
-        }
+/// What became of a flow handed back to this replica.
+enum TakeBack {
+    /// Installed into the own table with its address and port.
+    Installed,
+    /// The own table has it already (this replica's state of it is the newer).
+    Held,
+    /// Not taken: refused by `accept`, no uplink for its address here, or its port is another flow's now.
+    Refused,
+}
+
+/// Installs `f`, a flow of this replica (`me`) that a peer hands back, into `own`.
+fn take_back(
+    f: &FlowRecord,
+    me: u16,
+    own: &Table,
+    uplink: &impl Fn(u16, IpAddr) -> Option<UplinkId>,
+    accept: &impl Fn(&FlowRecord) -> bool,
+    now: Instant,
+    guard: &Guard,
+) -> TakeBack {
+    let Some(u) = uplink(me, f.id.egress).filter(|_| accept(f)) else {
+        return TakeBack::Refused;
+    };
+    let image = f.to_image(u);
+    // `install` over a flow with the same pod tuple would restore the older state over it
+    if let Some(held) = own.lookup_outbound_at(&image.new.orig, now, guard) {
+        return if held.external_port() == f.id.ext_port && held.egress_ip() == f.id.egress {
+            TakeBack::Held
+        } else {
+            TakeBack::Refused
+        };
     }
-    n
+    match own.install(&image, now, guard) {
+        Ok(_) => TakeBack::Installed,
+        Err(_) => TakeBack::Refused,
+    }
 }

@@ -14,6 +14,10 @@
 //!   refreshed by traffic for `refresh` since (so a peer's copy does not expire while the flow lives);
 //! * a delete record when a flow ends ([`Outbox::flow_ended`]).
 //!
+//! A bulk transfer to a peer sends this replica's flows, then the copies it holds of *that peer's* flows,
+//! with the peer as their owner: a peer that restarted, or was taken for dead, gets back the connections this
+//! replica carried for it (see [`super::inbox`]). Transfers asked for by two peers run one after the other.
+//!
 //! Idle flows send nothing: their copies expire by the same timeouts. Deletes go first, then flows in the
 //! order they were queued. Memory: a mark of 16 bytes per table slot, plus the queues and the resend ring,
 //! both bounded.
@@ -50,6 +54,8 @@ impl Mark {
 #[derive(Debug, Clone, Copy)]
 enum Sent {
     Flow(FlowId),
+    /// A copy of peer `.0`'s flow, handed back to it by a bulk transfer.
+    Returned(u16, FlowId),
     Delete(FlowId, DeleteReason),
     /// A bulk start or end record.
     Bulk(Record),
@@ -84,7 +90,9 @@ pub struct Outbox {
     /// How long a queued flow waits before it is sent (its changes of that time go in one record).
     hold: Duration,
     deletes: VecDeque<(FlowId, DeleteReason)>,
-    /// Bulk records of lost datagrams, sent again after the queued flows.
+    /// Handed-back copies of lost datagrams (peer, flow), sent again after the queued flows.
+    returns: VecDeque<(u16, FlowId)>,
+    /// Bulk records of lost datagrams, sent again after the queued flows and handed-back copies.
     controls: VecDeque<Record>,
     limit: usize,
     marks: Vec<Mark>,
@@ -96,6 +104,10 @@ pub struct Outbox {
     dropped: usize,
     ring_len: usize,
     bulk: Option<Bulk>,
+    /// Bulk transfers asked for while another peer's ran: (peer, id), in order.
+    waiting: VecDeque<(u16, u32)>,
+    /// Bulk end records written so far (resends included).
+    ends: u64,
     stats: OutboxStats,
 }
 
@@ -108,6 +120,8 @@ struct Bulk {
     cursor: usize,
     /// Its start record was written.
     started: bool,
+    /// Every slot of the own table was visited: the peer's copies are walked now.
+    returning: bool,
     /// Every slot was visited: its end record is next.
     done: bool,
     /// Flow records written.
@@ -134,6 +148,7 @@ impl Outbox {
             queued: HashSet::new(),
             flows: VecDeque::new(),
             deletes: VecDeque::new(),
+            returns: VecDeque::new(),
             controls: VecDeque::new(),
             limit: queue.max(1),
             marks: vec![Mark::default(); slots],
@@ -143,6 +158,8 @@ impl Outbox {
             dropped: 0,
             ring_len: ring.max(1),
             bulk: None,
+            waiting: VecDeque::new(),
+            ends: 0,
             stats: OutboxStats::default(),
         }
     }
@@ -218,7 +235,11 @@ impl Outbox {
     /// When the next record may be sent: now for deletes, bulk records and a bulk transfer, else when the
     /// oldest queued flow has waited out its hold; `None` when nothing waits.
     pub fn due_at(&self) -> Option<Instant> {
-        if !self.deletes.is_empty() || !self.controls.is_empty() || self.bulk.is_some() {
+        if !self.deletes.is_empty()
+            || !self.returns.is_empty()
+            || !self.controls.is_empty()
+            || self.bulk.is_some()
+        {
             return Some(Instant::ZERO);
         }
         self.flows.iter().map(|&(_, due)| due).min()
@@ -228,18 +249,21 @@ impl Outbox {
     pub fn is_empty(&self) -> bool {
         self.flows.is_empty()
             && self.deletes.is_empty()
+            && self.returns.is_empty()
             && self.controls.is_empty()
             && self.bulk.is_none()
     }
 
     /// Fills the datagram being written as sequence number `seq`: deletes first, then flows as `table` has
-    /// them at `now`, then the bulk transfer under way. Stops at the first record that does not fit (it stays
-    /// queued). Returns the records written.
-    pub fn fill(
+    /// them at `now`, then the bulk transfer under way. `copies(peer)` is the table of a peer's copies (what a
+    /// bulk transfer hands back to it). Stops at the first record that does not fit (it stays queued).
+    /// Returns the records written.
+    pub fn fill<'t>(
         &mut self,
         w: &mut Writer<'_>,
         seq: u32,
         table: &Table,
+        copies: impl Fn(u16) -> Option<&'t Table>,
         now: Instant,
         guard: &Guard,
     ) -> usize {
@@ -284,6 +308,25 @@ impl Outbox {
             n += 1;
         }
         while !full {
+            let Some(&(peer, id)) = self.returns.front() else {
+                break;
+            };
+            let found = copies(peer).and_then(|c| c.lookup_inbound_at(&id.reply_key(), now, guard));
+            if let Some(f) = found {
+                let rec = FlowRecord::from_image(&f.image(now), peer, flow_flags::BULK);
+                if w.push(&Record::Flow(rec)).is_err() {
+                    full = true;
+                    break;
+                }
+                self.records.push_back(Sent::Returned(peer, id));
+                self.stats.flows += 1;
+                n += 1;
+            } else {
+                self.stats.vanished += 1;
+            }
+            self.returns.pop_front();
+        }
+        while !full {
             let Some(&r) = self.controls.front() else {
                 break;
             };
@@ -293,10 +336,13 @@ impl Outbox {
             }
             self.controls.pop_front();
             self.records.push_back(Sent::Bulk(r));
+            if matches!(r, Record::BulkEnd { .. }) {
+                self.ends += 1;
+            }
             n += 1;
         }
         if !full && self.controls.is_empty() {
-            n += self.fill_bulk(w, table, now, guard);
+            n += self.fill_bulk(w, table, &copies, now, guard);
         }
         if n > 0 {
             self.ring.push_back((seq, start));
@@ -312,17 +358,31 @@ impl Outbox {
     }
 
     /// Peer `peer` asked for all flows (it started, or lost too much): after what is queued, every live flow
-    /// is sent between a bulk start and a bulk end record carrying `id`, walking the table as it is while the
-    /// transfer runs. A transfer under way starts over with the new id.
+    /// — and every copy held of the peer's own flows, handed back — is sent between a bulk start and a bulk
+    /// end record carrying `id`, walking the tables as they are while the transfer runs. The peer's transfer
+    /// under way starts over with the new id; another peer's goes on, and this one waits for its end.
     pub fn start_bulk(&mut self, peer: u16, id: u32) {
+        if self.bulk.is_some_and(|b| b.peer != peer) {
+            match self.waiting.iter_mut().find(|w| w.0 == peer) {
+                Some(w) => w.1 = id,
+                None => self.waiting.push_back((peer, id)),
+            }
+            return;
+        }
         self.bulk = Some(Bulk {
             peer,
             id,
             cursor: 0,
             started: false,
+            returning: false,
             done: false,
             sent: 0,
         });
+    }
+
+    /// Bulk end records written so far, resends included (a heartbeat follows them: `Replica`).
+    pub fn ends_written(&self) -> u64 {
+        self.ends
     }
 
     /// True while a bulk transfer is under way.
@@ -331,18 +391,21 @@ impl Outbox {
     }
 
     /// The bulk transfer's part of a datagram: its start record, then flows from its cursor, then its end.
-    fn fill_bulk(
+    fn fill_bulk<'t>(
         &mut self,
         w: &mut Writer<'_>,
         table: &Table,
+        copies: &impl Fn(u16) -> Option<&'t Table>,
         now: Instant,
         guard: &Guard,
     ) -> usize {
         let mut n = 0;
         let owner = self.owner;
         while let Some(b) = self.bulk.as_mut() {
+            let theirs = copies(b.peer);
             if !b.started {
-                let count = u32::try_from(table.len()).unwrap_or(u32::MAX);
+                let count = table.len() + theirs.map_or(0, Table::len);
+                let count = u32::try_from(count).unwrap_or(u32::MAX);
                 let r = Record::BulkStart {
                     peer: b.peer,
                     id: b.id,
@@ -364,13 +427,32 @@ impl Outbox {
                 };
                 if w.push(&r).is_ok() {
                     self.records.push_back(Sent::Bulk(r));
-                    self.bulk = None;
+                    self.ends += 1;
+                    self.bulk = self.waiting.pop_front().map(|(peer, id)| Bulk {
+                        peer,
+                        id,
+                        cursor: 0,
+                        started: false,
+                        returning: false,
+                        done: false,
+                        sent: 0,
+                    });
                     n += 1;
+                    continue;
                 }
                 break;
             }
+            // this replica's flows, then the peer's own flows it holds copies of, handed back
+            let (walked, owner) = match (b.returning, theirs) {
+                (false, _) => (table, owner),
+                (true, Some(c)) => (c, b.peer),
+                (true, None) => {
+                    b.done = true;
+                    continue;
+                }
+            };
             let (mut full, mut sent) = (false, None);
-            let next = table.scan_slots(b.cursor, 1, guard, |_, f| {
+            let next = walked.scan_slots(b.cursor, 1, guard, |_, f| {
                 let rec = FlowRecord::from_image(&f.image(now), owner, flow_flags::BULK);
                 if w.push(&Record::Flow(rec)).is_ok() {
                     sent = Some(rec.id);
@@ -383,14 +465,21 @@ impl Outbox {
             }
             if let Some(id) = sent {
                 b.sent += 1;
-                self.records.push_back(Sent::Flow(id));
+                self.records.push_back(if b.returning {
+                    Sent::Returned(b.peer, id)
+                } else {
+                    Sent::Flow(id)
+                });
                 self.stats.flows += 1;
                 n += 1;
             }
-            if next == 0 {
+            if next != 0 {
+                b.cursor = next;
+            } else if b.returning {
                 b.done = true;
             } else {
-                b.cursor = next;
+                b.returning = true;
+                b.cursor = 0;
             }
         }
         n
@@ -432,6 +521,7 @@ impl Outbox {
                         self.flows.push_front((id, Instant::ZERO));
                     }
                 }
+                Sent::Returned(peer, id) => self.returns.push_back((peer, id)),
                 Sent::Delete(id, why) => self.flow_ended(id, why),
                 Sent::Bulk(r) => self.controls.push_back(r),
             }

@@ -18,7 +18,7 @@
 use core::net::IpAddr;
 use core::time::Duration;
 
-use super::inbox::{apply, Applied};
+use super::inbox::{apply, Applied, Tables};
 use super::outbox::{Outbox, OutboxStats};
 use super::peer::{PeerStream, StreamStats, Verdict};
 use super::wire::{
@@ -93,7 +93,8 @@ pub enum PeerPhase {
     Unknown,
     /// Heard; its bulk transfer to us has not ended yet.
     Syncing,
-    /// Its flows are all here, and it is heard.
+    /// Its flows are all here (its bulk transfer ended, and no datagram of its stream is missing), and it
+    /// is heard.
     InSync,
     /// Not heard for `dead_after`.
     Silent,
@@ -127,7 +128,9 @@ struct Peer {
     stream: PeerStream,
     /// The bulk transfer asked for (id, when, whether its start arrived) and not ended yet.
     asked: Option<(u32, Instant, bool)>,
-    /// Its bulk transfer ended (for its current epoch).
+    /// Its bulk end arrived; in sync once a heartbeat shows that nothing before it is missing.
+    ended: bool,
+    /// Its bulk transfer ended and every datagram of it is here (for its current epoch).
     synced: bool,
     /// Gaps of its stream, NACKed until it says they are repaired: (from, to, when last NACKed).
     gaps: Vec<(u32, u32, Option<Instant>)>,
@@ -169,6 +172,10 @@ pub struct ReplicaStats {
     pub installed: u64,
     /// Flows removed from copies by delete records.
     pub removed: u64,
+    /// Flows of this replica handed back by a peer's bulk transfer, installed into the own table.
+    pub returned: u64,
+    /// Flows of this replica handed back that it could not take, deleted at the peers.
+    pub disowned: u64,
     /// Records refused.
     pub refused: u64,
     /// Bulk transfers asked for.
@@ -193,6 +200,10 @@ pub struct Replica {
     stats: ReplicaStats,
     /// Ordinals of dead peers this replica serves now (bit `i` = ordinal `i`), for its heartbeats.
     served: u64,
+    /// A heartbeat is due as soon as nothing else is: a bulk end or repairs went out (see `receive`).
+    close: bool,
+    /// What its heartbeats say of it.
+    state: PeerState,
 }
 
 /// Gaps of one peer's stream asked for at once; more, and a bulk transfer is cheaper.
@@ -211,6 +222,7 @@ impl Replica {
                     ordinal,
                     stream: PeerStream::new(),
                     asked: None,
+                    ended: false,
                     synced: false,
                     gaps: Vec::new(),
                     request: None,
@@ -223,6 +235,8 @@ impl Replica {
             repairs: Vec::new(),
             stats: ReplicaStats::default(),
             served: 0,
+            close: false,
+            state: PeerState::Starting,
             s,
         }
     }
@@ -244,14 +258,16 @@ impl Replica {
     }
 
     /// Applies a datagram that peer `from` sent (the caller checked its source address and, with a key, its
-    /// MAC) to `copies`, the table of that peer's flows. `uplink` and `accept` as for [`apply`].
+    /// MAC) to `tables`: the table of that peer's copies, and the own table for the flows it hands back
+    /// (those this replica cannot take are deleted at the peers in turn). `uplink` and `accept` as for
+    /// [`apply`].
     #[allow(clippy::too_many_arguments)] // the peer's context, each a separate concern of the caller
     pub fn receive(
         &mut self,
         from: u16,
         bytes: &[u8],
-        copies: &Table,
-        uplink: impl Fn(IpAddr) -> Option<UplinkId>,
+        tables: Tables<'_>,
+        uplink: impl Fn(u16, IpAddr) -> Option<UplinkId>,
         accept: impl Fn(&FlowRecord) -> bool,
         now: Instant,
         guard: &Guard,
@@ -273,7 +289,7 @@ impl Replica {
             me,
             from,
             &mut peer.stream,
-            copies,
+            tables,
             uplink,
             accept,
             now,
@@ -283,6 +299,9 @@ impl Replica {
             Verdict::NewEpoch => {
                 // a new incarnation (or first contact): what it had before is unknown until its bulk ends
                 peer.synced = false;
+                peer.ended = false;
+                // and what its previous incarnation said of itself (ready, serving) no longer holds
+                peer.hello = None;
                 peer.gaps.clear();
                 peer.ask_bulk(take_id(&mut self.next_bulk_id), now);
                 self.stats.bulk_requests += 1;
@@ -310,7 +329,7 @@ impl Replica {
         if let (Some((id, _)), Some((asked, ..))) = (out.bulk_end, peer.asked) {
             if id == asked {
                 peer.asked = None;
-                peer.synced = true;
+                peer.ended = true;
             }
         }
         if out.hello.is_some() {
@@ -318,9 +337,21 @@ impl Replica {
         }
         peer.gaps
             .retain(|&(a, b, _)| !out.repaired.contains(&(a, b)));
+        // The bulk end may overtake lost datagrams of the transfer, and a lost last datagram shows only with
+        // the next one. A sender follows its bulk end and its repairs with a heartbeat once all they carry
+        // went out: that heartbeat, with no datagram missing before it, closes the transfer.
+        if peer.ended && peer.gaps.is_empty() && out.hello.is_some() {
+            peer.ended = false;
+            peer.synced = true;
+        }
         self.stats.installed += u64::from(out.installed);
         self.stats.removed += u64::from(out.removed);
         self.stats.refused += u64::from(out.refused);
+        self.stats.returned += u64::from(out.returned);
+        for &id in &out.disowned {
+            self.stats.disowned += 1;
+            self.outbox.flow_ended(id, DeleteReason::Flushed);
+        }
         for &(a, b) in &out.nacks {
             if !self.outbox.nack(a, b) {
                 // gone from the ring: only a bulk transfer can repair that peer
@@ -360,9 +391,11 @@ impl Replica {
     /// length. Control records first (NACKs and bulk requests for peers), then the outbox; a heartbeat when
     /// nothing else is due and the replica has been quiet for `heartbeat`. The acknowledgement fields are
     /// set per addressee with [`stamp`](Self::stamp), the MAC (when `mac`) after that by the caller.
-    pub fn poll_transmit(
+    /// `copies(peer)` is the table of a peer's copies: a bulk transfer to that peer hands them back.
+    pub fn poll_transmit<'t>(
         &mut self,
         own: &Table,
+        copies: impl Fn(u16) -> Option<&'t Table>,
         now: Instant,
         guard: &Guard,
         buf: &mut [u8],
@@ -376,9 +409,10 @@ impl Replica {
                 .iter()
                 .any(|p| p.request.is_some() || p.gaps.iter().any(|g| due(g.2)));
         let changes = self.outbox.due_at().is_some_and(|t| t <= now);
-        let heartbeat = self
-            .last_sent
-            .is_none_or(|t| now.saturating_since(t) >= self.s.heartbeat);
+        let heartbeat = self.close
+            || self
+                .last_sent
+                .is_none_or(|t| now.saturating_since(t) >= self.s.heartbeat);
         if !controls && !changes && !heartbeat {
             return None;
         }
@@ -396,11 +430,13 @@ impl Replica {
         };
         let mut w = Writer::new(&mut buf[..size], &header).ok()?;
         let mut n = 0;
+        let ends = self.outbox.ends_written();
         while let Some(&(peer, from, to)) = self.repairs.first() {
             if w.push(&Record::Repaired { peer, from, to }).is_err() {
                 break;
             }
             self.repairs.remove(0);
+            self.close = true;
             n += 1;
         }
         for p in &mut self.peers {
@@ -428,7 +464,8 @@ impl Replica {
             }
         }
         if controls || changes || !self.outbox.is_empty() {
-            n += self.outbox.fill(&mut w, self.seq, own, now, guard);
+            n += self.outbox.fill(&mut w, self.seq, own, copies, now, guard);
+            self.close |= self.outbox.ends_written() != ends;
         }
         if n == 0 {
             if !heartbeat {
@@ -436,6 +473,7 @@ impl Replica {
             }
             w.push(&Record::Hello(self.hello(own))).ok()?;
             self.stats.heartbeats += 1;
+            self.close = false;
         }
         let len = w.finish();
         self.seq = self.seq.wrapping_add(1);
@@ -469,7 +507,8 @@ impl Replica {
         if let Some(t) = self.outbox.due_at() {
             next = next.min(t.max(now));
         }
-        if !self.repairs.is_empty() || self.peers.iter().any(|p| p.request.is_some()) {
+        if self.close || !self.repairs.is_empty() || self.peers.iter().any(|p| p.request.is_some())
+        {
             next = now;
         }
         for g in self.peers.iter().flat_map(|p| &p.gaps) {
@@ -505,6 +544,12 @@ impl Replica {
         )
     }
 
+    /// Says in this replica's heartbeats where it stands (what a peer serving its addresses waits for before
+    /// it gives them back: [`PeerState::Ready`]); [`PeerState::Starting`] until called.
+    pub fn set_state(&mut self, state: PeerState) {
+        self.state = state;
+    }
+
     /// Says in this replica's heartbeats that it serves the dead peers `ordinals` now (besides itself), so
     /// that a peer taken over by mistake — alive but cut off — learns it when it hears this replica again.
     pub fn set_served(&mut self, ordinals: impl IntoIterator<Item = u16>) {
@@ -530,16 +575,8 @@ impl Replica {
     }
 
     fn hello(&self, own: &Table) -> Hello {
-        let ready = self
-            .peers
-            .iter()
-            .all(|p| p.synced || p.stream.epoch().is_none());
         Hello {
-            state: if ready {
-                PeerState::Ready
-            } else {
-                PeerState::Syncing
-            },
+            state: self.state,
             served: self.served | bit(self.s.ordinal),
             flows: u32::try_from(own.len()).unwrap_or(u32::MAX),
             passive: 0,

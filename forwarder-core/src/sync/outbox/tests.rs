@@ -58,10 +58,23 @@ fn id(f: &Flow) -> FlowId {
 
 /// Fills one datagram of `size` bytes as sequence number `seq`; returns its records.
 fn send(o: &mut Outbox, tb: &Table, seq: u32, size: usize, now: Instant) -> Vec<Record> {
+    send_holding(o, tb, None, seq, size, now)
+}
+
+/// [`send`] by a replica holding `copies` = (peer, the table of its copies).
+fn send_holding(
+    o: &mut Outbox,
+    tb: &Table,
+    copies: Option<(u16, &Table)>,
+    seq: u32,
+    size: usize,
+    now: Instant,
+) -> Vec<Record> {
     let g = tb.pin();
     let mut buf = vec![0u8; size];
     let mut w = Writer::new(&mut buf, &Header::default()).expect("room");
-    o.fill(&mut w, seq, tb, now, &g);
+    let of = |peer: u16| copies.filter(|c| c.0 == peer).map(|c| c.1);
+    o.fill(&mut w, seq, tb, of, now, &g);
     let n = w.finish();
     let dg = Datagram::new_checked(&buf[..n]).expect("valid");
     dg.records().map(|r| r.expect("record")).collect()
@@ -251,4 +264,85 @@ fn a_flow_waits_out_the_hold_and_a_resend_does_not() {
     assert!(o.nack(2, 2));
     assert_eq!(o.due_at(), Some(Instant::ZERO));
     assert_eq!(send(&mut o, &tb, 3, 1400, t(6)).len(), 1);
+}
+
+/// Two peers ask for a bulk transfer at once: the second waits for the end of the first, and each gets its
+/// start and end records around every flow. The transfer to peer 2 hands back the copies of peer 2's flows
+/// (its own, with peer 2 as owner); a lost datagram of them is sent again, ahead of the repeated end.
+#[test]
+fn bulk_transfers_run_one_after_the_other_and_hand_back_the_peers_flows() {
+    let (tb, theirs) = (table(), table());
+    let g = tb.pin();
+    let mut o = Outbox::new(
+        0,
+        tb.slots(),
+        Duration::from_secs(10),
+        Duration::ZERO,
+        100,
+        64,
+    );
+    for p in 0..5 {
+        open(&tb, 4000 + p, Proto::Udp, &g);
+    }
+    let handed: Vec<FlowId> = (0..3)
+        .map(|p| id(open(&theirs, 5000 + p, Proto::Udp, &g)))
+        .collect();
+    let copies = Some((2, &theirs));
+    o.start_bulk(1, 7);
+    // a few records per datagram: the first transfer is under way when the second is asked for
+    let small = 160;
+    let mut seen = send_holding(&mut o, &tb, copies, 1, small, t(0));
+    o.start_bulk(2, 9);
+    let mut seq = 2;
+    while o.bulk_active() {
+        let recs = send_holding(&mut o, &tb, copies, seq, small, t(0));
+        assert!(!recs.is_empty() && seq < 100, "no progress");
+        seen.extend(recs);
+        seq += 1;
+    }
+    let summary: Vec<String> = seen
+        .iter()
+        .map(|r| match r {
+            Record::Flow(f) => format!("flow of {}", f.owner),
+            r => format!("{r:?}"),
+        })
+        .collect();
+    let mut want = vec!["BulkStart { peer: 1, id: 7, count: 5 }".to_string()];
+    want.extend(vec!["flow of 0".to_string(); 5]);
+    want.push("BulkEnd { peer: 1, id: 7, count: 5 }".into());
+    want.push("BulkStart { peer: 2, id: 9, count: 8 }".into());
+    want.extend(vec!["flow of 0".to_string(); 5]);
+    want.extend(vec!["flow of 2".to_string(); 3]);
+    want.push("BulkEnd { peer: 2, id: 9, count: 8 }".into());
+    assert_eq!(summary, want);
+    let returned: Vec<FlowId> = seen
+        .iter()
+        .filter_map(|r| match r {
+            Record::Flow(f) if f.owner == 2 => {
+                assert_eq!(f.flags, flow_flags::BULK);
+                Some(f.id)
+            }
+            _ => None,
+        })
+        .collect();
+    assert_eq!(returned, handed);
+    // the last two datagrams (handed-back flows among them, and the end) were lost
+    assert!(o.nack(seq - 2, seq - 1));
+    let again = send_holding(&mut o, &tb, copies, seq, 1400, t(1));
+    let again_returned: Vec<FlowId> = again
+        .iter()
+        .filter_map(|r| match r {
+            Record::Flow(f) if f.owner == 2 => Some(f.id),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(again_returned, handed, "{again:?}");
+    assert_eq!(
+        again.last(),
+        Some(&Record::BulkEnd {
+            peer: 2,
+            id: 9,
+            count: 8
+        })
+    );
 }
