@@ -281,8 +281,7 @@ fn send_segments(
 }
 
 /// Asks for `bytes` of socket buffer, beyond `net.core.{r,w}mem_max` when we may (CAP_NET_ADMIN).
-fn set_buffers(socket: &Socket, bytes: usize) {
-    use std::os::fd::AsRawFd;
+pub(crate) fn set_buffers(socket: &impl std::os::fd::AsRawFd, bytes: usize) {
     let v = libc::c_int::try_from(bytes).unwrap_or(libc::c_int::MAX);
     for (force, plain) in [
         (libc::SO_RCVBUFFORCE, libc::SO_RCVBUF),
