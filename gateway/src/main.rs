@@ -56,7 +56,9 @@ enum Command {
     /// interfaces, replies back through the tunnel. Health on `health.listen` (/readiness, /livez), metrics
     /// on `metrics.listen` (/metrics). SIGHUP or a changed file reloads the configuration (established flows
     /// are kept); SIGTERM drains for `drain_seconds`, then exits 0. With `sync`, the replicas of a set keep
-    /// copies of each other's flows and a survivor carries a dead replica's connections on (docs/failover.md).
+    /// copies of each other's flows, a survivor carries a dead replica's connections on and hands them back
+    /// when it returns, and SIGTERM hands a replica's connections to a peer within about a second
+    /// (docs/failover.md).
     /// Needs CAP_NET_RAW and CAP_NET_ADMIN.
     Run {
         /// The configuration file (YAML; see docs/configuration.md).

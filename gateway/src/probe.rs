@@ -12,7 +12,8 @@
 //!  "EGHP" ver kind state  0    nonce (8 bytes, echoed)
 //! ```
 //!
-//! `kind` 0 is a request (state 0), 1 a reply; `state` 0 ready, 1 draining, 2 not ready. A reply is exactly
+//! `kind` 0 is a request (state 0), 1 a reply; `state` 0 ready, 1 draining, 2 not ready, 3 handed over
+//! (draining, and the replicas of its set carry its flows and addresses). A reply is exactly
 //! as long as the request (no amplification), and only well-formed requests are answered.
 
 use std::net::{SocketAddr, UdpSocket};
@@ -35,6 +36,9 @@ pub(crate) enum State {
     Draining,
     /// Starting or otherwise not ready.
     NotReady,
+    /// Draining with state sync: the other replicas of its set carry its flows and addresses, so it is to
+    /// leave every route at once (`/readiness` 503 `handed over`).
+    HandedOver,
 }
 
 impl State {
@@ -43,6 +47,7 @@ impl State {
             State::Ready => 0,
             State::Draining => 1,
             State::NotReady => 2,
+            State::HandedOver => 3,
         }
     }
 
@@ -51,6 +56,7 @@ impl State {
             0 => Some(State::Ready),
             1 => Some(State::Draining),
             2 => Some(State::NotReady),
+            3 => Some(State::HandedOver),
             _ => None,
         }
     }
@@ -162,7 +168,12 @@ mod tests {
         let r = request(0x0102_0304_0506_0708);
         assert_eq!(&r[..8], b"EGHP\x01\x00\x00\x00");
         assert_eq!(parse_request(&r), Some(0x0102_0304_0506_0708));
-        for s in [State::Ready, State::Draining, State::NotReady] {
+        for s in [
+            State::Ready,
+            State::Draining,
+            State::NotReady,
+            State::HandedOver,
+        ] {
             let a = reply(7, s);
             assert_eq!(parse_reply(&a, 7), Some(s));
             assert_eq!(parse_reply(&a, 8), None, "another probe's reply");

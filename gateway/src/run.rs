@@ -10,7 +10,10 @@
 //! stays; otherwise a new `Gateway` over the same flow table replaces the old one in every worker, so
 //! established flows go on. SIGTERM (or SIGINT) turns readiness off at once, refuses new flows, keeps
 //! forwarding established ones for `drain_seconds`, then stops the workers and exits 0; a second signal
-//! exits at once.
+//! exits at once. With `sync` and a peer in sync, SIGTERM hands over instead: readiness says `handed over`
+//! (the node agents take the replica out of their routes at once), new flows are still taken, the lowest
+//! peer adopts the addresses and carries the flows on, and the process exits once it has (at least
+//! `HAND_OVER_GRACE`, at most `drain_seconds`) — docs/failover.md.
 
 use std::collections::BTreeSet;
 use std::net::{IpAddr, Ipv4Addr};
@@ -43,6 +46,10 @@ const EXPIRE_BUDGET: usize = 4096;
 const TICK: Duration = Duration::from_millis(10);
 const NEIGHBOUR_EVERY: Duration = Duration::from_millis(200);
 const WATCH_EVERY: Duration = Duration::from_secs(1);
+/// A drain by hand-over lasts at least this long: the node agents probe every 200 ms (`health.interval`, docs/node-agent.md)
+/// and take a gateway that answers "handed over" out of their routes at the first answer; packets they
+/// sent before still arrive meanwhile, and are forwarded.
+const HAND_OVER_GRACE: Duration = Duration::from_secs(1);
 /// Flow events waiting for the sync thread; more are dropped and counted, and the refresh scan sends those
 /// flows later.
 const SYNC_EVENTS: usize = 65_536;
@@ -256,6 +263,7 @@ pub(crate) fn run(path: &Path, tunnel_ip: Option<Ipv4Addr>) -> Result<(), RunErr
     );
 
     let mut drain_until: Option<Instant> = None;
+    let mut drain_started: Option<Instant> = None;
     let mut last_neighbours = Instant::now();
     let mut last_watch = Instant::now();
     loop {
@@ -287,13 +295,31 @@ pub(crate) fn run(path: &Path, tunnel_ip: Option<Ipv4Addr>) -> Result<(), RunErr
             }
             let drain = control.cfg.drain;
             telemetry.ready.store(false, Ordering::Relaxed);
+            // With a peer in sync, hand the flows and addresses over to it: the node agents move this
+            // replica's traffic at once and the peer carries its connections on, so new flows are still
+            // taken meanwhile (the peer gets them too). Without one, refuse new flows and wait.
+            let hand_over = telemetry.sync.start_hand_over();
             telemetry.draining.store(true, Ordering::Relaxed);
-            shared.gateway().set_draining(true);
+            shared.gateway().set_draining(!hand_over);
+            drain_started = Some(Instant::now());
             drain_until = Some(Instant::now() + drain);
-            tracing::info!(
-                seconds = drain.as_secs(),
-                "draining: readiness off, new flows refused, established flows forwarded"
-            );
+            if hand_over {
+                tracing::info!(
+                    seconds = drain.as_secs(),
+                    "draining: handing the flows and addresses over to a peer of the set (at most drain_seconds)"
+                );
+            } else {
+                tracing::info!(
+                    seconds = drain.as_secs(),
+                    "draining: readiness off, new flows refused, established flows forwarded"
+                );
+            }
+        }
+        if drain_started.is_some_and(|t| t.elapsed() >= HAND_OVER_GRACE)
+            && telemetry.sync.is_handed_over()
+        {
+            tracing::info!("handed over: a peer carries this replica's flows and addresses");
+            break;
         }
         if drain_until.is_some_and(|t| Instant::now() >= t) {
             tracing::info!("drain period over");
@@ -454,6 +480,7 @@ fn start_http(
                     Readiness::Starting => Response::text(503, "starting\n"),
                     Readiness::Syncing => Response::text(503, "syncing\n"),
                     Readiness::Draining => Response::text(503, "draining\n"),
+                    Readiness::HandedOver => Response::text(503, "handed over\n"),
                     Readiness::ProbesFailing(why) => {
                         Response::text(503, format!("probes failing: {why}\n"))
                     }
@@ -488,6 +515,7 @@ fn start_http(
         Arc::new(move || match telemetry.readiness() {
             Readiness::Ready => probe::State::Ready,
             Readiness::Draining => probe::State::Draining,
+            Readiness::HandedOver => probe::State::HandedOver,
             Readiness::Starting | Readiness::Syncing | Readiness::ProbesFailing(_) => {
                 probe::State::NotReady
             }
@@ -724,7 +752,7 @@ impl Control {
         let now = Instant::now();
         if self.cfg.sync.is_some() {
             let mut ours = BTreeSet::new();
-            if self.telemetry.sync.is_synced() {
+            if self.telemetry.sync.is_synced() && !self.telemetry.sync.is_handing_over() {
                 for (i, u) in self.shared.uplinks.iter().enumerate() {
                     ours.extend(u.egress.iter().map(|ip| (i, *ip)));
                 }

@@ -53,6 +53,10 @@ const MAX_WAIT: Duration = Duration::from_millis(2);
 const MIN_WAIT: Duration = Duration::from_millis(1);
 /// Largest datagram accepted (the sender's `datagram` is 1400).
 const MAX_DATAGRAM: usize = 2048;
+/// How long a draining peer keeps its addresses before the lowest replica takes them over: the node agents
+/// take it out of their routes within their 200 ms probe interval (`health.interval`) of its saying so,
+/// and a flow it creates until then gets its replies there.
+const HAND_OVER_DELAY: Duration = Duration::from_millis(500);
 /// Datagrams sent per round at most, a round being at least `MIN_WAIT`: a bulk transfer of 100,000 flows
 /// (about 3,600 datagrams, and as many again for the copies handed back) then goes out at up to 64,000
 /// datagrams/s instead of in one burst that overflows the receiver's socket buffer (measured with
@@ -99,6 +103,8 @@ pub(crate) struct PeerView {
     pub(crate) phase: PeerPhase,
     /// This replica carries its addresses and flows now.
     pub(crate) serving: bool,
+    /// Its heartbeats say it is draining (handing its flows over).
+    pub(crate) leaving: bool,
     pub(crate) copies: usize,
     pub(crate) stream: StreamStats,
 }
@@ -122,7 +128,8 @@ pub(crate) struct Snapshot {
     pub(crate) takeovers: u64,
 }
 
-/// What the rest of the gateway sees of sync: whether this replica has its peers' flows, and the counters.
+/// What the rest of the gateway sees of sync: whether this replica has its peers' flows, the hand-over of a
+/// drain, and the counters.
 #[derive(Debug)]
 pub(crate) struct SyncStatus {
     enabled: bool,
@@ -130,38 +137,63 @@ pub(crate) struct SyncStatus {
     /// Counts the times a peer was seen starting or stopping to serve this replica's addresses (it took
     /// this replica for dead): each time, this replica announces its addresses again.
     reclaims: AtomicU64,
+    /// Draining by handing its flows and addresses to a peer (set once, at SIGTERM).
+    handing_over: AtomicBool,
+    /// A peer serves this replica's addresses now, and everything there was to tell the peers went out.
+    handed_over: AtomicBool,
     snapshot: Mutex<Snapshot>,
 }
 
 impl SyncStatus {
-    /// Without a `sync` section: always synced, nothing to show.
-    pub(crate) fn disabled() -> SyncStatus {
+    fn new(enabled: bool, synced: bool, snapshot: Snapshot) -> SyncStatus {
         SyncStatus {
-            enabled: false,
-            synced: AtomicBool::new(true),
+            enabled,
+            synced: AtomicBool::new(synced),
             reclaims: AtomicU64::new(0),
-            snapshot: Mutex::default(),
+            handing_over: AtomicBool::new(false),
+            handed_over: AtomicBool::new(false),
+            snapshot: Mutex::new(snapshot),
         }
     }
 
+    /// Without a `sync` section: always synced, nothing to show.
+    pub(crate) fn disabled() -> SyncStatus {
+        SyncStatus::new(false, true, Snapshot::default())
+    }
+
     fn enabled() -> SyncStatus {
-        SyncStatus {
-            enabled: true,
-            synced: AtomicBool::new(false),
-            reclaims: AtomicU64::new(0),
-            snapshot: Mutex::default(),
-        }
+        SyncStatus::new(true, false, Snapshot::default())
     }
 
     /// A status with `snapshot`, synced (for tests of what is rendered from it).
     #[cfg(test)]
     pub(crate) fn with_snapshot(snapshot: Snapshot) -> SyncStatus {
-        SyncStatus {
-            enabled: true,
-            synced: AtomicBool::new(true),
-            reclaims: AtomicU64::new(0),
-            snapshot: Mutex::new(snapshot),
+        SyncStatus::new(true, true, snapshot)
+    }
+
+    /// At SIGTERM: starts handing this replica's flows and addresses over to a peer and returns true, when a
+    /// peer is in sync with it (it has this replica's flows and is heard); false otherwise (the drain then
+    /// refuses new flows and waits out `drain_seconds`, as without sync).
+    pub(crate) fn start_hand_over(&self) -> bool {
+        let able = self.snapshot().is_some_and(|s| {
+            s.peers
+                .iter()
+                .any(|p| p.phase == PeerPhase::InSync && !p.leaving)
+        });
+        if able {
+            self.handing_over.store(true, Ordering::Relaxed);
         }
+        able
+    }
+
+    /// True while draining by hand-over.
+    pub(crate) fn is_handing_over(&self) -> bool {
+        self.handing_over.load(Ordering::Relaxed)
+    }
+
+    /// True once a peer serves this replica's addresses and has been told everything: the process may end.
+    pub(crate) fn is_handed_over(&self) -> bool {
+        self.handed_over.load(Ordering::Relaxed)
     }
 
     /// How many times a peer started or stopped serving this replica's addresses (see `reclaims`).
@@ -246,6 +278,8 @@ struct Peer {
     /// When this replica last stopped serving it: its heartbeats still say so for [`SERVED_LINGER`], so
     /// that the peer hears it whichever of the two heard the other first.
     released: Option<Instant>,
+    /// Since when its heartbeats say it drains (hands its flows over).
+    leaving_since: Option<Instant>,
 }
 
 /// The check that a silent peer is really dead before its addresses are taken over: its health probe (the
@@ -338,6 +372,7 @@ pub(crate) fn start(
                 fence: Fence::default(),
                 serves_us: false,
                 released: None,
+                leaving_since: None,
             })
         })
         .collect::<Result<_, String>>()?;
@@ -409,7 +444,10 @@ impl Sync {
                     })
                     .map(|p| p.ordinal),
             );
-            self.replica.set_state(if self.status.is_synced() {
+            let leaving = self.status.is_handing_over();
+            self.replica.set_state(if leaving {
+                PeerState::Draining
+            } else if self.status.is_synced() {
                 PeerState::Ready
             } else {
                 PeerState::Syncing
@@ -587,8 +625,8 @@ impl Sync {
     }
 
     /// Takes over the addresses and flows of a peer that is dead — silent on sync for `dead_after` and
-    /// not answering its health probe — when this replica is the lowest ordinal alive; gives them up when
-    /// the peer is heard again.
+    /// not answering its health probe — or that hands them over as it drains, when this replica is the
+    /// lowest ordinal alive and not draining itself; gives them up when the peer is back and ready.
     fn watch(&mut self, buf: &mut [u8], now: Instant) {
         loop {
             let (n, from) = match self.probe.recv_from(buf) {
@@ -605,17 +643,32 @@ impl Sync {
             }
         }
         let phases = self.phases(now);
-        // The lowest ordinal among the replicas heard (and this one) takes over (split brain: docs/failover.md).
+        let leaving = self.status.is_handing_over();
+        let replica = &self.replica;
+        let is_leaving = |o: u16| {
+            replica
+                .peer_hello(o)
+                .is_some_and(|h| h.state == PeerState::Draining)
+        };
+        // The lowest ordinal among the replicas heard that do not drain (and this one, unless it drains)
+        // takes over (split brain: docs/failover.md).
         let lowest = self
             .peers
             .iter()
             .zip(&phases)
-            .filter(|(_, ph)| matches!(ph, PeerPhase::InSync | PeerPhase::Syncing))
+            .filter(|(p, ph)| {
+                matches!(ph, PeerPhase::InSync | PeerPhase::Syncing) && !is_leaving(p.ordinal)
+            })
             .map(|(p, _)| p.ordinal)
-            .fold(self.ordinal, u16::min);
+            .fold(if leaving { u16::MAX } else { self.ordinal }, u16::min);
+        let mut served = false;
         for p in &mut self.peers {
             let serves_us = self.replica.peer_serves(p.ordinal, self.ordinal);
-            if serves_us != p.serves_us {
+            served |= serves_us;
+            if serves_us != p.serves_us && leaving {
+                // it serves our addresses because we hand them over: nothing to reclaim
+                p.serves_us = serves_us;
+            } else if serves_us != p.serves_us {
                 p.serves_us = serves_us;
                 self.status.reclaims.fetch_add(1, Ordering::Relaxed);
                 tracing::warn!(
@@ -625,8 +678,40 @@ impl Sync {
                 );
             }
         }
+        // draining: done once a peer serves our addresses and has been told everything
+        let done = leaving && served && self.replica.outbox_idle();
+        self.standby.set_handed_over(leaving && served);
+        if done && !self.status.is_handed_over() {
+            tracing::info!(
+                "sync: a peer serves this replica's addresses and has all its flows: handed over"
+            );
+        }
+        self.status.handed_over.store(done, Ordering::Relaxed);
         for (p, phase) in self.peers.iter_mut().zip(phases) {
             let serving = self.standby.is_serving(p.ordinal);
+            let hello = self.replica.peer_hello(p.ordinal);
+            if hello.is_some_and(|h| h.state == PeerState::Draining)
+                && matches!(phase, PeerPhase::InSync | PeerPhase::Syncing)
+            {
+                // It hands its addresses and flows over as it drains: the lowest of us takes them, once the
+                // node agents have moved its traffic away (until then its new flows' replies reach it).
+                let since = *p.leaving_since.get_or_insert(now);
+                if !serving
+                    && lowest == self.ordinal
+                    && now.saturating_since(since) >= HAND_OVER_DELAY
+                {
+                    self.standby.set_serving(p.ordinal, true);
+                    self.takeovers += 1;
+                    tracing::warn!(
+                        peer = p.ordinal,
+                        addresses = ?p.egress.iter().map(|(ip, _)| ip.to_string()).collect::<Vec<_>>(),
+                        copies = p.copies.len(),
+                        "sync: peer is draining; taking over its addresses and flows"
+                    );
+                }
+                continue;
+            }
+            p.leaving_since = None;
             if phase != PeerPhase::Silent {
                 p.fence = Fence::default();
                 // Back, but its flows come back to it with our bulk transfer: it carries them on once it
@@ -727,6 +812,10 @@ impl Sync {
                 address: p.address,
                 phase,
                 serving: self.standby.is_serving(p.ordinal),
+                leaving: self
+                    .replica
+                    .peer_hello(p.ordinal)
+                    .is_some_and(|h| h.state == PeerState::Draining),
                 copies: p.copies.len(),
                 stream: self.replica.peer_stats(p.ordinal).unwrap_or_default(),
             })

@@ -261,6 +261,9 @@ pub(crate) enum Readiness {
     Syncing,
     /// 503 `draining`: after SIGTERM (wins over everything else).
     Draining,
+    /// 503 `handed over`: after SIGTERM with state sync, once the replicas of the set carry this one's flows
+    /// and addresses (the node agents take it out of every route at once).
+    HandedOver,
     /// 503 `probes failing: ...`: every target of a kind of the `probes` section is down; the text names
     /// them.
     ProbesFailing(String),
@@ -335,7 +338,9 @@ impl Telemetry {
     /// Whether the gateway takes new flows, and if not, why. Draining wins, then starting, then syncing,
     /// then the probes.
     pub(crate) fn readiness(&self) -> Readiness {
-        if self.draining.load(Ordering::Relaxed) {
+        if self.draining.load(Ordering::Relaxed) && self.sync.is_handing_over() {
+            Readiness::HandedOver
+        } else if self.draining.load(Ordering::Relaxed) {
             Readiness::Draining
         } else if !self.ready.load(Ordering::Relaxed) {
             Readiness::Starting
@@ -660,6 +665,7 @@ mod tests {
                 address: "172.18.0.4:4792".parse().unwrap(),
                 phase: forwarder_core::sync::replica::PeerPhase::InSync,
                 serving: false,
+                leaving: false,
                 copies: 3,
                 stream: Default::default(),
             }],

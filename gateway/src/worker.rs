@@ -1093,6 +1093,7 @@ impl<'b> UplinkOut<'_, 'b> {
         // The addresses of peers this replica serves now are answered for too (rare: a slow path).
         let adopted: Vec<IpAddr>;
         let ours = match self.out.shared.gateway().standby() {
+            Some(s) if s.is_handed_over() => &[][..],
             Some(s) if s.serving_any() && !u.peer_egress.is_empty() => {
                 adopted = u
                     .egress

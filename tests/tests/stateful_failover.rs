@@ -516,6 +516,126 @@ fn a_tcp_session_survives_the_death_of_its_replica() {
     }
 }
 
+/// Replica X gets SIGTERM while an interactive session runs through it: with a peer in sync it hands its
+/// flows and address over instead of draining for `drain_seconds` (30 s here). Its readiness says `handed
+/// over`, so the agent takes X out of the route at once; the other replica adopts X's address and carries
+/// the session on — one connection, the same source, no reset — and new connections opened meanwhile all
+/// work (none lands on a gateway that refuses it). X exits within seconds, having handed over.
+#[test]
+fn a_draining_replica_hands_its_connections_over() {
+    require_netns!();
+    let mode = require_userspace_gateway!();
+    let bin = require_node_agent!();
+    let Replicas { mut env, table, .. } = replicas(&mode, &bin);
+
+    let server = SocketAddr::from((RED_SERVER, 7912));
+    let echo = traffic::tcp_echo_server(&env.topo.red().ns, server).or_diag(&env, "echo server");
+    let fresh = SocketAddr::from((RED_SERVER, 7913));
+    let _fresh_server =
+        traffic::tcp_echo_server(&env.topo.red().ns, fresh).or_diag(&env, "second server");
+    let stop = Arc::new(AtomicBool::new(false));
+    let (started, wait_started) = std::sync::mpsc::channel();
+    let stream = interactive(&env, server, Arc::clone(&stop), started);
+    wait_started
+        .recv_timeout(Duration::from_secs(20))
+        .or_diag(&env, "the session's first exchange");
+    let via = echo
+        .last_peer()
+        .or_diag(&env, "the session's source at the server");
+    let x = gateway_of(&env, via.ip());
+    let other = 3 - x;
+    eprintln!("the session {via} goes through gateway {x}");
+    wait_copies(&env, x, 1, "the session's copy on the other replica");
+    std::thread::sleep(Duration::from_millis(500));
+
+    let term = Instant::now();
+    match env.topo.gateway_mut(x).process_mut() {
+        Some(p) => p.signal(libc::SIGTERM),
+        None => env.fail(format!("gateway {x} has no process")),
+    }
+    // new connections from the pod while X hands over: each must connect at its first attempt's deadline
+    let mut refused = Vec::new();
+    for i in 0..20 {
+        match traffic::connect_once(&env.topo.pod(1, 1).ns, fresh, Duration::from_secs(3)) {
+            Ok((Ok(_), took)) if took < Duration::from_secs(1) => {}
+            Ok((r, took)) => refused.push(format!("connection {i}: {r:?} after {took:?}")),
+            Err(e) => refused.push(format!("connection {i}: {e}")),
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let exited = env
+        .topo
+        .gateway_mut(x)
+        .process_mut()
+        .map(|p| p.wait_timeout(Duration::from_secs(20)));
+    let took = term.elapsed();
+    eprintln!("X exited {took:?} after SIGTERM: {exited:?}");
+    match exited {
+        Some(Ok(status)) if status.success() => {}
+        other => env.fail(format!("X did not exit cleanly after SIGTERM: {other:?}")),
+    }
+    let log = env
+        .topo
+        .gateway(x)
+        .process()
+        .map(tests::process::Process::log_text)
+        .unwrap_or_default();
+    if !log.contains("handed over: a peer carries this replica's flows and addresses") {
+        env.fail("X's log does not say it handed over".to_string());
+    }
+    // 2 s more of the session, through the survivor alone
+    std::thread::sleep(Duration::from_secs(2));
+    stop.store(true, Ordering::Relaxed);
+    let s = stream
+        .join_timeout(Duration::from_secs(30))
+        .or_diag(&env, "the session thread");
+    eprintln!(
+        "stall: {} ms ({} exchanges); X exited after {} ms",
+        s.longest.as_millis(),
+        s.exchanges,
+        took.as_millis()
+    );
+    if let Some(e) = &s.error {
+        env.fail(format!(
+            "the session broke after {} exchanges: {e}",
+            s.exchanges
+        ));
+    }
+    assert_eq!(
+        echo.peers(),
+        vec![via],
+        "one connection, one source address and port"
+    );
+    assert!(
+        refused.is_empty(),
+        "new connections during the drain: {refused:?}"
+    );
+    assert!(
+        took < Duration::from_secs(10),
+        "X took {took:?} to hand over (drain_seconds is 30)"
+    );
+    assert!(
+        s.longest < Duration::from_secs(3),
+        "the session stalled {:?}",
+        s.longest
+    );
+    scenario::wait_metric(
+        env.topo.gateway(other),
+        "egress_gateway_sync_takeovers_total",
+        &[],
+        METRICS,
+        |v| v >= 1.0,
+    )
+    .or_diag(&env, "the survivor took X's address over");
+    let only_other = RouteShape::Via(vec![IpAddr::V4(env.topo.gateway(other).ip)]);
+    env.wait_route(
+        table,
+        Ipv4Net::default(),
+        &only_other,
+        Duration::from_secs(5),
+    );
+}
+
 /// The sync link between two live replicas is cut for 2 s (their sync datagrams dropped both ways): each
 /// sees the other silent, but its health probe answers, so neither takes the other's address — no two
 /// owners on one address — and the flows through both keep their source; the link restored, they are in

@@ -72,6 +72,8 @@ pub struct Standby {
     peers: Vec<StandbyPeer>,
     /// How many peers are served: the data path's one check while there are none.
     serving: AtomicUsize,
+    /// This replica drains and a peer serves its own addresses now: it no longer answers for them.
+    handed_over: AtomicBool,
 }
 
 impl Standby {
@@ -82,6 +84,7 @@ impl Standby {
         Standby {
             peers,
             serving: AtomicUsize::new(serving),
+            handed_over: AtomicBool::new(false),
         }
     }
 
@@ -125,6 +128,18 @@ impl Standby {
     #[inline(always)]
     pub fn serving_any(&self) -> bool {
         self.serving.load(Ordering::Relaxed) != 0
+    }
+
+    /// Says whether this replica's own addresses are handed over (it drains, and a peer serves them): the
+    /// I/O layer then stops answering ARP and neighbour discovery for them, so that the neighbours keep
+    /// the peer's MAC. Its flows still translate here for whatever keeps arriving.
+    pub fn set_handed_over(&self, handed_over: bool) {
+        self.handed_over.store(handed_over, Ordering::Relaxed);
+    }
+
+    /// True while this replica's own addresses are handed over ([`set_handed_over`](Self::set_handed_over)).
+    pub fn is_handed_over(&self) -> bool {
+        self.handed_over.load(Ordering::Relaxed)
     }
 
     /// The egress addresses of the peers served now, for the I/O layer's ARP and neighbour discovery

@@ -564,6 +564,11 @@ impl Replica {
                 .is_some_and(|h| h.served & bit(served) != 0)
     }
 
+    /// True when nothing waits to be told to the peers (no queued change, no bulk transfer, no repair).
+    pub fn outbox_idle(&self) -> bool {
+        self.outbox.is_empty() && self.repairs.is_empty()
+    }
+
     /// This replica's counters.
     pub fn stats(&self) -> ReplicaStats {
         self.stats

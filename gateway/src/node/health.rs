@@ -24,6 +24,8 @@ pub(crate) enum Probe {
     Ready,
     /// HTTP 503 with a body saying `draining`.
     Draining,
+    /// HTTP 503 `handed over`: draining, and its peers carry its flows (state sync) — down at once.
+    HandedOver,
     /// Anything else: refused, timed out, another status; with what happened.
     Failed(String),
 }
@@ -62,6 +64,12 @@ impl GatewayState {
                 self.failures = 0;
                 self.successes = 0;
                 self.health = Health::Draining;
+            }
+            Probe::HandedOver => {
+                self.failures = 0;
+                self.successes = 0;
+                self.last_error = Some("handed over to the replicas of its set".into());
+                self.health = Health::Down;
             }
             Probe::Failed(why) => {
                 self.successes = 0;
@@ -191,6 +199,7 @@ async fn probe_udp(ip: Ipv4Addr, settings: &HealthSettings) -> Probe {
         Ok(Err(e)) => Probe::Failed(e.to_string()),
         Ok(Ok(crate::probe::State::Ready)) => Probe::Ready,
         Ok(Ok(crate::probe::State::Draining)) => Probe::Draining,
+        Ok(Ok(crate::probe::State::HandedOver)) => Probe::HandedOver,
         Ok(Ok(crate::probe::State::NotReady)) => Probe::Failed("not ready".into()),
     }
 }
@@ -203,6 +212,7 @@ async fn probe_http(ip: Ipv4Addr, settings: &HealthSettings) -> Probe {
         Ok(Err(e)) => Probe::Failed(e.to_string()),
         Ok(Ok((200, _))) => Probe::Ready,
         Ok(Ok((503, body))) if body.contains("draining") => Probe::Draining,
+        Ok(Ok((503, body))) if body.contains("handed over") => Probe::HandedOver,
         Ok(Ok((status, body))) => Probe::Failed(format!(
             "HTTP {status} {}",
             body.lines().next().unwrap_or("").trim()
@@ -282,6 +292,27 @@ mod tests {
         let mut g = GatewayState::default();
         assert!(g.record(&Probe::Failed("timeout".into()), &s));
         assert_eq!(g.health, Health::Down);
+    }
+
+    /// A gateway that handed its flows over (state sync) is down at its first such answer, whatever it
+    /// was, and back after `successes` good probes (its next incarnation), as after any failure.
+    #[test]
+    fn handed_over_is_down_at_once() {
+        let s = settings();
+        for before in [Probe::Ready, Probe::Draining] {
+            let mut g = GatewayState::default();
+            g.record(&before, &s);
+            assert!(g.record(&Probe::HandedOver, &s));
+            assert_eq!(g.health, Health::Down);
+            assert!(g
+                .last_error
+                .as_deref()
+                .is_some_and(|e| e.contains("handed over")));
+            for _ in 0..s.successes {
+                g.record(&Probe::Ready, &s);
+            }
+            assert_eq!(g.health, Health::Healthy);
+        }
     }
 
     #[test]
