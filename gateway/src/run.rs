@@ -148,13 +148,13 @@ pub(crate) fn run(path: &Path, tunnel_ip: Option<Ipv4Addr>) -> Result<(), RunErr
         stop: AtomicBool::new(false),
         epoch: Instant::now(),
     });
-    let sync_status = match (&cfg.sync, sync_events, &standby) {
+    let (sync_status, sync_thread) = match (&cfg.sync, sync_events, &standby) {
         (Some(sc), Some(queue), Some(standby)) => {
             let vetting = sync::Vetting {
                 pod_cidrs: cfg.tunnel.pod_cidrs.clone(),
                 nodes: (!cfg.tunnel.allowed_from_nodes).then(|| cfg.tunnel.allowed_sources.clone()),
             };
-            let (status, _thread) = sync::start(
+            let (status, thread) = sync::start(
                 sc,
                 *cfg.tunnel.listen.ip(),
                 sync_key,
@@ -166,9 +166,9 @@ pub(crate) fn run(path: &Path, tunnel_ip: Option<Ipv4Addr>) -> Result<(), RunErr
                 Arc::clone(&shared),
             )
             .map_err(setup)?;
-            status
+            (status, Some(thread))
         }
-        _ => Arc::new(sync::SyncStatus::disabled()),
+        _ => (Arc::new(sync::SyncStatus::disabled()), None),
     };
     let upstream_status = Arc::new(upstream::Status::new(cfg.probes.as_ref()));
     let telemetry = Arc::new(
@@ -324,6 +324,19 @@ pub(crate) fn run(path: &Path, tunnel_ip: Option<Ipv4Addr>) -> Result<(), RunErr
         if drain_until.is_some_and(|t| Instant::now() >= t) {
             tracing::info!("drain period over");
             break;
+        }
+        if sync_thread
+            .as_ref()
+            .is_some_and(std::thread::JoinHandle::is_finished)
+        {
+            // It runs until `stop`: ended before, it panicked. Without it this replica would go on
+            // unreplicated and could not hand anything over; its peers carry its flows once it exits.
+            shared.stop.store(true, Ordering::Relaxed);
+            let why = match sync_thread.map(std::thread::JoinHandle::join) {
+                Some(Err(p)) => supervisor::panic_message(p.as_ref()),
+                _ => "it returned".to_string(),
+            };
+            return Err(RunError::Setup(format!("the sync thread stopped: {why}")));
         }
         if threads.iter().any(std::thread::JoinHandle::is_finished) {
             shared.stop.store(true, Ordering::Relaxed);

@@ -78,7 +78,7 @@ pub(crate) fn supervise<W>(
 }
 
 /// The text of a panic payload (`&str` or `String`, as `panic!` makes them).
-fn panic_message(payload: &(dyn Any + Send)) -> String {
+pub(crate) fn panic_message(payload: &(dyn Any + Send)) -> String {
     if let Some(s) = payload.downcast_ref::<&str>() {
         (*s).to_string()
     } else if let Some(s) = payload.downcast_ref::<String>() {
