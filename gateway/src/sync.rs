@@ -700,14 +700,7 @@ impl Sync {
                     && lowest == self.ordinal
                     && now.saturating_since(since) >= HAND_OVER_DELAY
                 {
-                    self.standby.set_serving(p.ordinal, true);
-                    self.takeovers += 1;
-                    tracing::warn!(
-                        peer = p.ordinal,
-                        addresses = ?p.egress.iter().map(|(ip, _)| ip.to_string()).collect::<Vec<_>>(),
-                        copies = p.copies.len(),
-                        "sync: peer is draining; taking over its addresses and flows"
-                    );
+                    adopt(&self.standby, p, &mut self.takeovers, "draining");
                 }
                 continue;
             }
@@ -744,13 +737,11 @@ impl Sync {
             }
             if f.sent >= FENCE_PROBES && since.is_some_and(|d| d >= FENCE_GAP) {
                 if lowest == self.ordinal {
-                    self.standby.set_serving(p.ordinal, true);
-                    self.takeovers += 1;
-                    tracing::warn!(
-                        peer = p.ordinal,
-                        addresses = ?p.egress.iter().map(|(ip, _)| ip.to_string()).collect::<Vec<_>>(),
-                        copies = p.copies.len(),
-                        "sync: peer is dead (silent, health probe unanswered); taking over its addresses and flows"
+                    adopt(
+                        &self.standby,
+                        p,
+                        &mut self.takeovers,
+                        "dead (silent, health probe unanswered)",
                     );
                 }
                 continue;
@@ -826,6 +817,18 @@ impl Sync {
             .lock()
             .unwrap_or_else(PoisonError::into_inner) = self.snapshot.clone();
     }
+}
+
+/// Takes over the addresses and flows of peer `p`, which is `why`.
+fn adopt(standby: &Standby, p: &Peer, takeovers: &mut u64, why: &str) {
+    standby.set_serving(p.ordinal, true);
+    *takeovers += 1;
+    tracing::warn!(
+        peer = p.ordinal,
+        addresses = ?p.egress.iter().map(|(ip, _)| ip.to_string()).collect::<Vec<_>>(),
+        copies = p.copies.len(),
+        "sync: peer is {why}; taking over its addresses and flows"
+    );
 }
 
 /// The MAC of `data`: HMAC-SHA256 truncated to its first [`wire::MAC_LEN`] bytes (RFC 2104 §5).

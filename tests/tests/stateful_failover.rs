@@ -389,6 +389,43 @@ fn interactive(
         .expect("start the stream")
 }
 
+/// Stops the interactive session and checks how it went: no error, one connection at the server from `via`,
+/// no stall of 3 s or more. Prints the longest stall (`stall: NNN ms`) with `when`.
+fn end_session(
+    env: &Env,
+    stream: tests::NsThread<Stream>,
+    stop: &AtomicBool,
+    echo: &traffic::Server,
+    via: SocketAddr,
+    when: &str,
+) {
+    stop.store(true, Ordering::Relaxed);
+    let s = stream
+        .join_timeout(Duration::from_secs(30))
+        .or_diag(env, "the session thread");
+    eprintln!(
+        "stall: {} ms ({} exchanges; {when})",
+        s.longest.as_millis(),
+        s.exchanges
+    );
+    if let Some(e) = &s.error {
+        env.fail(format!(
+            "the session broke after {} exchanges: {e}",
+            s.exchanges
+        ));
+    }
+    assert_eq!(
+        echo.peers(),
+        vec![via],
+        "one connection, one source address and port"
+    );
+    assert!(
+        s.longest < Duration::from_secs(3),
+        "the session stalled {:?}",
+        s.longest
+    );
+}
+
 /// Two replicas of one set behind the node agent's resilient group, syncing. An interactive TCP session
 /// and a UDP flow from the pod go through replica X; X is SIGKILLed mid-stream. The survivor declares X
 /// dead (silent on sync, health probe unanswered), announces X's egress IP on the DMZ and translates X's
@@ -472,32 +509,8 @@ fn a_tcp_session_survives_the_death_of_its_replica() {
     .or_diag(&env, "X got its flows back");
     // 3 s more of the session, its replies reaching X again (X has its address back)
     std::thread::sleep(Duration::from_secs(3));
-    stop.store(true, Ordering::Relaxed);
-    let s = stream
-        .join_timeout(Duration::from_secs(30))
-        .or_diag(&env, "the session thread");
-    eprintln!(
-        "stall: {} ms ({} exchanges; {:?} after the kill, through X's restart)",
-        s.longest.as_millis(),
-        s.exchanges,
-        killed.elapsed()
-    );
-    if let Some(e) = &s.error {
-        env.fail(format!(
-            "the session broke after {} exchanges: {e}",
-            s.exchanges
-        ));
-    }
-    assert_eq!(
-        echo.peers(),
-        vec![via],
-        "one connection, one source address and port"
-    );
-    assert!(
-        s.longest < Duration::from_secs(3),
-        "the session stalled {:?}",
-        s.longest
-    );
+    let when = format!("{:?} after the kill, through X's restart", killed.elapsed());
+    end_session(&env, stream, &stop, &echo, via, &when);
     env.wait_route(table, Ipv4Net::default(), &both, Duration::from_secs(5));
     let flows_addr = SocketAddr::from((RED_SERVER, 7911));
     let _whoami =
@@ -585,27 +598,8 @@ fn a_draining_replica_hands_its_connections_over() {
     }
     // 2 s more of the session, through the survivor alone
     std::thread::sleep(Duration::from_secs(2));
-    stop.store(true, Ordering::Relaxed);
-    let s = stream
-        .join_timeout(Duration::from_secs(30))
-        .or_diag(&env, "the session thread");
-    eprintln!(
-        "stall: {} ms ({} exchanges); X exited after {} ms",
-        s.longest.as_millis(),
-        s.exchanges,
-        took.as_millis()
-    );
-    if let Some(e) = &s.error {
-        env.fail(format!(
-            "the session broke after {} exchanges: {e}",
-            s.exchanges
-        ));
-    }
-    assert_eq!(
-        echo.peers(),
-        vec![via],
-        "one connection, one source address and port"
-    );
+    let when = format!("X exited after {} ms", took.as_millis());
+    end_session(&env, stream, &stop, &echo, via, &when);
     assert!(
         refused.is_empty(),
         "new connections during the drain: {refused:?}"
@@ -613,11 +607,6 @@ fn a_draining_replica_hands_its_connections_over() {
     assert!(
         took < Duration::from_secs(10),
         "X took {took:?} to hand over (drain_seconds is 30)"
-    );
-    assert!(
-        s.longest < Duration::from_secs(3),
-        "the session stalled {:?}",
-        s.longest
     );
     scenario::wait_metric(
         env.topo.gateway(other),

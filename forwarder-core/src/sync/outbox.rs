@@ -128,6 +128,21 @@ struct Bulk {
     sent: u32,
 }
 
+impl Bulk {
+    /// A transfer to `peer` asked for with `id`, not started.
+    fn new(peer: u16, id: u32) -> Bulk {
+        Bulk {
+            peer,
+            id,
+            cursor: 0,
+            started: false,
+            returning: false,
+            done: false,
+            sent: 0,
+        }
+    }
+}
+
 impl Outbox {
     /// An outbox for the flows of a table of `slots` slots owned by ordinal `owner`; flows refreshed by
     /// traffic are sent again every `refresh`; a flow is sent `hold` after it was queued (a short
@@ -369,15 +384,7 @@ impl Outbox {
             }
             return;
         }
-        self.bulk = Some(Bulk {
-            peer,
-            id,
-            cursor: 0,
-            started: false,
-            returning: false,
-            done: false,
-            sent: 0,
-        });
+        self.bulk = Some(Bulk::new(peer, id));
     }
 
     /// Bulk end records written so far, resends included (a heartbeat follows them: `Replica`).
@@ -428,15 +435,10 @@ impl Outbox {
                 if w.push(&r).is_ok() {
                     self.records.push_back(Sent::Bulk(r));
                     self.ends += 1;
-                    self.bulk = self.waiting.pop_front().map(|(peer, id)| Bulk {
-                        peer,
-                        id,
-                        cursor: 0,
-                        started: false,
-                        returning: false,
-                        done: false,
-                        sent: 0,
-                    });
+                    self.bulk = self
+                        .waiting
+                        .pop_front()
+                        .map(|(peer, id)| Bulk::new(peer, id));
                     n += 1;
                     continue;
                 }
