@@ -275,8 +275,13 @@ struct Replicas {
 }
 
 fn replicas(mode: &GatewayMode, bin: &std::path::Path) -> Replicas {
-    let mut spec = TopologySpec::node_agent(&[1], vec![mode.clone(); 2]);
-    spec.sync_sets = vec![vec![1, 2]];
+    replicas_of(mode, bin, 2)
+}
+
+/// [`replicas`] with `n` replicas in the set, all in the pod's route (`both` holds them all).
+fn replicas_of(mode: &GatewayMode, bin: &std::path::Path, n: usize) -> Replicas {
+    let mut spec = TopologySpec::node_agent(&[1], vec![mode.clone(); n]);
+    spec.sync_sets = vec![(1..=n).collect()];
     let env = Env::start(spec, bin, |topo| {
         let mut inv = Inventory::new();
         inv.policy(tests::Policy::new(
@@ -285,23 +290,29 @@ fn replicas(mode: &GatewayMode, bin: &std::path::Path) -> Replicas {
         ))
         .namespace_with_policy("app", "replicas");
         inv.client_pod("app", "client", topo.pod(1, 1));
-        for k in 1..=2 {
+        for k in 1..=n {
             inv.gateway_pod(k, "red", topo.spec().ipv6);
         }
         inv
     });
     let table = env.table_of(env.topo.pod(1, 1));
-    let both = RouteShape::Via(vec![
-        IpAddr::V4(env.topo.gateway(1).ip),
-        IpAddr::V4(env.topo.gateway(2).ip),
-    ]);
+    let both = via(&env, 1..=n);
     env.wait_route(table, Ipv4Net::default(), &both, Duration::from_secs(5));
     Replicas { env, table, both }
 }
 
+/// The pod's route through replicas `ks`.
+fn via(env: &Env, ks: impl IntoIterator<Item = usize>) -> RouteShape {
+    RouteShape::Via(
+        ks.into_iter()
+            .map(|k| IpAddr::V4(env.topo.gateway(k).ip))
+            .collect(),
+    )
+}
+
 /// The replica whose DMZ egress IP is `ip`.
 fn gateway_of(env: &Env, ip: IpAddr) -> usize {
-    (1..=2)
+    (1..=env.topo.spec().gateways.len())
         .find(|&k| IpAddr::V4(env.topo.gateway(k).dmz_egress) == ip)
         .unwrap_or_else(|| env.fail(format!("{ip} is no replica's egress IP")))
 }
@@ -1128,4 +1139,167 @@ fn a_replica_taken_for_dead_by_mistake_gets_its_address_back() {
         served,
         "no reply reaches gateway 2 any more"
     );
+}
+
+/// Opens `n` TCP connections from the pod to `server`, one after another, each with a first exchange.
+fn open_connections(env: &Env, server: SocketAddr, n: usize) -> Vec<std::net::TcpStream> {
+    env.topo
+        .pod(1, 1)
+        .ns
+        .run(Duration::from_secs(120), move || {
+            (0..n)
+                .map(|i| -> Result<std::net::TcpStream, String> {
+                    let mut c = traffic::connect(server).map_err(|e| e.to_string())?;
+                    c.set_nodelay(true).map_err(|e| e.to_string())?;
+                    let hello = format!("hello {i:06}\n");
+                    let mut back = vec![0u8; hello.len()];
+                    c.write_all(hello.as_bytes())
+                        .and_then(|()| c.read_exact(&mut back))
+                        .map_err(|e| format!("connection {i}: {e}"))?;
+                    if back != hello.as_bytes() {
+                        return Err(format!("connection {i}: echoed {back:?}"));
+                    }
+                    Ok(c)
+                })
+                .collect::<Result<Vec<_>, String>>()
+        })
+        .or_diag(env, "the connecting thread")
+        .or_diag(env, "open the connections")
+}
+
+/// One exchange on every connection; fails the test naming the first that broke.
+fn every_connection_answers(env: &Env, conns: &mut [std::net::TcpStream], round: &str) {
+    let out = exchange_all(conns, round);
+    if let Some((i, e)) = out
+        .iter()
+        .enumerate()
+        .find_map(|(i, r)| r.as_ref().err().map(|e| (i, e)))
+    {
+        let broken = out.iter().filter(|r| r.is_err()).count();
+        env.fail(format!(
+            "{round}: connection {i} broke ({broken} of {} did): {e}",
+            out.len()
+        ));
+    }
+}
+
+/// The replica set scaled 2 → 3 → 2 under load. Three replicas are configured in one set; the third is
+/// SIGKILLed before any traffic, so two carry 40 connections and an interactive session. Scale up: the
+/// third comes back, gets its bulk transfer and joins the pod's route; 60 new connections are opened (some
+/// through it, on the buckets it got back). Scale down: SIGTERM to the third, which hands its flows over and
+/// exits. Every connection answers in every round throughout, the session is one connection with no stall
+/// of 3 s, and the server never sees a new connection (no source changed).
+#[test]
+fn scaling_the_set_two_three_two_breaks_no_connection() {
+    require_netns!();
+    let mode = require_userspace_gateway!();
+    let bin = require_node_agent!();
+    let Replicas {
+        mut env,
+        table,
+        both: all,
+    } = replicas_of(&mode, &bin, 3);
+    let server = SocketAddr::from((RED_SERVER, 7930));
+    let echo = traffic::tcp_echo_server(&env.topo.red().ns, server).or_diag(&env, "echo server");
+    let session = SocketAddr::from((RED_SERVER, 7931));
+    let session_echo =
+        traffic::tcp_echo_server(&env.topo.red().ns, session).or_diag(&env, "session server");
+
+    // two replicas
+    kill(&mut env, 3);
+    env.wait_route(
+        table,
+        Ipv4Net::default(),
+        &via(&env, 1..=2),
+        Duration::from_secs(5),
+    );
+    let stop = Arc::new(AtomicBool::new(false));
+    let (started, wait_started) = std::sync::mpsc::channel();
+    let stream = interactive(&env, session, Arc::clone(&stop), started);
+    wait_started
+        .recv_timeout(Duration::from_secs(20))
+        .or_diag(&env, "the session's first exchange");
+    let session_via = session_echo
+        .last_peer()
+        .or_diag(&env, "the session's source at the server");
+    let mut conns = open_connections(&env, server, 40);
+    every_connection_answers(&env, &mut conns, "two replicas");
+
+    // three: the third returns, syncs and joins the route
+    env.topo
+        .gateway_mut(3)
+        .respawn()
+        .or_diag(&env, "restart gateway 3");
+    env.topo
+        .gateway_mut(3)
+        .wait_ready(common::READY)
+        .or_diag(&env, "gateway 3 ready");
+    env.wait_route(table, Ipv4Net::default(), &all, Duration::from_secs(5));
+    for round in 0..3 {
+        every_connection_answers(&env, &mut conns, &format!("three replicas, round {round}"));
+        std::thread::sleep(Duration::from_secs(1));
+    }
+    let mut more = open_connections(&env, server, 60);
+    let peers = echo.peers();
+    let on_third = peers
+        .iter()
+        .filter(|p| gateway_of(&env, p.ip()) == 3)
+        .count();
+    eprintln!(
+        "100 connections: {on_third} through gateway 3 (the session through gateway {})",
+        gateway_of(&env, session_via.ip())
+    );
+    if on_third == 0 {
+        env.fail("no new connection went through the added replica".to_string());
+    }
+    every_connection_answers(&env, &mut more, "three replicas, new connections");
+    std::thread::sleep(Duration::from_millis(500));
+
+    // two again: the third drains by handing its flows over
+    let term = Instant::now();
+    match env.topo.gateway_mut(3).process_mut() {
+        Some(p) => p.signal(libc::SIGTERM),
+        None => env.fail("gateway 3 has no process".to_string()),
+    }
+    for round in 0..4 {
+        every_connection_answers(&env, &mut conns, &format!("scaling down, round {round}"));
+        every_connection_answers(
+            &env,
+            &mut more,
+            &format!("scaling down, new, round {round}"),
+        );
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    let exited = env
+        .topo
+        .gateway_mut(3)
+        .process_mut()
+        .map(|p| p.wait_timeout(Duration::from_secs(20)));
+    eprintln!(
+        "gateway 3 exited {:?} after SIGTERM: {exited:?}",
+        term.elapsed()
+    );
+    if !matches!(exited, Some(Ok(s)) if s.success()) {
+        env.fail(format!("gateway 3 did not exit cleanly: {exited:?}"));
+    }
+    env.wait_route(
+        table,
+        Ipv4Net::default(),
+        &via(&env, 1..=2),
+        Duration::from_secs(5),
+    );
+    for round in 0..2 {
+        every_connection_answers(&env, &mut conns, &format!("two again, round {round}"));
+        every_connection_answers(&env, &mut more, &format!("two again, new, round {round}"));
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    end_session(
+        &env,
+        stream,
+        &stop,
+        &session_echo,
+        session_via,
+        "scaled 2 → 3 → 2",
+    );
+    assert_eq!(echo.peers().len(), 100, "no connection was opened again");
 }
