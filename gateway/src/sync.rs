@@ -175,15 +175,21 @@ impl SyncStatus {
     /// peer is in sync with it (it has this replica's flows and is heard); false otherwise (the drain then
     /// refuses new flows and waits out `drain_seconds`, as without sync).
     pub(crate) fn start_hand_over(&self) -> bool {
-        let able = self.snapshot().is_some_and(|s| {
-            s.peers
-                .iter()
-                .any(|p| p.phase == PeerPhase::InSync && !p.leaving)
-        });
+        let able = self.has_taker();
         if able {
             self.handing_over.store(true, Ordering::Relaxed);
         }
         able
+    }
+
+    /// True when a peer could take this replica's flows over: it is in sync with it and not draining
+    /// itself (as of the last snapshot, at most 100 ms old).
+    pub(crate) fn has_taker(&self) -> bool {
+        self.snapshot().is_some_and(|s| {
+            s.peers
+                .iter()
+                .any(|p| p.phase == PeerPhase::InSync && !p.leaving)
+        })
     }
 
     /// True while draining by hand-over.

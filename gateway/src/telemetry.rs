@@ -338,7 +338,12 @@ impl Telemetry {
     /// Whether the gateway takes new flows, and if not, why. Draining wins, then starting, then syncing,
     /// then the probes.
     pub(crate) fn readiness(&self) -> Readiness {
-        if self.draining.load(Ordering::Relaxed) && self.sync.is_handing_over() {
+        if self.draining.load(Ordering::Relaxed)
+            && self.sync.is_handing_over()
+            && self.sync.has_taker()
+        {
+            // While no peer can take over (all the others drain too), it says `draining`: the node agents
+            // then keep the routes that use it, as in a drain without sync.
             Readiness::HandedOver
         } else if self.draining.load(Ordering::Relaxed) {
             Readiness::Draining
