@@ -760,29 +760,7 @@ fn many_connections_survive_the_death_of_their_replica() {
     // One after another, each with a first exchange: the server accepts connection i before connection i+1
     // is opened, so its i-th peer is connection i's source after SNAT.
     let t = Instant::now();
-    let mut conns = env
-        .topo
-        .pod(1, 1)
-        .ns
-        .run(Duration::from_secs(120), move || {
-            (0..CONNECTIONS)
-                .map(|i| -> Result<std::net::TcpStream, String> {
-                    let mut c = traffic::connect(server).map_err(|e| e.to_string())?;
-                    c.set_nodelay(true).map_err(|e| e.to_string())?;
-                    let hello = format!("hello {i:06}\n");
-                    let mut back = vec![0u8; hello.len()];
-                    c.write_all(hello.as_bytes())
-                        .and_then(|()| c.read_exact(&mut back))
-                        .map_err(|e| format!("connection {i}: {e}"))?;
-                    if back != hello.as_bytes() {
-                        return Err(format!("connection {i}: echoed {back:?}"));
-                    }
-                    Ok(c)
-                })
-                .collect::<Result<Vec<_>, String>>()
-        })
-        .or_diag(&env, "the connecting thread")
-        .or_diag(&env, "open the connections");
+    let mut conns = open_connections(&env, server, CONNECTIONS);
     let peers = echo.peers();
     if peers.len() != CONNECTIONS {
         env.fail(format!(
