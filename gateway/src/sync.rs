@@ -715,10 +715,7 @@ impl Sync {
                 p.fence = Fence::default();
                 // Back, but its flows come back to it with our bulk transfer: it carries them on once it
                 // says it is ready (it announces its addresses then); until then they are still ours.
-                let ready = self
-                    .replica
-                    .peer_hello(p.ordinal)
-                    .is_some_and(|h| h.state == PeerState::Ready);
+                let ready = hello.is_some_and(|h| h.state == PeerState::Ready);
                 if serving && phase != PeerPhase::Unknown && ready {
                     self.standby.set_serving(p.ordinal, false);
                     p.released = Some(now);

@@ -400,16 +400,45 @@ fn interactive(
         .expect("start the stream")
 }
 
-/// Stops the interactive session and checks how it went: no error, one connection at the server from `via`,
-/// no stall of 3 s or more. Prints the longest stall (`stall: NNN ms`) with `when`.
-fn end_session(
-    env: &Env,
+/// An interactive session running from the pod to its own echo server.
+struct Session {
+    echo: traffic::Server,
+    stop: Arc<AtomicBool>,
     stream: tests::NsThread<Stream>,
-    stop: &AtomicBool,
-    echo: &traffic::Server,
+    /// Its source at the server (after SNAT).
     via: SocketAddr,
-    when: &str,
-) {
+}
+
+/// Starts an echo server on `server` and the [`interactive`] session to it; returns after its first
+/// exchange.
+fn start_session(env: &Env, server: SocketAddr) -> Session {
+    let echo = traffic::tcp_echo_server(&env.topo.red().ns, server).or_diag(env, "echo server");
+    let stop = Arc::new(AtomicBool::new(false));
+    let (started, wait_started) = std::sync::mpsc::channel();
+    let stream = interactive(env, server, Arc::clone(&stop), started);
+    wait_started
+        .recv_timeout(Duration::from_secs(20))
+        .or_diag(env, "the session's first exchange");
+    let via = echo
+        .last_peer()
+        .or_diag(env, "the session's source at the server");
+    Session {
+        echo,
+        stop,
+        stream,
+        via,
+    }
+}
+
+/// Stops the interactive session and checks how it went: no error, one connection at the server from its
+/// first source, no stall of 3 s or more. Prints the longest stall (`stall: NNN ms`) with `when`.
+fn end_session(env: &Env, session: Session, when: &str) {
+    let Session {
+        echo,
+        stop,
+        stream,
+        via,
+    } = session;
     stop.store(true, Ordering::Relaxed);
     let s = stream
         .join_timeout(Duration::from_secs(30))
@@ -457,19 +486,10 @@ fn a_tcp_session_survives_the_death_of_its_replica() {
     } = replicas(&mode, &bin);
 
     let server = SocketAddr::from((RED_SERVER, 7910));
-    let echo = traffic::tcp_echo_server(&env.topo.red().ns, server).or_diag(&env, "echo server");
-    let stop = Arc::new(AtomicBool::new(false));
-    let (started, wait_started) = std::sync::mpsc::channel();
-    let stream = interactive(&env, server, Arc::clone(&stop), started);
-    wait_started
-        .recv_timeout(Duration::from_secs(20))
-        .or_diag(&env, "the session's first exchange");
-    let via = echo
-        .last_peer()
-        .or_diag(&env, "the session's source at the server");
-    let x = gateway_of(&env, via.ip());
+    let session = start_session(&env, server);
+    let x = gateway_of(&env, session.via.ip());
     let other = 3 - x;
-    eprintln!("the session {via} goes through gateway {x}");
+    eprintln!("the session {} goes through gateway {x}", session.via);
     // its copy is on the other replica
     wait_copies(&env, x, 1, "the session's copy on the other replica");
     std::thread::sleep(Duration::from_millis(500));
@@ -521,7 +541,7 @@ fn a_tcp_session_survives_the_death_of_its_replica() {
     // 3 s more of the session, its replies reaching X again (X has its address back)
     std::thread::sleep(Duration::from_secs(3));
     let when = format!("{:?} after the kill, through X's restart", killed.elapsed());
-    end_session(&env, stream, &stop, &echo, via, &when);
+    end_session(&env, session, &when);
     env.wait_route(table, Ipv4Net::default(), &both, Duration::from_secs(5));
     let flows_addr = SocketAddr::from((RED_SERVER, 7911));
     let _whoami =
@@ -553,22 +573,13 @@ fn a_draining_replica_hands_its_connections_over() {
     let Replicas { mut env, table, .. } = replicas(&mode, &bin);
 
     let server = SocketAddr::from((RED_SERVER, 7912));
-    let echo = traffic::tcp_echo_server(&env.topo.red().ns, server).or_diag(&env, "echo server");
     let fresh = SocketAddr::from((RED_SERVER, 7913));
     let _fresh_server =
         traffic::tcp_echo_server(&env.topo.red().ns, fresh).or_diag(&env, "second server");
-    let stop = Arc::new(AtomicBool::new(false));
-    let (started, wait_started) = std::sync::mpsc::channel();
-    let stream = interactive(&env, server, Arc::clone(&stop), started);
-    wait_started
-        .recv_timeout(Duration::from_secs(20))
-        .or_diag(&env, "the session's first exchange");
-    let via = echo
-        .last_peer()
-        .or_diag(&env, "the session's source at the server");
-    let x = gateway_of(&env, via.ip());
+    let session = start_session(&env, server);
+    let x = gateway_of(&env, session.via.ip());
     let other = 3 - x;
-    eprintln!("the session {via} goes through gateway {x}");
+    eprintln!("the session {} goes through gateway {x}", session.via);
     wait_copies(&env, x, 1, "the session's copy on the other replica");
     std::thread::sleep(Duration::from_millis(500));
 
@@ -610,7 +621,7 @@ fn a_draining_replica_hands_its_connections_over() {
     // 2 s more of the session, through the survivor alone
     std::thread::sleep(Duration::from_secs(2));
     let when = format!("X exited after {} ms", took.as_millis());
-    end_session(&env, stream, &stop, &echo, via, &when);
+    end_session(&env, session, &when);
     assert!(
         refused.is_empty(),
         "new connections during the drain: {refused:?}"
@@ -1179,9 +1190,6 @@ fn scaling_the_set_two_three_two_breaks_no_connection() {
     } = replicas_of(&mode, &bin, 3);
     let server = SocketAddr::from((RED_SERVER, 7930));
     let echo = traffic::tcp_echo_server(&env.topo.red().ns, server).or_diag(&env, "echo server");
-    let session = SocketAddr::from((RED_SERVER, 7931));
-    let session_echo =
-        traffic::tcp_echo_server(&env.topo.red().ns, session).or_diag(&env, "session server");
 
     // two replicas
     kill(&mut env, 3);
@@ -1191,15 +1199,7 @@ fn scaling_the_set_two_three_two_breaks_no_connection() {
         &via(&env, 1..=2),
         Duration::from_secs(5),
     );
-    let stop = Arc::new(AtomicBool::new(false));
-    let (started, wait_started) = std::sync::mpsc::channel();
-    let stream = interactive(&env, session, Arc::clone(&stop), started);
-    wait_started
-        .recv_timeout(Duration::from_secs(20))
-        .or_diag(&env, "the session's first exchange");
-    let session_via = session_echo
-        .last_peer()
-        .or_diag(&env, "the session's source at the server");
+    let session = start_session(&env, SocketAddr::from((RED_SERVER, 7931)));
     let mut conns = open_connections(&env, server, 40);
     every_connection_answers(&env, &mut conns, "two replicas");
 
@@ -1225,7 +1225,7 @@ fn scaling_the_set_two_three_two_breaks_no_connection() {
         .count();
     eprintln!(
         "100 connections: {on_third} through gateway 3 (the session through gateway {})",
-        gateway_of(&env, session_via.ip())
+        gateway_of(&env, session.via.ip())
     );
     if on_third == 0 {
         env.fail("no new connection went through the added replica".to_string());
@@ -1271,13 +1271,6 @@ fn scaling_the_set_two_three_two_breaks_no_connection() {
         every_connection_answers(&env, &mut more, &format!("two again, new, round {round}"));
         std::thread::sleep(Duration::from_millis(500));
     }
-    end_session(
-        &env,
-        stream,
-        &stop,
-        &session_echo,
-        session_via,
-        "scaled 2 → 3 → 2",
-    );
+    end_session(&env, session, "scaled 2 → 3 → 2");
     assert_eq!(echo.peers().len(), 100, "no connection was opened again");
 }
