@@ -91,13 +91,32 @@ impl SyncConfig {
     }
 }
 
+/// Where a peer's sync socket is: an address, or a DNS name resolved while the gateway runs (a
+/// StatefulSet pod's name under its headless Service, which follows the pod to its new IP).
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub(crate) enum PeerAddress {
+    /// A fixed IPv4 address and port.
+    Ip(SocketAddrV4),
+    /// A host name (lower case) and port.
+    Name { host: String, port: u16 },
+}
+
+impl fmt::Display for PeerAddress {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Ip(a) => a.fmt(f),
+            Self::Name { host, port } => write!(f, "{host}:{port}"),
+        }
+    }
+}
+
 /// One entry of `sync.peers`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) struct SyncPeer {
     /// Its ordinal.
     pub(crate) ordinal: u16,
     /// Its sync socket.
-    pub(crate) address: SocketAddrV4,
+    pub(crate) address: PeerAddress,
     /// Its egress IPs, each with the index of the uplink (here) it is on.
     pub(crate) egress: Vec<(usize, IpAddr)>,
 }
@@ -681,8 +700,8 @@ uplinks:
         assert_eq!(s.peers.len(), 1);
         let p = &s.peers[0];
         assert_eq!(
-            (p.ordinal, p.address),
-            (1, "172.18.0.4:4792".parse().unwrap())
+            (p.ordinal, &p.address),
+            (1, &PeerAddress::Ip("172.18.0.4:4792".parse().unwrap()))
         );
         let ip = |t: &str| t.parse::<IpAddr>().unwrap();
         assert_eq!(
@@ -705,7 +724,8 @@ uplinks:
         );
         // a change needs a restart
         let mut other = c.clone();
-        other.sync.as_mut().unwrap().peers[0].address = "172.18.0.5:4792".parse().unwrap();
+        other.sync.as_mut().unwrap().peers[0].address =
+            PeerAddress::Ip("172.18.0.5:4792".parse().unwrap());
         assert_eq!(restart_needed(&c, &other), vec!["sync"]);
     }
 

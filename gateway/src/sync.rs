@@ -15,7 +15,7 @@ use std::io::ErrorKind;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr, SocketAddrV4};
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::{mpsc, Arc, Mutex, PoisonError};
 use std::time::{Duration, SystemTime};
 
 use forwarder_core::conntrack::{self, FlowEventKind, FlowEvents, Table, TcpState};
@@ -32,7 +32,7 @@ use mio::net::UdpSocket;
 use mio::{Events, Interest, Poll, Token};
 use ring::hmac;
 
-use crate::config::SyncConfig;
+use crate::config::{PeerAddress, SyncConfig};
 use crate::worker::Shared;
 
 /// Shortest key accepted: as long as the HMAC-SHA256 output (RFC 2104 §3 recommends at least that).
@@ -73,6 +73,11 @@ const FENCE_GAP: Duration = Duration::from_millis(50);
 const SERVED_LINGER: Duration = Duration::from_secs(1);
 /// A silent peer that still answers its health probe is probed again this often.
 const FENCE_RECHECK: Duration = Duration::from_secs(1);
+/// A peer's DNS name is looked up again this often (a restarted pod's name moves to its new IP; with a key,
+/// its first datagram says so sooner).
+const RESOLVE_EVERY: Duration = Duration::from_secs(5);
+/// ... and this often while the lookup fails.
+const RESOLVE_RETRY: Duration = Duration::from_secs(1);
 
 /// Why a datagram was refused before anything in it was applied.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -99,7 +104,10 @@ impl Refusal {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) struct PeerView {
     pub(crate) ordinal: u16,
-    pub(crate) address: SocketAddrV4,
+    /// Where its datagrams go; `None` while its DNS name has not resolved and it has not been heard.
+    pub(crate) address: Option<SocketAddrV4>,
+    /// Failed lookups of its DNS name.
+    pub(crate) resolve_failures: u64,
     pub(crate) phase: PeerPhase,
     /// This replica carries its addresses and flows now.
     pub(crate) serving: bool,
@@ -273,7 +281,10 @@ pub(crate) struct Vetting {
 
 struct Peer {
     ordinal: u16,
-    address: SocketAddrV4,
+    /// Where its datagrams go (see [`PeerView::address`]).
+    address: Option<SocketAddrV4>,
+    /// Its DNS name's lookups, when it is given by name.
+    dns: Option<Dns>,
     /// (egress IP, uplink index here).
     egress: Vec<(IpAddr, usize)>,
     /// The table of its copies (in `standby`).
@@ -286,6 +297,113 @@ struct Peer {
     released: Option<Instant>,
     /// Since when its heartbeats say it drains (hands its flows over).
     leaving_since: Option<Instant>,
+}
+
+/// The lookups of a peer's DNS name. A new answer replaces the peer's address only when it differs from
+/// the previous answer (the name moved to the pod's new IP): an address learnt since from the peer's
+/// authenticated datagrams is newer than a record that has not changed.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+struct Dns {
+    name: String,
+    answer: Option<SocketAddrV4>,
+    failures: u64,
+    /// The last lookup failed (for logging the change only).
+    failing: bool,
+}
+
+impl Dns {
+    /// Takes one lookup's `result` for the peer whose address is `address`.
+    fn take(
+        &mut self,
+        ordinal: u16,
+        address: &mut Option<SocketAddrV4>,
+        result: Result<SocketAddrV4, String>,
+    ) {
+        match result {
+            Ok(a) => {
+                if self.failing {
+                    tracing::info!(peer = ordinal, name = %self.name, address = %a, "sync: peer's name resolves again");
+                }
+                self.failing = false;
+                if self.answer != Some(a) {
+                    self.answer = Some(a);
+                    if *address != Some(a) {
+                        tracing::info!(peer = ordinal, name = %self.name, old = ?address, new = %a, "sync: peer's address from its name");
+                        *address = Some(a);
+                    }
+                }
+            }
+            Err(e) => {
+                self.failures += 1;
+                if !self.failing {
+                    tracing::warn!(peer = ordinal, name = %self.name, error = %e, "sync: cannot resolve the peer's name; trying again every second");
+                }
+                self.failing = true;
+            }
+        }
+    }
+}
+
+/// One lookup of peer `ordinal`'s name.
+struct Resolution {
+    ordinal: u16,
+    result: Result<SocketAddrV4, String>,
+}
+
+/// Looks up the peers given by DNS name on a thread of its own (`getaddrinfo` blocks, the sync thread must
+/// not): each name at once, then every [`RESOLVE_EVERY`], or every [`RESOLVE_RETRY`] while it fails (a
+/// StatefulSet pod's name exists only while the pod does). The thread ends with the gateway or when the
+/// receiver is gone; it is not joined (a lookup may hang for the resolver's timeout).
+fn resolver(
+    names: Vec<(u16, String, u16)>,
+    shared: Arc<Shared>,
+) -> Result<mpsc::Receiver<Resolution>, String> {
+    let (tx, rx) = mpsc::channel();
+    std::thread::Builder::new()
+        .name("sync-resolve".into())
+        .spawn(move || {
+            let mut next: Vec<std::time::Instant> = vec![std::time::Instant::now(); names.len()];
+            while !shared.stop.load(Ordering::Relaxed) {
+                for ((ordinal, host, port), next) in names.iter().zip(&mut next) {
+                    let now = std::time::Instant::now();
+                    if now < *next {
+                        continue;
+                    }
+                    let result = lookup(host, *port);
+                    *next = now
+                        + if result.is_ok() {
+                            RESOLVE_EVERY
+                        } else {
+                            RESOLVE_RETRY
+                        };
+                    if tx
+                        .send(Resolution {
+                            ordinal: *ordinal,
+                            result,
+                        })
+                        .is_err()
+                    {
+                        return;
+                    }
+                }
+                std::thread::sleep(Duration::from_millis(100));
+            }
+        })
+        .map_err(|e| format!("sync: cannot start the name lookup thread: {e}"))?;
+    Ok(rx)
+}
+
+/// The first IPv4 address of `host` (the sync socket is IPv4), with `port`.
+fn lookup(host: &str, port: u16) -> Result<SocketAddrV4, String> {
+    use std::net::ToSocketAddrs;
+    let addrs = (host, port).to_socket_addrs().map_err(|e| e.to_string())?;
+    addrs
+        .filter_map(|a| match a {
+            SocketAddr::V4(a) => Some(a),
+            SocketAddr::V6(_) => None,
+        })
+        .next()
+        .ok_or_else(|| "no IPv4 address".to_owned())
 }
 
 /// The check that a silent peer is really dead before its addresses are taken over: its health probe (the
@@ -322,6 +440,8 @@ pub(crate) struct Sync {
     status: Arc<SyncStatus>,
     snapshot: Snapshot,
     refused: Vec<(&'static str, u64)>,
+    /// Lookups of the peers given by DNS name.
+    resolutions: Option<mpsc::Receiver<Resolution>>,
 }
 
 /// Binds the sync socket on `ip`:`cfg.port` and starts the thread; it stops when `shared.stop` is set.
@@ -370,9 +490,20 @@ pub(crate) fn start(
                 .peer(p.ordinal)
                 .map(|s| Arc::clone(s.table()))
                 .ok_or_else(|| format!("sync: peer {} has no table of copies", p.ordinal))?;
+            let (address, dns) = match &p.address {
+                PeerAddress::Ip(a) => (Some(*a), None),
+                PeerAddress::Name { .. } => (
+                    None,
+                    Some(Dns {
+                        name: p.address.to_string(),
+                        ..Dns::default()
+                    }),
+                ),
+            };
             Ok(Peer {
                 ordinal: p.ordinal,
-                address: p.address,
+                address,
+                dns,
                 egress: p.egress.iter().map(|&(u, ip)| (ip, u)).collect(),
                 copies,
                 fence: Fence::default(),
@@ -389,7 +520,7 @@ pub(crate) fn start(
         .enumerate()
         .flat_map(|(i, u)| u.egress.iter().map(move |ip| (*ip, i)))
         .collect();
-    let s = Sync {
+    let mut s = Sync {
         socket,
         probe,
         health_port,
@@ -407,6 +538,7 @@ pub(crate) fn start(
         status: Arc::clone(&status),
         snapshot: Snapshot::default(),
         refused: Vec::new(),
+        resolutions: None,
     };
     tracing::info!(
         listen = %listen,
@@ -418,6 +550,17 @@ pub(crate) fn start(
     );
     if s.key.is_none() {
         tracing::warn!("sync.key_file is not set: sync datagrams are told apart by their source address alone; set a key on a network where pods can spoof addresses");
+    }
+    let names: Vec<(u16, String, u16)> = cfg
+        .peers
+        .iter()
+        .filter_map(|p| match &p.address {
+            PeerAddress::Name { host, port } => Some((p.ordinal, host.clone(), *port)),
+            PeerAddress::Ip(_) => None,
+        })
+        .collect();
+    if !names.is_empty() {
+        s.resolutions = Some(resolver(names, Arc::clone(&shared))?);
     }
     let thread = std::thread::Builder::new()
         .name("sync".into())
@@ -436,6 +579,7 @@ impl Sync {
         let mut events = Events::with_capacity(4);
         while !shared.stop.load(Ordering::Relaxed) {
             let now = shared.now();
+            self.take_resolutions();
             self.take_events(now);
             self.receive(&mut buf, now);
             self.watch(&mut buf, now);
@@ -492,6 +636,20 @@ impl Sync {
                 if e.kind() != ErrorKind::Interrupted {
                     tracing::warn!(error = %e, "sync: poll");
                     std::thread::sleep(wait);
+                }
+            }
+        }
+    }
+
+    /// The lookups of the peers' names that came in.
+    fn take_resolutions(&mut self) {
+        let Some(rx) = &self.resolutions else {
+            return;
+        };
+        while let Ok(r) = rx.try_recv() {
+            if let Some(p) = self.peers.iter_mut().find(|p| p.ordinal == r.ordinal) {
+                if let Some(dns) = &mut p.dns {
+                    dns.take(p.ordinal, &mut p.address, r.result);
                 }
             }
         }
@@ -559,9 +717,9 @@ impl Sync {
                 .iter()
                 .position(|p| p.ordinal == ordinal)
                 .ok_or(Refusal::Protocol("wrong_sender"))?;
-            if self.peers[i].address != from {
-                tracing::info!(peer = ordinal, old = %self.peers[i].address, new = %from, "sync: peer moved");
-                self.peers[i].address = from;
+            if self.peers[i].address != Some(from) {
+                tracing::info!(peer = ordinal, old = ?self.peers[i].address, new = %from, "sync: peer moved");
+                self.peers[i].address = Some(from);
             }
             i
         } else {
@@ -571,7 +729,7 @@ impl Sync {
             }
             self.peers
                 .iter()
-                .position(|p| p.address == from)
+                .position(|p| p.address == Some(from))
                 .ok_or(Refusal::UnknownSource)?
         };
         let peer = &self.peers[index];
@@ -611,13 +769,17 @@ impl Sync {
     /// Sends the datagram in `buf` to every peer, each with its acknowledgement and MAC.
     fn send(&mut self, buf: &mut [u8]) {
         for p in &self.peers {
+            // not resolved nor heard yet: it asks for everything when it starts hearing us
+            let Some(address) = p.address else {
+                continue;
+            };
             self.replica.stamp(p.ordinal, buf);
             if let Some(key) = &self.key {
                 let n = buf.len() - wire::MAC_LEN;
                 let tag = mac_of(key, &buf[..n]);
                 buf[n..].copy_from_slice(&tag);
             }
-            match self.socket.send_to(buf, SocketAddr::V4(p.address)) {
+            match self.socket.send_to(buf, SocketAddr::V4(address)) {
                 Ok(n) => {
                     self.snapshot.tx_datagrams += 1;
                     self.snapshot.tx_bytes += n as u64;
@@ -641,7 +803,7 @@ impl Sync {
                 Err(_) => break,
             };
             for p in &mut self.peers {
-                if IpAddr::V4(*p.address.ip()) == from.ip()
+                if p.address.is_some_and(|a| IpAddr::V4(*a.ip()) == from.ip())
                     && crate::probe::parse_reply(&buf[..n], p.fence.nonce).is_some()
                 {
                     p.fence.answered = true;
@@ -753,8 +915,10 @@ impl Sync {
                 if f.sent == 0 {
                     f.nonce = crate::run::random_u64();
                 }
-                let to = SocketAddr::from((*p.address.ip(), self.health_port));
-                let _ = self.probe.send_to(&crate::probe::request(f.nonce), to);
+                if let Some(a) = p.address {
+                    let to = SocketAddr::from((*a.ip(), self.health_port));
+                    let _ = self.probe.send_to(&crate::probe::request(f.nonce), to);
+                }
                 f.sent += 1;
                 f.last_sent = Some(now);
             }
@@ -804,6 +968,7 @@ impl Sync {
             .map(|(p, phase)| PeerView {
                 ordinal: p.ordinal,
                 address: p.address,
+                resolve_failures: p.dns.as_ref().map_or(0, |d| d.failures),
                 phase,
                 serving: self.standby.is_serving(p.ordinal),
                 leaving: self
@@ -856,6 +1021,39 @@ fn mac_matches(key: &hmac::Key, data: &[u8], mac: &[u8]) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_new_dns_answer_moves_the_peer_and_an_unchanged_one_keeps_what_its_datagrams_said() {
+        let a = |s: &str| s.parse::<SocketAddrV4>().unwrap();
+        let mut dns = Dns {
+            name: "gw1.example:4792".into(),
+            ..Dns::default()
+        };
+        let mut address = None;
+        dns.take(1, &mut address, Err("no such host".into()));
+        assert_eq!((address, dns.failures, dns.failing), (None, 1, true));
+        dns.take(1, &mut address, Ok(a("10.0.0.1:4792")));
+        assert_eq!((address, dns.failing), (Some(a("10.0.0.1:4792")), false));
+        // its authenticated datagrams come from a new address: the unchanged record does not undo that
+        address = Some(a("10.0.0.9:4792"));
+        dns.take(1, &mut address, Ok(a("10.0.0.1:4792")));
+        assert_eq!(address, Some(a("10.0.0.9:4792")));
+        // a failed lookup keeps the address
+        dns.take(1, &mut address, Err("timeout".into()));
+        assert_eq!((address, dns.failures), (Some(a("10.0.0.9:4792")), 2));
+        // the record moves: the peer does too
+        dns.take(1, &mut address, Ok(a("10.0.0.2:4792")));
+        assert_eq!(address, Some(a("10.0.0.2:4792")));
+    }
+
+    #[test]
+    fn a_name_is_looked_up_to_its_ipv4_address() {
+        // /etc/hosts (no query leaves the machine)
+        assert_eq!(
+            lookup("localhost", 4792),
+            Ok("127.0.0.1:4792".parse().unwrap())
+        );
+    }
 
     #[test]
     fn a_mac_verifies_only_under_its_key_and_over_its_bytes() {

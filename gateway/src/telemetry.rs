@@ -233,6 +233,11 @@ pub(crate) const METRICS: &[(&str, &str, &str)] = &[
         "Dead peers whose egress IPs and flows this replica took over.",
     ),
     (
+        "egress_gateway_sync_resolve_failures_total",
+        "counter",
+        "Failed lookups of a peer's DNS name (sync.peers[].address given by name), by peer ordinal.",
+    ),
+    (
         "egress_gateway_sync_serving",
         "gauge",
         "1 while this replica carries a dead peer's egress IPs and flows, by peer ordinal.",
@@ -552,6 +557,8 @@ fn update_sync(snap: &crate::sync::Snapshot) {
         gauge!("egress_gateway_sync_copies", "peer" => peer.clone()).set(f64_of(p.copies));
         gauge!("egress_gateway_sync_serving", "peer" => peer.clone())
             .set(f64::from(u8::from(p.serving)));
+        counter!("egress_gateway_sync_resolve_failures_total", "peer" => peer.clone())
+            .absolute(p.resolve_failures);
         counter!("egress_gateway_sync_missed_total", "peer" => peer).absolute(p.stream.missed);
     }
 }
@@ -667,7 +674,8 @@ mod tests {
         let sync = crate::sync::Snapshot {
             peers: vec![crate::sync::PeerView {
                 ordinal: 1,
-                address: "172.18.0.4:4792".parse().unwrap(),
+                address: Some("172.18.0.4:4792".parse().unwrap()),
+                resolve_failures: 0,
                 phase: forwarder_core::sync::replica::PeerPhase::InSync,
                 serving: false,
                 leaving: false,

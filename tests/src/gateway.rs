@@ -2,7 +2,7 @@
 //! uses) or the userspace `egress-gateway run` binary.
 
 use std::io::{Read, Write};
-use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr, TcpStream};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
@@ -94,8 +94,14 @@ pub fn workspace_root() -> PathBuf {
     here.parent().unwrap_or(here).to_path_buf()
 }
 
-/// The `sync` section of gateway `k` in `set`: ordinal k − 1, the others as peers with their egress IPs.
-pub fn sync_yaml(k: usize, set: &[usize], key: &Path, ipv6: bool) -> String {
+/// The DNS name of gateway `k`'s sync socket when peers are given by name (`TopologySpec::sync_by_name`).
+pub fn sync_name(k: usize) -> String {
+    format!("gw{k}.sync.test")
+}
+
+/// The `sync` section of gateway `k` in `set`: ordinal k − 1, the others as peers with their egress IPs,
+/// each at its address or, `by_name`, at its [`sync_name`].
+pub fn sync_yaml(k: usize, set: &[usize], key: &Path, ipv6: bool, by_name: bool) -> String {
     let mut y = format!(
         "sync:\n  set: red\n  ordinal: {}\n  port: {SYNC_PORT}\n  key_file: {}\n  peers:\n",
         k - 1,
@@ -113,7 +119,11 @@ pub fn sync_yaml(k: usize, set: &[usize], key: &Path, ipv6: bool) -> String {
         y.push_str(&format!(
             "    - ordinal: {}\n      address: {}:{SYNC_PORT}\n      uplinks:\n        - {{ name: dmz, egress_ips: [{}] }}\n        - {{ name: internal, egress_ips: [{}] }}\n",
             j - 1,
-            gateway_ip(j),
+            if by_name {
+                sync_name(j)
+            } else {
+                gateway_ip(j).to_string()
+            },
             dmz.join(", "),
             int.join(", ")
         ));
@@ -382,7 +392,15 @@ impl Gateway {
                 set,
                 &key,
                 self.dmz_egress6.is_some(),
+                topo.sync_by_name(),
             ));
+            if topo.sync_by_name() {
+                let hosts: Vec<(String, IpAddr)> = set
+                    .iter()
+                    .map(|&j| (sync_name(j), IpAddr::V4(gateway_ip(j))))
+                    .collect();
+                self.ns.set_hosts(&hosts)?;
+            }
         }
         std::fs::write(&config, yaml).with_context(|| format!("write {}", config.display()))?;
         let log = topo.dir().join(format!("gw{}.log", self.number));

@@ -54,6 +54,9 @@ pub fn pidns_token() -> &'static str {
 
 /// Where `ip netns` keeps its namespace handles.
 pub const NETNS_DIR: &str = "/var/run/netns";
+/// Where `ip netns exec <ns>` finds files it bind-mounts over `/etc` for the command (`/etc/netns/<ns>/hosts`
+/// over `/etc/hosts`; ip-netns(8)).
+pub const ETC_DIR: &str = "/etc/netns";
 
 /// A named network namespace (`ip netns add`), deleted on drop.
 #[derive(Debug)]
@@ -96,6 +99,19 @@ impl Netns {
         let mut v = vec!["netns", "exec", self.name.as_str()];
         v.extend_from_slice(args);
         cmd::run("ip", &v)
+    }
+
+    /// `/etc/hosts` of the commands run with `ip netns exec` in this namespace (its [`ETC_DIR`] file, removed
+    /// with the namespace): each `(name, address)` on a line.
+    pub fn set_hosts(&self, hosts: &[(String, std::net::IpAddr)]) -> Result<()> {
+        let dir = PathBuf::from(ETC_DIR).join(&self.name);
+        std::fs::create_dir_all(&dir).with_context(|| format!("create {}", dir.display()))?;
+        let mut text = String::from("127.0.0.1 localhost\n::1 localhost\n");
+        for (name, ip) in hosts {
+            text.push_str(&format!("{ip} {name}\n"));
+        }
+        let path = dir.join("hosts");
+        std::fs::write(&path, text).with_context(|| format!("write {}", path.display()))
     }
 
     /// Sets a sysctl inside the namespace (`key` with dots, interface names may contain dots: give them
@@ -145,6 +161,17 @@ impl Drop for Netns {
     fn drop(&mut self) {
         if let Err(e) = cmd::run("ip", &["netns", "del", &self.name]) {
             eprintln!("harness: cannot delete namespace {}: {e}", self.name);
+        }
+        remove_etc(&self.name);
+    }
+}
+
+/// Removes the namespace's [`ETC_DIR`] files, if it has any.
+fn remove_etc(name: &str) {
+    let dir = PathBuf::from(ETC_DIR).join(name);
+    if let Err(e) = std::fs::remove_dir_all(&dir) {
+        if e.kind() != std::io::ErrorKind::NotFound {
+            eprintln!("harness: cannot remove {}: {e}", dir.display());
         }
     }
 }
@@ -289,6 +316,19 @@ pub fn sweep_stale() {
         if !alive {
             eprintln!("harness: removing stale namespace {name} (its process {pid} is gone)");
             let _ = cmd::run("ip", &["netns", "del", &name]);
+        }
+    }
+    // /etc/netns files of such namespaces
+    let Ok(dirs) = std::fs::read_dir(ETC_DIR) else {
+        return;
+    };
+    for entry in dirs.flatten() {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        let Some((token, pid)) = harness_owner(&name) else {
+            continue;
+        };
+        if token == pidns_token() && !std::path::Path::new(&format!("/proc/{pid}")).exists() {
+            remove_etc(&name);
         }
     }
 }

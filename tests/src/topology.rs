@@ -224,6 +224,10 @@ pub struct TopologySpec {
     /// numbers; gateway k is ordinal k − 1, and every member lists the others as peers, with one shared key
     /// (`sync.key` in the topology's directory).
     pub sync_sets: Vec<Vec<usize>>,
+    /// The sync peers are given by DNS name (`gw<k>.sync.test`), which each gateway's namespace maps to the
+    /// peers' addresses in its own `/etc/hosts` ([`Netns::set_hosts`](crate::netns::Netns::set_hosts)), as
+    /// a StatefulSet's pods name each other under its headless Service.
+    pub sync_by_name: bool,
 }
 
 impl TopologySpec {
@@ -247,6 +251,7 @@ impl TopologySpec {
             ports: None,
             max_per_source: None,
             sync_sets: Vec::new(),
+            sync_by_name: false,
         }
     }
 
@@ -697,6 +702,11 @@ impl Topology {
 
     pub(crate) fn ports(&self) -> Option<(u16, u16)> {
         self.spec.ports
+    }
+
+    /// Whether the sync peers are given by DNS name ([`TopologySpec::sync_by_name`]).
+    pub(crate) fn sync_by_name(&self) -> bool {
+        self.spec.sync_by_name
     }
 
     /// The members of gateway `k`'s sync set, if it is in one.

@@ -36,9 +36,15 @@ const FLOWS: usize = 64;
 
 /// Two gateways in one sync set, both ready; the pods' traffic goes through gateway 1.
 fn pair(mode: GatewayMode) -> Topology {
+    pair_named(mode, false)
+}
+
+/// [`pair`], the peers given by DNS name when `by_name` (`TopologySpec::sync_by_name`).
+fn pair_named(mode: GatewayMode, by_name: bool) -> Topology {
     let mut spec = TopologySpec::standard(mode.clone());
     spec.gateways = vec![mode.clone(), mode];
     spec.sync_sets = vec![vec![1, 2]];
+    spec.sync_by_name = by_name;
     let mut topo = Topology::build(spec).expect("build the topology");
     for k in 1..=2 {
         topo.gateway_mut(k)
@@ -168,6 +174,88 @@ fn flows_reach_the_peer_and_a_restarted_peer_gets_them_back_in_bulk() {
     // The flows still work, through gateway 1, as before.
     let again = flows.sources(Duration::from_secs(10));
     assert!(again.iter().all(|s| s.is_some_and(|a| a.ip() == gw1)));
+}
+
+/// Peers given by DNS name, as a StatefulSet's pods name each other under its headless Service: they find
+/// each other at start, and again when one restarts at a new address (its name now resolving there) — the
+/// restarted replica gets every flow back in bulk and the pair is in sync again.
+#[test]
+fn peers_given_by_name_find_each_other_again_at_a_new_address() {
+    require_netns!();
+    let mode = require_userspace_gateway!();
+    let mut topo = pair_named(mode, true);
+    let server = SocketAddr::from((RED_SERVER, 7904));
+    let _whoami = traffic::udp_whoami_server(&topo.red().ns, server).unwrap();
+    let n = 16;
+    let flows = UdpFlows::open(&topo.pod(1, 1).ns, server, n).unwrap();
+    flows.sources(Duration::from_secs(10));
+    let copies_at = |topo: &Topology, what: &str| {
+        scenario::wait_metric(
+            topo.gateway(2),
+            "egress_gateway_sync_copies",
+            &[("peer", "0")],
+            METRICS,
+            |v| v >= n as f64,
+        )
+        .unwrap_or_else(|e| panic!("{what}: {e}\n{}", sync_metrics(topo)));
+    };
+    copies_at(
+        &topo,
+        "gateway 2 holds copies of gateway 1's flows, its peer found by name",
+    );
+
+    // Gateway 2 comes back at a new address: its sync socket there, its name moved in both namespaces.
+    let moved = std::net::Ipv4Addr::new(172, 18, 0, 40);
+    let old = topo.gateway(2).ip;
+    topo.gateway(2)
+        .ns
+        .ip(&format!("addr add {moved}/16 dev eth0"))
+        .expect("second address of gateway 2");
+    let config = topo.gateway(2).config_path().unwrap().to_path_buf();
+    let text = std::fs::read_to_string(&config).unwrap();
+    // the tunnel's address (the sync socket's); health and metrics stay where the harness asks them
+    let listen = format!("tunnel: {{ listen: {old}:");
+    assert!(text.contains(&listen), "{listen} in {text}");
+    std::fs::write(
+        &config,
+        text.replacen(&listen, &format!("tunnel: {{ listen: {moved}:"), 1),
+    )
+    .unwrap();
+    for k in 1..=2 {
+        let hosts = [
+            (tests::gateway::sync_name(1), IpAddr::V4(topo.gateway(1).ip)),
+            (tests::gateway::sync_name(2), IpAddr::V4(moved)),
+        ];
+        topo.gateway(k).ns.set_hosts(&hosts).unwrap();
+    }
+    let gw = topo.gateway_mut(2);
+    gw.respawn().expect("restart gateway 2");
+    gw.wait_ready(READY).expect("gateway 2 ready again");
+    copies_at(
+        &topo,
+        "gateway 2, restarted at a new address, got every flow back",
+    );
+    scenario::wait_metric(
+        topo.gateway(1),
+        "egress_gateway_sync_peer_phase",
+        &[("peer", "1"), ("phase", "in_sync")],
+        METRICS,
+        |v| v == 1.0,
+    )
+    .unwrap_or_else(|e| panic!("gateway 1 in sync with gateway 2 at its new address: {e}"));
+    for k in 1..=2 {
+        let peer = (2 - k).to_string();
+        assert_eq!(
+            value(
+                &topo,
+                k,
+                "egress_gateway_sync_resolve_failures_total",
+                &[("peer", &peer)]
+            ),
+            0.0,
+            "gateway {k} resolved its peer's name every time"
+        );
+    }
 }
 
 /// A datagram from the underlay built like a peer's — well-formed, claiming ordinal 0 of the set — but
@@ -310,10 +398,13 @@ fn via(env: &Env, ks: impl IntoIterator<Item = usize>) -> RouteShape {
     )
 }
 
-/// The replica whose DMZ egress IP is `ip`.
+/// The replica whose DMZ egress IP (IPv4 or IPv6) is `ip`.
 fn gateway_of(env: &Env, ip: IpAddr) -> usize {
     (1..=env.topo.spec().gateways.len())
-        .find(|&k| IpAddr::V4(env.topo.gateway(k).dmz_egress) == ip)
+        .find(|&k| {
+            let gw = env.topo.gateway(k);
+            IpAddr::V4(gw.dmz_egress) == ip || gw.dmz_egress6.map(IpAddr::V6) == Some(ip)
+        })
         .unwrap_or_else(|| env.fail(format!("{ip} is no replica's egress IP")))
 }
 

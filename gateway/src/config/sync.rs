@@ -10,7 +10,7 @@ use std::net::{IpAddr, SocketAddrV4};
 use std::path::PathBuf;
 
 use super::reader::{Reader, Value};
-use super::{value, SyncConfig, SyncPeer, UplinkSpec};
+use super::{value, PeerAddress, SyncConfig, SyncPeer, UplinkSpec};
 
 pub(super) const SYNC_KEYS: &[&str] = &["set", "ordinal", "port", "key_file", "peers"];
 pub(super) const PEER_KEYS: &[&str] = &["ordinal", "address", "uplinks"];
@@ -104,7 +104,7 @@ fn peers(
         })
         .collect();
     let mut ordinals: HashMap<u16, usize> = HashMap::new();
-    let mut addresses: HashMap<SocketAddrV4, usize> = HashMap::new();
+    let mut addresses: HashMap<PeerAddress, usize> = HashMap::new();
     let out: Vec<Option<SyncPeer>> = items
         .iter()
         .map(|item| {
@@ -134,18 +134,8 @@ fn peers(
                 Some(n)
             });
             let address = p.require(r, "address").and_then(|v| {
-                let a = r.parse(&v, |s| {
-                    s.parse::<SocketAddrV4>()
-                        .ok()
-                        .filter(|a| value::is_unicast(IpAddr::V4(*a.ip())) && a.port() != 0)
-                        .ok_or_else(|| {
-                            format!(
-                                "`{s}` is not a peer address; give the peer's pod IPv4 address and sync port, \
-                                 e.g. 10.244.1.7:4792"
-                            )
-                        })
-                })?;
-                if let Some(first) = addresses.insert(a, v.line()) {
+                let a = r.parse(&v, peer_address)?;
+                if let Some(first) = addresses.insert(a.clone(), v.line()) {
                     r.error(
                         v.line(),
                         format!("{}: {a} is already listed on line {first}", v.path()),
@@ -166,6 +156,48 @@ fn peers(
         })
         .collect();
     out.into_iter().collect()
+}
+
+/// A peer's `address`: `IPv4:port`, or `name:port` with a DNS name (RFC 1123 §2.1 labels, as Kubernetes
+/// names a StatefulSet pod under its headless Service: `egress-red-1.egress-gateway.egress.svc.cluster.local`).
+/// A name whose last label is all digits is taken for a mistyped address (RFC 3696 §2: no top-level domain
+/// is all-numeric).
+fn peer_address(s: &str) -> Result<PeerAddress, String> {
+    let bad = || {
+        format!(
+            "`{s}` is not a peer address; give the peer's pod IPv4 address or DNS name and its sync port, \
+             e.g. 10.244.1.7:4792 or egress-red-1.egress-gateway.egress.svc.cluster.local:4792"
+        )
+    };
+    let (host, port) = s.rsplit_once(':').ok_or_else(bad)?;
+    let port = port
+        .parse::<u16>()
+        .ok()
+        .filter(|&p| p != 0)
+        .ok_or_else(bad)?;
+    if let Ok(ip) = host.parse::<std::net::Ipv4Addr>() {
+        return if value::is_unicast(IpAddr::V4(ip)) {
+            Ok(PeerAddress::Ip(SocketAddrV4::new(ip, port)))
+        } else {
+            Err(bad())
+        };
+    }
+    let host = host.strip_suffix('.').unwrap_or(host).to_ascii_lowercase();
+    let label_ok = |l: &str| {
+        !l.is_empty()
+            && l.len() <= 63
+            && !l.starts_with('-')
+            && !l.ends_with('-')
+            && l.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
+    };
+    let last_numeric = host
+        .rsplit('.')
+        .next()
+        .is_some_and(|l| l.bytes().all(|b| b.is_ascii_digit()));
+    if host.is_empty() || host.len() > 253 || !host.split('.').all(label_ok) || last_numeric {
+        return Err(bad());
+    }
+    Ok(PeerAddress::Name { host, port })
 }
 
 /// A peer's `uplinks`: (uplink index here, egress IP) pairs.
@@ -240,4 +272,58 @@ fn peer_uplinks(
         }
     }
     ok.then_some(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_peer_address_is_an_ipv4_address_or_a_dns_name_with_a_port() {
+        assert_eq!(
+            peer_address("10.244.1.7:4792"),
+            Ok(PeerAddress::Ip("10.244.1.7:4792".parse().unwrap()))
+        );
+        for (text, host) in [
+            (
+                "egress-red-1.egress-gateway.egress.svc.cluster.local:4792",
+                "egress-red-1.egress-gateway.egress.svc.cluster.local",
+            ),
+            (
+                "Egress-Red-1.Egress-Gateway.:4792",
+                "egress-red-1.egress-gateway",
+            ),
+            ("gw2:4792", "gw2"),
+        ] {
+            assert_eq!(
+                peer_address(text),
+                Ok(PeerAddress::Name {
+                    host: host.into(),
+                    port: 4792
+                }),
+                "{text}"
+            );
+        }
+        for bad in [
+            "10.244.1.7",
+            "10.244.1.7:0",
+            "10.244.1.7:65536",
+            "0.0.0.0:4792",
+            "224.0.0.1:4792",
+            "10.244.1:4792",
+            "[fd00::1]:4792",
+            "fd00::1:4792",
+            ":4792",
+            "-gw.example:4792",
+            "gw-.example:4792",
+            "gw..example:4792",
+            "gw_1.example:4792",
+            "gw 1:4792",
+        ] {
+            let e = peer_address(bad).unwrap_err();
+            assert!(e.contains("is not a peer address"), "{bad}: {e}");
+        }
+        let long = format!("{}.example:4792", "a".repeat(64));
+        assert!(peer_address(&long).is_err());
+    }
 }
