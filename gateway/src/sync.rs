@@ -442,6 +442,8 @@ pub(crate) struct Sync {
     refused: Vec<(&'static str, u64)>,
     /// Lookups of the peers given by DNS name.
     resolutions: Option<mpsc::Receiver<Resolution>>,
+    /// When this thread first saw the drain by hand-over.
+    handing_over_since: Option<Instant>,
 }
 
 /// Binds the sync socket on `ip`:`cfg.port` and starts the thread; it stops when `shared.stop` is set.
@@ -539,6 +541,7 @@ pub(crate) fn start(
         snapshot: Snapshot::default(),
         refused: Vec::new(),
         resolutions: None,
+        handing_over_since: None,
     };
     tracing::info!(
         listen = %listen,
@@ -846,8 +849,18 @@ impl Sync {
                 );
             }
         }
-        // draining: done once a peer serves our addresses and has been told everything
-        let done = leaving && served && self.replica.outbox_idle();
+        // Draining: done once a peer serves our addresses and has been told everything. A peer that gave
+        // them back to us says it serves them for SERVED_LINGER more, so a drain that starts within that
+        // time would take the linger for an adoption: only a peer that says so SERVED_LINGER after the
+        // drain started has adopted them. (ARP answers stop at once: the lingering peer does not answer
+        // ARP, and the neighbours' caches still hold this replica's MAC.)
+        let draining_for = if leaving {
+            now.saturating_since(*self.handing_over_since.get_or_insert(now))
+        } else {
+            self.handing_over_since = None;
+            Duration::ZERO
+        };
+        let done = leaving && served && draining_for >= SERVED_LINGER && self.replica.outbox_idle();
         self.standby.set_handed_over(leaving && served);
         if done && !self.status.is_handed_over() {
             tracing::info!(
