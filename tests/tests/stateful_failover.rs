@@ -13,11 +13,11 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use forwarder_core::sync::wire::{Header, Hello, PeerState, Record, Writer};
-use ipnet::Ipv4Net;
+use ipnet::{Ipv4Net, Ipv6Net};
 use tests::agent::RouteShape;
 use tests::gateway::SYNC_PORT;
 use tests::scenario::{self, UdpFlows};
-use tests::topology::RED_SERVER;
+use tests::topology::{RED_SERVER, RED_SERVER6};
 use tests::{require_netns, require_node_agent, require_userspace_gateway, traffic};
 use tests::{GatewayMode, Inventory, Topology, TopologySpec};
 
@@ -374,7 +374,10 @@ fn replicas_of(mode: &GatewayMode, bin: &std::path::Path, n: usize) -> Replicas 
         let mut inv = Inventory::new();
         inv.policy(tests::Policy::new(
             "replicas",
-            vec![tests::PolicyRule::via(Ipv4Net::default(), "red")],
+            vec![
+                tests::PolicyRule::via(Ipv4Net::default(), "red"),
+                tests::PolicyRule::via(Ipv6Net::default(), "red"),
+            ],
         ))
         .namespace_with_policy("app", "replicas");
         inv.client_pod("app", "client", topo.pod(1, 1));
@@ -1364,4 +1367,125 @@ fn scaling_the_set_two_three_two_breaks_no_connection() {
     }
     end_session(&env, session, "scaled 2 → 3 → 2");
     assert_eq!(echo.peers().len(), 100, "no connection was opened again");
+}
+
+/// Two of three replicas get SIGTERM together (a node drain taking two gateway nodes at once, `kubectl
+/// delete pod` of two). Neither can hand over to the other, which drains too; both hand their flows and
+/// addresses over to the third, which carries every connection on with its address and port. Both exit
+/// within seconds, the pod's route ends through the third alone, and no connection is broken or opened
+/// again.
+#[test]
+fn two_replicas_terminated_together_hand_over_to_the_third() {
+    require_netns!();
+    let mode = require_userspace_gateway!();
+    let bin = require_node_agent!();
+    let Replicas { mut env, table, .. } = replicas_of(&mode, &bin, 3);
+    let server = SocketAddr::from((RED_SERVER, 7935));
+    let echo = traffic::tcp_echo_server(&env.topo.red().ns, server).or_diag(&env, "echo server");
+    let session = start_session(&env, SocketAddr::from((RED_SERVER, 7936)));
+    let mut conns = open_connections(&env, server, 60);
+    let through: Vec<usize> = (1..=3)
+        .map(|k| {
+            echo.peers()
+                .iter()
+                .filter(|p| gateway_of(&env, p.ip()) == k)
+                .count()
+        })
+        .collect();
+    eprintln!(
+        "60 connections through gateways 1, 2, 3: {through:?}; the session through gateway {}",
+        gateway_of(&env, session.via.ip())
+    );
+    if through[0] == 0 || through[1] == 0 {
+        env.fail(format!("no connection through gateway 1 or 2: {through:?}"));
+    }
+    every_connection_answers(&env, &mut conns, "three replicas");
+    // every copy on the third
+    for x in 1..=2 {
+        scenario::wait_metric(
+            env.topo.gateway(3),
+            "egress_gateway_sync_copies",
+            &[("peer", &(x - 1).to_string())],
+            METRICS,
+            |v| v >= through[x - 1] as f64,
+        )
+        .or_diag(
+            &env,
+            "the third replica holds copies of the others' connections",
+        );
+    }
+    std::thread::sleep(Duration::from_millis(500));
+
+    let term = Instant::now();
+    for x in 1..=2 {
+        match env.topo.gateway_mut(x).process_mut() {
+            Some(p) => p.signal(libc::SIGTERM),
+            None => env.fail(format!("gateway {x} has no process")),
+        }
+    }
+    for round in 0..6 {
+        every_connection_answers(&env, &mut conns, &format!("after SIGTERM, round {round}"));
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    for x in 1..=2 {
+        let exited = env
+            .topo
+            .gateway_mut(x)
+            .process_mut()
+            .map(|p| p.wait_timeout(Duration::from_secs(20)));
+        eprintln!(
+            "gateway {x} exited {:?} after SIGTERM: {exited:?}",
+            term.elapsed()
+        );
+        if !matches!(exited, Some(Ok(s)) if s.success()) {
+            env.fail(format!("gateway {x} did not exit cleanly: {exited:?}"));
+        }
+    }
+    env.wait_route(
+        table,
+        Ipv4Net::default(),
+        &via(&env, [3]),
+        Duration::from_secs(5),
+    );
+    for round in 0..2 {
+        every_connection_answers(&env, &mut conns, &format!("the third alone, round {round}"));
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    end_session(&env, session, "two of three replicas terminated together");
+    assert_eq!(
+        value(&env.topo, 3, "egress_gateway_sync_takeovers_total", &[]),
+        2.0,
+        "the third took both over"
+    );
+    assert_eq!(echo.peers().len(), 60, "no connection was opened again");
+}
+
+/// [`a_tcp_session_survives_the_death_of_its_replica`] over IPv6: the pod's session to the red server's IPv6
+/// address goes through replica X (the agent's IPv6 route to the replicas' link-local next hops); X is
+/// SIGKILLed, and the survivor announces X's IPv6 egress address with an unsolicited Neighbor Advertisement
+/// (RFC 4861 §7.2.6) and answers Neighbor Solicitations for it, carrying the session on with X's address and
+/// port: one connection, no reset.
+#[test]
+fn an_ipv6_tcp_session_survives_the_death_of_its_replica() {
+    require_netns!();
+    let mode = require_userspace_gateway!();
+    let bin = require_node_agent!();
+    let Replicas { mut env, .. } = replicas(&mode, &bin);
+    let session = start_session(&env, SocketAddr::from((RED_SERVER6, 7916)));
+    let x = gateway_of(&env, session.via.ip());
+    eprintln!("the IPv6 session {} goes through gateway {x}", session.via);
+    wait_copies(&env, x, 1, "the session's copy on the other replica");
+    std::thread::sleep(Duration::from_millis(500));
+    let killed = kill(&mut env, x);
+    std::thread::sleep(Duration::from_secs(3));
+    scenario::wait_metric(
+        env.topo.gateway(3 - x),
+        "egress_gateway_sync_takeovers_total",
+        &[],
+        METRICS,
+        |v| v >= 1.0,
+    )
+    .or_diag(&env, "the survivor took X over");
+    let when = format!("IPv6, {:?} after the kill", killed.elapsed());
+    end_session(&env, session, &when);
 }
