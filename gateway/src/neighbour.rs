@@ -104,9 +104,15 @@ fn handle_arp(payload: &[u8], our_mac: MacAddr, ours: &[IpAddr], reply: &mut [u8
         && p.sender_hw() != [0; 6]
         && !ours.contains(&IpAddr::V4(sender));
     let for_us = ours.contains(&IpAddr::V4(p.target_ip()));
+    // A probe asks whether anyone holds the address (RFC 5227 §2.1.1): the holder answers it as any
+    // request (RFC 826; Linux does), to the prober's MAC, and learns nothing from it.
+    let probe = sender.is_unspecified()
+        && !is_multicast_mac(&p.sender_hw())
+        && p.sender_hw() != [0; 6]
+        && p.sender_hw() != our_mac;
     let mut heard = Heard::default();
     let kind = match p.operation() {
-        arp::OP_REQUEST if for_us && sender_ok => {
+        arp::OP_REQUEST if for_us && (sender_ok || probe) => {
             let n = ethernet::emit(&p.sender_hw(), &our_mac, ethernet::ethertype::ARP, reply);
             let m = arp::emit_reply(&p, &our_mac, &mut reply[n..]);
             heard.reply_len = Some(n + m);
@@ -214,7 +220,7 @@ fn handle_ndp(
                 } else {
                     NA_OVERRIDE
                 },
-                OPT_TARGET_LL,
+                Some(OPT_TARGET_LL),
                 reply,
             ));
         }
@@ -274,11 +280,11 @@ fn emit_ndp(
     dst: Ipv6Addr,
     target: Ipv6Addr,
     flags: u8,
-    option: u8,
+    option: Option<u8>,
     out: &mut [u8],
 ) -> usize {
     let n = ethernet::emit(&dst_mac, &src_mac, ethernet::ethertype::IPV6, out);
-    let icmp_len = icmpv6::NDP_TARGET_LEN + 8;
+    let icmp_len = icmpv6::NDP_TARGET_LEN + if option.is_some() { 8 } else { 0 };
     let ip = &mut out[n..n + 40];
     ip.fill(0);
     ip[0] = 0x60;
@@ -291,9 +297,11 @@ fn emit_ndp(
     msg.fill(0);
     msg[0] = kind;
     msg[4] = flags;
-    msg[24] = option;
-    msg[25] = 1;
-    msg[26..32].copy_from_slice(&src_mac);
+    if let Some(option) = option {
+        msg[24] = option;
+        msg[25] = 1;
+        msg[26..32].copy_from_slice(&src_mac);
+    }
     let mut p = icmpv6::Packet::new_unchecked(&mut *msg);
     p.set_target_addr(&target);
     p.fill_checksum(&src, &dst);
@@ -332,7 +340,7 @@ pub(crate) fn request(
                 dst_ip,
                 t,
                 0,
-                OPT_SOURCE_LL,
+                Some(OPT_SOURCE_LL),
                 out,
             ))
         }
@@ -366,7 +374,48 @@ pub(crate) fn announce(ip: IpAddr, our_mac: MacAddr, out: &mut [u8]) -> usize {
                 all_nodes,
                 a,
                 NA_OVERRIDE,
-                OPT_TARGET_LL,
+                Some(OPT_TARGET_LL),
+                out,
+            )
+        }
+    }
+}
+
+/// Builds a probe asking whether anyone on the link holds `ip` into `out` (at least [`MAX_FRAME`]); returns
+/// its length. IPv4: an ARP request from sender address 0.0.0.0, broadcast (RFC 5227 §2.1.1). IPv6: a
+/// Neighbor Solicitation from the unspecified address to the solicited-node group, without a source
+/// link-layer option (duplicate address detection, RFC 4862 §5.4.2; RFC 4861 §7.1.1), which the holder
+/// answers to all-nodes. Either way the probe claims nothing for the prober, and the holder's answer is
+/// heard as a claim of `ip` by its MAC.
+pub(crate) fn probe(ip: IpAddr, our_mac: MacAddr, out: &mut [u8]) -> usize {
+    match ip {
+        IpAddr::V4(a) => {
+            let n = ethernet::emit(
+                &ethernet::BROADCAST,
+                &our_mac,
+                ethernet::ethertype::ARP,
+                out,
+            );
+            n + arp::emit(
+                arp::OP_REQUEST,
+                &our_mac,
+                std::net::Ipv4Addr::UNSPECIFIED,
+                &[0; 6],
+                a,
+                &mut out[n..],
+            )
+        }
+        IpAddr::V6(a) => {
+            let g = solicited_node(&a);
+            emit_ndp(
+                ICMPV6_NS,
+                our_mac,
+                multicast_mac(&g),
+                Ipv6Addr::UNSPECIFIED,
+                g,
+                a,
+                0,
+                None,
                 out,
             )
         }
@@ -492,7 +541,7 @@ mod tests {
             dst.parse().unwrap(),
             target.parse().unwrap(),
             flags,
-            OPT_TARGET_LL,
+            Some(OPT_TARGET_LL),
             &mut f,
         );
         f.truncate(n);
@@ -512,6 +561,31 @@ mod tests {
             assert_eq!((claim.ip, claim.mac), (ip, theirs), "{ip}");
             assert_eq!(claim.kind, ClaimKind::Unsolicited, "{ip}");
             assert!(heard.reply_len.is_none(), "{ip}: not answered");
+        }
+    }
+
+    /// A replica probing a peer's address (before it takes it over) hears the holder's answer as a claim of
+    /// that address by the holder's MAC; the probe itself claims nothing, for anyone.
+    #[test]
+    fn a_probe_of_an_address_is_answered_by_its_holder_and_heard_as_its_claim() {
+        const PROBER: MacAddr = [2, 0, 0, 0, 0, 2];
+        for ip in ["203.0.113.10", "2001:db8:113::10"] {
+            let ip: IpAddr = ip.parse().unwrap();
+            let mut frame = [0u8; MAX_FRAME];
+            let n = probe(ip, PROBER, &mut frame);
+            // a bystander learns nothing and does not answer
+            let bystander = handle(&frame[..n], ROUTER_MAC, &[], &mut [0u8; MAX_FRAME]);
+            assert_eq!(bystander, Heard::default(), "{ip}");
+            // the holder answers
+            let mut answer = [0u8; MAX_FRAME];
+            let held = handle(&frame[..n], OUR_MAC, &ours(), &mut answer);
+            assert_eq!(held.claim, None, "{ip}: the probe claims nothing");
+            let m = held.reply_len.unwrap_or_else(|| panic!("{ip}: answered"));
+            // the prober, which does not hold it, hears the holder claim it
+            let heard = handle(&answer[..m], PROBER, &[], &mut [0u8; MAX_FRAME]);
+            let claim = heard.claim.unwrap_or_else(|| panic!("{ip}: a claim"));
+            assert_eq!((claim.ip, claim.mac), (ip, OUR_MAC), "{ip}");
+            assert!(heard.reply_len.is_none());
         }
     }
 
@@ -540,11 +614,33 @@ mod tests {
         // A reply to our address but to another MAC.
         let other = arp(arp::OP_REPLY, EVIL, "203.0.113.1", EVIL, "203.0.113.10");
         assert_eq!(kind(&other), Some((ClaimKind::Unsolicited, EVIL, true)));
-        // Nobody may claim our own address, and probes (sender 0.0.0.0) claim nothing.
+        // Nobody may claim our own address, and probes (sender 0.0.0.0) claim nothing; a probe of our
+        // address is answered, to the prober's MAC (RFC 5227 §2.1.1).
         let ours_claimed = arp(arp::OP_REPLY, EVIL, "203.0.113.10", OUR_MAC, "203.0.113.10");
         assert_eq!(kind(&ours_claimed), None);
         let probe = arp(arp::OP_REQUEST, EVIL, "0.0.0.0", [0; 6], "203.0.113.10");
-        assert_eq!(handle(&probe, OUR_MAC, &ours(), &mut r), Heard::default());
+        let heard = handle(&probe, OUR_MAC, &ours(), &mut r);
+        assert_eq!(heard.claim, None);
+        let n = heard.reply_len.expect("the probe is answered");
+        assert_eq!(&r[..6], &EVIL[..], "to the prober");
+        let p = arp::Packet::new_checked(&r[14..n]).unwrap();
+        assert_eq!(p.operation(), arp::OP_REPLY);
+        assert_eq!(p.sender_ip(), "203.0.113.10".parse::<Ipv4Addr>().unwrap());
+        assert_eq!(p.sender_hw(), OUR_MAC);
+        // a probe of another address, or from a multicast MAC, is not
+        let other = arp(arp::OP_REQUEST, EVIL, "0.0.0.0", [0; 6], "203.0.113.99");
+        assert_eq!(handle(&other, OUR_MAC, &ours(), &mut r), Heard::default());
+        let multicast = arp(
+            arp::OP_REQUEST,
+            ethernet::BROADCAST,
+            "0.0.0.0",
+            [0; 6],
+            "203.0.113.10",
+        );
+        assert_eq!(
+            handle(&multicast, OUR_MAC, &ours(), &mut r),
+            Heard::default()
+        );
         // Advertisements: solicited to us answers; unsolicited (to all-nodes, or without S) does not.
         let sol = na(EVIL, "2001:db8:113::10", "2001:db8:113::1", NA_SOLICITED);
         assert_eq!(kind(&sol), Some((ClaimKind::Answer, EVIL, false)));

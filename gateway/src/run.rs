@@ -796,6 +796,20 @@ impl Control {
                 self.announcer.again(own, now);
             }
         }
+        // Probes of a silent peer's addresses, asked for by state sync before it takes the peer over.
+        if let Some(s) = self.shared.gateway().standby() {
+            for p in s.peers().iter().filter(|p| p.take_probe()) {
+                for (up, tx) in self.shared.uplinks.iter().zip(&self.control_tx) {
+                    for &(_, ip) in up.peer_egress.iter().filter(|(o, _)| *o == p.ordinal) {
+                        let n = neighbour::probe(ip, up.link.mac, &mut self.scratch);
+                        let to = crate::io::packet::link_addr(up.link.index, 0);
+                        if let Err(e) = tx.send_one(&to, &self.scratch[..n]) {
+                            tracing::warn!(uplink = %up.name, %ip, error = %e, "cannot probe a peer's address");
+                        }
+                    }
+                }
+            }
+        }
         for (u, ip) in self.announcer.take_due(now) {
             let (Some(up), Some(tx)) = (self.shared.uplinks.get(u), self.control_tx.get(u)) else {
                 continue;

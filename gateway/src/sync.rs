@@ -134,6 +134,9 @@ pub(crate) struct Snapshot {
     pub(crate) events_dropped: u64,
     /// Dead peers taken over.
     pub(crate) takeovers: u64,
+    /// Takeovers refused because the silent peer still answered its health probe (`[0]`) or for its
+    /// addresses on an uplink (`[1]`).
+    pub(crate) refusals: [u64; 2],
 }
 
 /// What the rest of the gateway sees of sync: whether this replica has its peers' flows, the hand-over of a
@@ -297,6 +300,8 @@ struct Peer {
     released: Option<Instant>,
     /// Since when its heartbeats say it drains (hands its flows over).
     leaving_since: Option<Instant>,
+    /// Warned that it is silent but holds its addresses on the uplink (once until it is heard again).
+    held_warned: bool,
 }
 
 /// The lookups of a peer's DNS name. A new answer replaces the peer's address only when it differs from
@@ -407,16 +412,25 @@ fn lookup(host: &str, port: u16) -> Result<SocketAddrV4, String> {
 }
 
 /// The check that a silent peer is really dead before its addresses are taken over: its health probe (the
-/// one the node agents send, `probe.rs`) must go unanswered too. A peer cut off only from sync still
-/// answers it, and keeps its addresses.
+/// one the node agents send, `probe.rs`) must go unanswered too, and nobody may answer for its addresses on
+/// the uplinks, which are probed at the same time (RFC 5227 §2.1.1, RFC 4862 §5.4.2). A peer cut off only
+/// from sync still answers the health probe; one cut off from the pod network altogether (sync and health
+/// probe) but still on the uplink segment still answers for its addresses. Either keeps them: two owners of
+/// one address would split its replies.
 #[derive(Debug, Clone, Copy, Default)]
 struct Fence {
     /// Probes sent since it went silent.
     sent: u32,
     last_sent: Option<Instant>,
     nonce: u64,
-    /// It answered a probe since it went silent.
+    /// It answered a probe since it went silent, or its addresses were claimed on an uplink.
     answered: bool,
+    /// Its addresses were claimed on an uplink since it went silent.
+    held: bool,
+    /// Claims of its addresses heard before this fence began (`StandbyPeer::claims`).
+    claims: u64,
+    /// This round's refusal is counted.
+    counted: bool,
 }
 
 /// The running sync thread.
@@ -428,6 +442,8 @@ pub(crate) struct Sync {
     ordinal: u16,
     standby: Arc<Standby>,
     takeovers: u64,
+    /// See [`Snapshot::refusals`].
+    refusals: [u64; 2],
     poll: Poll,
     key: Option<hmac::Key>,
     replica: Replica,
@@ -512,6 +528,7 @@ pub(crate) fn start(
                 serves_us: false,
                 released: None,
                 leaving_since: None,
+                held_warned: false,
             })
         })
         .collect::<Result<_, String>>()?;
@@ -529,6 +546,7 @@ pub(crate) fn start(
         ordinal: cfg.ordinal,
         standby,
         takeovers: 0,
+        refusals: [0; 2],
         poll,
         key,
         replica,
@@ -888,6 +906,7 @@ impl Sync {
             p.leaving_since = None;
             if phase != PeerPhase::Silent {
                 p.fence = Fence::default();
+                p.held_warned = false;
                 // Back, but its flows come back to it with our bulk transfer: it carries them on once it
                 // says it is ready (it announces its addresses then); until then they are still ours.
                 let ready = hello.is_some_and(|h| h.state == PeerState::Ready);
@@ -904,16 +923,35 @@ impl Sync {
             if serving {
                 continue;
             }
+            let standby = self.standby.peer(p.ordinal);
             let f = &mut p.fence;
             let since = f.last_sent.map(|t| now.saturating_since(t));
             if f.answered {
-                // alive, only cut off from sync: no takeover; ask again now and then
+                // alive, only cut off from sync (or from the pods): no takeover; ask again now and then
+                if !f.counted {
+                    f.counted = true;
+                    self.refusals[usize::from(f.held)] += 1;
+                }
                 if since.is_none_or(|d| d >= FENCE_RECHECK) {
                     *f = Fence::default();
                 }
                 continue;
             }
             if f.sent >= FENCE_PROBES && since.is_some_and(|d| d >= FENCE_GAP) {
+                if standby.is_some_and(|s| s.claims() != f.claims) {
+                    f.answered = true;
+                    f.held = true;
+                    if !p.held_warned {
+                        p.held_warned = true;
+                        tracing::warn!(
+                            peer = p.ordinal,
+                            "sync: peer is silent and does not answer its health probe, but its addresses are \
+                             still answered on the uplink: not taking them over (two owners would split their \
+                             replies)"
+                        );
+                    }
+                    continue;
+                }
                 if lowest == self.ordinal {
                     adopt(
                         &self.standby,
@@ -927,6 +965,10 @@ impl Sync {
             if since.is_none_or(|d| d >= FENCE_GAP) {
                 if f.sent == 0 {
                     f.nonce = crate::run::random_u64();
+                    f.claims = standby.map_or(0, StandbyPeer::claims);
+                }
+                if let Some(s) = standby {
+                    s.want_probe();
                 }
                 if let Some(a) = p.address {
                     let to = SocketAddr::from((*a.ip(), self.health_port));
@@ -974,6 +1016,7 @@ impl Sync {
         self.snapshot.refused.clone_from(&self.refused);
         self.snapshot.events_dropped = self.events.dropped();
         self.snapshot.takeovers = self.takeovers;
+        self.snapshot.refusals = self.refusals;
         self.snapshot.peers = self
             .peers
             .iter()

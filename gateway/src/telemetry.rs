@@ -238,6 +238,11 @@ pub(crate) const METRICS: &[(&str, &str, &str)] = &[
         "Failed lookups of a peer's DNS name (sync.peers[].address given by name), by peer ordinal.",
     ),
     (
+        "egress_gateway_sync_takeovers_refused_total",
+        "counter",
+        "Takeovers of a silent peer refused because it was still alive: it answered its health probe (health_answered), or its addresses were still answered on an uplink (address_held).",
+    ),
+    (
         "egress_gateway_sync_serving",
         "gauge",
         "1 while this replica carries a dead peer's egress IPs and flows, by peer ordinal.",
@@ -543,6 +548,12 @@ fn update_sync(snap: &crate::sync::Snapshot) {
     counter!("egress_gateway_sync_bulk_total", "role" => "requested").absolute(r.bulk_requests);
     counter!("egress_gateway_sync_bulk_total", "role" => "served").absolute(r.bulk_served);
     counter!("egress_gateway_sync_takeovers_total").absolute(snap.takeovers);
+    for (reason, n) in ["health_answered", "address_held"]
+        .into_iter()
+        .zip(snap.refusals)
+    {
+        counter!("egress_gateway_sync_takeovers_refused_total", "reason" => reason).absolute(n);
+    }
     for p in &snap.peers {
         let peer = p.ordinal.to_string();
         for (name, phase) in [

@@ -1116,6 +1116,14 @@ impl<'b> UplinkOut<'_, 'b> {
             };
             let heard = neighbour::handle(frame, self.this_mac, ours, self.out.scratch);
             if let Some(claim) = heard.claim {
+                // Another host holds a peer's address: the peer, still alive on this segment (state sync
+                // takes over no peer whose addresses are claimed while it is silent).
+                if claim.mac != self.this_mac && u.peer_egress.iter().any(|(_, ip)| *ip == claim.ip)
+                {
+                    if let Some(s) = self.out.shared.gateway().standby() {
+                        s.heard_claim(claim.ip);
+                    }
+                }
                 self.out.shared.neighbours.heard(self.uplink, claim, now);
             }
             if let Some(n) = heard.reply_len {

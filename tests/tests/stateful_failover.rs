@@ -741,6 +741,74 @@ fn a_draining_replica_hands_its_connections_over() {
     );
 }
 
+/// Gateway 1 cut off from the pod network altogether (its `eth0` down: no sync, no health probe) while its
+/// uplinks stay on their segments: gateway 2 sees it silent and its health probe unanswered, but its probes
+/// of gateway 1's addresses on the uplinks (RFC 5227 §2.1.1, RFC 4862 §5.4.2) are answered, so it takes
+/// nothing over — the address keeps one owner. `eth0` back up, they are in sync again, still without a
+/// takeover.
+#[test]
+fn a_replica_cut_off_from_the_pods_but_on_its_uplinks_is_not_taken_over() {
+    require_netns!();
+    let mode = require_userspace_gateway!();
+    let topo = pair(mode);
+    let in_sync = |v: f64| v == 1.0;
+    scenario::wait_metric(
+        topo.gateway(2),
+        "egress_gateway_sync_peer_phase",
+        &[("peer", "0"), ("phase", "in_sync")],
+        METRICS,
+        in_sync,
+    )
+    .unwrap_or_else(|e| panic!("in sync before the cut: {e}"));
+    topo.gateway(1)
+        .ns
+        .ip("link set eth0 down")
+        .expect("gateway 1's eth0 down");
+    let cut = Instant::now();
+    scenario::wait_metric(
+        topo.gateway(2),
+        "egress_gateway_sync_takeovers_refused_total",
+        &[("reason", "address_held")],
+        METRICS,
+        |v| v >= 1.0,
+    )
+    .unwrap_or_else(|e| {
+        panic!(
+            "gateway 2 refused to take gateway 1 over: {e}\n{}",
+            sync_metrics(&topo)
+        )
+    });
+    eprintln!("takeover refused {:?} after the cut", cut.elapsed());
+    // well past the ~450 ms a dead replica takes
+    std::thread::sleep(Duration::from_secs(2));
+    assert_eq!(
+        value(&topo, 2, "egress_gateway_sync_takeovers_total", &[]),
+        0.0,
+        "no takeover while gateway 1 holds its addresses\n{}",
+        sync_metrics(&topo)
+    );
+    assert_eq!(
+        value(&topo, 2, "egress_gateway_sync_serving", &[("peer", "0")]),
+        0.0
+    );
+    topo.gateway(1)
+        .ns
+        .ip("link set eth0 up")
+        .expect("gateway 1's eth0 up");
+    scenario::wait_metric(
+        topo.gateway(2),
+        "egress_gateway_sync_peer_phase",
+        &[("peer", "0"), ("phase", "in_sync")],
+        METRICS,
+        in_sync,
+    )
+    .unwrap_or_else(|e| panic!("in sync again: {e}\n{}", sync_metrics(&topo)));
+    assert_eq!(
+        value(&topo, 2, "egress_gateway_sync_takeovers_total", &[]),
+        0.0
+    );
+}
+
 /// The sync link between two live replicas is cut for 2 s (their sync datagrams dropped both ways): each
 /// sees the other silent, but its health probe answers, so neither takes the other's address — no two
 /// owners on one address — and the flows through both keep their source; the link restored, they are in

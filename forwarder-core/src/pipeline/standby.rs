@@ -21,7 +21,7 @@
 //! load for a reply while no peer is served.
 
 use core::net::IpAddr;
-use core::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use core::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 
 use crate::conntrack::{Flow, Guard, Table, TcpSegment, TcpState};
@@ -38,6 +38,10 @@ pub struct StandbyPeer {
     pub egress: Vec<IpAddr>,
     table: Arc<Table>,
     serving: AtomicBool,
+    /// Frames heard on the uplinks in which another host claims one of its addresses.
+    claims: AtomicU64,
+    /// Probes of its addresses asked for and not sent yet.
+    probe_wanted: AtomicBool,
 }
 
 impl StandbyPeer {
@@ -49,7 +53,27 @@ impl StandbyPeer {
             egress,
             table,
             serving: AtomicBool::new(false),
+            claims: AtomicU64::new(0),
+            probe_wanted: AtomicBool::new(false),
         }
+    }
+
+    /// How many frames heard on the uplinks claimed one of the peer's addresses for a MAC other than this
+    /// replica's (its answers to probes, its announcements): a count that grew while the peer was silent
+    /// says it still holds its addresses on the segment.
+    pub fn claims(&self) -> u64 {
+        self.claims.load(Ordering::Relaxed)
+    }
+
+    /// Asks the I/O layer to probe the peer's addresses on their uplinks (RFC 5227 §2.1.1, RFC 4862
+    /// §5.4.2); the answers show in [`claims`](Self::claims).
+    pub fn want_probe(&self) {
+        self.probe_wanted.store(true, Ordering::Relaxed);
+    }
+
+    /// True once after each [`want_probe`](Self::want_probe): the I/O layer sends the probes then.
+    pub fn take_probe(&self) -> bool {
+        self.probe_wanted.swap(false, Ordering::Relaxed)
     }
 
     /// The table of the peer's copies (what state sync installs into and removes from).
@@ -116,6 +140,18 @@ impl Standby {
             }
         }
         changed
+    }
+
+    /// Counts a frame heard on an uplink in which another host (not this replica's MAC) claims `addr`: when
+    /// `addr` is a peer's egress address, that peer's [`StandbyPeer::claims`] grows. Returns whether it was.
+    pub fn heard_claim(&self, addr: IpAddr) -> bool {
+        match self.peers.iter().find(|p| p.egress.contains(&addr)) {
+            Some(p) => {
+                p.claims.fetch_add(1, Ordering::Relaxed);
+                true
+            }
+            None => false,
+        }
     }
 
     /// True while peer `ordinal` is served (false for an unknown ordinal).
@@ -297,6 +333,25 @@ mod tests {
             .insert(new, NOW, &mut Rng::new(1), &g)
             .expect("flow");
         f.reply_key()
+    }
+
+    /// A claim of a peer's address counts for that peer only; a probe asked for is taken once.
+    #[test]
+    fn claims_of_an_address_count_for_its_peer_and_a_probe_is_taken_once() {
+        let s = Standby::new(vec![peer(0, A), peer(2, C)]);
+        assert!(s.heard_claim(A));
+        assert!(s.heard_claim(A));
+        assert!(!s.heard_claim(IpAddr::V4(Ipv4Addr::new(198, 51, 100, 9))));
+        assert_eq!(
+            (s.peer(0).unwrap().claims(), s.peer(2).unwrap().claims()),
+            (2, 0)
+        );
+        let p = s.peer(2).unwrap();
+        assert!(!p.take_probe());
+        p.want_probe();
+        p.want_probe();
+        assert!(p.take_probe());
+        assert!(!p.take_probe());
     }
 
     /// The count behind `serving_any` follows every change and only changes; inbound only served peers
