@@ -488,8 +488,8 @@ impl Outbox {
     }
 
     /// A peer missed the datagrams `from..=to`: their records are queued again (flows to be sent as they
-    /// are now). False when some of them are no longer in the resend ring: the peer then needs a bulk
-    /// transfer.
+    /// are now). False when some of them are no longer in the resend ring, or would not fit in the queues
+    /// (at most `queue` handed-back copies and bulk records wait): the peer then needs a bulk transfer.
     pub fn nack(&mut self, from: u32, to: u32) -> bool {
         let end = self.dropped + self.records.len();
         let mut complete = self
@@ -522,6 +522,15 @@ impl Outbox {
                     if self.queued.insert(id) {
                         self.flows.push_front((id, Instant::ZERO));
                     }
+                }
+                // A peer that NACKs the same range again and again (a bug, or a forger without a key)
+                // must not grow the queues without bound: past `limit`, the rest is left to a bulk
+                // transfer.
+                Sent::Returned(..) | Sent::Bulk(_)
+                    if self.returns.len() + self.controls.len() >= self.limit =>
+                {
+                    self.stats.overflow += 1;
+                    complete = false;
                 }
                 Sent::Returned(peer, id) => self.returns.push_back((peer, id)),
                 Sent::Delete(id, why) => self.flow_ended(id, why),

@@ -346,3 +346,39 @@ fn bulk_transfers_run_one_after_the_other_and_hand_back_the_peers_flows() {
         })
     );
 }
+
+/// A peer NACKing the same range again and again (a bug, or a forger without a key) cannot grow the queues
+/// past their bound: past it the NACK says a bulk transfer is needed, and the overflow is counted.
+#[test]
+fn a_flood_of_nacks_does_not_grow_the_queues_past_their_bound() {
+    let (tb, theirs) = (table(), table());
+    let g = tb.pin();
+    let limit = 4;
+    let mut o = Outbox::new(
+        0,
+        tb.slots(),
+        Duration::from_secs(10),
+        Duration::ZERO,
+        limit,
+        64,
+    );
+    for p in 0..3 {
+        open(&theirs, 5000 + p, Proto::Udp, &g);
+    }
+    o.start_bulk(2, 9);
+    let mut seq = 1;
+    while o.bulk_active() {
+        assert!(!send_holding(&mut o, &tb, Some((2, &theirs)), seq, 1400, t(0)).is_empty());
+        seq += 1;
+    }
+    // start, three handed-back flows, end: five records the NACK queues again, each time
+    assert!(
+        !o.nack(1, seq - 1),
+        "more than the bound: a bulk transfer is needed"
+    );
+    for _ in 0..1000 {
+        o.nack(1, seq - 1);
+    }
+    assert!(o.returns.len() + o.controls.len() <= limit);
+    assert!(o.stats().overflow >= 1000);
+}
