@@ -296,6 +296,8 @@ struct Filled {
     /// Hashes of the orig and reply tuples.
     h: u64,
     rh: u64,
+    /// Installed with its owner's port ([`Table::install`]): a flow that started elsewhere, not a new one.
+    installed: bool,
 }
 
 /// An external port taken for a new mapping.
@@ -568,7 +570,9 @@ impl Table {
     /// or the pod endpoint is on another port. A live flow of the tuple on another port (a copy that missed
     /// a change), or one that a race put on another port (its mapping ended or appeared between the check and
     /// the attach), is removed and the install refused the same way, so that the next install of the image
-    /// succeeds. Other refusals as for [`insert`](Self::insert) (a TCP flow needs no SYN here).
+    /// succeeds. Other refusals as for [`insert`](Self::insert) (a TCP flow needs no SYN here). An installed
+    /// flow started elsewhere: its start goes to the sync events only, not to the flow log (its end goes to
+    /// both).
     pub fn install<'g>(
         &'g self,
         image: &FlowImage,
@@ -1077,7 +1081,13 @@ impl Inner {
         let rk = f.reply_packed(self.pool_addrs[usize::from(pool)]);
         let rh = rk.hash(&self.hash_key);
         prefetch((self.bucket(List::Reply, rh) as *const AtomicU32).cast());
-        Ok(Begun::Filled(Filled { idx, k: *k, h, rh }))
+        Ok(Begun::Filled(Filled {
+            idx,
+            k: *k,
+            h,
+            rh,
+            installed: exact.is_some(),
+        }))
     }
 
     /// The second half of an insert, steps (4) and (5): link into the orig list (the linearization point;
@@ -1090,7 +1100,13 @@ impl Inner {
         guard: &'g Guard,
         retired: &mut bool,
     ) -> Result<&'g Flow, InsertError> {
-        let Filled { idx, ref k, h, rh } = *b;
+        let Filled {
+            idx,
+            ref k,
+            h,
+            rh,
+            installed,
+        } = *b;
         let f = &self.slots[idx as usize];
         let bucket = self.bucket(List::Orig, h);
         // (4) link into the orig list; the successful CAS is the linearization point
@@ -1132,7 +1148,14 @@ impl Inner {
             }
         }
         flow::publish(&f.ctl);
-        self.emit(f, FlowEventKind::Start, now);
+        if installed {
+            // State sync tells the peers about it; the flow log logged its start where it started.
+            if let Some(q) = &self.sync_events {
+                q.push(FlowEvent::of(f, FlowEventKind::Start, now));
+            }
+        } else {
+            self.emit(f, FlowEventKind::Start, now);
+        }
         Ok(f)
     }
 

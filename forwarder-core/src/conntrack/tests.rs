@@ -1819,6 +1819,35 @@ fn sync_events_get_the_same_records_in_their_own_queue() {
     );
 }
 
+/// A flow installed from another table (handed back by a peer) started elsewhere: the flow log, which logged
+/// its start there, gets no start for it, state sync's queue does; its end goes to both.
+#[test]
+fn an_installed_flow_is_no_new_start_in_the_flow_log() {
+    let owner = table(64, PortRange::default());
+    let mut back = table(64, PortRange::default());
+    let log = Arc::new(FlowEvents::new(16));
+    let sync = Arc::new(FlowEvents::new(16));
+    assert!(back.set_events(log.clone()));
+    assert!(back.set_sync_events(sync.clone()));
+    let (go, gb) = (owner.pin(), back.pin());
+    let k = key(pod(1), 40000, remote(1), 53, Proto::Udp);
+    let f = owner
+        .insert(new_flow(k), t(10), &mut Rng::new(3), &go)
+        .unwrap();
+    back.install(&f.image(t(20)), t(20), &gb)
+        .expect("installed");
+    drop(gb);
+    assert_eq!((log.len(), sync.len()), (0, 1));
+    assert_eq!(back.expire(t(20 + 301), 1024), 1);
+    let kinds = |q: &FlowEvents| {
+        std::iter::from_fn(|| q.pop())
+            .map(|e| e.kind)
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(kinds(&log), [FlowEventKind::End]);
+    assert_eq!(kinds(&sync), [FlowEventKind::Start, FlowEventKind::End]);
+}
+
 /// What an insert gave: the flow's original and reply tuples and its external port, or the refusal.
 type Outcome = Result<(FlowKey, FlowKey, u16), InsertError>;
 
