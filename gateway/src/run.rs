@@ -50,9 +50,6 @@ const WATCH_EVERY: Duration = Duration::from_secs(1);
 /// and take a gateway that answers "handed over" out of their routes at the first answer; packets they
 /// sent before still arrive meanwhile, and are forwarded.
 const HAND_OVER_GRACE: Duration = Duration::from_secs(1);
-/// Flow events waiting for the sync thread; more are dropped and counted, and the refresh scan sends those
-/// flows later.
-const SYNC_EVENTS: usize = 65_536;
 
 /// Why the gateway could not start.
 #[derive(Debug, thiserror::Error)]
@@ -101,28 +98,22 @@ pub(crate) fn run(path: &Path, tunnel_ip: Option<Ipv4Addr>) -> Result<(), RunErr
         .flow_log
         .as_ref()
         .map(|f| Arc::new(FlowEvents::new(f.queue)));
-    let sync_events = cfg
+    let sync_setup = cfg
         .sync
         .as_ref()
-        .map(|_| Arc::new(FlowEvents::new(SYNC_EVENTS)));
-    let sync_key = match cfg.sync.as_ref().and_then(|s| s.key_file.as_deref()) {
-        Some(file) => Some(sync::read_key(file).map_err(setup)?),
-        None => None,
-    };
-    let standby = cfg
-        .sync
-        .as_ref()
-        .map(|sc| Arc::new(sync::standby(sc, cfg.conntrack, cfg.ports)));
+        .map(|s| sync::prepare(s, cfg.conntrack, cfg.ports))
+        .transpose()
+        .map_err(setup)?;
     let gateway = Gateway::with_event_queues(
         cfg.pipeline(Some(seed)),
         cfg.conntrack,
         cfg.ports,
         events.clone(),
-        sync_events.clone(),
+        sync_setup.as_ref().map(|s| Arc::clone(&s.events)),
     )
     .map_err(|e| setup(format!("{}: {e}", path.display())))?;
-    let gateway = match &standby {
-        Some(s) => gateway.with_standby(Arc::clone(s)),
+    let gateway = match &sync_setup {
+        Some(s) => gateway.with_standby(Arc::clone(&s.standby)),
         None => gateway,
     };
     let own_table = Arc::clone(gateway.table());
@@ -148,27 +139,24 @@ pub(crate) fn run(path: &Path, tunnel_ip: Option<Ipv4Addr>) -> Result<(), RunErr
         stop: AtomicBool::new(false),
         epoch: Instant::now(),
     });
-    let (sync_status, sync_thread) = match (&cfg.sync, sync_events, &standby) {
-        (Some(sc), Some(queue), Some(standby)) => {
+    let (sync_status, sync_thread) = match sync_setup {
+        Some(s) => {
             let vetting = sync::Vetting {
                 pod_cidrs: cfg.tunnel.pod_cidrs.clone(),
                 nodes: (!cfg.tunnel.allowed_from_nodes).then(|| cfg.tunnel.allowed_sources.clone()),
             };
             let (status, thread) = sync::start(
-                sc,
+                s,
                 *cfg.tunnel.listen.ip(),
-                sync_key,
-                Arc::clone(standby),
                 cfg.health_listen.port(),
                 own_table,
-                queue,
                 vetting,
                 Arc::clone(&shared),
             )
             .map_err(setup)?;
             (status, Some(thread))
         }
-        _ => (Arc::new(sync::SyncStatus::disabled()), None),
+        None => (Arc::new(sync::SyncStatus::disabled()), None),
     };
     let upstream_status = Arc::new(upstream::Status::new(cfg.probes.as_ref()));
     let telemetry = Arc::new(

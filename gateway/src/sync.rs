@@ -234,10 +234,40 @@ impl SyncStatus {
     }
 }
 
+/// Flow events waiting for the sync thread; more are dropped and counted, and the refresh scan sends those
+/// flows later.
+const EVENTS: usize = 65_536;
+
+/// What state sync needs from the gateway before anything starts: the queue the own table pushes its flow
+/// events into, the tables of the peers' copies (the data path's standby), and the key.
+pub(crate) struct Setup {
+    cfg: SyncConfig,
+    /// Given to the own table ([`Gateway::with_event_queues`](forwarder_core::pipeline::Gateway)).
+    pub(crate) events: Arc<FlowEvents>,
+    /// Given to the gateway ([`Gateway::with_standby`](forwarder_core::pipeline::Gateway::with_standby)).
+    pub(crate) standby: Arc<Standby>,
+    key: Option<hmac::Key>,
+}
+
+/// Reads the key and builds the queue and the tables of copies for `cfg`.
+pub(crate) fn prepare(
+    cfg: &SyncConfig,
+    own: conntrack::Config,
+    ports: PortRange,
+) -> Result<Setup, String> {
+    let key = cfg.key_file.as_deref().map(read_key).transpose()?;
+    Ok(Setup {
+        cfg: cfg.clone(),
+        events: Arc::new(FlowEvents::new(EVENTS)),
+        standby: Arc::new(standby(cfg, own, ports)),
+        key,
+    })
+}
+
 /// The tables of copies for `cfg`'s peers, none of them served yet. Their timeouts are the own table's
 /// plus the refresh period: a copy outlives a lost delete by at most that, and never expires while its
 /// owner refreshes it.
-pub(crate) fn standby(cfg: &SyncConfig, own: conntrack::Config, ports: PortRange) -> Standby {
+fn standby(cfg: &SyncConfig, own: conntrack::Config, ports: PortRange) -> Standby {
     let grace = Settings::new(0, 0, 0, 0).refresh;
     let mut c = own;
     c.timeouts.udp += grace;
@@ -260,7 +290,7 @@ pub(crate) fn standby(cfg: &SyncConfig, own: conntrack::Config, ports: PortRange
 
 /// Reads the shared key: at least [`MIN_KEY_LEN`] bytes, used as they are (a trailing newline included: a
 /// Secret made with `--from-file` keeps the file's bytes).
-pub(crate) fn read_key(path: &Path) -> Result<hmac::Key, String> {
+fn read_key(path: &Path) -> Result<hmac::Key, String> {
     let bytes = std::fs::read(path)
         .map_err(|e| format!("sync.key_file {}: cannot read it: {e}", path.display()))?;
     if bytes.len() < MIN_KEY_LEN {
@@ -462,19 +492,23 @@ pub(crate) struct Sync {
     handing_over_since: Option<Instant>,
 }
 
-/// Binds the sync socket on `ip`:`cfg.port` and starts the thread; it stops when `shared.stop` is set.
-#[allow(clippy::too_many_arguments)] // the pieces of the gateway sync touches, each its own concern
+/// Binds the sync socket on `ip`:`sync.port` and starts the thread for `setup`, whose events `own` pushes
+/// (the probes of silent peers go to their `health_port`); it stops when `shared.stop` is set.
 pub(crate) fn start(
-    cfg: &SyncConfig,
+    setup: Setup,
     ip: Ipv4Addr,
-    key: Option<hmac::Key>,
-    standby: Arc<Standby>,
     health_port: u16,
     own: Arc<Table>,
-    events: Arc<FlowEvents>,
     vetting: Vetting,
     shared: Arc<Shared>,
 ) -> Result<(Arc<SyncStatus>, std::thread::JoinHandle<()>), String> {
+    let Setup {
+        cfg,
+        events,
+        standby,
+        key,
+    } = setup;
+    let cfg = &cfg;
     let listen = SocketAddrV4::new(ip, cfg.port);
     let mut socket = UdpSocket::bind(SocketAddr::V4(listen))
         .map_err(|e| format!("sync: cannot bind {listen}: {e}"))?;
