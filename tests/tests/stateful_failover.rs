@@ -1197,10 +1197,12 @@ fn a_udp_flow_and_a_ping_keep_going_through_a_replicas_death() {
     }
 }
 
-/// Replica 1 cut off from the pod network (its sync and health ports dropped both ways) long enough to be
-/// taken for dead: replica 2 takes its address and carries its flows — which keep their source all along —
-/// and when the cut heals, gives them back; replica 1, reading in replica 2's heartbeats that it was served,
-/// announces its address again, and its flows answer through it.
+/// Replica 1 taken for dead while it runs: its sync and health ports dropped both ways, and its answers on
+/// the uplink segments lost (ARP and IPv6 frames from it dropped where they enter the DMZ and internal
+/// bridges), long enough to be taken for dead — it still forwards the pods' packets. Replica 2 takes its
+/// address and carries its flows, which keep their source all along; when the cut heals it gives them back;
+/// replica 1, reading in replica 2's heartbeats that it was served, announces its address again, and its
+/// flows answer through it.
 #[test]
 fn a_replica_taken_for_dead_by_mistake_gets_its_address_back() {
     require_netns!();
@@ -1235,7 +1237,28 @@ fn a_replica_taken_for_dead_by_mistake_gets_its_address_back() {
                 .unwrap();
         }
     };
+    // its answers on the uplinks, which would otherwise keep it from being taken over (the uplink fence)
+    let segments = [&topo.dmz_router().ns, &topo.internal().ns];
+    let answers = |cut: bool| {
+        for ns in segments {
+            let cmds: &[&str] = if cut {
+                &[
+                    "add table netdev cut",
+                    "add chain netdev cut in { type filter hook ingress device gw1 priority 0 ; }",
+                    "add rule netdev cut in ether type { arp, ip6 } drop",
+                ]
+            } else {
+                &["delete table netdev cut"]
+            };
+            for c in cmds {
+                let mut args = vec!["nft"];
+                args.extend(c.split_whitespace());
+                ns.exec_args(&args).unwrap();
+            }
+        }
+    };
     rules("-A");
+    answers(true);
     scenario::wait_metric(
         topo.gateway(2),
         "egress_gateway_sync_takeovers_total",
@@ -1255,6 +1278,7 @@ fn a_replica_taken_for_dead_by_mistake_gets_its_address_back() {
         "the flows keep their source while gateway 2 carries them"
     );
     rules("-D");
+    answers(false);
     scenario::wait_metric(
         topo.gateway(2),
         "egress_gateway_sync_serving",
