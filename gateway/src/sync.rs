@@ -957,6 +957,12 @@ impl Sync {
             if serving {
                 continue;
             }
+            if lowest != self.ordinal {
+                // Not ours to take over (a lower replica is alive, and may be serving it: its answers
+                // for the peer's addresses would look like the peer's own). Fenced afresh if we become it.
+                p.fence = Fence::default();
+                continue;
+            }
             let standby = self.standby.peer(p.ordinal);
             let f = &mut p.fence;
             let since = f.last_sent.map(|t| now.saturating_since(t));
@@ -986,14 +992,12 @@ impl Sync {
                     }
                     continue;
                 }
-                if lowest == self.ordinal {
-                    adopt(
-                        &self.standby,
-                        p,
-                        &mut self.takeovers,
-                        "dead (silent, health probe unanswered)",
-                    );
-                }
+                adopt(
+                    &self.standby,
+                    p,
+                    &mut self.takeovers,
+                    "dead (silent, health probe unanswered, its addresses unanswered)",
+                );
                 continue;
             }
             if since.is_none_or(|d| d >= FENCE_GAP) {
