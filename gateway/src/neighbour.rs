@@ -348,6 +348,29 @@ pub(crate) fn request(
     }
 }
 
+/// A broadcast ARP request from `sender` (and `our_mac`) for `target`; returns its length in `out`.
+fn broadcast_arp_request(
+    sender: std::net::Ipv4Addr,
+    target: std::net::Ipv4Addr,
+    our_mac: MacAddr,
+    out: &mut [u8],
+) -> usize {
+    let n = ethernet::emit(
+        &ethernet::BROADCAST,
+        &our_mac,
+        ethernet::ethertype::ARP,
+        out,
+    );
+    n + arp::emit(
+        arp::OP_REQUEST,
+        &our_mac,
+        sender,
+        &[0; 6],
+        target,
+        &mut out[n..],
+    )
+}
+
 /// Builds an announcement that `ip` is at `our_mac` into `out` (at least [`MAX_FRAME`]); returns its length.
 /// IPv4: a gratuitous ARP request with sender and target address `ip`, broadcast (RFC 5227 §2.3 explains
 /// why a request; Linux replaces an existing entry on it whatever `arp_accept` says). IPv6: an unsolicited
@@ -355,15 +378,7 @@ pub(crate) fn request(
 /// (RFC 4861 §7.2.6).
 pub(crate) fn announce(ip: IpAddr, our_mac: MacAddr, out: &mut [u8]) -> usize {
     match ip {
-        IpAddr::V4(a) => {
-            let n = ethernet::emit(
-                &ethernet::BROADCAST,
-                &our_mac,
-                ethernet::ethertype::ARP,
-                out,
-            );
-            n + arp::emit(arp::OP_REQUEST, &our_mac, a, &[0; 6], a, &mut out[n..])
-        }
+        IpAddr::V4(a) => broadcast_arp_request(a, a, our_mac, out),
         IpAddr::V6(a) => {
             let all_nodes = Ipv6Addr::new(0xff02, 0, 0, 0, 0, 0, 0, 1);
             emit_ndp(
@@ -389,22 +404,7 @@ pub(crate) fn announce(ip: IpAddr, our_mac: MacAddr, out: &mut [u8]) -> usize {
 /// heard as a claim of `ip` by its MAC.
 pub(crate) fn probe(ip: IpAddr, our_mac: MacAddr, out: &mut [u8]) -> usize {
     match ip {
-        IpAddr::V4(a) => {
-            let n = ethernet::emit(
-                &ethernet::BROADCAST,
-                &our_mac,
-                ethernet::ethertype::ARP,
-                out,
-            );
-            n + arp::emit(
-                arp::OP_REQUEST,
-                &our_mac,
-                std::net::Ipv4Addr::UNSPECIFIED,
-                &[0; 6],
-                a,
-                &mut out[n..],
-            )
-        }
+        IpAddr::V4(a) => broadcast_arp_request(std::net::Ipv4Addr::UNSPECIFIED, a, our_mac, out),
         IpAddr::V6(a) => {
             let g = solicited_node(&a);
             emit_ndp(

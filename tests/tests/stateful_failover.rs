@@ -426,12 +426,35 @@ fn wait_copies(env: &Env, x: usize, n: usize, what: &str) {
 
 /// SIGKILLs replica `x`; returns when.
 fn kill(env: &mut Env, x: usize) -> Instant {
+    signal(env, x, libc::SIGKILL)
+}
+
+/// Sends `sig` to replica `x`; returns when.
+fn signal(env: &mut Env, x: usize, sig: i32) -> Instant {
     let at = Instant::now();
     match env.topo.gateway_mut(x).process_mut() {
-        Some(p) => p.signal(libc::SIGKILL),
+        Some(p) => p.signal(sig),
         None => env.fail(format!("gateway {x} has no process")),
     }
     at
+}
+
+/// Waits (20 s at most) for replica `x`, sent SIGTERM at `term`, to exit 0; prints and returns how long it
+/// took, fails the test otherwise.
+fn wait_clean_exit(env: &mut Env, x: usize, term: Instant) -> Duration {
+    let exited = env
+        .topo
+        .gateway_mut(x)
+        .process_mut()
+        .map(|p| p.wait_timeout(Duration::from_secs(20)));
+    let took = term.elapsed();
+    eprintln!("gateway {x} exited {took:?} after SIGTERM: {exited:?}");
+    if !matches!(exited, Some(Ok(s)) if s.success()) {
+        env.fail(format!(
+            "gateway {x} did not exit cleanly after SIGTERM: {exited:?}"
+        ));
+    }
+    took
 }
 
 /// What the interactive stream saw: exchanges completed, the longest wait for an echo, and how it ended.
@@ -677,11 +700,7 @@ fn a_draining_replica_hands_its_connections_over() {
     wait_copies(&env, x, 1, "the session's copy on the other replica");
     std::thread::sleep(Duration::from_millis(500));
 
-    let term = Instant::now();
-    match env.topo.gateway_mut(x).process_mut() {
-        Some(p) => p.signal(libc::SIGTERM),
-        None => env.fail(format!("gateway {x} has no process")),
-    }
+    let term = signal(&mut env, x, libc::SIGTERM);
     // new connections from the pod while X hands over: each must connect at its first attempt's deadline
     let mut refused = Vec::new();
     for i in 0..20 {
@@ -692,17 +711,7 @@ fn a_draining_replica_hands_its_connections_over() {
         }
         std::thread::sleep(Duration::from_millis(50));
     }
-    let exited = env
-        .topo
-        .gateway_mut(x)
-        .process_mut()
-        .map(|p| p.wait_timeout(Duration::from_secs(20)));
-    let took = term.elapsed();
-    eprintln!("X exited {took:?} after SIGTERM: {exited:?}");
-    match exited {
-        Some(Ok(status)) if status.success() => {}
-        other => env.fail(format!("X did not exit cleanly after SIGTERM: {other:?}")),
-    }
+    let took = wait_clean_exit(&mut env, x, term);
     let log = env
         .topo
         .gateway(x)
@@ -1420,11 +1429,7 @@ fn scaling_the_set_two_three_two_breaks_no_connection() {
     std::thread::sleep(Duration::from_millis(500));
 
     // two again: the third drains by handing its flows over
-    let term = Instant::now();
-    match env.topo.gateway_mut(3).process_mut() {
-        Some(p) => p.signal(libc::SIGTERM),
-        None => env.fail("gateway 3 has no process".to_string()),
-    }
+    let term = signal(&mut env, 3, libc::SIGTERM);
     for round in 0..4 {
         every_connection_answers(&env, &mut conns, &format!("scaling down, round {round}"));
         every_connection_answers(
@@ -1434,18 +1439,7 @@ fn scaling_the_set_two_three_two_breaks_no_connection() {
         );
         std::thread::sleep(Duration::from_millis(500));
     }
-    let exited = env
-        .topo
-        .gateway_mut(3)
-        .process_mut()
-        .map(|p| p.wait_timeout(Duration::from_secs(20)));
-    eprintln!(
-        "gateway 3 exited {:?} after SIGTERM: {exited:?}",
-        term.elapsed()
-    );
-    if !matches!(exited, Some(Ok(s)) if s.success()) {
-        env.fail(format!("gateway 3 did not exit cleanly: {exited:?}"));
-    }
+    wait_clean_exit(&mut env, 3, term);
     env.wait_route(
         table,
         Ipv4Net::default(),
@@ -1510,28 +1504,14 @@ fn two_replicas_terminated_together_hand_over_to_the_third() {
 
     let term = Instant::now();
     for x in 1..=2 {
-        match env.topo.gateway_mut(x).process_mut() {
-            Some(p) => p.signal(libc::SIGTERM),
-            None => env.fail(format!("gateway {x} has no process")),
-        }
+        signal(&mut env, x, libc::SIGTERM);
     }
     for round in 0..6 {
         every_connection_answers(&env, &mut conns, &format!("after SIGTERM, round {round}"));
         std::thread::sleep(Duration::from_millis(500));
     }
     for x in 1..=2 {
-        let exited = env
-            .topo
-            .gateway_mut(x)
-            .process_mut()
-            .map(|p| p.wait_timeout(Duration::from_secs(20)));
-        eprintln!(
-            "gateway {x} exited {:?} after SIGTERM: {exited:?}",
-            term.elapsed()
-        );
-        if !matches!(exited, Some(Ok(s)) if s.success()) {
-            env.fail(format!("gateway {x} did not exit cleanly: {exited:?}"));
-        }
+        wait_clean_exit(&mut env, x, term);
     }
     env.wait_route(
         table,
