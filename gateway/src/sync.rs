@@ -71,6 +71,9 @@ const FENCE_PROBES: u32 = 3;
 const FENCE_GAP: Duration = Duration::from_millis(50);
 /// How long heartbeats go on saying that a peer is served after it was given back.
 const SERVED_LINGER: Duration = Duration::from_secs(1);
+/// A drain by hand-over still under way after this long logs what it waits for (it takes about a second
+/// when the peers are in sync: docs/failover.md).
+const SLOW_DRAIN: Duration = Duration::from_secs(5);
 /// A silent peer that still answers its health probe is probed again this often.
 const FENCE_RECHECK: Duration = Duration::from_secs(1);
 /// A peer's DNS name is looked up again this often (a restarted pod's name moves to its new IP; with a key,
@@ -490,6 +493,8 @@ pub(crate) struct Sync {
     resolutions: Option<mpsc::Receiver<Resolution>>,
     /// When this thread first saw the drain by hand-over.
     handing_over_since: Option<Instant>,
+    /// A drain by hand-over that is taking long has been logged with what it waits for.
+    slow_drain_logged: bool,
 }
 
 /// Binds the sync socket on `ip`:`sync.port` and starts the thread for `setup`, whose events `own` pushes
@@ -594,6 +599,7 @@ pub(crate) fn start(
         refused: Vec::new(),
         resolutions: None,
         handing_over_since: None,
+        slow_drain_logged: false,
     };
     tracing::info!(
         listen = %listen,
@@ -913,6 +919,23 @@ impl Sync {
             Duration::ZERO
         };
         let done = leaving && served && draining_for >= SERVED_LINGER && self.replica.outbox_idle();
+        if !leaving {
+            self.slow_drain_logged = false;
+        } else if !done && draining_for >= SLOW_DRAIN && !self.slow_drain_logged {
+            self.slow_drain_logged = true;
+            let (backlog, repairs) = self.replica.backlog();
+            tracing::warn!(
+                seconds = draining_for.as_secs(),
+                peer_serves_our_addresses = served,
+                queued_flows = backlog.flows,
+                queued_deletes = backlog.deletes,
+                queued_returns = backlog.returns,
+                queued_controls = backlog.controls,
+                bulk_under_way = backlog.bulk,
+                repairs,
+                "sync: the hand-over is not done yet: waiting for a peer to serve our addresses and for nothing to be left to send"
+            );
+        }
         self.standby.set_handed_over(leaving && served);
         if done && !self.status.is_handed_over() {
             tracing::info!(

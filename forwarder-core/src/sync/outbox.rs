@@ -79,6 +79,22 @@ pub struct OutboxStats {
     pub overflow: u64,
 }
 
+/// What an outbox holds: queued flows, deletes, handed-back copies and bulk records to send again, and
+/// whether a bulk transfer is under way.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Backlog {
+    /// Flows queued.
+    pub flows: usize,
+    /// Deletes queued.
+    pub deletes: usize,
+    /// Handed-back copies to send again.
+    pub returns: usize,
+    /// Bulk records to send again.
+    pub controls: usize,
+    /// A bulk transfer is under way.
+    pub bulk: bool,
+}
+
 /// The outbox of one replica.
 #[derive(Debug)]
 pub struct Outbox {
@@ -258,6 +274,23 @@ impl Outbox {
             return Some(Instant::ZERO);
         }
         self.flows.iter().map(|&(_, due)| due).min()
+    }
+
+    /// What waits, for a log line that says why the outbox is not empty.
+    pub fn backlog(&self) -> Backlog {
+        Backlog {
+            flows: self.flows.len(),
+            deletes: self.deletes.len(),
+            returns: self.returns.len(),
+            controls: self.controls.len(),
+            bulk: self.bulk.is_some(),
+        }
+    }
+
+    /// True when no bulk transfer is under way and no lost records wait to go again (handed-back copies,
+    /// bulk records): only the live stream of changes, if anything, is queued.
+    pub fn transfer_idle(&self) -> bool {
+        self.returns.is_empty() && self.controls.is_empty() && self.bulk.is_none()
     }
 
     /// True when nothing waits (no queued change, no bulk transfer).

@@ -6,6 +6,9 @@
 //! * a change waits at most `flush` (5 ms) for others to share its datagram; a full datagram goes at once;
 //! * a datagram goes out at least every `heartbeat` (100 ms) — a heartbeat when nothing else is due — so
 //!   a peer learns of a lost tail (the next sequence number shows the gap) and that this replica lives;
+//! * a Hello (this replica's state and whom it serves) goes out at least every `heartbeat` and at once when
+//!   what it says changes, on a datagram of changes when there are always changes to send: a replica busy
+//!   with new flows must still tell a draining peer that it serves it;
 //! * a gap is NACKed at once and again every `nack_retry` (25 ms) until the peer answers that it queued
 //!   the lost records again (a lost NACK or a lost answer costs a retry, not the records); more than 64
 //!   gaps at once, and the peer is asked for a bulk transfer instead;
@@ -19,7 +22,7 @@ use core::net::IpAddr;
 use core::time::Duration;
 
 use super::inbox::{apply, Applied, Tables};
-use super::outbox::{Outbox, OutboxStats};
+use super::outbox::{Backlog, Outbox, OutboxStats};
 use super::peer::{PeerStream, StreamStats, Verdict};
 use super::wire::{
     self, Datagram, DeleteReason, FlowId, FlowRecord, Header, Hello, PeerState, Record, Writer,
@@ -204,6 +207,8 @@ pub struct Replica {
     close: bool,
     /// What its heartbeats say of it.
     state: PeerState,
+    /// When the last Hello went out, and what it said of this replica (state, served).
+    last_hello: Option<(Instant, PeerState, u64)>,
 }
 
 /// Gaps of one peer's stream asked for at once; more, and a bulk transfer is cheaper.
@@ -237,6 +242,7 @@ impl Replica {
             served: 0,
             close: false,
             state: PeerState::Starting,
+            last_hello: None,
             s,
         }
     }
@@ -409,11 +415,12 @@ impl Replica {
                 .iter()
                 .any(|p| p.request.is_some() || p.gaps.iter().any(|g| due(g.2)));
         let changes = self.outbox.due_at().is_some_and(|t| t <= now);
+        let hello_due = self.hello_due(now);
         let heartbeat = self.close
             || self
                 .last_sent
                 .is_none_or(|t| now.saturating_since(t) >= self.s.heartbeat);
-        if !controls && !changes && !heartbeat {
+        if !controls && !changes && !heartbeat && !hello_due {
             return None;
         }
         let size = self.s.datagram.min(buf.len());
@@ -468,12 +475,21 @@ impl Replica {
             self.close |= self.outbox.ends_written() != ends;
         }
         if n == 0 {
-            if !heartbeat {
+            if !heartbeat && !hello_due {
                 return None;
             }
             w.push(&Record::Hello(self.hello(own))).ok()?;
             self.stats.heartbeats += 1;
             self.close = false;
+            self.last_hello = Some((now, self.state, self.served));
+        } else if hello_due && !self.close && self.outbox.transfer_idle() {
+            // A replica that always has records to send would otherwise never send its Hello, and its peers
+            // would not learn that it drains or serves them (a drain could not end). Not while a transfer
+            // or a repair closes: there the Hello marks that everything before it went out.
+            if w.push(&Record::Hello(self.hello(own))).is_ok() {
+                self.stats.heartbeats += 1;
+                self.last_hello = Some((now, self.state, self.served));
+            }
         }
         let len = w.finish();
         self.seq = self.seq.wrapping_add(1);
@@ -508,6 +524,12 @@ impl Replica {
             next = next.min(t.max(now));
         }
         if self.close || !self.repairs.is_empty() || self.peers.iter().any(|p| p.request.is_some())
+        {
+            next = now;
+        }
+        if self
+            .last_hello
+            .is_some_and(|(_, state, served)| state != self.state || served != self.served)
         {
             next = now;
         }
@@ -569,6 +591,11 @@ impl Replica {
         self.outbox.is_empty() && self.repairs.is_empty()
     }
 
+    /// What the outbox holds, and the repairs (NACKs) still to send.
+    pub fn backlog(&self) -> (Backlog, usize) {
+        (self.outbox.backlog(), self.repairs.len())
+    }
+
     /// This replica's counters.
     pub fn stats(&self) -> ReplicaStats {
         self.stats
@@ -577,6 +604,15 @@ impl Replica {
     /// The outbox's counters.
     pub fn outbox_stats(&self) -> OutboxStats {
         self.outbox.stats()
+    }
+
+    /// A Hello is due: none for `heartbeat`, or what it says of this replica changed since the last one.
+    fn hello_due(&self, now: Instant) -> bool {
+        self.last_hello.is_none_or(|(at, state, served)| {
+            now.saturating_since(at) >= self.s.heartbeat
+                || state != self.state
+                || served != self.served
+        })
     }
 
     fn hello(&self, own: &Table) -> Hello {

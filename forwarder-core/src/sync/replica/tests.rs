@@ -405,3 +405,36 @@ fn heartbeats_say_whom_a_replica_serves() {
     run(&mut nodes, t, 300, &|_| false, [true, true]);
     assert!(!nodes[1].sync.peer_serves(0, 1), "no longer");
 }
+
+/// A replica that has changes to send every millisecond never falls quiet for a heartbeat; what its Hello
+/// says still reaches its peer: a change at once, in the next datagram, and the Hello at least every
+/// heartbeat besides. (Before, the Hello went out only in a datagram with nothing else, and a replica busy
+/// with new flows kept its peers from learning that it served them: a draining peer waited out its
+/// drain_seconds.)
+#[test]
+fn a_busy_replica_still_says_whom_it_serves() {
+    let mut nodes = [Node::new(0, 0xA), Node::new(1, 0xB)];
+    let mut t = run(&mut nodes, 0, 300, &|_| false, [true, true]);
+    let busy = |nodes: &mut [Node; 2], t: u64, ms: u64| -> u64 {
+        for step in 0..ms {
+            let pod = u8::try_from((t + step) % 200).expect("small") + 1;
+            nodes[0].open(pod, 1, Instant::from_millis(t + step));
+            run(nodes, t + step, 1, &|_| false, [true, true]);
+        }
+        t + ms
+    };
+    t = busy(&mut nodes, t, 200);
+    let heartbeats = nodes[0].sync.stats().heartbeats;
+    nodes[0].sync.set_served([1]);
+    t = busy(&mut nodes, t, 20);
+    assert!(
+        nodes[1].sync.peer_serves(0, 1),
+        "a change of what the Hello says goes out within 20 ms of busy traffic"
+    );
+    busy(&mut nodes, t, 500);
+    let sent = nodes[0].sync.stats().heartbeats - heartbeats;
+    assert!(
+        (5..=12).contains(&sent),
+        "{sent} Hellos in 520 ms of busy traffic: the change, and one per 100 ms heartbeat"
+    );
+}
