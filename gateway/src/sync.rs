@@ -497,6 +497,21 @@ pub(crate) struct Sync {
     slow_drain_logged: bool,
 }
 
+/// Whether a replica up for `up`, whose peers stand at `phases`, has its peers' flows (and may turn ready):
+/// once every peer heard has sent all its flows or went silent (one not heard yet may still be starting,
+/// so it is waited for [`STARTUP_WAIT`]), or [`SYNC_DEADLINE`] after start. Once synced, it stays so
+/// (`was`): a peer that restarts later is the one syncing, not this replica, which still has every flow
+/// it had. Turning unready then would take both replicas out of the node agents' routes at once, as a
+/// soak run showed (a rolling restart within 30 s of the previous one did the same).
+fn synced(was: bool, up: Duration, phases: &[PeerPhase]) -> bool {
+    was || up >= SYNC_DEADLINE
+        || phases.iter().all(|p| match p {
+            PeerPhase::InSync | PeerPhase::Silent => true,
+            PeerPhase::Unknown => up >= STARTUP_WAIT,
+            PeerPhase::Syncing => false,
+        })
+}
+
 /// Binds the sync socket on `ip`:`sync.port` and starts the thread for `setup`, whose events `own` pushes
 /// (the probes of silent peers go to their `health_port`); it stops when `shared.stop` is set.
 pub(crate) fn start(
@@ -1056,14 +1071,7 @@ impl Sync {
     /// Publishes the counters and decides whether this replica is synced.
     fn publish(&mut self, now: Instant, up: Duration) {
         let phases = self.phases(now);
-        // Synced: every peer heard has sent all its flows, or went silent; one not heard yet may still be
-        // starting, so wait for it a little.
-        let synced = up >= SYNC_DEADLINE
-            || phases.iter().all(|p| match p {
-                PeerPhase::InSync | PeerPhase::Silent => true,
-                PeerPhase::Unknown => up >= STARTUP_WAIT,
-                PeerPhase::Syncing => false,
-            });
+        let synced = synced(self.status.is_synced(), up, &phases);
         if synced && !self.status.is_synced() {
             tracing::info!(
                 after_ms = up.as_millis(),
@@ -1138,6 +1146,23 @@ fn mac_matches(key: &hmac::Key, data: &[u8], mac: &[u8]) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_replica_is_synced_once_its_peers_sent_their_flows_and_stays_so_when_one_restarts() {
+        let s = Duration::from_secs;
+        let ms = Duration::from_millis;
+        use PeerPhase::{InSync, Silent, Syncing, Unknown};
+        assert!(!synced(false, ms(100), &[Syncing]), "its peer still sends");
+        assert!(
+            !synced(false, ms(100), &[Unknown]),
+            "a peer not heard may be starting"
+        );
+        assert!(synced(false, s(1), &[Unknown]), "… for a second");
+        assert!(synced(false, ms(100), &[InSync, Silent]));
+        assert!(synced(false, SYNC_DEADLINE, &[Syncing]), "the deadline");
+        // 17 s after start, the peer restarts and syncs from this replica: this one stays ready
+        assert!(synced(true, s(17), &[Syncing]));
+    }
 
     #[test]
     fn a_new_dns_answer_moves_the_peer_and_an_unchanged_one_keeps_what_its_datagrams_said() {
