@@ -24,6 +24,12 @@ pub(crate) use cache::{LocalNeighbours, Neighbours, Outcome};
 
 /// How long an entry is trusted before it is probed again (RFC 4861 §10 REACHABLE_TIME).
 pub(crate) const REACHABLE: Duration = Duration::from_secs(30);
+/// How long a configured next hop (the uplink's router) is trusted before it is probed again. Every flow
+/// of the uplink depends on it, and a router replaced or failed over to a standby with another MAC does not
+/// always say so (Linux sends nothing on a MAC change unless `arp_notify` / `ndisc_notify` is set): a
+/// unicast probe every 5 s finds that within 5 s + [`PROBES`] × [`RETRANS`], where [`REACHABLE`] would
+/// leave the uplink black-holed for up to 34 s. One ARP request or NS per router every 5 s costs nothing.
+pub(crate) const NEXT_HOP_REACHABLE: Duration = Duration::from_secs(5);
 /// Interval between probes of one address (RFC 4861 §10 RETRANS_TIMER).
 pub(crate) const RETRANS: Duration = Duration::from_secs(1);
 /// Unanswered probes after which a phase ends (RFC 4861 §10 MAX_UNICAST_SOLICIT / MAX_MULTICAST_SOLICIT).

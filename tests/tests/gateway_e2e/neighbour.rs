@@ -354,3 +354,57 @@ fn a_poisoning_host_cannot_divert_pod_traffic() {
     let resolved = value(&m, "egress_gateway_neighbours", &[("state", "resolved")]);
     assert!(resolved <= 1024.0 + 10.0, "{resolved} resolved entries");
 }
+
+/// The DMZ router is replaced, or fails over to a standby with another MAC, without announcing it (Linux
+/// sends no gratuitous ARP or unsolicited NA on a MAC change unless `arp_notify` / `ndisc_notify` is set).
+/// The gateway keeps sending to the old MAC until its probes of it go unanswered, then asks everyone
+/// (broadcast ARP, multicast NS) and takes the one MAC that answers: both families reach the red server
+/// again within 15 s. (Found by the soak: IPv6 never came back.)
+#[test]
+fn a_router_whose_mac_changes_unannounced_is_found_again() {
+    require_netns!();
+    let mode = require_userspace_gateway!();
+    let topo = common::standard(mode);
+    let red = topo.red();
+    let tcp4 = traffic::tcp_echo_server(&red.ns, SocketAddr::from((RED_SERVER, 7953))).unwrap();
+    let tcp6 = traffic::tcp_echo_server(&red.ns, SocketAddr::from((RED_SERVER6, 7954))).unwrap();
+    let pod = topo.pod(1, 1);
+    for server in [&tcp4, &tcp6] {
+        assert_eq!(
+            traffic::tcp_echo(&pod.ns, server.addr(), b"before").unwrap(),
+            b"before"
+        );
+    }
+    topo.dmz_router()
+        .ns
+        .ip("link set dmz address 02:d0:00:00:00:01")
+        .unwrap();
+    let changed = Instant::now();
+    for (family, server) in [("IPv4", &tcp4), ("IPv6", &tcp6)] {
+        let mut last = None;
+        while changed.elapsed() < Duration::from_secs(25) {
+            match traffic::tcp_echo(&pod.ns, server.addr(), b"after") {
+                Ok(echo) if echo == b"after" => {
+                    last = None;
+                    break;
+                }
+                Ok(echo) => last = Some(format!("echo {echo:?}")),
+                Err(e) => last = Some(e.to_string()),
+            }
+        }
+        let took = changed.elapsed();
+        let m = topo.gateway(1).metrics().unwrap();
+        eprintln!(
+            "{family}: through the router's new MAC {took:?} after the change ({last:?}); neighbour updates: {:?}",
+            m.samples()
+                .iter()
+                .filter(|s| s.name == "egress_gateway_neighbour_updates_total" && s.value > 0.0)
+                .map(|s| format!("{:?}={}", s.labels, s.value))
+                .collect::<Vec<_>>()
+        );
+        assert!(
+            last.is_none() && took < Duration::from_secs(15),
+            "{family} did not reach the red server through the router's new MAC within 15 s: {last:?}"
+        );
+    }
+}
