@@ -61,7 +61,7 @@ declare -A TITLE=(
   [image]="container image: static binary, podman build FROM scratch, --version and check from the exported filesystem"
   [manifests]="Kubernetes manifests (deploy/): schemas, egress-gateway check on the ConfigMaps, dashboard metrics"
   [kube]="a real kube-apiserver v1.37 (built from the Go module proxy once, cached): selftest, kubectl apply -k deploy/, the CRD's server-side validation"
-  [netns]="network-namespace tests, the image test, demo-netns, demo-kube, e2e benchmark smoke run"
+  [netns]="network-namespace tests, the image test, demo-netns, demo-kube, e2e benchmark smoke run, the soak's short version"
   [fuzz]="fuzz smoke run: ${FUZZ_SECONDS}s per target"
 )
 declare -A RESULT=()

@@ -616,11 +616,13 @@ pub struct NodeAgent {
     config: AgentConfig,
     config_path: PathBuf,
     dir: PathBuf,
+    /// Restarts so far: each incarnation logs to a file of its own.
+    restarts: usize,
 }
 
 impl NodeAgent {
     /// Writes `config` to `<topology dir>/agent-node<n>.yaml` and starts `binary node --config …` in node
-    /// `n`'s namespace (log `agent-node<n>.log`). Does not wait: see [`wait_ready`](Self::wait_ready).
+    /// `n`'s namespace (log `agent-node<n>.log`; after the k-th restart `agent-node<n>-<k>.log`). Does not wait: see [`wait_ready`](Self::wait_ready).
     pub fn start(topo: &Topology, binary: &Path, n: usize, config: AgentConfig) -> Result<Self> {
         let dir = topo.dir().to_path_buf();
         let config_path = dir.join(format!("agent-node{n}.yaml"));
@@ -634,6 +636,7 @@ impl NodeAgent {
             config,
             config_path,
             dir,
+            restarts: 0,
         };
         agent.spawn()?;
         Ok(agent)
@@ -642,16 +645,18 @@ impl NodeAgent {
     fn spawn(&mut self) -> Result<()> {
         let bin = self.binary.to_string_lossy().into_owned();
         let cfg = self.config_path.to_string_lossy().into_owned();
-        let log = self.dir.join(format!("agent-node{}.log", self.node));
+        let log = self.log_path();
         let p = Process::spawn_in_netns(&self.ns_name, &[&bin, "node", "--config", &cfg], log)
             .with_context(|| format!("start the node agent on node {}", self.node))?;
         self.process = Some(p);
         Ok(())
     }
 
-    /// Starts it again after [`stop`](Self::stop) (same configuration; the log is started afresh).
+    /// Starts it again after [`stop`](Self::stop) (same configuration; this incarnation logs to a file of its
+    /// own, `agent-node<n>-<k>.log`).
     pub fn restart(&mut self) -> Result<()> {
         self.stop();
+        self.restarts += 1;
         self.spawn()
     }
 
@@ -722,17 +727,20 @@ impl NodeAgent {
             .is_some_and(|p| matches!(p.try_wait(), Ok(None)))
     }
 
+    /// The current incarnation's log.
+    fn log_path(&self) -> PathBuf {
+        match self.restarts {
+            0 => self.dir.join(format!("agent-node{}.log", self.node)),
+            k => self.dir.join(format!("agent-node{}-{k}.log", self.node)),
+        }
+    }
+
     /// The last `lines` lines of its log.
     pub fn log_tail(&self, lines: usize) -> String {
         self.process
             .as_ref()
             .map(|p| p.log_tail(lines))
-            .unwrap_or_else(|| {
-                crate::process::tail(
-                    &self.dir.join(format!("agent-node{}.log", self.node)),
-                    lines,
-                )
-            })
+            .unwrap_or_else(|| crate::process::tail(&self.log_path(), lines))
     }
 
     /// Its configuration.

@@ -374,8 +374,19 @@ impl Gateway {
         if let Some((lo, hi)) = topo.ports() {
             yaml.push_str(&format!("ports: {{ min: {lo}, max: {hi} }}\n"));
         }
-        if let Some(n) = topo.max_per_source() {
-            yaml.push_str(&format!("conntrack: {{ max_per_source: {n} }}\n"));
+        let mut conntrack: Vec<String> = topo
+            .max_per_source()
+            .map(|n| format!("max_per_source: {n}"))
+            .into_iter()
+            .collect();
+        conntrack.extend(
+            topo.spec()
+                .conntrack
+                .iter()
+                .map(|(k, v)| format!("{k}: {v}")),
+        );
+        if !conntrack.is_empty() {
+            yaml.push_str(&format!("conntrack: {{ {} }}\n", conntrack.join(", ")));
         }
         if let Some(set) = topo.sync_set(self.number) {
             let key = topo.dir().join("sync.key");

@@ -220,6 +220,9 @@ pub struct TopologySpec {
     /// `conntrack.max_per_source` of the userspace gateways (default: the gateway's own, 16384); nothing in
     /// kernel mode.
     pub max_per_source: Option<u32>,
+    /// More `conntrack.*` keys of the userspace gateways, as written (`("udp_timeout", "120s")`); nothing
+    /// in kernel mode.
+    pub conntrack: Vec<(String, String)>,
     /// Gateway sets that sync their flows (`sync:` in the userspace configuration), each a list of gateway
     /// numbers; gateway k is ordinal k − 1, and every member lists the others as peers, with one shared key
     /// (`sync.key` in the topology's directory).
@@ -250,6 +253,7 @@ impl TopologySpec {
             node_agent: false,
             ports: None,
             max_per_source: None,
+            conntrack: Vec::new(),
             sync_sets: Vec::new(),
             sync_by_name: false,
         }

@@ -123,10 +123,16 @@ fn record(peers: &Peers, addr: SocketAddr) {
     }
 }
 
-/// A TCP echo server in `ns` on `addr`: each connection is served on its own thread, echoing until EOF.
+/// A TCP echo server in `ns` on `addr`: each connection is served on its own thread, echoing until EOF or
+/// [`IO_TIMEOUT`] without a byte.
 pub fn tcp_echo_server(ns: &Netns, addr: SocketAddr) -> Result<Server> {
-    start_server(ns, addr, TcpListener::bind, |listener, peers, stop| {
-        accept_loop(&listener, &peers, &stop, |mut s| {
+    tcp_echo_server_idle(ns, addr, IO_TIMEOUT)
+}
+
+/// [`tcp_echo_server`] whose connections end after `idle` without a byte (a long session's server).
+pub fn tcp_echo_server_idle(ns: &Netns, addr: SocketAddr, idle: Duration) -> Result<Server> {
+    start_server(ns, addr, TcpListener::bind, move |listener, peers, stop| {
+        accept_loop(&listener, &peers, &stop, idle, |mut s| {
             let mut buf = [0u8; 16 * 1024];
             loop {
                 match s.read(&mut buf) {
@@ -142,11 +148,13 @@ pub fn tcp_echo_server(ns: &Netns, addr: SocketAddr) -> Result<Server> {
     })
 }
 
-/// Accepts until stopped; each connection (with I/O timeouts set) goes to `handle` on its own thread.
+/// Accepts until stopped; each connection (with I/O timeouts of `timeout` set) goes to `handle` on its own
+/// thread.
 fn accept_loop(
     listener: &TcpListener,
     peers: &Peers,
     stop: &AtomicBool,
+    timeout: Duration,
     handle: impl Fn(TcpStream) + Send + Sync + Clone + 'static,
 ) {
     while !stop.load(Ordering::Relaxed) {
@@ -157,8 +165,8 @@ fn accept_loop(
             continue;
         };
         record(peers, peer);
-        let _ = s.set_read_timeout(Some(IO_TIMEOUT));
-        let _ = s.set_write_timeout(Some(IO_TIMEOUT));
+        let _ = s.set_read_timeout(Some(timeout));
+        let _ = s.set_write_timeout(Some(timeout));
         let h = handle.clone();
         std::thread::spawn(move || h(s));
     }
@@ -495,7 +503,7 @@ const BULK_DOWNLOAD: u8 = 2;
 /// sends `length` bytes of the pattern for `seed` and closes.
 pub fn bulk_server(ns: &Netns, addr: SocketAddr) -> Result<Server> {
     start_server(ns, addr, TcpListener::bind, |listener, peers, stop| {
-        accept_loop(&listener, &peers, &stop, |s| {
+        accept_loop(&listener, &peers, &stop, IO_TIMEOUT, |s| {
             let _ = serve_bulk(s);
         });
     })
