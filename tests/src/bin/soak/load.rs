@@ -248,8 +248,15 @@ impl Load {
     }
 }
 
-/// In a pod: drops the pod's own FIN and RST segments to [`ABANDON_PORT`], so that a connection closed
-/// there is abandoned as a crashed or partitioned client leaves it: no FIN, no RST, ever.
+/// The source ports of the abandoned connections (outside Linux's ephemeral range, 32768–60999), used in
+/// turn: a port comes round again after 12,000 abandoned connections (100 minutes at the lanes' rate),
+/// long after every side has forgotten its last use.
+const ABANDON_SOURCE_PORTS: (u16, u16) = (20_000, 31_999);
+
+/// In a pod: drops the pod's own FIN and RST segments of the abandoned connections (from
+/// [`ABANDON_SOURCE_PORTS`] to [`ABANDON_PORT`]), so that such a connection is left as a crashed or
+/// partitioned client leaves it: no FIN, no RST, ever. Only those: a later connection from an ephemeral
+/// port must still be able to reset a stale connection the server kept (as any client can).
 fn abandon_filter(pod: &Netns) -> Result<()> {
     pod.exec_args(&["nft", "add table inet soak"])?;
     pod.exec_args(&[
@@ -259,7 +266,8 @@ fn abandon_filter(pod: &Netns) -> Result<()> {
     pod.exec_args(&[
         "nft",
         &format!(
-            "add rule inet soak out tcp dport {ABANDON_PORT} tcp flags & (fin | rst) != 0 drop"
+            "add rule inet soak out tcp sport {}-{} tcp dport {ABANDON_PORT} tcp flags & (fin | rst) != 0 drop",
+            ABANDON_SOURCE_PORTS.0, ABANDON_SOURCE_PORTS.1
         ),
     ])
     .map(drop)
@@ -425,11 +433,20 @@ fn paced_transfer(
 /// than [`STALL`] (SYN retransmitted) is a stall; one that failed is a failure.
 fn short_tcp(server: SocketAddr, abandon: SocketAddr, stop: &AtomicBool, tally: &Shared) {
     let mut n = 0u64;
+    let (first, last) = ABANDON_SOURCE_PORTS;
+    let mut abandoned = 0u16;
     while !stop.load(Ordering::Relaxed) {
-        let to = if n % 10 == 9 { abandon } else { server };
+        let abandoning = n % 10 == 9;
+        let to = if abandoning { abandon } else { server };
         let began = Instant::now();
         let result = (|| -> std::io::Result<()> {
-            let mut c = TcpStream::connect_timeout(&to, Duration::from_secs(20))?;
+            let mut c = if abandoning {
+                let port = first + abandoned % (last - first + 1);
+                abandoned = abandoned.wrapping_add(1);
+                connect_from(port, to, Duration::from_secs(20))?
+            } else {
+                TcpStream::connect_timeout(&to, Duration::from_secs(20))?
+            };
             c.set_read_timeout(Some(Duration::from_secs(20)))?;
             let msg = [b'a' + (n % 26) as u8; 100];
             c.write_all(&msg)?;
@@ -462,6 +479,21 @@ fn short_tcp(server: SocketAddr, abandon: SocketAddr, stop: &AtomicBool, tally: 
             std::thread::sleep(rest);
         }
     }
+}
+
+/// Connects to `to` from local port `port` (any address), within `timeout`.
+fn connect_from(port: u16, to: SocketAddr, timeout: Duration) -> std::io::Result<TcpStream> {
+    let domain = socket2::Domain::for_address(to);
+    let sock = socket2::Socket::new(domain, socket2::Type::STREAM, Some(socket2::Protocol::TCP))?;
+    let any: SocketAddr = if to.is_ipv4() {
+        (Ipv4Addr::UNSPECIFIED, port).into()
+    } else {
+        (Ipv6Addr::UNSPECIFIED, port).into()
+    };
+    sock.set_reuse_address(true)?;
+    sock.bind(&any.into())?;
+    sock.connect_timeout(&to.into(), timeout)?;
+    Ok(sock.into())
 }
 
 /// UDP request/response of `size` bytes every `period`, each answer checked (sequence number and

@@ -756,16 +756,15 @@ fn summary(
             .sum();
         let _ = writeln!(
             s,
-            "  {:<22} {:>8}  {:>6}  {:>6}  {:.0} drops under {}\n      ({})",
+            "  {:<22} {:>8}  {:>6}  {:>6}  {}\n      ({})",
             k.kind,
             k.sent,
             k.send_errors,
             k.delivered.map_or("-".to_owned(), |d| d.to_string()),
-            counted,
             if k.reasons.is_empty() {
-                "(none required)".to_owned()
+                "(no drop reason required)".to_owned()
             } else {
-                k.reasons.join("/")
+                format!("{counted:.0} drops under {}", k.reasons.join("/"))
             },
             k.what
         );
