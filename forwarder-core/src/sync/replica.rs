@@ -527,10 +527,7 @@ impl Replica {
         {
             next = now;
         }
-        if self
-            .last_hello
-            .is_some_and(|(_, state, served)| state != self.state || served != self.served)
-        {
+        if self.hello_changed() {
             next = now;
         }
         for g in self.peers.iter().flat_map(|p| &p.gaps) {
@@ -608,11 +605,16 @@ impl Replica {
 
     /// A Hello is due: none for `heartbeat`, or what it says of this replica changed since the last one.
     fn hello_due(&self, now: Instant) -> bool {
-        self.last_hello.is_none_or(|(at, state, served)| {
-            now.saturating_since(at) >= self.s.heartbeat
-                || state != self.state
-                || served != self.served
-        })
+        self.hello_changed()
+            || self
+                .last_hello
+                .is_none_or(|(at, ..)| now.saturating_since(at) >= self.s.heartbeat)
+    }
+
+    /// What a Hello says of this replica (state, whom it serves) changed since the last one went out.
+    fn hello_changed(&self) -> bool {
+        self.last_hello
+            .is_some_and(|(_, state, served)| state != self.state || served != self.served)
     }
 
     fn hello(&self, own: &Table) -> Hello {
