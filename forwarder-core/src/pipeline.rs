@@ -140,6 +140,13 @@ pub struct Stats {
     /// Packets (and ICMP errors about them) from outside translated through a served peer's copy of their
     /// flow ([`Standby`]); later fragments as for `standby_out`.
     pub standby_in: u64,
+    /// ARP and NDP frames from an uplink handed to the caller ([`Action::Neighbour`]).
+    pub neighbour: u64,
+    /// Packets received on uplinks a reload removed (gone from `uplink_rx`; kept here so that
+    /// [`unaccounted`](Self::unaccounted) stays true).
+    pub retired_rx: u64,
+    /// Packets sent out of uplinks a reload removed (gone from `uplink_tx`).
+    pub retired_tx: u64,
 }
 
 impl Stats {
@@ -157,6 +164,9 @@ impl Stats {
             tcp_resets_sent: 0,
             standby_out: 0,
             standby_in: 0,
+            neighbour: 0,
+            retired_rx: 0,
+            retired_tx: 0,
         }
     }
 
@@ -168,6 +178,37 @@ impl Stats {
     /// All drops.
     pub fn total_drops(&self) -> u64 {
         self.drops.iter().sum()
+    }
+
+    /// Packets received: tunnel datagrams and uplink frames given to the pipeline.
+    pub fn received(&self) -> u64 {
+        let uplinks: u64 = self.uplink_rx.iter().map(|c| c.packets).sum();
+        self.tunnel_rx.packets + uplinks + self.retired_rx
+    }
+
+    /// Received packets no outcome accounts for: 0 unless the accounting has a bug. Every packet the
+    /// pipeline is given ends in exactly one of
+    /// * forwarded: translated and sent on, out of an uplink or back to a node
+    ///   (`uplink_tx + tunnel_tx - icmp_originated - tcp_resets_sent - local_replies`: the answers the
+    ///   gateway originates leave the same way and are counted with them);
+    /// * dropped, under its reason (`drops`; an ICMP error or TCP reset sent about it is counted in
+    ///   `icmp_originated` or `tcp_resets_sent` besides);
+    /// * answered: an ARP request or ping for the gateway's own tunnel address (`local_replies`);
+    /// * handed to the neighbour code (`neighbour`),
+    ///
+    /// so `received = uplink_tx + tunnel_tx - icmp_originated - tcp_resets_sent + drops + neighbour`. A
+    /// reply too big for the tunnel, fragmented, leaves as one `tunnel_tx` packet of several datagrams;
+    /// super-packets count once each way. Negative when more was accounted than received.
+    pub fn unaccounted(&self) -> i128 {
+        let sent: u64 = self.uplink_tx.iter().map(|c| c.packets).sum::<u64>()
+            + self.tunnel_tx.packets
+            + self.retired_tx;
+        i128::from(self.received())
+            - (i128::from(sent)
+                - i128::from(self.icmp_originated)
+                - i128::from(self.tcp_resets_sent)
+                + i128::from(self.total_drops())
+                + i128::from(self.neighbour))
     }
 }
 
@@ -466,8 +507,15 @@ impl Worker {
     /// Switches to a new gateway (after a reload); fragment memory and counters are kept.
     pub fn set_gateway(&mut self, gateway: Arc<Gateway>) {
         let n = gateway.config.uplinks.len();
-        self.state.stats.uplink_tx.resize(n, Counter::default());
-        self.state.stats.uplink_rx.resize(n, Counter::default());
+        let st = &mut self.state.stats;
+        for c in st.uplink_rx.iter().skip(n) {
+            st.retired_rx += c.packets;
+        }
+        for c in st.uplink_tx.iter().skip(n) {
+            st.retired_tx += c.packets;
+        }
+        st.uplink_tx.resize(n, Counter::default());
+        st.uplink_rx.resize(n, Counter::default());
         self.gateway = gateway;
     }
 
@@ -813,7 +861,10 @@ fn finish<'a>(st: &mut WorkerState, buf: &'a mut [u8], v: Result<Verdict, Reason
                 segment: Some(segment),
             }
         }
-        Ok(Verdict::Neighbour) => Action::Neighbour,
+        Ok(Verdict::Neighbour) => {
+            st.stats.neighbour += 1;
+            Action::Neighbour
+        }
         Err(r) => {
             st.stats.drops[r.index()] += 1;
             Action::Drop(r)

@@ -57,6 +57,16 @@ pub(crate) const METRICS: &[(&str, &str, &str)] = &[
         "ARP and ping answers for the gateway's tunnel address.",
     ),
     (
+        "egress_gateway_neighbour_frames_total",
+        "counter",
+        "ARP and NDP frames from the uplinks handed to the neighbour cache, by worker.",
+    ),
+    (
+        "egress_gateway_packets_unaccounted",
+        "gauge",
+        "Received packets no outcome (forwarded, dropped, answered, neighbour frame) accounts for, all workers: 0 unless the accounting has a bug.",
+    ),
+    (
         "egress_gateway_gso_whole_total",
         "counter",
         "TCP super-packets from the tunnel translated whole and sent with segmentation offloaded.",
@@ -376,6 +386,7 @@ impl Telemetry {
 
     fn update(&self, shared: &Arc<Shared>) {
         let gw = shared.gateway();
+        let mut unaccounted: i128 = 0;
         for (w, slot) in shared.reports.iter().enumerate() {
             let Some(r) = slot.lock().unwrap_or_else(PoisonError::into_inner).clone() else {
                 continue;
@@ -425,6 +436,8 @@ impl Telemetry {
             counter!("egress_gateway_icmp_errors_suppressed_total", &wl)
                 .absolute(s.icmp_suppressed);
             counter!("egress_gateway_local_replies_total", &wl).absolute(s.local_replies);
+            counter!("egress_gateway_neighbour_frames_total", &wl).absolute(s.neighbour);
+            unaccounted += s.unaccounted();
             counter!("egress_gateway_tcp_resets_sent_total", &wl).absolute(s.tcp_resets_sent);
             for (dir, n) in [("outbound", s.standby_out), ("inbound", s.standby_in)] {
                 let labels = [("direction", dir.to_string()), ("worker", worker.clone())];
@@ -437,6 +450,9 @@ impl Telemetry {
             counter!("egress_gateway_batches_total", &wl).absolute(r.batches);
             counter!("egress_gateway_wakeups_total", &wl).absolute(r.wakeups);
         }
+        // Exact for a whole number of packets: each worker's report is one consistent copy.
+        #[allow(clippy::cast_precision_loss)]
+        gauge!("egress_gateway_packets_unaccounted").set(unaccounted as f64);
         let table = gw.table();
         gauge!("egress_gateway_conntrack_entries").set(f64_of(table.len()));
         gauge!("egress_gateway_conntrack_capacity").set(f64_of(table.capacity()));

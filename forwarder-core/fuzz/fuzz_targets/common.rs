@@ -34,3 +34,14 @@ pub fn worker() -> Worker {
     let gw = Gateway::new(config, ct, PortRange::default()).expect("valid config");
     Worker::new(Arc::new(gw), 1)
 }
+
+/// Every packet the worker was given ends in exactly one counted outcome (`Stats::unaccounted`).
+pub fn assert_accounted(w: &Worker) {
+    let s = w.stats();
+    assert_eq!(
+        s.unaccounted(),
+        0,
+        "received {} packets; the outcomes account for another number: {s:?}",
+        s.received()
+    );
+}

@@ -1,4 +1,5 @@
-//! Any bytes as an Ethernet frame on the uplink: the pipeline must never panic and never create state.
+//! Any bytes as an Ethernet frame on the uplink: the pipeline must never panic, never create state, and
+//! count every frame under one outcome.
 #![no_main]
 use std::sync::Mutex;
 use std::sync::OnceLock;
@@ -32,4 +33,5 @@ fuzz_target!(|data: &[u8]| {
         before,
         "inbound traffic created a flow"
     );
+    common::assert_accounted(&w);
 });

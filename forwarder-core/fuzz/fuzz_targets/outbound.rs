@@ -1,5 +1,6 @@
 //! Any bytes as a VXLAN datagram from an allowed node, twice (the second time a flow may exist): the
-//! pipeline must never panic, and whatever it emits must lie inside the buffer.
+//! pipeline must never panic, whatever it emits must lie inside the buffer, and every datagram is counted
+//! under one outcome.
 #![no_main]
 use std::net::Ipv4Addr;
 use std::sync::Mutex;
@@ -32,5 +33,6 @@ fuzz_target!(|data: &[u8]| {
             Action::ToTunnel { datagram, .. } => assert!(datagram.len() >= 22),
             Action::Neighbour | Action::Drop(_) => {}
         }
+        common::assert_accounted(&w);
     }
 });

@@ -11,7 +11,8 @@
 //! Invariants: nothing panics; nothing from a sender that is not an allowed node, or with another VNI, is
 //! forwarded or segmented (the sender is checked before any other work); every emitted frame has room for
 //! its headers; a super-packet that leaves whole has a GSO header, and the segments the kernel would cut
-//! from it fit the uplink's MTU, carry its payload in order and have valid checksums.
+//! from it fit the uplink's MTU, carry its payload in order and have valid checksums; every datagram the
+//! worker was given is accounted for by its counters (`Stats::unaccounted` is 0).
 #![no_main]
 use std::net::Ipv4Addr;
 use std::sync::Mutex;
@@ -193,6 +194,7 @@ fuzz_target!(|case: Case| {
         }
         k = end + 1;
     }
+    common::assert_accounted(&st.worker);
 });
 
 /// What the kernel does with a super-packet that leaves whole: cut it into segments of `vnet.gso_size`

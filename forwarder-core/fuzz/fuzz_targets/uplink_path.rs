@@ -9,7 +9,8 @@
 //! `Worker::inbound_segmented` for GSO super-packets.
 //!
 //! Invariants: nothing panics; segmentation never writes past its buffers or exceeds the segment count;
-//! every datagram sent to the tunnel has its VXLAN and Ethernet headers.
+//! every datagram sent to the tunnel has its VXLAN and Ethernet headers; every frame the worker was given
+//! is accounted for by its counters (`Stats::unaccounted` is 0).
 #![no_main]
 use std::net::Ipv4Addr;
 use std::sync::Mutex;
@@ -236,6 +237,7 @@ fuzz_target!(|case: Case| {
             assert!(n <= MAX_SEGMENTS && n == st.lens.len());
         }
     }
+    common::assert_accounted(&st.worker);
 });
 
 fn check(action: &Action<'_>) {

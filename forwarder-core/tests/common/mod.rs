@@ -349,10 +349,25 @@ pub fn owned(a: Action<'_>) -> Out {
     }
 }
 
+/// Asserts that every packet `w` was given is accounted for (`Stats::unaccounted`): every test that goes
+/// through [`out_from`], [`out`] or [`inb`] checks it after each packet.
+#[track_caller]
+pub fn assert_accounted(w: &Worker) {
+    let s = w.stats();
+    assert_eq!(
+        s.unaccounted(),
+        0,
+        "received {} packets but the outcomes account for another number: {s:?}",
+        s.received()
+    );
+}
+
 pub fn out_from(w: &mut Worker, from: Ipv4Addr, d: &[u8], now: Instant) -> Out {
     let mut buf = vec![0u8; d.len() + 2048];
     buf[..d.len()].copy_from_slice(d);
-    owned(w.outbound(from, &mut buf, d.len(), now))
+    let o = owned(w.outbound(from, &mut buf, d.len(), now));
+    assert_accounted(w);
+    o
 }
 
 pub fn out(w: &mut Worker, d: &[u8], now: Instant) -> Out {
@@ -362,5 +377,7 @@ pub fn out(w: &mut Worker, d: &[u8], now: Instant) -> Out {
 pub fn inb(w: &mut Worker, uplink: u8, f: &[u8], now: Instant) -> Out {
     let mut buf = vec![0u8; HEADROOM + f.len() + 2048];
     buf[HEADROOM..HEADROOM + f.len()].copy_from_slice(f);
-    owned(w.inbound(uplink, &mut buf, HEADROOM, f.len(), now))
+    let o = owned(w.inbound(uplink, &mut buf, HEADROOM, f.len(), now));
+    assert_accounted(w);
+    o
 }
