@@ -1431,3 +1431,39 @@ fn a_super_packet_is_checked_against_the_mtu_of_its_segments() {
     let r = owned(w.outbound_whole(NODE, &mut syn, len, &h, T0).0);
     assert!(matches!(r, Out::Tun { .. }), "a big SYN is refused: {r:?}");
 }
+
+#[test]
+fn a_reload_that_removes_an_uplink_keeps_every_packet_accounted_for() {
+    let mut w = worker();
+    // Out of the internal uplink (1) and back in on it; an unsolicited packet in on it.
+    let (uplink, _, frame) = out(&mut w, &pod_udp(INTERNAL_SERVER, 5000, 53, b"q"), T0).fwd();
+    assert_eq!(uplink, 1);
+    let (external, _) = l4_ports(&frame[14..]);
+    let reply = outside_udp(INTERNAL_SERVER, INT_EGRESS, 53, external, b"a");
+    inb(&mut w, 1, &reply, T0).tun();
+    assert!(matches!(
+        inb(
+            &mut w,
+            1,
+            &outside_udp(INTERNAL_SERVER, INT_EGRESS, 53, 1, b"x"),
+            T0
+        ),
+        Out::Drop(Reason::NoFlow)
+    ));
+    let received = w.stats().received();
+    assert_eq!(received, 3);
+
+    // The reload keeps the DMZ only: the internal uplink's counters leave `uplink_rx`/`uplink_tx`, and
+    // the balance still holds.
+    let mut config = config();
+    config.uplinks.truncate(1);
+    config.routes.retain(|&(_, u)| u == 0);
+    let gw =
+        Arc::new(Gateway::new(config, conntrack::Config::default(), PortRange::default()).unwrap());
+    w.set_gateway(gw);
+    assert_eq!(w.stats().uplink_rx.len(), 1);
+    assert_eq!(w.stats().received(), received);
+    assert_accounted(&w);
+    out(&mut w, &pod_udp(SERVER, 5001, 53, b"q"), T0).fwd();
+    assert_eq!(w.stats().received(), received + 1);
+}
