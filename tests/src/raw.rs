@@ -672,7 +672,8 @@ impl ErrorQueueSocket {
     }
 }
 
-fn setsockopt_int(fd: RawFd, level: i32, opt: i32, value: i32) -> Result<()> {
+/// Sets the integer socket option `opt` at `level` on `fd`.
+pub fn setsockopt_int(fd: RawFd, level: i32, opt: i32, value: i32) -> Result<()> {
     // SAFETY: `value` is a valid c_int for the duration of the call; the length matches.
     let rc = unsafe {
         libc::setsockopt(

@@ -186,6 +186,17 @@ fn malformed_super_packets_from_anyone_leave_the_gateway_serving() {
     assert_eq!(echo, b"still here");
     let ping = traffic::ping(&pod.ns, IpAddr::V4(RED_SERVER), 2).expect("ping through the gateway");
     assert!(ping.contains(" 0% packet loss"), "{ping}");
+    // Every packet, malformed or not, ended in one counted outcome (docs/metrics.md).
+    let m = metrics(&topo);
+    assert_eq!(
+        (
+            scenario::unaccounted(&m),
+            value(&m, "egress_gateway_packets_unaccounted", &[])
+        ),
+        (0.0, 0.0),
+        "the packet counters do not balance (recomputed, and the gateway's gauge); drops {:?}",
+        scenario::drops(&m)
+    );
     let process = topo
         .gateway_mut(1)
         .process_mut()

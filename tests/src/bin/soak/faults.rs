@@ -40,17 +40,23 @@ pub(crate) enum Kind {
     RouterMac,
     /// SIGHUP after a valid edit (a route added to the internal uplink), then undone the same way.
     ReloadValid,
+    /// One pod opens more flows than its quota ([`capacity`](crate::capacity)).
+    PodQuota,
+    /// Two pods exhaust the port pool of the internal egress IPs ([`capacity`](crate::capacity)).
+    PortPool,
 }
 
 impl Kind {
     /// The schedule, repeated: the replicas alternate as targets.
-    pub(crate) const SCHEDULE: [Kind; 8] = [
+    pub(crate) const SCHEDULE: [Kind; 10] = [
         Kind::Kill,
         Kind::ReloadInvalid,
+        Kind::PodQuota,
         Kind::Drain,
         Kind::PolicyEdit,
         Kind::AgentRestart,
         Kind::UplinkFlap,
+        Kind::PortPool,
         Kind::RouterMac,
         Kind::ReloadValid,
     ];
@@ -66,6 +72,8 @@ impl Kind {
             Kind::UplinkFlap => "uplink-flap",
             Kind::RouterMac => "router-mac",
             Kind::ReloadValid => "reload-valid",
+            Kind::PodQuota => "pod-quota",
+            Kind::PortPool => "port-pool",
         }
     }
 
@@ -104,6 +112,8 @@ impl Kind {
             Kind::UplinkFlap => "uplink down 2 s",
             Kind::RouterMac => "DMZ router MAC change",
             Kind::ReloadValid => "valid config edit + SIGHUP",
+            Kind::PodQuota => "pod over its flow quota",
+            Kind::PortPool => "egress IP's port pool exhausted",
         }
     }
 }
@@ -121,6 +131,8 @@ pub(crate) struct Record {
     pub(crate) ended: Instant,
     /// What went wrong that the fault itself must not do (a broken invariant), if anything.
     pub(crate) broken: Option<String>,
+    /// What it saw, when it has more to say than that it held.
+    pub(crate) detail: Option<String>,
 }
 
 /// Injects fault number `n` of `schedule`.
@@ -134,26 +146,37 @@ pub(crate) fn inject(soak: &mut Soak, schedule: &[Kind], n: usize) -> Record {
         (n / len + n) % 2
     };
     let began = Instant::now();
-    let outcome = match kind {
-        Kind::Kill => kill(soak, target),
-        Kind::ReloadInvalid => reload_invalid(soak, target),
-        Kind::Drain => drain(soak, target),
-        Kind::PolicyEdit => policy_edit(soak),
-        Kind::AgentRestart => agent_restart(soak, target),
-        Kind::UplinkFlap => uplink_flap(soak, target),
-        Kind::RouterMac => router_mac(soak, n),
-        Kind::ReloadValid => reload_valid(soak, target),
+    let done = |r: Result<()>| r.map(|()| None);
+    let outcome: Result<Option<String>> = match kind {
+        Kind::Kill => done(kill(soak, target)),
+        Kind::ReloadInvalid => done(reload_invalid(soak, target)),
+        Kind::Drain => done(drain(soak, target)),
+        Kind::PolicyEdit => done(policy_edit(soak)),
+        Kind::AgentRestart => done(agent_restart(soak, target)),
+        Kind::UplinkFlap => done(uplink_flap(soak, target)),
+        Kind::RouterMac => done(router_mac(soak, n)),
+        Kind::ReloadValid => done(reload_valid(soak, target)),
+        Kind::PodQuota => crate::capacity::pod_quota(soak, n).map(Some),
+        Kind::PortPool => crate::capacity::port_pool(soak, n).map(Some),
+    };
+    let (broken, detail) = match outcome {
+        Ok(detail) => (None, detail),
+        Err(e) => (Some(e.to_string()), None),
     };
     Record {
         kind,
-        target: if kind == Kind::RouterMac || kind == Kind::PolicyEdit {
+        target: if matches!(
+            kind,
+            Kind::RouterMac | Kind::PolicyEdit | Kind::PodQuota | Kind::PortPool
+        ) {
             0
         } else {
             target
         },
         began,
         ended: Instant::now(),
-        broken: outcome.err().map(|e| e.to_string()),
+        broken,
+        detail,
     }
 }
 

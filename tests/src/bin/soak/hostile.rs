@@ -183,6 +183,21 @@ fn marked(kind: u8, extra: &[u8]) -> Vec<u8> {
     p
 }
 
+/// Makes the host in `ns` drop every TCP segment to `ports` (nftables syntax: `7998` or `7998-7999`), in
+/// a table of its own named `table`, so that SYNs to them stay unanswered.
+pub(crate) fn drop_tcp_ports(ns: &Netns, table: &str, ports: &str) -> Result<()> {
+    ns.exec_args(&["nft", &format!("add table inet {table}")])?;
+    ns.exec_args(&[
+        "nft",
+        &format!("add chain inet {table} in {{ type filter hook input priority 0; }}"),
+    ])?;
+    ns.exec_args(&[
+        "nft",
+        &format!("add rule inet {table} in tcp dport {ports} drop"),
+    ])?;
+    Ok(())
+}
+
 impl Hostile {
     /// Starts the sinks and the senders.
     pub(crate) fn start(topo: &Topology) -> Result<Self> {
@@ -196,15 +211,7 @@ impl Hostile {
             .collect();
         // The red server drops the flood's port, so that its SYNs stay unanswered.
         let red = &topo.red().ns;
-        red.exec_args(&["nft", "add table inet soakflood"])?;
-        red.exec_args(&[
-            "nft",
-            "add chain inet soakflood in { type filter hook input priority 0; }",
-        ])?;
-        red.exec_args(&[
-            "nft",
-            &format!("add rule inet soakflood in tcp dport {FLOOD_PORT} drop"),
-        ])?;
+        drop_tcp_ports(red, "soakflood", &FLOOD_PORT.to_string())?;
 
         let mut sinks = Vec::new();
         let mut sink_at = |ns: &Netns, ip: Ipv4Addr| -> Result<()> {

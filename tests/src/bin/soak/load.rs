@@ -10,6 +10,7 @@
 //! | `udp_rr_v4`, `udp_rr_v6` | pods (1,2), (2,1) | UDP request/response, 50 per second |
 //! | `udp_fragments` | pod (2,1) | 4,000-byte UDP echoes (fragmented both ways), 10 per second |
 //! | `udp_oneway` | pod (1,3) | 200 numbered datagrams per second to a sink that checks and counts them |
+//! | `udp_pmtu` | pod (1,2) | UDP requests, 10 per second, answered with don't-fragment datagrams: 1,500 bytes while the server does not know the path's MTU (the gateway drops them and answers "fragmentation needed"), what fits the tunnel once it does |
 //! | `ping` | pod (1,1) | `ping -i 0.2` to the red server |
 
 use std::collections::BTreeSet;
@@ -26,7 +27,7 @@ use tests::{Context, Netns, NsThread, Process, Result, Topology};
 /// The interactive sessions' echo server.
 const SESSION_PORT: u16 = 7810;
 /// The short connections' echo server.
-const SHORT_PORT: u16 = 7811;
+pub(crate) const SHORT_PORT: u16 = 7811;
 /// The echo server of the connections abandoned without FIN (the pods drop their own FIN and RST to it).
 const ABANDON_PORT: u16 = 7812;
 /// The bulk transfer server.
@@ -35,6 +36,13 @@ const BULK_PORT: u16 = 7813;
 const UDP_ECHO_PORT: u16 = 7814;
 /// The one-way UDP sink.
 const ONEWAY_PORT: u16 = 7815;
+/// The path-MTU server.
+const PMTU_PORT: u16 = 7817;
+/// The path-MTU server's answer while it does not know the path's MTU: a 1,500-byte IPv4 packet, don't
+/// fragment, which the tunnel (MTU 1,450) cannot carry.
+const PMTU_BIG: usize = 1472;
+/// Its answer once the gateway's "fragmentation needed" taught its kernel the path's MTU (1,450).
+const PMTU_FITS: usize = 1422;
 
 /// How long the sessions' server (and client) wait without a byte before they give up: a minute, as an
 /// interactive session's peers would at the least, so that a stall of a few seconds (and the TCP
@@ -97,6 +105,7 @@ pub(crate) struct Load {
     ping: Option<Process>,
     oneway: Option<NsThread<OnewaySink>>,
     oneway_sent: Arc<Mutex<u64>>,
+    pmtu: Option<NsThread<()>>,
     // Servers last: they stop after the lanes.
     _servers: Vec<traffic::Server>,
 }
@@ -119,6 +128,8 @@ impl Load {
         let stop = Arc::new(AtomicBool::new(false));
         let oneway_stop = Arc::clone(&stop);
         let oneway = red.thread(move || oneway_sink(v4(ONEWAY_PORT), &oneway_stop))?;
+        let pmtu_stop = Arc::clone(&stop);
+        let pmtu = red.thread(move || pmtu_server(v4(PMTU_PORT), &pmtu_stop))?;
         for (n, m) in [(1, 1), (1, 2), (1, 3), (2, 1)] {
             abandon_filter(&topo.pod(n, m).ns)?;
         }
@@ -128,6 +139,7 @@ impl Load {
             ping: None,
             oneway: Some(oneway),
             oneway_sent: Arc::default(),
+            pmtu: Some(pmtu),
             _servers: servers,
         };
         let (p11, p12, p13, p21) = (
@@ -153,13 +165,30 @@ impl Load {
             short_tcp(v4(SHORT_PORT), v4(ABANDON_PORT), s, t)
         })?;
         load.lane("udp_rr_v4", p12, move |s, t| {
-            udp_rr(v4(UDP_ECHO_PORT), 64, Duration::from_millis(20), s, t)
+            udp_rr(v4(UDP_ECHO_PORT), 64, 64, Duration::from_millis(20), s, t)
         })?;
         load.lane("udp_rr_v6", p21, move |s, t| {
-            udp_rr(v6(UDP_ECHO_PORT), 64, Duration::from_millis(20), s, t)
+            udp_rr(v6(UDP_ECHO_PORT), 64, 64, Duration::from_millis(20), s, t)
         })?;
         load.lane("udp_fragments", p21, move |s, t| {
-            udp_rr(v4(UDP_ECHO_PORT), 4000, Duration::from_millis(100), s, t)
+            udp_rr(
+                v4(UDP_ECHO_PORT),
+                4000,
+                4000,
+                Duration::from_millis(100),
+                s,
+                t,
+            )
+        })?;
+        load.lane("udp_pmtu", p12, move |s, t| {
+            udp_rr(
+                v4(PMTU_PORT),
+                64,
+                PMTU_FITS,
+                Duration::from_millis(100),
+                s,
+                t,
+            )
         })?;
         let sent = Arc::clone(&load.oneway_sent);
         load.lane("udp_oneway", p13, move |s, _| {
@@ -222,6 +251,9 @@ impl Load {
         }
         // The sink keeps reading for a second after the senders stopped, for the last datagrams in flight.
         std::thread::sleep(Duration::from_secs(1));
+        if let Some(t) = self.pmtu.take() {
+            t.join_timeout(Duration::from_secs(10))?;
+        }
         if let Some(t) = self.oneway.take() {
             let sink = t.join_timeout(Duration::from_secs(10))?;
             let sent = self.oneway_sent.lock().map(|g| *g).unwrap_or(0);
@@ -499,7 +531,16 @@ fn connect_from(port: u16, to: SocketAddr, timeout: Duration) -> std::io::Result
 /// UDP request/response of `size` bytes every `period`, each answer checked (sequence number and
 /// pattern); an answer not back within 1 s is lost. Gaps between answers of [`STALL`] or more are
 /// stalls. Fragmented both ways when `size` exceeds the path MTU.
-fn udp_rr(server: SocketAddr, size: usize, period: Duration, stop: &AtomicBool, tally: &Shared) {
+/// A UDP request of `size` bytes every `period` (its number, then a pattern seeded by it); the answer must
+/// be `answer` bytes built the same way ([`numbered`]), within 1 s, or it counts as lost.
+fn udp_rr(
+    server: SocketAddr,
+    size: usize,
+    answer: usize,
+    period: Duration,
+    stop: &AtomicBool,
+    tally: &Shared,
+) {
     let any: SocketAddr = if server.is_ipv4() {
         (Ipv4Addr::UNSPECIFIED, 0).into()
     } else {
@@ -514,14 +555,13 @@ fn udp_rr(server: SocketAddr, size: usize, period: Duration, stop: &AtomicBool, 
             return;
         }
     };
-    let mut buf = vec![0u8; size.max(64) + 64];
-    let mut req = vec![0u8; size];
+    let mut buf = vec![0u8; size.max(answer).max(PMTU_BIG) + 64];
     let mut last_answer = Instant::now();
     let mut seq = 0u64;
     while !stop.load(Ordering::Relaxed) {
         let sent_at = Instant::now();
-        Pattern::new(seq).fill(&mut req);
-        req[..8].copy_from_slice(&seq.to_be_bytes());
+        let req = numbered(seq, size);
+        let want = numbered(seq, answer);
         let _ = sock.send_to(&req, server);
         let mut answered = false;
         let deadline = sent_at + Duration::from_secs(1);
@@ -530,7 +570,7 @@ fn udp_rr(server: SocketAddr, size: usize, period: Duration, stop: &AtomicBool, 
             match sock.recv_from(&mut buf) {
                 Ok((n, from)) if from == server => {
                     if n >= 8 && buf[..8] == seq.to_be_bytes() {
-                        if buf[..n] != req[..] {
+                        if buf[..n] != want[..] {
                             with(tally, |t| {
                                 t.failures
                                     .push((sent_at, format!("answer {seq} differs ({n} bytes)")))
@@ -548,7 +588,7 @@ fn udp_rr(server: SocketAddr, size: usize, period: Duration, stop: &AtomicBool, 
         with(tally, |t| {
             if answered {
                 t.ok += 1;
-                t.bytes += size as u64;
+                t.bytes += answer as u64;
                 let gap = sent_at.saturating_duration_since(last_answer);
                 if gap >= STALL + period {
                     t.stalls.push((last_answer, gap));
@@ -563,6 +603,52 @@ fn udp_rr(server: SocketAddr, size: usize, period: Duration, stop: &AtomicBool, 
         seq += 1;
         if let Some(rest) = period.checked_sub(sent_at.elapsed()) {
             std::thread::sleep(rest);
+        }
+    }
+}
+
+/// `len` bytes: `seq` (8 bytes, big-endian), then a pattern seeded by it.
+fn numbered(seq: u64, len: usize) -> Vec<u8> {
+    let mut v = vec![0u8; len.max(8)];
+    Pattern::new(seq).fill(&mut v);
+    v[..8].copy_from_slice(&seq.to_be_bytes());
+    v.truncate(len);
+    v
+}
+
+/// The path-MTU server: answers each request (its first 8 bytes a number) with [`PMTU_BIG`] bytes, don't
+/// fragment (`IP_PMTUDISC_DO`), numbered as the request; when its kernel refuses that size for the pod's
+/// egress IP (`EMSGSIZE`: it learnt the path's MTU from the gateway's "fragmentation needed"), with
+/// [`PMTU_FITS`] bytes.
+fn pmtu_server(addr: SocketAddr, stop: &AtomicBool) {
+    let Ok(sock) = UdpSocket::bind(addr) else {
+        return;
+    };
+    let fd = std::os::fd::AsRawFd::as_raw_fd(&sock);
+    if tests::raw::setsockopt_int(
+        fd,
+        libc::IPPROTO_IP,
+        libc::IP_MTU_DISCOVER,
+        libc::IP_PMTUDISC_DO,
+    )
+    .is_err()
+    {
+        return;
+    }
+    let _ = sock.set_read_timeout(Some(Duration::from_millis(200)));
+    let mut buf = [0u8; 2048];
+    while !stop.load(Ordering::Relaxed) {
+        let Ok((n, from)) = sock.recv_from(&mut buf) else {
+            continue;
+        };
+        if n < 8 {
+            continue;
+        }
+        let seq = u64::from_be_bytes(buf[..8].try_into().unwrap_or_default());
+        if let Err(e) = sock.send_to(&numbered(seq, PMTU_BIG), from) {
+            if e.raw_os_error() == Some(libc::EMSGSIZE) {
+                let _ = sock.send_to(&numbered(seq, PMTU_FITS), from);
+            }
         }
     }
 }

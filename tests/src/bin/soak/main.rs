@@ -2,7 +2,7 @@
 //! minutes) of mixed traffic through two syncing gateway replicas while hostile input arrives and faults
 //! are injected on a schedule, with invariants checked throughout and one summary at the end.
 //!
-//! * Topology: node 1 with pods (1,1)–(1,3), node 2 with pods (2,1)–(2,2), each node with the real node
+//! * Topology: node 1 with pods (1,1)–(1,3), node 2 with pods (2,1)–(2,4), each node with the real node
 //!   agent steering every pod's IPv4 and IPv6 traffic over both replicas (a resilient nexthop group);
 //!   replicas 1 and 2 run `egress-gateway run` in one sync set, with short conntrack timeouts
 //!   ([`TIMEOUTS`]) so that the tables can be seen to empty at the end.
@@ -16,6 +16,7 @@
 //! [`DRAIN_WAIT`] to empty. Exit status 0 when every invariant held, 1 when one broke, 2 when it cannot
 //! run here (no root, no binary), 130 on Ctrl-C.
 
+mod capacity;
 mod faults;
 mod hostile;
 mod load;
@@ -44,6 +45,17 @@ const TIMEOUTS: [(&str, &str); 4] = [
     ("tcp_transitory_timeout", "30s"),
     ("icmp_timeout", "30s"),
 ];
+/// The pods: (node, pod) pairs. [`load`] runs in the first four, [`hostile`]'s SYN flood in (2,2), the
+/// [`capacity`] faults in (2,3) and (2,4).
+const PODS: [(usize, usize); 7] = [
+    (1, 1),
+    (1, 2),
+    (1, 3),
+    (2, 1),
+    (2, 2),
+    capacity::FILLERS[0],
+    capacity::FILLERS[1],
+];
 /// After the traffic stops: how long the flow tables, port pools and sync copies may take to empty (the
 /// longest timeout and the expiry scan's period, with room).
 const DRAIN_WAIT: Duration = Duration::from_secs(180);
@@ -62,7 +74,7 @@ fn main() -> ExitCode {
                  replicas of the real gateway, steered by the real node agent, while faults are injected \
                  on a schedule, and checks invariants throughout. SOAK_SECONDS (default 120) sets how long \
                  traffic runs, SOAK_FAULT_SECONDS (default 20) the time between faults, SOAK_FAULTS (e.g. \
-                 kill,drain) which faults, in that order, repeated (default: all eight). Build first: \
+                 kill,drain) which faults, in that order, repeated (default: all ten). Build first: \
                  cargo build --release -p gateway. Exit status 0 when every invariant held, 1 when one \
                  broke, 2 without root or the gateway binary, 130 on Ctrl-C. See docs/soak.md.";
     let binary = match demo::prepare("soak", usage) {
@@ -101,6 +113,8 @@ pub(crate) struct Soak {
     pub(crate) inventory: Inventory,
     /// The inventory as it was at the start (faults put it back).
     pub(crate) original_inventory: Inventory,
+    /// The internal server's echo servers for the [`capacity`] faults.
+    _capacity: Vec<tests::traffic::Server>,
     /// The namespaces, gateways and servers.
     pub(crate) topo: Topology,
     /// Counters of gateway incarnations that ended (banked before a kill or a drain), per gateway.
@@ -111,6 +125,10 @@ pub(crate) struct Soak {
     unexpected: Vec<String>,
     /// Memory samples per process incarnation.
     rss: BTreeMap<(String, u32), Vec<(Instant, u64)>>,
+    /// Scrapes whose packet counters were checked for balance, and what was found in those that did
+    /// not balance.
+    balance_checks: u64,
+    imbalances: Vec<String>,
 }
 
 /// Counters summed over a gateway's incarnations.
@@ -147,7 +165,9 @@ impl Soak {
         let mode = GatewayMode::Userspace {
             binary: binary.to_path_buf(),
         };
-        let mut spec = TopologySpec::node_agent(&[3, 2], vec![mode.clone(), mode]);
+        let mut spec = TopologySpec::node_agent(&[3, 4], vec![mode.clone(), mode]);
+        spec.max_per_source = Some(capacity::QUOTA);
+        spec.ports = Some(capacity::PORTS);
         spec.sync_sets = vec![vec![1, 2]];
         spec.conntrack = TIMEOUTS
             .iter()
@@ -169,7 +189,7 @@ impl Soak {
                 ],
             ))
             .namespace_with_policy("app", "soak");
-        for (n, m) in [(1, 1), (1, 2), (1, 3), (2, 1), (2, 2)] {
+        for (n, m) in PODS {
             inventory.client_pod("app", &format!("pod-{n}-{m}"), topo.pod(n, m));
         }
         for k in 1..=2 {
@@ -186,8 +206,10 @@ impl Soak {
                 .with_context(|| format!("node agent {n} ready"))?;
             agents.push(agent);
         }
+        let capacity = capacity::start(&topo)?;
         let soak = Self {
             agents,
+            _capacity: capacity,
             original_inventory: inventory.clone(),
             inventory,
             topo,
@@ -195,6 +217,8 @@ impl Soak {
             expected_exits: Vec::new(),
             unexpected: Vec::new(),
             rss: BTreeMap::new(),
+            balance_checks: 0,
+            imbalances: Vec::new(),
         };
         soak.wait_steered()?;
         Ok(soak)
@@ -207,7 +231,7 @@ impl Soak {
                 .map(|k| IpAddr::V4(self.topo.gateway(k).ip))
                 .collect(),
         );
-        for (n, m) in [(1, 1), (1, 2), (1, 3), (2, 1), (2, 2)] {
+        for (n, m) in PODS {
             let node = &self.topo.node(n).ns;
             let pod = IpAddr::V4(self.topo.pod(n, m).ip);
             scenario::poll(
@@ -335,6 +359,31 @@ impl Soak {
         }
     }
 
+    /// Checks that each live gateway's packet counters balance (docs/metrics.md, "Every packet is
+    /// accounted for"): recomputed from the published counters, and as the gateway reports it.
+    fn check_balance(&mut self) {
+        for k in 1..=2 {
+            let Ok(m) = self.topo.gateway(k).metrics() else {
+                continue;
+            };
+            self.balance_checks += 1;
+            let recomputed = scenario::unaccounted(&m);
+            let reported = scenario::value(&m, "egress_gateway_packets_unaccounted", &[]);
+            if recomputed != 0.0 || reported != 0.0 {
+                self.imbalances.push(format!(
+                    "gateway {k}: {recomputed} packets unaccounted for by the counters, {reported} by its \
+                     own gauge (received {})",
+                    scenario::value(&m, "egress_gateway_packets_total", &[("direction", "tunnel_rx")])
+                        + scenario::value(
+                            &m,
+                            "egress_gateway_packets_total",
+                            &[("direction", "uplink_rx")]
+                        )
+                ));
+            }
+        }
+    }
+
     /// Every gateway's counters, banked incarnations and the live one summed.
     fn totals(&self) -> Counters {
         let mut out = Counters::default();
@@ -406,6 +455,7 @@ fn run(
             next_rss = now + RSS_EVERY;
         }
         if now >= next_progress {
+            soak.check_balance();
             progress(start, &load, &records);
             next_progress = now + Duration::from_secs(60);
         }
@@ -423,12 +473,14 @@ fn run(
                     String::new()
                 },
                 r.ended.duration_since(r.began).as_secs_f64(),
-                r.broken
-                    .as_ref()
-                    .map(|b| format!("  BROKEN: {b}"))
-                    .unwrap_or_default()
+                match (&r.broken, &r.detail) {
+                    (Some(b), _) => format!("  BROKEN: {b}"),
+                    (None, Some(d)) => format!(": {d}"),
+                    (None, None) => String::new(),
+                }
             );
             records.push(r);
+            soak.check_balance();
             next_fault = Instant::now() + fault_every;
         }
         std::thread::sleep(Duration::from_millis(250));
@@ -439,6 +491,7 @@ fn run(
     let hostile = hostile.finish()?;
     soak.watch_processes();
     soak.sample_rss();
+    soak.check_balance();
     let totals = soak.totals();
 
     let mut v = Verdict::default();
@@ -460,6 +513,14 @@ fn run(
                 .collect();
             (!b.is_empty()).then(|| b.join("\n"))
         },
+    );
+    v.check(
+        &format!(
+            "the packet counters balance (received = forwarded + dropped + answered + neighbour frames) in \
+             each of {} scrapes",
+            soak.balance_checks
+        ),
+        (!soak.imbalances.is_empty()).then(|| soak.imbalances.join("\n")),
     );
     check_lanes(&mut v, &lanes, start);
     check_hostile(&mut v, &hostile, &totals);
@@ -743,6 +804,15 @@ fn summary(
             n,
             worst.as_millis()
         );
+        // What the last one of a kind that reports more saw (the capacity faults' counts).
+        if let Some(d) = records
+            .iter()
+            .rev()
+            .find(|r| r.kind == *kind)
+            .and_then(|r| r.detail.as_ref())
+        {
+            let _ = writeln!(s, "      last: {d}");
+        }
     }
     let _ = writeln!(
         s,
