@@ -19,8 +19,7 @@
 //!   fillers have reset their flows, a new connection to the internal server takes over a finished
 //!   one's port at once (`port_takeovers_total`), without waiting out the reuse delay.
 
-use std::io::{Read, Write};
-use std::net::{IpAddr, SocketAddr, TcpStream};
+use std::net::{IpAddr, SocketAddr};
 use std::time::{Duration, Instant};
 
 use etherparse::TcpHeader;
@@ -130,7 +129,9 @@ fn fill(
         .join_timeout(Duration::from_secs(60))?
 }
 
-/// Pod `(n, m)` opens `count` connections to `to`; a failure names the pod and `when`.
+/// Pod `(n, m)` opens `count` connections to the echo server `to`, each echoing four bytes
+/// ([`traffic::tcp_echo`], which retries a refused or unanswered connect), all within [`SETTLE`]; a
+/// failure names the pod and `when`.
 fn connect(
     soak: &Soak,
     (n, m): (usize, usize),
@@ -138,12 +139,25 @@ fn connect(
     count: usize,
     when: &str,
 ) -> Result<()> {
-    soak.topo
-        .pod(n, m)
-        .ns
-        .thread(move || connect_all(to, count, SETTLE))?
-        .join_timeout(SETTLE * 2)?
-        .map_err(|e| tests::Error::msg(format!("pod ({n},{m}) {when}: {e}")))
+    let ns = &soak.topo.pod(n, m).ns;
+    let fail = |what: String| tests::Error::msg(format!("pod ({n},{m}) {when}: {what}"));
+    let start = Instant::now();
+    for i in 1..=count {
+        let back = traffic::tcp_echo(ns, to, b"ping")
+            .map_err(|e| fail(format!("connection {i} of {count}: {e}")))?;
+        if back != b"ping" {
+            return Err(fail(format!(
+                "connection {i} of {count} to {to}: the echo differs"
+            )));
+        }
+    }
+    if start.elapsed() > SETTLE {
+        return Err(fail(format!(
+            "{count} connections to {to} took {:?}, over {SETTLE:?}",
+            start.elapsed()
+        )));
+    }
+    Ok(())
 }
 
 fn internal_echo(v6: bool) -> SocketAddr {
@@ -314,38 +328,6 @@ fn send_all(
             let due = Duration::from_millis(u64::from(i / PER_MS + 1));
             if let Some(wait) = due.checked_sub(start.elapsed()) {
                 std::thread::sleep(wait);
-            }
-        }
-    }
-    Ok(())
-}
-
-/// Opens `count` connections to the echo server `to`, one after the other, each echoing four bytes; a
-/// refused or unanswered one is tried again until `within` has passed since the first.
-fn connect_all(to: SocketAddr, count: usize, within: Duration) -> Result<()> {
-    let start = Instant::now();
-    for i in 0..count {
-        loop {
-            let attempt = (|| -> std::io::Result<()> {
-                let mut s = TcpStream::connect_timeout(&to, Duration::from_secs(3))?;
-                s.set_read_timeout(Some(Duration::from_secs(3)))?;
-                s.write_all(b"ping")?;
-                let mut back = [0u8; 4];
-                s.read_exact(&mut back)?;
-                if &back != b"ping" {
-                    return Err(std::io::Error::other("the echo differs"));
-                }
-                Ok(())
-            })();
-            match attempt {
-                Ok(()) => break,
-                Err(e) if start.elapsed() > within => {
-                    return Err(tests::Error::msg(format!(
-                        "connection {} of {count} to {to}: {e} (still after {within:?})",
-                        i + 1
-                    )));
-                }
-                Err(_) => std::thread::sleep(Duration::from_millis(100)),
             }
         }
     }
